@@ -1,0 +1,172 @@
+"""PoisonedDataModule: a source, a trigger and a poisoning plan, with the unseen clean split the defense uses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_backdoor.data.augment import random_crop, random_flip
+from lightning_backdoor.data.poisoning import (SplitPlan, apply_noise_mode, apply_trigger, attack_labels, plan_splits,
+                                               to_float)
+from lightning_backdoor.data.sources import ImageSet, load_source
+from lightning_backdoor.io import atomic_json
+from lightning_backdoor.triggers import BadNets, Trigger
+
+
+class PoisonedDataModule(L.LightningDataModule):
+    """Poisoned training data, clean validation, clean + triggered test, and an unseen clean split.
+
+    Training batches are ``(images, labels)``; validation and test batches are
+    ``(images, labels, triggered_images, attack_labels)``, images float in [0, 1] of shape (N, C, H, W).
+
+    Args:
+        source: ``mnist5k`` (bundled, default), ``digits`` (bundled), ``cifar10``, ``mnist``, ``gtsrb`` or
+            ``imagefolder``.
+        root: folder with ``train/<class>/*`` and ``test/<class>/*`` (ImageFolder layout), or torchvision's root.
+        download: let torchvision download the source (needs internet).
+        image_size: resize images to this many pixels square (for sources of mixed sizes).
+        cache_dir: keep decoded uint8 tensors here so later processes skip decoding.
+        trigger: the backdoor trigger (default: a 3x3 BadNets patch).
+        target_class: the attack's target label (all-to-one).
+        poison_rate: fraction of training images that carry the trigger, in [0, 1].
+        all_to_all: relabel triggered images to ``(y + 1) mod K`` instead of ``target_class``.
+        clean_label: poison target-class images only and keep their labels (SIG's setting).
+        unseen_per_class: clean images per class held out before poisoning, never trained on: the defense's data.
+        val_fraction: fraction of the remaining training pool kept as clean validation.
+        augment: ``auto`` (crop + flip for RGB images of 32 px or more, crop for smaller), ``crop_flip``, ``crop``,
+            ``none``. Applied after the trigger, as a real attacker's victim would train.
+        batch_size: training batch size; evaluation uses ``eval_batch_size``.
+        seed: fixes the unseen split, the validation split, the poisoned indices and the trigger's noise mode.
+    """
+
+    def __init__(
+        self,
+        source: str = "mnist5k",
+        root: str | None = None,
+        download: bool = False,
+        image_size: int | None = None,
+        cache_dir: str | None = None,
+        trigger: Trigger | None = None,
+        target_class: int = 0,
+        poison_rate: float = 0.1,
+        all_to_all: bool = False,
+        clean_label: bool = False,
+        unseen_per_class: int = 10,
+        val_fraction: float = 0.02,
+        augment: Literal["auto", "crop_flip", "crop", "none"] = "auto",
+        batch_size: int = 256,
+        eval_batch_size: int = 1000,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= poison_rate <= 1.0:
+            raise ValueError(f"poison_rate={poison_rate} is outside [0, 1]; use e.g. poison_rate=0.1 for 10 %")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction={val_fraction} is outside [0, 1)")
+        if unseen_per_class < 0:
+            raise ValueError(f"unseen_per_class={unseen_per_class} is negative")
+        self.trigger = trigger if trigger is not None else BadNets()
+        self.source, self.target_class, self.poison_rate = source, target_class, poison_rate
+        self.all_to_all, self.clean_label, self.unseen_per_class = all_to_all, clean_label, unseen_per_class
+        self.batch_size, self.eval_batch_size, self.num_workers, self.seed = batch_size, eval_batch_size, num_workers, seed
+        self.train_pool, self.test_set = load_source(source, root, download, image_size, cache_dir)
+        if not 0 <= target_class < self.num_classes:
+            raise ValueError(f"target_class={target_class} is not a class; valid: 0..{self.num_classes - 1} "
+                             f"({', '.join(self.classes)})")
+        self.trigger.check(self.image_shape)
+        self.plan = plan_splits(self.train_pool.labels, self.num_classes, target_class, poison_rate, unseen_per_class,
+                                val_fraction, clean_label, self.trigger.cross_ratio, seed)
+        height = self.image_shape[1]
+        if augment == "auto":
+            augment = "crop_flip" if self.image_shape[0] == 3 and height >= 32 else "crop"
+        self.augment = augment
+        self.crop_padding = 0 if augment == "none" else max(1, height // 8)
+        self._datasets: dict[str, TensorDataset] = {}
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.train_pool.classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W)."""
+        return tuple(self.train_pool.images.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def in_channels(self) -> int:
+        return self.image_shape[0]
+
+    def unseen_set(self, per_class: int | None = None) -> ImageSet:
+        """The first ``per_class`` (default: all) unseen clean images of every class, as uint8."""
+        count = self.unseen_per_class if per_class is None else per_class
+        if count > self.unseen_per_class:
+            raise ValueError(f"asked for {count} unseen images per class but the split holds {self.unseen_per_class}")
+        return self.train_pool.subset(self.plan.unseen[: count * self.num_classes])
+
+    def attack_labels(self, labels: Tensor) -> Tensor:
+        return attack_labels(labels, self.target_class, self.all_to_all, self.num_classes)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._datasets:
+            return
+        pool, plan = self.train_pool, self.plan
+        images, labels = pool.images.clone(), pool.labels.clone()
+        images[plan.poisoned] = apply_trigger(self.trigger, images[plan.poisoned])
+        labels[plan.poisoned] = self.attack_labels(labels[plan.poisoned]) if not self.clean_label else labels[plan.poisoned]
+        images[plan.noise] = apply_noise_mode(self.trigger, images[plan.noise], self.seed)
+        self._datasets["train"] = TensorDataset(images[plan.train], labels[plan.train])
+        self._datasets["val"] = self._eval_dataset(pool.subset(plan.val))
+        self._datasets["test"] = self._eval_dataset(self.test_set)
+        if self.trainer is not None and self.trainer.is_global_zero:
+            self.save_splits(Path(self.trainer.default_root_dir) / "splits.json")
+
+    def _eval_dataset(self, images: ImageSet) -> TensorDataset:
+        return TensorDataset(images.images, images.labels, apply_trigger(self.trigger, images.images),
+                             self.attack_labels(images.labels))
+
+    def save_splits(self, path: Path) -> None:
+        """Write the split indices (into the training pool) and the attack settings as JSON."""
+        record = {name: indices.tolist() for name, indices in self.plan.as_dict().items()}
+        record |= {"source": self.source, "target_class": self.target_class, "poison_rate": self.poison_rate,
+                   "trigger": repr(self.trigger), "seed": self.seed, "classes": list(self.classes)}
+        atomic_json(record, path)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The split indices, stored in every checkpoint so a run's poisoned and unseen images are recoverable."""
+        return self.plan.as_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        if any(not torch.equal(state_dict[k], v) for k, v in self.plan.as_dict().items() if k in state_dict):
+            raise ValueError("the checkpoint's split indices differ from this data module's; use the run's seed")
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self._datasets["train"], batch_size=self.batch_size, shuffle=True, drop_last=True,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def _eval_loader(self, name: str) -> DataLoader:
+        return DataLoader(self._datasets[name], batch_size=self.eval_batch_size, num_workers=self.num_workers)
+
+    def on_after_batch_transfer(self, batch: list[Tensor], dataloader_idx: int) -> list[Tensor]:
+        """uint8 -> float on the device, then augment training batches there."""
+        batch = [to_float(item) if item.dtype == torch.uint8 else item for item in batch]
+        if self.trainer is not None and self.trainer.training and self.augment != "none":
+            images = random_crop(batch[0], self.crop_padding)
+            batch[0] = random_flip(images) if self.augment == "crop_flip" else images
+        return batch

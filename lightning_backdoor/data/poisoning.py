@@ -1,0 +1,93 @@
+"""Seeded split and poison plans, and applying a trigger to uint8 images. Pure torch, no Lightning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from lightning_backdoor.metrics import IGNORE
+from lightning_backdoor.triggers import Trigger
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Indices into the training pool: the unseen (defense) split, clean validation, training, and within training
+    the poisoned samples and the trigger's noise-mode samples. All int64, sorted; unseen is ordered per class."""
+
+    unseen: Tensor
+    val: Tensor
+    train: Tensor
+    poisoned: Tensor
+    noise: Tensor
+
+    def as_dict(self) -> dict[str, Tensor]:
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+
+def plan_splits(labels: Tensor, num_classes: int, target_class: int, poison_rate: float, unseen_per_class: int,
+                val_fraction: float, clean_label: bool, cross_ratio: float, seed: int) -> SplitPlan:
+    """Draw the splits for one seed: unseen first (never trained on, never poisoned), then validation, then poison.
+
+    ``poison_rate`` is the fraction of the training split that carries the trigger. Clean-label attacks draw the
+    poisoned samples from the target class only. Raises ``ValueError`` when a class is too small or the rate is
+    more than the candidates allow.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    unseen_parts = []
+    for label in range(num_classes):
+        members = torch.nonzero(labels == label).flatten()
+        if len(members) <= unseen_per_class:
+            raise ValueError(f"class {label} has {len(members)} training images, too few for unseen_per_class="
+                             f"{unseen_per_class}; use unseen_per_class <= {len(members) - 1}")
+        unseen_parts.append(members[torch.randperm(len(members), generator=generator)[:unseen_per_class]])
+    # interleave classes so the first k*num_classes unseen images hold k per class: budgets nest
+    unseen = torch.stack(unseen_parts, dim=1).flatten() if unseen_per_class else torch.empty(0, dtype=torch.long)
+    rest = torch.ones(len(labels), dtype=torch.bool)
+    rest[unseen] = False
+    pool = torch.nonzero(rest).flatten()
+    pool = pool[torch.randperm(len(pool), generator=generator)]
+    num_val = round(val_fraction * len(pool))
+    val, train = pool[:num_val].sort().values, pool[num_val:]
+    candidates = train[labels[train] == target_class] if clean_label else train[labels[train] != target_class]
+    num_poison = round(poison_rate * len(train))
+    if num_poison > len(candidates):
+        kind = "target-class" if clean_label else "non-target"
+        raise ValueError(f"poison_rate={poison_rate} needs {num_poison} {kind} training images but only "
+                         f"{len(candidates)} exist; use poison_rate <= {len(candidates) / len(train):.3f}")
+    poisoned = candidates[:num_poison]  # train is already shuffled
+    clean = train[~torch.isin(train, poisoned)]
+    num_noise = min(round(cross_ratio * num_poison), len(clean))
+    noise = clean[torch.randperm(len(clean), generator=generator)[:num_noise]]
+    return SplitPlan(unseen, val, train.sort().values, poisoned.sort().values, noise.sort().values)
+
+
+def attack_labels(labels: Tensor, target_class: int, all_to_all: bool, num_classes: int) -> Tensor:
+    """The label the attack wants for each sample; ``-1`` where the true label already is the target."""
+    if all_to_all:
+        return (labels + 1) % num_classes
+    return torch.where(labels == target_class, torch.full_like(labels, IGNORE), torch.full_like(labels, target_class))
+
+
+def to_float(images: Tensor) -> Tensor:
+    """uint8 (N, C, H, W) -> float32 in [0, 1]."""
+    return images.float().div_(255)
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """float in [0, 1] -> uint8, rounded (as an attacker saving poisoned images would)."""
+    return images.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def apply_trigger(trigger: Trigger, images: Tensor, batch_size: int = 2048) -> Tensor:
+    """Apply ``trigger`` to uint8 images (N, C, H, W) in chunks; returns uint8."""
+    chunks = [to_uint8(trigger(to_float(chunk))) for chunk in images.split(batch_size)]
+    return torch.cat(chunks) if chunks else images.clone()
+
+
+def apply_noise_mode(trigger: Trigger, images: Tensor, seed: int, batch_size: int = 2048) -> Tensor:
+    """Apply the trigger's noise mode (random variants trained with true labels) to uint8 images."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    chunks = [to_uint8(trigger.apply_noise(to_float(chunk), generator)) for chunk in images.split(batch_size)]
+    return torch.cat(chunks) if chunks else images.clone()

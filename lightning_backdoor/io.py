@@ -1,0 +1,69 @@
+"""Safe file I/O: atomic writes, and loading that never unpickles code (users defend models they did not train)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def atomic_write(path: str | Path, write: Any) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` atomically."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_json(obj: Any, path: str | Path) -> Path:
+    """Write JSON atomically, indented."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as handle:
+            json.dump(obj, handle, indent=2)
+            handle.write("\n")
+    return atomic_write(path, write)
+
+
+def load_tensors(path: str | Path) -> Any:
+    """Load a torch file holding tensors and plain containers only (``weights_only=True``: no code runs)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"file {path} does not exist") from None
+    except Exception as error:  # torch raises UnpicklingError and others for crafted or foreign files
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"refusing to load {path}: not a plain tensor file ({first[:200]})") from None
+
+
+def load_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Model weights from a Lightning checkpoint, a state_dict file or safetensors, without running code."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    loaded = load_tensors(path)
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict) or not all(isinstance(v, Tensor) for v in loaded.values()):
+        raise ValueError(f"{path} holds no state_dict (expected a mapping of names to tensors)")
+    return loaded

@@ -1,0 +1,64 @@
+"""The trigger interface and its registry: a trigger is a pure-torch function on image batches in [0, 1]."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+TRIGGERS: dict[str, type[Trigger]] = {}
+
+
+class Trigger:
+    """Base class of every trigger.
+
+    Subclasses implement :meth:`apply` on a float batch ``(N, C, H, W)`` in [0, 1] and return a batch of the same
+    shape, dtype and range. A trigger is deterministic: its random parts (patterns, warping fields) are drawn once
+    from ``seed`` for a given image shape and cached. Subclasses are registered by their ``name``.
+    """
+
+    name: ClassVar[str] = ""
+    #: Fraction of extra training samples that get the trigger's *noise mode* with their labels kept (WaNet).
+    cross_ratio: float = 0.0
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            TRIGGERS[cls.name] = cls
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def apply(self, images: Tensor) -> Tensor:
+        """Return ``images`` (N, C, H, W) in [0, 1] with the trigger applied."""
+        raise NotImplementedError  # abstract
+
+    def __call__(self, images: Tensor) -> Tensor:
+        return self.apply(images)
+
+    def mask(self, image_shape: tuple[int, int, int]) -> Tensor | None:
+        """Where the trigger acts, ``(1, H, W)`` in [0, 1]; ``None`` for a global trigger (it touches every pixel)."""
+        return None
+
+    def check(self, image_shape: tuple[int, int, int]) -> None:
+        """Raise ``ValueError`` with a one-line message if the trigger cannot apply to images of ``(C, H, W)``."""
+
+    def apply_noise(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        """The noise mode: a randomised variant trained with true labels so the trigger stays specific (WaNet)."""
+        return images
+
+    def generator(self) -> torch.Generator:
+        """A CPU generator seeded from this trigger's seed."""
+        return torch.Generator().manual_seed(self.seed)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+def build_trigger(name: str, **kwargs: object) -> Trigger:
+    """Instantiate a registered trigger by name, e.g. ``build_trigger("badnets", size=3)``."""
+    if name not in TRIGGERS:
+        raise ValueError(f"unknown trigger {name!r}; known triggers: {', '.join(sorted(TRIGGERS))}")
+    return TRIGGERS[name](**kwargs)

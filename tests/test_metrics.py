@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from lightning_backdoor.metrics import (AttackSuccessRate, BackdoorMetrics, RobustAccuracy,
+                                        defense_effectiveness_rating)
+
+
+def test_asr_and_robust_accuracy_by_hand():
+    # target 0; sample 0 is of the target class and must not count
+    labels = torch.tensor([0, 1, 2, 3, 4])
+    attack = torch.tensor([-1, 0, 0, 0, 0])
+    triggered_preds = torch.tensor([0, 0, 0, 3, 1])
+    asr, ra = AttackSuccessRate(), RobustAccuracy()
+    asr.update(triggered_preds, attack)
+    ra.update(triggered_preds, labels, attack)
+    assert asr.compute().item() == pytest.approx(2 / 4)
+    assert ra.compute().item() == pytest.approx(1 / 4)
+
+
+def test_metrics_accumulate_over_batches_and_accept_logits():
+    asr = AttackSuccessRate()
+    asr.update(torch.tensor([[5.0, 0.0], [0.0, 5.0]]), torch.tensor([0, 0]))
+    asr.update(torch.tensor([0, 0, 1]), torch.tensor([0, -1, 0]))
+    assert asr.compute().item() == pytest.approx(2 / 4)
+
+
+def test_backdoor_metrics_collection_by_hand():
+    metrics = BackdoorMetrics(num_classes=3, target_class=0)
+    eye = torch.eye(3)
+    labels = torch.tensor([0, 1, 2, 2])
+    clean_preds = torch.tensor([0, 1, 0, 2])      # CA 3/4, floor: one of three non-target predicted 0
+    triggered_preds = torch.tensor([0, 0, 0, 2])  # ASR 2/3, RA 1/3
+    metrics.update(eye[clean_preds], labels, eye[triggered_preds], torch.tensor([-1, 0, 0, 0]))
+    values = metrics.compute()
+    assert values["clean_acc"].item() == pytest.approx(0.75)
+    assert values["asr"].item() == pytest.approx(2 / 3)
+    assert values["asr_floor"].item() == pytest.approx(1 / 3)
+    assert values["robust_acc"].item() == pytest.approx(1 / 3)
+    assert values["target_acc"].item() == pytest.approx(1.0)
+    assert values["per_class_acc"].tolist() == pytest.approx([1.0, 1.0, 0.5])
+
+
+def test_der_subtracts_the_clean_accuracy_drop():
+    # ASR 0.95 -> 0.05 and CA 0.90 -> 0.85: (0.90 - 0.05 + 1) / 2
+    assert defense_effectiveness_rating(0.95, 0.05, 0.90, 0.85) == pytest.approx(0.925)
+    # a CA gain and an ASR rise are both clipped to zero
+    assert defense_effectiveness_rating(0.10, 0.20, 0.80, 0.85) == pytest.approx(0.5)
+    assert defense_effectiveness_rating(1.0, 0.0, 0.9, 0.9) == pytest.approx(1.0)
