@@ -1,0 +1,101 @@
+"""Capture a layer's keys (its input, unfolded for convolutions) and values (its output) with forward hooks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+@dataclass
+class LayerActivations:
+    """Per image and position: keys (N, L, d), values = W k without bias (N, L, c_out), and the skip term added to
+    the layer's output by a residual block, or None. L is 1 for a linear layer and H'·W' for a conv."""
+
+    keys: Tensor
+    values: Tensor
+    skip: Tensor | None
+
+
+def get_layer(model: nn.Module, name: str) -> nn.Module:
+    """The editable submodule ``name``; a one-line error lists the valid names if it is missing or unsupported."""
+    modules = dict(model.named_modules())
+    if name not in modules:
+        raise ValueError(f"unknown layer {name!r}; editable layers: {', '.join(editable_layers(model))}")
+    layer = modules[name]
+    if not isinstance(layer, SUPPORTED_LAYERS) or (isinstance(layer, nn.Conv2d) and layer.groups != 1):
+        raise ValueError(f"layer {name!r} is a {type(layer).__name__}; supported: nn.Linear and nn.Conv2d with "
+                         f"groups=1 ({', '.join(editable_layers(model))})")
+    return layer
+
+
+def editable_layers(model: nn.Module) -> list[str]:
+    """Names of the layers an edit can target, in forward-definition order."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, SUPPORTED_LAYERS) and getattr(module, "groups", 1) == 1]
+
+
+def residual_block_of(model: nn.Module, name: str) -> str | None:
+    """The block whose output is ``layer(x) + skip`` for layer ``name``: a parent declaring ``residual_branch``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return parent_name if getattr(parent, "residual_branch", None) == child else None
+
+
+def layer_weight_matrix(layer: nn.Module) -> Tensor:
+    """The weight as a (c_out, d) matrix acting on keys."""
+    return layer.weight.detach().flatten(1)
+
+
+def to_keys(layer: nn.Module, inputs: Tensor) -> Tensor:
+    """Layer inputs -> keys (N, L, d): unfolded patches for a conv (any kernel, stride, padding, dilation)."""
+    if isinstance(layer, nn.Linear):
+        return inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
+    padding = layer.padding
+    if layer.padding_mode != "zeros" or isinstance(padding, str):
+        inputs = F.pad(inputs, layer._reversed_padding_repeated_twice,
+                       mode=layer.padding_mode if layer.padding_mode != "zeros" else "constant")
+        padding = 0
+    patches = F.unfold(inputs, layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)
+    return patches.transpose(1, 2)
+
+
+def to_values(outputs: Tensor) -> Tensor:
+    """Layer outputs (N, c_out, H', W') or (N, c_out) -> (N, L, c_out)."""
+    return outputs.flatten(2).transpose(1, 2) if outputs.ndim == 4 else outputs.reshape(outputs.shape[0], -1, outputs.shape[-1])
+
+
+@torch.no_grad()
+def capture(model: nn.Module, layer_name: str, images: Tensor, batch_size: int = 500) -> LayerActivations:
+    """Run ``images`` (N, C, H, W) through ``model`` in eval mode and record the layer's keys, values and skip."""
+    layer = get_layer(model, layer_name)
+    block_name = residual_block_of(model, layer_name)
+    records: dict[str, list[Tensor]] = {"inputs": [], "outputs": [], "block": []}
+
+    def on_layer(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+        records["inputs"].append(args[0].float())
+        records["outputs"].append(output.float())
+
+    handles = [layer.register_forward_hook(on_layer)]
+    if block_name is not None:
+        block = model.get_submodule(block_name)
+        handles.append(block.register_forward_hook(lambda m, a, out: records["block"].append(out.float())))
+    was_training = model.training
+    model.eval()
+    try:
+        for chunk in images.split(batch_size):
+            model(chunk)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    inputs, outputs = torch.cat(records["inputs"]), torch.cat(records["outputs"])
+    skip = to_values(torch.cat(records["block"]) - outputs) if block_name is not None else None
+    if layer.bias is not None:
+        bias = layer.bias.detach().float()
+        outputs = outputs - (bias.view(-1, 1, 1) if outputs.ndim == 4 else bias)
+    return LayerActivations(to_keys(layer, inputs), to_values(outputs), skip)

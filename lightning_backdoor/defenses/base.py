@@ -1,0 +1,56 @@
+"""The defense interface and registry: a defense maps (model, unseen clean data, backdoor knowledge) to a model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from lightning_backdoor.triggers import Trigger
+
+DEFENSES: dict[str, type[Defense]] = {}
+
+
+@dataclass
+class UnseenData:
+    """The defender's clean data: images (N, C, H, W) float in [0, 1] and labels (N,)."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __post_init__(self) -> None:
+        if len(self.images) != len(self.labels) or len(self.images) == 0:
+            raise ValueError(f"unseen data needs images and labels of one non-zero length, got {len(self.images)} "
+                             f"images and {len(self.labels)} labels")
+
+
+@dataclass
+class DefenseResult:
+    """The defended model (a copy; the input model is left unchanged) and what the defense did."""
+
+    model: nn.Module
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Defense:
+    """Base class: subclasses set ``name`` (registering themselves) and implement :meth:`defend`."""
+
+    name: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            DEFENSES[cls.name] = cls
+
+    def defend(self, model: nn.Module, unseen: UnseenData, trigger: Trigger | None,
+               target_class: int | None) -> DefenseResult:
+        """Return a defended copy of ``model``; ``trigger``/``target_class`` are None when unknown."""
+        raise NotImplementedError  # abstract
+
+
+def build_defense(name: str, **kwargs: Any) -> Defense:
+    """Instantiate a registered defense by name."""
+    if name not in DEFENSES:
+        raise ValueError(f"unknown defense {name!r}; known defenses: {', '.join(sorted(DEFENSES))}")
+    return DEFENSES[name](**kwargs)
