@@ -131,6 +131,11 @@ class PoisonedDataModule(L.LightningDataModule):
         if self.trainer is not None and self.trainer.is_global_zero:
             self.save_splits(Path(self.trainer.default_root_dir) / "splits.json")
 
+    def test_dataset(self) -> TensorDataset:
+        """The test split as uint8 images, labels, triggered images and attack labels."""
+        self.setup("test")
+        return self._datasets["test"]
+
     def _eval_dataset(self, images: ImageSet) -> TensorDataset:
         return TensorDataset(images.images, images.labels, apply_trigger(self.trigger, images.images),
                              self.attack_labels(images.labels))

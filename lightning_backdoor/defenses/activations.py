@@ -70,20 +70,25 @@ def to_values(outputs: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def capture(model: nn.Module, layer_name: str, images: Tensor, batch_size: int = 500) -> LayerActivations:
-    """Run ``images`` (N, C, H, W) through ``model`` in eval mode and record the layer's keys, values and skip."""
-    layer = get_layer(model, layer_name)
-    block_name = residual_block_of(model, layer_name)
-    records: dict[str, list[Tensor]] = {"inputs": [], "outputs": [], "block": []}
+def capture(model: nn.Module, layer_names: list[str], images: Tensor, batch_size: int = 500
+            ) -> dict[str, LayerActivations]:
+    """Run ``images`` (N, C, H, W) through ``model`` once in eval mode and record keys, values and skip terms of
+    every layer in ``layer_names``."""
+    layers = {name: get_layer(model, name) for name in layer_names}
+    blocks = {name: residual_block_of(model, name) for name in layer_names}
+    records: dict[str, list[Tensor]] = {}
 
-    def on_layer(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-        records["inputs"].append(args[0].float())
-        records["outputs"].append(output.float())
+    def recorder(key: str, take_input: bool):
+        def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+            records.setdefault(key, []).append((args[0] if take_input else output).float())
+        return hook
 
-    handles = [layer.register_forward_hook(on_layer)]
-    if block_name is not None:
-        block = model.get_submodule(block_name)
-        handles.append(block.register_forward_hook(lambda m, a, out: records["block"].append(out.float())))
+    handles = []
+    for name, layer in layers.items():
+        handles.append(layer.register_forward_hook(recorder(f"{name}:in", True)))
+        handles.append(layer.register_forward_hook(recorder(f"{name}:out", False)))
+        if blocks[name] is not None:
+            handles.append(model.get_submodule(blocks[name]).register_forward_hook(recorder(f"{name}:block", False)))
     was_training = model.training
     model.eval()
     try:
@@ -93,9 +98,12 @@ def capture(model: nn.Module, layer_name: str, images: Tensor, batch_size: int =
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    inputs, outputs = torch.cat(records["inputs"]), torch.cat(records["outputs"])
-    skip = to_values(torch.cat(records["block"]) - outputs) if block_name is not None else None
-    if layer.bias is not None:
-        bias = layer.bias.detach().float()
-        outputs = outputs - (bias.view(-1, 1, 1) if outputs.ndim == 4 else bias)
-    return LayerActivations(to_keys(layer, inputs), to_values(outputs), skip)
+    captured = {}
+    for name, layer in layers.items():
+        inputs, outputs = torch.cat(records[f"{name}:in"]), torch.cat(records[f"{name}:out"])
+        skip = to_values(torch.cat(records[f"{name}:block"]) - outputs) if blocks[name] is not None else None
+        if layer.bias is not None:
+            bias = layer.bias.detach().float()
+            outputs = outputs - (bias.view(-1, 1, 1) if outputs.ndim == 4 else bias)
+        captured[name] = LayerActivations(to_keys(layer, inputs), to_values(outputs), skip)
+    return captured

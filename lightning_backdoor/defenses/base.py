@@ -1,8 +1,8 @@
-"""The defense interface and registry: a defense maps (model, unseen clean data, backdoor knowledge) to a model."""
+"""The defense interface and registry: a defense rewrites a model given unseen clean data and backdoor knowledge."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
@@ -25,14 +25,6 @@ class UnseenData:
                              f"images and {len(self.labels)} labels")
 
 
-@dataclass
-class DefenseResult:
-    """The defended model (a copy; the input model is left unchanged) and what the defense did."""
-
-    model: nn.Module
-    info: dict[str, Any] = field(default_factory=dict)
-
-
 class Defense:
     """Base class: subclasses set ``name`` (registering themselves) and implement :meth:`defend`."""
 
@@ -44,8 +36,10 @@ class Defense:
             DEFENSES[cls.name] = cls
 
     def defend(self, model: nn.Module, unseen: UnseenData, trigger: Trigger | None,
-               target_class: int | None) -> DefenseResult:
-        """Return a defended copy of ``model``; ``trigger``/``target_class`` are None when unknown."""
+               target_class: int | None) -> dict[str, Any]:
+        """Defend ``model`` in place and return what was done (JSON-able values, plus tensors under keys that the
+        report drops); ``trigger``/``target_class`` are None when unknown. Must include ``layer`` when the
+        defense edits a single layer, and ``seconds``."""
         raise NotImplementedError  # abstract
 
 

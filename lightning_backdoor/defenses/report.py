@@ -1,0 +1,97 @@
+"""Run a defense between two evaluations on the test split and write ``defense_report.json`` and the weights."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_backdoor.data.poisoning import attack_labels as make_attack_labels
+from lightning_backdoor.defenses.base import Defense, UnseenData
+from lightning_backdoor.evaluation import evaluate
+from lightning_backdoor.io import atomic_json, atomic_write
+from lightning_backdoor.metrics import defense_effectiveness_rating
+from lightning_backdoor.triggers import Trigger
+
+REPORT_NAME = "defense_report.json"
+
+
+@dataclass
+class TestData:
+    """Clean test images (N, C, H, W), labels, triggered images and attack labels (``-1``: not attacked)."""
+
+    images: Tensor
+    labels: Tensor
+    triggered: Tensor | None
+    attack_labels: Tensor | None
+
+    @classmethod
+    def from_clean(cls, images: Tensor, labels: Tensor, trigger: Trigger | None, target_class: int | None,
+                   num_classes: int) -> TestData:
+        """Build the triggered half with a known trigger (all-to-one to ``target_class``)."""
+        if trigger is None or target_class is None:
+            return cls(images, labels, None, None)
+        floats = images.float() / 255 if images.dtype == torch.uint8 else images
+        return cls(images, labels, trigger(floats), make_attack_labels(labels, target_class, False, num_classes))
+
+
+def unique_path(path: Path) -> Path:
+    """``path`` if free, else ``stem-v1.suffix``, ``stem-v2.suffix``...: outputs never overwrite a file."""
+    candidate, version = path, 0
+    while candidate.exists():
+        version += 1
+        candidate = path.with_name(f"{path.stem}-v{version}{path.suffix}")
+    return candidate
+
+
+def defend_and_report(model: nn.Module, defense: Defense, unseen: UnseenData, trigger: Trigger | None,
+                      target_class: int | None, test: TestData, num_classes: int) -> dict[str, Any]:
+    """Evaluate, defend ``model`` in place, evaluate again; return the report (fractions in [0, 1])."""
+    def scores(network: nn.Module) -> dict[str, Any]:
+        return evaluate(network, test.images, test.labels, test.triggered, test.attack_labels, num_classes,
+                        target_class)
+
+    before = scores(model)
+    start = time.perf_counter()
+    info = defense.defend(model, unseen, trigger, target_class)
+    seconds = time.perf_counter() - start
+    after = scores(model)
+    after_edit = after
+    edited_state = info.pop("edited_layer_state", None)
+    if info.get("repaired") and edited_state is not None:
+        edited = copy.deepcopy(model)
+        edited.get_submodule(info["layer"]).load_state_dict(edited_state)
+        after_edit = scores(edited)
+    report: dict[str, Any] = {"before": before, "after_edit": after_edit, "after": after}
+    report["defense"] = {"method": info.pop("method", defense.name), "layer": info.pop("layer", None),
+                         "num_unseen": len(unseen.labels), "seconds": seconds,
+                         "repaired": bool(info.pop("repaired", False))} | info
+    if "asr" in before:
+        report["der"] = defense_effectiveness_rating(before["asr"], after["asr"], before["clean_acc"],
+                                                     after["clean_acc"])
+    return report
+
+
+def write_outputs(report: dict[str, Any], state_dict: dict[str, Tensor], output_dir: str | Path
+                  ) -> tuple[Path, Path]:
+    """Write the defended weights (a code-free Lightning-style checkpoint and safetensors) and the report, each
+    atomically and under a fresh name; returns (report path, checkpoint path)."""
+    import lightning
+    from safetensors.torch import save_file
+
+    output_dir = Path(output_dir)
+    checkpoint_path = unique_path(output_dir / "defended.ckpt")
+    state = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
+    checkpoint = {"state_dict": state, "pytorch-lightning_version": lightning.__version__,
+                  "epoch": 0, "global_step": 0}
+    atomic_write(checkpoint_path, lambda tmp: torch.save(checkpoint, tmp))
+    safetensors_path = checkpoint_path.with_suffix(".safetensors")
+    atomic_write(safetensors_path, lambda tmp: save_file(state, tmp))
+    report = report | {"checkpoint": str(checkpoint_path), "safetensors": str(safetensors_path)}
+    report_path = atomic_json(report, unique_path(output_dir / REPORT_NAME))
+    return report_path, checkpoint_path
