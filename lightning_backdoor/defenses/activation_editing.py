@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import torch
@@ -54,49 +54,71 @@ def add_delta(model: nn.Module, layer_name: str, delta: Tensor) -> None:
 
 @dataclass
 class EditProblem:
-    """The data of one layer's edit: triggered non-target keys (n, d) with their clean target values (n, c_out)
-    and weights (n,), the clean keys' second moment C (d, d) and that of the clean target-class keys (d, d)."""
+    """Sufficient statistics of one layer's edit, additive over images (so folds combine by ``+``).
+
+    Sums over triggered non-target keys k* (weighted by w): A = Σ w k* k*ᵀ, R = Σ w (v* − W0 k*) k*ᵀ, and
+    Σ w ‖v* − W0 k*‖²; over clean keys: C = Σ k kᵀ; over clean target-class keys: T = Σ k kᵀ; with their counts.
+    """
 
     weight: Tensor
-    keys: Tensor
-    targets: Tensor
-    key_weights: Tensor
-    preserve: Tensor
-    target_moment: Tensor | None
+    triggered_moment: Tensor
+    residual_moment: Tensor
+    residual_energy: Tensor
+    target_energy: Tensor
+    triggered_count: Tensor
+    clean_moment: Tensor
+    clean_count: Tensor
+    target_moment: Tensor
+    target_count: Tensor
 
     @classmethod
     def build(cls, layer: nn.Module, clean: LayerActivations, triggered: LayerActivations, labels: Tensor,
               target_class: int, grid_weights: Tensor | None) -> EditProblem:
+        weight = layer_weight_matrix(layer).float()
         non_target = labels != target_class
-        if not non_target.any():
-            raise ValueError("the unseen split holds no non-target images to edit with")
         targets = clean.values[non_target]
         if clean.skip is not None:  # the block outputs layer(x) + skip: cancel the trigger on the skip path too
             targets = targets + clean.skip[non_target] - triggered.skip[non_target]
         keys = triggered.keys[non_target]
         weights = torch.ones(keys.shape[:2]) if grid_weights is None else grid_weights.expand(keys.shape[:2])
-        members = labels == target_class
-        target_moment = second_moment(clean.keys[members].flatten(0, 1)) if members.any() else None
-        return cls(layer_weight_matrix(layer).float(), keys.flatten(0, 1), targets.flatten(0, 1),
-                   weights.flatten(), second_moment(clean.keys.flatten(0, 1)), target_moment)
+        keys, residual, weights = keys.flatten(0, 1), (targets - keys @ weight.T).flatten(0, 1), weights.flatten()
+        weighted = keys * weights[:, None]
+        clean_keys = clean.keys.flatten(0, 1)
+        target_keys = clean.keys[labels == target_class].flatten(0, 1)
+        energy = lambda vectors: (vectors.square().sum(1) * weights).sum()  # noqa: E731
+        return cls(weight, weighted.T @ keys, residual.T @ weighted, energy(residual), energy(targets.flatten(0, 1)),
+                   weights.sum(), clean_keys.T @ clean_keys, torch.tensor(float(len(clean_keys))),
+                   target_keys.T @ target_keys, torch.tensor(float(len(target_keys))))
 
-    def solve(self, method: str, strength: float, rank: int, repair_weight: float = 0.0, seed: int = 0) -> Tensor:
+    def __add__(self, other: EditProblem) -> EditProblem:
+        return EditProblem(self.weight, *(getattr(self, f.name) + getattr(other, f.name)
+                                          for f in fields(self) if f.name != "weight"))
+
+    def solve(self, method: str, strength: float, rank: int, repair_weight: float = 0.0) -> Tensor:
         """ΔW (c_out, d); ``repair_weight`` pins clean target-class keys to their original values."""
-        preserve = self.preserve
-        if repair_weight > 0 and self.target_moment is not None:
-            preserve = preserve + repair_weight * self.target_moment
+        if self.triggered_count <= 0:
+            raise ValueError("the unseen split holds no non-target images to edit with")
+        preserve = self.clean_moment / self.clean_count
+        if repair_weight > 0 and self.target_count > 0:
+            preserve = preserve + repair_weight * self.target_moment / self.target_count
+        moment, residual = self.triggered_moment / self.triggered_count, self.residual_moment / self.triggered_count
         if method == "closed_form":
-            return closed_form_edit(self.weight, self.keys, self.targets, preserve, strength, self.key_weights)
-        return rank_r_edit(self.weight, self.keys, self.targets, preserve, rank, self.key_weights, seed=seed)
+            return closed_form_edit(moment, residual, preserve, strength)
+        return rank_r_edit(moment, residual, preserve, rank, strength)
 
-    def diagnostics(self, delta: Tensor, clean_keys: Tensor) -> dict[str, float]:
-        """Relative residual of triggered keys before/after the edit and the relative change of clean outputs."""
-        norm = self.targets.norm().clamp(min=1e-12)
-        return {"triggered_residual_before": ((self.keys @ self.weight.T - self.targets).norm() / norm).item(),
-                "triggered_residual_after": ((self.keys @ (self.weight + delta).T - self.targets).norm() / norm).item(),
-                "clean_output_change": ((clean_keys @ delta.T).norm()
-                                        / (clean_keys @ self.weight.T).norm().clamp(min=1e-12)).item(),
-                "num_keys": len(self.keys)}
+    def diagnostics(self, delta: Tensor) -> dict[str, float]:
+        """How far triggered keys sit from their clean values before/after (relative), and how much clean outputs
+        moved (relative), from the sums alone."""
+        count = self.triggered_count
+        # E‖r − Δk‖² = E‖r‖² − 2 tr(Δ Rᵀ) + tr(Δ A Δᵀ)
+        after = self.residual_energy - 2 * (delta * self.residual_moment).sum() + (
+            (delta @ self.triggered_moment) * delta).sum()
+        clean_change = ((delta @ self.clean_moment) * delta).sum() / (
+            (self.weight @ self.clean_moment) * self.weight).sum().clamp(min=1e-12)
+        scale = self.target_energy.clamp(min=1e-12)
+        return {"triggered_residual_before": (self.residual_energy / scale).sqrt().item(),
+                "triggered_residual_after": (after.clamp(min=0) / scale).sqrt().item(),
+                "clean_output_change": clean_change.sqrt().item(), "num_triggered_keys": round(count.item())}
 
 
 class ActivationEditing(Defense):
@@ -150,15 +172,21 @@ class ActivationEditing(Defense):
         mask = trigger.mask(tuple(images.shape[1:])) if self.spatial_weight == "mask" else None
         info: dict[str, Any] = {"method": f"editing/{self.method}", "num_unseen": len(unseen.labels),
                                 "views": self.views, "strength": self.strength}
+        folds = self._folds(labels)
+        problems = {}
+        for name in layers:
+            parts = [self._problem(model, name, clean_acts[name], triggered_acts[name], labels, target_class, mask,
+                                   folds == fold) for fold in (0, 1)]
+            problems[name] = parts
         layer = layers[0]
         if self.layer == "auto":
-            scores = {name: self._cross_validate(model, name, clean_acts[name], triggered_acts[name], images,
-                                                 triggered, labels, target_class, mask) for name in layers}
+            scores = {name: self._cross_validate(model, name, problems[name], images, triggered, labels, folds,
+                                                 target_class) for name in layers}
             layer = min(scores, key=scores.get)
-            info["layer_selection"] = scores
-        problem = self._problem(model, layer, clean_acts[layer], triggered_acts[layer], labels, target_class, mask)
-        delta = problem.solve(self.method, self.strength, self.rank, seed=self.seed)
-        info |= {"layer": layer, "diagnostics": problem.diagnostics(delta, clean_acts[layer].keys.flatten(0, 1))}
+            info["layer_selection"] = {"cross_validated_loss_on_unseen": scores}
+        problem = problems[layer][0] + problems[layer][1]
+        delta = problem.solve(self.method, self.strength, self.rank)
+        info |= {"layer": layer, "diagnostics": problem.diagnostics(delta)}
         target_images = images[labels == target_class]
         confidence = {"before": self._target_confidence(model, target_images, target_class)}
         add_delta(model, layer, delta)
@@ -169,7 +197,7 @@ class ActivationEditing(Defense):
         if repaired:
             add_delta(model, layer, -delta)
             for repair_weight in REPAIR_WEIGHTS:
-                delta = problem.solve(self.method, self.strength, self.rank, repair_weight, seed=self.seed)
+                delta = problem.solve(self.method, self.strength, self.rank, repair_weight)
                 add_delta(model, layer, delta)
                 confidence["after_repair"] = self._target_confidence(model, target_images, target_class)
                 if confidence["before"] - confidence["after_repair"] <= self.repair_tolerance:
@@ -178,19 +206,29 @@ class ActivationEditing(Defense):
             else:
                 add_delta(model, layer, delta)
             info["repair_weight"] = repair_weight
-            info["diagnostics_after_repair"] = problem.diagnostics(delta, clean_acts[layer].keys.flatten(0, 1))
+            info["diagnostics_after_repair"] = problem.diagnostics(delta)
         info |= {"repaired": repaired, "unseen_target_confidence": confidence, "edited_layer_state": edited_state,
                  "seconds": time.perf_counter() - start}
         model.train(was_training)
         return info
 
+    def _folds(self, labels: Tensor) -> Tensor:
+        """Two folds of the unseen images (all views of an image in one fold): alternate images within each
+        class, or split by class when there is one image per class."""
+        count = len(labels) // self.views
+        per_class = count // max(1, len(labels.unique()))
+        return (torch.arange(count) % 2).repeat(self.views) if per_class >= 2 else labels % 2
+
     def _problem(self, model: nn.Module, layer: str, clean: LayerActivations, triggered: LayerActivations,
-                 labels: Tensor, target_class: int, mask: Tensor | None) -> EditProblem:
+                 labels: Tensor, target_class: int, mask: Tensor | None, subset: Tensor) -> EditProblem:
         grid = None
         if mask is not None and clean.keys.shape[1] > 1:
             side = int(round(clean.keys.shape[1] ** 0.5))
             grid = F.adaptive_max_pool2d(mask[None].float(), (side, side)).flatten().clamp(min=0.05)
-        return EditProblem.build(get_layer(model, layer), clean, triggered, labels, target_class, grid)
+        pick = lambda acts: LayerActivations(acts.keys[subset], acts.values[subset],  # noqa: E731
+                                             None if acts.skip is None else acts.skip[subset])
+        return EditProblem.build(get_layer(model, layer), pick(clean), pick(triggered), labels[subset], target_class,
+                                 grid)
 
     @staticmethod
     def _target_confidence(model: nn.Module, target_images: Tensor, target_class: int) -> float:
@@ -199,23 +237,17 @@ class ActivationEditing(Defense):
             return float("nan")
         return predict_logits(model, target_images).softmax(-1)[:, target_class].mean().item()
 
-    def _cross_validate(self, model: nn.Module, layer: str, clean: LayerActivations, triggered: LayerActivations,
-                        images: Tensor, triggered_images: Tensor, labels: Tensor, target_class: int,
-                        mask: Tensor | None) -> float:
-        """Two-fold loss on U of editing ``layer``: CE of held-out triggered images plus CE of held-out clean ones."""
-        count = len(labels) // self.views
-        per_class = count // max(1, len(labels.unique()))
-        fold = (torch.arange(count) % 2).repeat(self.views) if per_class >= 2 else labels % 2
+    def _cross_validate(self, model: nn.Module, layer: str, fold_problems: list[EditProblem], images: Tensor,
+                        triggered: Tensor, labels: Tensor, folds: Tensor, target_class: int) -> float:
+        """Two-fold loss on U of editing ``layer``: fit on one fold, then CE of the other fold's triggered
+        non-target images plus CE of its clean images; averaged over both directions."""
         total = 0.0
         for held_out in (0, 1):
-            fit, check = fold != held_out, fold == held_out
-            subset = lambda acts: LayerActivations(acts.keys[fit], acts.values[fit],  # noqa: E731
-                                                   None if acts.skip is None else acts.skip[fit])
-            problem = self._problem(model, layer, subset(clean), subset(triggered), labels[fit], target_class, mask)
-            delta = problem.solve(self.method, self.strength, self.rank, seed=self.seed)
+            delta = fold_problems[1 - held_out].solve(self.method, self.strength, self.rank)
             add_delta(model, layer, delta)
+            check = folds == held_out
             attacked = check & (labels != target_class)
-            total += F.cross_entropy(predict_logits(model, triggered_images[attacked]), labels[attacked]).item()
+            total += F.cross_entropy(predict_logits(model, triggered[attacked]), labels[attacked]).item()
             total += F.cross_entropy(predict_logits(model, images[check]), labels[check]).item()
             add_delta(model, layer, -delta)
         return total / 2

@@ -50,6 +50,7 @@ class DefenseCallback(L.Callback):
         self.output_dir, self.run_on_fit_end = output_dir, on_fit_end
         self.report: dict[str, Any] | None = None
         self.report_path: Path | None = None
+        self.checkpoint_path: Path | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.run_on_fit_end:
@@ -59,15 +60,16 @@ class DefenseCallback(L.Callback):
         """Defend ``pl_module`` in place on rank 0, broadcast the weights to every rank, log and save."""
         report = None
         if trainer.is_global_zero:
-            report = self._defend(trainer, pl_module)
+            report = self.defend(pl_module, getattr(trainer, "datamodule", None), trainer.loggers,
+                                 Path(self.output_dir or trainer.default_root_dir))
         report = trainer.strategy.broadcast(report, src=0)
         state = trainer.strategy.broadcast({k: v.cpu() for k, v in pl_module.state_dict().items()}, src=0)
         pl_module.load_state_dict(state)
         self.report = report
         return report
 
-    def _defend(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        datamodule = getattr(trainer, "datamodule", None)
+    def defend(self, pl_module: nn.Module, datamodule: Any, loggers: list[Any], output_dir: Path) -> dict[str, Any]:
+        """Defend ``pl_module`` in place (no Trainer needed), log to ``loggers``, write the report and weights."""
         trigger = self.trigger if self.trigger is not None else getattr(datamodule, "trigger", None)
         target = self.target_class if self.target_class is not None else getattr(datamodule, "target_class", None)
         unseen = self._unseen(datamodule)
@@ -76,13 +78,12 @@ class DefenseCallback(L.Callback):
         device = next(pl_module.parameters()).device
         unseen = UnseenData(unseen.images.to(device), unseen.labels.to(device))
         report = defend_and_report(model, self.defense, unseen, trigger, target, test, num_classes)
-        for logger in trainer.loggers:
+        for logger in loggers:
             logger.log_metrics({f"defense/{stage}/{name}": value for stage in ("before", "after_edit", "after")
                                 for name, value in report[stage].items() if isinstance(value, float)})
             if "der" in report:
                 logger.log_metrics({"defense/der": report["der"], "defense/seconds": report["defense"]["seconds"]})
-        output_dir = Path(self.output_dir or trainer.default_root_dir)
-        self.report_path, _ = write_outputs(report, pl_module.state_dict(), output_dir)
+        self.report_path, self.checkpoint_path = write_outputs(report, pl_module.state_dict(), output_dir)
         before, after = report["before"], report["after"]
         rank_zero_info(f"defense: ASR {before.get('asr', float('nan')):.4f} -> {after.get('asr', float('nan')):.4f}, "
                        f"CA {before['clean_acc']:.4f} -> {after['clean_acc']:.4f} in "
@@ -99,7 +100,7 @@ class DefenseCallback(L.Callback):
         unseen = datamodule.unseen_set(self.unseen_per_class)
         return UnseenData(unseen.images.float() / 255, unseen.labels)
 
-    def _test(self, datamodule: Any, trigger: Trigger | None, target: int | None, pl_module: L.LightningModule,
+    def _test(self, datamodule: Any, trigger: Trigger | None, target: int | None, pl_module: nn.Module,
               unseen: UnseenData) -> tuple[TestData, int]:
         if self.test_dataloader is None and hasattr(datamodule, "test_dataset"):
             return TestData(*datamodule.test_dataset().tensors), datamodule.num_classes

@@ -1,10 +1,13 @@
-"""The two edits of a layer's weight W (c_out, d) as pure functions on keys and values (METHOD.md §3).
+"""The two edits of a layer's weight W (c_out, d), as pure functions of key statistics (METHOD.md §3).
 
-Both change W so that triggered keys k* map to target values v* while clean keys k keep W0 k:
-- closed form: W1 = W0 + R (A + λ C + ε I)⁻¹ with A = E_w[k* k*ᵀ], C = E[k kᵀ], R = E_w[(v* − W0 k*) k*ᵀ];
-- rank r: W1 = W0 + Λ D, the rows of D the top-r directions of the whitened triggered keys, Λ fitted by gradient
-  steps on the weighted L1 distance between W1 k* and v*.
-Shapes: keys (n, d), targets (n, c_out), preserve_keys (m, d), key_weights (n,) non-negative.
+Both change W so that triggered keys k* move by ΔW k* towards the residual r = v* − W0 k* (their clean values
+minus what the layer outputs now) while clean keys k keep W0 k. Inputs are expectations:
+A = E_w[k* k*ᵀ] (d, d), R = E_w[r k*ᵀ] (c_out, d), C = E[k kᵀ] (d, d) over clean keys.
+- closed form (multi-key least squares): ΔW = R (A + λ C + ε I)⁻¹, the minimiser of
+  E_w‖r − ΔW k*‖² + λ E‖ΔW k‖²;
+- rank r (Bau et al. 2020): ΔW = Λ D, the rows of D the top-r directions of the C-whitened triggered keys mapped
+  back by C^(−1/2), and Λ the exact minimiser of the same objective restricted to that span (the optimum that
+  gradient steps on the L2 distance approach).
 """
 
 from __future__ import annotations
@@ -13,11 +16,10 @@ import torch
 from torch import Tensor
 
 
-def _weights(keys: Tensor, key_weights: Tensor | None) -> Tensor:
-    weights = torch.ones(len(keys), device=keys.device) if key_weights is None else key_weights.float()
-    if weights.sum() <= 0:
-        raise ValueError("the edit has no triggered keys with positive weight")
-    return weights / weights.sum()
+def _regularised(preserve: Tensor, ridge: float) -> Tensor:
+    """C + ε I with ε = ``ridge`` × mean eigenvalue of C: few unseen keys leave C singular."""
+    d = preserve.shape[0]
+    return preserve + ridge * preserve.trace().clamp(min=1e-12) / d * torch.eye(d, device=preserve.device)
 
 
 def second_moment(keys: Tensor) -> Tensor:
@@ -25,47 +27,19 @@ def second_moment(keys: Tensor) -> Tensor:
     return keys.T @ keys / len(keys)
 
 
-def closed_form_edit(weight: Tensor, keys: Tensor, targets: Tensor, preserve: Tensor, strength: float,
-                     key_weights: Tensor | None = None, ridge: float = 1e-4) -> Tensor:
-    """Least-squares ΔW (c_out, d) of the multi-key edit; ``preserve`` is C (d, d) and ``strength`` is λ.
-
-    ``ridge`` (relative to the mean eigenvalue of C) keeps the solve well posed when the unseen keys span few
-    directions.
-    """
-    weights = _weights(keys, key_weights)
-    weighted = keys * weights[:, None]
-    moment = weighted.T @ keys
-    residual = (targets - keys @ weight.T).T @ weighted
-    d = weight.shape[1]
-    system = moment + strength * preserve
-    system.diagonal().add_(ridge * preserve.trace().clamp(min=1e-12) / d)
+def closed_form_edit(moment: Tensor, residual: Tensor, preserve: Tensor, strength: float,
+                     ridge: float = 1e-4) -> Tensor:
+    """ΔW (c_out, d) = R (A + λ C + ε I)⁻¹ for A = ``moment``, R = ``residual``, C = ``preserve``, λ = ``strength``."""
+    system = moment + strength * _regularised(preserve, ridge)
     return torch.linalg.solve(system, residual.T).T
 
 
-def rank_r_edit(weight: Tensor, keys: Tensor, targets: Tensor, preserve: Tensor, rank: int,
-                key_weights: Tensor | None = None, steps: int = 300, lr: float = 0.05, ridge: float = 1e-4,
-                seed: int = 0) -> Tensor:
-    """Constrained rank-``rank`` ΔW = Λ D (Bau et al. 2020): D from the whitened triggered keys, Λ by Adam on L1."""
-    weights = _weights(keys, key_weights)
-    d = weight.shape[1]
-    eigenvalues, eigenvectors = torch.linalg.eigh(preserve + ridge * preserve.trace().clamp(min=1e-12) / d
-                                                  * torch.eye(d, device=preserve.device))
+def rank_r_edit(moment: Tensor, residual: Tensor, preserve: Tensor, rank: int, strength: float,
+                ridge: float = 1e-4) -> Tensor:
+    """ΔW = Λ D of rank ≤ ``rank``: D from the top eigenvectors of C^(−1/2) A C^(−1/2), Λ fitted in closed form."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(_regularised(preserve, ridge))
     inverse_sqrt = eigenvectors @ torch.diag(eigenvalues.clamp(min=1e-12).rsqrt()) @ eigenvectors.T
-    whitened = (keys * weights.sqrt()[:, None]) @ inverse_sqrt
-    _, _, right = torch.linalg.svd(whitened, full_matrices=False)
-    directions = right[:rank] @ inverse_sqrt  # (r, d): back from the whitened space
-    projected = keys @ directions.T  # (n, r)
-    base = keys @ weight.T
-    scale = (targets - base).abs().mean().clamp(min=1e-8) / projected.abs().mean().clamp(min=1e-8)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    coefficients = (torch.randn(weight.shape[0], directions.shape[0], generator=generator) * 1e-3).to(keys.device)
-    coefficients.requires_grad_(True)
-    optimizer = torch.optim.Adam([coefficients], lr=lr)
-    with torch.enable_grad():
-        for _ in range(steps):
-            optimizer.zero_grad()
-            outputs = base + scale * projected @ coefficients.T
-            loss = ((outputs - targets).abs().mean(dim=1) * weights).sum()
-            loss.backward()
-            optimizer.step()
-    return scale * coefficients.detach() @ directions
+    _, whitened_directions = torch.linalg.eigh(inverse_sqrt @ moment @ inverse_sqrt)
+    directions = (inverse_sqrt @ whitened_directions[:, -rank:]).T  # (r, d), back from the whitened space
+    system = directions @ (moment + strength * preserve) @ directions.T
+    return torch.linalg.solve(system, directions @ residual.T).T @ directions
