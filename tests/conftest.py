@@ -1,4 +1,4 @@
-"""Test settings: W&B offline with its files in a temporary folder, never a login prompt."""
+"""Test settings (W&B offline, its files in a temporary folder: never a login prompt) and shared fixtures."""
 
 from __future__ import annotations
 
@@ -10,3 +10,20 @@ os.environ.setdefault("WANDB_MODE", "offline")
 for variable in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
     os.environ.setdefault(variable, _WANDB_TMP)
 os.environ.setdefault("WANDB_SILENT", "true")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """Fit the quickstart config through the real CLI (its DefenseCallback runs at the end); shared by tests."""
+    from lightning_backdoor.cli import main
+
+    root = tmp_path_factory.mktemp("quickstart")
+    main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), f"--trainer.default_root_dir={root}",
+          "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"])
+    return root

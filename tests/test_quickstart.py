@@ -1,4 +1,4 @@
-"""Integration: the quickstart really learns the backdoor on the bundled MNIST digits, through the real CLI."""
+"""Integration: the quickstart really learns the backdoor on the bundled MNIST digits, then removes it."""
 
 import json
 
@@ -6,15 +6,6 @@ import pytest
 import torch
 
 from lightning_backdoor.cli import main
-
-
-@pytest.fixture(scope="session")
-def quickstart_run(tmp_path_factory):
-    """Fit the quickstart config on a reduced budget (5 epochs); shared by the tests that need a trained model."""
-    root = tmp_path_factory.mktemp("quickstart")
-    main(["fit", "--config", "configs/quickstart.yaml", f"--trainer.default_root_dir={root}",
-          "--trainer.max_epochs=5", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"])
-    return root
 
 
 def test_quickstart_learns_the_backdoor_and_the_task(quickstart_run, capsys):
@@ -36,3 +27,18 @@ def test_quickstart_run_saves_split_indices_and_a_code_free_checkpoint(quickstar
     checkpoint = torch.load(quickstart_run / "checkpoints" / "poisoned.ckpt", weights_only=True)
     assert torch.equal(checkpoint["PoisonedDataModule"]["unseen"], torch.tensor(splits["unseen"]))
     assert any(key.startswith("net.") for key in checkpoint["state_dict"])
+
+
+def test_quickstart_defense_removes_the_backdoor_and_keeps_accuracy(quickstart_run):
+    report = json.loads((quickstart_run / "defense_report.json").read_text())
+    before, after = report["before"], report["after"]
+    assert before["asr"] >= 0.9, before
+    assert after["asr"] <= after["asr_floor"] + 0.02, after
+    assert after["clean_acc"] >= before["clean_acc"] - 0.01, (before, after)
+    assert after["target_acc"] >= before["target_acc"] - 0.03, (before, after)
+    assert 0.5 < report["der"] <= 1.0
+    assert report["defense"]["num_unseen"] == 100 and report["defense"]["seconds"] > 0
+    defended = torch.load(report["checkpoint"], weights_only=True)["state_dict"]
+    poisoned = torch.load(quickstart_run / "checkpoints" / "poisoned.ckpt", weights_only=True)["state_dict"]
+    changed = [key for key in poisoned if not torch.equal(poisoned[key], defended[key])]
+    assert changed == [f"net.{report['defense']['layer']}.weight"]

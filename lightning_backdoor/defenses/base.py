@@ -20,9 +20,10 @@ class UnseenData:
     labels: Tensor
 
     def __post_init__(self) -> None:
-        if len(self.images) != len(self.labels) or len(self.images) == 0:
-            raise ValueError(f"unseen data needs images and labels of one non-zero length, got {len(self.images)} "
-                             f"images and {len(self.labels)} labels")
+        if len(self.images) == 0:
+            raise ValueError("the defense got no unseen clean images; use unseen_per_class >= 1")
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"unseen data has {len(self.images)} images but {len(self.labels)} labels")
 
 
 class Defense:

@@ -1,0 +1,91 @@
+"""The edit's algebra: keys and values at conv/linear layers, both solvers, the residual correction."""
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_backdoor.defenses.activation_editing import EditProblem, add_delta
+from lightning_backdoor.defenses.activations import capture, get_layer
+from lightning_backdoor.defenses.editing import closed_form_edit, rank_r_edit, second_moment
+from lightning_backdoor.models import build_model
+
+torch.manual_seed(0)
+
+
+def split_keys(d=12, n_clean=40, n_trig=6):
+    """Clean keys in the first half of the coordinates, triggered keys with a component in the second half."""
+    clean = torch.zeros(n_clean, d, dtype=torch.float64)
+    clean[:, : d // 2] = torch.randn(n_clean, d // 2, dtype=torch.float64)
+    triggered = torch.randn(n_trig, d, dtype=torch.float64)
+    return clean, triggered
+
+
+@pytest.mark.parametrize("solver", ["closed_form", "rank_r"])
+def test_triggered_keys_land_on_their_values_and_clean_keys_keep_theirs(solver):
+    clean, triggered = split_keys()
+    weight = torch.randn(5, 12, dtype=torch.float64)
+    values = torch.randn(6, 5, dtype=torch.float64)  # arbitrary new values for the triggered keys
+    moment, residual = second_moment(triggered), (values - triggered @ weight.T).T @ triggered / len(triggered)
+    if solver == "closed_form":
+        delta = closed_form_edit(moment, residual, second_moment(clean), strength=1e-7, ridge=1e-12)
+    else:
+        delta = rank_r_edit(moment, residual, second_moment(clean), rank=6, strength=1e-7, ridge=1e-12)
+    assert torch.allclose(triggered @ (weight + delta).T, values, atol=1e-3)
+    assert torch.allclose(clean @ (weight + delta).T, clean @ weight.T, atol=1e-3)
+
+
+def test_rank_r_edit_has_rank_at_most_r():
+    clean, triggered = split_keys(n_trig=8)
+    moment, residual = second_moment(triggered), torch.randn(5, 12, dtype=torch.float64)
+    delta = rank_r_edit(moment, residual, second_moment(clean), rank=2, strength=0.1)
+    assert torch.linalg.matrix_rank(delta).item() <= 2
+
+
+def test_strength_trades_edit_against_preservation():
+    clean, triggered = split_keys()
+    clean = clean + 0.3 * torch.randn_like(clean)  # now the two overlap: no edit is free
+    moment, residual = second_moment(triggered), torch.randn(4, 12, dtype=torch.float64)
+    weak, strong = (closed_form_edit(moment, residual, second_moment(clean), strength) for strength in (10.0, 0.01))
+    assert (clean @ weak.T).norm() < (clean @ strong.T).norm()
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False), nn.Conv2d(3, 4, 1),
+    nn.Conv2d(3, 4, 5, padding=4, dilation=2), nn.Conv2d(3, 4, 3, padding="same", padding_mode="reflect"),
+])
+def test_conv_keys_times_weight_reproduce_the_output(conv):
+    model = nn.Sequential(conv, nn.ReLU())
+    images = torch.rand(2, 3, 9, 9)
+    acts = capture(model, ["0"], images)["0"]
+    assert torch.allclose(acts.keys @ conv.weight.flatten(1).T, acts.values, atol=1e-5)
+    expected = conv(images) - (conv.bias.view(1, -1, 1, 1) if conv.bias is not None else 0)
+    assert torch.allclose(acts.values, expected.flatten(2).transpose(1, 2), atol=1e-5)
+
+
+def test_unknown_or_unsupported_layer_names_list_the_valid_ones():
+    model = build_model("compact", num_classes=10, in_channels=1, widths=(8, 8, 8))
+    with pytest.raises(ValueError, match=r"unknown layer 'blocks\.9'; editable layers: stem\.conv, .*head"):
+        get_layer(model, "blocks.9")
+    with pytest.raises(ValueError, match="is a BatchNorm2d; supported: nn.Linear and nn.Conv2d"):
+        get_layer(model, "blocks.0.norm1")
+
+
+def test_residual_edit_makes_the_block_output_on_triggered_inputs_match_the_clean_one():
+    model = build_model("preact_resnet18", num_classes=10, in_channels=3, width=0.125).eval()
+    clean_images = torch.rand(4, 3, 16, 16)
+    triggered_images = clean_images.clone()
+    triggered_images[:, :, -4:, -4:] = 1.0
+    layer, block = "layer4.1.conv2", model.get_submodule("layer4.1")
+    clean = capture(model, [layer], clean_images)[layer]
+    triggered = capture(model, [layer], triggered_images)[layer]
+    assert clean.skip is not None  # PreActBlock declares residual_branch = "conv2"
+    problem = EditProblem.build(get_layer(model, layer), clean, triggered, torch.ones(4, dtype=torch.long), 0, None)
+    add_delta(model, layer, problem.solve("closed_form", strength=1e-4, rank=0))
+    outputs = {}
+    handle = block.register_forward_hook(lambda m, a, out: outputs.__setitem__("block", out))
+    model(triggered_images)
+    handle.remove()
+    clean_block = clean.values + clean.skip  # conv2 has no bias: values are its whole output
+    before = (triggered.values + triggered.skip - clean_block).norm()
+    after = (outputs["block"].flatten(2).transpose(1, 2) - clean_block).norm()
+    assert after < 0.05 * before
