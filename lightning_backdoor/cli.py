@@ -24,7 +24,7 @@ class BackdoorCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.target_class", "model.init_args.target_class")
+        parser.link_arguments("data.init_args.target_class", "model.init_args.target_class")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.in_channels", "model.init_args.in_channels", apply_on="instantiate")
         if self.defend_mode:
@@ -74,6 +74,17 @@ def load_weights(module: nn.Module, state_dict: dict[str, Tensor]) -> None:
                    f"shape {tuple(relevant[key].shape)} in the checkpoint vs {tuple(wanted[key].shape)} in the model")
             mismatch = f"checkpoint does not match the model spec: first mismatching key {key!r} ({why})"
     raise ValueError(mismatch)
+
+
+def instantiate_run(configs: list[str], checkpoint: str | Path, overrides: list[str] | None = None
+                    ) -> tuple[PoisonedClassifier, PoisonedDataModule]:
+    """The model (with the checkpoint's weights, loaded without running code) and data module of a run's configs."""
+    args = [arg for config in configs for arg in ("--config", config)] + ["--trainer.logger=false", *(overrides or [])]
+    cli = BackdoorCLI(PoisonedClassifier, PoisonedDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                      parser_kwargs={"parser_mode": "omegaconf"}, args=args, run=False,
+                      auto_configure_optimizers=False, save_config_callback=None)
+    load_weights(cli.model, load_state_dict(checkpoint))
+    return cli.model, cli.datamodule
 
 
 def run_defend(args: list[str]) -> None:

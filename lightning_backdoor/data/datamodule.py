@@ -107,12 +107,25 @@ class PoisonedDataModule(L.LightningDataModule):
     def in_channels(self) -> int:
         return self.image_shape[0]
 
-    def unseen_set(self, per_class: int | None = None) -> ImageSet:
-        """The first ``per_class`` (default: all) unseen clean images of every class, as uint8."""
+    def unseen_set(self, per_class: int | None = None, seed: int | None = None) -> ImageSet:
+        """``per_class`` (default: all) unseen clean images of every class, as uint8: the first ones, or a random
+        draw from the unseen split when ``seed`` is given (for repeated trials at a fixed budget)."""
         count = self.unseen_per_class if per_class is None else per_class
         if count > self.unseen_per_class:
             raise ValueError(f"asked for {count} unseen images per class but the split holds {self.unseen_per_class}")
-        return self.train_pool.subset(self.plan.unseen[: count * self.num_classes])
+        grid = self.plan.unseen.view(self.unseen_per_class, self.num_classes)  # row i: the i-th image of each class
+        if seed is not None:
+            generator = torch.Generator().manual_seed(seed)
+            order = torch.stack([torch.randperm(self.unseen_per_class, generator=generator)
+                                 for _ in range(self.num_classes)], dim=1)
+            grid = grid.gather(0, order)
+        return self.train_pool.subset(grid[:count].flatten())
+
+    def held_out_unseen_set(self, per_class: int, seed: int | None = None) -> ImageSet:
+        """The unseen images *not* in ``unseen_set(per_class, seed)``: clean validation for choosing settings."""
+        used = self.unseen_set(per_class, seed)
+        everything = self.unseen_set(None, seed)
+        return everything.subset(torch.arange(len(used), len(everything)))
 
     def attack_labels(self, labels: Tensor) -> Tensor:
         return attack_labels(labels, self.target_class, self.all_to_all, self.num_classes)

@@ -130,7 +130,8 @@ class ActivationEditing(Defense):
         method: ``closed_form`` (multi-key least squares) or ``rank_r`` (constrained low-rank edit).
         strength: λ, the weight of keeping clean keys' values against mapping triggered keys to clean values.
         rank: r of the ``rank_r`` edit.
-        views: augmented views per unseen image (1 = the images only).
+        min_images: augment U with seeded crop/flip views of every image until it holds at least this many images
+            (1 image per class becomes 4 views; 5 or more per class on CIFAR-10 stay as they are).
         spatial_weight: ``uniform`` over the feature grid, or ``mask``: the trigger's mask pooled to the grid
             (local triggers only; global triggers fall back to uniform).
         repair: run the repair step when the target class's confidence on unseen target images dropped.
@@ -142,14 +143,12 @@ class ActivationEditing(Defense):
     name = "editing"
 
     def __init__(self, layer: str = "auto", method: Literal["closed_form", "rank_r"] = "closed_form",
-                 strength: float = 0.1, rank: int = 16, views: int = 4,
+                 strength: float = 0.1, rank: int = 16, min_images: int = 40,
                  spatial_weight: Literal["uniform", "mask"] = "uniform", repair: bool = True,
                  repair_tolerance: float = 0.02, candidates: int = 3, seed: int = 0) -> None:
         if strength <= 0:
             raise ValueError(f"strength={strength} must be positive")
-        if views < 1:
-            raise ValueError(f"views={views} must be at least 1")
-        self.layer, self.method, self.strength, self.rank, self.views = layer, method, strength, rank, views
+        self.layer, self.method, self.strength, self.rank, self.min_images = layer, method, strength, rank, min_images
         self.spatial_weight, self.repair, self.repair_tolerance = spatial_weight, repair, repair_tolerance
         self.candidates, self.seed = candidates, seed
 
@@ -166,13 +165,14 @@ class ActivationEditing(Defense):
         if self.repair and not (unseen.labels == target_class).any():
             raise ValueError(f"repair needs unseen images of the target class {target_class}; the unseen split has "
                              f"none (add unseen images or set repair=false)")
-        images, labels = augmented_views(unseen.images.float(), unseen.labels, self.views, self.seed)
+        views = max(1, -(-self.min_images // len(unseen.labels)))
+        images, labels = augmented_views(unseen.images.float(), unseen.labels, views, self.seed)
         triggered = trigger(images)
         clean_acts, triggered_acts = capture(model, layers, images), capture(model, layers, triggered)
         mask = trigger.mask(tuple(images.shape[1:])) if self.spatial_weight == "mask" else None
         info: dict[str, Any] = {"method": f"editing/{self.method}", "num_unseen": len(unseen.labels),
-                                "views": self.views, "strength": self.strength}
-        folds = self._folds(labels)
+                                "views": views, "strength": self.strength}
+        folds = self._folds(labels, views)
         problems = {}
         for name in layers:
             parts = [self._problem(model, name, clean_acts[name], triggered_acts[name], labels, target_class, mask,
@@ -212,12 +212,13 @@ class ActivationEditing(Defense):
         model.train(was_training)
         return info
 
-    def _folds(self, labels: Tensor) -> Tensor:
+    @staticmethod
+    def _folds(labels: Tensor, views: int) -> Tensor:
         """Two folds of the unseen images (all views of an image in one fold): alternate images within each
         class, or split by class when there is one image per class."""
-        count = len(labels) // self.views
+        count = len(labels) // views
         per_class = count // max(1, len(labels.unique()))
-        return (torch.arange(count) % 2).repeat(self.views) if per_class >= 2 else labels % 2
+        return (torch.arange(count) % 2).repeat(views) if per_class >= 2 else labels % 2
 
     def _problem(self, model: nn.Module, layer: str, clean: LayerActivations, triggered: LayerActivations,
                  labels: Tensor, target_class: int, mask: Tensor | None, subset: Tensor) -> EditProblem:

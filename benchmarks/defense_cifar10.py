@@ -1,0 +1,122 @@
+"""Benchmark the editing defense on the trained CIFAR-10 checkpoints (train them with train_cifar10.sh first).
+
+For every attack, unseen budget (images per class) and seed: draw the unseen images with that seed from the run's
+unseen split, defend a copy of the poisoned model, and evaluate on the test split. Also reports, for choosing
+settings without touching the test set, the same metrics on the *held-out* unseen images (the unseen split minus
+the ones the defense used). Prints a markdown table of mean ± std and writes every row as JSON.
+
+    python benchmarks/defense_cifar10.py --attacks badnets blended --budgets 1 5 10 --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from lightning_backdoor.cli import instantiate_run
+from lightning_backdoor.data.poisoning import apply_trigger, to_float
+from lightning_backdoor.defenses import ActivationEditing, UnseenData
+from lightning_backdoor.evaluation import evaluate
+from lightning_backdoor.io import atomic_json
+
+
+def forward_floor_seconds(model: torch.nn.Module, images: torch.Tensor, triggered: torch.Tensor) -> float:
+    """Wall time of the two forward passes over U (clean and triggered) that any method of this kind needs."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        model(images)
+        model(triggered)
+    return time.perf_counter() - start
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    torch.set_num_threads(args.threads) if args.threads else None
+    rows = []
+    for attack in args.attacks:
+        configs = ["configs/cifar10/base.yaml", f"configs/cifar10/{attack}.yaml"]
+        module, data = instantiate_run(configs, Path(args.runs) / f"cifar10-{attack}" / "checkpoints" / "poisoned.ckpt")
+        network = module.net.float().eval()
+        test = data.test_dataset().tensors
+        before = evaluate(network, *test, data.num_classes, data.target_class)
+        for budget in args.budgets:
+            for seed in args.seeds:
+                unseen = data.unseen_set(budget, seed)
+                held_out = data.held_out_unseen_set(budget, seed)
+                images = to_float(unseen.images)
+                model = copy.deepcopy(network)
+                defense = ActivationEditing(layer=args.layer, method=args.method, strength=args.strength,
+                                            rank=args.rank, min_images=args.min_images, repair=not args.no_repair,
+                                            spatial_weight=args.spatial_weight, seed=seed)
+                torch.manual_seed(seed)
+                info = defense.defend(model, UnseenData(images, unseen.labels), data.trigger, data.target_class)
+                floor = forward_floor_seconds(network, images, data.trigger(images))
+                after = evaluate(model, *test, data.num_classes, data.target_class)
+                held = (held_out.images, held_out.labels, apply_trigger(data.trigger, held_out.images),
+                        data.attack_labels(held_out.labels))
+                validation = evaluate(model, *held, data.num_classes, data.target_class)
+                rows.append({"attack": attack, "budget": budget, "seed": seed, "layer": info["layer"],
+                             "views": info["views"],
+                             "repaired": info["repaired"], "seconds": info["seconds"], "forward_floor": floor,
+                             "before": before, "after": after, "held_out_unseen": validation,
+                             "settings": vars(args) | {"seeds": None}})
+                print(f"{attack} k={budget} seed={seed} layer={info['layer']} repaired={info['repaired']} "
+                      f"{info['seconds']:.2f}s  CA {before['clean_acc']:.4f}->{after['clean_acc']:.4f} "
+                      f"ASR {before['asr']:.4f}->{after['asr']:.4f} (floor {after['asr_floor']:.4f}) "
+                      f"TA {before['target_acc']:.4f}->{after['target_acc']:.4f} | held-out U: "
+                      f"ASR {validation['asr']:.4f} CA {validation['clean_acc']:.4f}", flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: mean ± std over seeds, in percent; time in seconds."""
+    def cell(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+        values = [v * scale for v in values]
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+
+    lines = ["| attack | unseen/class | CA before | CA after | ASR before | ASR after | ASR floor | RA after | "
+             "TA before | TA after | defense s | 2 fwd passes s | ratio |", "|" + " --- |" * 13]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["attack"], row["budget"]), []).append(row)
+    for (attack, budget), group in groups.items():
+        pick = lambda stage, name: [row[stage][name] for row in group]  # noqa: E731
+        lines.append(f"| {attack} | {budget} | {cell(pick('before', 'clean_acc'))} | {cell(pick('after', 'clean_acc'))} "
+                     f"| {cell(pick('before', 'asr'))} | {cell(pick('after', 'asr'))} | "
+                     f"{cell(pick('after', 'asr_floor'))} | {cell(pick('after', 'robust_acc'))} | "
+                     f"{cell(pick('before', 'target_acc'))} | {cell(pick('after', 'target_acc'))} | "
+                     f"{cell([r['seconds'] for r in group], 1, 3)} | {cell([r['forward_floor'] for r in group], 1, 3)} "
+                     f"| {cell([r['seconds'] / r['forward_floor'] for r in group], 1, 1)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--attacks", nargs="+", default=["badnets", "blended", "wanet", "sig"])
+    parser.add_argument("--budgets", nargs="+", type=int, default=[1, 5, 10])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--layer", default="auto")
+    parser.add_argument("--method", default="closed_form", choices=["closed_form", "rank_r"])
+    parser.add_argument("--strength", type=float, default=ActivationEditing().strength)
+    parser.add_argument("--rank", type=int, default=ActivationEditing().rank)
+    parser.add_argument("--min_images", type=int, default=ActivationEditing().min_images)
+    parser.add_argument("--spatial_weight", default="uniform", choices=["uniform", "mask"])
+    parser.add_argument("--no_repair", action="store_true")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--runs", default="runs")
+    parser.add_argument("--out", default="runs/bench/defense.json")
+    args = parser.parse_args()
+    rows = run(args)
+    atomic_json(rows, args.out)
+    print(table(rows))
+    print(f"rows: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
