@@ -89,3 +89,22 @@ def test_residual_edit_makes_the_block_output_on_triggered_inputs_match_the_clea
     before = (triggered.values + triggered.skip - clean_block).norm()
     after = (outputs["block"].flatten(2).transpose(1, 2) - clean_block).norm()
     assert after < 0.05 * before
+
+
+def test_ledoit_wolf_shrinks_few_keys_much_and_many_keys_little():
+    from lightning_backdoor.defenses.editing import ledoit_wolf
+
+    scales = torch.linspace(0.2, 3.0, 16, dtype=torch.float64)
+
+    def shrunk(n):
+        keys = torch.randn(n, 16, dtype=torch.float64) * scales
+        moment = second_moment(keys)
+        result = ledoit_wolf(moment, keys.square().sum(1).square().mean(), n)
+        # the intensity, recovered from any off-diagonal entry: result = (1 - a) S + a m I
+        return moment, result, 1 - result[0, 1] / moment[0, 1]
+
+    few_moment, few, few_intensity = shrunk(8)
+    _, _, many_intensity = shrunk(20000)
+    assert torch.linalg.matrix_rank(few_moment) == 8 and torch.linalg.matrix_rank(few) == 16
+    assert few_intensity > 0.3 and many_intensity < 0.05
+    assert torch.allclose(few.trace(), few_moment.trace())

@@ -33,10 +33,11 @@ class TorchvisionClassifier(L.LightningModule):
 
 def test_foreign_lightning_module_is_defended_by_the_callback(tmp_path):
     L.seed_everything(0)
-    data = PoisonedDataModule(source="digits", trigger=BadNets(size=2), poison_rate=0.1, unseen_per_class=10,
+    data = PoisonedDataModule(source="digits", trigger=BadNets(size=3), poison_rate=0.1, unseen_per_class=10,
                               batch_size=64)
-    callback = DefenseCallback(defense=ActivationEditing(layer="auto"))
-    trainer = L.Trainer(max_epochs=12, accelerator="cpu", logger=False, enable_checkpointing=False,
+    # the callback is all it takes; the layer names are those of this module (torchvision's under "model.")
+    callback = DefenseCallback(defense=ActivationEditing(layer="model.fc"))
+    trainer = L.Trainer(max_epochs=15, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         default_root_dir=tmp_path, callbacks=[callback])
     trainer.fit(TorchvisionClassifier(), datamodule=data)
@@ -45,4 +46,4 @@ def test_foreign_lightning_module_is_defended_by_the_callback(tmp_path):
     assert before["asr"] >= 0.8, before
     assert after["asr"] <= before["asr"] / 4, after
     assert after["clean_acc"] >= before["clean_acc"] - 0.05, (before, after)
-    assert report["defense"]["layer"].startswith("model.")
+    assert report["defense"]["layer"] == "model.fc"

@@ -14,7 +14,7 @@ from lightning_backdoor.data.augment import random_crop, random_flip
 from lightning_backdoor.defenses.activations import (LayerActivations, capture, editable_layers, get_layer,
                                                      layer_weight_matrix)
 from lightning_backdoor.defenses.base import Defense, UnseenData
-from lightning_backdoor.defenses.editing import closed_form_edit, rank_r_edit, second_moment
+from lightning_backdoor.defenses.editing import closed_form_edit, ledoit_wolf, rank_r_edit, second_moment
 from lightning_backdoor.triggers import Trigger
 
 REPAIR_WEIGHTS = (1.0, 4.0, 16.0, 64.0, 256.0)
@@ -57,7 +57,8 @@ class EditProblem:
     """Sufficient statistics of one layer's edit, additive over images (so folds combine by ``+``).
 
     Sums over triggered non-target keys k* (weighted by w): A = Σ w k* k*ᵀ, R = Σ w (v* − W0 k*) k*ᵀ, and
-    Σ w ‖v* − W0 k*‖²; over clean keys: C = Σ k kᵀ; over clean target-class keys: T = Σ k kᵀ; with their counts.
+    Σ w ‖v* − W0 k*‖²; over clean keys: C = Σ k kᵀ and Σ ‖k‖⁴ (for shrinkage); over clean target-class keys:
+    T = Σ k kᵀ; with their counts.
     """
 
     weight: Tensor
@@ -67,6 +68,7 @@ class EditProblem:
     target_energy: Tensor
     triggered_count: Tensor
     clean_moment: Tensor
+    clean_fourth: Tensor
     clean_count: Tensor
     target_moment: Tensor
     target_count: Tensor
@@ -87,7 +89,8 @@ class EditProblem:
         target_keys = clean.keys[labels == target_class].flatten(0, 1)
         energy = lambda vectors: (vectors.square().sum(1) * weights).sum()  # noqa: E731
         return cls(weight, weighted.T @ keys, residual.T @ weighted, energy(residual), energy(targets.flatten(0, 1)),
-                   weights.sum(), clean_keys.T @ clean_keys, torch.tensor(float(len(clean_keys))),
+                   weights.sum(), clean_keys.T @ clean_keys, clean_keys.square().sum(1).square().sum(),
+                   torch.tensor(float(len(clean_keys))),
                    target_keys.T @ target_keys, torch.tensor(float(len(target_keys))))
 
     def __add__(self, other: EditProblem) -> EditProblem:
@@ -98,7 +101,8 @@ class EditProblem:
         """ΔW (c_out, d); ``repair_weight`` pins clean target-class keys to their original values."""
         if self.triggered_count <= 0:
             raise ValueError("the unseen split holds no non-target images to edit with")
-        preserve = self.clean_moment / self.clean_count
+        preserve = ledoit_wolf(self.clean_moment / self.clean_count, self.clean_fourth / self.clean_count,
+                               self.clean_count)
         if repair_weight > 0 and self.target_count > 0:
             preserve = preserve + repair_weight * self.target_moment / self.target_count
         moment, residual = self.triggered_moment / self.triggered_count, self.residual_moment / self.triggered_count

@@ -22,6 +22,22 @@ def _regularised(preserve: Tensor, ridge: float) -> Tensor:
     return preserve + ridge * preserve.trace().clamp(min=1e-12) / d * torch.eye(d, device=preserve.device)
 
 
+def ledoit_wolf(moment: Tensor, fourth: Tensor, count: Tensor | float) -> Tensor:
+    """Shrink a second moment S = E[k kᵀ] (d, d) towards (tr S / d) I with the Ledoit–Wolf intensity.
+
+    ``fourth`` is E‖k‖⁴ over the same ``count`` keys. With few unseen images S is rank-deficient, and an edit
+    could change the layer freely along directions the unseen keys never visit; shrinkage prices those directions
+    at the average key energy, by an amount estimated from the data alone.
+    """
+    d = moment.shape[0]
+    mean_eigenvalue = moment.trace() / d
+    target = mean_eigenvalue * torch.eye(d, dtype=moment.dtype, device=moment.device)
+    dispersion = (moment - target).square().sum()
+    sampling = ((fourth - moment.square().sum()) / count).clamp(min=0)  # E‖k kᵀ − S‖²_F / n
+    intensity = (sampling.clamp(max=dispersion) / dispersion.clamp(min=1e-12)).clamp(0, 1)
+    return (1 - intensity) * moment + intensity * target
+
+
 def second_moment(keys: Tensor) -> Tensor:
     """Uncentred second moment E[k kᵀ] of keys (m, d), as (d, d)."""
     return keys.T @ keys / len(keys)
