@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 held_out = data.held_out_unseen_set(budget, seed)
                 images = to_float(unseen.images)
                 model = copy.deepcopy(network)
-                defense = ActivationEditing(layer=args.layer, method=args.method, strength=args.strength,
+                defense = ActivationEditing(layer=args.layer, method=args.method, strength=args.strength or None,
                                             rank=args.rank, min_images=args.min_images, repair=not args.no_repair,
                                             spatial_weight=args.spatial_weight, seed=seed)
                 torch.manual_seed(seed)
@@ -61,11 +61,12 @@ def run(args: argparse.Namespace) -> list[dict]:
                         data.attack_labels(held_out.labels))
                 validation = evaluate(model, *held, data.num_classes, data.target_class)
                 rows.append({"attack": attack, "budget": budget, "seed": seed, "layer": info["layer"],
+                             "strength": info["strength"],
                              "views": info["views"],
                              "repaired": info["repaired"], "seconds": info["seconds"], "forward_floor": floor,
                              "before": before, "after": after, "held_out_unseen": validation,
                              "settings": vars(args) | {"seeds": None}})
-                print(f"{attack} k={budget} seed={seed} layer={info['layer']} repaired={info['repaired']} "
+                print(f"{attack} k={budget} seed={seed} layer={info['layer']} λ={info['strength']} repaired={info['repaired']} "
                       f"{info['seconds']:.2f}s  CA {before['clean_acc']:.4f}->{after['clean_acc']:.4f} "
                       f"ASR {before['asr']:.4f}->{after['asr']:.4f} (floor {after['asr_floor']:.4f}) "
                       f"TA {before['target_acc']:.4f}->{after['target_acc']:.4f} | held-out U: "
@@ -101,9 +102,10 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="+", default=["badnets", "blended", "wanet", "sig"])
     parser.add_argument("--budgets", nargs="+", type=int, default=[1, 5, 10])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--layer", default="auto")
+    parser.add_argument("--layer", default="blocks.2.conv2")
     parser.add_argument("--method", default="closed_form", choices=["closed_form", "rank_r"])
-    parser.add_argument("--strength", type=float, default=ActivationEditing().strength)
+    parser.add_argument("--strength", type=float, default=ActivationEditing().strength,
+                        help="λ (0 = choose it by cross-validation on the unseen split)")
     parser.add_argument("--rank", type=int, default=ActivationEditing().rank)
     parser.add_argument("--min_images", type=int, default=ActivationEditing().min_images)
     parser.add_argument("--spatial_weight", default="uniform", choices=["uniform", "mask"])

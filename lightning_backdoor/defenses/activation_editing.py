@@ -18,6 +18,7 @@ from lightning_backdoor.defenses.editing import closed_form_edit, ledoit_wolf, r
 from lightning_backdoor.triggers import Trigger
 
 REPAIR_WEIGHTS = (1.0, 4.0, 16.0, 64.0, 256.0)
+STRENGTHS = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 
 @torch.no_grad()
@@ -132,7 +133,8 @@ class ActivationEditing(Defense):
         layer: the layer to edit (e.g. ``blocks.2.conv1``), or ``auto``: try the last ``candidates`` editable
             layers and keep the one with the lowest cross-validated loss on the unseen split.
         method: ``closed_form`` (multi-key least squares) or ``rank_r`` (constrained low-rank edit).
-        strength: λ, the weight of keeping clean keys' values against mapping triggered keys to clean values.
+        strength: λ, the weight of keeping clean keys' values against mapping triggered keys to clean values;
+            ``None`` picks it from 0.3 … 100 by the same cross-validation on U as ``layer: auto``.
         rank: r of the ``rank_r`` edit.
         min_images: augment U with seeded crop/flip views of every image until it holds at least this many images
             (1 image per class becomes 4 views; 5 or more per class on CIFAR-10 stay as they are).
@@ -147,10 +149,10 @@ class ActivationEditing(Defense):
     name = "editing"
 
     def __init__(self, layer: str = "auto", method: Literal["closed_form", "rank_r"] = "closed_form",
-                 strength: float = 0.1, rank: int = 16, min_images: int = 40,
+                 strength: float | None = 10.0, rank: int = 16, min_images: int = 40,
                  spatial_weight: Literal["uniform", "mask"] = "uniform", repair: bool = True,
                  repair_tolerance: float = 0.02, candidates: int = 3, seed: int = 0) -> None:
-        if strength <= 0:
+        if strength is not None and strength <= 0:
             raise ValueError(f"strength={strength} must be positive")
         self.layer, self.method, self.strength, self.rank, self.min_images = layer, method, strength, rank, min_images
         self.spatial_weight, self.repair, self.repair_tolerance = spatial_weight, repair, repair_tolerance
@@ -175,21 +177,26 @@ class ActivationEditing(Defense):
         clean_acts, triggered_acts = capture(model, layers, images), capture(model, layers, triggered)
         mask = trigger.mask(tuple(images.shape[1:])) if self.spatial_weight == "mask" else None
         info: dict[str, Any] = {"method": f"editing/{self.method}", "num_unseen": len(unseen.labels),
-                                "views": views, "strength": self.strength}
+                                "views": views}
         folds = self._folds(labels, views)
         problems = {}
         for name in layers:
             parts = [self._problem(model, name, clean_acts[name], triggered_acts[name], labels, target_class, mask,
                                    folds == fold) for fold in (0, 1)]
             problems[name] = parts
-        layer = layers[0]
-        if self.layer == "auto":
-            scores = {name: self._cross_validate(model, name, problems[name], images, triggered, labels, folds,
-                                                 target_class) for name in layers}
-            layer = min(scores, key=scores.get)
-            info["layer_selection"] = {"cross_validated_loss_on_unseen": scores}
+        strengths = STRENGTHS if self.strength is None else (self.strength,)
+        choice = (layers[0], strengths[0])
+        if len(layers) * len(strengths) > 1:
+            scores = {(name, strength): self._cross_validate(model, name, problems[name], strength, images, triggered,
+                                                             labels, folds, target_class)
+                      for name in layers for strength in strengths}
+            choice = min(scores, key=scores.get)
+            info["selection"] = {"cross_validated_loss_on_unseen": {f"{name} λ={strength}": round(score, 4)
+                                                                    for (name, strength), score in scores.items()}}
+        layer, strength = choice
+        info["strength"] = strength
         problem = problems[layer][0] + problems[layer][1]
-        delta = problem.solve(self.method, self.strength, self.rank)
+        delta = problem.solve(self.method, strength, self.rank)
         info |= {"layer": layer, "diagnostics": problem.diagnostics(delta)}
         target_images = images[labels == target_class]
         confidence = {"before": self._target_confidence(model, target_images, target_class)}
@@ -201,7 +208,7 @@ class ActivationEditing(Defense):
         if repaired:
             add_delta(model, layer, -delta)
             for repair_weight in REPAIR_WEIGHTS:
-                delta = problem.solve(self.method, self.strength, self.rank, repair_weight)
+                delta = problem.solve(self.method, strength, self.rank, repair_weight)
                 add_delta(model, layer, delta)
                 confidence["after_repair"] = self._target_confidence(model, target_images, target_class)
                 if confidence["before"] - confidence["after_repair"] <= self.repair_tolerance:
@@ -242,13 +249,13 @@ class ActivationEditing(Defense):
             return float("nan")
         return predict_logits(model, target_images).softmax(-1)[:, target_class].mean().item()
 
-    def _cross_validate(self, model: nn.Module, layer: str, fold_problems: list[EditProblem], images: Tensor,
-                        triggered: Tensor, labels: Tensor, folds: Tensor, target_class: int) -> float:
+    def _cross_validate(self, model: nn.Module, layer: str, fold_problems: list[EditProblem], strength: float,
+                        images: Tensor, triggered: Tensor, labels: Tensor, folds: Tensor, target_class: int) -> float:
         """Two-fold loss on U of editing ``layer``: fit on one fold, then CE of the other fold's triggered
         non-target images plus CE of its clean images; averaged over both directions."""
         total = 0.0
         for held_out in (0, 1):
-            delta = fold_problems[1 - held_out].solve(self.method, self.strength, self.rank)
+            delta = fold_problems[1 - held_out].solve(self.method, strength, self.rank)
             add_delta(model, layer, delta)
             check = folds == held_out
             attacked = check & (labels != target_class)
