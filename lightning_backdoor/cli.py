@@ -120,8 +120,21 @@ def main(args: list[str] | None = None) -> None:
         BackdoorCLI(PoisonedClassifier, PoisonedDataModule, subclass_mode_model=True, subclass_mode_data=True,
                     parser_kwargs={"parser_mode": "omegaconf"}, args=args, auto_configure_optimizers=False)
     except ValueError as error:
-        print(f"lightning-backdoor: error: {error}", file=sys.stderr)
+        print(f"lightning-backdoor: error: {one_line(error)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def one_line(error: BaseException) -> str:
+    """Our own message inside jsonargparse's multi-line wrapping (it lists each union member's error)."""
+    chain = [error]
+    while chain[-1].__cause__ or chain[-1].__context__:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    for cause in reversed(chain):
+        if isinstance(cause, ValueError) and str(cause) and "\n" not in str(cause).strip():
+            return str(cause).strip()
+    lines = str(error).strip().splitlines()
+    reasons = [line.strip()[2:] for line in lines if line.strip().startswith("- ") and "Expected a" not in line]
+    return reasons[0] if reasons else lines[0]
 
 
 if __name__ == "__main__":
