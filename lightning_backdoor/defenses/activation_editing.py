@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
@@ -51,6 +53,19 @@ def add_delta(model: nn.Module, layer_name: str, delta: Tensor) -> None:
     layer = get_layer(model, layer_name)
     with torch.no_grad():
         layer.weight.add_(delta.reshape(layer.weight.shape).to(layer.weight.dtype))
+
+
+@contextmanager
+def trial_edit(model: nn.Module, layer_name: str, delta: Tensor) -> Iterator[None]:
+    """Apply ΔW for the duration of a block, then restore the exact original weights (W + Δ − Δ is not W)."""
+    weight = get_layer(model, layer_name).weight
+    original = weight.detach().clone()
+    add_delta(model, layer_name, delta)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
 
 
 @dataclass
@@ -200,22 +215,21 @@ class ActivationEditing(Defense):
         info |= {"layer": layer, "diagnostics": problem.diagnostics(delta)}
         target_images = images[labels == target_class]
         confidence = {"before": self._target_confidence(model, target_images, target_class)}
+        original_state = {key: value.clone() for key, value in get_layer(model, layer).state_dict().items()}
         add_delta(model, layer, delta)
         confidence["after_edit"] = self._target_confidence(model, target_images, target_class)
         info["edit_seconds"] = time.perf_counter() - start
         edited_state = {key: value.clone() for key, value in get_layer(model, layer).state_dict().items()}
         repaired = self.repair and confidence["before"] - confidence["after_edit"] > self.repair_tolerance
         if repaired:
-            add_delta(model, layer, -delta)
+            get_layer(model, layer).load_state_dict(original_state)
             for repair_weight in REPAIR_WEIGHTS:
                 delta = problem.solve(self.method, strength, self.rank, repair_weight)
-                add_delta(model, layer, delta)
-                confidence["after_repair"] = self._target_confidence(model, target_images, target_class)
+                with trial_edit(model, layer, delta):
+                    confidence["after_repair"] = self._target_confidence(model, target_images, target_class)
                 if confidence["before"] - confidence["after_repair"] <= self.repair_tolerance:
                     break
-                add_delta(model, layer, -delta)
-            else:
-                add_delta(model, layer, delta)
+            add_delta(model, layer, delta)
             info["repair_weight"] = repair_weight
             info["diagnostics_after_repair"] = problem.diagnostics(delta)
         info |= {"repaired": repaired, "unseen_target_confidence": confidence, "edited_layer_state": edited_state,
@@ -256,10 +270,9 @@ class ActivationEditing(Defense):
         total = 0.0
         for held_out in (0, 1):
             delta = fold_problems[1 - held_out].solve(self.method, strength, self.rank)
-            add_delta(model, layer, delta)
             check = folds == held_out
             attacked = check & (labels != target_class)
-            total += F.cross_entropy(predict_logits(model, triggered[attacked]), labels[attacked]).item()
-            total += F.cross_entropy(predict_logits(model, images[check]), labels[check]).item()
-            add_delta(model, layer, -delta)
+            with trial_edit(model, layer, delta):
+                total += F.cross_entropy(predict_logits(model, triggered[attacked]), labels[attacked]).item()
+                total += F.cross_entropy(predict_logits(model, images[check]), labels[check]).item()
         return total / 2
