@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,7 +27,7 @@ class UnseenData:
             raise ValueError(f"unseen data has {len(self.images)} images but {len(self.labels)} labels")
 
 
-class Defense:
+class Defense(ABC):
     """Base class: subclasses set ``name`` (registering themselves) and implement :meth:`defend`."""
 
     name: ClassVar[str] = ""
@@ -36,12 +37,12 @@ class Defense:
         if cls.name:
             DEFENSES[cls.name] = cls
 
+    @abstractmethod
     def defend(self, model: nn.Module, unseen: UnseenData, trigger: Trigger | None,
                target_class: int | None) -> dict[str, Any]:
         """Defend ``model`` in place and return what was done (JSON-able values, plus tensors under keys that the
         report drops); ``trigger``/``target_class`` are None when unknown. Must include ``layer`` when the
         defense edits a single layer, and ``seconds``."""
-        raise NotImplementedError  # abstract
 
 
 def build_defense(name: str, **kwargs: Any) -> Defense:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
@@ -10,7 +11,7 @@ from torch import Tensor
 TRIGGERS: dict[str, type[Trigger]] = {}
 
 
-class Trigger:
+class Trigger(ABC):
     """Base class of every trigger.
 
     Subclasses implement :meth:`apply` on a float batch ``(N, C, H, W)`` in [0, 1] and return a batch of the same
@@ -30,9 +31,9 @@ class Trigger:
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
 
+    @abstractmethod
     def apply(self, images: Tensor) -> Tensor:
         """Return ``images`` (N, C, H, W) in [0, 1] with the trigger applied."""
-        raise NotImplementedError  # abstract
 
     def __call__(self, images: Tensor) -> Tensor:
         return self.apply(images)
