@@ -73,7 +73,7 @@ class DefenseCallback(L.Callback):
         trigger = self.trigger if self.trigger is not None else getattr(datamodule, "trigger", None)
         target = self.target_class if self.target_class is not None else getattr(datamodule, "target_class", None)
         unseen = self._unseen(datamodule)
-        test, num_classes = self._test(datamodule, trigger, target, pl_module, unseen)
+        test, num_classes = self._test(datamodule, trigger, target, unseen)
         model = pl_module.net if isinstance(getattr(pl_module, "net", None), nn.Module) else pl_module
         device = next(pl_module.parameters()).device
         unseen = UnseenData(unseen.images.to(device), unseen.labels.to(device))
@@ -100,7 +100,7 @@ class DefenseCallback(L.Callback):
         unseen = datamodule.unseen_set(self.unseen_per_class)
         return UnseenData(unseen.images.float() / 255, unseen.labels)
 
-    def _test(self, datamodule: Any, trigger: Trigger | None, target: int | None, pl_module: nn.Module,
+    def _test(self, datamodule: Any, trigger: Trigger | None, target: int | None,
               unseen: UnseenData) -> tuple[TestData, int]:
         if self.test_dataloader is None and hasattr(datamodule, "test_dataset"):
             return TestData(*datamodule.test_dataset().tensors), datamodule.num_classes
