@@ -251,10 +251,8 @@ class ActivationEditing(Defense):
         if mask is not None and clean.keys.shape[1] > 1:
             side = int(round(clean.keys.shape[1] ** 0.5))
             grid = F.adaptive_max_pool2d(mask[None].float(), (side, side)).flatten().clamp(min=0.05)
-        pick = lambda acts: LayerActivations(acts.keys[subset], acts.values[subset],  # noqa: E731
-                                             None if acts.skip is None else acts.skip[subset])
-        return EditProblem.build(get_layer(model, layer), pick(clean), pick(triggered), labels[subset], target_class,
-                                 grid)
+        return EditProblem.build(get_layer(model, layer), clean.subset(subset), triggered.subset(subset),
+                                 labels[subset], target_class, grid)
 
     @staticmethod
     def _target_confidence(model: nn.Module, target_images: Tensor, target_class: int) -> float:

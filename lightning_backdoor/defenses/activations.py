@@ -20,6 +20,11 @@ class LayerActivations:
     values: Tensor
     skip: Tensor | None
 
+    def subset(self, images: Tensor) -> LayerActivations:
+        """The activations of the images selected by ``images`` (a boolean mask or indices)."""
+        return LayerActivations(self.keys[images], self.values[images],
+                                None if self.skip is None else self.skip[images])
+
 
 def get_layer(model: nn.Module, name: str) -> nn.Module:
     """The editable submodule ``name``; a one-line error lists the valid names if it is missing or unsupported."""

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from lightning_backdoor.data.poisoning import attack_labels as make_attack_labels
 from lightning_backdoor.defenses.base import Defense, UnseenData
 from lightning_backdoor.evaluation import evaluate
-from lightning_backdoor.io import atomic_json, atomic_write
+from lightning_backdoor.io import atomic_json, atomic_save, atomic_write
 from lightning_backdoor.metrics import defense_effectiveness_rating
 from lightning_backdoor.triggers import Trigger
 
@@ -89,7 +89,7 @@ def write_outputs(report: dict[str, Any], state_dict: dict[str, Tensor], output_
     state = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
     checkpoint = {"state_dict": state, "pytorch-lightning_version": lightning.__version__,
                   "epoch": 0, "global_step": 0}
-    atomic_write(checkpoint_path, lambda tmp: torch.save(checkpoint, tmp))
+    atomic_save(checkpoint, checkpoint_path)
     safetensors_path = checkpoint_path.with_suffix(".safetensors")
     atomic_write(safetensors_path, lambda tmp: save_file(state, tmp))
     report = report | {"checkpoint": str(checkpoint_path), "safetensors": str(safetensors_path)}
