@@ -12,6 +12,7 @@ _EXPORTS = {
     "PoisonedClassifier": "lightning_backdoor.classifier",
     "PoisonedDataModule": "lightning_backdoor.data.datamodule",
     "DefenseCallback": "lightning_backdoor.defenses.callback",
+    "WandbSamples": "lightning_backdoor.dashboard",
 }
 __all__ = list(_EXPORTS)
 

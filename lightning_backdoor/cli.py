@@ -11,6 +11,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from torch import Tensor, nn
 
 from lightning_backdoor.classifier import PoisonedClassifier
+from lightning_backdoor.dashboard import choose_mode
 from lightning_backdoor.data import PoisonedDataModule
 from lightning_backdoor.defenses import Defense
 from lightning_backdoor.io import load_state_dict
@@ -52,6 +53,8 @@ class BackdoorCLI(LightningCLI):
         for logger in loggers:
             if getattr(logger, "class_path", "").endswith("WandbLogger") and logger.init_args.get("save_dir") in (None, "."):
                 logger.init_args.save_dir = str(root)
+            if getattr(logger, "class_path", "").endswith("WandbLogger"):
+                choose_mode(logger.init_args, root)
 
 
 def load_weights(module: nn.Module, state_dict: dict[str, Tensor]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -67,3 +68,13 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
     if not isinstance(loaded, dict) or not all(isinstance(v, Tensor) for v in loaded.values()):
         raise ValueError(f"{path} holds no state_dict (expected a mapping of names to tensors)")
     return loaded
+
+
+def state_digest(state_dict: dict[str, Tensor]) -> str:
+    """SHA-256 (hex) of a state_dict's names, dtypes, shapes and bytes: equal digests mean identical weights."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

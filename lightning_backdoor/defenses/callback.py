@@ -11,9 +11,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from lightning_backdoor.dashboard import log_defense
 from lightning_backdoor.defenses.activation_editing import ActivationEditing
 from lightning_backdoor.defenses.base import Defense, UnseenData
 from lightning_backdoor.defenses.report import TestData, defend_and_report, write_outputs
+from lightning_backdoor.io import state_digest
 from lightning_backdoor.triggers import Trigger
 
 
@@ -21,6 +23,18 @@ def _collect(loader: DataLoader) -> tuple[Tensor, Tensor]:
     """Images and labels of a loader yielding ``(images, labels, ...)`` batches."""
     images, labels = zip(*((batch[0], batch[1]) for batch in loader))
     return torch.cat(images), torch.cat(labels)
+
+
+def check_ranks_agree(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+    """Compare the weights' SHA-256 across ranks (an all-gather of 32 bytes); raise if any rank differs, print the
+    digest once, and return it. It equals ``state_digest`` of the saved ``defended.safetensors``."""
+    digest = state_digest(pl_module.state_dict())
+    mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.int32, device=pl_module.device)
+    gathered = trainer.strategy.all_gather(mine).reshape(-1, mine.numel())
+    if not bool((gathered == gathered[0]).all()):
+        raise RuntimeError("defense: the ranks hold different weights after the broadcast of the defended model")
+    rank_zero_info(f"defense: {len(gathered)} process(es) hold the defended weights, sha256 {digest}")
+    return digest
 
 
 class DefenseCallback(L.Callback):
@@ -65,6 +79,7 @@ class DefenseCallback(L.Callback):
         report = trainer.strategy.broadcast(report, src=0)
         state = trainer.strategy.broadcast({k: v.cpu() for k, v in pl_module.state_dict().items()}, src=0)
         pl_module.load_state_dict(state)
+        check_ranks_agree(trainer, pl_module)
         self.report = report
         return report
 
@@ -77,6 +92,8 @@ class DefenseCallback(L.Callback):
         model = pl_module.net if isinstance(getattr(pl_module, "net", None), nn.Module) else pl_module
         device = next(pl_module.parameters()).device
         unseen = UnseenData(unseen.images.to(device), unseen.labels.to(device))
+        rank_zero_info(f"defense: {self.defense.name or type(self.defense).__name__} on {len(unseen.labels)} unseen "
+                       f"images, evaluated on {len(test.labels)} test images before and after...")
         report = defend_and_report(model, self.defense, unseen, trigger, target, test, num_classes)
         for logger in loggers:
             logger.log_metrics({f"defense/{stage}/{name}": value for stage in ("before", "after_edit", "after")
@@ -84,6 +101,7 @@ class DefenseCallback(L.Callback):
             if "der" in report:
                 logger.log_metrics({"defense/der": report["der"], "defense/seconds": report["defense"]["seconds"]})
         self.report_path, self.checkpoint_path = write_outputs(report, pl_module.state_dict(), output_dir)
+        log_defense(loggers, self.report_path, list(getattr(datamodule, "classes", [])) or None)
         before, after = report["before"], report["after"]
         rank_zero_info(f"defense: ASR {before.get('asr', float('nan')):.4f} -> {after.get('asr', float('nan')):.4f}, "
                        f"CA {before['clean_acc']:.4f} -> {after['clean_acc']:.4f} in "

@@ -79,10 +79,12 @@ def defend_and_report(model: nn.Module, defense: Defense, unseen: UnseenData, tr
 
 def write_outputs(report: dict[str, Any], state_dict: dict[str, Tensor], output_dir: str | Path
                   ) -> tuple[Path, Path]:
-    """Write the defended weights (a code-free Lightning-style checkpoint and safetensors) and the report, each
-    atomically and under a fresh name; returns (report path, checkpoint path)."""
+    """Write the defended weights (a code-free Lightning-style checkpoint and safetensors), the report and its bar
+    chart (``defense_report.png``), each atomically and under a fresh name; returns (report path, checkpoint path)."""
     import lightning
     from safetensors.torch import save_file
+
+    from lightning_backdoor.defenses.report_plot import save_report_plot
 
     output_dir = Path(output_dir)
     checkpoint_path = unique_path(output_dir / "defended.ckpt")
@@ -93,5 +95,8 @@ def write_outputs(report: dict[str, Any], state_dict: dict[str, Tensor], output_
     safetensors_path = checkpoint_path.with_suffix(".safetensors")
     atomic_write(safetensors_path, lambda tmp: save_file(state, tmp))
     report = report | {"checkpoint": str(checkpoint_path), "safetensors": str(safetensors_path)}
-    report_path = atomic_json(report, unique_path(output_dir / REPORT_NAME))
+    report_path = unique_path(output_dir / REPORT_NAME)
+    plot_path = unique_path(report_path.with_suffix(".png"))
+    atomic_write(plot_path, lambda tmp: save_report_plot(report, tmp))
+    report_path = atomic_json(report | {"plot": str(plot_path)}, report_path)
     return report_path, checkpoint_path

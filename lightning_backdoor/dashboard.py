@@ -1,0 +1,223 @@
+"""Weights & Biases dashboards: offline unless online can work, sample images and the trigger at fit start, and the
+defense's before/after table, bar chart, per-class accuracy, report plot and artifacts.
+
+Everything here is a no-op for loggers other than ``WandbLogger``, so callers stay logger-agnostic.
+"""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+import socket
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from lightning_backdoor.evaluation import METRIC_NAMES
+from lightning_backdoor.triggers import Trigger
+
+STAGES = ("before", "after_edit", "after")
+STAGE_TITLES = {"before": "before", "after_edit": "after edit", "after": "after repair"}
+METRIC_TITLES = {"clean_acc": "CA", "asr": "ASR", "asr_floor": "ASR floor", "robust_acc": "RA", "target_acc": "TA"}
+DEFAULT_BASE_URL = "https://api.wandb.ai"
+PROBE_SECONDS = 3.0
+INIT_TIMEOUT_SECONDS = "30"
+
+
+def wandb_loggers(loggers: Iterable[Any]) -> list[WandbLogger]:
+    """The W&B loggers among ``loggers``."""
+    return [logger for logger in loggers if isinstance(logger, WandbLogger)]
+
+
+# --- online or offline -------------------------------------------------------------------------------------------
+
+def has_credentials(base_url: str, environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether W&B could log in without asking: ``WANDB_API_KEY``, an identity token, or a ``.netrc`` entry."""
+    if environ.get("WANDB_API_KEY") or environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    path = Path(environ.get("NETRC") or Path.home() / ".netrc").expanduser()
+    try:
+        entry = netrc.netrc(path).authenticators(urlsplit(base_url).netloc)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
+
+
+def reachable(base_url: str, environ: Mapping[str, str] = os.environ, timeout: float = PROBE_SECONDS) -> bool:
+    """Whether a TCP connection to the W&B server (or the HTTPS proxy, when one is set) opens within ``timeout`` s."""
+    proxy = environ.get("HTTPS_PROXY") or environ.get("https_proxy")
+    url = urlsplit(proxy or base_url)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def offline_reason(offline: bool, environ: Mapping[str, str] = os.environ) -> str | None:
+    """Why a W&B run must be offline, or ``None`` when online can work. Never prompts for a login and never waits
+    on the network longer than ``PROBE_SECONDS``."""
+    mode = environ.get("WANDB_MODE", "")
+    if offline:
+        return "offline in the logger settings"
+    if mode in ("offline", "dryrun"):
+        return f"WANDB_MODE={mode}"
+    if mode == "disabled":
+        return None
+    base_url = environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL
+    if not has_credentials(base_url, environ):
+        return "no W&B login: set WANDB_API_KEY or run `wandb login` to go online"
+    if not reachable(base_url, environ):
+        return f"W&B server {urlsplit(base_url).netloc} unreachable"
+    return None
+
+
+def choose_mode(init_args: Any, root: Path) -> None:
+    """Set a ``WandbLogger`` config's ``offline`` flag (in place) and print one line when the run is offline.
+
+    Online runs get ``WANDB_INIT_TIMEOUT`` (default 30 s, unless set) so a server that stops answering after the
+    probe fails the run instead of hanging it.
+    """
+    reason = offline_reason(bool(init_args.get("offline", False)))
+    if reason is None:
+        os.environ.setdefault("WANDB_INIT_TIMEOUT", INIT_TIMEOUT_SECONDS)
+        return
+    init_args.offline = True
+    save_dir = Path(init_args.get("save_dir") or root)
+    rank_zero_info(f"W&B: offline run ({reason}); open it with `wandb sync {save_dir / 'wandb' / 'latest-run'}`")
+
+
+# --- images ------------------------------------------------------------------------------------------------------
+
+def to_picture(image: Tensor, min_size: int = 96) -> Any:
+    """A ``(C, H, W)`` image, uint8 or float in [0, 1], as an ``(H, W)`` or ``(H, W, 3)`` uint8 array, enlarged by
+    an integer factor (nearest neighbour) to at least ``min_size`` pixels so small digits stay visible."""
+    if image.dtype != torch.uint8:
+        image = (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    scale = max(1, -(-min_size // image.shape[-1]))
+    image = image.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
+    picture = image.permute(1, 2, 0).cpu().numpy()
+    return picture[..., 0] if picture.shape[-1] == 1 else picture
+
+
+def trigger_views(trigger: Trigger, images: Tensor) -> dict[str, Tensor]:
+    """Pictures of a trigger, each ``(C, H, W)`` in [0, 1]: stamped on a mid-grey image, and its mean absolute
+    change to ``images`` (N, C, H, W, float in [0, 1]) scaled to full range (the only view of a warping trigger)."""
+    grey = trigger(torch.full_like(images[:1], 0.5))[0]
+    change = (trigger(images) - images).abs().mean(dim=0)
+    return {"on_grey": grey, "change": change / change.max().clamp_min(1e-8)}
+
+
+def sample_pairs(datamodule: Any, count: int) -> tuple[Tensor, Tensor, list[str], list[str]]:
+    """The first ``count`` test images the attack targets: clean and triggered (uint8), with captions."""
+    images, labels, triggered, attack = datamodule.test_dataset().tensors
+    chosen = torch.nonzero(attack >= 0).flatten()[:count]
+    classes = list(getattr(datamodule, "classes", range(int(labels.max()) + 1)))
+    clean_captions = [str(classes[labels[i]]) for i in chosen]
+    triggered_captions = [f"{classes[labels[i]]} → {classes[attack[i]]}" for i in chosen]
+    return images[chosen], triggered[chosen], clean_captions, triggered_captions
+
+
+class WandbSamples(L.Callback):
+    """At fit start, log clean and triggered test images and the trigger to every ``WandbLogger``.
+
+    Needs a data module with ``trigger`` and ``test_dataset()`` (``PoisonedDataModule``); does nothing otherwise.
+
+    Args:
+        num_images: how many clean/triggered pairs to show.
+    """
+
+    def __init__(self, num_images: int = 16) -> None:
+        self.num_images = num_images
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loggers = wandb_loggers(trainer.loggers)
+        datamodule = getattr(trainer, "datamodule", None)
+        if not (trainer.is_global_zero and loggers and hasattr(datamodule, "test_dataset")):
+            return
+        log_samples(loggers, datamodule, self.num_images)
+
+
+def log_samples(loggers: list[WandbLogger], datamodule: Any, num_images: int) -> None:
+    """Log ``num_images`` clean/triggered pairs and the data module's trigger to W&B."""
+    clean, triggered, clean_captions, triggered_captions = sample_pairs(datamodule, num_images)
+    views = trigger_views(datamodule.trigger, clean.float() / 255)
+    for logger in loggers:
+        logger.log_image("samples/clean", [to_picture(image) for image in clean], caption=clean_captions)
+        logger.log_image("samples/triggered", [to_picture(image) for image in triggered], caption=triggered_captions)
+        logger.log_image("trigger", [to_picture(view) for view in views.values()],
+                         caption=[f"{datamodule.trigger!r}: {name.replace('_', ' ')}" for name in views])
+
+
+# --- the defense report ------------------------------------------------------------------------------------------
+
+def summary_rows(report: Mapping[str, Any]) -> list[list[Any]]:
+    """One row per stage: the stage, then each metric of ``METRIC_NAMES`` in % (``None`` where not measured)."""
+    def percent(value: Any) -> float | None:
+        return round(100 * value, 2) if isinstance(value, float) else None
+
+    return [[STAGE_TITLES[stage]] + [percent(report[stage].get(name)) for name in METRIC_NAMES]
+            for stage in STAGES if stage in report]
+
+
+def report_files(report: Mapping[str, Any]) -> dict[str, Path]:
+    """The existing files a report names at its top level (weights, plots, estimated trigger...), by key."""
+    return {key: Path(value) for key, value in report.items()
+            if isinstance(value, str) and Path(value).suffix and Path(value).is_file()}
+
+
+def log_defense(loggers: Iterable[Any], report_path: Path, class_names: list[str] | None = None) -> None:
+    """Log a written defense report to every ``WandbLogger``: the before/after table and bar chart, per-class
+    accuracy, its images, and two artifacts (the report with its plots; the defended weights)."""
+    loggers = wandb_loggers(loggers)
+    if not loggers:
+        return
+    import wandb
+
+    report = json.loads(Path(report_path).read_text())
+    columns = ["stage"] + [METRIC_TITLES[name] for name in METRIC_NAMES]
+    rows = summary_rows(report)
+    bars = wandb.Table(columns=["bar", "percent"],
+                       data=[[f"{column} {row[0]}", value] for row in rows
+                             for column, value in zip(columns[1:], row[1:]) if value is not None])
+    stages = [stage for stage in STAGES if stage in report]
+    num_classes = len(report[stages[0]].get("per_class_acc", []))
+    names = class_names or [str(index) for index in range(num_classes)]
+    per_class = [[names[index]] + [round(100 * report[stage]["per_class_acc"][index], 2) for stage in stages]
+                 for index in range(num_classes)]
+    files = report_files(report) | {"report": Path(report_path)}
+    images = {key: path for key, path in files.items() if path.suffix == ".png"}
+    weights = {key: path for key, path in files.items() if path.suffix in (".safetensors", ".ckpt")}
+    for logger in loggers:
+        run = logger.experiment
+        logged: dict[str, Any] = {
+            "defense/summary": wandb.Table(columns=columns, data=rows),
+            "defense/chart": wandb.plot.bar(bars, "bar", "percent", title="defense: CA, ASR, RA, TA in %"),
+            "defense/per_class_acc": wandb.Table(columns=["class"] + [STAGE_TITLES[s] for s in stages],
+                                                 data=per_class),
+        }
+        logged |= {f"defense/{key}": wandb.Image(str(path)) for key, path in images.items()}
+        run.log(logged)
+        run_id = getattr(run, "id", None) or "run"
+        defense = report.get("defense", {})
+        report_artifact = wandb.Artifact(f"defense-report-{run_id}", type="defense_report", metadata={
+            "der": report.get("der"), "method": defense.get("method"), "layer": defense.get("layer")})
+        for path in [Path(report_path), *images.values()]:
+            report_artifact.add_file(str(path))
+        run.log_artifact(report_artifact)
+        if weights:
+            model_artifact = wandb.Artifact(f"defended-model-{run_id}", type="model",
+                                            metadata={"layer": defense.get("layer")})
+            for path in weights.values():
+                model_artifact.add_file(str(path))
+            run.log_artifact(model_artifact)
+    rank_zero_info(f"defense: logged the report, {len(images)} image(s) and {len(weights)} weight file(s) to W&B")

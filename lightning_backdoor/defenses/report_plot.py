@@ -1,0 +1,48 @@
+"""A bar chart of a defense report (before / after edit / after repair), for people who do not use W&B."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from lightning_backdoor.evaluation import METRIC_NAMES
+
+STAGES = {"before": "before", "after_edit": "after edit", "after": "after repair"}
+METRIC_TITLES = {"clean_acc": "clean acc", "asr": "ASR", "asr_floor": "ASR floor", "robust_acc": "robust acc",
+                 "target_acc": "target-class acc"}
+COLOURS = {"before": "#c0392b", "after_edit": "#f0ad4e", "after": "#2e86c1"}
+
+
+def plot_report(report: Mapping[str, Any]) -> Figure:
+    """Grouped bars, in %, of each metric the report holds, one bar per stage; the title names the defense.
+
+    Uses a bare ``Figure`` (no pyplot), so it needs no display and leaves global state alone.
+    """
+    stages = [stage for stage in STAGES if stage in report]
+    metrics = [name for name in METRIC_NAMES if isinstance(report[stages[0]].get(name), float)]
+    figure = Figure(figsize=(1.6 * len(metrics) + 2, 3.6), layout="constrained")
+    axes = figure.add_subplot()
+    width = 0.8 / len(stages)
+    for offset, stage in enumerate(stages):
+        values = [100 * report[stage][name] for name in metrics]
+        positions = [index + (offset - (len(stages) - 1) / 2) * width for index in range(len(metrics))]
+        bars = axes.bar(positions, values, width, label=STAGES[stage], color=COLOURS[stage])
+        axes.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
+    axes.set_xticks(range(len(metrics)), [METRIC_TITLES[name] for name in metrics])
+    axes.set_ylabel("%")
+    axes.set_ylim(0, 112)
+    axes.legend(loc="upper center", ncols=len(stages), fontsize=8, frameon=False)
+    defense = report.get("defense", {})
+    details = [str(defense.get("method", "defense")), f"layer {defense['layer']}" if defense.get("layer") else "",
+               f"{defense['num_unseen']} unseen images" if "num_unseen" in defense else "",
+               f"DER {report['der']:.3f}" if isinstance(report.get("der"), float) else ""]
+    axes.set_title(", ".join(detail for detail in details if detail), fontsize=9)
+    return figure
+
+
+def save_report_plot(report: Mapping[str, Any], path: str | Path) -> None:
+    """Write :func:`plot_report` as a PNG to ``path`` (any name: the format is fixed, not guessed from it)."""
+    plot_report(report).savefig(path, format="png", dpi=120)
