@@ -82,7 +82,7 @@ def table(rows: list[dict]) -> str:
         return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
 
     lines = ["| attack | unseen/class | CA before | CA after | ASR before | ASR after | ASR floor | RA after | "
-             "TA before | TA after | defense s | 2 fwd passes s | ratio |", "|" + " --- |" * 13]
+             "TA before | TA after | repaired | defense s | 2 fwd passes s | ratio |", "|" + " --- |" * 14]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["attack"], row["budget"]), []).append(row)
@@ -92,6 +92,7 @@ def table(rows: list[dict]) -> str:
                      f"| {cell(pick('before', 'asr'))} | {cell(pick('after', 'asr'))} | "
                      f"{cell(pick('after', 'asr_floor'))} | {cell(pick('after', 'robust_acc'))} | "
                      f"{cell(pick('before', 'target_acc'))} | {cell(pick('after', 'target_acc'))} | "
+                     f"{sum(r['repaired'] for r in group)}/{len(group)} | "
                      f"{cell([r['seconds'] for r in group], 1, 3)} | {cell([r['forward_floor'] for r in group], 1, 3)} "
                      f"| {cell([r['seconds'] / r['forward_floor'] for r in group], 1, 1)} |")
     return "\n".join(lines)

@@ -52,6 +52,7 @@ def test_strength_trades_edit_against_preservation():
 @pytest.mark.parametrize("conv", [
     nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False), nn.Conv2d(3, 4, 1),
     nn.Conv2d(3, 4, 5, padding=4, dilation=2), nn.Conv2d(3, 4, 3, padding="same", padding_mode="reflect"),
+    nn.Conv2d(3, 4, (2, 3), stride=(1, 2), padding=(0, 2), dilation=(3, 1), padding_mode="circular"),
 ])
 def test_conv_keys_times_weight_reproduce_the_output(conv):
     model = nn.Sequential(conv, nn.ReLU())

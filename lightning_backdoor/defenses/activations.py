@@ -57,16 +57,18 @@ def layer_weight_matrix(layer: nn.Module) -> Tensor:
 
 
 def to_keys(layer: nn.Module, inputs: Tensor) -> Tensor:
-    """Layer inputs -> keys (N, L, d): unfolded patches for a conv (any kernel, stride, padding, dilation)."""
+    """Layer inputs -> keys (N, L, d): unfolded patches for a conv (any kernel, stride, padding, dilation), ordered
+    like ``weight.flatten(1)``; strided views and one copy (several times faster than ``F.unfold`` on CPU)."""
     if isinstance(layer, nn.Linear):
         return inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
-    padding = layer.padding
-    if layer.padding_mode != "zeros" or isinstance(padding, str):
-        inputs = F.pad(inputs, layer._reversed_padding_repeated_twice,
-                       mode=layer.padding_mode if layer.padding_mode != "zeros" else "constant")
-        padding = 0
-    patches = F.unfold(inputs, layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)
-    return patches.transpose(1, 2)
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    padded = F.pad(inputs, layer._reversed_padding_repeated_twice, mode=mode)
+    (kernel_h, kernel_w), (stride_h, stride_w), (dilation_h, dilation_w) = (layer.kernel_size, layer.stride,
+                                                                          layer.dilation)
+    patches = padded.unfold(2, (kernel_h - 1) * dilation_h + 1, stride_h)[..., ::dilation_h]
+    patches = patches.unfold(3, (kernel_w - 1) * dilation_w + 1, stride_w)[..., ::dilation_w]
+    batch, channels, height, width = patches.shape[:4]  # (N, C, H', W', kh, kw)
+    return patches.permute(0, 2, 3, 1, 4, 5).reshape(batch, height * width, channels * kernel_h * kernel_w)
 
 
 def to_values(outputs: Tensor) -> Tensor:
