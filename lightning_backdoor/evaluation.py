@@ -14,7 +14,8 @@ METRIC_NAMES = ("clean_acc", "asr", "asr_floor", "robust_acc", "target_acc")
 def evaluate(model: nn.Module, images: Tensor, labels: Tensor, triggered: Tensor | None, attack_labels: Tensor | None,
              num_classes: int, target_class: int | None, batch_size: int = 1000) -> dict[str, float | list[float]]:
     """CA, ASR, ASR floor, RA, TA (fractions) and per-class accuracy; images float in [0, 1] or uint8."""
-    metrics = BackdoorMetrics(num_classes, target_class)
+    # Local: under DDP only rank 0 defends and evaluates, so a synchronising compute would wait for the others.
+    metrics = BackdoorMetrics(num_classes, target_class, sync_on_compute=False)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

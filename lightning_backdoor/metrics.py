@@ -66,14 +66,16 @@ class RobustAccuracy(_MaskedHitRate):
 class BackdoorMetrics(nn.Module):
     """CA, per-class accuracy, target-class accuracy, ASR, ASR floor and RA of one evaluation pass."""
 
-    def __init__(self, num_classes: int, target_class: int | None = None) -> None:
+    def __init__(self, num_classes: int, target_class: int | None = None, sync_on_compute: bool = True) -> None:
+        """``sync_on_compute=False``: compute on this process's data only (no collective call under DDP)."""
         super().__init__()
         self.target_class = target_class
-        self.clean_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.per_class_acc = MulticlassAccuracy(num_classes, average=None)
-        self.asr = AttackSuccessRate()
-        self.asr_floor = AttackSuccessRate()
-        self.robust_acc = RobustAccuracy()
+        sync = {"sync_on_compute": sync_on_compute}
+        self.clean_acc = MulticlassAccuracy(num_classes, average="micro", **sync)
+        self.per_class_acc = MulticlassAccuracy(num_classes, average=None, **sync)
+        self.asr = AttackSuccessRate(**sync)
+        self.asr_floor = AttackSuccessRate(**sync)
+        self.robust_acc = RobustAccuracy(**sync)
 
     def update(self, logits: Tensor, labels: Tensor, triggered_logits: Tensor | None = None,
                attack_labels: Tensor | None = None) -> None:
