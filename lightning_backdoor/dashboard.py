@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import netrc
 import os
-import socket
+import urllib.error
+import urllib.request
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -51,15 +52,15 @@ def has_credentials(base_url: str, environ: Mapping[str, str] = os.environ) -> b
     return bool(entry and entry[2])
 
 
-def reachable(base_url: str, environ: Mapping[str, str] = os.environ, timeout: float = PROBE_SECONDS) -> bool:
-    """Whether a TCP connection to the W&B server (or the HTTPS proxy, when one is set) opens within ``timeout`` s."""
-    proxy = environ.get("HTTPS_PROXY") or environ.get("https_proxy")
-    url = urlsplit(proxy or base_url)
-    port = url.port or (443 if url.scheme == "https" else 80)
+def reachable(base_url: str, timeout: float = PROBE_SECONDS) -> bool:
+    """Whether the W&B server answers an HTTP request (any status, through the proxy settings) within ``timeout``
+    seconds: a server that accepts connections but never replies counts as unreachable."""
     try:
-        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+        with urllib.request.urlopen(base_url, timeout=timeout):
             return True
-    except OSError:
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):  # URLError, timeouts, resets; ValueError: a malformed URL
         return False
 
 
@@ -76,24 +77,27 @@ def offline_reason(offline: bool, environ: Mapping[str, str] = os.environ) -> st
     base_url = environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL
     if not has_credentials(base_url, environ):
         return "no W&B login: set WANDB_API_KEY or run `wandb login` to go online"
-    if not reachable(base_url, environ):
+    if not reachable(base_url):
         return f"W&B server {urlsplit(base_url).netloc} unreachable"
     return None
 
 
-def choose_mode(init_args: Any, root: Path) -> None:
-    """Set a ``WandbLogger`` config's ``offline`` flag (in place) and print one line when the run is offline.
+def choose_mode(init_args: Any, root: Path) -> str | None:
+    """Set a ``WandbLogger`` config's ``offline`` flag (in place); when the run is offline, print and return one
+    line saying why and how to upload it.
 
-    Online runs get ``WANDB_INIT_TIMEOUT`` (default 30 s, unless set) so a server that stops answering after the
-    probe fails the run instead of hanging it.
+    Online runs get ``WANDB_INIT_TIMEOUT`` (30 s unless set) so a server that stops answering after the probe
+    fails the run instead of hanging it.
     """
     reason = offline_reason(bool(init_args.get("offline", False)))
     if reason is None:
         os.environ.setdefault("WANDB_INIT_TIMEOUT", INIT_TIMEOUT_SECONDS)
-        return
+        return None
     init_args.offline = True
     save_dir = Path(init_args.get("save_dir") or root)
-    rank_zero_info(f"W&B: offline run ({reason}); open it with `wandb sync {save_dir / 'wandb' / 'latest-run'}`")
+    line = f"W&B: offline run ({reason}); upload it with `wandb sync {save_dir / 'wandb' / 'latest-run'}`"
+    rank_zero_info(line)
+    return line
 
 
 # --- images ------------------------------------------------------------------------------------------------------
