@@ -120,6 +120,11 @@ def main(args: list[str] | None = None) -> None:
         if argv and argv[0] == "defend":
             run_defend(argv[1:])
             return
+        if argv and argv[0] == "bench":
+            from lightning_backdoor.bench import run_bench
+
+            run_bench(argv[1:])
+            return
         BackdoorCLI(PoisonedClassifier, PoisonedDataModule, subclass_mode_model=True, subclass_mode_data=True,
                     parser_kwargs={"parser_mode": "omegaconf"}, args=args, auto_configure_optimizers=False)
     except ValueError as error:

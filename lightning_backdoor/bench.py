@@ -1,0 +1,387 @@
+"""``lightning-backdoor bench``: every defense side by side on the same poisoned models, budgets and seeds.
+
+The grid is attacks × defenses × unseen budgets (images per class) × seeds. Each attack's poisoned model is trained
+once through the CLI and cached under a hash of its parsed config, so a rerun (or an interrupted bench) reuses it;
+already-trained runs elsewhere (``search_runs``) are recognised by the same hash. Finished grid cells are kept in
+the CSV and skipped on a rerun. Writes ``results.csv`` (one row per run), ``results.md`` (mean ± std over seeds),
+``results.png`` (ASR against clean accuracy; defense time on a log scale) and logs the table to W&B (offline).
+
+    lightning-backdoor bench --config configs/bench/cifar10.yaml
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser
+from torch import nn
+
+from lightning_backdoor.defenses import DEFENSES, UnseenData, build_defense
+from lightning_backdoor.evaluation import evaluate
+from lightning_backdoor.io import atomic_write
+from lightning_backdoor.metrics import defense_effectiveness_rating
+
+COLUMNS = ("attack", "defense", "unseen_per_class", "seed", "num_unseen", "clean_acc", "asr", "asr_floor",
+           "robust_acc", "target_acc", "der", "seconds", "clean_acc_before", "asr_before", "target_acc_before",
+           "run")
+#: Parts of a run's parsed config that decide the trained weights (paths to logs and checkpoints do not).
+TRAINER_KEYS = ("max_epochs", "max_steps", "precision", "accumulate_grad_batches", "gradient_clip_val")
+DATA_KEYS_IGNORED = ("cache_dir", "num_workers", "eval_batch_size")
+COMPLETE = "bench_complete.json"
+
+
+@dataclass
+class BenchSettings:
+    """A bench grid: which attacks (by name, each a list of CLI config files), defenses (by registered name, with
+    constructor arguments), budgets and seeds; where models are cached and results go."""
+
+    attacks: list[str]
+    attack_configs: dict[str, list[str]]
+    defenses: list[str]
+    budgets: list[int]
+    seeds: list[int]
+    defense_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+    cache_dir: str = "runs/bench/models"
+    search_runs: list[str] = field(default_factory=list)
+    output_dir: str = "runs/bench/results"
+    threads: int | None = None
+    wandb: bool = True
+    wandb_project: str = "lightning-backdoor"
+
+    def check(self) -> None:
+        """One-line ``ValueError`` for an empty grid or an unknown attack or defense name."""
+        for axis in ("attacks", "defenses", "budgets", "seeds"):
+            if not getattr(self, axis):
+                raise ValueError(f"the bench grid is empty: no {axis} given (attacks × defenses × budgets × seeds)")
+        unknown = [name for name in self.attacks if name not in self.attack_configs]
+        if unknown:
+            raise ValueError(f"unknown attack {unknown[0]!r}; known attacks: {', '.join(sorted(self.attack_configs))}")
+        unknown = [name for name in [*self.defenses, *self.defense_args] if name not in DEFENSES]
+        if unknown:
+            raise ValueError(f"unknown defense {unknown[0]!r}; known defenses: {', '.join(sorted(DEFENSES))}")
+        if min(self.budgets) < 1:
+            raise ValueError(f"budgets are unseen images per class and must be >= 1, got {self.budgets}")
+
+
+def training_config(configs: list[str | Path], overrides: list[str]) -> dict[str, Any]:
+    """The parsed config parts that decide a poisoned model's weights (seed, model, data, training length)."""
+    from lightning_backdoor.cli import BackdoorCLI
+    from lightning_backdoor.classifier import PoisonedClassifier
+    from lightning_backdoor.data import PoisonedDataModule
+
+    class ParseOnly(BackdoorCLI):
+        def instantiate_classes(self) -> None:
+            """Parsing is all the key needs."""
+
+    args = [arg for config in configs for arg in ("--config", str(config))] + ["--trainer.logger=false", *overrides]
+    cli = ParseOnly(PoisonedClassifier, PoisonedDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                    parser_kwargs={"parser_mode": "omegaconf"}, args=args, run=False,
+                    auto_configure_optimizers=False, save_config_callback=None)
+    config = cli.config.as_dict()
+    data = copy.deepcopy(config["data"])
+    for key in DATA_KEYS_IGNORED:
+        data.get("init_args", {}).pop(key, None)
+    return {"seed_everything": config.get("seed_everything"), "model": config["model"], "data": data,
+            "trainer": {key: config["trainer"].get(key) for key in TRAINER_KEYS}}
+
+
+def config_key(config: dict[str, Any]) -> str:
+    """A short stable hash of a training config."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def run_checkpoint(run_dir: Path) -> Path | None:
+    """A run folder's poisoned checkpoint: ``checkpoints/poisoned.ckpt``, else its newest ``.ckpt``."""
+    preferred = run_dir / "checkpoints" / "poisoned.ckpt"
+    if preferred.is_file():
+        return preferred
+    found = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda path: path.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def saved_run_key(run_dir: Path) -> str:
+    """The training key of a finished run, from its saved ``config.yaml`` minus the fit-only keys (so it parses
+    like the configs that made it); the run folder is only read."""
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    for key in ("ckpt_path", "weights_only"):
+        saved.pop(key, None)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "config.yaml"
+        path.write_text(yaml.safe_dump(saved))
+        return config_key(training_config([path], []))
+
+
+def find_existing_run(key: str, search_runs: list[str]) -> Path | None:
+    """A finished run under one of ``search_runs`` whose saved config has this training key."""
+    for root in search_runs:
+        for config in sorted(Path(root).glob("*/config.yaml")):
+            run_dir = config.parent
+            if run_checkpoint(run_dir) is None:
+                continue
+            try:
+                found = saved_run_key(run_dir)
+            except (ValueError, SystemExit, KeyError):  # a folder of another project or an older layout
+                continue
+            if found == key:
+                return run_dir
+    return None
+
+
+def fit_run(configs: list[str], overrides: list[str], run_dir: Path) -> None:
+    """Train one poisoned model through the CLI into ``run_dir``."""
+    from lightning_backdoor.cli import main
+
+    args = ["fit", *[arg for config in configs for arg in ("--config", config)], *overrides,
+            f"--trainer.default_root_dir={run_dir}"]
+    main(args)
+
+
+class Bench:
+    """Runs a :class:`BenchSettings` grid; ``fit`` is the training function (``fit_run``), counted in ``fits``."""
+
+    def __init__(self, settings: BenchSettings, fit: Callable[[list[str], list[str], Path], None] | None = None,
+                 log: Callable[[str], None] = print) -> None:
+        settings.check()
+        self.settings, self.fit, self.log, self.fits = settings, fit or fit_run, log, 0
+        self.output_dir = Path(settings.output_dir)
+
+    def model_run(self, attack: str) -> tuple[Path, list[str]]:
+        """The run folder holding ``attack``'s poisoned model (trained now if neither cached nor found) and the
+        configs that describe it."""
+        settings = self.settings
+        configs = settings.attack_configs[attack]
+        key = config_key(training_config(configs, settings.overrides))
+        run_dir = Path(settings.cache_dir) / f"{attack}-{key}"
+        if (run_dir / COMPLETE).is_file() and run_checkpoint(run_dir) is not None:
+            self.log(f"[bench] {attack}: cached model {run_dir}")
+            return run_dir, configs
+        existing = find_existing_run(key, settings.search_runs)
+        if existing is not None:
+            self.log(f"[bench] {attack}: reusing the already-trained run {existing} (same config hash {key})")
+            return existing, configs
+        if run_dir.exists():  # an interrupted fit: keep it aside, never overwrite
+            run_dir.rename(run_dir.with_name(f"{run_dir.name}-interrupted-{int(time.time())}"))
+        self.log(f"[bench] {attack}: training the poisoned model into {run_dir}")
+        started = time.perf_counter()
+        self.fit(configs, settings.overrides, run_dir)
+        self.fits += 1
+        if run_checkpoint(run_dir) is None:
+            raise ValueError(f"training {attack} wrote no checkpoint under {run_dir / 'checkpoints'}")
+        atomic_write(run_dir / COMPLETE, lambda tmp: Path(tmp).write_text(json.dumps(
+            {"key": key, "configs": configs, "overrides": settings.overrides,
+             "seconds": time.perf_counter() - started})))
+        return run_dir, configs
+
+    def load(self, attack: str) -> tuple[Path, nn.Module, Any, tuple, dict[str, Any]]:
+        """``attack``'s run folder, poisoned network (float, eval), data module, test tensors and metrics."""
+        from lightning_backdoor.cli import instantiate_run
+
+        run_dir, configs = self.model_run(attack)
+        module, data = instantiate_run(configs, run_checkpoint(run_dir), self.settings.overrides)
+        network = module.net.float().eval()
+        test = data.test_dataset().tensors
+        before = evaluate(network, *test, data.num_classes, data.target_class)
+        self.log(f"[bench] {attack}: before any defense CA {before['clean_acc']:.4f} ASR {before['asr']:.4f}")
+        return run_dir, network, data, test, before
+
+    def run(self) -> list[dict[str, Any]]:
+        """Run every missing grid cell, append it to the CSV, then write the table, plot and W&B log."""
+        settings = self.settings
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        csv_path = self.output_dir / "results.csv"
+        rows = read_rows(csv_path)
+        done = {(row["attack"], row["defense"], int(row["unseen_per_class"]), int(row["seed"])) for row in rows}
+        # seeds outermost: an interrupted bench has every defense on the first seeds rather than some on all
+        cells = [(attack, defense, budget, seed) for seed in settings.seeds for budget in settings.budgets
+                 for attack in settings.attacks for defense in settings.defenses]
+        todo = [cell for cell in cells if cell not in done]
+        self.log(f"[bench] {len(cells)} runs in the grid, {len(cells) - len(todo)} already in {csv_path}")
+        loaded: dict[str, Any] = {}
+        for attack, defense_name, budget, seed in todo:
+            if attack not in loaded:
+                loaded[attack] = self.load(attack)
+            run_dir, network, data, test, before = loaded[attack]
+            if budget > data.unseen_per_class:
+                self.log(f"[bench] skipped {attack}/{defense_name} at {budget}/class: the run's unseen split "
+                         f"holds {data.unseen_per_class} per class (train with unseen_per_class >= {budget})")
+                continue
+            unseen = data.unseen_set(budget, seed)
+            images = UnseenData(unseen.images.float() / 255, unseen.labels)
+            model = copy.deepcopy(network)
+            defense = build_defense(defense_name, **settings.defense_args.get(defense_name, {}))
+            torch.manual_seed(seed)
+            started = time.perf_counter()
+            defense.defend(model, images, data.trigger, data.target_class)
+            seconds = time.perf_counter() - started
+            after = evaluate(model, *test, data.num_classes, data.target_class)
+            row = {"attack": attack, "defense": defense_name, "unseen_per_class": budget, "seed": seed,
+                   "num_unseen": len(unseen.labels), "seconds": seconds, "run": str(run_dir),
+                   "der": defense_effectiveness_rating(before["asr"], after["asr"], before["clean_acc"],
+                                                       after["clean_acc"]),
+                   "clean_acc_before": before["clean_acc"], "asr_before": before["asr"],
+                   "target_acc_before": before["target_acc"]}
+            row |= {name: after[name] for name in ("clean_acc", "asr", "asr_floor", "robust_acc", "target_acc")}
+            append_row(csv_path, row)
+            rows.append(row)
+            done.add((attack, defense_name, budget, seed))
+            self.log(f"[bench] {len(done)}/{len(cells)} {attack} {defense_name} {budget}/class seed {seed}: "
+                     f"CA {after['clean_acc']:.4f} ASR {after['asr']:.4f} TA {after['target_acc']:.4f} "
+                     f"DER {row['der']:.3f} in {seconds:.2f} s")
+        grid = set(cells)
+        rows = [row for row in read_rows(csv_path)
+                if (row["attack"], row["defense"], int(row["unseen_per_class"]), int(row["seed"])) in grid]
+        if not rows:
+            self.log("[bench] no finished runs to tabulate")
+            return rows
+        markdown = table(rows)
+        atomic_write(self.output_dir / "results.md", lambda tmp: Path(tmp).write_text(markdown + "\n"))
+        plot(rows, self.output_dir / "results.png")
+        if settings.wandb:
+            log_wandb(rows, markdown, self.output_dir, settings.wandb_project)
+        self.log(markdown)
+        self.log(f"[bench] {csv_path}, {self.output_dir / 'results.md'}, {self.output_dir / 'results.png'}")
+        return rows
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The CSV's rows with numbers parsed (empty if there is no CSV yet)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        for key, value in row.items():
+            if key not in ("attack", "defense", "run"):
+                row[key] = float(value)
+    return rows
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    """Append one run to the CSV (header first if new) and flush, so an interrupted bench keeps it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.is_file()
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow({key: row[key] for key in COLUMNS})
+
+
+def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, int, str], list[dict[str, Any]]]:
+    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["attack"], int(row["unseen_per_class"]), row["defense"]), []).append(row)
+    return groups
+
+
+def _cell(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    values = [value * scale for value in values]
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown, mean ± std over seeds: CA, ASR, ASR floor, RA, TA in %, DER, seconds; one "none" row per attack."""
+    lines = ["| attack | unseen/class | unseen images | defense | CA % | ASR % | ASR floor % | RA % | TA % | DER | "
+             "seconds | seeds |", "|" + " --- |" * 12]
+    shown_none: set[tuple[str, int]] = set()
+    for (attack, budget, defense), group in sorted(_groups(rows).items()):
+        if (attack, budget) not in shown_none:
+            shown_none.add((attack, budget))
+            first = group[0]
+            lines.append(f"| {attack} | {budget} | – | none | {first['clean_acc_before'] * 100:.2f} | "
+                         f"{first['asr_before'] * 100:.2f} | | | {first['target_acc_before'] * 100:.2f} | | | |")
+        pick = lambda name: [row[name] for row in group]  # noqa: E731
+        lines.append(f"| {attack} | {budget} | {int(group[0]['num_unseen'])} | {defense} | {_cell(pick('clean_acc'))} "
+                     f"| {_cell(pick('asr'))} | {_cell(pick('asr_floor'))} | {_cell(pick('robust_acc'))} | "
+                     f"{_cell(pick('target_acc'))} | {_cell(pick('der'), 1, 3)} | {_cell(pick('seconds'), 1, 2)} | "
+                     f"{len(group)} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Two panels of per-(attack, budget, defense) means: ASR against CA, and ASR against defense seconds (log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _groups(rows)
+    defenses = sorted({defense for _, _, defense in groups})
+    colors = {name: plt.get_cmap("tab10")(index % 10) for index, name in enumerate(defenses)}
+    markers = dict(zip(sorted({attack for attack, _, _ in groups}), "os^Dvx*+"))
+    figure, (accuracy_axis, time_axis) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for (attack, budget, defense), group in groups.items():
+        mean = lambda name: statistics.mean(row[name] for row in group)  # noqa: E731
+        style = {"color": colors[defense], "marker": markers[attack], "s": 30 + 4 * min(budget, 50)}
+        accuracy_axis.scatter(100 * mean("clean_acc"), 100 * mean("asr"), **style)
+        time_axis.scatter(max(mean("seconds"), 1e-3), 100 * mean("asr"), **style)
+    for attack in markers:
+        group = next(g for (a, _, _), g in groups.items() if a == attack)
+        accuracy_axis.scatter(100 * group[0]["clean_acc_before"], 100 * group[0]["asr_before"], color="black",
+                              marker=markers[attack], s=60, facecolors="none")
+    accuracy_axis.set(xlabel="clean accuracy %", ylabel="ASR %", title="ASR vs clean accuracy (hollow black: none)")
+    time_axis.set(xscale="log", xlabel="defense seconds (log)", ylabel="ASR %", title="ASR vs defense time")
+    handles = [plt.Line2D([], [], color=colors[name], marker="o", linestyle="", label=name) for name in defenses]
+    handles += [plt.Line2D([], [], color="grey", marker=marker, linestyle="", label=attack)
+                for attack, marker in markers.items()]
+    time_axis.legend(handles=handles, fontsize=8, loc="best")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
+    plt.close(figure)
+    return path
+
+
+def log_wandb(rows: list[dict[str, Any]], markdown: str, output_dir: Path, project: str) -> None:
+    """Log every run as a W&B table and the summary as text, offline, with files under ``output_dir``."""
+    import wandb
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=project, name="bench", dir=str(output_dir), mode="offline", job_type="bench")
+    try:
+        run.log({"bench/runs": wandb.Table(columns=list(COLUMNS), data=[[row[key] for key in COLUMNS] for row in rows]),
+                 "bench/summary": wandb.Html(f"<pre>{markdown}</pre>")})
+    finally:
+        run.finish()
+
+
+def parser() -> ArgumentParser:
+    """The ``bench`` command's arguments: every :class:`BenchSettings` field, from a YAML ``--config`` or flags."""
+    arguments = ArgumentParser(prog="lightning-backdoor bench", description=__doc__.splitlines()[0],
+                               parser_mode="omegaconf", exit_on_error=False)
+    arguments.add_argument("--config", action=ActionConfigFile)
+    arguments.add_class_arguments(BenchSettings, nested_key=None, fail_untyped=True)
+    return arguments
+
+
+def run_bench(args: list[str]) -> list[dict[str, Any]]:
+    """``lightning-backdoor bench``: parse, check the grid, run it."""
+    from jsonargparse import ArgumentError
+
+    arguments = parser()
+    try:
+        config = arguments.parse_args(args)
+    except ArgumentError as error:
+        raise ValueError(str(error).strip().splitlines()[0]) from None
+    values = {key: value for key, value in config.as_dict().items() if key != "config"}
+    return Bench(BenchSettings(**values)).run()
+
+
+if __name__ == "__main__":
+    run_bench(sys.argv[1:])

@@ -1,0 +1,106 @@
+"""Adversarial Neuron Pruning (ANP; Wu & Wang 2021): prune the BatchNorm neurons most sensitive to perturbation."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn import functional as F
+
+from lightning_backdoor.defenses.base import Defense, UnseenData
+from lightning_backdoor.triggers import Trigger
+
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+class ANP(Defense):
+    """Learn a mask m ∈ [0, 1] on every BatchNorm neuron that keeps U classified under the worst multiplicative
+    perturbation (weight·(m + δ), bias·(1 + ξ), |δ|, |ξ| ≤ ε); then zero the weight of neurons with m < threshold.
+
+    Args:
+        epsilon: perturbation budget ε.
+        perturbation_steps: gradient-ascent steps on (δ, ξ) per iteration, from a uniform random start.
+        alpha: weight of the natural loss against the perturbed loss in the mask objective.
+        lr: the mask's SGD learning rate (momentum 0.9).
+        iterations: mask-optimisation steps.
+        batch_size: images per step.
+        threshold: neurons whose mask ends below it are pruned (the paper's fixed threshold).
+    """
+
+    name = "anp"
+
+    def __init__(self, epsilon: float = 0.4, perturbation_steps: int = 1, alpha: float = 0.2, lr: float = 0.2,
+                 iterations: int = 2000, batch_size: int = 128, threshold: float = 0.2) -> None:
+        self.epsilon, self.perturbation_steps, self.alpha, self.lr = epsilon, perturbation_steps, alpha, lr
+        self.iterations, self.batch_size, self.threshold = iterations, batch_size, threshold
+
+    def defend(self, model: nn.Module, unseen: UnseenData, trigger: Trigger | None,
+               target_class: int | None) -> dict[str, Any]:
+        start = time.perf_counter()
+        norms = {name: module for name, module in model.named_modules()
+                 if isinstance(module, NORMS) and module.weight is not None}
+        if not norms:
+            raise ValueError("ANP needs a model with affine BatchNorm layers")
+        device = unseen.images.device
+        masks = {name: torch.ones(m.num_features, device=device, requires_grad=True) for name, m in norms.items()}
+        weight_noise = {name: torch.zeros(m.num_features, device=device, requires_grad=True)
+                        for name, m in norms.items()}
+        bias_noise = {name: torch.zeros(m.num_features, device=device, requires_grad=True)
+                      for name, m in norms.items()}
+        noises = [*weight_noise.values(), *bias_noise.values()]
+        mask_optimizer = torch.optim.SGD(masks.values(), lr=self.lr, momentum=0.9)
+        noise_optimizer = torch.optim.SGD(noises, lr=self.epsilon / self.perturbation_steps)
+
+        def forward(images: Tensor, perturbed: bool) -> Tensor:
+            overrides = {}
+            for name, module in norms.items():
+                scale = masks[name] + weight_noise[name] if perturbed else masks[name]
+                overrides[f"{name}.weight"] = module.weight.detach() * scale
+                if module.bias is not None:
+                    shift = 1 + bias_noise[name] if perturbed else 1
+                    overrides[f"{name}.bias"] = module.bias.detach() * shift
+            return functional_call(model, overrides, (images,))
+
+        was_training = model.training
+        model.eval()  # running statistics: batch statistics of a few unseen images would be noise
+        frozen = [p for p in model.parameters() if p.requires_grad]
+        for parameter in frozen:  # only the masks learn; the weights get no gradients
+            parameter.requires_grad_(False)
+        try:
+            for _ in range(self.iterations):
+                batch = torch.randperm(len(unseen.labels), device=device)[:self.batch_size]
+                images, labels = unseen.images[batch].float(), unseen.labels[batch]
+                with torch.no_grad():
+                    for noise in noises:
+                        noise.uniform_(-self.epsilon, self.epsilon)
+                for _ in range(self.perturbation_steps):
+                    noise_optimizer.zero_grad(set_to_none=True)
+                    (-F.cross_entropy(forward(images, True), labels)).backward()
+                    noise_optimizer.step()
+                    with torch.no_grad():
+                        for noise in noises:
+                            noise.clamp_(-self.epsilon, self.epsilon)
+                mask_optimizer.zero_grad(set_to_none=True)
+                loss = (self.alpha * F.cross_entropy(forward(images, False), labels)
+                        + (1 - self.alpha) * F.cross_entropy(forward(images, True), labels))
+                loss.backward()
+                mask_optimizer.step()
+                with torch.no_grad():
+                    for mask in masks.values():
+                        mask.clamp_(0, 1)
+        finally:
+            model.train(was_training)
+            for parameter in frozen:
+                parameter.requires_grad_(True)
+        pruned = {}
+        with torch.no_grad():
+            for name, module in norms.items():
+                prune = masks[name] < self.threshold
+                module.weight[prune] = 0.0
+                pruned[name] = int(prune.sum())
+        total = sum(m.num_features for m in norms.values())
+        return {"method": self.name, "pruned_neurons": sum(pruned.values()), "neurons": total,
+                "pruned_per_layer": pruned, "final_loss": loss.item(), "seconds": time.perf_counter() - start}

@@ -1,0 +1,89 @@
+"""The small training loop every unlearning baseline shares, plus splitting U and scoring on it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from lightning_backdoor.data.augment import random_crop, random_flip
+from lightning_backdoor.defenses.base import UnseenData
+
+LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
+def cross_entropy(model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
+    """The plain fine-tuning loss."""
+    return F.cross_entropy(model(images), labels)
+
+
+def shuffled_batches(count: int, batch_size: int) -> Iterator[Tensor]:
+    """Index batches of one epoch over ``count`` items, in random order (the global torch RNG)."""
+    yield from torch.randperm(count).split(batch_size)
+
+
+def augment(images: Tensor) -> Tensor:
+    """Standard training augmentation: a random shift by up to 1/8 of the side, and a flip for RGB."""
+    images = random_crop(images, max(1, images.shape[-1] // 8))
+    return random_flip(images) if images.shape[1] == 3 else images
+
+
+def train(model: nn.Module, unseen: UnseenData, epochs: int, lr: float, batch_size: int = 64,
+          loss_fn: LossFn = cross_entropy, after_step: Callable[[], None] | None = None,
+          milestones: tuple[int, ...] = (), momentum: float = 0.9, weight_decay: float = 5e-4,
+          use_augmentation: bool = True) -> float:
+    """SGD on U for ``epochs`` epochs (lr ÷ 10 at each milestone epoch), in train mode; returns the last loss.
+
+    ``after_step`` runs after every optimizer step (e.g. to keep pruned weights at zero).
+    """
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), 0.1)
+    was_training = model.training
+    model.train()
+    loss = torch.tensor(float("nan"))
+    try:
+        for _ in range(epochs):
+            for batch in shuffled_batches(len(unseen.labels), batch_size):
+                images = unseen.images[batch].float()
+                images = augment(images) if use_augmentation else images
+                loss = loss_fn(model, images, unseen.labels[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if after_step is not None:
+                    after_step()
+            schedule.step()
+    finally:
+        model.train(was_training)
+    return loss.item()
+
+
+def split_unseen(unseen: UnseenData, validation_fraction: float) -> tuple[UnseenData, UnseenData]:
+    """Split U per class into (fit, validation): every class gives about ``validation_fraction`` of its images
+    (at least one) to validation when it has two or more; deterministic (the last images of each class)."""
+    validation = torch.zeros(len(unseen.labels), dtype=torch.bool)
+    for label in unseen.labels.unique():
+        members = (unseen.labels == label).nonzero().flatten().cpu()
+        if len(members) >= 2:
+            held = max(1, round(validation_fraction * len(members)))
+            validation[members[-held:]] = True
+    validation = validation.to(unseen.labels.device)
+    if not validation.any():
+        raise ValueError("the unseen split needs at least two images of some class to hold one out for validation")
+    return (UnseenData(unseen.images[~validation], unseen.labels[~validation]),
+            UnseenData(unseen.images[validation], unseen.labels[validation]))
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 500) -> float:
+    """Clean accuracy (fraction) of ``model`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        predictions = torch.cat([model(chunk.float()).argmax(-1) for chunk in images.split(batch_size)])
+    finally:
+        model.train(was_training)
+    return (predictions == labels).float().mean().item()
