@@ -174,8 +174,10 @@ def summary_rows(report: Mapping[str, Any]) -> list[list[Any]]:
 
 
 def report_files(report: Mapping[str, Any]) -> dict[str, Path]:
-    """The existing files a report names at its top level (weights, plots, estimated trigger...), by key."""
-    return {key: Path(value) for key, value in report.items()
+    """The existing files a report names, by key: at its top level (weights, plot) and in its ``defense`` section
+    (e.g. ``estimated_trigger``, the trigger a defense estimated when it was unknown)."""
+    entries = list(report.items()) + list(report.get("defense", {}).items())
+    return {key: Path(value) for key, value in entries
             if isinstance(value, str) and Path(value).suffix and Path(value).is_file()}
 
 

@@ -133,3 +133,30 @@ def test_quickstart_run_logs_samples_trigger_tables_and_artifacts(quickstart_run
     assert set(kinds["model"]) == {"defended.ckpt", "defended.safetensors"}
     staged = [Path(local) for files in kinds.values() for local in files.values()]
     assert all(path.is_file() for path in staged), staged  # copies wait there for `wandb sync`
+
+
+def test_log_defense_logs_an_estimated_trigger_and_both_artifacts(tmp_path):
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    from lightning_backdoor.dashboard import log_defense
+
+    report_path, _ = write_outputs(small_report(), {"net.head.weight": torch.randn(2, 3)}, tmp_path / "run")
+    report = json.loads(report_path.read_text())
+    estimated = tmp_path / "run" / "estimated_trigger.png"
+    estimated.write_bytes(Path(report["plot"]).read_bytes())
+    report["defense"]["estimated_trigger"] = str(estimated)
+    report_path.write_text(json.dumps(report))
+
+    run = wandb.init(dir=tmp_path, project="tests", mode="offline", reinit="create_new")
+    log_defense([WandbLogger(experiment=run), object()], report_path, ["zero", "one"])
+    run.finish()
+
+    run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
+    images = run_dir / "files" / "media" / "images" / "defense"
+    assert list(images.glob("estimated_trigger_*.png")) and list(images.glob("plot_*.png"))
+    per_class = json.loads(next(run_dir.glob("files/media/table/defense/per_class_acc_*.table.json")).read_text())
+    assert per_class["data"] == [["zero", 97.0, 97.0, 97.0], ["one", 99.0, 99.0, 99.0]]
+    logged = {kind: set(files) for kind, files in artifacts(next(run_dir.glob("run-*.wandb"))).values()}
+    assert logged["defense_report"] == {"defense_report.json", "defense_report.png", "estimated_trigger.png"}
+    assert logged["model"] == {"defended.ckpt", "defended.safetensors"}

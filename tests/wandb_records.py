@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,10 +37,21 @@ def records(path: Path) -> Iterator[object]:
             yield record
 
 
+def finished_records(path: Path, timeout: float = 60.0) -> list[object]:
+    """The records of a finished run; waits for its ``exit`` record (W&B's service may still be writing the file
+    when ``run.finish()`` returns)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = list(records(path))
+        if any(record.WhichOneof("record_type") == "exit" for record in found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
 def artifacts(path: Path) -> dict[str, tuple[str, dict[str, str]]]:
-    """The artifacts a run logged: name -> (type, {file name in the artifact: staged local copy})."""
+    """The artifacts a finished run logged: name -> (type, {file name in the artifact: staged local copy})."""
     found = {}
-    for record in records(path):
+    for record in finished_records(path):
         if record.WhichOneof("record_type") == "artifact":
             artifact = record.artifact
             found[artifact.name] = (artifact.type, {entry.path: entry.local_path
