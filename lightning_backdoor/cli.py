@@ -36,6 +36,9 @@ class BackdoorCLI(LightningCLI):
                                           help="the defense to run (default: activation editing with repair)")
             parser.add_argument("--unseen_per_class", type=int | None, default=None,
                                 help="use the first k unseen images per class (default: all)")
+            parser.add_argument("--trigger_known", type=bool, default=True,
+                                help="false: estimate the trigger and target from the model and the unseen split "
+                                     "(the data's trigger then only serves the evaluation)")
             parser.add_argument("--output_dir", type=str | None, default=None,
                                 help="where the report and defended weights go (default: the checkpoint's run)")
 
@@ -106,7 +109,8 @@ def run_defend(args: list[str]) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     if not os.access(output_dir, os.W_OK):
         raise ValueError(f"output folder {output_dir} is not writable; pass --output_dir <writable folder>")
-    callback = DefenseCallback(defense=cli.config_init.defense, unseen_per_class=config.unseen_per_class)
+    callback = DefenseCallback(defense=cli.config_init.defense, unseen_per_class=config.unseen_per_class,
+                               trigger_known=config.trigger_known)
     callback.defend(cli.model, cli.datamodule, [], output_dir)
     print(f"defended weights: {callback.checkpoint_path}")
     print(f"defense report: {callback.report_path}")

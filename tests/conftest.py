@@ -27,3 +27,15 @@ def quickstart_run(tmp_path_factory):
     main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), f"--trainer.default_root_dir={root}",
           "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"])
     return root
+
+
+@pytest.fixture(scope="session")
+def clean_quickstart_run(tmp_path_factory):
+    """The quickstart fitted with no poison (poison_rate 0): a clean model of the same data; shared by tests."""
+    from lightning_backdoor.cli import main
+
+    root = tmp_path_factory.mktemp("quickstart-clean")
+    main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), f"--trainer.default_root_dir={root}",
+          "--data.init_args.poison_rate=0", "--trainer.enable_progress_bar=false",
+          "--trainer.enable_model_summary=false"])
+    return root

@@ -17,6 +17,7 @@ from lightning_backdoor.defenses.activations import (LayerActivations, capture, 
                                                      layer_weight_matrix)
 from lightning_backdoor.defenses.base import Defense, UnseenData
 from lightning_backdoor.defenses.editing import closed_form_edit, ledoit_wolf, rank_r_edit, second_moment
+from lightning_backdoor.defenses.estimation import TriggerEstimator, defend_with_estimate
 from lightning_backdoor.triggers import Trigger
 
 REPAIR_WEIGHTS = (1.0, 4.0, 16.0, 64.0, 256.0)
@@ -159,6 +160,8 @@ class ActivationEditing(Defense):
         repair_tolerance: the drop in mean target-class probability on U that triggers the repair.
         candidates: how many of the last editable layers ``auto`` tries.
         seed: fixes the augmented views.
+        estimator: estimates the trigger and target when they are unknown (default: :class:`TriggerEstimator`);
+            the model is left unchanged when it finds no backdoor.
     """
 
     name = "editing"
@@ -166,17 +169,21 @@ class ActivationEditing(Defense):
     def __init__(self, layer: str = "auto", method: Literal["closed_form", "rank_r"] = "closed_form",
                  strength: float | None = 10.0, rank: int = 16, min_images: int = 40,
                  spatial_weight: Literal["uniform", "mask"] = "uniform", repair: bool = True,
-                 repair_tolerance: float = 0.02, candidates: int = 3, seed: int = 0) -> None:
+                 repair_tolerance: float = 0.02, candidates: int = 3, seed: int = 0,
+                 estimator: TriggerEstimator | None = None) -> None:
         if strength is not None and strength <= 0:
             raise ValueError(f"strength={strength} must be positive")
         self.layer, self.method, self.strength, self.rank, self.min_images = layer, method, strength, rank, min_images
         self.spatial_weight, self.repair, self.repair_tolerance = spatial_weight, repair, repair_tolerance
         self.candidates, self.seed = candidates, seed
+        self.estimator = estimator if estimator is not None else TriggerEstimator(seed=seed)
 
     def defend(self, model: nn.Module, unseen: UnseenData, trigger: Trigger | None,
                target_class: int | None) -> dict[str, Any]:
-        if trigger is None or target_class is None:
-            raise ValueError("activation editing needs the trigger and the target class")
+        if (trigger is None) != (target_class is None):
+            raise ValueError("give both the trigger and the target class, or neither (then both are estimated)")
+        if trigger is None:
+            return defend_with_estimate(self, self.estimator, model, unseen)
         start = time.perf_counter()
         was_training = model.training
         model.eval()

@@ -52,16 +52,18 @@ class DefenseCallback(L.Callback):
         test_dataloader: clean test data for the before/after evaluation (default: the data module's test split).
         output_dir: where ``defense_report.json`` and the defended weights go (default: the trainer's root dir).
         on_fit_end: run automatically at the end of ``fit``.
+        trigger_known: ``False`` defends without backdoor knowledge: the defense estimates trigger and target
+            itself; the known ones (if any) only serve the before/after evaluation.
     """
 
     def __init__(self, defense: Defense | None = None, trigger: Trigger | None = None,
                  target_class: int | None = None, unseen_per_class: int | None = None,
                  unseen_dataloader: DataLoader | None = None, test_dataloader: DataLoader | None = None,
-                 output_dir: str | None = None, on_fit_end: bool = True) -> None:
+                 output_dir: str | None = None, on_fit_end: bool = True, trigger_known: bool = True) -> None:
         self.defense = defense if defense is not None else ActivationEditing()
         self.trigger, self.target_class, self.unseen_per_class = trigger, target_class, unseen_per_class
         self.unseen_dataloader, self.test_dataloader = unseen_dataloader, test_dataloader
-        self.output_dir, self.run_on_fit_end = output_dir, on_fit_end
+        self.output_dir, self.run_on_fit_end, self.trigger_known = output_dir, on_fit_end, trigger_known
         self.report: dict[str, Any] | None = None
         self.report_path: Path | None = None
         self.checkpoint_path: Path | None = None
@@ -94,7 +96,8 @@ class DefenseCallback(L.Callback):
         unseen = UnseenData(unseen.images.to(device), unseen.labels.to(device))
         rank_zero_info(f"defense: {self.defense.name or type(self.defense).__name__} on {len(unseen.labels)} unseen "
                        f"images, evaluated on {len(test.labels)} test images before and after...")
-        report = defend_and_report(model, self.defense, unseen, trigger, target, test, num_classes)
+        report = defend_and_report(model, self.defense, unseen, trigger, target, test, num_classes,
+                                   self.trigger_known)
         for logger in loggers:
             logger.log_metrics({f"defense/{stage}/{name}": value for stage in ("before", "after_edit", "after")
                                 for name, value in report[stage].items() if isinstance(value, float)})

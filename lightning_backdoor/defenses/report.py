@@ -50,15 +50,19 @@ def unique_path(path: Path) -> Path:
 
 
 def defend_and_report(model: nn.Module, defense: Defense, unseen: UnseenData, trigger: Trigger | None,
-                      target_class: int | None, test: TestData, num_classes: int) -> dict[str, Any]:
-    """Evaluate, defend ``model`` in place, evaluate again; return the report (fractions in [0, 1])."""
+                      target_class: int | None, test: TestData, num_classes: int,
+                      trigger_known: bool = True) -> dict[str, Any]:
+    """Evaluate, defend ``model`` in place, evaluate again; return the report (fractions in [0, 1]).
+
+    With ``trigger_known=False`` the defense gets neither trigger nor target (it estimates them); ``trigger`` and
+    ``target_class`` then only serve the evaluation."""
     def scores(network: nn.Module) -> dict[str, Any]:
         return evaluate(network, test.images, test.labels, test.triggered, test.attack_labels, num_classes,
                         target_class)
 
     before = scores(model)
     start = time.perf_counter()
-    info = defense.defend(model, unseen, trigger, target_class)
+    info = defense.defend(model, unseen, *((trigger, target_class) if trigger_known else (None, None)))
     seconds = time.perf_counter() - start
     after = scores(model)
     after_edit = after
@@ -75,6 +79,16 @@ def defend_and_report(model: nn.Module, defense: Defense, unseen: UnseenData, tr
         report["der"] = defense_effectiveness_rating(before["asr"], after["asr"], before["clean_acc"],
                                                      after["clean_acc"])
     return report
+
+
+def save_image(image: Tensor, path: str | Path, scale: int = 8) -> None:
+    """Save an image (C, H, W) in [0, 1] as PNG, enlarged ``scale`` times (nearest neighbour) to be visible."""
+    from PIL import Image
+
+    pixels = image.detach().float().cpu().clamp(0, 1).mul(255).round().to(torch.uint8)
+    pixels = pixels.repeat_interleave(scale, 1).repeat_interleave(scale, 2).permute(1, 2, 0)
+    array = pixels.squeeze(-1).numpy() if pixels.shape[-1] == 1 else pixels.numpy()
+    Image.fromarray(array).save(path, format="PNG")
 
 
 def write_outputs(report: dict[str, Any], state_dict: dict[str, Tensor], output_dir: str | Path
@@ -95,6 +109,12 @@ def write_outputs(report: dict[str, Any], state_dict: dict[str, Tensor], output_
     safetensors_path = checkpoint_path.with_suffix(".safetensors")
     atomic_write(safetensors_path, lambda tmp: save_file(state, tmp))
     report = report | {"checkpoint": str(checkpoint_path), "safetensors": str(safetensors_path)}
+    defense = report.get("defense", {})
+    if defense.get("estimated_trigger_image") is not None:  # the trigger unknown: show what was estimated
+        trigger_path = unique_path(output_dir / "estimated_trigger.png")
+        atomic_write(trigger_path, lambda tmp: save_image(defense["estimated_trigger_image"], tmp))
+        defense = {k: v for k, v in defense.items() if k != "estimated_trigger_image"}
+        report = report | {"defense": defense | {"estimated_trigger": str(trigger_path)}}
     report_path = unique_path(output_dir / REPORT_NAME)
     plot_path = unique_path(report_path.with_suffix(".png"))
     atomic_write(plot_path, lambda tmp: save_report_plot(report, tmp))

@@ -1,0 +1,151 @@
+"""Defending without backdoor knowledge (METHOD.md §3, ¬BDK): invert a trigger toward every class, flag the class
+whose trigger is anomalously small by the median-absolute-deviation anomaly index, then edit with that estimate."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_backdoor.defenses.base import UnseenData
+from lightning_backdoor.defenses.inversion import INVERSIONS, invert
+from lightning_backdoor.triggers import Trigger
+
+if TYPE_CHECKING:
+    from lightning_backdoor.defenses.base import Defense
+
+#: Makes the median absolute deviation a consistent estimator of the standard deviation for normal data.
+CONSISTENCY_CONSTANT = 1.4826
+
+
+def anomaly_index(sizes: Tensor) -> Tensor:
+    """Neural Cleanse's anomaly index per class: (median − size) / (1.4826 · MAD), positive on the small side.
+
+    ``sizes`` (K,); the median is the midpoint of the two middle values for even K (as numpy's). A class is an
+    outlier when its index exceeds 2. Where MAD is 0, a size below the median gets +inf.
+    """
+    sizes = sizes.double()
+    median = sizes.quantile(0.5)
+    mad = CONSISTENCY_CONSTANT * (sizes - median).abs().quantile(0.5)
+    deviation = median - sizes
+    if mad == 0:
+        return torch.where(deviation == 0, torch.zeros_like(sizes), deviation.sign() * float("inf"))
+    return deviation / mad
+
+
+@dataclass
+class BackdoorEstimate:
+    """The estimation's outcome: the flagged target and its trigger (None when no class is anomalous)."""
+
+    target_class: int | None
+    trigger: Trigger | None
+    estimator: str | None
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def report(self) -> dict[str, Any]:
+        """JSON-able summary for the defense report."""
+        return {"backdoor_found": self.target_class is not None, "target_class": self.target_class,
+                "estimator": self.estimator, "seconds": self.seconds} | self.details
+
+
+class TriggerEstimator:
+    """Estimate the target class and trigger of a backdoored classifier from unseen clean images.
+
+    Runs each inversion in ``estimators`` over U (all classes batched), computes each one's anomaly index over the
+    classes' trigger sizes, and flags the class with the largest index above ``threshold`` (small side) in any of
+    them; the trigger for the edit is that estimator's candidate for the flagged class.
+
+    Args:
+        estimators: inversions to run: ``neural_cleanse`` (mask + pattern, for patch triggers) and/or
+            ``perturbation`` (universal additive perturbation, for global triggers).
+        threshold: the anomaly index above which a class is flagged (Neural Cleanse's 2).
+        max_steps: optimisation steps per inversion (each step: one batch for every class).
+        batch_size: unseen images per class candidate per step.
+        patience: early stopping, steps without a 1 % improvement of any class's best size.
+        min_per_class: fewest unseen images of every class the estimation accepts.
+        progress: show a progress bar.
+        seed: fixes the initial candidates and the batches.
+    """
+
+    def __init__(self, estimators: tuple[str, ...] = ("neural_cleanse", "perturbation"), threshold: float = 2.0,
+                 max_steps: int = 300, batch_size: int = 16, patience: int = 25, min_per_class: int = 5,
+                 progress: bool = True, seed: int = 0) -> None:
+        unknown = [name for name in estimators if name not in INVERSIONS]
+        if unknown or not estimators:
+            raise ValueError(f"unknown trigger estimator(s) {unknown}; known: {', '.join(INVERSIONS)}")
+        self.estimators, self.threshold, self.max_steps, self.batch_size = tuple(estimators), threshold, max_steps, batch_size
+        self.patience, self.min_per_class, self.progress, self.seed = patience, min_per_class, progress, seed
+
+    def check(self, num_classes: int, labels: Tensor) -> None:
+        """One-line ``ValueError`` when the model or the unseen split cannot support an estimate."""
+        if num_classes < 3:
+            raise ValueError(f"trigger estimation needs a model with at least 3 output classes (the anomaly index "
+                             f"compares each class with the others); this model has {num_classes}")
+        counts = torch.bincount(labels.cpu(), minlength=num_classes)[:num_classes]
+        if counts.min() < self.min_per_class:
+            raise ValueError(f"trigger estimation needs at least {self.min_per_class} unseen images of every class; "
+                             f"class {int(counts.argmin())} has {int(counts.min())} (use unseen_per_class >= "
+                             f"{self.min_per_class})")
+
+    def estimate(self, model: nn.Module, unseen: UnseenData) -> BackdoorEstimate:
+        """Invert, score and flag; ``model`` is left unchanged (eval mode during the estimate)."""
+        start = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        images, labels = unseen.images.float(), unseen.labels
+        with torch.no_grad():
+            num_classes = model(images[:1]).shape[-1]
+        self.check(num_classes, labels)
+        generator = torch.Generator().manual_seed(self.seed)
+        details: dict[str, Any] = {"anomaly_index": {}, "trigger_size": {}, "inversion_success": {}, "steps": {},
+                                   "estimator_seconds": {}}
+        flagged: tuple[float, str, int] | None = None
+        candidates = {}
+        try:
+            for name in self.estimators:
+                began = time.perf_counter()
+                inversion = INVERSIONS[name](num_classes, tuple(images.shape[1:]), generator).to(images.device)
+                result = invert(model, images, labels, inversion, max_steps=self.max_steps,
+                                batch_size=self.batch_size, patience=self.patience, generator=generator,
+                                progress=self.progress)
+                index = anomaly_index(result.sizes)
+                details["anomaly_index"][name] = [round(value, 3) for value in index.tolist()]
+                details["trigger_size"][name] = [round(value, 4) for value in result.sizes.tolist()]
+                details["inversion_success"][name] = [round(value, 3) for value in result.success.tolist()]
+                details["steps"][name] = result.steps
+                details["estimator_seconds"][name] = round(time.perf_counter() - began, 3)
+                candidates[name] = result.inversion
+                label = int(index.argmax())
+                if index[label] > self.threshold and (flagged is None or index[label] > flagged[0]):
+                    flagged = (float(index[label]), name, label)
+        finally:
+            model.train(was_training)
+        seconds = time.perf_counter() - start
+        if flagged is None:
+            return BackdoorEstimate(None, None, None, seconds, details)
+        _, name, label = flagged
+        return BackdoorEstimate(label, candidates[name].trigger(label), name, seconds, details)
+
+
+def defend_with_estimate(defense: Defense, estimator: TriggerEstimator, model: nn.Module,
+                         unseen: UnseenData) -> dict[str, Any]:
+    """Estimate the trigger and target, then run ``defense`` with the estimate; leave the model unchanged when no
+    class is anomalous. The info holds the estimate (``estimation``), its trigger's picture
+    (``estimated_trigger_image``, (C, H, W) in [0, 1]), and the seconds of estimation and of editing."""
+    estimate = estimator.estimate(model, unseen)
+    info: dict[str, Any] = {"trigger_known": False, "estimation": estimate.report(),
+                            "estimation_seconds": estimate.seconds}
+    if estimate.target_class is None:
+        return info | {"method": f"{defense.name}/no_backdoor_found", "editing_seconds": 0.0,
+                       "seconds": estimate.seconds, "repaired": False}
+    started = time.perf_counter()
+    info = defense.defend(model, unseen, estimate.trigger, estimate.target_class) | info
+    editing = time.perf_counter() - started
+    picture = getattr(estimate.trigger, "picture", None)
+    if picture is not None:
+        info["estimated_trigger_image"] = picture()
+    return info | {"editing_seconds": editing, "seconds": estimate.seconds + editing}

@@ -1,0 +1,221 @@
+"""Trigger inversion: for every class at once, the smallest trigger that sends unseen images to that class.
+
+Two parametrisations share one batched optimisation loop: Neural Cleanse's mask and pattern (Wang et al. 2019;
+size = L1 norm of the mask, in pixels) for patch triggers, and a universal additive perturbation (size = its L2
+norm) for global triggers (blending, warping, sinusoids) that a small mask cannot express.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from lightning_backdoor.triggers import Trigger
+
+
+class MaskPatternTrigger(Trigger):
+    """``x' = (1 - m) * x + m * p`` with a mask ``m`` (1, H, W) and a pattern ``p`` (C, H, W), both in [0, 1]."""
+
+    def __init__(self, mask: Tensor, pattern: Tensor) -> None:
+        super().__init__(seed=0)
+        self._mask, self._pattern = mask.detach().cpu().float(), pattern.detach().cpu().float()
+
+    def apply(self, images: Tensor) -> Tensor:
+        mask, pattern = self._mask.to(images), self._pattern.to(images)
+        return (1 - mask) * images + mask * pattern
+
+    def mask(self, image_shape: tuple[int, int, int]) -> Tensor | None:
+        return self._mask.clone()
+
+    def picture(self) -> Tensor:
+        """What the trigger paints, (C, H, W) in [0, 1]: the pattern where the mask is on, black elsewhere."""
+        return self._mask * self._pattern
+
+    def __repr__(self) -> str:
+        return f"MaskPatternTrigger(mask_l1={self._mask.sum().item():.1f})"
+
+
+class PerturbationTrigger(Trigger):
+    """``x' = clamp(x + delta)`` with a universal perturbation ``delta`` (C, H, W): a global trigger."""
+
+    def __init__(self, delta: Tensor) -> None:
+        super().__init__(seed=0)
+        self._delta = delta.detach().cpu().float()
+
+    def apply(self, images: Tensor) -> Tensor:
+        return (images + self._delta.to(images)).clamp(0.0, 1.0)
+
+    def picture(self) -> Tensor:
+        """The perturbation shown around mid-grey, scaled so its largest entry reaches black or white."""
+        return 0.5 + 0.5 * self._delta / self._delta.abs().max().clamp(min=1e-8)
+
+    def __repr__(self) -> str:
+        return f"PerturbationTrigger(l2={self._delta.norm().item():.3f})"
+
+
+class Inversion(nn.Module, ABC):
+    """One candidate trigger per class, optimised jointly; subclasses define the trigger and its size."""
+
+    name: str = ""
+
+    @abstractmethod
+    def apply(self, images: Tensor) -> Tensor:
+        """Every class's candidate on a batch (B, C, H, W) -> (K, B, C, H, W)."""
+
+    @abstractmethod
+    def sizes(self) -> Tensor:
+        """The penalised size of each class's candidate, (K,)."""
+
+    @abstractmethod
+    def trigger(self, label: int) -> Trigger:
+        """Class ``label``'s candidate as a fixed :class:`Trigger`."""
+
+
+class MaskPatternInversion(Inversion):
+    """Neural Cleanse: mask = sigmoid(a) (K, 1, H, W), pattern = sigmoid(b) (K, C, H, W); size = L1 of the mask."""
+
+    name = "neural_cleanse"
+
+    def __init__(self, num_classes: int, image_shape: tuple[int, int, int], generator: torch.Generator) -> None:
+        super().__init__()
+        channels, height, width = image_shape
+        # start half-covered with a random pattern: easy success, then the L1 cost shrinks the mask
+        self.mask_logit = nn.Parameter(torch.zeros(num_classes, 1, height, width))
+        self.pattern_logit = nn.Parameter(torch.randn(num_classes, channels, height, width, generator=generator))
+
+    def apply(self, images: Tensor) -> Tensor:
+        mask, pattern = self.mask_logit.sigmoid()[:, None], self.pattern_logit.sigmoid()[:, None]
+        return (1 - mask) * images[None] + mask * pattern
+
+    def sizes(self) -> Tensor:
+        return self.mask_logit.sigmoid().flatten(1).sum(1)
+
+    def trigger(self, label: int) -> MaskPatternTrigger:
+        return MaskPatternTrigger(self.mask_logit[label].sigmoid(), self.pattern_logit[label].sigmoid())
+
+
+class PerturbationInversion(Inversion):
+    """Universal adversarial perturbation toward each class: delta (K, C, H, W); size = its L2 norm."""
+
+    name = "perturbation"
+
+    def __init__(self, num_classes: int, image_shape: tuple[int, int, int], generator: torch.Generator) -> None:
+        super().__init__()
+        self.delta = nn.Parameter(1e-3 * torch.randn(num_classes, *image_shape, generator=generator))
+
+    def apply(self, images: Tensor) -> Tensor:
+        return (images[None] + self.delta[:, None]).clamp(0.0, 1.0)
+
+    def sizes(self) -> Tensor:
+        return self.delta.flatten(1).norm(dim=1)
+
+    def trigger(self, label: int) -> PerturbationTrigger:
+        return PerturbationTrigger(self.delta[label])
+
+
+INVERSIONS: dict[str, type[Inversion]] = {cls.name: cls for cls in (MaskPatternInversion, PerturbationInversion)}
+
+
+@dataclass
+class InversionResult:
+    """Per class (K,): the smallest size that reached the success rate, the success rate of that candidate on all
+    unseen images of other classes, and whether it ever succeeded; plus the steps run and the candidates."""
+
+    sizes: Tensor
+    success: Tensor
+    converged: Tensor
+    steps: int
+    inversion: Inversion
+
+
+def invert(model: nn.Module, images: Tensor, labels: Tensor, inversion: Inversion, *, max_steps: int = 300,
+           batch_size: int = 16, lr: float = 0.1, init_cost: float = 1e-3, success_rate: float = 0.95,
+           patience: int = 25, bf16: bool = True, generator: torch.Generator | None = None,
+           progress: bool = True) -> InversionResult:
+    """Optimise every class's candidate at once: CE toward the class on unseen images of other classes plus an
+    adaptive cost (per class, Neural Cleanse's schedule) times the candidate's size.
+
+    The cost starts at 0 and is set to ``init_cost`` once a class first reaches ``success_rate`` on its batch; it
+    then grows ×1.2 per step while the class succeeds and shrinks ÷1.2^1.5 while it fails. A class's best candidate
+    is the smallest that succeeded. Stops early when no class's best size improved by 1 % in ``patience`` steps.
+    ``images`` float (N, C, H, W) in [0, 1], ``labels`` (N,); the model is frozen (no weight gradients).
+    ``bf16`` runs the forward pass under bfloat16 autocast (about 2x faster on CPU).
+    """
+    num_classes = len(inversion.sizes())
+    device = images.device
+    classes = torch.arange(num_classes, device=device)
+    optimizer = torch.optim.Adam(inversion.parameters(), lr=lr, betas=(0.5, 0.9))
+    cost = torch.zeros(num_classes, device=device)
+    best = torch.full((num_classes,), float("inf"), device=device)
+    best_state = {name: value.detach().clone() for name, value in inversion.state_dict().items()}
+    last_improved = 0
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    bar = tqdm(total=max_steps, desc=f"trigger estimation ({inversion.name})", disable=not progress, leave=False)
+    try:
+        for step in range(max_steps):
+            batch = torch.randint(len(images), (batch_size,), generator=generator).to(device)
+            candidates = inversion.apply(images[batch])  # (K, B, C, H, W)
+            logits = forward(model, candidates.flatten(0, 1), bf16).view(num_classes, batch_size, -1)
+            wanted = classes[:, None].expand(-1, batch_size)
+            other = (labels[batch][None] != classes[:, None]).float()  # images already of the class teach nothing
+            ce = F.cross_entropy(logits.flatten(0, 1), wanted.flatten(), reduction="none").view_as(other)
+            ce = (ce * other).sum(1) / other.sum(1).clamp(min=1)
+            sizes = inversion.sizes()
+            optimizer.zero_grad(set_to_none=True)
+            (ce + cost * sizes).sum().backward()
+            with torch.no_grad():
+                hits = ((logits.argmax(-1) == wanted).float() * other).sum(1) / other.sum(1).clamp(min=1)
+                succeeded = hits >= success_rate
+                cost = torch.where(succeeded & (cost == 0), torch.full_like(cost, init_cost), cost)
+                cost = torch.where(succeeded, cost * 1.2, cost / 1.2 ** 1.5)
+                improved = succeeded & (sizes < 0.99 * best)
+                if improved.any():
+                    last_improved = step
+                    best = torch.where(improved, sizes.detach(), best)
+                    for name, value in inversion.state_dict().items():
+                        keep = improved.view(-1, *[1] * (value.dim() - 1))
+                        best_state[name] = torch.where(keep, value.detach(), best_state[name])
+            optimizer.step()
+            bar.update()
+            bar.set_postfix(median_size=f"{best.median().item():.3g}", success=f"{succeeded.float().mean():.2f}")
+            if step - last_improved >= patience and torch.isfinite(best).all():
+                break
+    finally:
+        bar.close()
+        for parameter, flag in zip(model.parameters(), requires_grad):
+            parameter.requires_grad_(flag)
+    converged = torch.isfinite(best)
+    with torch.no_grad():
+        final_sizes = inversion.sizes().detach()
+        inversion.load_state_dict({name: value for name, value in best_state.items()})
+        # a class that never succeeded keeps its last candidate, whose size says how hard it was
+        sizes = torch.where(converged, best, final_sizes)
+        success = candidate_success(model, images, labels, inversion, bf16)
+    return InversionResult(sizes.cpu(), success.cpu(), converged.cpu(), step + 1, inversion)
+
+
+def forward(model: nn.Module, images: Tensor, bf16: bool) -> Tensor:
+    """float32 logits (N, K) of ``images`` (N, C, H, W), channels-last (faster convolutions), optionally in bf16."""
+    images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(images.device.type, torch.bfloat16, enabled=bf16):
+        return model(images).float()
+
+
+@torch.no_grad()
+def candidate_success(model: nn.Module, images: Tensor, labels: Tensor, inversion: Inversion, bf16: bool = False,
+                      batch_size: int = 100) -> Tensor:
+    """Per class: the fraction of unseen images of other classes that its candidate sends to the class, (K,)."""
+    num_classes = len(inversion.sizes())
+    hits = torch.zeros(num_classes, device=images.device)
+    for chunk, chunk_labels in zip(images.split(batch_size), labels.split(batch_size)):
+        predicted = forward(model, inversion.apply(chunk).flatten(0, 1), bf16).argmax(-1).view(num_classes, -1)
+        classes = torch.arange(num_classes, device=images.device)[:, None]
+        hits += ((predicted == classes) & (chunk_labels[None] != classes)).sum(1)
+    others = torch.stack([(labels != label).sum() for label in range(num_classes)]).clamp(min=1)
+    return hits / others
