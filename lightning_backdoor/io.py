@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -48,20 +49,36 @@ def load_tensors(path: str | Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ValueError(f"file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder, not a file") from None
     except Exception as error:  # torch raises UnpicklingError and others for crafted or foreign files
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"refusing to load {path}: not a plain tensor file ({first[:200]})") from None
+        raise ValueError(f"refusing to load {path}: not a plain tensor file ({_first_line(error)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    """The telling line of an error's message (torch's unpickler reason if present, else the first; at most 200
+    characters, terminal colour codes removed), or its type's name when it has none."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    reasons = [line for line in lines if "Unsupported global" in line or "WeightsUnpickler error" in line]
+    return (reasons or lines)[0].split(" Please use")[0][:200]  # not torch's advice on how to load it anyway
 
 
 def load_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Model weights from a Lightning checkpoint, a state_dict file or safetensors, without running code."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a folder; pass the weights file inside it")
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as error:  # SafetensorError, or OSError for a file that is not safetensors at all
+            raise ValueError(f"refusing to load {path}: not a valid safetensors file ({_first_line(error)})") from None
     loaded = load_tensors(path)
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]

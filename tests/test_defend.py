@@ -1,4 +1,4 @@
-"""``lightning-backdoor defend`` round trip and its one-line errors, through the real CLI entry point."""
+"""``lightning-backdoor defend`` round trip through the real CLI entry point (bad input: test_bad_input.py)."""
 
 import hashlib
 import json
@@ -48,39 +48,6 @@ def test_plain_network_state_dict_is_accepted(quickstart_run, tmp_path):
     save_file(network, tmp_path / "network.safetensors")
     defend(f"--checkpoint={tmp_path / 'network.safetensors'}", f"--output_dir={tmp_path / 'out'}")
     assert (tmp_path / "out" / "defense_report.json").exists()
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--defense.init_args.layer=blocks.7.conv"], "unknown layer 'blocks.7.conv'; editable layers: stem.conv"),
-    (["--defense.init_args.layer=blocks.0.norm1"], "is a BatchNorm2d; supported: nn.Linear and nn.Conv2d"),
-    (["--model.init_args.model_kwargs.widths=[16,64,128]"], "first mismatching key 'net.blocks.0.conv1.weight'"),
-    (["--unseen_per_class=0"], "got no unseen clean images; use unseen_per_class >= 1"),
-    (["--unseen_per_class=11"], "asked for 11 unseen images per class but the split holds 10"),
-])
-def test_bad_defend_input_is_one_line_exit_2_and_writes_nothing(quickstart_run, tmp_path, capsys, args, message):
-    checkpoint = quickstart_run / "checkpoints" / "poisoned.ckpt"
-    with pytest.raises(SystemExit) as exit_info:
-        defend(f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}", *args)
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("lightning-backdoor: error:") and message in error
-    assert not any((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else True
-
-
-def test_missing_checkpoint_and_crafted_pickle_are_refused(tmp_path, capsys):
-    marker = tmp_path / "pwned"
-
-    class Exploit:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
-    crafted = tmp_path / "crafted.ckpt"
-    torch.save({"state_dict": Exploit()}, crafted)
-    for path, message in ((tmp_path / "none.ckpt", "does not exist"), (crafted, "refusing to load")):
-        with pytest.raises(SystemExit):
-            defend(f"--checkpoint={path}", f"--output_dir={tmp_path / 'out'}")
-        assert message in capsys.readouterr().err
-    assert not marker.exists()
 
 
 def test_repair_without_target_class_images_says_so():

@@ -1,0 +1,133 @@
+"""Every bad input the CLI checks (the README's table, one row each) ends with one line on stderr naming the
+problem, exit code 2, and no file created or changed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_backdoor.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "quickstart.yaml")
+DATA = "--data.init_args"
+
+#: (id, subcommand, arguments, expected message). ``{run}``: a fresh run folder, ``{tmp}``: the test's folder,
+#: ``{ckpt}``: the quickstart run's checkpoint, ``{empty_data}``: an ImageFolder tree without images.
+CASES = [
+    ("poison_rate_out_of_range", "fit", [f"{DATA}.poison_rate=1.5"], "poison_rate=1.5 is outside [0, 1]"),
+    ("poison_rate_too_high", "fit", [f"{DATA}.poison_rate=0.95"], "non-target training images but only"),
+    ("poison_rate_not_a_number", "fit", [f"{DATA}.poison_rate=abc"], "data.poison_rate: expected float"),
+    ("target_class_not_a_class", "fit", [f"{DATA}.target_class=12"], "target_class=12 is not a class; valid: 0..9"),
+    ("trigger_larger_than_image", "fit", [f"{DATA}.trigger.init_args.size=40"],
+     "trigger size 40 is larger than the 28x28 image"),
+    ("trigger_size_zero", "fit", [f"{DATA}.trigger.init_args.size=0"], "trigger size must be >= 1; got 0"),
+    ("trigger_off_the_image", "fit", [f"{DATA}.trigger.init_args.position=[27,27]"],
+     "trigger of size 3 at (row, col) = (27, 27) does not fit the 28x28 image"),
+    ("unseen_per_class_too_many", "fit", [f"{DATA}.unseen_per_class=500"], "too few for unseen_per_class=500"),
+    ("unseen_per_class_negative", "fit", [f"{DATA}.unseen_per_class=-3"], "unseen_per_class=-3 is negative"),
+    ("data_folder_missing", "fit", [f"{DATA}.source=imagefolder", f"{DATA}.root={{tmp}}/nowhere"],
+     "nowhere/train does not exist"),
+    ("data_folder_empty", "fit", [f"{DATA}.source=imagefolder", f"{DATA}.root={{empty_data}}"], "holds no images"),
+    ("data_folder_not_given", "fit", [f"{DATA}.source=imagefolder"], "source 'imagefolder' needs root="),
+    ("unknown_source", "fit", [f"{DATA}.source=nope"], "unknown data source 'nope'; known sources: mnist5k"),
+    ("unknown_model", "fit", ["--model.init_args.model=nope"], "unknown model 'nope'; known models: compact"),
+    ("unknown_trigger", "fit", [f"{DATA}.trigger=lightning_backdoor.triggers.Nope"],
+     "data.trigger: class_path 'lightning_backdoor.triggers.Nope'"),
+    ("unknown_option", "fit", ["--trainer.max_epochz=3"], "unrecognized arguments: --trainer.max_epochz=3"),
+    ("existing_run_folder", "fit", ["--trainer.default_root_dir={tmp}/old_run"], "already holds a run"),
+    ("unwritable_run_folder", "fit", ["--trainer.default_root_dir=/sys/lightning-backdoor-run"], "is not writable"),
+    ("run_folder_under_a_file", "fit", ["--trainer.default_root_dir={tmp}/old_run/config.yaml/run"],
+     "cannot be created: "),
+    ("weights_only_false", "test", ["--ckpt_path={ckpt}", "--weights_only=false"],
+     "--weights_only=false would let a checkpoint run code"),
+    ("ckpt_path_missing", "test", ["--ckpt_path={tmp}/none.ckpt"], "none.ckpt does not exist"),
+    ("ckpt_path_other_model", "test", ["--ckpt_path={ckpt}", "--model.init_args.model_kwargs.widths=[16,64,128]"],
+     "was trained with model model_kwargs={'widths': [32, 64, 128]} but the config says"),
+    ("checkpoint_missing", "defend", ["--checkpoint={tmp}/none.ckpt"], "none.ckpt does not exist"),
+    ("checkpoint_not_given", "defend", [], "checkpoint"),
+    ("checkpoint_model_mismatch", "defend", ["--checkpoint={ckpt}", "--model.init_args.model_kwargs.widths=[16,64,128]"],
+     "first mismatching key 'net.blocks.0.conv1.weight'"),
+    ("unknown_layer", "defend", ["--checkpoint={ckpt}", "--defense.init_args.layer=blocks.7.conv"],
+     "unknown layer 'blocks.7.conv'; editable layers: stem.conv"),
+    ("unsupported_layer", "defend", ["--checkpoint={ckpt}", "--defense.init_args.layer=blocks.0.norm1"],
+     "is a BatchNorm2d; supported: nn.Linear and nn.Conv2d"),
+    ("unknown_defense", "defend", ["--checkpoint={ckpt}", "--defense=lightning_backdoor.defenses.Nope"],
+     "defense: class_path 'lightning_backdoor.defenses.Nope'"),
+    ("unseen_per_class_zero", "defend", ["--checkpoint={ckpt}", "--unseen_per_class=0"],
+     "got no unseen clean images; use unseen_per_class >= 1"),
+    ("unseen_per_class_more_than_split", "defend", ["--checkpoint={ckpt}", "--unseen_per_class=11"],
+     "asked for 11 unseen images per class but the split holds 10"),
+    ("unwritable_output_folder", "defend", ["--checkpoint={ckpt}", "--output_dir=/sys/lightning-backdoor-out"],
+     "output folder /sys/lightning-backdoor-out is not writable"),
+]
+
+
+def command(subcommand: str, arguments: list[str], run: Path) -> list[str]:
+    base = [subcommand, "--config", CONFIG, "--trainer.logger=false", f"--trainer.default_root_dir={run}"]
+    if subcommand == "defend":
+        base.append(f"--output_dir={run}")
+    return base + arguments
+
+
+def snapshot(*folders: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under ``folders`` with its modification time and bytes (W&B's own offline files aside: its
+    background service may still flush the fixture run's logs)."""
+    return {str(path): (path.stat().st_mtime_ns, path.read_bytes()) for folder in folders
+            for path in sorted(folder.rglob("*")) if path.is_file() and "wandb" not in path.relative_to(folder).parts}
+
+
+@pytest.fixture()
+def workspace(tmp_path: Path, quickstart_run: Path) -> dict[str, str]:
+    (tmp_path / "old_run").mkdir()
+    (tmp_path / "old_run" / "config.yaml").write_text("seed_everything: 0\n")
+    for split in ("train", "test"):
+        (tmp_path / "empty_data" / split / "cat").mkdir(parents=True)
+    return {"tmp": str(tmp_path), "empty_data": str(tmp_path / "empty_data"),
+            "ckpt": str(quickstart_run / "checkpoints" / "poisoned.ckpt")}
+
+
+def check_one_line(err: str, message: str) -> None:
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("lightning-backdoor: error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    assert message in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("subcommand, arguments, message", [case[1:] for case in CASES],
+                         ids=[case[0] for case in CASES])
+def test_bad_input(workspace, tmp_path, quickstart_run, capsys, subcommand, arguments, message):
+    run = tmp_path / "run"
+    arguments = [argument.format(**workspace) for argument in arguments]
+    before = snapshot(tmp_path, quickstart_run)
+    with pytest.raises(SystemExit) as exit_info:
+        main(command(subcommand, arguments, run))
+    assert exit_info.value.code == 2
+    check_one_line(capsys.readouterr().err, message)
+    assert not run.exists()
+    assert snapshot(tmp_path, quickstart_run) == before
+
+
+@pytest.mark.parametrize("case", ["poison_rate_out_of_range", "unknown_trigger", "unknown_layer"])
+def test_bad_input_through_the_console_script(workspace, tmp_path, case):
+    """A real process: stderr ends with our one line, no traceback, exit code 2."""
+    _, subcommand, arguments, message = next(row for row in CASES if row[0] == case)
+    arguments = [argument.format(**workspace) for argument in arguments]
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "lightning_backdoor.cli",
+                             *command(subcommand, arguments, tmp_path / "run")],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 2
+    check_one_line(result.stderr, message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_readme_table_lists_every_case():
+    table = (ROOT / "README.md").read_text()
+    missing = [case[0] for case in CASES if f"`{case[0]}`" not in table]
+    assert not missing, f"README's bad-input table lacks {missing}"
