@@ -43,6 +43,7 @@ def test_two_process_ddp_fit_and_defense_match_one_process(quickstart_run, tmp_p
 
     ddp = json.loads((root / "defense_report.json").read_text())
     main(["defend", "--config", "configs/quickstart.yaml", f"--checkpoint={root / 'checkpoints' / 'poisoned.ckpt'}",
+          "--defense.init_args.layer=auto", "--defense.init_args.strength=null",  # the config's DefenseCallback's
           f"--output_dir={tmp_path / 'one-process-defense'}"])
     one_process_defense = json.loads((tmp_path / "one-process-defense" / "defense_report.json").read_text())
     single = json.loads((quickstart_run / "defense_report.json").read_text())
