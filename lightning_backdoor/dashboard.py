@@ -181,15 +181,11 @@ def report_files(report: Mapping[str, Any]) -> dict[str, Path]:
             if isinstance(value, str) and Path(value).suffix and Path(value).is_file()}
 
 
-def log_defense(loggers: Iterable[Any], report_path: Path, class_names: list[str] | None = None) -> None:
-    """Log a written defense report to every ``WandbLogger``: the before/after table and bar chart, per-class
-    accuracy, its images, and two artifacts (the report with its plots; the defended weights)."""
-    loggers = wandb_loggers(loggers)
-    if not loggers:
-        return
+def defense_tables(report: Mapping[str, Any], class_names: list[str] | None = None) -> dict[str, Any]:
+    """``defense/summary`` (CA, ASR, ASR floor, RA, TA in % per stage), ``defense/chart`` (the same as bars) and
+    ``defense/per_class_acc`` (per-class accuracy in % per stage), as W&B objects."""
     import wandb
 
-    report = json.loads(Path(report_path).read_text())
     columns = ["stage"] + [METRIC_TITLES[name] for name in METRIC_NAMES]
     rows = summary_rows(report)
     bars = wandb.Table(columns=["bar", "percent"],
@@ -200,30 +196,46 @@ def log_defense(loggers: Iterable[Any], report_path: Path, class_names: list[str
     names = class_names or [str(index) for index in range(num_classes)]
     per_class = [[names[index]] + [round(100 * report[stage]["per_class_acc"][index], 2) for stage in stages]
                  for index in range(num_classes)]
-    files = report_files(report) | {"report": Path(report_path)}
-    images = {key: path for key, path in files.items() if path.suffix == ".png"}
-    weights = {key: path for key, path in files.items() if path.suffix in (".safetensors", ".ckpt")}
-    for logger in loggers:
-        run = logger.experiment
-        logged: dict[str, Any] = {
-            "defense/summary": wandb.Table(columns=columns, data=rows),
+    return {"defense/summary": wandb.Table(columns=columns, data=rows),
             "defense/chart": wandb.plot.bar(bars, "bar", "percent", title="defense: CA, ASR, RA, TA in %"),
             "defense/per_class_acc": wandb.Table(columns=["class"] + [STAGE_TITLES[s] for s in stages],
-                                                 data=per_class),
-        }
-        logged |= {f"defense/{key}": wandb.Image(str(path)) for key, path in images.items()}
-        run.log(logged)
-        run_id = getattr(run, "id", None) or "run"
-        defense = report.get("defense", {})
-        report_artifact = wandb.Artifact(f"defense-report-{run_id}", type="defense_report", metadata={
-            "der": report.get("der"), "method": defense.get("method"), "layer": defense.get("layer")})
-        for path in [Path(report_path), *images.values()]:
-            report_artifact.add_file(str(path))
-        run.log_artifact(report_artifact)
-        if weights:
-            model_artifact = wandb.Artifact(f"defended-model-{run_id}", type="model",
-                                            metadata={"layer": defense.get("layer")})
-            for path in weights.values():
-                model_artifact.add_file(str(path))
-            run.log_artifact(model_artifact)
-    rank_zero_info(f"defense: logged the report, {len(images)} image(s) and {len(weights)} weight file(s) to W&B")
+                                                 data=per_class)}
+
+
+def defense_artifacts(report: Mapping[str, Any], report_path: Path, run_id: str) -> list[Any]:
+    """Two W&B artifacts: ``defense-report-<run>`` (the report and its PNGs) and ``defended-model-<run>`` (the
+    defended weights), the latter only when the report names weight files."""
+    import wandb
+
+    files = report_files(report)
+    defense = report.get("defense", {})
+    report_artifact = wandb.Artifact(f"defense-report-{run_id}", type="defense_report", metadata={
+        "der": report.get("der"), "method": defense.get("method"), "layer": defense.get("layer")})
+    for path in [Path(report_path), *(path for path in files.values() if path.suffix == ".png")]:
+        report_artifact.add_file(str(path))
+    weights = [path for path in files.values() if path.suffix in (".safetensors", ".ckpt")]
+    if not weights:
+        return [report_artifact]
+    model_artifact = wandb.Artifact(f"defended-model-{run_id}", type="model", metadata={"layer": defense.get("layer")})
+    for path in weights:
+        model_artifact.add_file(str(path))
+    return [report_artifact, model_artifact]
+
+
+def log_defense(loggers: Iterable[Any], report_path: Path, class_names: list[str] | None = None) -> None:
+    """Log a written defense report to every ``WandbLogger``: the before/after table and bar chart, per-class
+    accuracy, its images, and its artifacts (see :func:`defense_tables`, :func:`defense_artifacts`)."""
+    loggers = wandb_loggers(loggers)
+    if not loggers:
+        return
+    import wandb
+
+    report = json.loads(Path(report_path).read_text())
+    images = {key: path for key, path in report_files(report).items() if path.suffix == ".png"}
+    for logger in loggers:
+        run = logger.experiment
+        run.log(defense_tables(report, class_names) | {f"defense/{key}": wandb.Image(str(path))
+                                                        for key, path in images.items()})
+        for artifact in defense_artifacts(report, Path(report_path), getattr(run, "id", None) or "run"):
+            run.log_artifact(artifact)
+    rank_zero_info(f"defense: logged the report, its tables, {len(images)} image(s) and artifacts to W&B")
