@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,18 +16,68 @@ from torch import Tensor
 
 
 def atomic_write(path: str | Path, write: Any) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves a partial file."""
+    """Call ``write(tmp_path)``, then put the result at ``path`` in one step: ``path``'s folder never holds a
+    partial or temporary file, even when the process is killed (SIGKILL included).
+
+    ``tmp_path`` is in a private folder under the system's temp folder and ends with ``path``'s name (writers that
+    pick a format from the suffix work). Its bytes are then copied into an unnamed file in ``path``'s folder
+    (Linux ``O_TMPFILE``: the kernel frees it if we die) and linked into place. Without ``O_TMPFILE`` a named
+    temporary file and a rename are used, which a kill can leave behind.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with tempfile.TemporaryDirectory(prefix="lightning-backdoor-") as private:
+        tmp = os.path.join(private, path.name)
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        try:
+            fd = os.open(path.parent, os.O_TMPFILE | os.O_WRONLY, 0o644)
+        except (AttributeError, OSError):
+            _publish_by_rename(tmp, path)
+        else:
+            try:
+                _copy_into(tmp, fd)
+                _link(fd, path)
+            finally:
+                os.close(fd)
     return path
+
+
+def _copy_into(source: str, fd: int) -> None:
+    """Copy a file's bytes into the open descriptor ``fd`` and flush them to disk."""
+    with open(source, "rb") as reader, os.fdopen(fd, "wb", closefd=False) as writer:
+        shutil.copyfileobj(reader, writer, 1 << 20)
+        writer.flush()
+        os.fsync(fd)
+
+
+def _link(fd: int, path: Path) -> None:
+    """Give the unnamed file ``fd`` the name ``path`` (replacing an existing file through a hidden name)."""
+    unnamed = f"/proc/self/fd/{fd}"
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:  # a dir_fd makes Python call linkat(..., AT_SYMLINK_FOLLOW), which resolves the /proc link
+        try:
+            os.link(unnamed, path.name, dst_dir_fd=folder, follow_symlinks=True)
+        except FileExistsError:
+            staged = f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+            os.link(unnamed, staged, dst_dir_fd=folder, follow_symlinks=True)
+            os.replace(staged, path.name, src_dir_fd=folder, dst_dir_fd=folder)
+    finally:
+        os.close(folder)
+
+
+def _publish_by_rename(source: str, path: Path) -> None:
+    """The portable fallback: copy to a hidden temporary file next to ``path``, then rename it onto ``path``."""
+    fd, staged = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        _copy_into(source, fd)
+        os.close(fd)
+        fd = -1
+        os.replace(staged, path)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if os.path.exists(staged):
+            os.remove(staged)
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
