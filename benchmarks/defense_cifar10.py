@@ -3,7 +3,8 @@
 For every attack, unseen budget (images per class) and seed: draw the unseen images with that seed from the run's
 unseen split, defend a copy of the poisoned model, and evaluate on the test split. Also reports, for choosing
 settings without touching the test set, the same metrics on the *held-out* unseen images (the unseen split minus
-the ones the defense used). Prints a markdown table of mean ± std and writes every row as JSON.
+the ones the defense used); ``--selection`` evaluates on those alone and never loads the test set. Prints a
+markdown table of mean ± std and writes every row as JSON.
 
     python benchmarks/defense_cifar10.py --attacks badnets blended --budgets 1 5 10 --seeds 0 1 2
 """
@@ -42,8 +43,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         configs = ["configs/cifar10/base.yaml", f"configs/cifar10/{attack}.yaml"]
         module, data = instantiate_run(configs, Path(args.runs) / f"cifar10-{attack}" / "checkpoints" / "poisoned.ckpt")
         network = module.net.float().eval()
-        test = data.test_dataset().tensors
-        before = evaluate(network, *test, data.num_classes, data.target_class)
+        test = None if args.selection else data.test_dataset().tensors
+        test_before = None if args.selection else evaluate(network, *test, data.num_classes, data.target_class)
         for budget in args.budgets:
             for seed in args.seeds:
                 unseen = data.unseen_set(budget, seed)
@@ -56,10 +57,11 @@ def run(args: argparse.Namespace) -> list[dict]:
                 torch.manual_seed(seed)
                 info = defense.defend(model, UnseenData(images, unseen.labels), data.trigger, data.target_class)
                 floor = forward_floor_seconds(network, images, data.trigger(images))
-                after = evaluate(model, *test, data.num_classes, data.target_class)
                 held = (held_out.images, held_out.labels, apply_trigger(data.trigger, held_out.images),
                         data.attack_labels(held_out.labels))
                 validation = evaluate(model, *held, data.num_classes, data.target_class)
+                before = evaluate(network, *held, data.num_classes, data.target_class) if args.selection else test_before
+                after = validation if args.selection else evaluate(model, *test, data.num_classes, data.target_class)
                 rows.append({"attack": attack, "budget": budget, "seed": seed, "layer": info["layer"],
                              "strength": info["strength"],
                              "views": info["views"],
@@ -111,13 +113,15 @@ def main() -> None:
     parser.add_argument("--min_images", type=int, default=ActivationEditing().min_images)
     parser.add_argument("--spatial_weight", default="uniform", choices=["uniform", "mask"])
     parser.add_argument("--no_repair", action="store_true")
+    parser.add_argument("--selection", action="store_true",
+                        help="evaluate on the held-out unseen images only, never the test set: for choosing settings")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--runs", default="runs")
     parser.add_argument("--out", default="runs/bench/defense.json")
     args = parser.parse_args()
     rows = run(args)
     atomic_json(rows, args.out)
-    print(table(rows))
+    print(("on the held-out unseen images (selection mode: no test set)\n" if args.selection else "") + table(rows))
     print(f"rows: {args.out}")
 
 
