@@ -83,7 +83,7 @@ class BackdoorCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else None
         ckpt_path = config.get("ckpt_path") if config is not None else None
-        if not ckpt_path or str(ckpt_path).startswith(LIGHTNING_CKPT_NAMES):
+        if not ckpt_path or ckpt_path in LIGHTNING_CKPT_NAMES or str(ckpt_path).startswith("registry:"):
             return
         checkpoint = load_tensors(ckpt_path)
         if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):

@@ -79,7 +79,8 @@ def crafted_files(folder: Path, marker: Path) -> dict[str, Path]:
     }
     paths = {}
     for name, (suffix, write) in writers.items():
-        paths[name] = folder / f"{name}{suffix}"
+        # "last" opens each name: a file named like Lightning's own `--ckpt_path last` must not skip the checks
+        paths[name] = folder / f"last_{name}{suffix}"
         write(paths[name])
     return paths
 
