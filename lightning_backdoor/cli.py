@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import sys
 import tempfile
 from argparse import ArgumentError
@@ -16,7 +17,7 @@ from lightning_backdoor.classifier import PoisonedClassifier
 from lightning_backdoor.dashboard import choose_mode
 from lightning_backdoor.data import PoisonedDataModule
 from lightning_backdoor.defenses import Defense
-from lightning_backdoor.io import load_state_dict, load_tensors
+from lightning_backdoor.io import first_line, load_state_dict, load_tensors
 
 #: jsonargparse raises instead of printing usage and exiting, so ``main`` can print its error on one line.
 PARSER_KWARGS = {"parser_mode": "omegaconf", "exit_on_error": False}
@@ -60,6 +61,8 @@ class BackdoorCLI(LightningCLI):
                              f"overwritten)")
         if self.subcommand == "fit":
             check_writable(root, "run folder")
+        else:  # validate/test/predict often run in the fit's folder: its config.yaml is the fit's, keep it
+            self.save_config_callback = None
         if config.get("weights_only") is False:
             raise ValueError("--weights_only=false would let a checkpoint run code when it loads; this tool loads "
                              "weights only")
@@ -204,7 +207,7 @@ def main(args: list[str] | None = None) -> None:
             return
         BackdoorCLI(PoisonedClassifier, PoisonedDataModule, subclass_mode_model=True, subclass_mode_data=True,
                     parser_kwargs=PARSER_KWARGS, args=args, auto_configure_optimizers=False)
-    except (ValueError, ArgumentError) as error:
+    except (ValueError, ArgumentError, pickle.UnpicklingError) as error:
         print(f"lightning-backdoor: error: {one_line(error)}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -213,6 +216,8 @@ def one_line(error: BaseException) -> str:
     """Our own message inside jsonargparse's multi-line wrapping (it lists each union member's error)."""
     if isinstance(error, ArgumentError):
         return parser_error_line(str(error))
+    if isinstance(error, pickle.UnpicklingError):  # Lightning's own weights-only load of `--ckpt_path last`/`best`
+        return f"refusing to load the checkpoint: not a plain tensor file ({first_line(error)})"
     chain = [error]
     while chain[-1].__cause__ or chain[-1].__context__:
         chain.append(chain[-1].__cause__ or chain[-1].__context__)

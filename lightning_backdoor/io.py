@@ -103,10 +103,10 @@ def load_tensors(path: str | Path) -> Any:
     except IsADirectoryError:
         raise ValueError(f"{path} is a folder, not a file") from None
     except Exception as error:  # torch raises UnpicklingError and others for crafted or foreign files
-        raise ValueError(f"refusing to load {path}: not a plain tensor file ({_first_line(error)})") from None
+        raise ValueError(f"refusing to load {path}: not a plain tensor file ({first_line(error)})") from None
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     """The telling line of an error's message (torch's unpickler reason if present, else the first; at most 200
     characters, terminal colour codes removed), or its type's name when it has none."""
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines() if line.strip()]
@@ -129,7 +129,7 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
         try:
             return load_file(str(path))
         except Exception as error:  # SafetensorError, or OSError for a file that is not safetensors at all
-            raise ValueError(f"refusing to load {path}: not a valid safetensors file ({_first_line(error)})") from None
+            raise ValueError(f"refusing to load {path}: not a valid safetensors file ({first_line(error)})") from None
     loaded = load_tensors(path)
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]

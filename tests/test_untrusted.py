@@ -162,6 +162,28 @@ def test_cli_refuses_with_one_line(traps, tmp_path, capsys, name, command):
     assert not out.exists() and snapshot(tmp_path) == before
 
 
+#: files whose payload is a pickle that would run code (the rest are malformed, not malicious)
+PICKLE_TRAPS = ("lightning_dict", "bare_state_dict", "nested_in_list", "legacy_non_zip", "zip_with_evil_data_pkl",
+                "raw_pickle", "exploit_in_hyper_parameters")
+
+
+@pytest.mark.parametrize("name", PICKLE_TRAPS)
+def test_ckpt_path_last_is_loaded_weights_only_too(traps, tmp_path, capsys, name):
+    """``--ckpt_path last`` is resolved and loaded by Lightning itself, with ``weights_only=True`` forced."""
+    files, marker = traps
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(files[name].read_bytes())
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--config", CONFIG, "--trainer.logger=false", f"--trainer.default_root_dir={run}",
+              "--ckpt_path=last", "--trainer.enable_progress_bar=false"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("lightning-backdoor: error: refusing")
+    assert not marker.exists()
+    assert sorted(path.name for path in run.rglob("*")) == ["checkpoints", "last.ckpt"]
+
+
 def test_an_honest_checkpoint_still_loads_through_ckpt_path(quickstart_run, tmp_path, capsys):
     """The guard does not refuse what fit writes: ``test --ckpt_path`` on the run's own checkpoint scores it."""
     main(["test", "--config", CONFIG, "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",

@@ -141,7 +141,7 @@ class PoisonedDataModule(L.LightningDataModule):
         self._datasets["train"] = TensorDataset(images[plan.train], labels[plan.train])
         self._datasets["val"] = self._eval_dataset(pool.subset(plan.val))
         self._datasets["test"] = self._eval_dataset(self.test_set)
-        if self.trainer is not None and self.trainer.is_global_zero:
+        if stage == "fit" and self.trainer is not None and self.trainer.is_global_zero:  # a test run writes nothing
             self.save_splits(Path(self.trainer.default_root_dir) / "splits.json")
 
     def test_dataset(self) -> TensorDataset:
