@@ -185,7 +185,11 @@ def test_ckpt_path_last_is_loaded_weights_only_too(traps, tmp_path, capsys, name
 
 
 def test_an_honest_checkpoint_still_loads_through_ckpt_path(quickstart_run, tmp_path, capsys):
-    """The guard does not refuse what fit writes: ``test --ckpt_path`` on the run's own checkpoint scores it."""
+    """The guard does not refuse what fit writes: ``test --ckpt_path`` on the run's own checkpoint scores it, in a
+    folder that already holds a run, and leaves that run's files alone."""
+    (tmp_path / "config.yaml").write_text("seed_everything: 0\n")
     main(["test", "--config", CONFIG, "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
           f"--ckpt_path={quickstart_run / 'checkpoints' / 'poisoned.ckpt'}", "--trainer.enable_progress_bar=false"])
     assert "test/clean_acc" in capsys.readouterr().out
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["config.yaml"]
+    assert (tmp_path / "config.yaml").read_text() == "seed_everything: 0\n"
