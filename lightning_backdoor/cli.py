@@ -239,6 +239,8 @@ def parser_error_line(message: str) -> str:
     lines = [line for line in message.splitlines() if line.strip()]
     if len(lines) <= 1:
         return message.strip()
+    if not any(line.strip(" -").startswith('Parser key "') for line in lines):  # e.g. YAML syntax: one sentence
+        return " ".join(line.strip() for line in lines)
     def depth(line: str) -> int:
         return len(line) - len(line.lstrip(" -"))
     reasons = [i for i, line in enumerate(lines) if not line.strip(" -").startswith(_PARSER_NOISE)]

@@ -38,6 +38,9 @@ CASES = [
     ("unknown_model", "fit", ["--model.init_args.model=nope"], "unknown model 'nope'; known models: compact"),
     ("unknown_trigger", "fit", [f"{DATA}.trigger=lightning_backdoor.triggers.Nope"],
      "data.trigger: class_path 'lightning_backdoor.triggers.Nope'"),
+    ("config_missing", "fit", ["--config={tmp}/none.yaml"], "File does not exist: '"),
+    ("config_not_yaml", "fit", ["--config={tmp}/broken.yaml"],
+     "Problems parsing config: while parsing a flow sequence in"),
     ("unknown_option", "fit", ["--trainer.max_epochz=3"], "unrecognized arguments: --trainer.max_epochz=3"),
     ("existing_run_folder", "fit", ["--trainer.default_root_dir={tmp}/old_run"], "already holds a run"),
     ("unwritable_run_folder", "fit", ["--trainer.default_root_dir=/sys/lightning-backdoor-run"], "is not writable"),
@@ -85,6 +88,7 @@ def snapshot(*folders: Path) -> dict[str, tuple[int, bytes]]:
 def workspace(tmp_path: Path, quickstart_run: Path) -> dict[str, str]:
     (tmp_path / "old_run").mkdir()
     (tmp_path / "old_run" / "config.yaml").write_text("seed_everything: 0\n")
+    (tmp_path / "broken.yaml").write_text("trainer: [unclosed\n")
     for split in ("train", "test"):
         (tmp_path / "empty_data" / split / "cat").mkdir(parents=True)
     return {"tmp": str(tmp_path), "empty_data": str(tmp_path / "empty_data"),
