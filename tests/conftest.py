@@ -18,14 +18,25 @@ import pytest  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def finish_wandb_run() -> None:
+    """Close the process's open W&B run, if any: Lightning's WandbLogger would otherwise log the next in-process fit
+    into it (instead of that fit's own run folder), and closing flushes its offline files."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
+
+
 @pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory):
     """Fit the quickstart config through the real CLI (its DefenseCallback runs at the end); shared by tests."""
     from lightning_backdoor.cli import main
 
     root = tmp_path_factory.mktemp("quickstart")
+    finish_wandb_run()
     main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), f"--trainer.default_root_dir={root}",
           "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"])
+    finish_wandb_run()
     return root
 
 
@@ -35,7 +46,9 @@ def clean_quickstart_run(tmp_path_factory):
     from lightning_backdoor.cli import main
 
     root = tmp_path_factory.mktemp("quickstart-clean")
+    finish_wandb_run()
     main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), f"--trainer.default_root_dir={root}",
           "--data.init_args.poison_rate=0", "--trainer.enable_progress_bar=false",
           "--trainer.enable_model_summary=false"])
+    finish_wandb_run()
     return root
