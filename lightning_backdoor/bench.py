@@ -46,7 +46,9 @@ COMPLETE = "bench_complete.json"
 @dataclass
 class BenchSettings:
     """A bench grid: which attacks (by name, each a list of CLI config files), defenses (by registered name, with
-    constructor arguments), budgets and seeds; where models are cached and results go."""
+    constructor arguments), budgets (unseen images per class) and seeds; where models are cached and results go;
+    ``test_images``: score on a fixed random N of the test images (default: all), the same for every run;
+    ``report_only``: run nothing, tabulate and plot the grid's finished runs from the CSV."""
 
     attacks: list[str]
     attack_configs: dict[str, list[str]]
@@ -59,6 +61,8 @@ class BenchSettings:
     search_runs: list[str] = field(default_factory=list)
     output_dir: str = "runs/bench/results"
     threads: int | None = None
+    test_images: int | None = None
+    report_only: bool = False
     wandb: bool = True
     wandb_project: str = "lightning-backdoor"
 
@@ -194,8 +198,12 @@ class Bench:
         module, data = instantiate_run(configs, run_checkpoint(run_dir), self.settings.overrides)
         network = module.net.float().eval()
         test = data.test_dataset().tensors
+        if self.settings.test_images is not None:  # a fixed random subset: a source's test set may be sorted by class
+            subset = torch.randperm(len(test[0]), generator=torch.Generator().manual_seed(0))[:self.settings.test_images]
+            test = tuple(tensor[subset] for tensor in test)
         before = evaluate(network, *test, data.num_classes, data.target_class)
-        self.log(f"[bench] {attack}: before any defense CA {before['clean_acc']:.4f} ASR {before['asr']:.4f}")
+        self.log(f"[bench] {attack}: before any defense CA {before['clean_acc']:.4f} ASR {before['asr']:.4f} "
+                 f"on {len(test[0])} test images")
         return run_dir, network, data, test, before
 
     def run(self) -> list[dict[str, Any]]:
@@ -206,10 +214,11 @@ class Bench:
         csv_path = self.output_dir / "results.csv"
         rows = read_rows(csv_path)
         done = {(row["attack"], row["defense"], int(row["unseen_per_class"]), int(row["seed"])) for row in rows}
-        # seeds outermost: an interrupted bench has every defense on the first seeds rather than some on all
+        # seeds outermost, then defenses in the listed order: an interrupted bench has the first defenses on every
+        # attack for the first seeds, rather than some attacks or seeds complete and others missing
         cells = [(attack, defense, budget, seed) for seed in settings.seeds for budget in settings.budgets
-                 for attack in settings.attacks for defense in settings.defenses]
-        todo = [cell for cell in cells if cell not in done]
+                 for defense in settings.defenses for attack in settings.attacks]
+        todo = [] if settings.report_only else [cell for cell in cells if cell not in done]
         self.log(f"[bench] {len(cells)} runs in the grid, {len(cells) - len(todo)} already in {csv_path}")
         loaded: dict[str, Any] = {}
         for attack, defense_name, budget, seed in todo:
