@@ -72,7 +72,7 @@ class TriggerEstimator:
     """
 
     def __init__(self, estimators: tuple[str, ...] = ("neural_cleanse", "perturbation"), threshold: float = 2.0,
-                 max_steps: int = 300, batch_size: int = 16, patience: int = 25, min_per_class: int = 5,
+                 max_steps: int = 100, batch_size: int = 8, patience: int = 25, min_per_class: int = 5,
                  progress: bool = True, seed: int = 0) -> None:
         unknown = [name for name in estimators if name not in INVERSIONS]
         if unknown or not estimators:

@@ -133,8 +133,8 @@ class InversionResult:
     inversion: Inversion
 
 
-def invert(model: nn.Module, images: Tensor, labels: Tensor, inversion: Inversion, *, max_steps: int = 300,
-           batch_size: int = 16, lr: float = 0.1, init_cost: float = 1e-3, success_rate: float = 0.95,
+def invert(model: nn.Module, images: Tensor, labels: Tensor, inversion: Inversion, *, max_steps: int = 100,
+           batch_size: int = 8, lr: float = 0.1, init_cost: float = 1e-3, success_rate: float = 0.95,
            patience: int = 25, bf16: bool = True, generator: torch.Generator | None = None,
            progress: bool = True) -> InversionResult:
     """Optimise every class's candidate at once: CE toward the class on unseen images of other classes plus an
