@@ -1,5 +1,7 @@
 """The edit's algebra: keys and values at conv/linear layers, both solvers, the residual correction."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -109,3 +111,22 @@ def test_ledoit_wolf_shrinks_few_keys_much_and_many_keys_little():
     assert torch.linalg.matrix_rank(few_moment) == 8 and torch.linalg.matrix_rank(few) == 16
     assert few_intensity > 0.3 and many_intensity < 0.05
     assert torch.allclose(few.trace(), few_moment.trace())
+
+
+def test_forced_repair_pins_target_keys_and_says_so():
+    from lightning_backdoor.defenses import ActivationEditing, UnseenData
+    from lightning_backdoor.triggers import BadNets
+
+    torch.manual_seed(0)
+    model = build_model("compact", num_classes=3, in_channels=1, widths=(8, 8, 8)).eval()
+    unseen = UnseenData(torch.rand(12, 1, 16, 16), torch.tensor([0, 1, 2] * 4))
+    change = {}
+    for weight in (0.0, 1.0, 1e4):
+        info = ActivationEditing(layer="head", repair=weight > 0, repair_tolerance=-1.0, repair_weights=(weight,)
+                                 ).defend(copy.deepcopy(model), unseen, BadNets(), target_class=0)
+        assert info["repaired"] == (weight > 0)
+        change[weight] = info["diagnostics_after_repair" if weight else "diagnostics"]["clean_output_change"]
+        if weight:
+            assert info["repair_weight"] == weight
+    # pinning the target class's keys harder moves clean outputs less (a third of U is the target class)
+    assert change[1e4] < 0.01 * change[0.0] and change[1e4] < change[1.0] < change[0.0]

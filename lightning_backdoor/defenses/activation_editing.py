@@ -157,7 +157,10 @@ class ActivationEditing(Defense):
         spatial_weight: ``uniform`` over the feature grid, or ``mask``: the trigger's mask pooled to the grid
             (local triggers only; global triggers fall back to uniform).
         repair: run the repair step when the target class's confidence on unseen target images dropped.
-        repair_tolerance: the drop in mean target-class probability on U that triggers the repair.
+        repair_tolerance: the drop in mean target-class probability on U that triggers the repair (a negative
+            value always repairs).
+        repair_weights: the weights of the pinned target-class keys the repair tries, in order, until the
+            target-class confidence is back within the tolerance.
         candidates: how many of the last editable layers ``auto`` tries.
         seed: fixes the augmented views.
         estimator: estimates the trigger and target when they are unknown (default: :class:`TriggerEstimator`);
@@ -169,12 +172,14 @@ class ActivationEditing(Defense):
     def __init__(self, layer: str = "auto", method: Literal["closed_form", "rank_r"] = "closed_form",
                  strength: float | None = 10.0, rank: int = 16, min_images: int = 40,
                  spatial_weight: Literal["uniform", "mask"] = "uniform", repair: bool = True,
-                 repair_tolerance: float = 0.02, candidates: int = 3, seed: int = 0,
+                 repair_tolerance: float = 0.02, repair_weights: tuple[float, ...] = REPAIR_WEIGHTS,
+                 candidates: int = 3, seed: int = 0,
                  estimator: TriggerEstimator | None = None) -> None:
         if strength is not None and strength <= 0:
             raise ValueError(f"strength={strength} must be positive")
         self.layer, self.method, self.strength, self.rank, self.min_images = layer, method, strength, rank, min_images
         self.spatial_weight, self.repair, self.repair_tolerance = spatial_weight, repair, repair_tolerance
+        self.repair_weights = tuple(repair_weights)
         self.candidates, self.seed = candidates, seed
         self.estimator = estimator if estimator is not None else TriggerEstimator(seed=seed)
 
@@ -230,7 +235,7 @@ class ActivationEditing(Defense):
         repaired = self.repair and confidence["before"] - confidence["after_edit"] > self.repair_tolerance
         if repaired:
             get_layer(model, layer).load_state_dict(original_state)
-            for repair_weight in REPAIR_WEIGHTS:
+            for repair_weight in self.repair_weights:
                 delta = problem.solve(self.method, strength, self.rank, repair_weight)
                 with trial_edit(model, layer, delta):
                     confidence["after_repair"] = self._target_confidence(model, target_images, target_class)
