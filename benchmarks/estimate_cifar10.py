@@ -71,7 +71,8 @@ def table(rows: list[dict]) -> str:
         if row["poisoned"]:
             found = "yes" if row["estimated_target"] == row["true_target"] else f"no ({row['estimated_target']})"
         else:
-            found = "no backdoor found" if row["estimated_target"] is None else f"false alarm ({row['estimated_target']})"
+            found = ("no backdoor found" if row["estimated_target"] is None
+                     else f"false alarm ({row['estimated_target']})")
         best = max(((max(v), k) for k, v in row["anomaly_index"].items()), default=(float("nan"), "-"))
         lines.append(f"| {row['run']} | {found} | {best[0]:.2f} ({best[1]}) | {100 * before['clean_acc']:.2f} | "
                      f"{100 * after['clean_acc']:.2f} | {100 * before['asr']:.2f} | {100 * after['asr']:.2f} | "

@@ -53,8 +53,7 @@ def test_estimation_finds_the_target_and_removes_the_backdoor(quickstart_run: Pa
 
 @pytest.mark.xfail(strict=True, reason="known false alarm (README, trigger unknown): on the clean quickstart model "
                    "class 8 gets anomaly index 3.01 (perturbation) and 2.29 (Neural Cleanse), so it is edited")
-def test_clean_model_is_left_unchanged(clean_quickstart_run: Path, tmp_path: Path,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_clean_model_is_left_unchanged(clean_quickstart_run: Path, tmp_path: Path) -> None:
     checkpoint = clean_quickstart_run / "checkpoints" / "poisoned.ckpt"
     main(["defend", "--config", QUICKSTART, "--checkpoint", str(checkpoint), "--trigger_known", "false",
           "--output_dir", str(tmp_path), "--trainer.logger=false"])

@@ -77,7 +77,8 @@ class TriggerEstimator:
         unknown = [name for name in estimators if name not in INVERSIONS]
         if unknown or not estimators:
             raise ValueError(f"unknown trigger estimator(s) {unknown}; known: {', '.join(INVERSIONS)}")
-        self.estimators, self.threshold, self.max_steps, self.batch_size = tuple(estimators), threshold, max_steps, batch_size
+        self.estimators, self.threshold = tuple(estimators), threshold
+        self.max_steps, self.batch_size = max_steps, batch_size
         self.patience, self.min_per_class, self.progress, self.seed = patience, min_per_class, progress, seed
 
     def check(self, num_classes: int, labels: Tensor) -> None:
