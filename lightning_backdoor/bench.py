@@ -219,7 +219,9 @@ class Bench:
         cells = [(attack, defense, budget, seed) for seed in settings.seeds for budget in settings.budgets
                  for defense in settings.defenses for attack in settings.attacks]
         todo = [] if settings.report_only else [cell for cell in cells if cell not in done]
-        self.log(f"[bench] {len(cells)} runs in the grid, {len(cells) - len(todo)} already in {csv_path}")
+        finished = sum(cell in done for cell in cells)
+        self.log(f"[bench] {len(cells)} runs in the grid, {finished} already in {csv_path}"
+                 + (" (report only)" if settings.report_only else ""))
         loaded: dict[str, Any] = {}
         for attack, defense_name, budget, seed in todo:
             if attack not in loaded:
