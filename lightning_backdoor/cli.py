@@ -43,9 +43,11 @@ class BackdoorCLI(LightningCLI):
                                 help="model weights: a Lightning checkpoint, a state_dict file or .safetensors")
             parser.add_subclass_arguments(Defense, "defense", required=False,
                                           default={"class_path": "lightning_backdoor.defenses.ActivationEditing"},
-                                          help="the defense to run (default: activation editing with repair)")
+                                          help="the defense to run (default: the config's DefenseCallback "
+                                               "defense, else activation editing with repair)")
             parser.add_argument("--unseen_per_class", type=int | None, default=None,
-                                help="use the first k unseen images per class (default: all)")
+                                help="use the first k unseen images per class (default: as the config's "
+                                     "DefenseCallback, else all)")
             parser.add_argument("--trigger_known", type=bool, default=True,
                                 help="false: estimate the trigger and target from the model and the unseen split "
                                      "(the data's trigger then only serves the evaluation)")
@@ -185,8 +187,14 @@ def run_defend(args: list[str]) -> None:
     state_dict = load_state_dict(checkpoint)
     load_weights(cli.model, state_dict)
     check_writable(output_dir, "output folder")  # created only when the outputs are written
-    callback = DefenseCallback(defense=cli.config_init.defense, unseen_per_class=config.unseen_per_class,
-                               trigger_known=config.trigger_known)
+    configured = next((c for c in cli.trainer.callbacks if isinstance(c, DefenseCallback)), None)
+    if configured is None or any(arg.startswith("--defense") for arg in args):
+        defense, unseen_per_class = cli.config_init.defense, config.unseen_per_class
+    else:  # the run's own fit-end defense, so that `defend` repeats what `fit` did
+        defense = configured.defense
+        unseen_per_class = (config.unseen_per_class if config.unseen_per_class is not None
+                            else configured.unseen_per_class)
+    callback = DefenseCallback(defense=defense, unseen_per_class=unseen_per_class, trigger_known=config.trigger_known)
     callback.defend(cli.model, cli.datamodule, [], output_dir)
     print(f"defended weights: {callback.checkpoint_path}")
     print(f"defense report: {callback.report_path}")
