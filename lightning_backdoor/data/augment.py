@@ -25,3 +25,9 @@ def random_flip(images: Tensor) -> Tensor:
     """Mirror a random half of the batch left-right."""
     flip = torch.rand(images.shape[0], 1, 1, 1, device=images.device) < 0.5
     return torch.where(flip, images.flip(-1), images)
+
+
+def shift_and_flip(images: Tensor) -> Tensor:
+    """The defenses' augmentation of unseen images: a shift by up to 1/8 of the side, and a flip for RGB."""
+    images = random_crop(images, max(1, images.shape[-1] // 8))
+    return random_flip(images) if images.shape[1] == 3 else images

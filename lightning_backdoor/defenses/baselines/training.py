@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_backdoor.data.augment import random_crop, random_flip
+from lightning_backdoor.data.augment import shift_and_flip
+from lightning_backdoor.defenses.activation_editing import predict_logits
 from lightning_backdoor.defenses.base import UnseenData
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -22,12 +23,6 @@ def cross_entropy(model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
 def shuffled_batches(count: int, batch_size: int) -> Iterator[Tensor]:
     """Index batches of one epoch over ``count`` items, in random order (the global torch RNG)."""
     yield from torch.randperm(count).split(batch_size)
-
-
-def augment(images: Tensor) -> Tensor:
-    """Standard training augmentation: a random shift by up to 1/8 of the side, and a flip for RGB."""
-    images = random_crop(images, max(1, images.shape[-1] // 8))
-    return random_flip(images) if images.shape[1] == 3 else images
 
 
 def train(model: nn.Module, unseen: UnseenData, epochs: int, lr: float, batch_size: int = 64,
@@ -48,7 +43,7 @@ def train(model: nn.Module, unseen: UnseenData, epochs: int, lr: float, batch_si
         for _ in range(epochs):
             for batch in shuffled_batches(len(unseen.labels), batch_size):
                 images = unseen.images[batch].float()
-                images = augment(images) if use_augmentation else images
+                images = shift_and_flip(images) if use_augmentation else images
                 loss = loss_fn(model, images, unseen.labels[batch])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -77,13 +72,6 @@ def split_unseen(unseen: UnseenData, validation_fraction: float) -> tuple[Unseen
             UnseenData(unseen.images[validation], unseen.labels[validation]))
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 500) -> float:
+def accuracy(model: nn.Module, images: Tensor, labels: Tensor) -> float:
     """Clean accuracy (fraction) of ``model`` in eval mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        predictions = torch.cat([model(chunk.float()).argmax(-1) for chunk in images.split(batch_size)])
-    finally:
-        model.train(was_training)
-    return (predictions == labels).float().mean().item()
+    return (predict_logits(model, images.float()).argmax(-1) == labels).float().mean().item()
