@@ -13,6 +13,7 @@ _EXPORTS = {
     "PoisonedDataModule": "lightning_backdoor.data.datamodule",
     "DefenseCallback": "lightning_backdoor.defenses.callback",
     "WandbSamples": "lightning_backdoor.dashboard",
+    "SyncBatchNormPlugin": "lightning_backdoor.models.sync_batchnorm",
 }
 __all__ = list(_EXPORTS)
 

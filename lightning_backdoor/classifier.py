@@ -57,6 +57,15 @@ class PoisonedClassifier(L.LightningModule):
         self.optimizer_factory = optimizer
         self.val_metrics = BackdoorMetrics(num_classes, target_class)
         self.test_metrics = BackdoorMetrics(num_classes, target_class)
+        self._training_rng: Tensor | None = torch.get_rng_state()
+
+    def setup(self, stage: str) -> None:
+        """Training continues torch's random stream from where initialisation left it. Lightning's DDP re-seeds
+        every rank at launch; restoring the state makes a DDP run draw the same shuffles and crops as one process
+        (with one process it changes nothing: no draws happen in between)."""
+        if stage == "fit" and self._training_rng is not None:
+            torch.set_rng_state(self._training_rng)
+            self._training_rng = None
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images)

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins import LayerSync
 from torch import Tensor, nn
 
 from lightning_backdoor.classifier import PoisonedClassifier
@@ -18,6 +20,7 @@ from lightning_backdoor.dashboard import choose_mode
 from lightning_backdoor.data import PoisonedDataModule
 from lightning_backdoor.defenses import Defense
 from lightning_backdoor.io import first_line, load_state_dict, load_tensors
+from lightning_backdoor.models.sync_batchnorm import SyncBatchNormPlugin
 
 #: jsonargparse raises instead of printing usage and exiting, so ``main`` can print its error on one line.
 PARSER_KWARGS = {"parser_mode": "omegaconf", "exit_on_error": False}
@@ -77,6 +80,15 @@ class BackdoorCLI(LightningCLI):
                 logger.init_args.save_dir = str(root)
             if getattr(logger, "class_path", "").endswith("WandbLogger"):
                 choose_mode(logger.init_args, root)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The configured Trainer; ``sync_batchnorm`` uses :class:`SyncBatchNormPlugin`, which also syncs on CPU."""
+        config = self._get(self.config_init, "trainer", default={})
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if config.get("sync_batchnorm") and not any(isinstance(plugin, LayerSync) for plugin in plugins):
+            kwargs["plugins"] = [*plugins, SyncBatchNormPlugin()]
+        return super().instantiate_trainer(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` instead of merging its hyperparameters into the config as Lightning does.

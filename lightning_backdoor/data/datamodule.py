@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_backdoor.data.augment import random_crop, random_flip
+from lightning_backdoor.data.sampling import GlobalBatchSampler
 from lightning_backdoor.data.poisoning import (SplitPlan, apply_noise_mode, apply_trigger, attack_labels, plan_splits,
                                                to_float)
 from lightning_backdoor.data.sources import ImageSet, load_source
@@ -169,7 +170,10 @@ class PoisonedDataModule(L.LightningDataModule):
             raise ValueError("the checkpoint's split indices differ from this data module's; use the run's seed")
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self._datasets["train"], batch_size=self.batch_size, shuffle=True, drop_last=True,
+        train = self._datasets["train"]
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        sampler = GlobalBatchSampler(train, self.batch_size, num_replicas=world, rank=rank)
+        return DataLoader(train, batch_size=self.batch_size, sampler=sampler, drop_last=True,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
@@ -185,6 +189,7 @@ class PoisonedDataModule(L.LightningDataModule):
         """uint8 -> float on the device, then augment training batches there."""
         batch = [to_float(item) if item.dtype == torch.uint8 else item for item in batch]
         if self.trainer is not None and self.trainer.training and self.augment != "none":
-            images = random_crop(batch[0], self.crop_padding)
-            batch[0] = random_flip(images) if self.augment == "crop_flip" else images
+            shard = (self.trainer.global_rank, self.trainer.world_size)  # draws as one process with the global batch
+            images = random_crop(batch[0], self.crop_padding, shard)
+            batch[0] = random_flip(images, shard) if self.augment == "crop_flip" else images
         return batch
