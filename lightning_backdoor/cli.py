@@ -100,6 +100,10 @@ class BackdoorCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else None
         ckpt_path = config.get("ckpt_path") if config is not None else None
+        if ckpt_path == "last":  # Lightning picks one of the run's *last*.ckpt: each must load as plain tensors
+            for path in sorted(Path(config.trainer.default_root_dir or ".", "checkpoints").glob("*last*.ckpt")):
+                load_tensors(path)
+            return
         if not ckpt_path or ckpt_path in LIGHTNING_CKPT_NAMES or str(ckpt_path).startswith("registry:"):
             return
         checkpoint = load_tensors(ckpt_path)

@@ -49,6 +49,8 @@ CASES = [
     ("weights_only_false", "test", ["--ckpt_path={ckpt}", "--weights_only=false"],
      "--weights_only=false would let a checkpoint run code"),
     ("ckpt_path_missing", "test", ["--ckpt_path={tmp}/none.ckpt"], "none.ckpt does not exist"),
+    ("ckpt_path_last_truncated", "test", ["--trainer.default_root_dir={tmp}/truncated_run", "--ckpt_path=last"],
+     "last.ckpt: not a plain tensor file (EOFError)"),
     ("ckpt_path_other_model", "test", ["--ckpt_path={ckpt}", "--model.init_args.model_kwargs.widths=[16,64,128]"],
      "was trained with model model_kwargs={'widths': [32, 64, 128]} but the config says"),
     ("checkpoint_missing", "defend", ["--checkpoint={tmp}/none.ckpt"], "none.ckpt does not exist"),
@@ -89,6 +91,8 @@ def workspace(tmp_path: Path, quickstart_run: Path) -> dict[str, str]:
     (tmp_path / "old_run").mkdir()
     (tmp_path / "old_run" / "config.yaml").write_text("seed_everything: 0\n")
     (tmp_path / "broken.yaml").write_text("trainer: [unclosed\n")
+    (tmp_path / "truncated_run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "truncated_run" / "checkpoints" / "last.ckpt").write_bytes(b"")  # a fit killed while saving
     for split in ("train", "test"):
         (tmp_path / "empty_data" / split / "cat").mkdir(parents=True)
     return {"tmp": str(tmp_path), "empty_data": str(tmp_path / "empty_data"),
