@@ -375,7 +375,7 @@ def log_wandb(rows: list[dict[str, Any]], markdown: str, output_dir: Path, proje
 def parser() -> ArgumentParser:
     """The ``bench`` command's arguments: every :class:`BenchSettings` field, from a YAML ``--config`` or flags."""
     arguments = ArgumentParser(prog="lightning-backdoor bench", description=__doc__.splitlines()[0],
-                               parser_mode="omegaconf", exit_on_error=False)
+                               parser_mode="omegaconf", exit_on_error=False, allow_abbrev=False)
     arguments.add_argument("--config", action=ActionConfigFile)
     arguments.add_class_arguments(BenchSettings, nested_key=None, fail_untyped=True)
     return arguments

@@ -23,7 +23,7 @@ from lightning_backdoor.io import first_line, load_state_dict, load_tensors
 from lightning_backdoor.models.sync_batchnorm import SyncBatchNormPlugin
 
 #: jsonargparse raises instead of printing usage and exiting, so ``main`` can print its error on one line.
-PARSER_KWARGS = {"parser_mode": "omegaconf", "exit_on_error": False}
+PARSER_KWARGS = {"parser_mode": "omegaconf", "exit_on_error": False, "allow_abbrev": False}
 #: ``--ckpt_path`` values that Lightning resolves itself (to the run's own checkpoints).
 LIGHTNING_CKPT_NAMES = ("best", "last", "hpc", "registry")
 #: model arguments the data module sets at instantiation (the config holds placeholders until then).

@@ -42,6 +42,7 @@ CASES = [
     ("config_not_yaml", "fit", ["--config={tmp}/broken.yaml"],
      "Problems parsing config: while parsing a flow sequence in"),
     ("unknown_option", "fit", ["--trainer.max_epochz=3"], "unrecognized arguments: --trainer.max_epochz=3"),
+    ("abbreviated_option", "fit", ["--trainer.max_epoch=3"], "unrecognized arguments: --trainer.max_epoch=3"),
     ("existing_run_folder", "fit", ["--trainer.default_root_dir={tmp}/old_run"], "already holds a run"),
     ("unwritable_run_folder", "fit", ["--trainer.default_root_dir=/sys/lightning-backdoor-run"], "is not writable"),
     ("run_folder_under_a_file", "fit", ["--trainer.default_root_dir={tmp}/old_run/config.yaml/run"],
