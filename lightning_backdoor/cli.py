@@ -100,10 +100,9 @@ class BackdoorCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else None
         ckpt_path = config.get("ckpt_path") if config is not None else None
-        if ckpt_path == "last":  # Lightning picks one of the run's *last*.ckpt: each must load as plain tensors
-            for path in sorted(Path(config.trainer.default_root_dir or ".", "checkpoints").glob("*last*.ckpt")):
-                load_tensors(path)
-            return
+        if ckpt_path == "last":  # the file Lightning will resume from: the run's newest *last*.ckpt, checked alike
+            found = Path(config.trainer.default_root_dir or ".", "checkpoints").glob("*last*.ckpt")
+            ckpt_path = max(found, key=lambda path: path.stat().st_mtime, default=None)
         if not ckpt_path or ckpt_path in LIGHTNING_CKPT_NAMES or str(ckpt_path).startswith("registry:"):
             return
         checkpoint = load_tensors(ckpt_path)
@@ -240,7 +239,7 @@ def one_line(error: BaseException) -> str:
     """Our own message inside jsonargparse's multi-line wrapping (it lists each union member's error)."""
     if isinstance(error, ArgumentError):
         return parser_error_line(str(error))
-    if isinstance(error, pickle.UnpicklingError):  # Lightning's own weights-only load of `--ckpt_path last`/`best`
+    if isinstance(error, pickle.UnpicklingError):  # Lightning's own weights-only load (`--ckpt_path best`/`hpc`)
         return f"refusing to load the checkpoint: not a plain tensor file ({first_line(error)})"
     chain = [error]
     while chain[-1].__cause__ or chain[-1].__context__:

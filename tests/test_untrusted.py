@@ -169,7 +169,8 @@ PICKLE_TRAPS = ("lightning_dict", "bare_state_dict", "nested_in_list", "legacy_n
 
 @pytest.mark.parametrize("name", PICKLE_TRAPS)
 def test_ckpt_path_last_is_loaded_weights_only_too(traps, tmp_path, capsys, name):
-    """``--ckpt_path last`` is resolved and loaded by Lightning itself, with ``weights_only=True`` forced."""
+    """``--ckpt_path last``: the run's newest last.ckpt is checked like an explicit path before Lightning loads it
+    (itself with ``weights_only=True`` forced)."""
     files, marker = traps
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
