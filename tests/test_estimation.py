@@ -3,6 +3,7 @@ left unchanged, and bad input."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -15,7 +16,11 @@ from torch import nn
 from lightning_backdoor.cli import instantiate_run, main
 from lightning_backdoor.defenses import ActivationEditing, UnseenData
 from lightning_backdoor.defenses.callback import DefenseCallback
+from lightning_backdoor.defenses.activations import get_layer
 from lightning_backdoor.defenses.estimation import TriggerEstimator, anomaly_index
+from lightning_backdoor.defenses.inversion import FeatureInversion, FeatureTrigger
+from lightning_backdoor.models import CompactNet
+from lightning_backdoor.triggers import build_trigger
 from lightning_backdoor.io import load_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +51,8 @@ def test_estimation_finds_the_target_and_removes_the_backdoor(quickstart_run: Pa
     assert len(indices) == data.num_classes and max(indices) == indices[0] > 2
     assert report["after"]["asr"] < 0.2 < 0.9 < report["before"]["asr"]
     assert report["after"]["clean_acc"] > report["before"]["clean_acc"] - 0.02
+    assert estimation["edited_with"][0] == estimation["estimator"]  # the flagging estimator's candidate first
+    assert sorted(estimation["edited_with"]) == sorted(estimation["anomaly_index"])  # then every other candidate
     written = json.loads(callback.report_path.read_text())
     assert Path(written["defense"]["estimated_trigger"]).is_file()
     assert {"estimation_seconds", "editing_seconds"} <= set(written["defense"])
@@ -78,3 +85,67 @@ def test_too_few_unseen_images_per_class_are_refused() -> None:
     labels = torch.arange(10).repeat(2)
     with pytest.raises(ValueError, match="at least 5 unseen images of every class; class 0 has 2"):
         TriggerEstimator().estimate(model, UnseenData(torch.rand(20, 1, 28, 28), labels))
+
+
+def _conv_input(model: nn.Module, layer: str, images: torch.Tensor) -> torch.Tensor:
+    seen = []
+    handle = get_layer(model, layer).register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    with torch.no_grad():
+        model(images)
+    handle.remove()
+    return seen[0]
+
+
+def test_feature_trigger_rewrites_the_layer_input_only_while_attached() -> None:
+    torch.manual_seed(0)
+    model = CompactNet(num_classes=10, in_channels=1).eval()
+    images = torch.rand(4, 1, 28, 28)
+    clean = _conv_input(model, "blocks.2.conv2", images)
+    mask = torch.zeros(clean.shape[1], 1, 1)
+    mask[:3] = 1.0
+    pattern = torch.full(clean.shape[1:], 7.0)
+    trigger = FeatureTrigger("blocks.2.conv2", mask, pattern)
+    assert torch.equal(trigger(images), images)  # nothing happens in image space
+    with trigger.attached(model):
+        stamped = _conv_input(model, "blocks.2.conv2", images)
+    assert torch.equal(stamped[:, :3], torch.full_like(stamped[:, :3], 7.0))
+    assert torch.equal(stamped[:, 3:], clean[:, 3:])
+    assert torch.equal(_conv_input(model, "blocks.2.conv2", images), clean)  # the hook is gone afterwards
+
+
+def test_feature_inversion_bounds_its_pattern_by_the_channel_maxima_on_unseen_images() -> None:
+    torch.manual_seed(0)
+    model = CompactNet(num_classes=10, in_channels=1).eval()
+    images = torch.rand(20, 1, 28, 28)
+    inversion = FeatureInversion.create(model, images, 10, torch.Generator().manual_seed(0), "blocks.2.conv2")
+    features = _conv_input(model, "blocks.2.conv2", images)
+    channel_max = features.amax(dim=(0, 2, 3)).clamp(min=1e-6)
+    assert (inversion.pattern() <= channel_max[None, :, None, None] + 1e-6).all()
+    assert inversion.sizes().tolist() == pytest.approx([features.shape[1] / 2] * 10)  # half of every channel
+    with pytest.raises(ValueError, match="feature inversion needs a convolution's input .* layer 'head'"):
+        FeatureInversion.create(model, images, 10, torch.Generator(), "head")
+
+
+def test_editing_with_a_repeated_trigger_equals_editing_with_it_once(quickstart_run: Path) -> None:
+    module, data = instantiate_run([QUICKSTART], quickstart_run / "checkpoints" / "poisoned.ckpt")
+    unseen_set = data.unseen_set(5, 0)
+    unseen = UnseenData(unseen_set.images.float() / 255, unseen_set.labels)
+    edits = []
+    for triggers in (data.trigger, [data.trigger, data.trigger]):
+        model = module.net.float().eval()
+        model.load_state_dict(module.net.state_dict())
+        edited = copy.deepcopy(model)
+        ActivationEditing(layer="blocks.2.conv1").defend(edited, unseen, triggers, data.target_class)
+        edits.append(edited.blocks[2].conv1.weight - model.blocks[2].conv1.weight)
+    assert edits[0].abs().max() > 0
+    torch.testing.assert_close(edits[1], edits[0], rtol=1e-4, atol=1e-6)  # the key statistics add, then normalise
+
+
+def test_a_feature_trigger_edits_its_own_layer() -> None:
+    model = CompactNet(num_classes=10, in_channels=1).eval()
+    unseen = UnseenData(torch.rand(20, 1, 28, 28), torch.arange(10).repeat(2))
+    features = _conv_input(model, "blocks.2.conv2", unseen.images[:1])
+    trigger = FeatureTrigger("blocks.2.conv2", torch.ones(features.shape[1], 1, 1), torch.zeros(features.shape[1:]))
+    with pytest.raises(ValueError, match=r"the trigger acts at layer\(s\) \['blocks.2.conv2'\], the edit is set to "
+                                         r"'blocks.2.conv1'"):
+        ActivationEditing(layer="blocks.2.conv1").defend(model, unseen, [build_trigger("badnets"), trigger], 0)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 import torch
@@ -18,10 +18,12 @@ from lightning_backdoor.defenses.activations import (LayerActivations, capture, 
 from lightning_backdoor.defenses.base import Defense, UnseenData
 from lightning_backdoor.defenses.editing import closed_form_edit, ledoit_wolf, rank_r_edit, second_moment
 from lightning_backdoor.defenses.estimation import TriggerEstimator, defend_with_estimate
+from lightning_backdoor.defenses.inversion import FeatureTrigger
 from lightning_backdoor.triggers import Trigger
 
 REPAIR_WEIGHTS = (1.0, 4.0, 16.0, 64.0, 256.0)
 STRENGTHS = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+TRIGGERED_SUMS = ("triggered_moment", "residual_moment", "residual_energy", "target_energy", "triggered_count")
 
 
 @torch.no_grad()
@@ -114,6 +116,10 @@ class EditProblem:
         return EditProblem(self.weight, *(getattr(self, f.name) + getattr(other, f.name)
                                           for f in fields(self) if f.name != "weight"))
 
+    def with_trigger(self, other: EditProblem) -> EditProblem:
+        """Add ``other``'s triggered keys, built on the same clean keys with another trigger (clean sums once)."""
+        return replace(self, **{name: getattr(self, name) + getattr(other, name) for name in TRIGGERED_SUMS})
+
     def solve(self, method: str, strength: float, rank: int, repair_weight: float = 0.0) -> Tensor:
         """ΔW (c_out, d); ``repair_weight`` pins clean target-class keys to their original values."""
         if self.triggered_count <= 0:
@@ -183,16 +189,25 @@ class ActivationEditing(Defense):
         self.candidates, self.seed = candidates, seed
         self.estimator = estimator if estimator is not None else TriggerEstimator(seed=seed)
 
-    def defend(self, model: nn.Module, unseen: UnseenData, trigger: Trigger | None,
+    def defend(self, model: nn.Module, unseen: UnseenData, trigger: Trigger | Sequence[Trigger] | None,
                target_class: int | None) -> dict[str, Any]:
+        """Edit (and repair) ``model`` in place; several triggers (estimated candidates of one backdoor) are all
+        mapped to clean values by one edit, their key statistics summed."""
         if (trigger is None) != (target_class is None):
             raise ValueError("give both the trigger and the target class, or neither (then both are estimated)")
         if trigger is None:
-            return defend_with_estimate(self, self.estimator, model, unseen)
+            return defend_with_estimate(self, self.estimator, model, unseen, self.layer)
+        triggers = [trigger] if isinstance(trigger, Trigger) else list(trigger)
         start = time.perf_counter()
         was_training = model.training
         model.eval()
         layers = editable_layers(model)[-self.candidates:] if self.layer == "auto" else [self.layer]
+        feature_layers = {member.layer for member in triggers if isinstance(member, FeatureTrigger)}
+        if feature_layers:  # estimated in the feature space at one layer: edit that layer
+            if len(feature_layers) > 1 or self.layer not in ("auto", *feature_layers):
+                raise ValueError(f"the trigger acts at layer(s) {sorted(feature_layers)}, the edit is set to "
+                                 f"{self.layer!r}; edit the trigger's layer (or layer: auto)")
+            layers = list(feature_layers)
         for name in layers:
             get_layer(model, name)  # a wrong name or type fails before any work
         if self.repair and not (unseen.labels == target_class).any():
@@ -200,21 +215,24 @@ class ActivationEditing(Defense):
                              f"none (add unseen images or set repair=false)")
         views = max(1, -(-self.min_images // len(unseen.labels)))
         images, labels = augmented_views(unseen.images.float(), unseen.labels, views, self.seed)
-        triggered = trigger(images)
-        clean_acts, triggered_acts = capture(model, layers, images), capture(model, layers, triggered)
-        mask = trigger.mask(tuple(images.shape[1:])) if self.spatial_weight == "mask" else None
+        clean_acts = capture(model, layers, images)
         info: dict[str, Any] = {"method": f"editing/{self.method}", "num_unseen": len(unseen.labels),
                                 "views": views}
         folds = self._folds(labels, views)
-        problems = {}
-        for name in layers:
-            parts = [self._problem(model, name, clean_acts[name], triggered_acts[name], labels, target_class, mask,
-                                   folds == fold) for fold in (0, 1)]
-            problems[name] = parts
+        problems: dict[str, list[EditProblem]] = {}
+        for member in triggers:
+            with member.attached(model):
+                triggered_acts = capture(model, layers, member(images))
+            mask = member.mask(tuple(images.shape[1:])) if self.spatial_weight == "mask" else None
+            for name in layers:
+                parts = [self._problem(model, name, clean_acts[name], triggered_acts[name], labels, target_class,
+                                       mask, folds == fold) for fold in (0, 1)]
+                problems[name] = ([a.with_trigger(b) for a, b in zip(problems[name], parts)] if name in problems
+                                  else parts)
         strengths = STRENGTHS if self.strength is None else (self.strength,)
         choice = (layers[0], strengths[0])
         if len(layers) * len(strengths) > 1:
-            scores = {(name, strength): self._cross_validate(model, name, problems[name], strength, images, triggered,
+            scores = {(name, strength): self._cross_validate(model, name, problems[name], strength, images, triggers,
                                                              labels, folds, target_class)
                       for name in layers for strength in strengths}
             choice = min(scores, key=scores.get)
@@ -274,15 +292,19 @@ class ActivationEditing(Defense):
         return predict_logits(model, target_images).softmax(-1)[:, target_class].mean().item()
 
     def _cross_validate(self, model: nn.Module, layer: str, fold_problems: list[EditProblem], strength: float,
-                        images: Tensor, triggered: Tensor, labels: Tensor, folds: Tensor, target_class: int) -> float:
+                        images: Tensor, triggers: list[Trigger], labels: Tensor, folds: Tensor,
+                        target_class: int) -> float:
         """Two-fold loss on U of editing ``layer``: fit on one fold, then CE of the other fold's triggered
-        non-target images plus CE of its clean images; averaged over both directions."""
+        non-target images (averaged over the triggers) plus CE of its clean images; averaged over both directions."""
         total = 0.0
         for held_out in (0, 1):
             delta = fold_problems[1 - held_out].solve(self.method, strength, self.rank)
             check = folds == held_out
             attacked = check & (labels != target_class)
             with trial_edit(model, layer, delta):
-                total += F.cross_entropy(predict_logits(model, triggered[attacked]), labels[attacked]).item()
+                for trigger in triggers:
+                    with trigger.attached(model):
+                        triggered = predict_logits(model, trigger(images[attacked]))
+                    total += F.cross_entropy(triggered, labels[attacked]).item() / len(triggers)
                 total += F.cross_entropy(predict_logits(model, images[check]), labels[check]).item()
         return total / 2

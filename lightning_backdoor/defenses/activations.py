@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -114,3 +116,31 @@ def capture(model: nn.Module, layer_names: list[str], images: Tensor, batch_size
             outputs = outputs - (bias.view(-1, 1, 1) if outputs.ndim == 4 else bias)
         captured[name] = LayerActivations(to_keys(layer, inputs), to_values(outputs), skip)
     return captured
+
+
+@torch.no_grad()
+def layer_input(model: nn.Module, name: str, images: Tensor, batch_size: int = 500) -> Tensor:
+    """The input of layer ``name`` for ``images`` (eval mode, float32), e.g. (N, C, H, W) for a conv."""
+    captured: list[Tensor] = []
+    handle = get_layer(model, name).register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    was_training = model.training
+    model.eval()
+    try:
+        for chunk in images.split(batch_size):
+            model(chunk)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return torch.cat(captured).float()
+
+
+@contextmanager
+def rewriting_input(model: nn.Module, name: str, rewrite: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """While inside, layer ``name`` receives ``rewrite(x)`` (cast back to x's dtype) in place of its input x."""
+    def hook(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return rewrite(args[0]).to(args[0].dtype), *args[1:]
+    handle = get_layer(model, name).register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -10,12 +10,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from lightning_backdoor.defenses.activations import editable_layers, get_layer
 from lightning_backdoor.defenses.base import UnseenData
 from lightning_backdoor.defenses.inversion import INVERSIONS, invert
 from lightning_backdoor.triggers import Trigger
 
 if TYPE_CHECKING:
-    from lightning_backdoor.defenses.base import Defense
+    from lightning_backdoor.defenses.activation_editing import ActivationEditing
 
 #: Makes the median absolute deviation a consistent estimator of the standard deviation for normal data.
 CONSISTENCY_CONSTANT = 1.4826
@@ -38,18 +39,21 @@ def anomaly_index(sizes: Tensor) -> Tensor:
 
 @dataclass
 class BackdoorEstimate:
-    """The estimation's outcome: the flagged target and its trigger (None when no class is anomalous)."""
+    """The estimation's outcome: the flagged target and its trigger (None when no class is anomalous), and every
+    estimator's candidate for that class (name -> trigger, the flagging estimator's first)."""
 
     target_class: int | None
     trigger: Trigger | None
     estimator: str | None
     seconds: float
     details: dict[str, Any] = field(default_factory=dict)
+    candidates: dict[str, Trigger] = field(default_factory=dict)
 
     def report(self) -> dict[str, Any]:
         """JSON-able summary for the defense report."""
         return {"backdoor_found": self.target_class is not None, "target_class": self.target_class,
-                "estimator": self.estimator, "seconds": self.seconds} | self.details
+                "estimator": self.estimator, "edited_with": list(self.candidates), "seconds": self.seconds
+                } | self.details
 
 
 class TriggerEstimator:
@@ -60,8 +64,9 @@ class TriggerEstimator:
     them; the trigger for the edit is that estimator's candidate for the flagged class.
 
     Args:
-        estimators: inversions to run: ``neural_cleanse`` (mask + pattern, for patch triggers) and/or
-            ``perturbation`` (universal additive perturbation, for global triggers).
+        estimators: inversions to run: ``neural_cleanse`` (mask + pattern, for patch triggers),
+            ``perturbation`` (universal additive perturbation, for global triggers) and/or ``feature`` (channel mask
+            + pattern at the edited layer's input, for warping triggers).
         threshold: the anomaly index above which a class is flagged (Neural Cleanse's 2).
         max_steps: optimisation steps per inversion (each step: one batch for every class).
         batch_size: unseen images per class candidate per step.
@@ -71,7 +76,8 @@ class TriggerEstimator:
         seed: fixes the initial candidates and the batches.
     """
 
-    def __init__(self, estimators: tuple[str, ...] = ("neural_cleanse", "perturbation"), threshold: float = 2.0,
+    def __init__(self, estimators: tuple[str, ...] = ("neural_cleanse", "perturbation", "feature"),
+                 threshold: float = 2.0,
                  max_steps: int = 100, batch_size: int = 8, patience: int = 25, min_per_class: int = 5,
                  progress: bool = True, seed: int = 0) -> None:
         unknown = [name for name in estimators if name not in INVERSIONS]
@@ -92,8 +98,9 @@ class TriggerEstimator:
                              f"class {int(counts.argmin())} has {int(counts.min())} (use unseen_per_class >= "
                              f"{self.min_per_class})")
 
-    def estimate(self, model: nn.Module, unseen: UnseenData) -> BackdoorEstimate:
-        """Invert, score and flag; ``model`` is left unchanged (eval mode during the estimate)."""
+    def estimate(self, model: nn.Module, unseen: UnseenData, layer: str = "auto") -> BackdoorEstimate:
+        """Invert, score and flag; ``model`` is left unchanged (eval mode during the estimate). ``layer`` is where
+        the edit will act, the feature inversion's layer (``auto``: the last editable convolution)."""
         start = time.perf_counter()
         was_training = model.training
         model.eval()
@@ -101,6 +108,7 @@ class TriggerEstimator:
         with torch.no_grad():
             num_classes = model(images[:1]).shape[-1]
         self.check(num_classes, labels)
+        layer = feature_layer(model) if layer == "auto" else layer
         generator = torch.Generator().manual_seed(self.seed)
         details: dict[str, Any] = {"anomaly_index": {}, "trigger_size": {}, "inversion_success": {}, "steps": {},
                                    "estimator_seconds": {}}
@@ -109,7 +117,7 @@ class TriggerEstimator:
         try:
             for name in self.estimators:
                 began = time.perf_counter()
-                inversion = INVERSIONS[name](num_classes, tuple(images.shape[1:]), generator).to(images.device)
+                inversion = INVERSIONS[name].create(model, images, num_classes, generator, layer).to(images.device)
                 result = invert(model, images, labels, inversion, max_steps=self.max_steps,
                                 batch_size=self.batch_size, patience=self.patience, generator=generator,
                                 progress=self.progress)
@@ -129,24 +137,34 @@ class TriggerEstimator:
         if flagged is None:
             return BackdoorEstimate(None, None, None, seconds, details)
         _, name, label = flagged
-        return BackdoorEstimate(label, candidates[name].trigger(label), name, seconds, details)
+        triggers = {other: candidates[other].trigger(label) for other in (name, *candidates)}
+        return BackdoorEstimate(label, triggers[name], name, seconds, details, triggers)
 
 
-def defend_with_estimate(defense: Defense, estimator: TriggerEstimator, model: nn.Module,
-                         unseen: UnseenData) -> dict[str, Any]:
-    """Estimate the trigger and target, then run ``defense`` with the estimate; leave the model unchanged when no
-    class is anomalous. The info holds the estimate (``estimation``), its trigger's picture
-    (``estimated_trigger_image``, (C, H, W) in [0, 1]), and the seconds of estimation and of editing."""
-    estimate = estimator.estimate(model, unseen)
+def feature_layer(model: nn.Module) -> str:
+    """The last editable convolution (the last editable layer if there is none): ``layer: auto``'s feature space."""
+    layers = editable_layers(model)
+    convolutions = [name for name in layers if isinstance(get_layer(model, name), nn.Conv2d)]
+    return (convolutions or layers)[-1]
+
+
+def defend_with_estimate(defense: ActivationEditing, estimator: TriggerEstimator, model: nn.Module,
+                         unseen: UnseenData, layer: str = "auto") -> dict[str, Any]:
+    """Estimate the trigger and target, then edit with every estimator's candidate for the flagged class (each
+    approximates the backdoor differently; one edit maps them all); leave the model unchanged when no class is
+    anomalous. The info holds the estimate (``estimation``), a picture of the estimated trigger
+    (``estimated_trigger_image``, (C, H, W) in [0, 1]: the flagging estimator's, or the first image-space
+    candidate's when the flag came from feature space), and the seconds of estimation and of editing."""
+    estimate = estimator.estimate(model, unseen, layer)
     info: dict[str, Any] = {"trigger_known": False, "estimation": estimate.report(),
                             "estimation_seconds": estimate.seconds}
     if estimate.target_class is None:
         return info | {"method": f"{defense.name}/no_backdoor_found", "editing_seconds": 0.0,
                        "seconds": estimate.seconds, "repaired": False}
     started = time.perf_counter()
-    info = defense.defend(model, unseen, estimate.trigger, estimate.target_class) | info
+    info = defense.defend(model, unseen, list(estimate.candidates.values()), estimate.target_class) | info
     editing = time.perf_counter() - started
-    picture = getattr(estimate.trigger, "picture", None)
-    if picture is not None:
-        info["estimated_trigger_image"] = picture()
+    pictures = [trigger.picture() for trigger in estimate.candidates.values() if hasattr(trigger, "picture")]
+    if pictures:
+        info["estimated_trigger_image"] = pictures[0]
     return info | {"editing_seconds": editing, "seconds": estimate.seconds + editing}

@@ -1,20 +1,24 @@
 """Trigger inversion: for every class at once, the smallest trigger that sends unseen images to that class.
 
-Two parametrisations share one batched optimisation loop: Neural Cleanse's mask and pattern (Wang et al. 2019;
-size = L1 norm of the mask, in pixels) for patch triggers, and a universal additive perturbation (size = its L2
-norm) for global triggers (blending, warping, sinusoids) that a small mask cannot express.
+Three parametrisations share one batched optimisation loop: Neural Cleanse's mask and pattern (Wang et al. 2019;
+size = L1 norm of the mask, in pixels) for patch triggers, a universal additive perturbation (size = its L2 norm)
+for global triggers, and a mask over channels plus a bounded pattern in the feature space at the input of the edited
+layer (size = channels masked) for triggers that no small input change expresses (warping).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import ContextManager
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from lightning_backdoor.defenses.activations import layer_input, rewriting_input
 from lightning_backdoor.triggers import Trigger
 
 
@@ -58,10 +62,43 @@ class PerturbationTrigger(Trigger):
         return f"PerturbationTrigger(l2={self._delta.norm().item():.3f})"
 
 
+class FeatureTrigger(Trigger):
+    """A trigger in feature space: ``f' = (1 - m) * f + m * p`` on the input ``f`` (N, C, H, W) of layer ``layer``,
+    with a channel mask ``m`` (C, 1, 1) and a pattern ``p`` (C, H, W). Images pass unchanged: it acts only inside
+    :meth:`attached`, where a forward pre-hook rewrites the layer's input."""
+
+    def __init__(self, layer: str, mask: Tensor, pattern: Tensor) -> None:
+        super().__init__(seed=0)
+        self.layer = layer
+        self._mask, self._pattern = mask.detach().cpu().float(), pattern.detach().cpu().float()
+
+    def apply(self, images: Tensor) -> Tensor:
+        return images
+
+    def attached(self, model: nn.Module) -> ContextManager[None]:
+        def stamp(features: Tensor) -> Tensor:
+            mask, pattern = self._mask.to(features.device), self._pattern.to(features.device)
+            return (1 - mask) * features + mask * pattern
+        return rewriting_input(model, self.layer, stamp)
+
+    def __repr__(self) -> str:
+        return f"FeatureTrigger(layer={self.layer!r}, channels={self._mask.sum().item():.1f})"
+
+
 class Inversion(nn.Module, ABC):
     """One candidate trigger per class, optimised jointly; subclasses define the trigger and its size."""
 
     name: str = ""
+
+    @classmethod
+    def create(cls, model: nn.Module, images: Tensor, num_classes: int, generator: torch.Generator,
+               layer: str) -> Inversion:
+        """Candidates for ``model`` and unseen ``images``; ``layer`` is the edited layer (feature inversions)."""
+        return cls(num_classes, tuple(images.shape[1:]), generator)
+
+    def attached(self, model: nn.Module) -> ContextManager[None]:
+        """Where the candidates act inside the model (feature space); image-space inversions need nothing."""
+        return nullcontext()
 
     @abstractmethod
     def apply(self, images: Tensor) -> Tensor:
@@ -118,7 +155,53 @@ class PerturbationInversion(Inversion):
         return PerturbationTrigger(self.delta[label])
 
 
-INVERSIONS: dict[str, type[Inversion]] = {cls.name: cls for cls in (MaskPatternInversion, PerturbationInversion)}
+class FeatureInversion(Inversion):
+    """Neural Cleanse in the feature space at the edited layer's input: a channel mask sigmoid(a) (K, C, 1, 1) and a
+    pattern sigmoid(b) (K, C, H, W) scaled by each channel's largest value on U (so it stays in the activations'
+    range); size = channels masked (L1 of the mask). Each candidate acts on its own copy of the batch."""
+
+    name = "feature"
+
+    def __init__(self, layer: str, channel_max: Tensor, num_classes: int, generator: torch.Generator) -> None:
+        super().__init__()
+        channels, height, width = channel_max.shape[0], *channel_max.shape[1:]
+        self.layer = layer
+        self.register_buffer("channel_max", channel_max, persistent=False)  # fixed: not a candidate's state
+        self.mask_logit = nn.Parameter(torch.zeros(num_classes, channels, 1, 1))
+        self.pattern_logit = nn.Parameter(torch.randn(num_classes, channels, height, width, generator=generator))
+
+    @classmethod
+    def create(cls, model: nn.Module, images: Tensor, num_classes: int, generator: torch.Generator,
+               layer: str) -> FeatureInversion:
+        features = layer_input(model, layer, images)
+        if features.ndim != 4:
+            raise ValueError(f"feature inversion needs a convolution's input (N, C, H, W); layer {layer!r} gets "
+                             f"{tuple(features.shape)} (edit a Conv2d layer, or use estimators without 'feature')")
+        channel_max = features.amax(dim=(0, 2, 3)).clamp(min=1e-6)[:, None, None]
+        return cls(layer, channel_max.expand(-1, *features.shape[2:]).clone(), num_classes, generator)
+
+    def pattern(self) -> Tensor:
+        return self.pattern_logit.sigmoid() * self.channel_max
+
+    def apply(self, images: Tensor) -> Tensor:
+        return images[None].expand(len(self.mask_logit), *images.shape)
+
+    def attached(self, model: nn.Module) -> ContextManager[None]:
+        def stamp(features: Tensor) -> Tensor:
+            features = features.unflatten(0, (len(self.mask_logit), -1))  # (K, B, C, H, W)
+            mask, pattern = self.mask_logit.sigmoid()[:, None], self.pattern()[:, None]
+            return ((1 - mask) * features + mask * pattern).flatten(0, 1)
+        return rewriting_input(model, self.layer, stamp)
+
+    def sizes(self) -> Tensor:
+        return self.mask_logit.sigmoid().flatten(1).sum(1)
+
+    def trigger(self, label: int) -> FeatureTrigger:
+        return FeatureTrigger(self.layer, self.mask_logit[label].sigmoid(), self.pattern()[label])
+
+
+INVERSIONS: dict[str, type[Inversion]] = {cls.name: cls for cls in (MaskPatternInversion, PerturbationInversion,
+                                                                     FeatureInversion)}
 
 
 @dataclass
@@ -156,47 +239,48 @@ def invert(model: nn.Module, images: Tensor, labels: Tensor, inversion: Inversio
     last_improved = 0
     requires_grad = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
-    bar = tqdm(total=max_steps, desc=f"trigger estimation ({inversion.name})", disable=not progress, leave=False)
-    try:
-        for step in range(max_steps):
-            batch = torch.randint(len(images), (batch_size,), generator=generator).to(device)
-            candidates = inversion.apply(images[batch])  # (K, B, C, H, W)
-            logits = forward(model, candidates.flatten(0, 1), bf16).view(num_classes, batch_size, -1)
-            wanted = classes[:, None].expand(-1, batch_size)
-            other = (labels[batch][None] != classes[:, None]).float()  # images already of the class teach nothing
-            ce = F.cross_entropy(logits.flatten(0, 1), wanted.flatten(), reduction="none").view_as(other)
-            ce = (ce * other).sum(1) / other.sum(1).clamp(min=1)
-            sizes = inversion.sizes()
-            optimizer.zero_grad(set_to_none=True)
-            (ce + cost * sizes).sum().backward()
-            with torch.no_grad():
-                hits = ((logits.argmax(-1) == wanted).float() * other).sum(1) / other.sum(1).clamp(min=1)
-                succeeded = hits >= success_rate
-                cost = torch.where(succeeded & (cost == 0), torch.full_like(cost, init_cost), cost)
-                cost = torch.where(succeeded, cost * 1.2, cost / 1.2 ** 1.5)
-                improved = succeeded & (sizes < 0.99 * best)
-                if improved.any():
-                    last_improved = step
-                    best = torch.where(improved, sizes.detach(), best)
-                    for name, value in inversion.state_dict().items():
-                        keep = improved.view(-1, *[1] * (value.dim() - 1))
-                        best_state[name] = torch.where(keep, value.detach(), best_state[name])
-            optimizer.step()
-            bar.update()
-            bar.set_postfix(median_size=f"{best.median().item():.3g}", success=f"{succeeded.float().mean():.2f}")
-            if step - last_improved >= patience and torch.isfinite(best).all():
-                break
-    finally:
-        bar.close()
-        for parameter, flag in zip(model.parameters(), requires_grad):
-            parameter.requires_grad_(flag)
-    converged = torch.isfinite(best)
-    with torch.no_grad():
-        final_sizes = inversion.sizes().detach()
-        inversion.load_state_dict({name: value for name, value in best_state.items()})
-        # a class that never succeeded keeps its last candidate, whose size says how hard it was
-        sizes = torch.where(converged, best, final_sizes)
-        success = candidate_success(model, images, labels, inversion, bf16)
+    with inversion.attached(model):  # feature-space candidates act through a hook on the layer
+        bar = tqdm(total=max_steps, desc=f"trigger estimation ({inversion.name})", disable=not progress, leave=False)
+        try:
+            for step in range(max_steps):
+                batch = torch.randint(len(images), (batch_size,), generator=generator).to(device)
+                candidates = inversion.apply(images[batch])  # (K, B, C, H, W)
+                logits = forward(model, candidates.flatten(0, 1), bf16).view(num_classes, batch_size, -1)
+                wanted = classes[:, None].expand(-1, batch_size)
+                other = (labels[batch][None] != classes[:, None]).float()  # images already of the class teach nothing
+                ce = F.cross_entropy(logits.flatten(0, 1), wanted.flatten(), reduction="none").view_as(other)
+                ce = (ce * other).sum(1) / other.sum(1).clamp(min=1)
+                sizes = inversion.sizes()
+                optimizer.zero_grad(set_to_none=True)
+                (ce + cost * sizes).sum().backward()
+                with torch.no_grad():
+                    hits = ((logits.argmax(-1) == wanted).float() * other).sum(1) / other.sum(1).clamp(min=1)
+                    succeeded = hits >= success_rate
+                    cost = torch.where(succeeded & (cost == 0), torch.full_like(cost, init_cost), cost)
+                    cost = torch.where(succeeded, cost * 1.2, cost / 1.2 ** 1.5)
+                    improved = succeeded & (sizes < 0.99 * best)
+                    if improved.any():
+                        last_improved = step
+                        best = torch.where(improved, sizes.detach(), best)
+                        for name, value in inversion.state_dict().items():
+                            keep = improved.view(-1, *[1] * (value.dim() - 1))
+                            best_state[name] = torch.where(keep, value.detach(), best_state[name])
+                optimizer.step()
+                bar.update()
+                bar.set_postfix(median_size=f"{best.median().item():.3g}", success=f"{succeeded.float().mean():.2f}")
+                if step - last_improved >= patience and torch.isfinite(best).all():
+                    break
+        finally:
+            bar.close()
+            for parameter, flag in zip(model.parameters(), requires_grad):
+                parameter.requires_grad_(flag)
+        converged = torch.isfinite(best)
+        with torch.no_grad():
+            final_sizes = inversion.sizes().detach()
+            inversion.load_state_dict({name: value for name, value in best_state.items()})
+            # a class that never succeeded keeps its last candidate, whose size says how hard it was
+            sizes = torch.where(converged, best, final_sizes)
+            success = candidate_success(model, images, labels, inversion, bf16)
     return InversionResult(sizes.cpu(), success.cpu(), converged.cpu(), step + 1, inversion)
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from contextlib import nullcontext
+from typing import ClassVar, ContextManager
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 TRIGGERS: dict[str, type[Trigger]] = {}
 
@@ -41,6 +42,11 @@ class Trigger(ABC):
     def mask(self, image_shape: tuple[int, int, int]) -> Tensor | None:
         """Where the trigger acts, ``(1, H, W)`` in [0, 1]; ``None`` for a global trigger (it touches every pixel)."""
         return None
+
+    def attached(self, model: nn.Module) -> ContextManager[None]:
+        """Inside, ``model`` sees the trigger where it acts in the network: a feature-space trigger (estimated at a
+        layer) hooks that layer's input; an image-space trigger acts in :meth:`apply` and needs nothing here."""
+        return nullcontext()
 
     def check(self, image_shape: tuple[int, int, int]) -> None:
         """Raise ``ValueError`` with a one-line message if the trigger cannot apply to images of ``(C, H, W)``."""
