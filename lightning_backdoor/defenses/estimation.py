@@ -3,6 +3,7 @@ whose trigger is anomalously small by the median-absolute-deviation anomaly inde
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,14 @@ def anomaly_index(sizes: Tensor) -> Tensor:
     return deviation / mad
 
 
+def flaggable_index(sizes: Tensor, max_size_ratio: float) -> Tensor:
+    """The anomaly index of classes whose trigger is at most ``max_size_ratio`` of the median size, -inf elsewhere:
+    with a tight spread of sizes, a class a little smaller than the rest is an outlier by MAD but no backdoor."""
+    index = anomaly_index(sizes)
+    ratio = sizes.double() / sizes.double().quantile(0.5).clamp(min=1e-12)
+    return torch.where(ratio <= max_size_ratio, index, torch.full_like(index, -math.inf))
+
+
 @dataclass
 class BackdoorEstimate:
     """The estimation's outcome: the flagged target and its trigger (None when no class is anomalous), and every
@@ -61,13 +70,16 @@ class TriggerEstimator:
 
     Runs each inversion in ``estimators`` over U (all classes batched), computes each one's anomaly index over the
     classes' trigger sizes, and flags the class with the largest index above ``threshold`` (small side) in any of
-    them; the trigger for the edit is that estimator's candidate for the flagged class.
+    them whose trigger is also at most ``max_size_ratio`` of that estimator's median size (a backdoor's trigger is
+    a fraction of a natural class's, not just a tail value of a tight spread); the edit uses every estimator's
+    candidate for the flagged class.
 
     Args:
         estimators: inversions to run: ``neural_cleanse`` (mask + pattern, for patch triggers),
             ``perturbation`` (universal additive perturbation, for global triggers) and/or ``feature`` (channel mask
             + pattern at the edited layer's input, for warping triggers).
         threshold: the anomaly index above which a class is flagged (Neural Cleanse's 2).
+        max_size_ratio: the largest trigger size, relative to the median class's, that can be flagged.
         max_steps: optimisation steps per inversion (each step: one batch for every class).
         batch_size: unseen images per class candidate per step.
         patience: early stopping, steps without a 1 % improvement of any class's best size.
@@ -77,13 +89,15 @@ class TriggerEstimator:
     """
 
     def __init__(self, estimators: tuple[str, ...] = ("neural_cleanse", "perturbation", "feature"),
-                 threshold: float = 2.0,
-                 max_steps: int = 100, batch_size: int = 8, patience: int = 25, min_per_class: int = 5,
+                 threshold: float = 2.0, max_size_ratio: float = 0.3, max_steps: int = 100, batch_size: int = 8, patience: int = 25, min_per_class: int = 5,
                  progress: bool = True, seed: int = 0) -> None:
         unknown = [name for name in estimators if name not in INVERSIONS]
         if unknown or not estimators:
             raise ValueError(f"unknown trigger estimator(s) {unknown}; known: {', '.join(INVERSIONS)}")
-        self.estimators, self.threshold = tuple(estimators), threshold
+        if not 0 < max_size_ratio <= 1:
+            raise ValueError(f"max_size_ratio={max_size_ratio} must be in (0, 1]: a flagged trigger is at most the "
+                             f"median class's size")
+        self.estimators, self.threshold, self.max_size_ratio = tuple(estimators), threshold, max_size_ratio
         self.max_steps, self.batch_size = max_steps, batch_size
         self.patience, self.min_per_class, self.progress, self.seed = patience, min_per_class, progress, seed
 
@@ -110,8 +124,8 @@ class TriggerEstimator:
         self.check(num_classes, labels)
         layer = feature_layer(model) if layer == "auto" else layer
         generator = torch.Generator().manual_seed(self.seed)
-        details: dict[str, Any] = {"anomaly_index": {}, "trigger_size": {}, "inversion_success": {}, "steps": {},
-                                   "estimator_seconds": {}}
+        details: dict[str, Any] = {"anomaly_index": {}, "trigger_size": {}, "size_ratio": {}, "inversion_success": {},
+                                   "steps": {}, "estimator_seconds": {}}
         flagged: tuple[float, str, int] | None = None
         candidates = {}
         try:
@@ -124,13 +138,16 @@ class TriggerEstimator:
                 index = anomaly_index(result.sizes)
                 details["anomaly_index"][name] = [round(value, 3) for value in index.tolist()]
                 details["trigger_size"][name] = [round(value, 4) for value in result.sizes.tolist()]
+                details["size_ratio"][name] = [round(value, 3) for value in
+                                               (result.sizes / result.sizes.quantile(0.5)).tolist()]
                 details["inversion_success"][name] = [round(value, 3) for value in result.success.tolist()]
                 details["steps"][name] = result.steps
                 details["estimator_seconds"][name] = round(time.perf_counter() - began, 3)
                 candidates[name] = result.inversion
-                label = int(index.argmax())
-                if index[label] > self.threshold and (flagged is None or index[label] > flagged[0]):
-                    flagged = (float(index[label]), name, label)
+                eligible = flaggable_index(result.sizes, self.max_size_ratio)
+                label = int(eligible.argmax())
+                if eligible[label] > self.threshold and (flagged is None or eligible[label] > flagged[0]):
+                    flagged = (float(eligible[label]), name, label)
         finally:
             model.train(was_training)
         seconds = time.perf_counter() - start
