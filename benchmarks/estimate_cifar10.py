@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import statistics
 import time
 from pathlib import Path
 
@@ -64,8 +66,9 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     """Markdown, percentages and seconds."""
-    lines = ["| model | target found | anomaly index (max, estimator) | CA before | CA after | ASR before | "
-             "ASR after | ASR floor | TA after | estimation s | edit s | total s |", "|" + " --- |" * 12]
+    lines = ["| model | target found | anomaly index (max, estimator) | smallest size ratio (estimator) | CA before | "
+             "CA after | ASR before | ASR after | ASR floor | TA after | estimation s | edit s | total s |",
+             "|" + " --- |" * 13]
     for row in rows:
         before, after = row["before"], row["after"]
         if row["poisoned"]:
@@ -74,7 +77,10 @@ def table(rows: list[dict]) -> str:
             found = ("no backdoor found" if row["estimated_target"] is None
                      else f"false alarm ({row['estimated_target']})")
         best = max(((max(v), k) for k, v in row["anomaly_index"].items()), default=(float("nan"), "-"))
-        lines.append(f"| {row['run']} | {found} | {best[0]:.2f} ({best[1]}) | {100 * before['clean_acc']:.2f} | "
+        ratio = min(((min(sizes) / statistics.median(sizes), k) for k, sizes in row["trigger_size"].items()),
+                    default=(float("nan"), "-"))
+        lines.append(f"| {row['run']} | {found} | {best[0]:.2f} ({best[1]}) | {ratio[0]:.2f} ({ratio[1]}) | "
+                     f"{100 * before['clean_acc']:.2f} | "
                      f"{100 * after['clean_acc']:.2f} | {100 * before['asr']:.2f} | {100 * after['asr']:.2f} | "
                      f"{100 * after['asr_floor']:.2f} | {100 * after['target_acc']:.2f} | "
                      f"{row['estimation_seconds']:.1f} | {row['editing_seconds']:.1f} | {row['total_seconds']:.1f} |")
@@ -90,14 +96,19 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=TriggerEstimator().max_steps)
     parser.add_argument("--batch_size", type=int, default=TriggerEstimator().batch_size)
     parser.add_argument("--layer", default="blocks.2.conv2")
-    parser.add_argument("--strength", type=float, default=10.0)
+    parser.add_argument("--strength", type=lambda value: None if value == "cv" else float(value), default=10.0,
+                        help="λ of the edit, or cv: chosen by cross-validation on the unseen split")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--no_progress", action="store_true")
     parser.add_argument("--root", default="runs")
     parser.add_argument("--out", default="runs/bench/estimate/estimate.json")
+    parser.add_argument("--table_only", action="store_true", help="only print the table of the rows in --out")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.table_only:
+        print(table(json.loads(Path(args.out).read_text())))
+        return
     rows = run(args)
     atomic_json(rows, args.out)
     print(table(rows))
