@@ -131,8 +131,8 @@ def test_feature_inversion_bounds_its_pattern_by_the_channel_maxima_on_unseen_im
     channel_max = features.amax(dim=(0, 2, 3)).clamp(min=1e-6)
     assert (inversion.pattern() <= channel_max[None, :, None, None] + 1e-6).all()
     assert inversion.sizes().tolist() == pytest.approx([features.shape[1] / 2] * 10)  # half of every channel
-    with pytest.raises(ValueError, match="feature inversion needs a convolution's input .* layer 'head'"):
-        FeatureInversion.create(model, images, 10, torch.Generator(), "head")
+    linear = FeatureInversion.create(model, images, 10, torch.Generator().manual_seed(0), "head")  # (N, C) input
+    assert linear.mask_logit.shape == (10, model.head.in_features) and linear.apply(images).shape == (10, 20, 1, 28, 28)
 
 
 def test_editing_with_a_repeated_trigger_equals_editing_with_it_once(quickstart_run: Path) -> None:

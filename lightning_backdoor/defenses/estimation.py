@@ -42,8 +42,12 @@ def flaggable_index(sizes: Tensor, max_size_ratio: float) -> Tensor:
     """The anomaly index of classes whose trigger is at most ``max_size_ratio`` of the median size, -inf elsewhere:
     with a tight spread of sizes, a class a little smaller than the rest is an outlier by MAD but no backdoor."""
     index = anomaly_index(sizes)
-    ratio = sizes.double() / sizes.double().quantile(0.5).clamp(min=1e-12)
-    return torch.where(ratio <= max_size_ratio, index, torch.full_like(index, -math.inf))
+    return torch.where(size_ratio(sizes) <= max_size_ratio, index, torch.full_like(index, -math.inf))
+
+
+def size_ratio(sizes: Tensor) -> Tensor:
+    """Each class's trigger size over the median class's (the midpoint of the two middle ones for even K)."""
+    return sizes.double() / sizes.double().quantile(0.5).clamp(min=1e-12)
 
 
 @dataclass
@@ -89,8 +93,8 @@ class TriggerEstimator:
     """
 
     def __init__(self, estimators: tuple[str, ...] = ("neural_cleanse", "perturbation", "feature"),
-                 threshold: float = 2.0, max_size_ratio: float = 0.3, max_steps: int = 100, batch_size: int = 8, patience: int = 25, min_per_class: int = 5,
-                 progress: bool = True, seed: int = 0) -> None:
+                 threshold: float = 2.0, max_size_ratio: float = 0.3, max_steps: int = 100, batch_size: int = 8,
+                 patience: int = 25, min_per_class: int = 5, progress: bool = True, seed: int = 0) -> None:
         unknown = [name for name in estimators if name not in INVERSIONS]
         if unknown or not estimators:
             raise ValueError(f"unknown trigger estimator(s) {unknown}; known: {', '.join(INVERSIONS)}")
@@ -138,8 +142,7 @@ class TriggerEstimator:
                 index = anomaly_index(result.sizes)
                 details["anomaly_index"][name] = [round(value, 3) for value in index.tolist()]
                 details["trigger_size"][name] = [round(value, 4) for value in result.sizes.tolist()]
-                details["size_ratio"][name] = [round(value, 3) for value in
-                                               (result.sizes / result.sizes.quantile(0.5)).tolist()]
+                details["size_ratio"][name] = [round(value, 3) for value in size_ratio(result.sizes).tolist()]
                 details["inversion_success"][name] = [round(value, 3) for value in result.success.tolist()]
                 details["steps"][name] = result.steps
                 details["estimator_seconds"][name] = round(time.perf_counter() - began, 3)

@@ -156,29 +156,28 @@ class PerturbationInversion(Inversion):
 
 
 class FeatureInversion(Inversion):
-    """Neural Cleanse in the feature space at the edited layer's input: a channel mask sigmoid(a) (K, C, 1, 1) and a
-    pattern sigmoid(b) (K, C, H, W) scaled by each channel's largest value on U (so it stays in the activations'
-    range); size = channels masked (L1 of the mask). Each candidate acts on its own copy of the batch."""
+    """Neural Cleanse in the feature space at the edited layer's input: a mask over channels sigmoid(a) (K, C, 1, 1)
+    (over units, (K, C), for a linear layer) and a pattern sigmoid(b) (K, C, ...) scaled by each channel's largest
+    value on U (so it stays in the activations' range); size = channels masked (L1 of the mask). Each candidate acts
+    on its own copy of the batch."""
 
     name = "feature"
 
     def __init__(self, layer: str, channel_max: Tensor, num_classes: int, generator: torch.Generator) -> None:
         super().__init__()
-        channels, height, width = channel_max.shape[0], *channel_max.shape[1:]
         self.layer = layer
         self.register_buffer("channel_max", channel_max, persistent=False)  # fixed: not a candidate's state
-        self.mask_logit = nn.Parameter(torch.zeros(num_classes, channels, 1, 1))
-        self.pattern_logit = nn.Parameter(torch.randn(num_classes, channels, height, width, generator=generator))
+        mask_shape = (num_classes, channel_max.shape[0], *[1] * (channel_max.dim() - 1))
+        self.mask_logit = nn.Parameter(torch.zeros(mask_shape))
+        self.pattern_logit = nn.Parameter(torch.randn(num_classes, *channel_max.shape, generator=generator))
 
     @classmethod
     def create(cls, model: nn.Module, images: Tensor, num_classes: int, generator: torch.Generator,
                layer: str) -> FeatureInversion:
-        features = layer_input(model, layer, images)
-        if features.ndim != 4:
-            raise ValueError(f"feature inversion needs a convolution's input (N, C, H, W); layer {layer!r} gets "
-                             f"{tuple(features.shape)} (edit a Conv2d layer, or use estimators without 'feature')")
-        channel_max = features.amax(dim=(0, 2, 3)).clamp(min=1e-6)[:, None, None]
-        return cls(layer, channel_max.expand(-1, *features.shape[2:]).clone(), num_classes, generator)
+        features = layer_input(model, layer, images)  # (N, C, H, W) for a conv, (N, C) for a linear layer
+        other_dims = [0, *range(2, features.dim())]
+        channel_max = features.amax(dim=other_dims).clamp(min=1e-6).view(-1, *[1] * (features.dim() - 2))
+        return cls(layer, channel_max.expand(features.shape[1:]).clone(), num_classes, generator)
 
     def pattern(self) -> Tensor:
         return self.pattern_logit.sigmoid() * self.channel_max
