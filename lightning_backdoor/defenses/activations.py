@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils.hooks import RemovableHandle
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
 
@@ -98,15 +99,7 @@ def capture(model: nn.Module, layer_names: list[str], images: Tensor, batch_size
         handles.append(layer.register_forward_hook(recorder(f"{name}:out", False)))
         if blocks[name] is not None:
             handles.append(model.get_submodule(blocks[name]).register_forward_hook(recorder(f"{name}:block", False)))
-    was_training = model.training
-    model.eval()
-    try:
-        for chunk in images.split(batch_size):
-            model(chunk)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    run_with_hooks(model, images, handles, batch_size)
     captured = {}
     for name, layer in layers.items():
         inputs, outputs = torch.cat(records[f"{name}:in"]), torch.cat(records[f"{name}:out"])
@@ -123,15 +116,22 @@ def layer_input(model: nn.Module, name: str, images: Tensor, batch_size: int = 5
     """The input of layer ``name`` for ``images`` (eval mode, float32), e.g. (N, C, H, W) for a conv."""
     captured: list[Tensor] = []
     handle = get_layer(model, name).register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    run_with_hooks(model, images, [handle], batch_size)
+    return torch.cat(captured).float()
+
+
+def run_with_hooks(model: nn.Module, images: Tensor, handles: list[RemovableHandle], batch_size: int) -> None:
+    """Run ``images`` through ``model`` in eval mode, in chunks, for its hooks; then remove ``handles`` and restore
+    the training mode, also on error."""
     was_training = model.training
     model.eval()
     try:
         for chunk in images.split(batch_size):
             model(chunk)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         model.train(was_training)
-    return torch.cat(captured).float()
 
 
 @contextmanager
