@@ -220,9 +220,10 @@ class ActivationEditing(Defense):
                                 "views": views}
         folds = self._folds(labels, views)
         problems: dict[str, list[EditProblem]] = {}
-        for member in triggers:
+        triggered = [(member, member(images)) for member in triggers]  # applied once, reused by the CV
+        for member, member_images in triggered:
             with member.attached(model):
-                triggered_acts = capture(model, layers, member(images))
+                triggered_acts = capture(model, layers, member_images)
             mask = member.mask(tuple(images.shape[1:])) if self.spatial_weight == "mask" else None
             for name in layers:
                 parts = [self._problem(model, name, clean_acts[name], triggered_acts[name], labels, target_class,
@@ -232,7 +233,7 @@ class ActivationEditing(Defense):
         strengths = STRENGTHS if self.strength is None else (self.strength,)
         choice = (layers[0], strengths[0])
         if len(layers) * len(strengths) > 1:
-            scores = {(name, strength): self._cross_validate(model, name, problems[name], strength, images, triggers,
+            scores = {(name, strength): self._cross_validate(model, name, problems[name], strength, images, triggered,
                                                              labels, folds, target_class)
                       for name in layers for strength in strengths}
             choice = min(scores, key=scores.get)
@@ -292,19 +293,20 @@ class ActivationEditing(Defense):
         return predict_logits(model, target_images).softmax(-1)[:, target_class].mean().item()
 
     def _cross_validate(self, model: nn.Module, layer: str, fold_problems: list[EditProblem], strength: float,
-                        images: Tensor, triggers: list[Trigger], labels: Tensor, folds: Tensor,
+                        images: Tensor, triggered: list[tuple[Trigger, Tensor]], labels: Tensor, folds: Tensor,
                         target_class: int) -> float:
         """Two-fold loss on U of editing ``layer``: fit on one fold, then CE of the other fold's triggered
-        non-target images (averaged over the triggers) plus CE of its clean images; averaged over both directions."""
+        non-target images (averaged over the (trigger, triggered images) pairs) plus CE of its clean images; averaged
+        over both directions."""
         total = 0.0
         for held_out in (0, 1):
             delta = fold_problems[1 - held_out].solve(self.method, strength, self.rank)
             check = folds == held_out
             attacked = check & (labels != target_class)
             with trial_edit(model, layer, delta):
-                for trigger in triggers:
+                for trigger, trigger_images in triggered:
                     with trigger.attached(model):
-                        triggered = predict_logits(model, trigger(images[attacked]))
-                    total += F.cross_entropy(triggered, labels[attacked]).item() / len(triggers)
+                        logits = predict_logits(model, trigger_images[attacked])
+                    total += F.cross_entropy(logits, labels[attacked]).item() / len(triggered)
                 total += F.cross_entropy(predict_logits(model, images[check]), labels[check]).item()
         return total / 2
