@@ -39,8 +39,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         before = evaluate(network, *test, data.num_classes, data.target_class)
         unseen = data.unseen_set(args.budget, args.seed)
         model = copy.deepcopy(network)
-        estimator = TriggerEstimator(estimators=tuple(args.estimators), max_steps=args.max_steps,
-                                     batch_size=args.batch_size, progress=not args.no_progress, seed=args.seed)
+        estimator = TriggerEstimator(estimators=tuple(args.estimators), strengths=tuple(args.edit_strengths),
+                                     max_steps=args.max_steps, batch_size=args.batch_size,
+                                     progress=not args.no_progress, seed=args.seed)
         defense = ActivationEditing(layer=args.layer, strength=args.strength, estimator=estimator, seed=args.seed)
         start = time.perf_counter()
         info = defense.defend(model, UnseenData(to_float(unseen.images), unseen.labels), None, None)
@@ -93,6 +94,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=10, help="unseen images per class")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--estimators", nargs="+", default=list(TriggerEstimator().estimators))
+    parser.add_argument("--edit_strengths", nargs="+", type=float, default=list(TriggerEstimator().strengths),
+                        help="the factors the edit scales each estimated candidate by")
     parser.add_argument("--max_steps", type=int, default=TriggerEstimator().max_steps)
     parser.add_argument("--batch_size", type=int, default=TriggerEstimator().batch_size)
     parser.add_argument("--layer", default="blocks.2.conv2")

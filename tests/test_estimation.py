@@ -18,7 +18,8 @@ from lightning_backdoor.defenses import ActivationEditing, UnseenData
 from lightning_backdoor.defenses.callback import DefenseCallback
 from lightning_backdoor.defenses.activations import get_layer
 from lightning_backdoor.defenses.estimation import TriggerEstimator, anomaly_index, flaggable_index
-from lightning_backdoor.defenses.inversion import FeatureInversion, FeatureTrigger
+from lightning_backdoor.defenses.inversion import (BlendInversion, FeatureInversion, FeatureTrigger, MaskPatternTrigger,
+                                                  PerturbationTrigger)
 from lightning_backdoor.models import CompactNet
 from lightning_backdoor.triggers import build_trigger
 from lightning_backdoor.io import load_state_dict
@@ -62,8 +63,10 @@ def test_estimation_finds_the_target_and_removes_the_backdoor(quickstart_run: Pa
     assert len(indices) == data.num_classes and max(indices) == indices[0] > 2
     assert report["after"]["asr"] < 0.2 < 0.9 < report["before"]["asr"]
     assert report["after"]["clean_acc"] > report["before"]["clean_acc"] - 0.02
-    assert estimation["edited_with"][0] == estimation["estimator"]  # the flagging estimator's candidate first
-    assert sorted(estimation["edited_with"]) == sorted(estimation["anomaly_index"])  # then every other candidate
+    # every estimator's candidate at strengths 1 and 1.5, the flagging estimator's first
+    others = [name for name in estimation["anomaly_index"] if name != estimation["estimator"]]
+    assert estimation["edited_with"] == [f"{name} x{strength}" for name in [estimation["estimator"], *others]
+                                         for strength in ("1", "1.5")]
     written = json.loads(callback.report_path.read_text())
     assert Path(written["defense"]["estimated_trigger"]).is_file()
     assert {"estimation_seconds", "editing_seconds"} <= set(written["defense"])
@@ -133,6 +136,34 @@ def test_feature_inversion_bounds_its_pattern_by_the_channel_maxima_on_unseen_im
     assert inversion.sizes().tolist() == pytest.approx([features.shape[1] / 2] * 10)  # half of every channel
     linear = FeatureInversion.create(model, images, 10, torch.Generator().manual_seed(0), "head")  # (N, C) input
     assert linear.mask_logit.shape == (10, model.head.in_features) and linear.apply(images).shape == (10, 20, 1, 28, 28)
+
+
+def test_blend_inversion_is_neural_cleanse_with_one_opacity_per_class() -> None:
+    inversion = BlendInversion(10, (3, 8, 8), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        inversion.opacity_logit[3] = math.log(0.2 / 0.8)  # opacity 0.2
+    assert inversion.sizes()[3].item() == pytest.approx(0.2 * 64)  # the L1 norm of a uniform 0.2 mask
+    assert inversion.sizes()[0].item() == pytest.approx(0.5 * 64)
+    images = torch.rand(5, 3, 8, 8)
+    trigger = inversion.trigger(3)
+    pattern = inversion.pattern_logit[3].sigmoid().detach()
+    assert torch.allclose(trigger(images), 0.8 * images + 0.2 * pattern, atol=1e-6)
+    assert torch.allclose(inversion.apply(images)[3].detach(), trigger(images), atol=1e-6)
+    assert torch.allclose(trigger.mask((3, 8, 8)), torch.full((1, 8, 8), 0.2))
+
+
+def test_a_strengthened_candidate_scales_its_mask_or_perturbation() -> None:
+    images = torch.rand(4, 3, 8, 8)
+    mask, pattern = torch.full((1, 8, 8), 0.4), torch.rand(3, 8, 8)
+    stronger = MaskPatternTrigger(mask, pattern).strengthened(2.0)
+    assert torch.allclose(stronger(images), 0.2 * images + 0.8 * pattern, atol=1e-6)
+    assert MaskPatternTrigger(mask, pattern).strengthened(3.0).mask((3, 8, 8)).max() == 1.0  # clipped: opaque
+    delta = 0.1 * torch.randn(3, 8, 8)
+    assert torch.allclose(PerturbationTrigger(delta).strengthened(1.5)(images), (images + 1.5 * delta).clamp(0, 1))
+    feature = FeatureTrigger("head", torch.tensor([0.5, 0.9]), torch.ones(2)).strengthened(1.5)
+    assert feature._mask.tolist() == pytest.approx([0.75, 1.0])
+    with pytest.raises(ValueError, match="strengths=.*>= 1"):
+        TriggerEstimator(strengths=(0.5, 1.0))
 
 
 def test_editing_with_a_repeated_trigger_equals_editing_with_it_once(quickstart_run: Path) -> None:

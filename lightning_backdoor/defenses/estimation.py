@@ -13,8 +13,7 @@ from torch import Tensor, nn
 
 from lightning_backdoor.defenses.activations import editable_layers, get_layer
 from lightning_backdoor.defenses.base import UnseenData
-from lightning_backdoor.defenses.inversion import INVERSIONS, invert
-from lightning_backdoor.triggers import Trigger
+from lightning_backdoor.defenses.inversion import INVERSIONS, EstimatedTrigger, invert
 
 if TYPE_CHECKING:
     from lightning_backdoor.defenses.activation_editing import ActivationEditing
@@ -52,21 +51,27 @@ def size_ratio(sizes: Tensor) -> Tensor:
 
 @dataclass
 class BackdoorEstimate:
-    """The estimation's outcome: the flagged target and its trigger (None when no class is anomalous), and every
-    estimator's candidate for that class (name -> trigger, the flagging estimator's first)."""
+    """The estimation's outcome: the flagged target and its trigger (None when no class is anomalous), every
+    estimator's candidate for that class (name -> trigger, the flagging estimator's first), and the strengths at
+    which the edit uses each candidate."""
 
     target_class: int | None
-    trigger: Trigger | None
+    trigger: EstimatedTrigger | None
     estimator: str | None
     seconds: float
     details: dict[str, Any] = field(default_factory=dict)
-    candidates: dict[str, Trigger] = field(default_factory=dict)
+    candidates: dict[str, EstimatedTrigger] = field(default_factory=dict)
+    strengths: tuple[float, ...] = (1.0,)
+
+    def edit_triggers(self) -> list[EstimatedTrigger]:
+        """Every candidate at every strength: the triggers the edit maps to clean values."""
+        return [trigger.strengthened(strength) for trigger in self.candidates.values() for strength in self.strengths]
 
     def report(self) -> dict[str, Any]:
         """JSON-able summary for the defense report."""
+        edited_with = [f"{name} x{strength:g}" for name in self.candidates for strength in self.strengths]
         return {"backdoor_found": self.target_class is not None, "target_class": self.target_class,
-                "estimator": self.estimator, "edited_with": list(self.candidates), "seconds": self.seconds
-                } | self.details
+                "estimator": self.estimator, "edited_with": edited_with, "seconds": self.seconds} | self.details
 
 
 class TriggerEstimator:
@@ -76,14 +81,16 @@ class TriggerEstimator:
     classes' trigger sizes, and flags the class with the largest index above ``threshold`` (small side) in any of
     them whose trigger is also at most ``max_size_ratio`` of that estimator's median size (a backdoor's trigger is
     a fraction of a natural class's, not just a tail value of a tight spread); the edit uses every estimator's
-    candidate for the flagged class.
+    candidate for the flagged class, each at every one of ``strengths``.
 
     Args:
-        estimators: inversions to run: ``neural_cleanse`` (mask + pattern, for patch triggers),
-            ``perturbation`` (universal additive perturbation, for global triggers) and/or ``feature`` (channel mask
+        estimators: inversions to run: ``neural_cleanse`` (mask + pattern, for patch triggers), ``blend`` (one
+            opacity over the whole image + pattern, for blended triggers), ``perturbation`` (universal additive perturbation, for global triggers) and/or ``feature`` (channel mask
             + pattern at the edited layer's input, for warping triggers).
         threshold: the anomaly index above which a class is flagged (Neural Cleanse's 2).
         max_size_ratio: the largest trigger size, relative to the median class's, that can be flagged.
+        strengths: the factors by which the edit scales each candidate's mask or perturbation (each ≥ 1): an
+            inversion finds the weakest trigger that works, an attacker's is stronger.
         max_steps: optimisation steps per inversion (each step: one batch for every class).
         batch_size: unseen images per class candidate per step.
         patience: early stopping, steps without a 1 % improvement of any class's best size.
@@ -92,16 +99,21 @@ class TriggerEstimator:
         seed: fixes the initial candidates and the batches.
     """
 
-    def __init__(self, estimators: tuple[str, ...] = ("neural_cleanse", "perturbation", "feature"),
-                 threshold: float = 2.0, max_size_ratio: float = 0.3, max_steps: int = 100, batch_size: int = 8,
-                 patience: int = 25, min_per_class: int = 5, progress: bool = True, seed: int = 0) -> None:
+    def __init__(self, estimators: tuple[str, ...] = ("neural_cleanse", "blend", "perturbation", "feature"),
+                 threshold: float = 2.0, max_size_ratio: float = 0.3, strengths: tuple[float, ...] = (1.0, 1.5),
+                 max_steps: int = 100, batch_size: int = 8, patience: int = 25, min_per_class: int = 5,
+                 progress: bool = True, seed: int = 0) -> None:
         unknown = [name for name in estimators if name not in INVERSIONS]
         if unknown or not estimators:
             raise ValueError(f"unknown trigger estimator(s) {unknown}; known: {', '.join(INVERSIONS)}")
         if not 0 < max_size_ratio <= 1:
             raise ValueError(f"max_size_ratio={max_size_ratio} must be in (0, 1]: a flagged trigger is at most the "
                              f"median class's size")
+        if not strengths or min(strengths) < 1:
+            raise ValueError(f"strengths={tuple(strengths)} must be one or more factors >= 1 (1: the candidate as "
+                             f"estimated; a weaker trigger than the weakest that works teaches the edit nothing)")
         self.estimators, self.threshold, self.max_size_ratio = tuple(estimators), threshold, max_size_ratio
+        self.strengths = tuple(float(strength) for strength in strengths)
         self.max_steps, self.batch_size = max_steps, batch_size
         self.patience, self.min_per_class, self.progress, self.seed = patience, min_per_class, progress, seed
 
@@ -158,7 +170,7 @@ class TriggerEstimator:
             return BackdoorEstimate(None, None, None, seconds, details)
         _, name, label = flagged
         triggers = {other: candidates[other].trigger(label) for other in (name, *candidates)}
-        return BackdoorEstimate(label, triggers[name], name, seconds, details, triggers)
+        return BackdoorEstimate(label, triggers[name], name, seconds, details, triggers, self.strengths)
 
 
 def feature_layer(model: nn.Module) -> str:
@@ -170,8 +182,8 @@ def feature_layer(model: nn.Module) -> str:
 
 def defend_with_estimate(defense: ActivationEditing, estimator: TriggerEstimator, model: nn.Module,
                          unseen: UnseenData, layer: str = "auto") -> dict[str, Any]:
-    """Estimate the trigger and target, then edit with every estimator's candidate for the flagged class (each
-    approximates the backdoor differently; one edit maps them all); leave the model unchanged when no class is
+    """Estimate the trigger and target, then edit with every estimator's candidate for the flagged class at every
+    strength (each approximates the backdoor differently; one edit maps them all); leave the model unchanged when no class is
     anomalous. The info holds the estimate (``estimation``), a picture of the estimated trigger
     (``estimated_trigger_image``, (C, H, W) in [0, 1]: the flagging estimator's, or the first image-space
     candidate's when the flag came from feature space), and the seconds of estimation and of editing."""
@@ -182,7 +194,7 @@ def defend_with_estimate(defense: ActivationEditing, estimator: TriggerEstimator
         return info | {"method": f"{defense.name}/no_backdoor_found", "editing_seconds": 0.0,
                        "seconds": estimate.seconds, "repaired": False}
     started = time.perf_counter()
-    info = defense.defend(model, unseen, list(estimate.candidates.values()), estimate.target_class) | info
+    info = defense.defend(model, unseen, estimate.edit_triggers(), estimate.target_class) | info
     editing = time.perf_counter() - started
     pictures = [trigger.picture() for trigger in estimate.candidates.values() if hasattr(trigger, "picture")]
     if pictures:

@@ -1,8 +1,9 @@
 """Trigger inversion: for every class at once, the smallest trigger that sends unseen images to that class.
 
-Three parametrisations share one batched optimisation loop: Neural Cleanse's mask and pattern (Wang et al. 2019;
-size = L1 norm of the mask, in pixels) for patch triggers, a universal additive perturbation (size = its L2 norm)
-for global triggers, and a mask over channels plus a bounded pattern in the feature space at the input of the edited
+Four parametrisations share one batched optimisation loop: Neural Cleanse's mask and pattern (Wang et al. 2019;
+size = L1 norm of the mask, in pixels) for patch triggers, the same with one opacity for the whole image (size = the
+opacity times the pixels: the L1 norm of that uniform mask) for blended triggers, a universal additive perturbation
+(size = its L2 norm) for global triggers, and a mask over channels plus a bounded pattern in the feature space at the input of the edited
 layer (size = channels masked) for triggers that no small input change expresses (warping).
 """
 
@@ -40,6 +41,10 @@ class MaskPatternTrigger(Trigger):
         """What the trigger paints, (C, H, W) in [0, 1]: the pattern where the mask is on, black elsewhere."""
         return self._mask * self._pattern
 
+    def strengthened(self, factor: float) -> MaskPatternTrigger:
+        """The same pattern under a ``factor`` times more opaque mask (clipped to 1)."""
+        return MaskPatternTrigger((factor * self._mask).clamp(max=1.0), self._pattern)
+
     def __repr__(self) -> str:
         return f"MaskPatternTrigger(mask_l1={self._mask.sum().item():.1f})"
 
@@ -57,6 +62,10 @@ class PerturbationTrigger(Trigger):
     def picture(self) -> Tensor:
         """The perturbation shown around mid-grey, scaled so its largest entry reaches black or white."""
         return 0.5 + 0.5 * self._delta / self._delta.abs().max().clamp(min=1e-8)
+
+    def strengthened(self, factor: float) -> PerturbationTrigger:
+        """The perturbation ``factor`` times larger."""
+        return PerturbationTrigger(factor * self._delta)
 
     def __repr__(self) -> str:
         return f"PerturbationTrigger(l2={self._delta.norm().item():.3f})"
@@ -81,8 +90,16 @@ class FeatureTrigger(Trigger):
             return (1 - mask) * features + mask * pattern
         return rewriting_input(model, self.layer, stamp)
 
+    def strengthened(self, factor: float) -> FeatureTrigger:
+        """The same pattern under a ``factor`` times larger channel mask (clipped to 1)."""
+        return FeatureTrigger(self.layer, (factor * self._mask).clamp(max=1.0), self._pattern)
+
     def __repr__(self) -> str:
         return f"FeatureTrigger(layer={self.layer!r}, channels={self._mask.sum().item():.1f})"
+
+
+#: What an inversion yields: a fixed trigger that can also be made stronger (:meth:`strengthened`).
+EstimatedTrigger = MaskPatternTrigger | PerturbationTrigger | FeatureTrigger
 
 
 class Inversion(nn.Module, ABC):
@@ -109,8 +126,8 @@ class Inversion(nn.Module, ABC):
         """The penalised size of each class's candidate, (K,)."""
 
     @abstractmethod
-    def trigger(self, label: int) -> Trigger:
-        """Class ``label``'s candidate as a fixed :class:`Trigger`."""
+    def trigger(self, label: int) -> EstimatedTrigger:
+        """Class ``label``'s candidate as a fixed trigger."""
 
 
 class MaskPatternInversion(Inversion):
@@ -134,6 +151,31 @@ class MaskPatternInversion(Inversion):
 
     def trigger(self, label: int) -> MaskPatternTrigger:
         return MaskPatternTrigger(self.mask_logit[label].sigmoid(), self.pattern_logit[label].sigmoid())
+
+
+class BlendInversion(Inversion):
+    """Neural Cleanse with a uniform mask: ``(1 - a) * x + a * p`` with one opacity a = sigmoid(α) per class and a
+    pattern sigmoid(b) (K, C, H, W); size = a * H * W, the L1 norm of that mask (pixels, as Neural Cleanse's)."""
+
+    name = "blend"
+
+    def __init__(self, num_classes: int, image_shape: tuple[int, int, int], generator: torch.Generator) -> None:
+        super().__init__()
+        channels, height, width = image_shape
+        self.pixels = height * width
+        self.opacity_logit = nn.Parameter(torch.zeros(num_classes, 1, 1, 1))  # half opaque: easy success at first
+        self.pattern_logit = nn.Parameter(torch.randn(num_classes, channels, height, width, generator=generator))
+
+    def apply(self, images: Tensor) -> Tensor:
+        opacity, pattern = self.opacity_logit.sigmoid()[:, None], self.pattern_logit.sigmoid()[:, None]
+        return (1 - opacity) * images[None] + opacity * pattern
+
+    def sizes(self) -> Tensor:
+        return self.opacity_logit.sigmoid().flatten() * self.pixels
+
+    def trigger(self, label: int) -> MaskPatternTrigger:
+        pattern = self.pattern_logit[label].sigmoid()
+        return MaskPatternTrigger(self.opacity_logit[label].sigmoid().expand(1, *pattern.shape[1:]), pattern)
 
 
 class PerturbationInversion(Inversion):
@@ -199,8 +241,8 @@ class FeatureInversion(Inversion):
         return FeatureTrigger(self.layer, self.mask_logit[label].sigmoid(), self.pattern()[label])
 
 
-INVERSIONS: dict[str, type[Inversion]] = {cls.name: cls for cls in (MaskPatternInversion, PerturbationInversion,
-                                                                     FeatureInversion)}
+INVERSIONS: dict[str, type[Inversion]] = {cls.name: cls for cls in (MaskPatternInversion, BlendInversion,
+                                                                     PerturbationInversion, FeatureInversion)}
 
 
 @dataclass
