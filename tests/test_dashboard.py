@@ -14,7 +14,7 @@ import torch
 from jsonargparse import Namespace
 
 from lightning_backdoor.dashboard import choose_mode, has_credentials, offline_reason, summary_rows
-from lightning_backdoor.defenses.report import write_outputs
+from lightning_backdoor.defenses.report import save_image, write_outputs
 from wandb_records import artifacts
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -160,3 +160,11 @@ def test_log_defense_logs_an_estimated_trigger_and_both_artifacts(tmp_path):
     logged = {kind: set(files) for kind, files in artifacts(next(run_dir.glob("run-*.wandb"))).values()}
     assert logged["defense_report"] == {"defense_report.json", "defense_report.png", "estimated_trigger.png"}
     assert logged["model"] == {"defended.ckpt", "defended.safetensors"}
+
+
+def test_save_image_creates_its_folder_and_enlarges_the_picture(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "new" / "folder" / "trigger.png"
+    save_image(torch.rand(3, 4, 5), path, scale=8)
+    assert Image.open(path).size == (40, 32) and list(path.parent.iterdir()) == [path]  # no temporary file left

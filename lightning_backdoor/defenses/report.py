@@ -82,13 +82,14 @@ def defend_and_report(model: nn.Module, defense: Defense, unseen: UnseenData, tr
 
 
 def save_image(image: Tensor, path: str | Path, scale: int = 8) -> None:
-    """Save an image (C, H, W) in [0, 1] as PNG, enlarged ``scale`` times (nearest neighbour) to be visible."""
+    """Save an image (C, H, W) in [0, 1] as PNG (atomically, creating its folder), enlarged ``scale`` times (nearest
+    neighbour) to be visible."""
     from PIL import Image
 
     pixels = image.detach().float().cpu().clamp(0, 1).mul(255).round().to(torch.uint8)
     pixels = pixels.repeat_interleave(scale, 1).repeat_interleave(scale, 2).permute(1, 2, 0)
     array = pixels.squeeze(-1).numpy() if pixels.shape[-1] == 1 else pixels.numpy()
-    Image.fromarray(array).save(path, format="PNG")
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def write_outputs(report: dict[str, Any], state_dict: dict[str, Tensor], output_dir: str | Path
@@ -112,7 +113,7 @@ def write_outputs(report: dict[str, Any], state_dict: dict[str, Tensor], output_
     defense = report.get("defense", {})
     if defense.get("estimated_trigger_image") is not None:  # the trigger unknown: show what was estimated
         trigger_path = unique_path(output_dir / "estimated_trigger.png")
-        atomic_write(trigger_path, lambda tmp: save_image(defense["estimated_trigger_image"], tmp))
+        save_image(defense["estimated_trigger_image"], trigger_path)
         defense = {k: v for k, v in defense.items() if k != "estimated_trigger_image"}
         report = report | {"defense": defense | {"estimated_trigger": str(trigger_path)}}
     report_path = unique_path(output_dir / REPORT_NAME)
