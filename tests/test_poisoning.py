@@ -86,6 +86,13 @@ def test_datamodule_eval_batches_hold_triggered_images_and_attack_labels(datamod
     assert torch.equal(attack == -1, labels == 0)
 
 
+def test_validation_dataset_is_the_held_out_training_pool_images_with_their_triggered_copies(datamodule):
+    images, labels, triggered, attack = datamodule.validation_dataset().tensors
+    assert torch.equal(labels, datamodule.train_pool.labels[datamodule.plan.val])
+    assert torch.equal(images, datamodule.train_pool.images[datamodule.plan.val])  # clean: never poisoned
+    assert (triggered[:, :, -3:, -3:] == 255).all() and torch.equal(attack == -1, labels == 0)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(poison_rate=1.5), "poison_rate=1.5 is outside"),
     (dict(poison_rate=-0.1), "poison_rate=-0.1 is outside"),

@@ -150,6 +150,12 @@ class PoisonedDataModule(L.LightningDataModule):
         self.setup("test")
         return self._datasets["test"]
 
+    def validation_dataset(self) -> TensorDataset:
+        """The validation split (training-pool images held out of training), laid out as :meth:`test_dataset`: for
+        choosing settings without touching the test split."""
+        self.setup("test")
+        return self._datasets["val"]
+
     def _eval_dataset(self, images: ImageSet) -> TensorDataset:
         return TensorDataset(images.images, images.labels, apply_trigger(self.trigger, images.images),
                              self.attack_labels(images.labels))
