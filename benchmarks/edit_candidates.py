@@ -64,9 +64,8 @@ def main() -> None:
             continue
         for combination in args.combinations:
             model = copy.deepcopy(network)
-            ActivationEditing(layer=args.layer, seed=seed).defend(model, unseen, triggers_of(combination,
-                                                                                           estimate.candidates),
-                                                                 estimate.target_class)
+            triggers = triggers_of(combination, estimate.candidates)
+            ActivationEditing(layer=args.layer, seed=seed).defend(model, unseen, triggers, estimate.target_class)
             after = evaluate(model, *validation, data.num_classes, data.target_class)
             asr[combination].append(100 * after["asr"])
             print(f"  {combination:40s} CA {100 * after['clean_acc']:.2f} ASR {100 * after['asr']:.2f} "

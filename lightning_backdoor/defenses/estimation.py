@@ -85,8 +85,9 @@ class TriggerEstimator:
 
     Args:
         estimators: inversions to run: ``neural_cleanse`` (mask + pattern, for patch triggers), ``blend`` (one
-            opacity over the whole image + pattern, for blended triggers), ``perturbation`` (universal additive perturbation, for global triggers) and/or ``feature`` (channel mask
-            + pattern at the edited layer's input, for warping triggers).
+            opacity over the whole image + pattern, for blended triggers), ``perturbation`` (universal additive
+            perturbation, for global triggers) and/or ``feature`` (channel mask + pattern at the edited layer's
+            input, for warping triggers).
         threshold: the anomaly index above which a class is flagged (Neural Cleanse's 2).
         max_size_ratio: the largest trigger size, relative to the median class's, that can be flagged.
         strengths: the factors by which the edit scales each candidate's mask or perturbation (each ≥ 1): an
@@ -183,8 +184,8 @@ def feature_layer(model: nn.Module) -> str:
 def defend_with_estimate(defense: ActivationEditing, estimator: TriggerEstimator, model: nn.Module,
                          unseen: UnseenData, layer: str = "auto") -> dict[str, Any]:
     """Estimate the trigger and target, then edit with every estimator's candidate for the flagged class at every
-    strength (each approximates the backdoor differently; one edit maps them all); leave the model unchanged when no class is
-    anomalous. The info holds the estimate (``estimation``), a picture of the estimated trigger
+    strength (each approximates the backdoor differently; one edit maps them all); leave the model unchanged when no
+    class is anomalous. The info holds the estimate (``estimation``), a picture of the estimated trigger
     (``estimated_trigger_image``, (C, H, W) in [0, 1]: the flagging estimator's, or the first image-space
     candidate's when the flag came from feature space), and the seconds of estimation and of editing."""
     estimate = estimator.estimate(model, unseen, layer)

@@ -3,8 +3,8 @@
 Four parametrisations share one batched optimisation loop: Neural Cleanse's mask and pattern (Wang et al. 2019;
 size = L1 norm of the mask, in pixels) for patch triggers, the same with one opacity for the whole image (size = the
 opacity times the pixels: the L1 norm of that uniform mask) for blended triggers, a universal additive perturbation
-(size = its L2 norm) for global triggers, and a mask over channels plus a bounded pattern in the feature space at the input of the edited
-layer (size = channels masked) for triggers that no small input change expresses (warping).
+(size = its L2 norm) for global triggers, and a mask over channels plus a bounded pattern in the feature space at the
+input of the edited layer (size = channels masked) for triggers that no small input change expresses (warping).
 """
 
 from __future__ import annotations
