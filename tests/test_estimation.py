@@ -17,7 +17,8 @@ from lightning_backdoor.cli import instantiate_run, main
 from lightning_backdoor.defenses import ActivationEditing, UnseenData
 from lightning_backdoor.defenses.callback import DefenseCallback
 from lightning_backdoor.defenses.activations import get_layer
-from lightning_backdoor.defenses.estimation import TriggerEstimator, anomaly_index, flaggable_index
+from lightning_backdoor.defenses.estimation import (TriggerEstimator, anomaly_index, flaggable_index,
+                                                   size_anomaly_index)
 from lightning_backdoor.defenses.inversion import (BlendInversion, FeatureInversion, FeatureTrigger, MaskPatternTrigger,
                                                   PerturbationTrigger)
 from lightning_backdoor.models import CompactNet
@@ -43,14 +44,25 @@ def test_anomaly_index_with_zero_deviation() -> None:
 
 
 def test_only_a_trigger_far_below_the_median_can_be_flagged() -> None:
-    # a tight spread: 6 is an outlier by MAD (median 11.4, MAD 0.4, index 5.4 / (1.4826 * 0.4) = 9.1) yet 53 % of
-    # the median class's trigger, as natural class differences are; 1 (9 % of the median) is a backdoor's size
-    tight = torch.tensor([6.0, 11.0, 11.2, 11.4, 11.6, 11.8, 12.0])
-    assert anomaly_index(tight)[0] == pytest.approx(5.4 / (1.4826 * 0.4))
-    assert flaggable_index(tight, 0.3)[0] == -math.inf and flaggable_index(tight, 0.6)[0] > 9
-    small = torch.tensor([1.0, 11.0, 11.2, 11.4, 11.6, 11.8, 12.0])
-    assert flaggable_index(small, 0.3)[0] == pytest.approx(10.4 / (1.4826 * 0.4))
+    # sizes are scored on the log scale; log sizes (natural log) of a tight spread around e^2.4:
+    # [1.8, 2.3, 2.35, 2.4, 2.45, 2.5, 2.6]: median 2.4, |deviations| [.6, .1, .05, 0, .05, .1, .2], MAD 0.1
+    tight = torch.tensor([1.8, 2.3, 2.35, 2.4, 2.45, 2.5, 2.6], dtype=torch.float64).exp()
+    assert size_anomaly_index(tight)[0].item() == pytest.approx(0.6 / (1.4826 * 0.1))
+    # an outlier by MAD (index 4.05) yet e^-0.6 = 55 % of the median class's trigger, as natural classes differ
+    assert flaggable_index(tight, 0.3)[0] == -math.inf and flaggable_index(tight, 0.6)[0] > 4
+    small = tight.clone()
+    small[0] = math.exp(2.4 - 2.0)  # 13.5 % of the median: index 2.0 / (1.4826 * 0.1) = 13.5
+    assert flaggable_index(small, 0.3)[0].item() == pytest.approx(2.0 / (1.4826 * 0.1))
     assert (flaggable_index(small, 0.3)[1:] == -math.inf).all()
+
+
+def test_a_wide_upper_side_does_not_hide_a_small_trigger() -> None:
+    # Blended, unseen seed 1, Neural Cleanse: a trigger at 9 % of the median, but classes up to 10.6 times it
+    sizes = torch.tensor([0.09, 0.50, 0.64, 5.80, 1.02, 10.59, 0.98, 0.88, 4.23, 1.21])
+    assert anomaly_index(sizes)[0] < 2  # on the linear scale the big classes inflate the MAD: missed
+    assert size_anomaly_index(sizes)[0] > 2 and int(flaggable_index(sizes, 0.3).argmax()) == 0
+    assert torch.equal(size_anomaly_index(sizes, log_scale=False), anomaly_index(sizes))  # Neural Cleanse's own
+    assert flaggable_index(sizes, 0.3, log_scale=False).max() < 2
 
 
 def test_estimation_finds_the_target_and_removes_the_backdoor(quickstart_run: Path, tmp_path: Path) -> None:

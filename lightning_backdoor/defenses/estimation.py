@@ -37,10 +37,19 @@ def anomaly_index(sizes: Tensor) -> Tensor:
     return deviation / mad
 
 
-def flaggable_index(sizes: Tensor, max_size_ratio: float) -> Tensor:
-    """The anomaly index of classes whose trigger is at most ``max_size_ratio`` of the median size, -inf elsewhere:
-    with a tight spread of sizes, a class a little smaller than the rest is an outlier by MAD but no backdoor."""
-    index = anomaly_index(sizes)
+def size_anomaly_index(sizes: Tensor, log_scale: bool = True) -> Tensor:
+    """The anomaly index of the *log* trigger sizes (of the sizes themselves, as Neural Cleanse's, without
+    ``log_scale``): sizes are scales, spread far wider above the median than below (a class can need 13 times the
+    median's trigger), and on a linear scale that wide upper side inflates the MAD until a backdoor at a tenth of
+    the median size no longer stands out."""
+    return anomaly_index(sizes.double().clamp(min=1e-12).log() if log_scale else sizes)
+
+
+def flaggable_index(sizes: Tensor, max_size_ratio: float, log_scale: bool = True) -> Tensor:
+    """:func:`size_anomaly_index` of classes whose trigger is at most ``max_size_ratio`` of the median size, -inf
+    elsewhere: with a tight spread of sizes, a class a little smaller than the rest is an outlier by MAD but no
+    backdoor."""
+    index = size_anomaly_index(sizes, log_scale)
     return torch.where(size_ratio(sizes) <= max_size_ratio, index, torch.full_like(index, -math.inf))
 
 
@@ -78,7 +87,7 @@ class TriggerEstimator:
     """Estimate the target class and trigger of a backdoored classifier from unseen clean images.
 
     Runs each inversion in ``estimators`` over U (all classes batched), computes each one's anomaly index over the
-    classes' trigger sizes, and flags the class with the largest index above ``threshold`` (small side) in any of
+    classes' log trigger sizes, and flags the class with the largest index above ``threshold`` (small side) in any of
     them whose trigger is also at most ``max_size_ratio`` of that estimator's median size (a backdoor's trigger is
     a fraction of a natural class's, not just a tail value of a tight spread); the edit uses every estimator's
     candidate for the flagged class, each at every one of ``strengths``.
@@ -90,6 +99,7 @@ class TriggerEstimator:
             input, for warping triggers).
         threshold: the anomaly index above which a class is flagged (Neural Cleanse's 2).
         max_size_ratio: the largest trigger size, relative to the median class's, that can be flagged.
+        log_scale: score the log sizes (default) or, as Neural Cleanse does, the sizes themselves.
         strengths: the factors by which the edit scales each candidate's mask or perturbation (each ≥ 1): an
             inversion finds the weakest trigger that works, an attacker's is stronger.
         max_steps: optimisation steps per inversion (each step: one batch for every class).
@@ -101,9 +111,9 @@ class TriggerEstimator:
     """
 
     def __init__(self, estimators: tuple[str, ...] = ("neural_cleanse", "blend", "perturbation", "feature"),
-                 threshold: float = 2.0, max_size_ratio: float = 0.3, strengths: tuple[float, ...] = (1.0, 1.5),
-                 max_steps: int = 100, batch_size: int = 8, patience: int = 25, min_per_class: int = 5,
-                 progress: bool = True, seed: int = 0) -> None:
+                 threshold: float = 2.0, max_size_ratio: float = 0.3, log_scale: bool = True,
+                 strengths: tuple[float, ...] = (1.0, 1.5), max_steps: int = 100, batch_size: int = 8,
+                 patience: int = 25, min_per_class: int = 5, progress: bool = True, seed: int = 0) -> None:
         unknown = [name for name in estimators if name not in INVERSIONS]
         if unknown or not estimators:
             raise ValueError(f"unknown trigger estimator(s) {unknown}; known: {', '.join(INVERSIONS)}")
@@ -114,6 +124,7 @@ class TriggerEstimator:
             raise ValueError(f"strengths={tuple(strengths)} must be one or more factors >= 1 (1: the candidate as "
                              f"estimated; a weaker trigger than the weakest that works teaches the edit nothing)")
         self.estimators, self.threshold, self.max_size_ratio = tuple(estimators), threshold, max_size_ratio
+        self.log_scale = log_scale
         self.strengths = tuple(float(strength) for strength in strengths)
         self.max_steps, self.batch_size = max_steps, batch_size
         self.patience, self.min_per_class, self.progress, self.seed = patience, min_per_class, progress, seed
@@ -152,7 +163,7 @@ class TriggerEstimator:
                 result = invert(model, images, labels, inversion, max_steps=self.max_steps,
                                 batch_size=self.batch_size, patience=self.patience, generator=generator,
                                 progress=self.progress)
-                index = anomaly_index(result.sizes)
+                index = size_anomaly_index(result.sizes, self.log_scale)
                 details["anomaly_index"][name] = [round(value, 3) for value in index.tolist()]
                 details["trigger_size"][name] = [round(value, 4) for value in result.sizes.tolist()]
                 details["size_ratio"][name] = [round(value, 3) for value in size_ratio(result.sizes).tolist()]
@@ -160,7 +171,7 @@ class TriggerEstimator:
                 details["steps"][name] = result.steps
                 details["estimator_seconds"][name] = round(time.perf_counter() - began, 3)
                 candidates[name] = result.inversion
-                eligible = flaggable_index(result.sizes, self.max_size_ratio)
+                eligible = flaggable_index(result.sizes, self.max_size_ratio, self.log_scale)
                 label = int(eligible.argmax())
                 if eligible[label] > self.threshold and (flagged is None or eligible[label] > flagged[0]):
                     flagged = (float(eligible[label]), name, label)

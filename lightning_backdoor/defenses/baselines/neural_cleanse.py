@@ -40,8 +40,8 @@ class NeuralCleanseUnlearning(Defense):
         from lightning_backdoor.defenses.estimation import TriggerEstimator  # issue 4's estimator, shared
 
         start = time.perf_counter()
-        estimator = TriggerEstimator(estimators=("neural_cleanse",), threshold=self.threshold,
-                                     max_steps=self.max_steps, progress=False, seed=self.seed)
+        estimator = TriggerEstimator(estimators=("neural_cleanse",), threshold=self.threshold, log_scale=False,
+                                     max_steps=self.max_steps, progress=False, seed=self.seed)  # the index as published
         estimate = estimator.estimate(model, unseen)
         info: dict[str, Any] = {"method": self.name, "estimation": estimate.report(),
                                 "backdoor_found": estimate.target_class is not None}
