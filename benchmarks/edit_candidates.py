@@ -4,7 +4,8 @@ training-pool images held out of training, with the real trigger), never on the 
 For every seed: estimate the trigger and target from ``--budget`` unseen images per class (the defaults of
 TriggerEstimator), then edit a copy of the model with each combination of the flagged class's candidates and print
 validation CA / ASR / TA. A combination is ``names@strengths``: ``neural_cleanse+perturbation+feature@1``,
-``all@1,1.5`` (``all``: every estimator's candidate).
+``all@1,1.5`` (``all``: every estimator's candidate), ``flagging@1,1.5`` (the estimators that flag the class: the
+default).
 
     python benchmarks/edit_candidates.py --run blended --seeds 0 1 2
 """
@@ -21,17 +22,18 @@ import torch
 from lightning_backdoor.cli import instantiate_run
 from lightning_backdoor.data.poisoning import to_float
 from lightning_backdoor.defenses import ActivationEditing, UnseenData
-from lightning_backdoor.defenses.estimation import TriggerEstimator
+from lightning_backdoor.defenses.estimation import BackdoorEstimate, TriggerEstimator
 from lightning_backdoor.evaluation import evaluate
 
-COMBINATIONS = ("neural_cleanse+perturbation+feature@1", "all@1", "all@1,1.5", "all@1,1.5,2", "blend@1",
-                "blend@1,1.5,2")
+COMBINATIONS = ("flagging@1,1.5", "all@1,1.5", "all@1", "all@1,1.5,2")
 
 
-def triggers_of(combination: str, candidates: dict) -> list:
-    """The triggers a ``names@strengths`` combination names, from the flagged class's candidates."""
+def triggers_of(combination: str, estimate: BackdoorEstimate) -> list:
+    """The triggers a ``names@strengths`` combination names, from the flagged class's candidates (``flagging``: the
+    estimators that flag the class, the default edit; ``all``: every estimator's)."""
     names, _, strengths = combination.partition("@")
-    chosen = list(candidates) if names == "all" else names.split("+")
+    candidates = estimate.every_candidate
+    chosen = {"all": list(candidates), "flagging": list(estimate.candidates)}.get(names) or names.split("+")
     return [candidates[name].strengthened(float(strength)) for name in chosen
             for strength in (strengths or "1").split(",")]
 
@@ -59,12 +61,12 @@ def main() -> None:
         unseen = data.unseen_set(args.budget, seed)
         unseen = UnseenData(to_float(unseen.images), unseen.labels)
         estimate = TriggerEstimator(progress=False, seed=seed).estimate(network, unseen, args.layer)
-        print(f"seed {seed}: flagged class {estimate.target_class} ({estimate.estimator})", flush=True)
+        print(f"seed {seed}: flagged class {estimate.target_class} by {estimate.details['flagged_by']}", flush=True)
         if estimate.target_class != data.target_class:
             continue
         for combination in args.combinations:
             model = copy.deepcopy(network)
-            triggers = triggers_of(combination, estimate.candidates)
+            triggers = triggers_of(combination, estimate)
             ActivationEditing(layer=args.layer, seed=seed).defend(model, unseen, triggers, estimate.target_class)
             after = evaluate(model, *validation, data.num_classes, data.target_class)
             asr[combination].append(100 * after["asr"])

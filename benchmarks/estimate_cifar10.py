@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 from lightning_backdoor.cli import instantiate_run
 from lightning_backdoor.data.poisoning import to_float
 from lightning_backdoor.defenses import ActivationEditing, UnseenData
-from lightning_backdoor.defenses.estimation import TriggerEstimator
+from lightning_backdoor.defenses.estimation import TriggerEstimator, size_ratio
 from lightning_backdoor.defenses.report import save_image
 from lightning_backdoor.evaluation import evaluate
 from lightning_backdoor.io import atomic_json
@@ -53,6 +52,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         poisoned = data.poison_rate > 0
         row = {"run": name, "poisoned": poisoned, "true_target": data.target_class if poisoned else None,
                "estimated_target": estimation["target_class"], "estimator": estimation["estimator"],
+               "flagged_by": estimation["flagged_by"],
                "anomaly_index": estimation["anomaly_index"], "trigger_size": estimation["trigger_size"],
                "steps": estimation["steps"], "estimation_seconds": info["estimation_seconds"],
                "editing_seconds": info["editing_seconds"], "total_seconds": total, "before": before,
@@ -65,11 +65,24 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def evidence(row: dict) -> str:
+    """Each flagging estimator's log anomaly index and size ratio for the flagged class; with no flag, the largest
+    index of any class and that class's size ratio."""
+    ratios = {name: size_ratio(torch.tensor(sizes)).tolist() for name, sizes in row["trigger_size"].items()}
+    label = row["estimated_target"]
+    if label is not None:
+        return ", ".join(f"{name} {row['anomaly_index'][name][label]:.2f}, {ratios[name][label]:.2f}"
+                         for name in row["flagged_by"])
+    name, label = max(((name, label) for name, values in row["anomaly_index"].items() for label in range(len(values))),
+                      key=lambda pair: row["anomaly_index"][pair[0]][pair[1]])
+    return f"none ({name} class {label}: {row['anomaly_index'][name][label]:.2f}, {ratios[name][label]:.2f})"
+
+
 def table(rows: list[dict]) -> str:
     """Markdown, percentages and seconds."""
-    lines = ["| model | target found | anomaly index (max, estimator) | smallest size ratio (estimator) | CA before | "
+    lines = ["| model | target found | flagged by: log index, size ratio (else the largest index) | CA before | "
              "CA after | ASR before | ASR after | ASR floor | TA after | estimation s | edit s | total s |",
-             "|" + " --- |" * 13]
+             "|" + " --- |" * 12]
     for row in rows:
         before, after = row["before"], row["after"]
         if row["poisoned"]:
@@ -77,11 +90,7 @@ def table(rows: list[dict]) -> str:
         else:
             found = ("no backdoor found" if row["estimated_target"] is None
                      else f"false alarm ({row['estimated_target']})")
-        best = max(((max(v), k) for k, v in row["anomaly_index"].items()), default=(float("nan"), "-"))
-        ratio = min(((min(sizes) / statistics.median(sizes), k) for k, sizes in row["trigger_size"].items()),
-                    default=(float("nan"), "-"))
-        lines.append(f"| {row['run']} | {found} | {best[0]:.2f} ({best[1]}) | {ratio[0]:.2f} ({ratio[1]}) | "
-                     f"{100 * before['clean_acc']:.2f} | "
+        lines.append(f"| {row['run']} | {found} | {evidence(row)} | {100 * before['clean_acc']:.2f} | "
                      f"{100 * after['clean_acc']:.2f} | {100 * before['asr']:.2f} | {100 * after['asr']:.2f} | "
                      f"{100 * after['asr_floor']:.2f} | {100 * after['target_acc']:.2f} | "
                      f"{row['estimation_seconds']:.1f} | {row['editing_seconds']:.1f} | {row['total_seconds']:.1f} |")

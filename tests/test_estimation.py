@@ -17,10 +17,10 @@ from lightning_backdoor.cli import instantiate_run, main
 from lightning_backdoor.defenses import ActivationEditing, UnseenData
 from lightning_backdoor.defenses.callback import DefenseCallback
 from lightning_backdoor.defenses.activations import get_layer
-from lightning_backdoor.defenses.estimation import (TriggerEstimator, anomaly_index, flaggable_index,
+from lightning_backdoor.defenses.estimation import (TriggerEstimator, anomaly_index, feature_layer, flaggable_index,
                                                    size_anomaly_index)
 from lightning_backdoor.defenses.inversion import (BlendInversion, FeatureInversion, FeatureTrigger, MaskPatternTrigger,
-                                                  PerturbationTrigger)
+                                                  PerturbationTrigger, WarpInversion)
 from lightning_backdoor.models import CompactNet
 from lightning_backdoor.triggers import build_trigger
 from lightning_backdoor.io import load_state_dict
@@ -75,10 +75,13 @@ def test_estimation_finds_the_target_and_removes_the_backdoor(quickstart_run: Pa
     assert len(indices) == data.num_classes and max(indices) == indices[0] > 2
     assert report["after"]["asr"] < 0.2 < 0.9 < report["before"]["asr"]
     assert report["after"]["clean_acc"] > report["before"]["clean_acc"] - 0.02
-    # every estimator's candidate at strengths 1 and 1.5, the flagging estimator's first
-    others = [name for name in estimation["anomaly_index"] if name != estimation["estimator"]]
-    assert estimation["edited_with"] == [f"{name} x{strength}" for name in [estimation["estimator"], *others]
-                                         for strength in ("1", "1.5")]
+    # the candidates of the estimators that flag class 0 (index > 2, size ratio <= 0.3), largest index first, at
+    # strengths 1 and 1.5
+    flagging = [name for name in estimation["anomaly_index"] if estimation["anomaly_index"][name][0] > 2
+                and estimation["size_ratio"][name][0] <= 0.3]
+    flagging.sort(key=lambda name: -estimation["anomaly_index"][name][0])
+    assert estimation["flagged_by"] == flagging and flagging[0] == estimation["estimator"]
+    assert estimation["edited_with"] == [f"{name} x{strength}" for name in flagging for strength in ("1", "1.5")]
     written = json.loads(callback.report_path.read_text())
     assert Path(written["defense"]["estimated_trigger"]).is_file()
     assert {"estimation_seconds", "editing_seconds"} <= set(written["defense"])
@@ -164,6 +167,26 @@ def test_blend_inversion_is_neural_cleanse_with_one_opacity_per_class() -> None:
     assert torch.allclose(trigger.mask((3, 8, 8)), torch.full((1, 8, 8), 0.2))
 
 
+def test_warp_inversion_shifts_pixels_by_its_displacement_field() -> None:
+    inversion = WarpInversion(10, (3, 8, 8), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        inversion.control.zero_()
+        inversion.control[4, 0] = 1.0  # class 4: every pixel reads its right-hand neighbour (x + 1 pixel)
+        inversion.control[5, 1] = -0.5  # class 5: half a pixel up
+    assert inversion.sizes()[[0, 4, 5]].tolist() == pytest.approx([0.0, 1.0, 0.5])  # mean shift, pixels
+    images = torch.rand(6, 3, 8, 8)
+    warped = inversion.apply(images).detach()
+    assert warped.shape == (10, 6, 3, 8, 8)
+    torch.testing.assert_close(warped[0], images)  # no displacement: unchanged
+    torch.testing.assert_close(warped[4][..., :-1], images[..., 1:])  # one pixel left (the border column repeats)
+    torch.testing.assert_close(warped[5][..., 1:, :], 0.5 * (images[..., :-1, :] + images[..., 1:, :]))
+    trigger = inversion.trigger(4)
+    torch.testing.assert_close(trigger(images), warped[4])
+    torch.testing.assert_close(trigger.strengthened(2.0)(images)[..., :-2], images[..., 2:])  # two pixels
+    picture = trigger.picture()
+    assert picture.shape == (3, 8, 8) and picture[0].min() == 1.0 and (picture[1:] == 0.5).all()
+
+
 def test_a_strengthened_candidate_scales_its_mask_or_perturbation() -> None:
     images = torch.rand(4, 3, 8, 8)
     mask, pattern = torch.full((1, 8, 8), 0.4), torch.rand(3, 8, 8)
@@ -193,11 +216,25 @@ def test_editing_with_a_repeated_trigger_equals_editing_with_it_once(quickstart_
     torch.testing.assert_close(edits[1], edits[0], rtol=1e-4, atol=1e-6)  # the key statistics add, then normalise
 
 
-def test_a_feature_trigger_edits_its_own_layer() -> None:
+def test_a_feature_trigger_edits_its_layer_or_a_later_one() -> None:
     model = CompactNet(num_classes=10, in_channels=1).eval()
     unseen = UnseenData(torch.rand(20, 1, 28, 28), torch.arange(10).repeat(2))
-    features = _conv_input(model, "blocks.2.conv2", unseen.images[:1])
-    trigger = FeatureTrigger("blocks.2.conv2", torch.ones(features.shape[1], 1, 1), torch.zeros(features.shape[1:]))
-    with pytest.raises(ValueError, match=r"the trigger acts at layer\(s\) \['blocks.2.conv2'\], the edit is set to "
-                                         r"'blocks.2.conv1'"):
-        ActivationEditing(layer="blocks.2.conv1").defend(model, unseen, [build_trigger("badnets"), trigger], 0)
+    assert feature_layer(model) == feature_layer(model, "blocks.2.conv2") == "blocks.2.conv1"  # a block below
+    assert feature_layer(model, "stem.conv") == "stem.conv"  # no convolution before it: its own input
+    features = _conv_input(model, "blocks.2.conv1", unseen.images[:1])
+    trigger = FeatureTrigger("blocks.2.conv1", torch.ones(features.shape[1], 1, 1), torch.ones(features.shape[1:]))
+    with pytest.raises(ValueError, match=r"the trigger acts at the input of 'blocks.2.conv1', after the edit's layer "
+                                         r"'blocks.1.conv2'; edit 'blocks.2.conv1' or a later layer"):
+        ActivationEditing(layer="blocks.1.conv2").defend(model, unseen, [build_trigger("badnets"), trigger], 0)
+    before = {name: layer.weight.clone() for name, layer in model.named_modules() if name.startswith("blocks.2.")
+              and isinstance(layer, nn.Conv2d)}
+    info = ActivationEditing(layer="blocks.2.conv2", repair=False).defend(model, unseen, trigger, 0)
+    assert info["layer"] == "blocks.2.conv2"
+    assert not torch.equal(model.blocks[2].conv2.weight, before["blocks.2.conv2"])
+    assert torch.equal(model.blocks[2].conv1.weight, before["blocks.2.conv1"])
+    # auto tries the candidate layers (the last three: blocks.2.conv1, blocks.2.conv2, head) after the stamped one
+    info = ActivationEditing(layer="auto", repair=False).defend(copy.deepcopy(model), unseen, trigger, 0)
+    assert sorted(info["selection"]["cross_validated_loss_on_unseen"]) == ["blocks.2.conv2 λ=10.0", "head λ=10.0"]
+    last = FeatureTrigger("head", torch.ones(256), torch.ones(256))
+    info = ActivationEditing(layer="auto", repair=False).defend(copy.deepcopy(model), unseen, last, 0)
+    assert info["layer"] == "head" and "selection" not in info  # nothing after it: the stamped layer itself

@@ -202,14 +202,9 @@ class ActivationEditing(Defense):
         was_training = model.training
         model.eval()
         layers = editable_layers(model)[-self.candidates:] if self.layer == "auto" else [self.layer]
-        feature_layers = {member.layer for member in triggers if isinstance(member, FeatureTrigger)}
-        if feature_layers:  # estimated in the feature space at one layer: edit that layer
-            if len(feature_layers) > 1 or self.layer not in ("auto", *feature_layers):
-                raise ValueError(f"the trigger acts at layer(s) {sorted(feature_layers)}, the edit is set to "
-                                 f"{self.layer!r}; edit the trigger's layer (or layer: auto)")
-            layers = list(feature_layers)
         for name in layers:
             get_layer(model, name)  # a wrong name or type fails before any work
+        layers = self._layers_reached(model, layers, triggers)
         if self.repair and not (unseen.labels == target_class).any():
             raise ValueError(f"repair needs unseen images of the target class {target_class}; the unseen split has "
                              f"none (add unseen images or set repair=false)")
@@ -267,6 +262,27 @@ class ActivationEditing(Defense):
                  "seconds": time.perf_counter() - start}
         model.train(was_training)
         return info
+
+    def _layers_reached(self, model: nn.Module, layers: list[str], triggers: list[Trigger]) -> list[str]:
+        """The candidate ``layers`` that feature-space triggers reach: those at or after (in definition order) the
+        layer at whose input the triggers act, and for ``auto`` after it when a later one is a candidate (editing the
+        stamped layer itself undoes the stamp on U but not the trigger: README, trigger unknown); a one-line error
+        when the edit is set to a layer before it."""
+        feature_layers = {member.layer for member in triggers if isinstance(member, FeatureTrigger)}
+        if not feature_layers:
+            return layers
+        if len(feature_layers) > 1:
+            raise ValueError(f"the feature-space triggers act at several layers {sorted(feature_layers)}; one edit "
+                             f"needs them at one")
+        (acting,) = feature_layers
+        get_layer(model, acting)
+        order = editable_layers(model)
+        reached = [name for name in layers if order.index(name) >= order.index(acting)]
+        if not reached:
+            raise ValueError(f"the trigger acts at the input of {acting!r}, after the edit's layer {self.layer!r}; "
+                             f"edit {acting!r} or a later layer (or layer: auto)")
+        downstream = [name for name in reached if name != acting]
+        return downstream if self.layer == "auto" and downstream else reached
 
     @staticmethod
     def _folds(labels: Tensor, views: int) -> Tensor:

@@ -60,9 +60,11 @@ def size_ratio(sizes: Tensor) -> Tensor:
 
 @dataclass
 class BackdoorEstimate:
-    """The estimation's outcome: the flagged target and its trigger (None when no class is anomalous), every
-    estimator's candidate for that class (name -> trigger, the flagging estimator's first), and the strengths at
-    which the edit uses each candidate."""
+    """The estimation's outcome: the flagged target and its trigger (None when no class is anomalous), the candidate
+    for that class of every estimator that flags it (name -> trigger, the largest index first), and the strengths at
+    which the edit uses each candidate; ``picture`` (C, H, W) in [0, 1] shows the trigger: the first flagging
+    image-space candidate's, else (flagged in feature space only) the first image-space estimator's for the class;
+    ``every_candidate`` holds every estimator's candidate for the class, flagging ones first (for inspection)."""
 
     target_class: int | None
     trigger: EstimatedTrigger | None
@@ -71,6 +73,8 @@ class BackdoorEstimate:
     details: dict[str, Any] = field(default_factory=dict)
     candidates: dict[str, EstimatedTrigger] = field(default_factory=dict)
     strengths: tuple[float, ...] = (1.0,)
+    picture: Tensor | None = None
+    every_candidate: dict[str, EstimatedTrigger] = field(default_factory=dict)
 
     def edit_triggers(self) -> list[EstimatedTrigger]:
         """Every candidate at every strength: the triggers the edit maps to clean values."""
@@ -89,14 +93,15 @@ class TriggerEstimator:
     Runs each inversion in ``estimators`` over U (all classes batched), computes each one's anomaly index over the
     classes' log trigger sizes, and flags the class with the largest index above ``threshold`` (small side) in any of
     them whose trigger is also at most ``max_size_ratio`` of that estimator's median size (a backdoor's trigger is
-    a fraction of a natural class's, not just a tail value of a tight spread); the edit uses every estimator's
-    candidate for the flagged class, each at every one of ``strengths``.
+    a fraction of a natural class's, not just a tail value of a tight spread); the edit uses the candidate for the
+    flagged class of every estimator that flags it, each at every one of ``strengths`` (the other estimators'
+    candidates are a natural class's features: editing them away costs clean accuracy).
 
     Args:
         estimators: inversions to run: ``neural_cleanse`` (mask + pattern, for patch triggers), ``blend`` (one
             opacity over the whole image + pattern, for blended triggers), ``perturbation`` (universal additive
-            perturbation, for global triggers) and/or ``feature`` (channel mask + pattern at the edited layer's
-            input, for warping triggers).
+            perturbation, for global triggers), ``warp`` (smooth displacement field, for warping triggers) and/or
+            ``feature`` (channel mask + pattern at the input of the convolution before the edited layer).
         threshold: the anomaly index above which a class is flagged (Neural Cleanse's 2).
         max_size_ratio: the largest trigger size, relative to the median class's, that can be flagged.
         log_scale: score the log sizes (default) or, as Neural Cleanse does, the sizes themselves.
@@ -110,7 +115,7 @@ class TriggerEstimator:
         seed: fixes the initial candidates and the batches.
     """
 
-    def __init__(self, estimators: tuple[str, ...] = ("neural_cleanse", "blend", "perturbation", "feature"),
+    def __init__(self, estimators: tuple[str, ...] = ("neural_cleanse", "blend", "perturbation", "warp", "feature"),
                  threshold: float = 2.0, max_size_ratio: float = 0.3, log_scale: bool = True,
                  strengths: tuple[float, ...] = (1.0, 1.5), max_steps: int = 100, batch_size: int = 8,
                  patience: int = 25, min_per_class: int = 5, progress: bool = True, seed: int = 0) -> None:
@@ -142,7 +147,8 @@ class TriggerEstimator:
 
     def estimate(self, model: nn.Module, unseen: UnseenData, layer: str = "auto") -> BackdoorEstimate:
         """Invert, score and flag; ``model`` is left unchanged (eval mode during the estimate). ``layer`` is where
-        the edit will act, the feature inversion's layer (``auto``: the last editable convolution)."""
+        the edit will act (``auto``: the last editable convolution); the feature inversion acts one convolution
+        before it (:func:`feature_layer`)."""
         start = time.perf_counter()
         was_training = model.training
         model.eval()
@@ -150,12 +156,11 @@ class TriggerEstimator:
         with torch.no_grad():
             num_classes = model(images[:1]).shape[-1]
         self.check(num_classes, labels)
-        layer = feature_layer(model) if layer == "auto" else layer
+        layer = feature_layer(model, layer)
         generator = torch.Generator().manual_seed(self.seed)
-        details: dict[str, Any] = {"anomaly_index": {}, "trigger_size": {}, "size_ratio": {}, "inversion_success": {},
-                                   "steps": {}, "estimator_seconds": {}}
-        flagged: tuple[float, str, int] | None = None
-        candidates = {}
+        details: dict[str, Any] = {"feature_layer": layer, "anomaly_index": {}, "trigger_size": {}, "size_ratio": {},
+                                   "inversion_success": {}, "steps": {}, "estimator_seconds": {}}
+        inversions, eligible = {}, {}
         try:
             for name in self.estimators:
                 began = time.perf_counter()
@@ -170,35 +175,43 @@ class TriggerEstimator:
                 details["inversion_success"][name] = [round(value, 3) for value in result.success.tolist()]
                 details["steps"][name] = result.steps
                 details["estimator_seconds"][name] = round(time.perf_counter() - began, 3)
-                candidates[name] = result.inversion
-                eligible = flaggable_index(result.sizes, self.max_size_ratio, self.log_scale)
-                label = int(eligible.argmax())
-                if eligible[label] > self.threshold and (flagged is None or eligible[label] > flagged[0]):
-                    flagged = (float(eligible[label]), name, label)
+                inversions[name] = result.inversion
+                eligible[name] = flaggable_index(result.sizes, self.max_size_ratio, self.log_scale)
         finally:
             model.train(was_training)
         seconds = time.perf_counter() - start
-        if flagged is None:
-            return BackdoorEstimate(None, None, None, seconds, details)
-        _, name, label = flagged
-        triggers = {other: candidates[other].trigger(label) for other in (name, *candidates)}
-        return BackdoorEstimate(label, triggers[name], name, seconds, details, triggers, self.strengths)
+        name = max(eligible, key=lambda estimator: eligible[estimator].max().item())
+        label = int(eligible[name].argmax())
+        if eligible[name][label] <= self.threshold:
+            return BackdoorEstimate(None, None, None, seconds, details | {"flagged_by": []})
+        flagging = sorted((other for other in eligible if eligible[other][label] > self.threshold),
+                          key=lambda other: -eligible[other][label].item())
+        every = {other: inversions[other].trigger(label) for other in (*flagging, *inversions)}
+        triggers = {other: every[other] for other in flagging}
+        picture = next((trigger.picture() for trigger in every.values() if hasattr(trigger, "picture")), None)
+        return BackdoorEstimate(label, triggers[name], name, seconds, details | {"flagged_by": flagging}, triggers,
+                                self.strengths, picture, every)
 
 
-def feature_layer(model: nn.Module) -> str:
-    """The last editable convolution (the last editable layer if there is none): ``layer: auto``'s feature space."""
+def feature_layer(model: nn.Module, edited: str = "auto") -> str:
+    """The layer at whose input the feature inversion acts: the editable convolution before the ``edited`` one
+    (``auto``: before the last editable convolution), or the edited layer itself where no convolution precedes it.
+    A block below the edit, a warping trigger's features still have a spatial layout and stand apart from the
+    natural classes' (README, trigger unknown)."""
     layers = editable_layers(model)
     convolutions = [name for name in layers if isinstance(get_layer(model, name), nn.Conv2d)]
-    return (convolutions or layers)[-1]
+    edited = (convolutions or layers)[-1] if edited == "auto" else edited
+    get_layer(model, edited)  # a wrong name fails with the list of valid ones
+    earlier = [name for name in convolutions if layers.index(name) < layers.index(edited)]
+    return earlier[-1] if earlier else edited
 
 
 def defend_with_estimate(defense: ActivationEditing, estimator: TriggerEstimator, model: nn.Module,
                          unseen: UnseenData, layer: str = "auto") -> dict[str, Any]:
-    """Estimate the trigger and target, then edit with every estimator's candidate for the flagged class at every
-    strength (each approximates the backdoor differently; one edit maps them all); leave the model unchanged when no
-    class is anomalous. The info holds the estimate (``estimation``), a picture of the estimated trigger
-    (``estimated_trigger_image``, (C, H, W) in [0, 1]: the flagging estimator's, or the first image-space
-    candidate's when the flag came from feature space), and the seconds of estimation and of editing."""
+    """Estimate the trigger and target, then edit with the flagging estimators' candidates for the flagged class at
+    every strength (each approximates the backdoor differently; one edit maps them all); leave the model unchanged
+    when no class is anomalous. The info holds the estimate (``estimation``), the estimate's picture
+    (``estimated_trigger_image``), and the seconds of estimation and of editing."""
     estimate = estimator.estimate(model, unseen, layer)
     info: dict[str, Any] = {"trigger_known": False, "estimation": estimate.report(),
                             "estimation_seconds": estimate.seconds}
@@ -208,7 +221,6 @@ def defend_with_estimate(defense: ActivationEditing, estimator: TriggerEstimator
     started = time.perf_counter()
     info = defense.defend(model, unseen, estimate.edit_triggers(), estimate.target_class) | info
     editing = time.perf_counter() - started
-    pictures = [trigger.picture() for trigger in estimate.candidates.values() if hasattr(trigger, "picture")]
-    if pictures:
-        info["estimated_trigger_image"] = pictures[0]
+    if estimate.picture is not None:
+        info["estimated_trigger_image"] = estimate.picture
     return info | {"editing_seconds": editing, "seconds": estimate.seconds + editing}

@@ -1,10 +1,11 @@
 """Trigger inversion: for every class at once, the smallest trigger that sends unseen images to that class.
 
-Four parametrisations share one batched optimisation loop: Neural Cleanse's mask and pattern (Wang et al. 2019;
+Five parametrisations share one batched optimisation loop: Neural Cleanse's mask and pattern (Wang et al. 2019;
 size = L1 norm of the mask, in pixels) for patch triggers, the same with one opacity for the whole image (size = the
 opacity times the pixels: the L1 norm of that uniform mask) for blended triggers, a universal additive perturbation
-(size = its L2 norm) for global triggers, and a mask over channels plus a bounded pattern in the feature space at the
-input of the edited layer (size = channels masked) for triggers that no small input change expresses (warping).
+(size = its L2 norm) for global triggers, a smooth displacement field (size = the mean shift, in pixels) for warping
+triggers, and a mask over channels plus a bounded pattern in the feature space at the input of a late convolution
+(size = channels masked) for triggers that no small input change expresses.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from lightning_backdoor.defenses.activations import layer_input, rewriting_input
 from lightning_backdoor.triggers import Trigger
+from lightning_backdoor.triggers.wanet import identity_grid, warp
 
 
 class MaskPatternTrigger(Trigger):
@@ -98,8 +100,36 @@ class FeatureTrigger(Trigger):
         return f"FeatureTrigger(layer={self.layer!r}, channels={self._mask.sum().item():.1f})"
 
 
+class WarpTrigger(Trigger):
+    """``x'`` = ``x`` sampled at every pixel's position plus a displacement ``field`` (H, W, 2) in pixels (x, y): a
+    smooth warp."""
+
+    def __init__(self, field: Tensor) -> None:
+        super().__init__(seed=0)
+        self._field = field.detach().cpu().float()
+
+    def apply(self, images: Tensor) -> Tensor:
+        height, width = self._field.shape[:2]
+        half_side = torch.tensor([(width - 1) / 2, (height - 1) / 2])
+        grid = (identity_grid(height, width) + self._field / half_side).clamp(-1, 1)
+        return warp(images, grid.to(images))
+
+    def picture(self) -> Tensor:
+        """The displacement as colour around mid-grey: red the horizontal shift, green the vertical one, scaled so
+        the largest reaches 0 or 1."""
+        shift = 0.5 * self._field.permute(2, 0, 1) / self._field.abs().max().clamp(min=1e-8)
+        return 0.5 + torch.cat((shift, torch.zeros_like(shift[:1])))
+
+    def strengthened(self, factor: float) -> WarpTrigger:
+        """The displacement ``factor`` times larger."""
+        return WarpTrigger(factor * self._field)
+
+    def __repr__(self) -> str:
+        return f"WarpTrigger(mean_shift={self._field.abs().sum(-1).mean().item():.3f}px)"
+
+
 #: What an inversion yields: a fixed trigger that can also be made stronger (:meth:`strengthened`).
-EstimatedTrigger = MaskPatternTrigger | PerturbationTrigger | FeatureTrigger
+EstimatedTrigger = MaskPatternTrigger | PerturbationTrigger | FeatureTrigger | WarpTrigger
 
 
 class Inversion(nn.Module, ABC):
@@ -197,6 +227,40 @@ class PerturbationInversion(Inversion):
         return PerturbationTrigger(self.delta[label])
 
 
+class WarpInversion(Inversion):
+    """A smooth warp toward each class: displacements (K, 2, 8, 8) in pixels on a control grid, upsampled bicubically
+    to the image (as WaNet builds its field); size = the mean displacement, in pixels (L1 over x and y)."""
+
+    name = "warp"
+    control_points = 8
+
+    def __init__(self, num_classes: int, image_shape: tuple[int, int, int], generator: torch.Generator) -> None:
+        super().__init__()
+        _, height, width = image_shape
+        self.image_size = (height, width)
+        shape = (num_classes, 2, self.control_points, self.control_points)
+        self.control = nn.Parameter(1e-2 * torch.randn(shape, generator=generator))
+
+    def fields(self) -> Tensor:
+        """Every class's displacement field, (K, H, W, 2) in pixels."""
+        fields = F.interpolate(self.control, size=self.image_size, mode="bicubic", align_corners=True)
+        return fields.permute(0, 2, 3, 1)
+
+    def apply(self, images: Tensor) -> Tensor:
+        height, width = self.image_size
+        half_side = images.new_tensor([(width - 1) / 2, (height - 1) / 2])
+        grids = (identity_grid(height, width).to(images) + self.fields() / half_side).clamp(-1, 1)  # (K, H, W, 2)
+        num_classes, batch = len(grids), len(images)
+        warped = warp(images.repeat(num_classes, 1, 1, 1), grids.repeat_interleave(batch, dim=0))
+        return warped.view(num_classes, *images.shape)
+
+    def sizes(self) -> Tensor:
+        return self.fields().abs().sum(-1).flatten(1).mean(1)
+
+    def trigger(self, label: int) -> WarpTrigger:
+        return WarpTrigger(self.fields()[label])
+
+
 class FeatureInversion(Inversion):
     """Neural Cleanse in the feature space at the edited layer's input: a mask over channels sigmoid(a) (K, C, 1, 1)
     (over units, (K, C), for a linear layer) and a pattern sigmoid(b) (K, C, ...) scaled by each channel's largest
@@ -242,7 +306,8 @@ class FeatureInversion(Inversion):
 
 
 INVERSIONS: dict[str, type[Inversion]] = {cls.name: cls for cls in (MaskPatternInversion, BlendInversion,
-                                                                     PerturbationInversion, FeatureInversion)}
+                                                                     PerturbationInversion, WarpInversion,
+                                                                     FeatureInversion)}
 
 
 @dataclass

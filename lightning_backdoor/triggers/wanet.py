@@ -9,6 +9,19 @@ from torch import Tensor
 from lightning_backdoor.triggers.base import Trigger
 
 
+def identity_grid(height: int, width: int) -> Tensor:
+    """The sampling grid ``(1, H, W, 2)`` that leaves an image unchanged (last axis: x, y in [-1, 1])."""
+    rows, cols = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
+    return torch.stack((cols, rows), dim=-1)[None]
+
+
+def warp(images: Tensor, grid: Tensor) -> Tensor:
+    """Sample ``images`` ``(N, C, H, W)`` (or one ``(C, H, W)``) at ``grid`` ``(1 or N, H, W, 2)``, in [0, 1]."""
+    batch = images if images.dim() == 4 else images[None]
+    warped = F.grid_sample(batch, grid.expand(batch.shape[0], -1, -1, -1), align_corners=True)
+    return warped.reshape(images.shape).clamp(0.0, 1.0)
+
+
 class WaNet(Trigger):
     """Warp images by a fixed smooth random field, as in the WaNet paper and its reference code.
 
@@ -53,23 +66,16 @@ class WaNet(Trigger):
         if key not in self._grids:
             field = F.interpolate(self._field, size=(height, width), mode="bicubic", align_corners=True)
             field = field.permute(0, 2, 3, 1)  # (1, H, W, 2), the layout grid_sample reads
-            rows, cols = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
-            identity = torch.stack((cols, rows), dim=-1)[None]
             # The paper divides by the image side; per axis it is the same on square images.
             scale = torch.tensor([width, height], dtype=field.dtype)
-            grid = ((identity + self.s * field / scale) * self.grid_rescale).clamp(-1, 1)
+            grid = ((identity_grid(height, width) + self.s * field / scale) * self.grid_rescale).clamp(-1, 1)
             self._grids[key] = grid.to(device=device, dtype=dtype)
         return self._grids[key]
-
-    def _warp(self, images: Tensor, grid: Tensor) -> Tensor:
-        batch = images if images.dim() == 4 else images[None]
-        warped = F.grid_sample(batch, grid.expand(batch.shape[0], -1, -1, -1), align_corners=True)
-        return warped.reshape(images.shape).clamp(0.0, 1.0)
 
     def apply(self, images: Tensor) -> Tensor:
         """Warp ``images`` ``(N, C, H, W)`` (or one ``(C, H, W)``) in [0, 1] by the fixed field."""
         height, width = images.shape[-2:]
-        return self._warp(images, self.grid(height, width, images.device, images.dtype))
+        return warp(images, self.grid(height, width, images.device, images.dtype))
 
     def apply_noise(self, images: Tensor, generator: torch.Generator) -> Tensor:
         """Warp each image by the fixed field plus its own random jitter, uniform in [-1, 1] / size (the noise mode).
@@ -81,4 +87,4 @@ class WaNet(Trigger):
         jitter = torch.rand(count, height, width, 2, generator=generator) * 2 - 1
         jitter = (jitter / torch.tensor([width, height])).to(device=images.device, dtype=images.dtype)
         grid = (self.grid(height, width, images.device, images.dtype) + jitter).clamp(-1, 1)
-        return self._warp(images, grid)
+        return warp(images, grid)
