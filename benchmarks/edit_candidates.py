@@ -4,8 +4,8 @@ training-pool images held out of training, with the real trigger), never on the 
 For every seed: estimate the trigger and target from ``--budget`` unseen images per class (the defaults of
 TriggerEstimator), then edit a copy of the model with each combination of the flagged class's candidates and print
 validation CA / ASR / TA. A combination is ``names@strengths``: ``neural_cleanse+perturbation+feature@1``,
-``all@1,1.5`` (``all``: every estimator's candidate), ``flagging@1,1.5`` (the estimators that flag the class: the
-default).
+``all@1,1.5`` (``all``: every estimator's candidate), ``flagging@1,1.5`` (the estimators that flag the class), or
+``default`` (what the edit uses: the flagging candidates at the default strengths, patch candidates also moved).
 
     python benchmarks/edit_candidates.py --run blended --seeds 0 1 2
 """
@@ -25,12 +25,14 @@ from lightning_backdoor.defenses import ActivationEditing, UnseenData
 from lightning_backdoor.defenses.estimation import BackdoorEstimate, TriggerEstimator
 from lightning_backdoor.evaluation import evaluate
 
-COMBINATIONS = ("flagging@1,1.5", "all@1,1.5", "all@1", "all@1,1.5,2")
+COMBINATIONS = ("default", "flagging@1,1.5", "all@1,1.5")
 
 
 def triggers_of(combination: str, estimate: BackdoorEstimate) -> list:
     """The triggers a ``names@strengths`` combination names, from the flagged class's candidates (``flagging``: the
-    estimators that flag the class, the default edit; ``all``: every estimator's)."""
+    estimators that flag the class; ``all``: every estimator's), none moved; ``default``: the edit's own triggers."""
+    if combination == "default":
+        return estimate.edit_triggers()
     names, _, strengths = combination.partition("@")
     candidates = estimate.every_candidate
     chosen = {"all": list(candidates), "flagging": list(estimate.candidates)}.get(names) or names.split("+")

@@ -17,8 +17,8 @@ from lightning_backdoor.cli import instantiate_run, main
 from lightning_backdoor.defenses import ActivationEditing, UnseenData
 from lightning_backdoor.defenses.callback import DefenseCallback
 from lightning_backdoor.defenses.activations import get_layer
-from lightning_backdoor.defenses.estimation import (TriggerEstimator, anomaly_index, feature_layer, flaggable_index,
-                                                   size_anomaly_index)
+from lightning_backdoor.defenses.estimation import (BackdoorEstimate, TriggerEstimator, anomaly_index, feature_layer,
+                                                   flaggable_index, size_anomaly_index)
 from lightning_backdoor.defenses.inversion import (BlendInversion, FeatureInversion, FeatureTrigger, MaskPatternTrigger,
                                                   PerturbationTrigger, WarpInversion)
 from lightning_backdoor.models import CompactNet
@@ -199,6 +199,27 @@ def test_a_strengthened_candidate_scales_its_mask_or_perturbation() -> None:
     assert feature._mask.tolist() == pytest.approx([0.75, 1.0])
     with pytest.raises(ValueError, match="strengths=.*>= 1"):
         TriggerEstimator(strengths=(0.5, 1.0))
+
+
+def test_the_edit_also_maps_patch_candidates_moved_each_way() -> None:
+    mask = torch.zeros(1, 32, 32)
+    mask[0, 30, 18] = 0.5  # where unseen seed 2's Neural Cleanse candidate sat on the CIFAR-10 BadNets model
+    patch, delta = MaskPatternTrigger(mask, torch.rand(3, 32, 32)), 0.1 * torch.randn(3, 32, 32)
+    estimate = BackdoorEstimate(0, patch, "neural_cleanse", 1.0, candidates={"neural_cleanse": patch,
+                                "perturbation": PerturbationTrigger(delta)}, strengths=(1.0, 1.5), shift=8)
+    triggers = estimate.edit_triggers()
+    assert len(triggers) == 2 * (1 + 4) + 2  # the patch at two strengths, each in place and moved 4 ways
+    peaks = [(divmod(int(trigger._mask.argmax()), 32), trigger._mask.max().item()) for trigger in triggers[:10]]
+    assert peaks[:5] == [((30, 18), 0.5), ((30, 26), 0.5), ((30, 10), 0.5), ((6, 18), 0.5), ((22, 18), 0.5)]
+    assert [peak for peak, _ in peaks[5:]] == [peak for peak, _ in peaks[:5]] and peaks[5][1] == 0.75
+    assert torch.equal(triggers[10]._delta, delta) and torch.allclose(triggers[11]._delta, 1.5 * delta)
+    assert estimate.report()["edited_with"] == ["neural_cleanse x1 (and moved 8 px each way)",
+                                                "neural_cleanse x1.5 (and moved 8 px each way)",
+                                                "perturbation x1", "perturbation x1.5"]
+    assert len(BackdoorEstimate(0, patch, "neural_cleanse", 1.0, candidates={"neural_cleanse": patch},
+                                shift=0).edit_triggers()) == 1
+    with pytest.raises(ValueError, match="shift=-1 must be >= 0"):
+        TriggerEstimator(shift=-1)
 
 
 def test_editing_with_a_repeated_trigger_equals_editing_with_it_once(quickstart_run: Path) -> None:

@@ -64,7 +64,8 @@ class BackdoorEstimate:
     for that class of every estimator that flags it (name -> trigger, the largest index first), and the strengths at
     which the edit uses each candidate; ``picture`` (C, H, W) in [0, 1] shows the trigger: the first flagging
     image-space candidate's, else (flagged in feature space only) the first image-space estimator's for the class;
-    ``every_candidate`` holds every estimator's candidate for the class, flagging ones first (for inspection)."""
+    ``every_candidate`` holds every estimator's candidate for the class, flagging ones first (for inspection);
+    ``shift``: how far the edit also moves each patch candidate."""
 
     target_class: int | None
     trigger: EstimatedTrigger | None
@@ -75,14 +76,28 @@ class BackdoorEstimate:
     strengths: tuple[float, ...] = (1.0,)
     picture: Tensor | None = None
     every_candidate: dict[str, EstimatedTrigger] = field(default_factory=dict)
+    shift: int = 0
 
     def edit_triggers(self) -> list[EstimatedTrigger]:
-        """Every candidate at every strength: the triggers the edit maps to clean values."""
-        return [trigger.strengthened(strength) for trigger in self.candidates.values() for strength in self.strengths]
+        """Every candidate at every strength, and each patch candidate also moved ``shift`` pixels up, down, left and
+        right: the triggers the edit maps to clean values."""
+        triggers = []
+        for name, trigger in self.candidates.items():
+            for strength in self.strengths:
+                stronger = trigger.strengthened(strength)
+                triggers += [stronger, *(stronger.moved(*move) for move in self._moves(name))]
+        return triggers
+
+    def _moves(self, name: str) -> list[tuple[int, int]]:
+        if not (self.shift and INVERSIONS[name].local):
+            return []
+        return [(0, self.shift), (0, -self.shift), (self.shift, 0), (-self.shift, 0)]
 
     def report(self) -> dict[str, Any]:
         """JSON-able summary for the defense report."""
-        edited_with = [f"{name} x{strength:g}" for name in self.candidates for strength in self.strengths]
+        moved = f" (and moved {self.shift} px each way)"
+        edited_with = [f"{name} x{strength:g}" + (moved if self._moves(name) else "")
+                       for name in self.candidates for strength in self.strengths]
         return {"backdoor_found": self.target_class is not None, "target_class": self.target_class,
                 "estimator": self.estimator, "edited_with": edited_with, "seconds": self.seconds} | self.details
 
@@ -107,6 +122,9 @@ class TriggerEstimator:
         log_scale: score the log sizes (default) or, as Neural Cleanse does, the sizes themselves.
         strengths: the factors by which the edit scales each candidate's mask or perturbation (each ≥ 1): an
             inversion finds the weakest trigger that works, an attacker's is stronger.
+        shift: the edit also maps each patch candidate (Neural Cleanse's) moved this many pixels up, down, left and
+            right (wrapping around; 0: off): a convolutional network detects a patch wherever it sits, and the
+            inversion finds it at one place that works, not necessarily the attacker's.
         max_steps: optimisation steps per inversion (each step: one batch for every class).
         batch_size: unseen images per class candidate per step.
         patience: early stopping, steps without a 1 % improvement of any class's best size.
@@ -117,7 +135,7 @@ class TriggerEstimator:
 
     def __init__(self, estimators: tuple[str, ...] = ("neural_cleanse", "blend", "perturbation", "warp", "feature"),
                  threshold: float = 2.0, max_size_ratio: float = 0.3, log_scale: bool = True,
-                 strengths: tuple[float, ...] = (1.0, 1.5), max_steps: int = 100, batch_size: int = 8,
+                 strengths: tuple[float, ...] = (1.0, 1.5), shift: int = 8, max_steps: int = 100, batch_size: int = 8,
                  patience: int = 25, min_per_class: int = 5, progress: bool = True, seed: int = 0) -> None:
         unknown = [name for name in estimators if name not in INVERSIONS]
         if unknown or not estimators:
@@ -130,7 +148,10 @@ class TriggerEstimator:
                              f"estimated; a weaker trigger than the weakest that works teaches the edit nothing)")
         self.estimators, self.threshold, self.max_size_ratio = tuple(estimators), threshold, max_size_ratio
         self.log_scale = log_scale
+        if shift < 0:
+            raise ValueError(f"shift={shift} must be >= 0 pixels (0: patch candidates are not moved)")
         self.strengths = tuple(float(strength) for strength in strengths)
+        self.shift = shift
         self.max_steps, self.batch_size = max_steps, batch_size
         self.patience, self.min_per_class, self.progress, self.seed = patience, min_per_class, progress, seed
 
@@ -190,7 +211,7 @@ class TriggerEstimator:
         triggers = {other: every[other] for other in flagging}
         picture = next((trigger.picture() for trigger in every.values() if hasattr(trigger, "picture")), None)
         return BackdoorEstimate(label, triggers[name], name, seconds, details | {"flagged_by": flagging}, triggers,
-                                self.strengths, picture, every)
+                                self.strengths, picture, every, self.shift)
 
 
 def feature_layer(model: nn.Module, edited: str = "auto") -> str:

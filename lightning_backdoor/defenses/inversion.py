@@ -47,6 +47,10 @@ class MaskPatternTrigger(Trigger):
         """The same pattern under a ``factor`` times more opaque mask (clipped to 1)."""
         return MaskPatternTrigger((factor * self._mask).clamp(max=1.0), self._pattern)
 
+    def moved(self, rows: int, columns: int) -> MaskPatternTrigger:
+        """The same trigger ``rows`` pixels down and ``columns`` right (wrapping around the image)."""
+        return MaskPatternTrigger(*(part.roll((rows, columns), dims=(1, 2)) for part in (self._mask, self._pattern)))
+
     def __repr__(self) -> str:
         return f"MaskPatternTrigger(mask_l1={self._mask.sum().item():.1f})"
 
@@ -136,6 +140,9 @@ class Inversion(nn.Module, ABC):
     """One candidate trigger per class, optimised jointly; subclasses define the trigger and its size."""
 
     name: str = ""
+    #: Its candidates are patches, which a convolutional network detects wherever they sit (the edit also maps them
+    #: moved: :class:`~lightning_backdoor.defenses.estimation.BackdoorEstimate`).
+    local: bool = False
 
     @classmethod
     def create(cls, model: nn.Module, images: Tensor, num_classes: int, generator: torch.Generator,
@@ -164,6 +171,7 @@ class MaskPatternInversion(Inversion):
     """Neural Cleanse: mask = sigmoid(a) (K, 1, H, W), pattern = sigmoid(b) (K, C, H, W); size = L1 of the mask."""
 
     name = "neural_cleanse"
+    local = True
 
     def __init__(self, num_classes: int, image_shape: tuple[int, int, int], generator: torch.Generator) -> None:
         super().__init__()
