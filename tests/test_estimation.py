@@ -76,12 +76,14 @@ def test_estimation_finds_the_target_and_removes_the_backdoor(quickstart_run: Pa
     assert report["after"]["asr"] < 0.2 < 0.9 < report["before"]["asr"]
     assert report["after"]["clean_acc"] > report["before"]["clean_acc"] - 0.02
     # the candidates of the estimators that flag class 0 (index > 2, size ratio <= 0.3), largest index first, at
-    # strengths 1 and 1.5
+    # strengths 1 and 1.5; Neural Cleanse's also moved
     flagging = [name for name in estimation["anomaly_index"] if estimation["anomaly_index"][name][0] > 2
                 and estimation["size_ratio"][name][0] <= 0.3]
     flagging.sort(key=lambda name: -estimation["anomaly_index"][name][0])
     assert estimation["flagged_by"] == flagging and flagging[0] == estimation["estimator"]
-    assert estimation["edited_with"] == [f"{name} x{strength}" for name in flagging for strength in ("1", "1.5")]
+    moved = {"neural_cleanse": " (and moved 8 px each way)"}
+    assert estimation["edited_with"] == [f"{name} x{strength}{moved.get(name, '')}" for name in flagging
+                                         for strength in ("1", "1.5")]
     written = json.loads(callback.report_path.read_text())
     assert Path(written["defense"]["estimated_trigger"]).is_file()
     assert {"estimation_seconds", "editing_seconds"} <= set(written["defense"])

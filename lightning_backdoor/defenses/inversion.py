@@ -104,6 +104,14 @@ class FeatureTrigger(Trigger):
         return f"FeatureTrigger(layer={self.layer!r}, channels={self._mask.sum().item():.1f})"
 
 
+def displaced(images: Tensor, fields: Tensor) -> Tensor:
+    """``images`` (N, C, H, W) sampled at every pixel's position plus ``fields`` (1 or N, H, W, 2), shifts in pixels
+    (x, y); positions past the border read the border."""
+    height, width = fields.shape[1:3]
+    half_side = fields.new_tensor([(width - 1) / 2, (height - 1) / 2])  # pixels per unit of grid_sample's [-1, 1]
+    return warp(images, (identity_grid(height, width).to(fields) + fields / half_side).clamp(-1, 1))
+
+
 class WarpTrigger(Trigger):
     """``x'`` = ``x`` sampled at every pixel's position plus a displacement ``field`` (H, W, 2) in pixels (x, y): a
     smooth warp."""
@@ -113,10 +121,7 @@ class WarpTrigger(Trigger):
         self._field = field.detach().cpu().float()
 
     def apply(self, images: Tensor) -> Tensor:
-        height, width = self._field.shape[:2]
-        half_side = torch.tensor([(width - 1) / 2, (height - 1) / 2])
-        grid = (identity_grid(height, width) + self._field / half_side).clamp(-1, 1)
-        return warp(images, grid.to(images))
+        return displaced(images, self._field[None].to(images))
 
     def picture(self) -> Tensor:
         """The displacement as colour around mid-grey: red the horizontal shift, green the vertical one, scaled so
@@ -255,11 +260,8 @@ class WarpInversion(Inversion):
         return fields.permute(0, 2, 3, 1)
 
     def apply(self, images: Tensor) -> Tensor:
-        height, width = self.image_size
-        half_side = images.new_tensor([(width - 1) / 2, (height - 1) / 2])
-        grids = (identity_grid(height, width).to(images) + self.fields() / half_side).clamp(-1, 1)  # (K, H, W, 2)
-        num_classes, batch = len(grids), len(images)
-        warped = warp(images.repeat(num_classes, 1, 1, 1), grids.repeat_interleave(batch, dim=0))
+        num_classes, batch = len(self.control), len(images)
+        warped = displaced(images.repeat(num_classes, 1, 1, 1), self.fields().repeat_interleave(batch, dim=0))
         return warped.view(num_classes, *images.shape)
 
     def sizes(self) -> Tensor:
@@ -270,7 +272,8 @@ class WarpInversion(Inversion):
 
 
 class FeatureInversion(Inversion):
-    """Neural Cleanse in the feature space at the edited layer's input: a mask over channels sigmoid(a) (K, C, 1, 1)
+    """Neural Cleanse in the feature space at a layer's input (``estimation.feature_layer``: the convolution before
+    the edited one): a mask over channels sigmoid(a) (K, C, 1, 1)
     (over units, (K, C), for a linear layer) and a pattern sigmoid(b) (K, C, ...) scaled by each channel's largest
     value on U (so it stays in the activations' range); size = channels masked (L1 of the mask). Each candidate acts
     on its own copy of the batch."""
