@@ -261,3 +261,5 @@ def test_a_feature_trigger_edits_its_layer_or_a_later_one() -> None:
     last = FeatureTrigger("head", torch.ones(256), torch.ones(256))
     info = ActivationEditing(layer="auto", repair=False).defend(copy.deepcopy(model), unseen, last, 0)
     assert info["layer"] == "head" and "selection" not in info  # nothing after it: the stamped layer itself
+    with pytest.raises(ValueError, match=r"act at several layers \['blocks.2.conv1', 'head'\]; one edit needs them"):
+        ActivationEditing(layer="auto").defend(copy.deepcopy(model), unseen, [trigger, last], 0)
