@@ -104,12 +104,12 @@ class FeatureTrigger(Trigger):
         return f"FeatureTrigger(layer={self.layer!r}, channels={self._mask.sum().item():.1f})"
 
 
-def displaced(images: Tensor, fields: Tensor) -> Tensor:
-    """``images`` (N, C, H, W) sampled at every pixel's position plus ``fields`` (1 or N, H, W, 2), shifts in pixels
-    (x, y); positions past the border read the border."""
+def sampling_grid(fields: Tensor) -> Tensor:
+    """The ``grid_sample`` grid (N, H, W, 2) that reads every pixel at its position plus ``fields`` (N, H, W, 2),
+    shifts in pixels (x, y); positions past the border read the border."""
     height, width = fields.shape[1:3]
     half_side = fields.new_tensor([(width - 1) / 2, (height - 1) / 2])  # pixels per unit of grid_sample's [-1, 1]
-    return warp(images, (identity_grid(height, width).to(fields) + fields / half_side).clamp(-1, 1))
+    return (identity_grid(height, width).to(fields) + fields / half_side).clamp(-1, 1)
 
 
 class WarpTrigger(Trigger):
@@ -121,7 +121,7 @@ class WarpTrigger(Trigger):
         self._field = field.detach().cpu().float()
 
     def apply(self, images: Tensor) -> Tensor:
-        return displaced(images, self._field[None].to(images))
+        return warp(images, sampling_grid(self._field[None].to(images)))
 
     def picture(self) -> Tensor:
         """The displacement as colour around mid-grey: red the horizontal shift, green the vertical one, scaled so
@@ -261,8 +261,8 @@ class WarpInversion(Inversion):
 
     def apply(self, images: Tensor) -> Tensor:
         num_classes, batch = len(self.control), len(images)
-        warped = displaced(images.repeat(num_classes, 1, 1, 1), self.fields().repeat_interleave(batch, dim=0))
-        return warped.view(num_classes, *images.shape)
+        grids = sampling_grid(self.fields()).repeat_interleave(batch, dim=0)  # every class's grid for each image
+        return warp(images.repeat(num_classes, 1, 1, 1), grids).view(num_classes, *images.shape)
 
     def sizes(self) -> Tensor:
         return self.fields().abs().sum(-1).flatten(1).mean(1)
