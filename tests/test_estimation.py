@@ -158,7 +158,7 @@ def test_feature_inversion_bounds_its_pattern_by_the_channel_maxima_on_unseen_im
 def test_blend_inversion_is_neural_cleanse_with_one_opacity_per_class() -> None:
     inversion = BlendInversion(10, (3, 8, 8), torch.Generator().manual_seed(0))
     with torch.no_grad():
-        inversion.opacity_logit[3] = math.log(0.2 / 0.8)  # opacity 0.2
+        inversion.mask_logit[3] = math.log(0.2 / 0.8)  # opacity 0.2
     assert inversion.sizes()[3].item() == pytest.approx(0.2 * 64)  # the L1 norm of a uniform 0.2 mask
     assert inversion.sizes()[0].item() == pytest.approx(0.5 * 64)
     images = torch.rand(5, 3, 8, 8)

@@ -177,12 +177,16 @@ class MaskPatternInversion(Inversion):
 
     name = "neural_cleanse"
     local = True
+    #: One mask value for the whole image (K, 1, 1, 1), its L1 norm that value times the pixels.
+    uniform: bool = False
 
     def __init__(self, num_classes: int, image_shape: tuple[int, int, int], generator: torch.Generator) -> None:
         super().__init__()
         channels, height, width = image_shape
+        self.pixels_per_entry = height * width if self.uniform else 1
         # start half-covered with a random pattern: easy success, then the L1 cost shrinks the mask
-        self.mask_logit = nn.Parameter(torch.zeros(num_classes, 1, height, width))
+        mask_shape = (1, 1) if self.uniform else (height, width)
+        self.mask_logit = nn.Parameter(torch.zeros(num_classes, 1, *mask_shape))
         self.pattern_logit = nn.Parameter(torch.randn(num_classes, channels, height, width, generator=generator))
 
     def apply(self, images: Tensor) -> Tensor:
@@ -190,35 +194,20 @@ class MaskPatternInversion(Inversion):
         return (1 - mask) * images[None] + mask * pattern
 
     def sizes(self) -> Tensor:
-        return self.mask_logit.sigmoid().flatten(1).sum(1)
+        return self.mask_logit.sigmoid().flatten(1).sum(1) * self.pixels_per_entry
 
     def trigger(self, label: int) -> MaskPatternTrigger:
-        return MaskPatternTrigger(self.mask_logit[label].sigmoid(), self.pattern_logit[label].sigmoid())
+        pattern = self.pattern_logit[label].sigmoid()
+        return MaskPatternTrigger(self.mask_logit[label].sigmoid().expand(1, *pattern.shape[1:]), pattern)
 
 
-class BlendInversion(Inversion):
+class BlendInversion(MaskPatternInversion):
     """Neural Cleanse with a uniform mask: ``(1 - a) * x + a * p`` with one opacity a = sigmoid(α) per class and a
     pattern sigmoid(b) (K, C, H, W); size = a * H * W, the L1 norm of that mask (pixels, as Neural Cleanse's)."""
 
     name = "blend"
-
-    def __init__(self, num_classes: int, image_shape: tuple[int, int, int], generator: torch.Generator) -> None:
-        super().__init__()
-        channels, height, width = image_shape
-        self.pixels = height * width
-        self.opacity_logit = nn.Parameter(torch.zeros(num_classes, 1, 1, 1))  # half opaque: easy success at first
-        self.pattern_logit = nn.Parameter(torch.randn(num_classes, channels, height, width, generator=generator))
-
-    def apply(self, images: Tensor) -> Tensor:
-        opacity, pattern = self.opacity_logit.sigmoid()[:, None], self.pattern_logit.sigmoid()[:, None]
-        return (1 - opacity) * images[None] + opacity * pattern
-
-    def sizes(self) -> Tensor:
-        return self.opacity_logit.sigmoid().flatten() * self.pixels
-
-    def trigger(self, label: int) -> MaskPatternTrigger:
-        pattern = self.pattern_logit[label].sigmoid()
-        return MaskPatternTrigger(self.opacity_logit[label].sigmoid().expand(1, *pattern.shape[1:]), pattern)
+    local = False
+    uniform = True
 
 
 class PerturbationInversion(Inversion):
