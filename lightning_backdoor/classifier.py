@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from lightning_backdoor.metrics import BackdoorMetrics
 from lightning_backdoor.models import build_model
+from lightning_backdoor.models.input_transform import InputTransform
 
 
 def nesterov_sgd(params: Any) -> torch.optim.Optimizer:
@@ -24,18 +25,33 @@ def nesterov_sgd(params: Any) -> torch.optim.Optimizer:
 class PoisonedClassifier(L.LightningModule):
     """An image classifier from the model registry, trained with cross-entropy.
 
+    Every image it gets (``forward``, the batches) is in pixel space: floats in [0, 1], ``(N, C, H, W)``. What the
+    network was trained on (normalised, resized) is part of the model spec: ``normalize`` and ``input_size`` attach an
+    :class:`InputTransform` to ``self.net`` as a forward pre-hook, so every caller of the bare network (the defense,
+    trigger inversion, baselines) feeds it pixels and it sees what it was trained on. ``self.net.state_dict()``
+    keeps the network's keys only.
+
     Args:
-        model: a registered model name (``compact``, ``preact_resnet18``, ``resnet18``, ``vgg16_bn``) or
-            ``torchvision:<name>``.
+        model: a registered model name (``compact``, ``preact_resnet18``, ``resnet18``, ``vgg16_bn``),
+            ``torchvision:<name>``, ``timm:<name>`` or the class path of any ``nn.Module`` (``package.module.Class``).
         num_classes: number of classes (linked from the data module by the CLI).
         in_channels: image channels (linked from the data module by the CLI).
         model_kwargs: extra constructor arguments of the model, e.g. ``{"width": 0.5}``.
+        normalize: ``{"mean": [...], "std": [...]}`` in pixel units ([0, 1]; e.g. CIFAR-10's mean
+            ``[0.4914, 0.4822, 0.4465]``), one value or one per channel: the network gets ``(x - mean) / std``.
+            ``None``: the network reads [0, 1] pixels as they are.
+        input_size: side in pixels of the square images the network was trained on; other sizes are resized
+            (bilinear, antialiased) before normalising. ``None``: never resize.
         target_class: the attack's target, for target-class accuracy (linked from the data module).
         optimizer: the optimiser factory; its learning rate is the schedule's peak.
         schedule: per-step learning-rate schedule: linear warm-up then linear decay to zero (``onecycle``),
             warm-up then cosine (``cosine``), or ``constant``.
         warmup_fraction: fraction of all steps spent warming up.
         label_smoothing: cross-entropy label smoothing.
+
+    Raises:
+        ValueError: (one line, at construction) ``normalize`` has keys other than ``mean`` and ``std``, or values
+            that :class:`InputTransform` refuses (lengths, non-finite, std <= 0, mean outside [0, 1]).
     """
 
     def __init__(
@@ -49,11 +65,16 @@ class PoisonedClassifier(L.LightningModule):
         schedule: Literal["onecycle", "cosine", "constant"] = "onecycle",
         warmup_fraction: float = 0.2,
         label_smoothing: float = 0.0,
+        normalize: dict[str, list[float]] | None = None,
+        input_size: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
+        transform = model_input_transform(normalize, input_size, in_channels)  # checked before building the model
         self.net = build_model(model, num_classes=num_classes, in_channels=in_channels, **(model_kwargs or {}))
         self.net.to(memory_format=torch.channels_last)  # with bf16 autocast, about twice as fast on CPU
+        if transform is not None:
+            transform.attach(self.net)
         self.optimizer_factory = optimizer
         self.val_metrics = BackdoorMetrics(num_classes, target_class)
         self.test_metrics = BackdoorMetrics(num_classes, target_class)
@@ -120,6 +141,18 @@ class PoisonedClassifier(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def model_input_transform(normalize: dict[str, list[float]] | None, input_size: int | None, in_channels: int
+                          ) -> InputTransform | None:
+    """The :class:`InputTransform` of ``normalize`` (pixel units) and ``input_size`` (pixels), checked against
+    ``in_channels``; ``None`` when both are ``None``. Raises a one-line ``ValueError`` for bad values."""
+    if normalize is None and input_size is None:
+        return None
+    normalize = dict(normalize) if normalize is not None else {"mean": [0.0], "std": [1.0]}
+    if set(normalize) != {"mean", "std"}:
+        raise ValueError(f"normalize takes the keys mean and std, got {sorted(map(str, normalize))}")
+    return InputTransform(normalize["mean"], normalize["std"], size=input_size, channels=in_channels)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

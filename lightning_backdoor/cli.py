@@ -21,6 +21,7 @@ from lightning_backdoor.data import PoisonedDataModule
 from lightning_backdoor.defenses import Defense
 from lightning_backdoor.io import first_line, load_state_dict, load_tensors
 from lightning_backdoor.models.sync_batchnorm import SyncBatchNormPlugin
+from lightning_backdoor.weights import load_weights
 
 #: jsonargparse raises instead of printing usage and exiting, so ``main`` can print its error on one line.
 PARSER_KWARGS = {"parser_mode": "omegaconf", "exit_on_error": False, "allow_abbrev": False}
@@ -153,28 +154,6 @@ def check_writable(folder: Path, what: str) -> None:
             pass
     except OSError as error:
         raise ValueError(f"{what} {folder} is not writable ({error.strerror}); choose a writable folder") from None
-
-
-def load_weights(module: nn.Module, state_dict: dict[str, Tensor]) -> None:
-    """Load ``state_dict`` into a PoisonedClassifier or its bare network; name the first mismatch if neither fits."""
-    targets = [module] + ([module.net] if isinstance(getattr(module, "net", None), nn.Module) else [])
-    mismatch = ""
-    for target in targets:
-        expected = target.state_dict()
-        relevant = {k: v for k, v in state_dict.items() if not k.startswith(("val_metrics.", "test_metrics."))}
-        wanted = {k: v for k, v in expected.items() if not k.startswith(("val_metrics.", "test_metrics."))}
-        missing = sorted(set(wanted) - set(relevant))
-        unexpected = sorted(set(relevant) - set(wanted))
-        shapes = sorted(k for k in set(wanted) & set(relevant) if wanted[k].shape != relevant[k].shape)
-        if not (missing or unexpected or shapes):
-            target.load_state_dict(relevant, strict=False)
-            return
-        if not mismatch:
-            key = (missing or unexpected or shapes)[0]
-            why = ("missing from the checkpoint" if missing else "not in the model" if unexpected else
-                   f"shape {tuple(relevant[key].shape)} in the checkpoint vs {tuple(wanted[key].shape)} in the model")
-            mismatch = f"checkpoint does not match the model spec: first mismatching key {key!r} ({why})"
-    raise ValueError(mismatch)
 
 
 def instantiate_run(configs: list[str], checkpoint: str | Path, overrides: list[str] | None = None

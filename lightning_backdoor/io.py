@@ -116,8 +116,13 @@ def first_line(error: BaseException) -> str:
     return (reasons or lines)[0].split(" Please use")[0][:200]  # not torch's advice on how to load it anyway
 
 
+#: Keys under which checkpoints nest their weights (Lightning's first), e.g. ``{"epoch": 3, "model_state_dict": ...}``.
+NESTED_WEIGHTS_KEYS = ("state_dict", "model_state_dict", "model", "net")
+
+
 def load_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Model weights from a Lightning checkpoint, a state_dict file or safetensors, without running code."""
+    """Model weights from a Lightning checkpoint, a state_dict file (possibly nested under one of
+    ``NESTED_WEIGHTS_KEYS``) or safetensors, without running code."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"checkpoint {path} is a folder; pass the weights file inside it")
@@ -131,8 +136,13 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
         except Exception as error:  # SafetensorError, or OSError for a file that is not safetensors at all
             raise ValueError(f"refusing to load {path}: not a valid safetensors file ({first_line(error)})") from None
     loaded = load_tensors(path)
-    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
-        loaded = loaded["state_dict"]
+    for _ in range(4):  # a few levels, never forever: a crafted file can hold a dict inside itself
+        if not isinstance(loaded, dict) or all(isinstance(value, Tensor) for value in loaded.values()):
+            break
+        key = next((key for key in NESTED_WEIGHTS_KEYS if isinstance(loaded.get(key), dict)), None)
+        if key is None:
+            break
+        loaded = loaded[key]
     if not isinstance(loaded, dict) or not all(isinstance(v, Tensor) for v in loaded.values()):
         raise ValueError(f"{path} holds no state_dict (expected a mapping of names to tensors)")
     return loaded

@@ -1,50 +1,61 @@
-"""Image sources decoded once per process into uint8 tensors: bundled digits, torchvision sets, ImageFolder trees."""
+"""Image sources decoded once per process into uint8 tensors: bundled digits, torchvision sets, ImageFolder trees
+(read by ``folders``)."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import os
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
+from lightning_backdoor.data.folders import list_split_folders, read_listings
+from lightning_backdoor.data.imageset import ImageSet, resize_square
 from lightning_backdoor.io import atomic_save, load_tensors
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
 SOURCES = ("mnist5k", "digits", "cifar10", "mnist", "gtsrb", "imagefolder")
-
-
-@dataclass(frozen=True)
-class ImageSet:
-    """Images ``(N, C, H, W)`` uint8, labels ``(N,)`` int64, and class names indexed by label."""
-
-    images: Tensor
-    labels: Tensor
-    classes: tuple[str, ...]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, indices: Tensor) -> ImageSet:
-        return ImageSet(self.images[indices], self.labels[indices], self.classes)
 
 
 def load_source(
     name: str, root: str | None = None, download: bool = False, image_size: int | None = None,
-    cache_dir: str | None = None,
+    cache_dir: str | None = None, *, classes: Sequence[str] | None = None, channels: int | None = None,
 ) -> tuple[ImageSet, ImageSet]:
-    """Return the (train, test) sets of a source; ``root`` points at an ImageFolder tree with train/ and test/."""
+    """Return the (train, test) sets of a source.
+
+    Args:
+        name: one of ``SOURCES``.
+        root: an ImageFolder tree with ``train/<class>/*`` and ``test/<class>/*`` (read for ``imagefolder``, and for
+            any source whose root holds ``train/``), or torchvision's root.
+        download: let torchvision download the source (needs internet).
+        image_size: resize images to this many pixels square.
+        cache_dir: keep decoded uint8 tensors here; an image folder's key covers every file's path, size and mtime.
+        classes: (image folders only) class names, in label order; default: train/'s sorted class folders.
+        channels: (image folders only) 1 or 3; default: 3 if any image has colour, else 1.
+
+    Raises:
+        ValueError: (one line) an unknown source, a missing or unreadable folder or image (named), splits whose
+            class folders differ (the first differing class named), mixed sizes without ``image_size``.
+    """
     if name not in SOURCES:
         raise ValueError(f"unknown data source {name!r}; known sources: {', '.join(SOURCES)}")
+    is_folder = name == "imagefolder" or root is not None and (Path(root) / "train").is_dir()
+    if is_folder and root is None:
+        raise ValueError("source 'imagefolder' needs root=<folder with train/<class>/*.jpg and test/<class>/*.jpg>")
+    if not is_folder and (classes is not None or channels is not None):
+        raise ValueError(f"classes= and channels= apply to image folders only, not to source {name!r}")
     key = f"{name}|{Path(root).resolve() if root else ''}|{image_size}"
+    if is_folder:
+        listings, names = list_split_folders(root, classes)
+        key += f"|{names}|{channels}|{listings[0].fingerprint()}|{listings[1].fingerprint()}"
     cache_file = Path(cache_dir) / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt" if cache_dir else None
     if cache_file is not None and cache_file.exists():
         return _from_tensors(load_tensors(cache_file))
-    train, test = _load_uncached(name, root, download, image_size)
+    if is_folder:
+        train, test = read_listings(listings, names, channels, image_size)
+    else:
+        train, test = _load_uncached(name, root, download, image_size)
     if cache_file is not None:
         atomic_save(_to_tensors(train, test), cache_file)
     return train, test
@@ -56,10 +67,6 @@ def _load_uncached(name: str, root: str | None, download: bool, image_size: int 
         return _mnist5k()
     if name == "digits":
         return _digits()
-    if root is not None and (Path(root) / "train").is_dir() or name == "imagefolder":
-        if root is None:
-            raise ValueError("source 'imagefolder' needs root=<folder with train/<class>/*.jpg and test/<class>/*.jpg>")
-        return _image_folder(Path(root) / "train", image_size), _image_folder(Path(root) / "test", image_size)
     return _torchvision(name, root, download, image_size)
 
 
@@ -70,7 +77,8 @@ def _split_bundled(images: Tensor, labels: Tensor, classes: tuple[str, ...], tes
     for label in range(len(classes)):
         members = torch.nonzero(labels == label).flatten()
         test_mask[members[torch.randperm(len(members), generator=generator)[:test_per_class]]] = True
-    return ImageSet(images[~test_mask], labels[~test_mask], classes), ImageSet(images[test_mask], labels[test_mask], classes)
+    train, test = ~test_mask, test_mask
+    return ImageSet(images[train], labels[train], classes), ImageSet(images[test], labels[test], classes)
 
 
 def _mnist5k() -> tuple[ImageSet, ImageSet]:
@@ -86,26 +94,8 @@ def _digits() -> tuple[ImageSet, ImageSet]:
 
     digits = load_digits()
     images = torch.as_tensor(digits.images * (255 / 16), dtype=torch.float32).round().to(torch.uint8).unsqueeze(1)
-    return _split_bundled(images, torch.as_tensor(digits.target, dtype=torch.int64), tuple(str(d) for d in range(10)), 30)
-
-
-def _image_folder(folder: Path, image_size: int | None) -> ImageSet:
-    """Decode ``folder/<class>/*.<image>`` (classes in sorted order, as torchvision's ImageFolder)."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
-
-    if not folder.is_dir():
-        raise ValueError(f"data folder {folder} does not exist; expected {folder}/<class>/<image files>")
-    classes = tuple(sorted(entry.name for entry in os.scandir(folder) if entry.is_dir()))
-    files = [(path, label) for label, name in enumerate(classes)
-             for path in sorted((folder / name).iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
-    if not files:
-        raise ValueError(f"data folder {folder} holds no images; expected {folder}/<class>/<image files>")
-    first = decode_image(read_file(str(files[0][0])))
-    mode = ImageReadMode.GRAY if first.shape[0] == 1 else ImageReadMode.RGB
-    decoded = [_resize(decode_image(read_file(str(path)), mode=mode), image_size) for path, _ in files]
-    if len({tuple(image.shape) for image in decoded}) != 1:
-        raise ValueError(f"images in {folder} differ in size; set image_size=<pixels> to resize them")
-    return ImageSet(torch.stack(decoded), torch.tensor([label for _, label in files]), classes)
+    labels = torch.as_tensor(digits.target, dtype=torch.int64)
+    return _split_bundled(images, labels, tuple(str(d) for d in range(10)), 30)
 
 
 def _torchvision(name: str, root: str | None, download: bool, image_size: int | None) -> tuple[ImageSet, ImageSet]:
@@ -126,8 +116,8 @@ def _torchvision(name: str, root: str | None, download: bool, image_size: int | 
     out = []
     for dataset in splits:
         if name == "gtsrb":
-            images = torch.stack([_resize(torch.as_tensor(np.asarray(dataset[i][0])).permute(2, 0, 1), image_size or 32)
-                                  for i in range(len(dataset))])
+            images = torch.stack([resize_square(torch.as_tensor(np.asarray(dataset[i][0])).permute(2, 0, 1),
+                                                image_size or 32) for i in range(len(dataset))])
             labels = torch.tensor([label for _, label in dataset._samples])
             classes = tuple(str(c) for c in range(43))
         else:
@@ -136,13 +126,6 @@ def _torchvision(name: str, root: str | None, download: bool, image_size: int | 
             labels, classes = torch.as_tensor(np.asarray(dataset.targets)), tuple(dataset.classes)
         out.append(ImageSet(images.contiguous(), labels.long(), classes))
     return out[0], out[1]
-
-
-def _resize(image: Tensor, size: int | None) -> Tensor:
-    if size is None or tuple(image.shape[-2:]) == (size, size):
-        return image
-    resized = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return resized[0].round().clamp(0, 255).to(torch.uint8)
 
 
 def _to_tensors(train: ImageSet, test: ImageSet) -> dict[str, Tensor]:

@@ -35,16 +35,51 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
     if name not in modules:
         raise ValueError(f"unknown layer {name!r}; editable layers: {', '.join(editable_layers(model))}")
     layer = modules[name]
-    if not isinstance(layer, SUPPORTED_LAYERS) or (isinstance(layer, nn.Conv2d) and layer.groups != 1):
+    if not isinstance(layer, SUPPORTED_LAYERS):
         raise ValueError(f"layer {name!r} is a {type(layer).__name__}; supported: nn.Linear and nn.Conv2d with "
                          f"groups=1 ({', '.join(editable_layers(model))})")
+    reason = skip_reason(layer)
+    if reason is not None:
+        raise ValueError(f"layer {name!r} cannot be edited: {reason}; editable layers: "
+                         f"{', '.join(editable_layers(model))}")
     return layer
 
 
 def editable_layers(model: nn.Module) -> list[str]:
-    """Names of the layers an edit can target, in forward-definition order."""
+    """Names of the layers an edit can target, in forward-definition order: ``nn.Linear`` and ``nn.Conv2d`` with
+    ``groups=1`` whose forward is torch's own (see :func:`skipped_layers` for the others)."""
     return [name for name, module in model.named_modules()
-            if isinstance(module, SUPPORTED_LAYERS) and getattr(module, "groups", 1) == 1]
+            if isinstance(module, SUPPORTED_LAYERS) and skip_reason(module) is None]
+
+
+def skipped_layers(model: nn.Module) -> dict[str, str]:
+    """The weighted linear and convolution layers an edit cannot target, by name (forward-definition order), each
+    with the reason in words, e.g. ``{"blocks.0.dw": "depthwise conv (groups=16) cannot be edited as one
+    key->value map"}``. Norm layers and embeddings are not listed: they are never candidates."""
+    return {name: reason for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and (reason := skip_reason(module)) is not None}
+
+
+def skip_reason(layer: nn.Module) -> str | None:
+    """Why ``layer`` (a linear or convolution layer) cannot be edited, or ``None`` if it can.
+
+    An edit reads a layer as one map from keys (its inputs, unfolded for a conv) to values (``W k``), so the layer's
+    output must be exactly torch's ``F.linear``/``F.conv2d`` of its weight and settings: a grouped conv has one map
+    per group, and a subclass with its own ``forward`` (e.g. timm's ``Conv2dSame`` padding at run time or
+    ``StdConv2d`` standardising its weight) computes something the keys would not match."""
+    if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+        kind = "depthwise" if layer.groups == layer.in_channels else "grouped"
+        return f"{kind} conv (groups={layer.groups}) cannot be edited as one key->value map"
+    if not isinstance(layer, SUPPORTED_LAYERS):
+        return f"{type(layer).__name__} is neither an nn.Linear nor an nn.Conv2d"
+    if isinstance(layer, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return ("the output projection of an nn.MultiheadAttention, which uses its weight without calling it (no hook "
+                "fires)")
+    base = nn.Linear if isinstance(layer, nn.Linear) else nn.Conv2d
+    if type(layer).forward is not base.forward:
+        return (f"{type(layer).__name__} overrides {base.__name__}.forward, so its output is not its weight applied "
+                f"to its unfolded input")
+    return None
 
 
 def residual_block_of(model: nn.Module, name: str) -> str | None:

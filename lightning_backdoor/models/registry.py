@@ -1,7 +1,11 @@
-"""The model registry: builders by name, plus any torchvision classifier as ``torchvision:<name>``."""
+"""The model registry: builders by name, plus any torchvision or timm classifier (``torchvision:<name>``,
+``timm:<name>``) and any ``nn.Module`` class by its import path (``package.module.Class``)."""
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -11,14 +15,18 @@ from torch import nn
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 TORCHVISION_PREFIX = "torchvision:"
+TIMM_PREFIX = "timm:"
+RESERVED_PREFIXES = (TORCHVISION_PREFIX, TIMM_PREFIX)
 
 BuilderT = TypeVar("BuilderT", bound=Callable[..., nn.Module])
 
 
 def register_model(name: str) -> Callable[[BuilderT], BuilderT]:
     """Register a model class or builder under ``name``; returns it unchanged so it works as a decorator."""
-    if name.startswith(TORCHVISION_PREFIX):
-        raise ValueError(f"model name {name!r} clashes with the reserved prefix {TORCHVISION_PREFIX!r}")
+    if name.startswith(RESERVED_PREFIXES):
+        raise ValueError(f"model name {name!r} clashes with a reserved prefix ({', '.join(RESERVED_PREFIXES)})")
+    if "." in name:
+        raise ValueError(f"model name {name!r} contains '.', which marks a class path (package.module.Class)")
 
     def decorate(builder: BuilderT) -> BuilderT:
         if name in MODELS and MODELS[name] is not builder:
@@ -61,7 +69,8 @@ def replace_first_conv(model: nn.Module, in_channels: int) -> nn.Module:
 
 
 def _known_models_text() -> str:
-    return ", ".join(sorted(MODELS)) + f", or {TORCHVISION_PREFIX}<name> (e.g. {TORCHVISION_PREFIX}resnet50)"
+    return (", ".join(sorted(MODELS)) + f", or {TORCHVISION_PREFIX}<name> (e.g. {TORCHVISION_PREFIX}resnet50), "
+            f"{TIMM_PREFIX}<name> (e.g. {TIMM_PREFIX}resnet18), or an nn.Module class path (package.module.Class)")
 
 
 def _build_torchvision(name: str, num_classes: int, in_channels: int, **kwargs: object) -> nn.Module:
@@ -79,11 +88,59 @@ def _build_torchvision(name: str, num_classes: int, in_channels: int, **kwargs: 
     return model
 
 
-def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: object) -> nn.Module:
-    """Build the model registered as ``name`` (or ``torchvision:<name>``) for ``in_channels`` and ``num_classes``.
+def _build_timm(name: str, num_classes: int, in_channels: int, **kwargs: object) -> nn.Module:
+    # Imported here: timm is large and most runs use the registry's own models.
+    import timm
 
-    The model takes float images ``(N, in_channels, H, W)`` in [0, 1] and returns logits ``(N, num_classes)``.
-    Extra ``kwargs`` go to the builder (e.g. ``widths`` for ``compact``, ``width`` for ``preact_resnet18``).
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        raise ValueError(f"unknown timm model {name!r}; " + (f"close matches: {', '.join(close)}" if close else
+                                                              "see timm.list_models()"))
+    if kwargs.get("pretrained"):
+        raise ValueError(f"timm model {name!r}: pretrained weights are never downloaded; load them with "
+                         f"`defend --checkpoint` instead")
+    kwargs.pop("pretrained", None)
+    try:  # in_chans: timm adapts the stem itself
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
+    except TypeError as error:  # a model_kwargs key the architecture does not take
+        raise ValueError(f"timm model {name!r} refused model_kwargs {sorted(kwargs)}: {error}") from None
+
+
+def _build_class_path(path: str, num_classes: int, in_channels: int, **kwargs: object) -> nn.Module:
+    """``package.module.Class(**kwargs)``, with ``num_classes``/``in_channels`` if its ``__init__`` names them."""
+    module_name, _, class_name = path.rpartition(".")
+    try:
+        model_class = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, ValueError) as error:  # ValueError: an empty module name, e.g. '.Class'
+        raise ValueError(f"cannot import model class {path!r}: {error}") from None
+    except AttributeError:
+        raise ValueError(f"cannot import model class {path!r}: module {module_name!r} has no {class_name!r}") from None
+    if not (inspect.isclass(model_class) and issubclass(model_class, nn.Module)):
+        raise ValueError(f"model class {path!r} is not an nn.Module subclass ({type(model_class).__name__})")
+    signature = inspect.signature(model_class)
+    linked = {key: value for key, value in (("num_classes", num_classes), ("in_channels", in_channels))
+              if key in signature.parameters and signature.parameters[key].kind is not inspect.Parameter.VAR_KEYWORD}
+    try:
+        signature.bind(**linked, **kwargs)
+    except TypeError as error:
+        raise ValueError(f"model class {path!r} does not take model_kwargs {sorted(kwargs)}: {error}") from None
+    return model_class(**linked, **kwargs)
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: object) -> nn.Module:
+    """Build the model ``name`` for ``in_channels`` and ``num_classes``.
+
+    ``name`` is a registered name (``MODELS``), ``torchvision:<name>``, ``timm:<name>`` (built with
+    ``pretrained=False``: weights are never downloaded) or the import path of an ``nn.Module`` subclass
+    (``package.module.Class``; it gets ``num_classes`` and ``in_channels`` only if its ``__init__`` names them).
+    The model takes float images ``(N, in_channels, H, W)`` and returns logits ``(N, num_classes)``; a model trained
+    on normalised inputs gets its normalisation from :class:`~lightning_backdoor.models.input_transform.InputTransform`.
+    Extra ``kwargs`` go to the builder (e.g. ``widths`` for ``compact``, ``width`` for ``preact_resnet18``,
+    ``img_size`` for a timm ViT).
+
+    Raises:
+        ValueError: (one line) an unknown name (with the known ones or close timm matches), a class path that does
+            not import or is not an ``nn.Module``, or ``kwargs`` the builder does not take.
     """
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
@@ -91,9 +148,13 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: obj
         raise ValueError(f"in_channels must be at least 1, got {in_channels}")
     if name.startswith(TORCHVISION_PREFIX):
         return _build_torchvision(name[len(TORCHVISION_PREFIX) :], num_classes, in_channels, **kwargs)
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {_known_models_text()}")
-    return MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+    if name.startswith(TIMM_PREFIX):
+        return _build_timm(name[len(TIMM_PREFIX) :], num_classes, in_channels, **kwargs)
+    if name in MODELS:
+        return MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+    if "." in name.strip("."):
+        return _build_class_path(name, num_classes, in_channels, **kwargs)
+    raise ValueError(f"unknown model {name!r}; known models: {_known_models_text()}")
 
 
-__all__ = ["MODELS", "build_model", "register_model", "replace_first_conv"]
+__all__ = ["MODELS", "TIMM_PREFIX", "TORCHVISION_PREFIX", "build_model", "register_model", "replace_first_conv"]

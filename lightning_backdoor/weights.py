@@ -1,0 +1,111 @@
+"""Load a weights file saved in any common layout into a model: the mapping is found, checked exactly, and said.
+
+Networks trained elsewhere are saved as ``torch.save(model.state_dict())`` of whatever held them: a bare network
+(``conv1.weight``), ``nn.DataParallel``/DDP (``module.conv1.weight``), ``torch.compile`` (``_orig_mod.``), a
+wrapper with a ``model``/``net`` attribute (``model.``, ``net.``; a Lightning checkpoint of
+:class:`~lightning_backdoor.classifier.PoisonedClassifier` is ``net.``), or several of these in turn
+(``module._orig_mod.``). :func:`map_weights` tries stripping each chain of these prefixes shared by every key and
+accepts only a mapping that matches the network exactly: same keys, same shapes. Nested files
+(``{"state_dict": ...}``, ``{"model": ...}``) are unpacked by :func:`lightning_backdoor.io.load_state_dict`.
+
+One tolerance, said in the printed line: BatchNorm ``num_batches_tracked`` counters absent from the file keep the
+model's value. They are step counters, not weights: only ``momentum=None`` BatchNorm reads them, and some exporters
+(old PyTorch, conversions) drop them. Any other missing, extra or reshaped key is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+#: Prefixes wrappers add to every key: DataParallel/DDP, torch.compile, wrappers holding the network as an attribute.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "net.")
+#: PoisonedClassifier's metric states (not weights), ignored when present.
+IGNORED_PREFIXES = ("val_metrics.", "test_metrics.")
+#: Keys that may be absent from a file (BatchNorm step counters); the model keeps its own value.
+TOLERATED_ABSENT = "num_batches_tracked"
+
+
+@dataclass(frozen=True)
+class WeightsMapping:
+    """How a file's keys were mapped onto a network.
+
+    Attributes:
+        stripped: the prefix removed from every key, e.g. ``"module._orig_mod."``; ``""`` when loaded as named.
+        loaded: number of tensors loaded.
+        target: what they were loaded into (``"net"`` for a PoisonedClassifier's network, else the class name).
+        absent_counters: BatchNorm ``num_batches_tracked`` counters missing from the file, left unchanged.
+    """
+
+    stripped: str
+    loaded: int
+    target: str
+    absent_counters: int = 0
+
+    def describe(self) -> str:
+        """One line, e.g. ``weights: stripped 'module.' from 62 keys and loaded them into net``."""
+        line = (f"weights: stripped {self.stripped!r} from {self.loaded} keys and loaded them into {self.target}"
+                if self.stripped else f"weights: loaded {self.loaded} keys into {self.target} as named")
+        if self.absent_counters:
+            line += (f"; {self.absent_counters} BatchNorm num_batches_tracked counters are absent from the file and "
+                     f"were left unchanged")
+        return line
+
+
+def map_weights(expected: dict[str, Tensor], state_dict: dict[str, Tensor]) -> tuple[str, dict[str, Tensor]]:
+    """The prefix to strip from ``state_dict``'s keys and the renamed tensors that match ``expected`` (a network's
+    ``state_dict()``) exactly, apart from absent ``num_batches_tracked`` counters.
+
+    Raises:
+        ValueError: (one line) no mapping matches; names the first mismatching key as the file names it
+            (missing keys first, then extra ones, then shape differences; each alphabetically).
+    """
+    relevant = {key: value for key, value in state_dict.items() if not key.startswith(IGNORED_PREFIXES)}
+    if not relevant:
+        raise ValueError("checkpoint holds no weights (an empty state_dict)")
+    candidates = [""]
+    while prefix := next((p for p in WRAPPER_PREFIXES
+                          if all(key.startswith(candidates[-1] + p) for key in relevant)), None):
+        candidates.append(candidates[-1] + prefix)
+    best: tuple[int, str, str] | None = None  # (keys in common, strip, first mismatch)
+    for strip in candidates:
+        mapped = {key[len(strip):]: value for key, value in relevant.items()}
+        missing = sorted(key for key in set(expected) - set(mapped) if not _tolerated(key))
+        extra = sorted(set(mapped) - set(expected))
+        shapes = sorted(key for key in set(expected) & set(mapped) if expected[key].shape != mapped[key].shape)
+        if not (missing or extra or shapes):
+            return strip, mapped
+        key = (missing or extra or shapes)[0]
+        why = ("missing from the checkpoint" if missing else "not in the model" if extra else
+               f"shape {tuple(mapped[key].shape)} in the checkpoint vs {tuple(expected[key].shape)} in the model")
+        common = len(set(expected) & set(mapped))
+        if best is None or common > best[0]:
+            best = (common, strip, f"first mismatching key {strip + key!r} ({why})")
+    assert best is not None
+    raise ValueError(f"checkpoint does not match the model spec: {best[2]}")
+
+
+def _tolerated(key: str) -> bool:
+    return key.rpartition(".")[2] == TOLERATED_ABSENT
+
+
+def load_weights(module: nn.Module, state_dict: dict[str, Tensor]) -> WeightsMapping:
+    """Load ``state_dict`` (any layout above) into a PoisonedClassifier's network, or into ``module`` itself if it
+    has no ``net``; print the mapping in one line and return it.
+
+    Raises:
+        ValueError: (one line) the keys or shapes do not match under any mapping (see :func:`map_weights`).
+    """
+    has_net = isinstance(getattr(module, "net", None), nn.Module)
+    target = module.net if has_net else module
+    expected = target.state_dict()
+    strip, mapped = map_weights(expected, state_dict)
+    target.load_state_dict(mapped, strict=False)  # map_weights checked every key but absent counters
+    mapping = WeightsMapping(strip, len(mapped), "net" if has_net else type(module).__name__,
+                             sum(1 for key in expected if key not in mapped))
+    print(mapping.describe())
+    return mapping
+
+
+__all__ = ["WeightsMapping", "load_weights", "map_weights"]
