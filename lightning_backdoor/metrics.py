@@ -2,7 +2,8 @@
 
 Definitions follow METHOD.md §2. Triggered samples carry an *attack label*: the label the attack wants
 (``target_class`` for all-to-one, ``(y + 1) mod K`` for all-to-all), or ``-1`` for samples that do not count
-(true label already the target).
+(true label already the target). Under all-to-all every sample counts and there is no target class, so no
+target-class accuracy either (``BackdoorMetrics(target_class=None)``).
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ class BackdoorMetrics(nn.Module):
     """CA, per-class accuracy, target-class accuracy, ASR, ASR floor and RA of one evaluation pass."""
 
     def __init__(self, num_classes: int, target_class: int | None = None, sync_on_compute: bool = True) -> None:
-        """``sync_on_compute=False``: compute on this process's data only (no collective call under DDP)."""
+        """``target_class=None`` (all-to-all, or unknown): no ``target_acc``, never another class's accuracy.
+        ``sync_on_compute=False``: compute on this process's data only (no collective call under DDP)."""
         super().__init__()
         self.target_class = target_class
         sync = {"sync_on_compute": sync_on_compute}

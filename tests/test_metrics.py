@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from lightning_backdoor.data.poisoning import attack_labels
 from lightning_backdoor.metrics import (AttackSuccessRate, BackdoorMetrics, RobustAccuracy,
                                         defense_effectiveness_rating)
 
@@ -38,6 +39,21 @@ def test_backdoor_metrics_collection_by_hand():
     assert values["robust_acc"].item() == pytest.approx(1 / 3)
     assert values["target_acc"].item() == pytest.approx(1.0)
     assert values["per_class_acc"].tolist() == pytest.approx([1.0, 1.0, 0.5])
+
+
+def test_all_to_all_asr_counts_every_class_and_has_no_target_accuracy():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    attack = attack_labels(labels, None, True, 3)  # (y + 1) mod 3: [1, 1, 2, 2, 0, 0], none skipped
+    triggered_preds = torch.tensor([1, 0, 2, 2, 0, 1])  # hits: class 0 one of two, class 1 two, class 2 one
+    metrics = BackdoorMetrics(num_classes=3, target_class=None)
+    eye = torch.eye(3)
+    metrics.update(eye[labels], labels, eye[triggered_preds], attack)
+    values = metrics.compute()
+    # 4 of 6: class 0's triggered images count (leaving them out, as an all-to-one plan with target 0 did, gives 3/4)
+    assert values["asr"].item() == pytest.approx(4 / 6)
+    assert values["robust_acc"].item() == pytest.approx(1 / 6)  # only the second image kept its label
+    assert values["asr_floor"].item() == pytest.approx(0.0)
+    assert "target_acc" not in values
 
 
 def test_der_subtracts_the_clean_accuracy_drop():

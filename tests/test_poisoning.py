@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_backdoor.data import PoisonedDataModule, plan_splits
+from lightning_backdoor.data import PoisonedDataModule, attack_labels, plan_splits
 from lightning_backdoor.data.augment import random_crop
 from lightning_backdoor.triggers import BadNets
 
@@ -45,6 +45,33 @@ def test_same_seed_same_indices_other_seed_other_indices():
 def test_clean_label_poisons_target_class_only():
     splits = plan(clean_label=True, poison_rate=0.05)
     assert (LABELS[splits.poisoned] == 0).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_all_to_all_poisons_every_class_in_proportion(seed):
+    # unequal classes (400, 800, ..., 4,000 images), so "in proportion" differs from "equally"
+    labels = torch.arange(10).repeat_interleave(400 * torch.arange(1, 11))
+    splits = plan_splits(labels, num_classes=10, target_class=None, poison_rate=0.3, unseen_per_class=5,
+                         val_fraction=0.1, clean_label=False, cross_ratio=0.0, seed=seed, all_to_all=True)
+    assert len(splits.poisoned) == round(0.3 * len(splits.train))
+    poisoned = torch.bincount(labels[splits.poisoned], minlength=10).float()
+    trained = torch.bincount(labels[splits.train], minlength=10).float()
+    # a uniform draw of 30 % of the training split: a class with n training images gets a hypergeometric count
+    # whose fraction has standard deviation sqrt(0.3 * 0.7 * 0.7 / n) <= 0.02 (n >= 355), so a margin of 0.1 is
+    # >= 5 sd for every class and seed; an all-to-one draw gives class 0 (its default target) a fraction of 0
+    assert (poisoned > 0).all()
+    assert ((poisoned / trained - 0.3).abs() < 0.1).all(), (poisoned / trained).tolist()
+
+
+def test_all_to_all_with_clean_label_is_refused():
+    with pytest.raises(ValueError, match="all_to_all=true has no single target"):
+        plan(clean_label=True, all_to_all=True, target_class=None)
+
+
+def test_attack_labels_all_to_all_count_every_class():
+    labels = torch.tensor([0, 1, 2, 9])
+    assert attack_labels(labels, None, True, 10).tolist() == [1, 2, 3, 0]
+    assert attack_labels(labels, 2, False, 10).tolist() == [2, 2, -1, 2]
 
 
 def test_noise_mode_samples_are_clean_training_samples():
@@ -93,7 +120,24 @@ def test_validation_dataset_is_the_held_out_training_pool_images_with_their_trig
     assert (triggered[:, :, -3:, -3:] == 255).all() and torch.equal(attack == -1, labels == 0)
 
 
+def test_all_to_all_datamodule_relabels_every_class_and_has_no_target_class():
+    module = PoisonedDataModule(source="mnist5k", trigger=BadNets(size=3), poison_rate=0.1, unseen_per_class=10,
+                                all_to_all=True)
+    assert module.target_class is None  # no target-class accuracy anywhere, never class 0's
+    module.setup("fit")
+    images, labels = module._datasets["train"].tensors
+    rows = torch.isin(module.plan.train, module.plan.poisoned)
+    true_labels = module.train_pool.labels[module.plan.train]
+    assert torch.equal(labels[rows], (true_labels[rows] + 1) % 10)
+    assert torch.equal(labels[~rows], true_labels[~rows])
+    assert set(true_labels[rows].tolist()) == set(range(10))  # class 0 is poisoned too
+    test_labels, attack = module._datasets["test"].tensors[1], module._datasets["test"].tensors[3]
+    assert torch.equal(attack, (test_labels + 1) % 10)  # every class's triggered test images count
+
+
 @pytest.mark.parametrize("kwargs, message", [
+    (dict(all_to_all=True, target_class=3), "target_class=3 has no meaning with all_to_all=true"),
+    (dict(all_to_all=True, clean_label=True), "all_to_all=true has no single target"),
     (dict(poison_rate=1.5), "poison_rate=1.5 is outside"),
     (dict(poison_rate=-0.1), "poison_rate=-0.1 is outside"),
     (dict(target_class=10), "target_class=10 is not a class"),

@@ -26,14 +26,23 @@ class SplitPlan:
         return {field.name: getattr(self, field.name) for field in fields(self)}
 
 
-def plan_splits(labels: Tensor, num_classes: int, target_class: int, poison_rate: float, unseen_per_class: int,
-                val_fraction: float, clean_label: bool, cross_ratio: float, seed: int) -> SplitPlan:
+def plan_splits(labels: Tensor, num_classes: int, target_class: int | None, poison_rate: float,
+                unseen_per_class: int, val_fraction: float, clean_label: bool, cross_ratio: float, seed: int,
+                all_to_all: bool = False) -> SplitPlan:
     """Draw the splits for one seed: unseen first (never trained on, never poisoned), then validation, then poison.
 
-    ``poison_rate`` is the fraction of the training split that carries the trigger. Clean-label attacks draw the
-    poisoned samples from the target class only. Raises ``ValueError`` when a class is too small or the rate is
-    more than the candidates allow.
+    ``poison_rate`` is the fraction of the training split that carries the trigger. All-to-one attacks draw the
+    poisoned samples from the classes other than ``target_class``; all-to-all attacks (every class ``y`` goes to
+    ``(y + 1) mod K``, ``target_class`` unused) from every class, so each class is poisoned in proportion to its
+    share of the training split; clean-label attacks from the target class only. Raises ``ValueError`` when a class
+    is too small, the rate is more than the candidates allow, or ``clean_label`` is combined with ``all_to_all``
+    (a clean-label attack has one target class) or an all-to-one attack has no ``target_class``.
     """
+    if all_to_all and clean_label:
+        raise ValueError("clean_label=true poisons one target class and keeps its labels; all_to_all=true has no "
+                         "single target: use one or the other")
+    if not all_to_all and target_class is None:
+        raise ValueError("an all-to-one attack needs a target_class (or set all_to_all=true)")
     generator = torch.Generator().manual_seed(seed)
     unseen_parts = []
     for label in range(num_classes):
@@ -50,7 +59,12 @@ def plan_splits(labels: Tensor, num_classes: int, target_class: int, poison_rate
     pool = pool[torch.randperm(len(pool), generator=generator)]
     num_val = round(val_fraction * len(pool))
     val, train = pool[:num_val].sort().values, pool[num_val:]
-    candidates = train[labels[train] == target_class] if clean_label else train[labels[train] != target_class]
+    if all_to_all:
+        candidates = train
+    elif clean_label:
+        candidates = train[labels[train] == target_class]
+    else:
+        candidates = train[labels[train] != target_class]
     num_poison = round(poison_rate * len(train))
     if num_poison > len(candidates):
         kind = "target-class" if clean_label else "non-target"
@@ -63,10 +77,14 @@ def plan_splits(labels: Tensor, num_classes: int, target_class: int, poison_rate
     return SplitPlan(unseen, val, train.sort().values, poisoned.sort().values, noise.sort().values)
 
 
-def attack_labels(labels: Tensor, target_class: int, all_to_all: bool, num_classes: int) -> Tensor:
-    """The label the attack wants for each sample; ``-1`` where the true label already is the target."""
+def attack_labels(labels: Tensor, target_class: int | None, all_to_all: bool, num_classes: int) -> Tensor:
+    """The label the attack wants for each sample (N,) -> (N,): ``(y + 1) mod num_classes`` for every sample under
+    ``all_to_all`` (``target_class`` unused: every class counts), else ``target_class``, or ``-1`` where the true
+    label already is the target. Raises ``ValueError`` for all-to-one without a ``target_class``."""
     if all_to_all:
         return (labels + 1) % num_classes
+    if target_class is None:
+        raise ValueError("an all-to-one attack needs a target_class (or set all_to_all=true)")
     return torch.where(labels == target_class, torch.full_like(labels, IGNORE), torch.full_like(labels, target_class))
 
 
