@@ -17,7 +17,8 @@ CONFIG = str(ROOT / "configs" / "quickstart.yaml")
 DATA = "--data.init_args"
 
 #: (id, subcommand, arguments, expected message). ``{run}``: a fresh run folder, ``{tmp}``: the test's folder,
-#: ``{ckpt}``: the quickstart run's checkpoint, ``{empty_data}``: an ImageFolder tree without images.
+#: ``{ckpt}``: the quickstart run's checkpoint, ``{weights}``: its defended weights (safetensors: no settings to compare),
+#: ``{empty_data}``: an ImageFolder tree without images.
 CASES = [
     ("poison_rate_out_of_range", "fit", [f"{DATA}.poison_rate=1.5"], "poison_rate=1.5 is outside [0, 1]"),
     ("poison_rate_too_high", "fit", [f"{DATA}.poison_rate=0.95"], "non-target training images but only"),
@@ -56,8 +57,10 @@ CASES = [
      "was trained with model model_kwargs={'widths': [32, 64, 128]} but the config says"),
     ("checkpoint_missing", "defend", ["--checkpoint={tmp}/none.ckpt"], "none.ckpt does not exist"),
     ("checkpoint_not_given", "defend", [], "checkpoint"),
-    ("checkpoint_model_mismatch", "defend", ["--checkpoint={ckpt}", "--model.init_args.model_kwargs.widths=[16,64,128]"],
+    ("checkpoint_model_mismatch", "defend", ["--checkpoint={weights}", "--model.init_args.model_kwargs.widths=[16,64,128]"],
      "first mismatching key 'net.blocks.0.conv1.weight'"),
+    ("checkpoint_other_settings", "defend", ["--checkpoint={ckpt}", f"{DATA}.target_class=3"],
+     "poisoned.ckpt was trained with data target_class=0 but the config says 3; pass the run's config"),
     ("unknown_layer", "defend", ["--checkpoint={ckpt}", "--defense.init_args.layer=blocks.7.conv"],
      "unknown layer 'blocks.7.conv'; editable layers: stem.conv"),
     ("unsupported_layer", "defend", ["--checkpoint={ckpt}", "--defense.init_args.layer=blocks.0.norm1"],
@@ -97,7 +100,8 @@ def workspace(tmp_path: Path, quickstart_run: Path) -> dict[str, str]:
     for split in ("train", "test"):
         (tmp_path / "empty_data" / split / "cat").mkdir(parents=True)
     return {"tmp": str(tmp_path), "empty_data": str(tmp_path / "empty_data"),
-            "ckpt": str(quickstart_run / "checkpoints" / "poisoned.ckpt")}
+            "ckpt": str(quickstart_run / "checkpoints" / "poisoned.ckpt"),
+            "weights": str(quickstart_run / "defended.safetensors")}
 
 
 def check_one_line(err: str, message: str) -> None:

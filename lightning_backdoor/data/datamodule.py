@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -17,7 +17,24 @@ from lightning_backdoor.data.poisoning import (SplitPlan, apply_noise_mode, appl
                                                to_float)
 from lightning_backdoor.data.sources import ImageSet, load_source
 from lightning_backdoor.io import atomic_json
+from lightning_backdoor.provenance import environment
 from lightning_backdoor.triggers import BadNets, Trigger
+
+#: the data settings that change what a model's numbers mean: stored in every checkpoint, compared when one loads
+#: (in this order: ``all_to_all`` decides whether there is a ``target_class``)
+SETTINGS = ("source", "classes", "all_to_all", "target_class", "poison_rate", "clean_label", "trigger", "seed",
+            "unseen_per_class")
+
+
+def differing_setting(saved: Any, current: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first of ``current``'s settings that ``saved`` holds with another value, as (name, saved value, current
+    value); ``None`` when all agree. Settings ``saved`` lacks (a checkpoint from before they were stored, or a file
+    that stores none) are not compared."""
+    saved = saved if isinstance(saved, dict) else {}
+    for name, value in current.items():
+        if name in saved and saved[name] != value:
+            return name, saved[name], value
+    return None
 
 
 class PoisonedDataModule(L.LightningDataModule):
@@ -34,9 +51,11 @@ class PoisonedDataModule(L.LightningDataModule):
         image_size: resize images to this many pixels square (for sources of mixed sizes).
         cache_dir: keep decoded uint8 tensors here so later processes skip decoding.
         trigger: the backdoor trigger (default: a 3x3 BadNets patch).
-        target_class: the attack's target label (all-to-one).
+        target_class: the attack's target label (all-to-one). All-to-all has none: the attribute is then ``None``
+            (no target-class accuracy anywhere) and a value other than the default 0 is refused.
         poison_rate: fraction of training images that carry the trigger, in [0, 1].
-        all_to_all: relabel triggered images to ``(y + 1) mod K`` instead of ``target_class``.
+        all_to_all: relabel triggered images to ``(y + 1) mod K`` instead of ``target_class``; the poisoned images
+            are drawn from every class, and every class's triggered test images count in the ASR.
         clean_label: poison target-class images only and keep their labels (SIG's setting).
         unseen_per_class: clean images per class held out before poisoning, never trained on: the defense's data.
         val_fraction: fraction of the remaining training pool kept as clean validation.
@@ -81,9 +100,13 @@ class PoisonedDataModule(L.LightningDataModule):
         if not 0 <= target_class < self.num_classes:
             raise ValueError(f"target_class={target_class} is not a class; valid: 0..{self.num_classes - 1} "
                              f"({', '.join(self.classes)})")
+        if all_to_all and target_class != 0:
+            raise ValueError(f"target_class={target_class} has no meaning with all_to_all=true (class y goes to "
+                             f"(y + 1) mod {self.num_classes}); leave target_class at its default")
+        self.target_class = None if all_to_all else target_class
         self.trigger.check(self.image_shape)
-        self.plan = plan_splits(self.train_pool.labels, self.num_classes, target_class, poison_rate, unseen_per_class,
-                                val_fraction, clean_label, self.trigger.cross_ratio, seed)
+        self.plan = plan_splits(self.train_pool.labels, self.num_classes, self.target_class, poison_rate,
+                                unseen_per_class, val_fraction, clean_label, self.trigger.cross_ratio, seed, all_to_all)
         height = self.image_shape[1]
         if augment == "auto":
             augment = "crop_flip" if self.image_shape[0] == 3 and height >= 32 else "crop"
@@ -144,6 +167,7 @@ class PoisonedDataModule(L.LightningDataModule):
         self._datasets["test"] = self._eval_dataset(self.test_set)
         if stage == "fit" and self.trainer is not None and self.trainer.is_global_zero:  # a test run writes nothing
             self.save_splits(Path(self.trainer.default_root_dir) / "splits.json")
+            atomic_json(environment(), Path(self.trainer.default_root_dir) / "environment.json")
 
     def test_dataset(self) -> TensorDataset:
         """The test split as uint8 images, labels, triggered images and attack labels."""
@@ -163,17 +187,35 @@ class PoisonedDataModule(L.LightningDataModule):
     def save_splits(self, path: Path) -> None:
         """Write the split indices (into the training pool) and the attack settings as JSON."""
         record = {name: indices.tolist() for name, indices in self.plan.as_dict().items()}
-        record |= {"source": self.source, "target_class": self.target_class, "poison_rate": self.poison_rate,
+        record |= {"source": self.source, "target_class": self.target_class, "all_to_all": self.all_to_all,
+                   "poison_rate": self.poison_rate,
                    "trigger": repr(self.trigger), "seed": self.seed, "classes": list(self.classes)}
         atomic_json(record, path)
 
-    def state_dict(self) -> dict[str, Tensor]:
-        """The split indices, stored in every checkpoint so a run's poisoned and unseen images are recoverable."""
-        return self.plan.as_dict()
+    def settings(self) -> dict[str, Any]:
+        """The :data:`SETTINGS` as plain values (the trigger as its ``repr``), so a checkpoint holding them still
+        loads with ``weights_only=True``."""
+        values = {name: getattr(self, name) for name in SETTINGS}
+        return values | {"classes": list(self.classes), "trigger": repr(self.trigger)}
 
-    def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
-        if any(not torch.equal(state_dict[k], v) for k, v in self.plan.as_dict().items() if k in state_dict):
-            raise ValueError("the checkpoint's split indices differ from this data module's; use the run's seed")
+    def state_dict(self) -> dict[str, Any]:
+        """The split indices and :meth:`settings`, stored in every checkpoint: a run's poisoned and unseen images
+        are recoverable, and a checkpoint loaded with other settings is refused."""
+        return self.plan.as_dict() | {"settings": self.settings()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Raise a one-line ``ValueError`` naming the first setting, else the first split, that differs from this
+        data module's (the checkpoint's numbers would mean something else)."""
+        difference = differing_setting(state_dict.get("settings"), self.settings())
+        if difference is not None:
+            name, saved, current = difference
+            raise ValueError(f"the checkpoint was trained with data {name}={str(saved)[:100]} but this data module "
+                             f"has {str(current)[:100]}; use the run's settings")
+        for name, indices in self.plan.as_dict().items():
+            saved = state_dict.get(name)
+            if isinstance(saved, Tensor) and not torch.equal(saved, indices):
+                raise ValueError(f"the checkpoint's {name} split indices differ from this data module's (another "
+                                 f"seed, or changed {self.source} data); use the run's settings")
 
     def train_dataloader(self) -> DataLoader:
         train = self._datasets["train"]

@@ -1,0 +1,90 @@
+"""What the command line prints: ``--help`` lists every subcommand; a refused command prints its one line and nothing
+else (no Lightning warning, device lines or tips), checked on a real process's stdout and stderr together; a folder
+holding a run's or a defense's outputs is not fitted into."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_backdoor.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "quickstart.yaml")
+
+
+def run_cli(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The console script's module in a fresh process, stdout and stderr captured as one stream."""
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "lightning_backdoor.cli", *arguments], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd, timeout=300)
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name in ("fit", "validate", "test", "predict", "defend", "bench"):
+        assert sum(line.split()[:1] == [name] for line in lines) == 1, f"{name} is not listed once"
+
+
+def test_defend_help_starts_with_its_usage(tmp_path):
+    result = run_cli("defend", "--help", cwd=tmp_path)
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: lightning-backdoor defend "), result.stdout[:300]
+    assert "LightningCLI's args parameter" not in result.stdout  # the warning it used to start with
+    for option in ("--checkpoint", "--unseen_root", "--test_root", "--classes", "--accept_low_accuracy"):
+        assert option in result.stdout
+
+
+@pytest.mark.parametrize("checkpoint, message", [("none.ckpt", "does not exist"),
+                                                 ("empty.ckpt", "not a plain tensor file")])
+def test_a_refused_defend_prints_one_line(tmp_path, checkpoint, message):
+    """It used to print Lightning's warning about ``args``, its GPU/TPU lines and a logger tip first (8 lines)."""
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    result = run_cli("defend", "--config", CONFIG, f"--checkpoint={tmp_path / checkpoint}",
+                     f"--output_dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lightning-backdoor: error: ") and message in lines[0], lines
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["empty.ckpt"]
+
+
+def test_a_refused_fit_prints_one_line(tmp_path):
+    """Refused after parsing (where Lightning has already seeded and said so): still one line."""
+    result = run_cli("fit", "--config", CONFIG, f"--trainer.default_root_dir={tmp_path / 'run'}",
+                     "--data.init_args.poison_rate=1.5", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stdout.strip().splitlines() == [
+        "lightning-backdoor: error: poison_rate=1.5 is outside [0, 1]; use e.g. poison_rate=0.1 for 10 %"]
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_fit_refused_while_the_trainer_sets_up_prints_one_line(tmp_path):
+    """A callback's setup check (the default defense needs one target class) runs after the Trainer has printed its
+    device lines and tips: they are held back until setup has passed."""
+    result = run_cli("fit", "--config", CONFIG, "--trainer.logger=false",
+                     f"--trainer.default_root_dir={tmp_path / 'run'}", "--data.init_args.all_to_all=true", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lightning-backdoor: error: ") and "all_to_all" in lines[0], lines
+
+
+@pytest.mark.parametrize("output", ["defended.ckpt", "defended-v2.ckpt", "defended.safetensors",
+                                    "defense_report.json", "defense_report-v1.json", "splits.json",
+                                    "checkpoints/poisoned.ckpt", "config.yaml"])
+def test_fit_refuses_a_folder_holding_outputs(tmp_path, capsys, output):
+    (tmp_path / output).parent.mkdir(exist_ok=True)
+    (tmp_path / output).write_text("kept\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", CONFIG, "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"lightning-backdoor: error: {tmp_path} already holds a run ({output}); "
+                                               f"choose a new --trainer.default_root_dir (nothing is overwritten)")
+    assert [path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*") if path.is_file()] == [output]
+    assert (tmp_path / output).read_text() == "kept\n"
