@@ -179,3 +179,16 @@ def test_fit_from_a_weights_only_checkpoint_starts_a_new_fit_from_its_weights(ti
     assert started_with.keys() == weights.keys()
     assert all(torch.equal(started_with[key], weights[key]) for key in weights)
     assert load_tensors(run / "checkpoints" / "poisoned.ckpt")["global_step"] == 1  # trained from step 0
+
+
+def test_a_weights_only_checkpoint_for_another_model_is_refused_in_one_line(tiny_run, tmp_path, capsys):
+    """No settings to compare (``defended.ckpt`` stores none): the weights themselves are checked before Lightning's
+    strict load (a multi-line traceback) could fail."""
+    config, checkpoint = tiny_run
+    weights_only = tmp_path / "defended.ckpt"
+    torch.save({"state_dict": load_tensors(checkpoint)["state_dict"], "epoch": 0, "global_step": 0}, weights_only)
+    line = refused_line(capsys, ["test", "--config", str(config), f"--trainer.default_root_dir={tmp_path / 'out'}",
+                                 f"--ckpt_path={weights_only}", "--model.init_args.model_kwargs.widths=[16,64,128]"])
+    assert line.startswith("checkpoint does not match the model spec: first mismatching key "
+                           "'net.blocks.0.conv1.weight'")
+    assert not (tmp_path / "out").exists()
