@@ -27,7 +27,8 @@ from lightning_backdoor.triggers import Trigger
 
 STAGES = ("before", "after_edit", "after")
 STAGE_TITLES = {"before": "before", "after_edit": "after edit", "after": "after repair"}
-METRIC_TITLES = {"clean_acc": "CA", "asr": "ASR", "asr_floor": "ASR floor", "robust_acc": "RA", "target_acc": "TA"}
+METRIC_TITLES = {"clean_acc": "CA", "asr": "ASR", "asr_floor": "ASR floor", "robust_acc": "RA", "target_acc": "TA",
+                 "estimated_asr": "estimated trigger ASR"}
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 PROBE_SECONDS = 3.0
 INIT_TIMEOUT_SECONDS = "30"
@@ -164,12 +165,20 @@ def log_samples(loggers: list[WandbLogger], datamodule: Any, num_images: int) ->
 
 # --- the defense report ------------------------------------------------------------------------------------------
 
+def summary_metrics(report: Mapping[str, Any]) -> tuple[str, ...]:
+    """``METRIC_NAMES``, plus ``estimated_asr`` when the report holds it (the trigger unknown and the true ASR not
+    measurable: the estimated trigger's success)."""
+    estimated = any("estimated_asr" in report[stage] for stage in STAGES if stage in report)
+    return (*METRIC_NAMES, "estimated_asr") if estimated else METRIC_NAMES
+
+
 def summary_rows(report: Mapping[str, Any]) -> list[list[Any]]:
-    """One row per stage: the stage, then each metric of ``METRIC_NAMES`` in % (``None`` where not measured)."""
+    """One row per stage: the stage, then each metric of :func:`summary_metrics` in % (``None`` where not
+    measured)."""
     def percent(value: Any) -> float | None:
         return round(100 * value, 2) if isinstance(value, float) else None
 
-    return [[STAGE_TITLES[stage]] + [percent(report[stage].get(name)) for name in METRIC_NAMES]
+    return [[STAGE_TITLES[stage]] + [percent(report[stage].get(name)) for name in summary_metrics(report)]
             for stage in STAGES if stage in report]
 
 
@@ -182,11 +191,12 @@ def report_files(report: Mapping[str, Any]) -> dict[str, Path]:
 
 
 def defense_tables(report: Mapping[str, Any], class_names: list[str] | None = None) -> dict[str, Any]:
-    """``defense/summary`` (CA, ASR, ASR floor, RA, TA in % per stage), ``defense/chart`` (the same as bars) and
-    ``defense/per_class_acc`` (per-class accuracy in % per stage), as W&B objects."""
+    """``defense/summary`` (CA, ASR, ASR floor, RA, TA, and the estimated trigger's ASR when measured, in % per
+    stage), ``defense/chart`` (the same as bars) and ``defense/per_class_acc`` (per-class accuracy in % per stage),
+    as W&B objects."""
     import wandb
 
-    columns = ["stage"] + [METRIC_TITLES[name] for name in METRIC_NAMES]
+    columns = ["stage"] + [METRIC_TITLES[name] for name in summary_metrics(report)]
     rows = summary_rows(report)
     bars = wandb.Table(columns=["bar", "percent"],
                        data=[[f"{column} {row[0]}", value] for row in rows

@@ -231,10 +231,11 @@ def defend_with_estimate(defense: ActivationEditing, estimator: TriggerEstimator
                          unseen: UnseenData, layer: str = "auto") -> dict[str, Any]:
     """Estimate the trigger and target, then edit with the flagging estimators' candidates for the flagged class at
     every strength (each approximates the backdoor differently; one edit maps them all); leave the model unchanged
-    when no class is anomalous. The info holds the estimate (``estimation``), the estimate's picture
-    (``estimated_trigger_image``), and the seconds of estimation and of editing."""
+    when no class is anomalous. The info holds the estimate (``estimation``; the object itself under ``estimate``,
+    which the report drops), the estimate's picture (``estimated_trigger_image``), and the seconds of estimation and
+    of editing."""
     estimate = estimator.estimate(model, unseen, layer)
-    info: dict[str, Any] = {"trigger_known": False, "estimation": estimate.report(),
+    info: dict[str, Any] = {"trigger_known": False, "estimation": estimate.report(), "estimate": estimate,
                             "estimation_seconds": estimate.seconds}
     if estimate.target_class is None:
         return info | {"method": f"{defense.name}/no_backdoor_found", "editing_seconds": 0.0,

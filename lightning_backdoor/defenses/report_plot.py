@@ -12,17 +12,20 @@ from lightning_backdoor.evaluation import METRIC_NAMES
 
 STAGES = {"before": "before", "after_edit": "after edit", "after": "after repair"}
 METRIC_TITLES = {"clean_acc": "clean acc", "asr": "ASR", "asr_floor": "ASR floor", "robust_acc": "robust acc",
-                 "target_acc": "target-class acc"}
+                 "target_acc": "target-class acc", "estimated_asr": "estimated trigger's ASR"}
+#: Plotted when present: the report's metrics, then the estimated trigger's success (the true ASR unmeasured).
+PLOTTED = (*METRIC_NAMES, "estimated_asr")
 COLOURS = {"before": "#c0392b", "after_edit": "#f0ad4e", "after": "#2e86c1"}
 
 
 def plot_report(report: Mapping[str, Any]) -> Figure:
-    """Grouped bars, in %, of each metric the report holds, one bar per stage; the title names the defense.
+    """Grouped bars, in %, of each metric the report holds, one bar per stage; the title names the defense (and says
+    when the true ASR was not measured).
 
     Uses a bare ``Figure`` (no pyplot), so it needs no display and leaves global state alone.
     """
     stages = [stage for stage in STAGES if stage in report]
-    metrics = [name for name in METRIC_NAMES if isinstance(report[stages[0]].get(name), float)]
+    metrics = [name for name in PLOTTED if isinstance(report[stages[0]].get(name), float)]
     figure = Figure(figsize=(1.6 * len(metrics) + 2, 3.6), layout="constrained")
     axes = figure.add_subplot()
     width = 0.8 / len(stages)
@@ -38,7 +41,8 @@ def plot_report(report: Mapping[str, Any]) -> Figure:
     defense = report.get("defense", {})
     details = [str(defense.get("method", "defense")), f"layer {defense['layer']}" if defense.get("layer") else "",
                f"{defense['num_unseen']} unseen images" if "num_unseen" in defense else "",
-               f"DER {report['der']:.3f}" if isinstance(report.get("der"), float) else ""]
+               f"DER {report['der']:.3f}" if isinstance(report.get("der"), float) else "",
+               "true ASR not measured" if report.get("true_asr_measured") is False else ""]
     axes.set_title(", ".join(detail for detail in details if detail), fontsize=9)
     return figure
 

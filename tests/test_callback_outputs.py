@@ -1,0 +1,261 @@
+"""DefenseCallback's outputs: what the trainer tests afterwards, smoke runs, pixel space vs normalised model input,
+near-chance accuracy, and the report without a test trigger."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from callback_models import MEAN, STD, NormalisingDigits, digits, normalise, quiet_trainer, trained
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_backdoor import DefenseCallback
+from lightning_backdoor.dashboard import summary_rows
+from lightning_backdoor.defenses import ActivationEditing, Defense, UnseenData
+from lightning_backdoor.defenses.estimation import BackdoorEstimate
+from lightning_backdoor.defenses.report import near_chance
+from lightning_backdoor.defenses.report_plot import plot_report
+from lightning_backdoor.models.input_transform import InputTransform, input_transform_of
+from lightning_backdoor.triggers import BadNets, Trigger
+
+ROOT = Path(__file__).resolve().parents[1]
+#: the digits test split: 300 images, 270 of them not of the target class (the ASR's denominator)
+TEST_IMAGES, ATTACKED_IMAGES = 300, 270
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids oversubscription (10x faster here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def defense_outputs(folder: Path) -> list[Path]:
+    return [path for path in folder.rglob("*") if path.name.startswith(("defended", "defense_report", "estimated"))]
+
+
+# --- 1. what trainer.test() loads afterwards ---------------------------------------------------------------------
+
+@pytest.mark.parametrize(("ckpt_path", "defended"), [("default", True), ("best", True), ("last", False)])
+def test_trainer_test_after_fit_tests_the_defended_weights(ckpt_path: str, defended: bool, tmp_path: Path) -> None:
+    data = digits()
+    callback = DefenseCallback(defense=ActivationEditing(layer="fc"))
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
+    trainer = quiet_trainer(tmp_path, [callback, checkpoints], max_steps=1, enable_checkpointing=True)
+    trainer.fit(trained(), datamodule=data)  # lr 0: the checkpoints hold the backdoored weights
+    report = callback.report
+    # the default (no ckpt_path: Lightning's "best") loaded the poisoned checkpoint before the fix
+    (result,) = (trainer.test(datamodule=data, verbose=False) if ckpt_path == "default" else
+                 trainer.test(datamodule=data, ckpt_path=ckpt_path, verbose=False))
+    # "last" stays the fit's last checkpoint (undefended, as documented); one image of slack for float rounding
+    expected = report["after" if defended else "before"]
+    assert abs(result["test/asr"] - expected["asr"]) <= 1 / ATTACKED_IMAGES, (result, expected)
+    assert abs(result["test/clean_acc"] - expected["clean_acc"]) <= 1 / TEST_IMAGES, (result, expected)
+    assert report["before"]["asr"] >= 0.8 and report["after"]["asr"] <= report["before"]["asr"] / 4
+    # loading a fit checkpoint restores its ModelCheckpoint state (the poisoned best path); "best" stays defended
+    assert checkpoints.best_model_path == str(tmp_path / "defended.ckpt") == str(callback.checkpoint_path)
+    (again,) = trainer.test(datamodule=data, verbose=False)
+    assert abs(again["test/asr"] - report["after"]["asr"]) <= 1 / ATTACKED_IMAGES, (again, report["after"])
+
+
+def test_cli_test_in_a_later_process_refuses_best_and_tests_the_defended_file(tmp_path: Path, capsys) -> None:
+    """A later process has no trainer state: `test --ckpt_path best` is refused in one line (Lightning's: no best
+    model known), never the poisoned checkpoint; the defended file given by path tests as the report says."""
+    from lightning_backdoor.cli import main
+
+    config = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    config["trainer"] |= {"max_epochs": 4, "logger": False, "precision": "32-true"}
+    config["model"]["init_args"]["model_kwargs"] = {"widths": [16, 32, 64]}
+    config["data"]["init_args"] |= {"poison_rate": 0.2, "batch_size": 64}  # learnt in 4 epochs (ASR 100 % measured)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    root = tmp_path / "run"
+    arguments = ["--config", str(tmp_path / "config.yaml"), f"--trainer.default_root_dir={root}",
+                 "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    main(["fit", *arguments])
+    report = json.loads((root / "defense_report.json").read_text())
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", *arguments, "--ckpt_path=best"])
+    assert exit_info.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("lightning-backdoor: error: ") and 'ckpt_path="best"' in line, line
+    main(["test", *arguments, f"--ckpt_path={root / 'defended.ckpt'}"])
+    printed = capsys.readouterr().out
+    tested = {name: float(re.search(rf"test/{name}\W+([0-9.]+)", printed).group(1)) for name in ("asr", "clean_acc")}
+    # mnist5k's test split: 1000 images, 900 attacked; one image of slack
+    assert abs(tested["asr"] - report["after"]["asr"]) <= 1 / 900 and report["before"]["asr"] >= 0.8, tested
+    assert abs(tested["clean_acc"] - report["after"]["clean_acc"]) <= 1 / 1000, tested
+
+
+# --- 3. smoke runs ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("smoke", [{"fast_dev_run": True}, {"fast_dev_run": 2}, {"limit_train_batches": 0},
+                                   {"max_steps": 0}], ids=["fast_dev_run", "fast_dev_run=2", "no_batches", "no_steps"])
+def test_a_smoke_run_writes_no_defense_outputs(smoke: dict[str, Any], tmp_path: Path, caplog) -> None:
+    callback = DefenseCallback(defense=ActivationEditing(layer="fc"))
+    caplog.set_level(logging.INFO)
+    quiet_trainer(tmp_path, [callback], **({"max_epochs": 1} | smoke)).fit(trained(), datamodule=digits())
+    assert defense_outputs(tmp_path) == [] and callback.report is None
+    skipped = [record.getMessage() for record in caplog.records if record.getMessage().startswith("defense: skip")]
+    assert len(skipped) == 1, skipped
+
+
+# --- 4. pixel space vs a model trained on normalised images --------------------------------------------------------
+
+NORMALIZE = {"mean": MEAN, "std": STD}
+
+
+def normalised_unseen() -> DataLoader:
+    """The 100 unseen digits, normalised as the training batches were (what a user's own loader would yield)."""
+    unseen = digits().unseen_set()
+    return DataLoader(TensorDataset(normalise(unseen.images.float() / 255), unseen.labels), batch_size=50)
+
+
+def with_own_transform(model: nn.Module) -> nn.Module:
+    InputTransform(MEAN, STD).attach(model)
+    return model
+
+
+# (id, the callback's arguments, whether the module normalises itself, whether a line says images were undone)
+PIXEL_CASES = [("normalize", {"normalize": NORMALIZE}, False, False),
+               ("normalize, normalised unseen loader",
+                {"normalize": NORMALIZE, "unseen_dataloader": normalised_unseen()}, False, True),
+               ("the module's own transform, equal normalize", {"normalize": NORMALIZE}, True, False),
+               ("the module's own transform only", {}, True, False)]
+
+
+@pytest.mark.parametrize(("arguments", "own", "undone"), [case[1:] for case in PIXEL_CASES],
+                         ids=[case[0] for case in PIXEL_CASES])
+def test_a_model_trained_on_normalised_batches_is_defended_in_pixel_space(arguments: dict[str, Any], own: bool,
+                                                                          undone: bool, tmp_path: Path,
+                                                                          caplog) -> None:
+    caplog.set_level(logging.INFO)
+    model = trained(normalised=True)
+    if own:  # the module reads pixels itself; its data module must then hand it pixels
+        with_own_transform(model)
+    data = digits() if own else digits(NormalisingDigits)  # batches normalised by the data module, pixels kept
+    callback = DefenseCallback(defense=ActivationEditing(layer="fc"), **arguments)
+    quiet_trainer(tmp_path, [callback], max_steps=1).fit(model, datamodule=data)
+    before, after = callback.report["before"], callback.report["after"]
+    # trained 12 epochs on normalised digits: ASR 98 %, CA 99 % on the 300 test pixels read through the transform;
+    # the edit removes the backdoor: a quarter of the ASR (measured 0 %) and CA within 3 points (9 images)
+    assert before["asr"] >= 0.8 and before["clean_acc"] >= 0.85, before
+    assert after["asr"] <= before["asr"] / 4 and after["clean_acc"] >= before["clean_acc"] - 0.03, after
+    # the callback's transform is detached again: the module reads what its loaders give it, as before
+    assert (input_transform_of(model) is not None) == own
+    lines = [record.getMessage() for record in caplog.records if "undoing normalize" in record.getMessage()]
+    assert len(lines) == int(undone), lines
+
+
+# --- 5. near chance ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("correct", "total", "classes", "near"), [
+    (10, 100, 10, True),      # exactly chance
+    (0, 100, 10, True),       # below chance: every label shifted by one class
+    (10, 50, 10, True),       # 20 %: P(X >= 10 | guessing) = 2.5 % > 1 %
+    (11, 50, 10, False),      # 22 %: P = 0.9 %
+    (4, 10, 10, True),        # 40 % of 10 images: P = 1.3 %
+    (5, 10, 10, False),       # 50 % of 10 images: P = 0.16 %
+    (1500, 10000, 10, True),  # 15 %: far above chance by the test, but a tenth of the way to 100 % is 19 %
+    (1950, 10000, 10, False),
+    (60, 100, 2, True),       # 60 % of 100 binary: P = 2.8 %
+    (70, 100, 2, False),
+    (9, 10, 10, False),
+])
+def test_near_chance(correct: int, total: int, classes: int, near: bool) -> None:
+    assert near_chance(correct, total, classes) is near
+
+
+def test_wrong_class_order_is_refused_unless_accepted(tmp_path: Path) -> None:
+    callback = DefenseCallback(defense=ActivationEditing(layer="fc"))
+    with pytest.raises(ValueError, match=r"^the model is right on \d % of the 100 unseen images \(chance 10 %\): "
+                                         r"wrong preprocessing \(normalize\?\) or class order\? pass "
+                                         r"accept_low_accuracy=True to defend anyway$"):
+        quiet_trainer(tmp_path / "refused", [callback], max_steps=1).fit(trained("rolled"), datamodule=digits())
+    assert defense_outputs(tmp_path) == []
+    accepting = DefenseCallback(defense=ActivationEditing(layer="fc"), accept_low_accuracy=True)
+    quiet_trainer(tmp_path / "accepted", [accepting], max_steps=1).fit(trained("rolled"), datamodule=digits())
+    warnings = json.loads(accepting.report_path.read_text())["warnings"]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].endswith("defended anyway (accept_low_accuracy)")
+    assert re.fullmatch(r"after the defense the model is right on \d+ % of the 300 test images \(chance 10 %\): "
+                        r"near chance", warnings[1])
+
+
+# --- 6. trigger unknown, no trigger for the test images ----------------------------------------------------------
+
+class FoundEstimate(Defense):
+    """Stands in for a trigger estimation that found ``trigger`` toward ``target`` (or nothing): hands the estimate
+    back as ``defend_with_estimate`` does and edits with it."""
+
+    def __init__(self, trigger: Trigger | None, target: int | None) -> None:
+        self.trigger, self.target = trigger, target
+
+    def defend(self, model: nn.Module, unseen: UnseenData, trigger: Trigger | None,
+               target_class: int | None) -> dict[str, Any]:
+        assert trigger is None and target_class is None  # trigger unknown
+        estimate = BackdoorEstimate(self.target, self.trigger, "stand-in", 0.0)
+        info = {"estimation": estimate.report(), "estimate": estimate, "seconds": 0.0}
+        if self.target is None:
+            return info | {"method": "stand-in/no_backdoor_found", "repaired": False}
+        return info | ActivationEditing(layer="fc").defend(model, unseen, self.trigger, self.target)
+
+
+def pixel_loader(images: torch.Tensor, labels: torch.Tensor) -> DataLoader:
+    return DataLoader(TensorDataset(images.float() / 255, labels), batch_size=100)
+
+
+@pytest.mark.parametrize("found", [True, False], ids=["backdoor found", "none found"])
+def test_without_a_test_trigger_the_report_holds_the_estimated_triggers_asr(found: bool, tmp_path: Path,
+                                                                            caplog) -> None:
+    caplog.set_level(logging.INFO)
+    data = digits()
+    unseen, test = data.unseen_set(), data.test_dataset().tensors
+    defense = FoundEstimate(BadNets(size=3), 0) if found else FoundEstimate(None, None)
+    callback = DefenseCallback(defense=defense, trigger_known=False,
+                               unseen_dataloader=pixel_loader(unseen.images, unseen.labels),
+                               test_dataloader=pixel_loader(test[0], test[1]))
+    callback.defend(trained(), None, [], tmp_path)  # no data module: no trigger for the test images
+    report = json.loads(callback.report_path.read_text())
+    assert report["true_asr_measured"] is False and "asr" not in report["before"] and "der" not in report
+    printed = next(record.getMessage() for record in caplog.records if "CA 0." in record.getMessage())
+    assert "true ASR not measured" in printed
+    if not found:
+        assert "estimated_asr" not in report["before"] and "none estimated" in printed
+        return
+    before, after = report["before"]["estimated_asr"], report["after"]["estimated_asr"]
+    # the stand-in estimate is the true patch: its ASR is the backdoor's (97 %); the edit removes it (a quarter)
+    assert report["estimated_target"] == 0 and before >= 0.8 and after <= before / 4, report
+    assert f"estimated trigger toward class 0: ASR {before:.4f} -> {after:.4f}" in printed
+    assert "estimated trigger's ASR" in [label.get_text() for label in plot_report(report).axes[0].get_xticklabels()]
+    assert summary_rows(report)[0][-1] == round(100 * before, 2)  # the W&B summary table's last column
+
+
+def test_trigger_estimated_on_the_quickstart_model_without_a_test_trigger(quickstart_run: Path,
+                                                                          tmp_path: Path) -> None:
+    """End to end with the real estimation (the quickstart model: BadNets 3x3 toward 0, found by
+    tests/test_estimation.py), its test images given without their trigger."""
+    from lightning_backdoor.cli import instantiate_run
+
+    module, data = instantiate_run([str(ROOT / "configs" / "quickstart.yaml")],
+                                   quickstart_run / "checkpoints" / "poisoned.ckpt")
+    unseen, test = data.unseen_set(), data.test_dataset().tensors
+    callback = DefenseCallback(trigger_known=False, unseen_dataloader=pixel_loader(unseen.images, unseen.labels),
+                               test_dataloader=pixel_loader(test[0], test[1]))
+    report = callback.defend(module, None, [], tmp_path)
+    assert report["true_asr_measured"] is False and report["estimated_target"] == 0
+    before, after = report["before"]["estimated_asr"], report["after"]["estimated_asr"]
+    # the estimate sends most test images to 0 before (it is a trigger that works, by construction of the
+    # inversion) and few after the edit that maps it to clean values
+    assert before >= 0.5 and after <= before / 4, (before, after)
+    assert report["after"]["clean_acc"] >= report["before"]["clean_acc"] - 0.02
