@@ -27,14 +27,18 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]
     return versions
 
 
-def git_commit(folder: Path = Path(__file__).resolve().parent) -> dict[str, Any] | None:
-    """``{"commit": <40 hex digits>, "dirty": <uncommitted changes to tracked files>}`` of the git checkout holding
-    ``folder`` (by default this package's source), or ``None`` when it is not one or git is missing."""
+def git_commit(package: Path = Path(__file__).resolve().parent) -> dict[str, Any] | None:
+    """``{"commit": <40 hex digits>, "dirty": <uncommitted changes to tracked files>}`` of the git checkout whose top
+    folder holds ``package`` (by default this package's source: an editable install), or ``None`` when there is none
+    or git is missing. An installed copy inside some other repository (a venv in a project) gives ``None``, not that
+    repository's commit."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, check=True,
+        return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, check=True,
                               timeout=10).stdout.strip()
 
     try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != package.resolve().parent:
+            return None
         commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
