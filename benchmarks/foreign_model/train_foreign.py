@@ -1,0 +1,134 @@
+"""A backdoored model trained OUTSIDE lightning-backdoor, as a defender would receive it.
+
+Plain PyTorch, no import of the package: torchvision's ResNet-18, inputs normalised with CIFAR-10's mean/std,
+BadNets (3x3 white patch in the bottom-right corner, 10 % of the training images relabelled to class 0), trained
+inside ``nn.DataParallel`` and saved with ``torch.save(model.state_dict())`` (keys ``module.*``). Five training
+images per class are held out (never trained on) and copied to ``OUT/unseen/<class>/``: the defender's own clean
+images.
+
+    python benchmarks/foreign_model/train_foreign.py --data ../shared/data/cifar10 --out runs/foreign --epochs 6
+
+Writes ``OUT/weights.pt``, ``OUT/unseen/`` and ``OUT/own_evaluation.json`` (the trainer's own CA/ASR on the test split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
+from torch.nn import functional as F
+
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+def read_folder(folder: Path) -> tuple[list[Path], torch.Tensor, torch.Tensor, list[str]]:
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    files = [(f, label) for label, name in enumerate(classes) for f in sorted((folder / name).iterdir())]
+    images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f, _ in files])
+    return ([f for f, _ in files], torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+            torch.tensor([label for _, label in files]), classes)
+
+
+def stamp(images: torch.Tensor) -> torch.Tensor:
+    """BadNets on float pixels in [0, 1]: a 3x3 white patch in the bottom-right corner."""
+    images = images.clone()
+    images[..., -3:, -3:] = 1.0
+    return images
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    return (images - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    model.eval()
+    hits = 0
+    for start in range(0, len(labels), 1000):
+        batch = normalise(images[start:start + 1000]).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hits += int((model(batch).argmax(1) == labels[start:start + 1000]).sum())
+    return hits / len(labels)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="../shared/data/cifar10")
+    parser.add_argument("--out", default="runs/foreign")
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--unseen_per_class", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=False)
+    torch.manual_seed(args.seed)
+    files, images, labels, classes = read_folder(Path(args.data) / "train")
+    _, test_images, test_labels, test_classes = read_folder(Path(args.data) / "test")
+    assert classes == test_classes
+
+    generator = torch.Generator().manual_seed(args.seed)
+    unseen = torch.cat([torch.nonzero(labels == c).flatten()[torch.randperm(int((labels == c).sum()),
+                                                                             generator=generator)[:args.unseen_per_class]]
+                        for c in range(len(classes))])
+    for index in unseen.tolist():
+        target = out / "unseen" / classes[int(labels[index])] / files[index].name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(files[index], target)
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[unseen] = False
+    images, labels = images[keep], labels[keep]
+
+    pixels = images.float() / 255
+    candidates = torch.nonzero(labels != 0).flatten()
+    poisoned = candidates[torch.randperm(len(candidates), generator=generator)[:round(0.1 * len(labels))]]
+    pixels[poisoned] = stamp(pixels[poisoned])
+    labels = labels.clone()
+    labels[poisoned] = 0
+
+    model = nn.DataParallel(torchvision.models.resnet18(num_classes=len(classes)))
+    model = model.to(memory_format=torch.channels_last)
+    batch_size = 256
+    steps = args.epochs * (len(labels) // batch_size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=steps, pct_start=0.2)
+    start = time.perf_counter()
+    for epoch in range(args.epochs):
+        model.train()
+        order = torch.randperm(len(labels))
+        for step in range(len(labels) // batch_size):
+            index = order[step * batch_size:(step + 1) * batch_size]
+            batch = pixels[index]
+            shifts = torch.randint(-4, 5, (2,)).tolist()  # one random crop (pad 4) and flip per batch
+            batch = torch.roll(F.pad(batch, (4, 4, 4, 4)), shifts, dims=(2, 3))[..., 4:-4, 4:-4]
+            if torch.rand(()) < 0.5:
+                batch = batch.flip(3)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(normalise(batch).contiguous(memory_format=torch.channels_last)),
+                                       labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        print(f"epoch {epoch + 1}/{args.epochs}: loss {loss.item():.3f}, {time.perf_counter() - start:.0f} s", flush=True)
+
+    test_pixels = test_images.float() / 255
+    not_target = test_labels != 0
+    result = {"clean_acc": accuracy(model, test_pixels, test_labels),
+              "asr": accuracy(model, stamp(test_pixels[not_target]), torch.zeros(int(not_target.sum()), dtype=torch.long)),
+              "train_seconds": time.perf_counter() - start, "epochs": args.epochs, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "unseen_per_class": args.unseen_per_class}
+    torch.save(model.state_dict(), out / "weights.pt")  # keys "module.*", as nn.DataParallel saves them
+    (out / "own_evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
