@@ -104,9 +104,8 @@ def test_refused_at_setup_before_any_training_step(module, data, arguments, erro
         trainer.fit(model, datamodule=data())
     assert counter.steps == 0
     assert all(torch.equal(value, weights[key]) for key, value in model.state_dict().items())
-    # nothing of the callback's nor a checkpoint: only the records the data module writes in its own setup, which
-    # Lightning runs before any callback's
-    assert {path.name for path in tmp_path.rglob("*")} <= {"splits.json", "environment.json"}
+    # nothing at all: no checkpoint, no defense output, and no run records (written when training starts)
+    assert not any(path.is_file() for path in tmp_path.rglob("*")), sorted(tmp_path.rglob("*"))
 
 
 def test_the_cli_refuses_at_setup_with_one_line_and_exit_2(tmp_path: Path, capsys) -> None:

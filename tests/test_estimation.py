@@ -92,7 +92,7 @@ def test_estimation_finds_the_target_and_removes_the_backdoor(quickstart_run: Pa
 def test_clean_model_is_left_unchanged(clean_quickstart_run: Path, tmp_path: Path) -> None:
     checkpoint = clean_quickstart_run / "checkpoints" / "poisoned.ckpt"
     main(["defend", "--config", QUICKSTART, "--checkpoint", str(checkpoint), "--trigger_known", "false",
-          "--output_dir", str(tmp_path), "--trainer.logger=false"])
+          "--output_dir", str(tmp_path), "--trainer.logger=false", "--data.init_args.poison_rate=0"])
     report = json.loads((tmp_path / "defense_report.json").read_text())
     assert report["defense"]["estimation"]["backdoor_found"] is False
     assert report["defense"]["method"] == "editing/no_backdoor_found"

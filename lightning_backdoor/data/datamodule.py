@@ -165,9 +165,6 @@ class PoisonedDataModule(L.LightningDataModule):
         self._datasets["train"] = TensorDataset(images[plan.train], labels[plan.train])
         self._datasets["val"] = self._eval_dataset(pool.subset(plan.val))
         self._datasets["test"] = self._eval_dataset(self.test_set)
-        if stage == "fit" and self.trainer is not None and self.trainer.is_global_zero:  # a test run writes nothing
-            self.save_splits(Path(self.trainer.default_root_dir) / "splits.json")
-            atomic_json(environment(), Path(self.trainer.default_root_dir) / "environment.json")
 
     def test_dataset(self) -> TensorDataset:
         """The test split as uint8 images, labels, triggered images and attack labels."""
@@ -218,7 +215,13 @@ class PoisonedDataModule(L.LightningDataModule):
                                  f"seed, or changed {self.source} data); use the run's settings")
 
     def train_dataloader(self) -> DataLoader:
+        """Training batches; the first call writes the run's ``splits.json`` and ``environment.json`` (rank 0). The
+        fit loop asks for them after every setup hook passed, so a run refused at setup writes nothing."""
         train = self._datasets["train"]
+        if self.trainer is not None and self.trainer.is_global_zero:  # a test run never asks: it writes nothing
+            root = Path(self.trainer.default_root_dir)
+            self.save_splits(root / "splits.json")
+            atomic_json(environment(), root / "environment.json")
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
         sampler = GlobalBatchSampler(train, self.batch_size, num_replicas=world, rank=rank)
         return DataLoader(train, batch_size=self.batch_size, sampler=sampler, drop_last=True,
