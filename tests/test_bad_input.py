@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from lightning_backdoor.cli import main
 
@@ -71,6 +72,18 @@ CASES = [
      "got no unseen clean images; use unseen_per_class >= 1"),
     ("unseen_per_class_more_than_split", "defend", ["--checkpoint={ckpt}", "--unseen_per_class=11"],
      "asked for 11 unseen images per class but the split holds 10"),
+    ("normalize_wrong_length", "defend", ["--checkpoint={ckpt}", "--model.init_args.normalize={{mean: [0.1, 0.2], std: [0.3, 0.3]}}"],
+     "normalize.mean has 2 values but the model reads 1 channel"),
+    ("normalize_zero_std", "defend", ["--checkpoint={ckpt}", "--model.init_args.normalize={{mean: [0.1], std: [0]}}"],
+     "normalize.std must be positive"),
+    ("unknown_timm_model", "fit", ["--model.init_args.model=timm:resnet181"],
+     "unknown timm model 'resnet181'; close matches: resnet18"),
+    ("class_path_not_a_module", "fit", ["--model.init_args.model=lightning_backdoor.models.build_model"],
+     "model class 'lightning_backdoor.models.build_model' is not an nn.Module subclass"),
+    ("unseen_root_other_classes", "defend", ["--checkpoint={ckpt}", "--unseen_root={tmp}/cats"], "'cat'"),
+    ("unseen_root_no_images", "defend", ["--checkpoint={ckpt}", "--unseen_root={empty_data}/train"], "no images"),
+    ("test_split_lacks_a_class", "fit", [f"{DATA}.source=imagefolder", f"{DATA}.root={{tmp}}/lacking_data"],
+     "lacks class 'b' that"),
     ("unwritable_output_folder", "defend", ["--checkpoint={ckpt}", "--output_dir=/sys/lightning-backdoor-out"],
      "output folder /sys/lightning-backdoor-out is not writable"),
 ]
@@ -99,6 +112,10 @@ def workspace(tmp_path: Path, quickstart_run: Path) -> dict[str, str]:
     (tmp_path / "truncated_run" / "checkpoints" / "last.ckpt").write_bytes(b"")  # a fit killed while saving
     for split in ("train", "test"):
         (tmp_path / "empty_data" / split / "cat").mkdir(parents=True)
+    image = Image.new("L", (28, 28))
+    for folder in ("cats/cat", "lacking_data/train/a", "lacking_data/train/b", "lacking_data/test/a"):
+        (tmp_path / folder).mkdir(parents=True)
+        image.save(tmp_path / folder / "0.png")
     return {"tmp": str(tmp_path), "empty_data": str(tmp_path / "empty_data"),
             "ckpt": str(quickstart_run / "checkpoints" / "poisoned.ckpt"),
             "weights": str(quickstart_run / "defended.safetensors")}
