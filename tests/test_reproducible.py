@@ -1,19 +1,23 @@
 """Reproducibility on CPU: a seed fixes the poisoned and unseen indices and the poisoned training set, and two
-``defend`` runs with the same settings write bit-identical weights; another seed gives other indices and weights."""
+``defend`` runs with the same settings write bit-identical weights; another seed gives other indices and weights.
+Bit-identical holds on one software stack and thread count only, so every run folder records them."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from lightning_backdoor.cli import main
 from lightning_backdoor.data import PoisonedDataModule
+from lightning_backdoor.provenance import environment, git_commit
 from lightning_backdoor.triggers import WaNet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,3 +56,38 @@ def test_two_defend_runs_write_bit_identical_weights(quickstart_run, tmp_path):
     reports = [json.loads((tmp_path / run / "defense_report.json").read_text()) for run in "ab"]
     assert reports[0]["after"] == reports[1]["after"]
     assert any(not torch.equal(a[key], c[key]) for key in a)
+
+
+def test_environment_names_the_stack_and_thread_count():
+    record = environment()
+    json.dumps(record)  # JSON-ready
+    assert record["packages"]["torch"] == torch.__version__  # with its build tag (+cpu, +cu130)
+    assert {"torchvision", "lightning", "torchmetrics", "timm", "lightning-backdoor"} <= set(record["packages"])
+    assert record["torch_threads"] == torch.get_num_threads() >= 1
+    assert record["python"] == ".".join(map(str, sys.version_info[:3]))
+    git = record["git"]
+    assert git is None or (len(git["commit"]) == 40 and isinstance(git["dirty"], bool))
+
+
+def test_fit_writes_its_environment_next_to_its_config(quickstart_run):
+    assert (quickstart_run / "config.yaml").is_file()
+    recorded = json.loads((quickstart_run / "environment.json").read_text())
+    assert recorded["packages"] == environment()["packages"] and recorded["torch_threads"] >= 1
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_git_commit_is_that_of_the_checkout_holding_the_package(tmp_path):
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
+                       capture_output=True)
+
+    (tmp_path / "package" / "inner").mkdir(parents=True)
+    (tmp_path / "package" / "module.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    found = git_commit(tmp_path / "package")
+    assert found is not None and len(found["commit"]) == 40 and found["dirty"] is False
+    (tmp_path / "package" / "module.py").write_text("x = 2\n")
+    assert git_commit(tmp_path / "package")["dirty"] is True
+    assert git_commit(tmp_path / "package" / "inner") is None  # a copy inside another project's repository
