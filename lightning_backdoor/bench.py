@@ -168,7 +168,11 @@ class Bench:
         configs that describe it."""
         settings = self.settings
         configs = settings.attack_configs[attack]
-        key = config_key(training_config(configs, settings.overrides))
+        config = training_config(configs, settings.overrides)
+        if config["data"].get("init_args", {}).get("all_to_all"):  # refused before any training
+            raise ValueError(f"attack {attack!r} is all-to-all; the bench's defenses and its TA column need one "
+                             f"target class (all-to-one)")
+        key = config_key(config)
         run_dir = Path(settings.cache_dir) / f"{attack}-{key}"
         if (run_dir / COMPLETE).is_file() and run_checkpoint(run_dir) is not None:
             self.log(f"[bench] {attack}: cached model {run_dir}")

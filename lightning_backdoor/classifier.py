@@ -42,7 +42,8 @@ class PoisonedClassifier(L.LightningModule):
             ``None``: the network reads [0, 1] pixels as they are.
         input_size: side in pixels of the square images the network was trained on; other sizes are resized
             (bilinear, antialiased) before normalising. ``None``: never resize.
-        target_class: the attack's target, for target-class accuracy (linked from the data module).
+        target_class: the attack's target, for target-class accuracy (linked from the data module's attribute:
+            ``None`` under all-to-all, which has no target class, and then no target-class accuracy is logged).
         optimizer: the optimiser factory; its learning rate is the schedule's peak.
         schedule: per-step learning-rate schedule: linear warm-up then linear decay to zero (``onecycle``),
             warm-up then cosine (``cosine``), or ``constant``.

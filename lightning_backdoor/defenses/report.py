@@ -17,6 +17,7 @@ from lightning_backdoor.defenses.base import Defense, UnseenData
 from lightning_backdoor.evaluation import evaluate
 from lightning_backdoor.io import atomic_json, atomic_save, atomic_write
 from lightning_backdoor.metrics import AttackSuccessRate, defense_effectiveness_rating
+from lightning_backdoor.provenance import environment
 from lightning_backdoor.triggers import Trigger
 
 REPORT_NAME = "defense_report.json"
@@ -150,6 +151,7 @@ def defend_and_report(model: nn.Module, defense: Defense, unseen: UnseenData, tr
     if near_chance(round(after["clean_acc"] * total), total, num_classes):
         accuracy = chance_line(after["clean_acc"], total, num_classes, "test")
         report["warnings"].append(f"after the defense the model is {accuracy}: near chance")
+    report["environment"] = environment()  # bit-identical figures need the same stack and thread count
     return report
 
 
