@@ -46,6 +46,12 @@ CASES = [
     ("unknown_option", "fit", ["--trainer.max_epochz=3"], "unrecognized arguments: --trainer.max_epochz=3"),
     ("abbreviated_option", "fit", ["--trainer.max_epoch=3"], "unrecognized arguments: --trainer.max_epoch=3"),
     ("existing_run_folder", "fit", ["--trainer.default_root_dir={tmp}/old_run"], "already holds a run"),
+    ("folder_holding_defense_outputs", "fit", ["--trainer.default_root_dir={tmp}/used"],
+     "used already holds a run (defended.safetensors)"),
+    ("all_to_all_with_target_class", "fit", [f"{DATA}.all_to_all=true", f"{DATA}.target_class=3"],
+     "target_class=3 has no meaning with all_to_all=true (class y goes to (y + 1) mod 10)"),
+    ("all_to_all_with_known_trigger_defense", "fit", [f"{DATA}.all_to_all=true"],
+     "the defense with trigger_known=true removes an all-to-one backdoor (one target class)"),
     ("unwritable_run_folder", "fit", ["--trainer.default_root_dir=/sys/lightning-backdoor-run"], "is not writable"),
     ("run_folder_under_a_file", "fit", ["--trainer.default_root_dir={tmp}/old_run/config.yaml/run"],
      "cannot be created: "),
@@ -108,6 +114,8 @@ def workspace(tmp_path: Path, quickstart_run: Path) -> dict[str, str]:
     (tmp_path / "old_run").mkdir()
     (tmp_path / "old_run" / "config.yaml").write_text("seed_everything: 0\n")
     (tmp_path / "broken.yaml").write_text("trainer: [unclosed\n")
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "defended.safetensors").write_bytes(b"not read: its name marks the folder as used")
     (tmp_path / "truncated_run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "truncated_run" / "checkpoints" / "last.ckpt").write_bytes(b"")  # a fit killed while saving
     for split in ("train", "test"):
