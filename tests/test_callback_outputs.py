@@ -179,8 +179,8 @@ def test_near_chance(correct: int, total: int, classes: int, near: bool) -> None
 def test_wrong_class_order_is_refused_unless_accepted(tmp_path: Path) -> None:
     callback = DefenseCallback(defense=ActivationEditing(layer="fc"))
     with pytest.raises(ValueError, match=r"^the model is right on \d % of the 100 unseen images \(chance 10 %\): "
-                                         r"wrong preprocessing \(normalize\?\) or class order\? pass "
-                                         r"accept_low_accuracy=True to defend anyway$"):
+                                         r"wrong preprocessing \(normalize\?\) or class order\? to defend anyway "
+                                         r"pass accept_low_accuracy=True \(defend: --accept_low_accuracy true\)$"):
         quiet_trainer(tmp_path / "refused", [callback], max_steps=1).fit(trained("rolled"), datamodule=digits())
     assert defense_outputs(tmp_path) == []
     accepting = DefenseCallback(defense=ActivationEditing(layer="fc"), accept_low_accuracy=True)

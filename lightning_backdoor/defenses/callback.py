@@ -320,7 +320,7 @@ class DefenseCallback(L.Callback):
         line = f"the model is {chance_line(accuracy, total, num_classes, 'unseen')}: wrong preprocessing " \
                f"(normalize?) or class order?"
         if not self.accept_low_accuracy:
-            raise ValueError(f"{line} pass accept_low_accuracy=True to defend anyway")
+            raise ValueError(f"{line} to defend anyway pass accept_low_accuracy=True (defend: --accept_low_accuracy true)")
         return [f"{line} defended anyway (accept_low_accuracy)"]
 
     def _check_test_source(self, datamodule: Any) -> None:
