@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from callback_models import one_thread  # noqa: F401  (autouse fixture)
 from callback_models import MEAN, STD, NormalisingDigits, digits, normalise, quiet_trainer, trained
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
@@ -29,15 +30,6 @@ from lightning_backdoor.triggers import BadNets, Trigger
 ROOT = Path(__file__).resolve().parents[1]
 #: the digits test split: 300 images, 270 of them not of the target class (the ASR's denominator)
 TEST_IMAGES, ATTACKED_IMAGES = 300, 270
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription (10x faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def defense_outputs(folder: Path) -> list[Path]:

@@ -10,6 +10,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from callback_models import one_thread  # noqa: F401  (autouse fixture)
 from callback_models import (MEAN, STD, CountSteps, UserClassifier, digits, normalise, quiet_trainer, trained)
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -19,15 +20,6 @@ from lightning_backdoor.models.input_transform import InputTransform
 from lightning_backdoor.triggers import BadNets
 
 ROOT = Path(__file__).resolve().parents[1]
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription (10x faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class PlainDigits(L.LightningDataModule):
     """A data module that is no PoisonedDataModule: training and test loaders of pixels, nothing held back."""
