@@ -266,7 +266,7 @@ class ActivationEditing(Defense):
     def _layers_reached(self, model: nn.Module, layers: list[str], triggers: list[Trigger]) -> list[str]:
         """The candidate ``layers`` that feature-space triggers reach: those at or after (in definition order) the
         layer at whose input the triggers act, and for ``auto`` after it when a later one is a candidate (editing the
-        stamped layer itself undoes the stamp on U but not the trigger: README, trigger unknown); a one-line error
+        stamped layer itself undoes the stamp on U but not the trigger: docs/results/cifar10.md, trigger unknown); a one-line error
         when the edit is set to a layer before it."""
         feature_layers = {member.layer for member in triggers if isinstance(member, FeatureTrigger)}
         if not feature_layers:

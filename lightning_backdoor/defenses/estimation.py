@@ -218,7 +218,7 @@ def feature_layer(model: nn.Module, edited: str = "auto") -> str:
     """The layer at whose input the feature inversion acts: the editable convolution before the ``edited`` one
     (``auto``: before the last editable convolution), or the edited layer itself where no convolution precedes it.
     A block below the edit, a warping trigger's features still have a spatial layout and stand apart from the
-    natural classes' (README, trigger unknown)."""
+    natural classes' (docs/results/cifar10.md, trigger unknown)."""
     layers = editable_layers(model)
     convolutions = [name for name in layers if isinstance(get_layer(model, name), nn.Conv2d)]
     edited = (convolutions or layers)[-1] if edited == "auto" else edited
