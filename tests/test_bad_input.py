@@ -1,4 +1,4 @@
-"""Every bad input the CLI checks (the table in docs/security.md, one row each) ends with one line on stderr naming the
+"""Every bad input the CLI checks (the table in docs/bad-input.md, one row each) ends with one line on stderr naming the
 problem, exit code 2, and no file created or changed."""
 
 from __future__ import annotations
@@ -166,6 +166,6 @@ def test_bad_input_through_the_console_script(workspace, tmp_path, case):
 
 
 def test_the_docs_table_lists_every_case():
-    table = (ROOT / "docs" / "security.md").read_text()
+    table = (ROOT / "docs" / "bad-input.md").read_text()
     missing = [case[0] for case in CASES if f"`{case[0]}`" not in table]
-    assert not missing, f"docs/security.md's bad-input table lacks {missing}"
+    assert not missing, f"docs/bad-input.md's bad-input table lacks {missing}"
