@@ -10,29 +10,45 @@ from lightning_backdoor.metrics import BackdoorMetrics
 METRIC_NAMES = ("clean_acc", "asr", "asr_floor", "robust_acc", "target_acc")
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, images: Tensor, labels: Tensor, triggered: Tensor | None, attack_labels: Tensor | None,
              num_classes: int, target_class: int | None, batch_size: int = 1000) -> dict[str, float | list[float]]:
     """CA, ASR, ASR floor, RA, TA (fractions) and per-class accuracy; images float in [0, 1] or uint8."""
+    values = _metrics(model, images, labels, triggered, attack_labels, num_classes, target_class, batch_size)
+    out: dict[str, float | list[float]] = {name: values[name].item() for name in METRIC_NAMES if name in values}
+    out["per_class_acc"] = values["per_class_acc"].tolist()
+    return out
+
+
+def clean_accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1000) -> float:
+    """CA (fraction) of ``model`` in eval mode on ``images`` (N, C, H, W) float in [0, 1] or uint8 and ``labels``
+    (N,), N >= 1; the classes are as many as the model's logits. The same metric as :func:`evaluate`'s."""
+    return _metrics(model, images, labels, None, None, None, None, batch_size)["clean_acc"].item()
+
+
+@torch.no_grad()
+def _metrics(model: nn.Module, images: Tensor, labels: Tensor, triggered: Tensor | None,
+             attack_labels: Tensor | None, num_classes: int | None, target_class: int | None,
+             batch_size: int) -> dict[str, Tensor]:
+    """:class:`BackdoorMetrics` over batches, in eval mode; ``num_classes=None``: the width of the logits."""
     # Local: under DDP only rank 0 defends and evaluates, so a synchronising compute would wait for the others.
-    metrics = BackdoorMetrics(num_classes, target_class, sync_on_compute=False)
+    metrics = BackdoorMetrics(num_classes, target_class, sync_on_compute=False) if num_classes is not None else None
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
         for start in range(0, len(labels), batch_size):
             part = slice(start, start + batch_size)
-            logits = model(_as_float(images[part], device))
-            trig_logits = model(_as_float(triggered[part], device)) if triggered is not None else None
-            metrics.update(logits.float().cpu(), labels[part],
-                           trig_logits.float().cpu() if trig_logits is not None else None,
-                           attack_labels[part] if attack_labels is not None else None)
+            logits = model(_as_float(images[part], device)).float().cpu()
+            trig_logits = model(_as_float(triggered[part], device)).float().cpu() if triggered is not None else None
+            if metrics is None:
+                metrics = BackdoorMetrics(logits.shape[-1], target_class, sync_on_compute=False)
+            metrics.update(logits, labels[part].cpu(), trig_logits,
+                           attack_labels[part].cpu() if attack_labels is not None else None)
     finally:
         model.train(was_training)
-    values = metrics.compute()
-    out: dict[str, float | list[float]] = {name: values[name].item() for name in METRIC_NAMES if name in values}
-    out["per_class_acc"] = values["per_class_acc"].tolist()
-    return out
+    if metrics is None:
+        raise ValueError("no images to evaluate")
+    return metrics.compute()
 
 
 def _as_float(batch: Tensor, device: torch.device) -> Tensor:

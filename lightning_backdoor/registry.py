@@ -64,7 +64,12 @@ class Registry(Mapping[str, T], Generic[T]):
             return self._entries[name]
         close = difflib.get_close_matches(str(name), list(self._entries), n=3)
         hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-        raise ValueError(f"unknown {self.kind} {name!r}{hint}; known {self.plural}: {', '.join(sorted(self))}")
+        raise ValueError(f"unknown {self.kind} {name!r}{hint}; known {self.plural}: {self.known_names()}")
+
+    def known_names(self) -> str:
+        """The known names as the unknown-name message lists them: sorted, comma-separated. A registry whose lookups
+        also accept names of another form (``torchvision:<name>`` for models) extends this to say so."""
+        return ", ".join(sorted(self))
 
     def build(self, name: str, /, **kwargs: Any) -> Any:
         """Call the entry registered as ``name`` with ``kwargs`` (instantiate a class, call a builder)."""

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_backdoor.data.poisoning import attack_labels
 from lightning_backdoor.metrics import (AttackSuccessRate, BackdoorMetrics, RobustAccuracy,
@@ -23,6 +24,31 @@ def test_metrics_accumulate_over_batches_and_accept_logits():
     asr.update(torch.tensor([[5.0, 0.0], [0.0, 5.0]]), torch.tensor([0, 0]))
     asr.update(torch.tensor([0, 0, 1]), torch.tensor([0, -1, 0]))
     assert asr.compute().item() == pytest.approx(2 / 4)
+
+
+def test_asr_is_torchmetrics_accuracy_and_equals_a_hand_count_with_ignored_samples():
+    # all-to-one to class 2 over 3 classes: the class-2 images (attack label -1) are skipped
+    labels = torch.tensor([0, 2, 1, 2, 0, 1, 1])
+    attack = torch.tensor([2, -1, 2, -1, 2, 2, 2])
+    triggered_preds = torch.tensor([2, 2, 0, 0, 2, 2, 1])
+    # counted: samples 0, 2, 4, 5, 6; predicted 2 among them: 0, 4, 5 -> 3 of 5 (sample 1's hit does not count)
+    asr = AttackSuccessRate(num_classes=3)
+    assert isinstance(asr, MulticlassAccuracy)
+    asr.update(triggered_preds[:3], attack[:3])
+    asr.update(torch.eye(3)[triggered_preds[3:]], attack[3:])  # logits, in a second batch
+    assert asr.compute().item() == pytest.approx(3 / 5)
+
+
+def test_asr_and_robust_accuracy_stay_apart_when_their_first_batch_agrees():
+    # after the first batch ASR and RA hold equal counts (1 of 2 each); torchmetrics' compute groups would then
+    # merge them, and the second batch (an ASR hit, an RA miss) would be counted for both
+    metrics = BackdoorMetrics(num_classes=3, target_class=0)
+    eye = torch.eye(3)
+    metrics.update(eye[[1, 2]], torch.tensor([1, 2]), eye[[0, 2]], torch.tensor([0, 0]))
+    metrics.update(eye[[1]], torch.tensor([1]), eye[[0]], torch.tensor([0]))
+    values = metrics.compute()
+    assert values["asr"].item() == pytest.approx(2 / 3)
+    assert values["robust_acc"].item() == pytest.approx(1 / 3)
 
 
 def test_backdoor_metrics_collection_by_hand():

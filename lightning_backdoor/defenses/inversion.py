@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from lightning_backdoor.defenses.activations import layer_input, rewriting_input
+from lightning_backdoor.registry import Registry
 from lightning_backdoor.triggers import Trigger
 from lightning_backdoor.triggers.wanet import identity_grid, warp
 
@@ -140,6 +141,9 @@ class WarpTrigger(Trigger):
 #: What an inversion yields: a fixed trigger that can also be made stronger (:meth:`strengthened`).
 EstimatedTrigger = MaskPatternTrigger | PerturbationTrigger | FeatureTrigger | WarpTrigger
 
+#: Inversion classes by name (the names ``estimators=`` takes); one registers with ``@INVERSIONS.register("<name>")``.
+INVERSIONS: Registry[type[Inversion]] = Registry("trigger estimator")
+
 
 class Inversion(nn.Module, ABC):
     """One candidate trigger per class, optimised jointly; subclasses define the trigger and its size."""
@@ -172,10 +176,10 @@ class Inversion(nn.Module, ABC):
         """Class ``label``'s candidate as a fixed trigger."""
 
 
+@INVERSIONS.register("neural_cleanse")
 class MaskPatternInversion(Inversion):
     """Neural Cleanse: mask = sigmoid(a) (K, 1, H, W), pattern = sigmoid(b) (K, C, H, W); size = L1 of the mask."""
 
-    name = "neural_cleanse"
     local = True
     #: One mask value for the whole image (K, 1, 1, 1), its L1 norm that value times the pixels.
     uniform: bool = False
@@ -201,19 +205,18 @@ class MaskPatternInversion(Inversion):
         return MaskPatternTrigger(self.mask_logit[label].sigmoid().expand(1, *pattern.shape[1:]), pattern)
 
 
+@INVERSIONS.register("blend")
 class BlendInversion(MaskPatternInversion):
     """Neural Cleanse with a uniform mask: ``(1 - a) * x + a * p`` with one opacity a = sigmoid(α) per class and a
     pattern sigmoid(b) (K, C, H, W); size = a * H * W, the L1 norm of that mask (pixels, as Neural Cleanse's)."""
 
-    name = "blend"
     local = False
     uniform = True
 
 
+@INVERSIONS.register("perturbation")
 class PerturbationInversion(Inversion):
     """Universal adversarial perturbation toward each class: delta (K, C, H, W); size = its L2 norm."""
-
-    name = "perturbation"
 
     def __init__(self, num_classes: int, image_shape: tuple[int, int, int], generator: torch.Generator) -> None:
         super().__init__()
@@ -229,11 +232,11 @@ class PerturbationInversion(Inversion):
         return PerturbationTrigger(self.delta[label])
 
 
+@INVERSIONS.register("warp")
 class WarpInversion(Inversion):
     """A smooth warp toward each class: displacements (K, 2, 8, 8) in pixels on a control grid, upsampled bicubically
     to the image (as WaNet builds its field); size = the mean displacement, in pixels (L1 over x and y)."""
 
-    name = "warp"
     control_points = 8
 
     def __init__(self, num_classes: int, image_shape: tuple[int, int, int], generator: torch.Generator) -> None:
@@ -260,14 +263,13 @@ class WarpInversion(Inversion):
         return WarpTrigger(self.fields()[label])
 
 
+@INVERSIONS.register("feature")
 class FeatureInversion(Inversion):
     """Neural Cleanse in the feature space at a layer's input (``estimation.feature_layer``: the convolution before
     the edited one): a mask over channels sigmoid(a) (K, C, 1, 1)
     (over units, (K, C), for a linear layer) and a pattern sigmoid(b) (K, C, ...) scaled by each channel's largest
     value on U (so it stays in the activations' range); size = channels masked (L1 of the mask). Each candidate acts
     on its own copy of the batch."""
-
-    name = "feature"
 
     def __init__(self, layer: str, channel_max: Tensor, num_classes: int, generator: torch.Generator) -> None:
         super().__init__()
@@ -303,11 +305,6 @@ class FeatureInversion(Inversion):
 
     def trigger(self, label: int) -> FeatureTrigger:
         return FeatureTrigger(self.layer, self.mask_logit[label].sigmoid(), self.pattern()[label])
-
-
-INVERSIONS: dict[str, type[Inversion]] = {cls.name: cls for cls in (MaskPatternInversion, BlendInversion,
-                                                                     PerturbationInversion, WarpInversion,
-                                                                     FeatureInversion)}
 
 
 @dataclass

@@ -6,7 +6,7 @@ trained with."""
 from lightning_backdoor.models.compact import CompactBlock, CompactNet
 from lightning_backdoor.models.input_transform import InputTransform, input_transform_of
 from lightning_backdoor.models.preact_resnet import PreActBlock, PreActResNet18
-from lightning_backdoor.models.registry import MODELS, build_model, register_model, replace_first_conv
+from lightning_backdoor.models.registry import MODELS, build_model, replace_first_conv
 from lightning_backdoor.models.resnet import ResNet18
 from lightning_backdoor.models.vgg import VGG16BN
 
@@ -21,6 +21,5 @@ __all__ = [
     "ResNet18",
     "build_model",
     "input_transform_of",
-    "register_model",
     "replace_first_conv",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lightning_backdoor.models.registry import register_model
+from lightning_backdoor.models.registry import MODELS
 
 
 class CompactBlock(nn.Module):
@@ -31,7 +31,7 @@ class CompactBlock(nn.Module):
         return self.act2(self.norm2(self.conv2(x)))
 
 
-@register_model("compact")
+@MODELS.register("compact")
 class CompactNet(nn.Module):
     """An airbench-style CNN: a 2x2 stem, three conv-pool blocks, global max-pool and a bias-free linear head.
 

@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_backdoor.models.registry import register_model
+from lightning_backdoor.models.registry import MODELS
 
 
 class PreActBlock(nn.Module):
@@ -52,7 +52,7 @@ class PreActBlock(nn.Module):
         return self.conv2(F.relu(self.bn2(hidden))) + skip
 
 
-@register_model("preact_resnet18")
+@MODELS.register("preact_resnet18")
 class PreActResNet18(nn.Module):
     """PreAct-ResNet18 for small images: 3x3 stem, four stages of two :class:`PreActBlock`, BN-ReLU, avg-pool, linear.
 

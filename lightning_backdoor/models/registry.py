@@ -1,5 +1,7 @@
 """The model registry: builders by name, plus any torchvision or timm classifier (``torchvision:<name>``,
-``timm:<name>``) and any ``nn.Module`` class by its import path (``package.module.Class``)."""
+``timm:<name>``) and any ``nn.Module`` class by its import path (``package.module.Class``).
+
+A model registers with ``@MODELS.register("<name>")`` above its class or builder function."""
 
 from __future__ import annotations
 
@@ -11,30 +13,36 @@ from typing import TypeVar
 
 from torch import nn
 
-#: Builders by name; each is called as ``builder(num_classes=..., in_channels=..., **kwargs)``.
-MODELS: dict[str, Callable[..., nn.Module]] = {}
+from lightning_backdoor.registry import Registry
 
 TORCHVISION_PREFIX = "torchvision:"
 TIMM_PREFIX = "timm:"
 RESERVED_PREFIXES = (TORCHVISION_PREFIX, TIMM_PREFIX)
 
-BuilderT = TypeVar("BuilderT", bound=Callable[..., nn.Module])
+#: A model class or builder, called as ``builder(num_classes=..., in_channels=..., **kwargs)``.
+ModelBuilder = Callable[..., nn.Module]
+BuilderT = TypeVar("BuilderT", bound=ModelBuilder)
 
 
-def register_model(name: str) -> Callable[[BuilderT], BuilderT]:
-    """Register a model class or builder under ``name``; returns it unchanged so it works as a decorator."""
-    if name.startswith(RESERVED_PREFIXES):
-        raise ValueError(f"model name {name!r} clashes with a reserved prefix ({', '.join(RESERVED_PREFIXES)})")
-    if "." in name:
-        raise ValueError(f"model name {name!r} contains '.', which marks a class path (package.module.Class)")
+class ModelRegistry(Registry[ModelBuilder]):
+    """The registry of model builders: names never take the forms :func:`build_model` reads otherwise (a reserved
+    prefix, a dotted class path), and its unknown-name message lists those forms too."""
 
-    def decorate(builder: BuilderT) -> BuilderT:
-        if name in MODELS and MODELS[name] is not builder:
-            raise ValueError(f"model {name!r} is already registered to {MODELS[name]!r}")
-        MODELS[name] = builder
-        return builder
+    def register(self, name: str) -> Callable[[BuilderT], BuilderT]:
+        """As :meth:`Registry.register`; also refuses a name with a reserved prefix or a ``.``."""
+        if name.startswith(RESERVED_PREFIXES):
+            raise ValueError(f"model name {name!r} clashes with a reserved prefix ({', '.join(RESERVED_PREFIXES)})")
+        if "." in name:
+            raise ValueError(f"model name {name!r} contains '.', which marks a class path (package.module.Class)")
+        return super().register(name)
 
-    return decorate
+    def known_names(self) -> str:
+        return (super().known_names() + f", or {TORCHVISION_PREFIX}<name> (e.g. {TORCHVISION_PREFIX}resnet50), "
+                f"{TIMM_PREFIX}<name> (e.g. {TIMM_PREFIX}resnet18), or an nn.Module class path (package.module.Class)")
+
+
+#: Model classes and builders by name.
+MODELS = ModelRegistry("model")
 
 
 def replace_first_conv(model: nn.Module, in_channels: int) -> nn.Module:
@@ -66,11 +74,6 @@ def replace_first_conv(model: nn.Module, in_channels: int) -> nn.Module:
         setattr(parent, child_name, replacement)
         return model
     raise ValueError(f"{type(model).__name__} has no nn.Conv2d; cannot adapt it to {in_channels} input channels")
-
-
-def _known_models_text() -> str:
-    return (", ".join(sorted(MODELS)) + f", or {TORCHVISION_PREFIX}<name> (e.g. {TORCHVISION_PREFIX}resnet50), "
-            f"{TIMM_PREFIX}<name> (e.g. {TIMM_PREFIX}resnet18), or an nn.Module class path (package.module.Class)")
 
 
 def _build_torchvision(name: str, num_classes: int, in_channels: int, **kwargs: object) -> nn.Module:
@@ -139,8 +142,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: obj
     ``img_size`` for a timm ViT).
 
     Raises:
-        ValueError: (one line) an unknown name (with the known ones or close timm matches), a class path that does
-            not import or is not an ``nn.Module``, or ``kwargs`` the builder does not take.
+        ValueError: (one line) an unknown name (with close and known ones, or close timm matches), a class path that
+            does not import or is not an ``nn.Module``, or ``kwargs`` the builder does not take.
     """
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
@@ -150,11 +153,9 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: obj
         return _build_torchvision(name[len(TORCHVISION_PREFIX) :], num_classes, in_channels, **kwargs)
     if name.startswith(TIMM_PREFIX):
         return _build_timm(name[len(TIMM_PREFIX) :], num_classes, in_channels, **kwargs)
-    if name in MODELS:
-        return MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
-    if "." in name.strip("."):
+    if name not in MODELS and "." in name.strip("."):
         return _build_class_path(name, num_classes, in_channels, **kwargs)
-    raise ValueError(f"unknown model {name!r}; known models: {_known_models_text()}")
+    return MODELS.build(name, num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
-__all__ = ["MODELS", "TIMM_PREFIX", "TORCHVISION_PREFIX", "build_model", "register_model", "replace_first_conv"]
+__all__ = ["MODELS", "TIMM_PREFIX", "TORCHVISION_PREFIX", "ModelRegistry", "build_model", "replace_first_conv"]

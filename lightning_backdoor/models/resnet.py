@@ -5,10 +5,10 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from lightning_backdoor.models.registry import register_model
+from lightning_backdoor.models.registry import MODELS
 
 
-@register_model("resnet18")
+@MODELS.register("resnet18")
 class ResNet18(ResNet):
     """torchvision ResNet-18 for small images: the 7x7/2 stem and its max-pool would shrink 32x32 inputs to 8x8.
 

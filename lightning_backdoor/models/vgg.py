@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lightning_backdoor.models.registry import register_model
+from lightning_backdoor.models.registry import MODELS
 
 #: Output channels of each 3x3 conv, with "M" for a 2x2 max-pool: configuration "D" of Simonyan & Zisserman.
 VGG16_LAYOUT: tuple[int | str, ...] = (
@@ -12,7 +12,7 @@ VGG16_LAYOUT: tuple[int | str, ...] = (
 )  # fmt: skip
 
 
-@register_model("vgg16_bn")
+@MODELS.register("vgg16_bn")
 class VGG16BN(nn.Module):
     """VGG-16-BN for small images: torchvision's ``features`` layout, global average pool, one ``Linear(512, C)``.
 

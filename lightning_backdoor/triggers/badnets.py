@@ -7,12 +7,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_backdoor.triggers.base import Trigger
+from lightning_backdoor.triggers.base import TRIGGERS, Trigger
 
 Corner = Literal["bottom_right", "top_left", "top_right", "bottom_left", "center"]
 _CORNERS = ("bottom_right", "top_left", "top_right", "bottom_left", "center")
 
 
+@TRIGGERS.register("badnets")
 class BadNets(Trigger):
     """A ``size`` x ``size`` patch of constant ``value`` on every channel.
 
@@ -23,8 +24,6 @@ class BadNets(Trigger):
         margin: distance in pixels between the patch and the image border, for a named corner.
         seed: unused (the patch is fixed); kept so every trigger takes the same arguments.
     """
-
-    name = "badnets"
 
     def __init__(
         self,

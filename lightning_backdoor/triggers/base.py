@@ -9,7 +9,10 @@ from typing import ClassVar, ContextManager
 import torch
 from torch import Tensor, nn
 
-TRIGGERS: dict[str, type[Trigger]] = {}
+from lightning_backdoor.registry import Registry
+
+#: Trigger classes by name; a trigger registers with ``@TRIGGERS.register("<name>")`` above its class.
+TRIGGERS: Registry[type[Trigger]] = Registry("trigger")
 
 
 class Trigger(ABC):
@@ -17,17 +20,14 @@ class Trigger(ABC):
 
     Subclasses implement :meth:`apply` on a float batch ``(N, C, H, W)`` in [0, 1] and return a batch of the same
     shape, dtype and range. A trigger is deterministic: its random parts (patterns, warping fields) are drawn once
-    from ``seed`` for a given image shape and cached. Subclasses are registered by their ``name``.
+    from ``seed`` for a given image shape and cached. A subclass registered with ``@TRIGGERS.register("<name>")``
+    gets that name as its ``name``.
     """
 
+    #: The name it is registered (and built) by; empty for triggers that are not chosen by name (estimated ones).
     name: ClassVar[str] = ""
     #: Fraction of extra training samples that get the trigger's *noise mode* with their labels kept (WaNet).
     cross_ratio: float = 0.0
-
-    def __init_subclass__(cls, **kwargs: object) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.name:
-            TRIGGERS[cls.name] = cls
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -65,7 +65,9 @@ class Trigger(ABC):
 
 
 def build_trigger(name: str, **kwargs: object) -> Trigger:
-    """Instantiate a registered trigger by name, e.g. ``build_trigger("badnets", size=3)``."""
-    if name not in TRIGGERS:
-        raise ValueError(f"unknown trigger {name!r}; known triggers: {', '.join(sorted(TRIGGERS))}")
-    return TRIGGERS[name](**kwargs)
+    """Instantiate a registered trigger by name, e.g. ``build_trigger("badnets", size=3)``.
+
+    Raises:
+        ValueError: (one line) an unknown name, with close matches and the known triggers.
+    """
+    return TRIGGERS.build(name, **kwargs)

@@ -10,7 +10,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torchvision.transforms.functional import pil_to_tensor
 
-from lightning_backdoor.triggers.base import Trigger
+from lightning_backdoor.triggers.base import TRIGGERS, Trigger
 
 
 def check_file(path: str, what: str) -> None:
@@ -40,6 +40,7 @@ def load_image(path: str, image_shape: tuple[int, int, int], mode: str = "biline
     return image.clamp(0.0, 1.0).contiguous()
 
 
+@TRIGGERS.register("blended")
 class Blended(Trigger):
     """``x' = (1 - alpha) * x + alpha * pattern`` with a fixed pattern the size of the image.
 
@@ -49,8 +50,6 @@ class Blended(Trigger):
             uniform-noise pattern instead (the field's usual Hello Kitty picture is not shipped).
         seed: seed of the noise pattern.
     """
-
-    name = "blended"
 
     def __init__(self, alpha: float = 0.2, image: str | None = None, seed: int = 0) -> None:
         super().__init__(seed)

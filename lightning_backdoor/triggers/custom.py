@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_backdoor.triggers.base import Trigger
+from lightning_backdoor.triggers.base import TRIGGERS, Trigger
 from lightning_backdoor.triggers.blended import check_file, load_image
 
 
+@TRIGGERS.register("custom")
 class CustomTrigger(Trigger):
     """``x' = (1 - m) * x + m * pattern`` where ``m`` is a mask image, or ``alpha`` everywhere.
 
@@ -21,8 +22,6 @@ class CustomTrigger(Trigger):
         alpha: opacity in (0, 1] of the pattern on every pixel, instead of a mask.
         seed: unused (the trigger is fixed); kept so every trigger takes the same arguments.
     """
-
-    name = "custom"
 
     def __init__(self, image: str, mask: str | None = None, alpha: float | None = None, seed: int = 0) -> None:
         super().__init__(seed)

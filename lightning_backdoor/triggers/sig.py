@@ -7,9 +7,10 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_backdoor.triggers.base import Trigger
+from lightning_backdoor.triggers.base import TRIGGERS, Trigger
 
 
+@TRIGGERS.register("sig")
 class SIG(Trigger):
     """Add ``v(i, j) = delta * sin(2 * pi * j * frequency / W)`` to every channel, then clamp to [0, 1].
 
@@ -18,8 +19,6 @@ class SIG(Trigger):
         frequency: number of periods across the image width.
         seed: unused (the signal is fixed); kept so every trigger takes the same arguments.
     """
-
-    name = "sig"
 
     def __init__(self, delta: float = 20 / 255, frequency: int = 6, seed: int = 0) -> None:
         super().__init__(seed)

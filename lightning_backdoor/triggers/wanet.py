@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_backdoor.triggers.base import Trigger
+from lightning_backdoor.triggers.base import TRIGGERS, Trigger
 
 
 def identity_grid(height: int, width: int) -> Tensor:
@@ -22,6 +22,7 @@ def warp(images: Tensor, grid: Tensor) -> Tensor:
     return warped.reshape(images.shape).clamp(0.0, 1.0)
 
 
+@TRIGGERS.register("wanet")
 class WaNet(Trigger):
     """Warp images by a fixed smooth random field, as in the WaNet paper and its reference code.
 
@@ -36,8 +37,6 @@ class WaNet(Trigger):
             true labels, so the model learns the exact warp rather than any warp.
         seed: seed of the warping field.
     """
-
-    name = "wanet"
 
     def __init__(
         self, k: int = 4, s: float = 0.5, grid_rescale: float = 1.0, cross_ratio: float = 2.0, seed: int = 0

@@ -9,8 +9,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_backdoor.data.augment import shift_and_flip
-from lightning_backdoor.defenses.activation_editing import predict_logits
 from lightning_backdoor.defenses.base import UnseenData
+from lightning_backdoor.evaluation import clean_accuracy
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
@@ -73,5 +73,5 @@ def split_unseen(unseen: UnseenData, validation_fraction: float) -> tuple[Unseen
 
 
 def accuracy(model: nn.Module, images: Tensor, labels: Tensor) -> float:
-    """Clean accuracy (fraction) of ``model`` in eval mode."""
-    return (predict_logits(model, images.float()).argmax(-1) == labels).float().mean().item()
+    """Clean accuracy (fraction) of ``model`` in eval mode: the evaluation's own metric (CA of ``evaluate``)."""
+    return clean_accuracy(model, images, labels)
