@@ -90,7 +90,9 @@ class BackdoorMetrics(nn.Module):
         if self.target_class is not None:
             out["target_acc"] = out["per_class_acc"][self.target_class]
         if self.asr_floor.update_called:
-            out |= self.triggered.compute() | {"asr_floor": self.asr_floor.compute()}
+            triggered = self.triggered.compute()
+            out |= {"asr": triggered["asr"], "asr_floor": self.asr_floor.compute(),
+                    "robust_acc": triggered["robust_acc"]}
         return out
 
     def reset(self) -> None:
