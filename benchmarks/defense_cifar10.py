@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from lightning_backdoor.cli import instantiate_run
 from lightning_backdoor.data.poisoning import apply_trigger, to_float
-from lightning_backdoor.defenses import ActivationEditing, UnseenData
+from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
 from lightning_backdoor.evaluation import evaluate
 from lightning_backdoor.io import atomic_json
+from lightning_backdoor.runs import instantiate_run
 
 
 def forward_floor_seconds(model: torch.nn.Module, images: torch.Tensor, triggered: torch.Tensor) -> float:
@@ -55,21 +55,23 @@ def run(args: argparse.Namespace) -> list[dict]:
                                             rank=args.rank, min_images=args.min_images, repair=not args.no_repair,
                                             spatial_weight=args.spatial_weight, seed=seed)
                 torch.manual_seed(seed)
-                info = defense.defend(model, UnseenData(images, unseen.labels), data.trigger, data.target_class)
+                result = defense.defend(model, UnseenData(images, unseen.labels),
+                                        BackdoorKnowledge.of(data.trigger, data.target_class))
                 floor = forward_floor_seconds(network, images, data.trigger(images))
                 held = (held_out.images, held_out.labels, apply_trigger(data.trigger, held_out.images),
                         data.attack_labels(held_out.labels))
                 validation = evaluate(model, *held, data.num_classes, data.target_class)
                 before = evaluate(network, *held, data.num_classes, data.target_class) if args.selection else test_before
                 after = validation if args.selection else evaluate(model, *test, data.num_classes, data.target_class)
-                rows.append({"attack": attack, "budget": budget, "seed": seed, "layer": info["layer"],
-                             "strength": info["strength"],
-                             "views": info["views"],
-                             "repaired": info["repaired"], "seconds": info["seconds"], "forward_floor": floor,
+                rows.append({"attack": attack, "budget": budget, "seed": seed, "layer": result.layer,
+                             "strength": result.details["strength"],
+                             "views": result.details["views"],
+                             "repaired": result.repaired, "seconds": result.seconds, "forward_floor": floor,
                              "before": before, "after": after, "held_out_unseen": validation,
                              "settings": vars(args) | {"seeds": None}})
-                print(f"{attack} k={budget} seed={seed} layer={info['layer']} λ={info['strength']} repaired={info['repaired']} "
-                      f"{info['seconds']:.2f}s  CA {before['clean_acc']:.4f}->{after['clean_acc']:.4f} "
+                print(f"{attack} k={budget} seed={seed} layer={result.layer} λ={result.details['strength']} "
+                      f"repaired={result.repaired} {result.seconds:.2f}s  "
+                      f"CA {before['clean_acc']:.4f}->{after['clean_acc']:.4f} "
                       f"ASR {before['asr']:.4f}->{after['asr']:.4f} (floor {after['asr_floor']:.4f}) "
                       f"TA {before['target_acc']:.4f}->{after['target_acc']:.4f} | held-out U: "
                       f"ASR {validation['asr']:.4f} CA {validation['clean_acc']:.4f}", flush=True)

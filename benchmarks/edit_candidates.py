@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from lightning_backdoor.cli import instantiate_run
 from lightning_backdoor.data.poisoning import to_float
-from lightning_backdoor.defenses import ActivationEditing, UnseenData
+from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
 from lightning_backdoor.defenses.estimation import BackdoorEstimate, TriggerEstimator
 from lightning_backdoor.evaluation import evaluate
+from lightning_backdoor.runs import instantiate_run
 
 COMBINATIONS = ("default", "flagging@1,1.5", "all@1,1.5")
 
@@ -69,7 +69,8 @@ def main() -> None:
         for combination in args.combinations:
             model = copy.deepcopy(network)
             triggers = triggers_of(combination, estimate)
-            ActivationEditing(layer=args.layer, seed=seed).defend(model, unseen, triggers, estimate.target_class)
+            knowledge = BackdoorKnowledge.of(triggers, estimate.target_class)
+            ActivationEditing(layer=args.layer, seed=seed).defend(model, unseen, knowledge)
             after = evaluate(model, *validation, data.num_classes, data.target_class)
             asr[combination].append(100 * after["asr"])
             print(f"  {combination:40s} CA {100 * after['clean_acc']:.2f} ASR {100 * after['asr']:.2f} "

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from lightning_backdoor.cli import instantiate_run
 from lightning_backdoor.data.poisoning import to_float
-from lightning_backdoor.defenses import ActivationEditing, UnseenData
+from lightning_backdoor.defenses import ActivationEditing, EstimateFirst, UnseenData
 from lightning_backdoor.defenses.estimation import TriggerEstimator, size_ratio
-from lightning_backdoor.defenses.report import save_image
+from lightning_backdoor.defenses.outputs import save_image
 from lightning_backdoor.evaluation import evaluate
 from lightning_backdoor.io import atomic_json
+from lightning_backdoor.runs import instantiate_run
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -41,14 +41,15 @@ def run(args: argparse.Namespace) -> list[dict]:
         estimator = TriggerEstimator(estimators=tuple(args.estimators), strengths=tuple(args.edit_strengths),
                                      max_steps=args.max_steps, batch_size=args.batch_size,
                                      progress=not args.no_progress, seed=args.seed)
-        defense = ActivationEditing(layer=args.layer, strength=args.strength, estimator=estimator, seed=args.seed)
+        defense = EstimateFirst(ActivationEditing(layer=args.layer, strength=args.strength, seed=args.seed), estimator)
         start = time.perf_counter()
-        info = defense.defend(model, UnseenData(to_float(unseen.images), unseen.labels), None, None)
+        result = defense.defend(model, UnseenData(to_float(unseen.images), unseen.labels), None)
         total = time.perf_counter() - start
         after = evaluate(model, *test, data.num_classes, data.target_class)
+        info = result.details
         estimation = info["estimation"]
-        if "estimated_trigger_image" in info:
-            save_image(info["estimated_trigger_image"], Path(args.out).with_name(f"estimated-{name}.png"))
+        if result.picture is not None:
+            save_image(result.picture, Path(args.out).with_name(f"estimated-{name}.png"))
         poisoned = data.poison_rate > 0
         row = {"run": name, "poisoned": poisoned, "true_target": data.target_class if poisoned else None,
                "estimated_target": estimation["target_class"], "estimator": estimation["estimator"],

@@ -13,10 +13,10 @@ import argparse
 import copy
 import statistics
 
-from lightning_backdoor.cli import instantiate_run
 from lightning_backdoor.data.poisoning import apply_trigger, to_float
-from lightning_backdoor.defenses import ActivationEditing, UnseenData
+from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
 from lightning_backdoor.evaluation import evaluate
+from lightning_backdoor.runs import instantiate_run
 
 
 def main() -> None:
@@ -41,8 +41,8 @@ def main() -> None:
                 model = copy.deepcopy(network)
                 defense = ActivationEditing(layer=args.layer, repair=weight > 0, repair_tolerance=-1.0,  # always fires
                                             repair_weights=(weight,), seed=seed)
-                defense.defend(
-                    model, UnseenData(to_float(unseen.images), unseen.labels), data.trigger, data.target_class)
+                defense.defend(model, UnseenData(to_float(unseen.images), unseen.labels),
+                               BackdoorKnowledge.of(data.trigger, data.target_class))
                 before = evaluate(network, *held_out, data.num_classes, data.target_class)
                 after = evaluate(model, *held_out, data.num_classes, data.target_class)
                 changes.append((100 * (after["clean_acc"] - before["clean_acc"]),

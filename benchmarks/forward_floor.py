@@ -12,8 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_backdoor.bench import run_checkpoint
-from lightning_backdoor.cli import instantiate_run
+from lightning_backdoor.runs import instantiate_run, run_checkpoint
 
 
 def main() -> None:

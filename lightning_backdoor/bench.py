@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import copy
 import csv
-import hashlib
 import json
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,37 +23,42 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 from torch import nn
 
-from lightning_backdoor.defenses import DEFENSES, UnseenData, build_defense
+from lightning_backdoor.backdoor_cli import PARSER_KWARGS, BackdoorCLI
+from lightning_backdoor.defenses.base import BackdoorKnowledge, Defense, UnseenData
 from lightning_backdoor.evaluation import evaluate
 from lightning_backdoor.io import atomic_write
 from lightning_backdoor.metrics import defense_effectiveness_rating
+from lightning_backdoor.runs import config_key, find_existing_run, instantiate_run, run_checkpoint, training_config
 
 COLUMNS = ("attack", "defense", "unseen_per_class", "seed", "num_unseen", "clean_acc", "asr", "asr_floor",
            "robust_acc", "target_acc", "der", "seconds", "clean_acc_before", "asr_before", "target_acc_before",
            "run")
-#: Parts of a run's parsed config that decide the trained weights (paths to logs and checkpoints do not).
-TRAINER_KEYS = ("max_epochs", "max_steps", "precision", "accumulate_grad_batches", "gradient_clip_val")
-DATA_KEYS_IGNORED = ("cache_dir", "num_workers", "eval_batch_size")
+#: written into a model's cache folder once its training has finished
 COMPLETE = "bench_complete.json"
+
+
+def defense_name(defense: Defense) -> str:
+    """The name a defense's rows carry: its registered name (``editing``, ``ft``...), else its class name."""
+    return defense.name or type(defense).__name__
 
 
 @dataclass
 class BenchSettings:
-    """A bench grid: which attacks (by name, each a list of CLI config files), defenses (by registered name, with
-    constructor arguments), budgets (unseen images per class) and seeds; where models are cached and results go;
-    ``test_images``: score on a fixed random N of the test images (default: all), the same for every run;
-    ``report_only``: run nothing, tabulate and plot the grid's finished runs from the CSV."""
+    """A bench grid: which attacks (by name, each a list of CLI config files), defenses (configured objects; in a
+    config, ``class_path``/``init_args`` entries as everywhere else), budgets (unseen images per class) and seeds;
+    where models are cached and results go; ``test_images``: score on a fixed random N of the test images (default:
+    all), the same for every run; ``report_only``: run nothing, tabulate and plot the grid's finished runs from the
+    CSV. Each defense's rows are named by :func:`defense_name`; every cell runs a fresh copy of the configured
+    defense."""
 
     attacks: list[str]
     attack_configs: dict[str, list[str]]
-    defenses: list[str]
+    defenses: list[Defense]
     budgets: list[int]
     seeds: list[int]
-    defense_args: dict[str, dict[str, Any]] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
     cache_dir: str = "runs/bench/models"
     search_runs: list[str] = field(default_factory=list)
@@ -67,91 +70,32 @@ class BenchSettings:
     wandb_project: str = "lightning-backdoor"
 
     def check(self) -> None:
-        """One-line ``ValueError`` for an empty grid or an unknown attack or defense name."""
+        """One-line ``ValueError`` for an empty grid, an unknown attack, two defenses of one name or a budget < 1."""
         for axis in ("attacks", "defenses", "budgets", "seeds"):
             if not getattr(self, axis):
                 raise ValueError(f"the bench grid is empty: no {axis} given (attacks × defenses × budgets × seeds)")
         unknown = [name for name in self.attacks if name not in self.attack_configs]
         if unknown:
             raise ValueError(f"unknown attack {unknown[0]!r}; known attacks: {', '.join(sorted(self.attack_configs))}")
-        unknown = [name for name in [*self.defenses, *self.defense_args] if name not in DEFENSES]
-        if unknown:
-            raise ValueError(f"unknown defense {unknown[0]!r}; known defenses: {', '.join(sorted(DEFENSES))}")
+        names = [defense_name(defense) for defense in self.defenses]
+        repeated = next((name for index, name in enumerate(names) if name in names[:index]), None)
+        if repeated is not None:
+            raise ValueError(f"defense {repeated!r} is listed twice; a bench row is named by its defense, so list each "
+                             f"defense once (compare settings in separate benches)")
         if min(self.budgets) < 1:
             raise ValueError(f"budgets are unseen images per class and must be >= 1, got {self.budgets}")
 
 
-def training_config(configs: list[str | Path], overrides: list[str]) -> dict[str, Any]:
-    """The parsed config parts that decide a poisoned model's weights (seed, model, data, training length)."""
-    from lightning_backdoor.cli import BackdoorCLI
-    from lightning_backdoor.classifier import PoisonedClassifier
-    from lightning_backdoor.data import PoisonedDataModule
-
-    class ParseOnly(BackdoorCLI):
-        def instantiate_classes(self) -> None:
-            """Parsing is all the key needs."""
-
-    args = [arg for config in configs for arg in ("--config", str(config))] + ["--trainer.logger=false", *overrides]
-    cli = ParseOnly(PoisonedClassifier, PoisonedDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                    parser_kwargs={"parser_mode": "omegaconf"}, args=args, run=False,
-                    auto_configure_optimizers=False, save_config_callback=None)
-    config = cli.config.as_dict()
-    data = copy.deepcopy(config["data"])
-    for key in DATA_KEYS_IGNORED:
-        data.get("init_args", {}).pop(key, None)
-    return {"seed_everything": config.get("seed_everything"), "model": config["model"], "data": data,
-            "trainer": {key: config["trainer"].get(key) for key in TRAINER_KEYS}}
-
-
-def config_key(config: dict[str, Any]) -> str:
-    """A short stable hash of a training config."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def run_checkpoint(run_dir: Path) -> Path | None:
-    """A run folder's poisoned checkpoint: ``checkpoints/poisoned.ckpt``, else its newest ``.ckpt``."""
-    preferred = run_dir / "checkpoints" / "poisoned.ckpt"
-    if preferred.is_file():
-        return preferred
-    found = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda path: path.stat().st_mtime)
-    return found[-1] if found else None
-
-
-def saved_run_key(run_dir: Path) -> str:
-    """The training key of a finished run, from its saved ``config.yaml`` minus the fit-only keys (so it parses
-    like the configs that made it); the run folder is only read."""
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    for key in ("ckpt_path", "weights_only"):
-        saved.pop(key, None)
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "config.yaml"
-        path.write_text(yaml.safe_dump(saved))
-        return config_key(training_config([path], []))
-
-
-def find_existing_run(key: str, search_runs: list[str]) -> Path | None:
-    """A finished run under one of ``search_runs`` whose saved config has this training key."""
-    for root in search_runs:
-        for config in sorted(Path(root).glob("*/config.yaml")):
-            run_dir = config.parent
-            if run_checkpoint(run_dir) is None:
-                continue
-            try:
-                found = saved_run_key(run_dir)
-            except (ValueError, SystemExit, KeyError):  # a folder of another project or an older layout
-                continue
-            if found == key:
-                return run_dir
-    return None
-
-
 def fit_run(configs: list[str], overrides: list[str], run_dir: Path) -> None:
-    """Train one poisoned model through the CLI into ``run_dir``."""
-    from lightning_backdoor.cli import main
+    """Train one poisoned model into ``run_dir`` as ``lightning-backdoor fit`` does.
 
+    Raises:
+        ValueError: (one line) the CLI refused the fit (nothing was written).
+    """
     args = ["fit", *[arg for config in configs for arg in ("--config", config)], *overrides,
             f"--trainer.default_root_dir={run_dir}"]
-    main(args)
+    torch.set_float32_matmul_precision("high")  # as the command line sets it
+    BackdoorCLI(args=args, parser_kwargs=PARSER_KWARGS | {"prog": "lightning-backdoor"})
 
 
 class Bench:
@@ -196,14 +140,13 @@ class Bench:
 
     def load(self, attack: str) -> tuple[Path, nn.Module, Any, tuple, dict[str, Any]]:
         """``attack``'s run folder, poisoned network (float, eval), data module, test tensors and metrics."""
-        from lightning_backdoor.cli import instantiate_run
-
         run_dir, configs = self.model_run(attack)
         module, data = instantiate_run(configs, run_checkpoint(run_dir), self.settings.overrides)
         network = module.net.float().eval()
         test = data.test_dataset().tensors
         if self.settings.test_images is not None:  # a fixed random subset: a source's test set may be sorted by class
-            subset = torch.randperm(len(test[0]), generator=torch.Generator().manual_seed(0))[:self.settings.test_images]
+            order = torch.randperm(len(test[0]), generator=torch.Generator().manual_seed(0))
+            subset = order[:self.settings.test_images]
             test = tuple(tensor[subset] for tensor in test)
         before = evaluate(network, *test, data.num_classes, data.target_class)
         self.log(f"[bench] {attack}: before any defense CA {before['clean_acc']:.4f} ASR {before['asr']:.4f} "
@@ -221,40 +164,41 @@ class Bench:
         # seeds outermost, then defenses in the listed order: an interrupted bench has the first defenses on every
         # attack for the first seeds, rather than some attacks or seeds complete and others missing
         cells = [(attack, defense, budget, seed) for seed in settings.seeds for budget in settings.budgets
-                 for defense in settings.defenses for attack in settings.attacks]
+                 for defense in map(defense_name, settings.defenses) for attack in settings.attacks]
         todo = [] if settings.report_only else [cell for cell in cells if cell not in done]
         finished = sum(cell in done for cell in cells)
         self.log(f"[bench] {len(cells)} runs in the grid, {finished} already in {csv_path}"
                  + (" (report only)" if settings.report_only else ""))
         loaded: dict[str, Any] = {}
-        for attack, defense_name, budget, seed in todo:
+        configured = {defense_name(defense): defense for defense in settings.defenses}
+        for attack, name, budget, seed in todo:
             if attack not in loaded:
                 loaded[attack] = self.load(attack)
             run_dir, network, data, test, before = loaded[attack]
             if budget > data.unseen_per_class:
-                self.log(f"[bench] skipped {attack}/{defense_name} at {budget}/class: the run's unseen split "
+                self.log(f"[bench] skipped {attack}/{name} at {budget}/class: the run's unseen split "
                          f"holds {data.unseen_per_class} per class (train with unseen_per_class >= {budget})")
                 continue
             unseen = data.unseen_set(budget, seed)
             images = UnseenData(unseen.images.float() / 255, unseen.labels)
             model = copy.deepcopy(network)
-            defense = build_defense(defense_name, **settings.defense_args.get(defense_name, {}))
+            defense = copy.deepcopy(configured[name])  # as configured: no state from an earlier cell
             torch.manual_seed(seed)
             started = time.perf_counter()
-            defense.defend(model, images, data.trigger, data.target_class)
+            defense.defend(model, images, BackdoorKnowledge.of(data.trigger, data.target_class))
             seconds = time.perf_counter() - started
             after = evaluate(model, *test, data.num_classes, data.target_class)
-            row = {"attack": attack, "defense": defense_name, "unseen_per_class": budget, "seed": seed,
+            row = {"attack": attack, "defense": name, "unseen_per_class": budget, "seed": seed,
                    "num_unseen": len(unseen.labels), "seconds": seconds, "run": str(run_dir),
                    "der": defense_effectiveness_rating(before["asr"], after["asr"], before["clean_acc"],
                                                        after["clean_acc"]),
                    "clean_acc_before": before["clean_acc"], "asr_before": before["asr"],
                    "target_acc_before": before["target_acc"]}
-            row |= {name: after[name] for name in ("clean_acc", "asr", "asr_floor", "robust_acc", "target_acc")}
+            row |= {metric: after[metric] for metric in ("clean_acc", "asr", "asr_floor", "robust_acc", "target_acc")}
             append_row(csv_path, row)
             rows.append(row)
-            done.add((attack, defense_name, budget, seed))
-            self.log(f"[bench] {len(done)}/{len(cells)} {attack} {defense_name} {budget}/class seed {seed}: "
+            done.add((attack, name, budget, seed))
+            self.log(f"[bench] {len(done)}/{len(cells)} {attack} {name} {budget}/class seed {seed}: "
                      f"CA {after['clean_acc']:.4f} ASR {after['asr']:.4f} TA {after['target_acc']:.4f} "
                      f"DER {row['der']:.3f} in {seconds:.2f} s")
         grid = set(cells)
@@ -386,15 +330,15 @@ def parser() -> ArgumentParser:
 
 
 def run_bench(args: list[str]) -> list[dict[str, Any]]:
-    """``lightning-backdoor bench``: parse, check the grid, run it."""
-    from jsonargparse import ArgumentError
+    """``lightning-backdoor bench``: parse, check the grid, run it; the rows of the grid's finished runs.
 
+    Raises:
+        jsonargparse.ArgumentError: arguments or a config that do not parse (e.g. an unknown defense class).
+        ValueError: (one line) a refused grid (:meth:`BenchSettings.check`) or a refused training.
+    """
     arguments = parser()
-    try:
-        config = arguments.parse_args(args)
-    except ArgumentError as error:
-        raise ValueError(str(error).strip().splitlines()[0]) from None
-    values = {key: value for key, value in config.as_dict().items() if key != "config"}
+    config = arguments.instantiate(arguments.parse_args(args))
+    values = {key: value for key, value in vars(config).items() if key != "config"}
     return Bench(BenchSettings(**values)).run()
 
 

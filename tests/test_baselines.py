@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from lightning_backdoor.cli import instantiate_run
+from lightning_backdoor.runs import instantiate_run
 from lightning_backdoor.defenses import DEFENSES, UnseenData, build_defense
 from lightning_backdoor.defenses.baselines.training import split_unseen
 from lightning_backdoor.evaluation import evaluate

@@ -5,8 +5,9 @@ import csv
 
 import pytest
 
-from lightning_backdoor.bench import Bench, BenchSettings, fit_run
+from lightning_backdoor.bench import Bench, BenchSettings, defense_name, fit_run, parser
 from lightning_backdoor.cli import main
+from lightning_backdoor.defenses import DEFENSES, ActivationEditing, FineTuning
 
 QUICKSTART = ["configs/quickstart.yaml"]
 ONE_EPOCH = ["--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -25,7 +26,7 @@ class CountingFit:
 
 def settings(tmp_path, **changes):
     values = {"attacks": ["badnets"], "attack_configs": {"badnets": QUICKSTART}, "overrides": ONE_EPOCH,
-              "defenses": ["editing", "ft"], "defense_args": {"ft": {"epochs": 2}}, "budgets": [2], "seeds": [0],
+              "defenses": [ActivationEditing(), FineTuning(epochs=2)], "budgets": [2], "seeds": [0],
               "cache_dir": str(tmp_path / "models"), "output_dir": str(tmp_path / "out")}
     return BenchSettings(**(values | changes))
 
@@ -58,23 +59,50 @@ def test_bench_trains_once_then_resumes_from_its_cache(tmp_path):
 def test_bench_reuses_an_already_trained_run_with_the_same_config(tmp_path, quickstart_run):
     fit = CountingFit()
     logged = []
-    bench = Bench(settings(tmp_path, overrides=[], defenses=["editing"], search_runs=[str(quickstart_run.parent)],
-                           budgets=[11], ), fit=fit, log=logged.append)
+    bench = Bench(settings(tmp_path, overrides=[], defenses=[ActivationEditing()],
+                           search_runs=[str(quickstart_run.parent)], budgets=[11]), fit=fit, log=logged.append)
     bench.run()  # 11 per class exceeds the run's split of 10: skipped, said so
     assert fit.calls == 0
     assert any(f"reusing the already-trained run {quickstart_run}" in line for line in logged)
     assert any("holds 10 per class" in line for line in logged)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--defenses=[ft,bogus]"], "unknown defense 'bogus'; known defenses: anp, editing, fp, ft, ibau, nad, nc"),
-    (["--attacks=[wanet]"], "unknown attack 'wanet'; known attacks: badnets"),
-    (["--seeds=[]"], "the bench grid is empty: no seeds given"),
+def defenses_of(*flags):
+    """The configured defenses of a bench command line, as ``run_bench`` gets them (nothing runs)."""
+    arguments = parser()
+    return arguments.instantiate(arguments.parse_args(list(flags))).defenses
+
+
+def test_bench_configs_name_defenses_by_class_path():
+    quickstart = defenses_of("--config", "configs/bench/quickstart.yaml")
+    assert [defense_name(defense) for defense in quickstart] == ["editing", "ft"]
+    cifar10 = defenses_of("--config", "configs/bench/cifar10.yaml")
+    assert [defense_name(defense) for defense in cifar10] == ["editing", "ft", "fp", "nad", "ibau", "nc", "anp"]
+    assert cifar10[0].layer == "blocks.2.conv2" and cifar10[-1].iterations == 50
+
+
+@pytest.mark.parametrize("name", sorted(DEFENSES))
+def test_every_registered_defense_is_a_bench_row_under_its_name(name):
+    """Its short class name (or full class path) and init_args, as in any config; the row carries the registered
+    name."""
+    cls = DEFENSES[name]
+    for class_path in (cls.__name__, f"{cls.__module__}.{cls.__name__}"):
+        (defense,) = defenses_of("--config", "configs/bench/quickstart.yaml",
+                                 f"--defenses=[{{class_path: {class_path}}}]")
+        assert type(defense) is cls and defense_name(defense) == name
+
+
+@pytest.mark.parametrize("flags, messages", [
+    (["--defenses=[{class_path: FineTuning}, {class_path: bogus}]"], ["defenses: ", "bogus"]),
+    (["--defenses=[FineTuning, {class_path: FineTuning, init_args: {epochs: 2}}]"],
+     ["defense 'ft' is listed twice"]),
+    (["--attacks=[wanet]"], ["unknown attack 'wanet'; known attacks: badnets"]),
+    (["--seeds=[]"], ["the bench grid is empty: no seeds given"]),
 ])
-def test_bad_bench_input_is_one_line_exit_2(tmp_path, capsys, flags, message):
+def test_bad_bench_input_is_one_line_exit_2(tmp_path, capsys, flags, messages):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--config", "configs/bench/quickstart.yaml", f"--output_dir={tmp_path}", *flags])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
-    assert message in error and len(error.splitlines()) == 1
+    assert all(message in error for message in messages) and len(error.splitlines()) == 1, error
     assert not any(tmp_path.iterdir())

@@ -237,7 +237,7 @@ def test_trigger_estimated_on_the_quickstart_model_without_a_test_trigger(quicks
                                                                           tmp_path: Path) -> None:
     """End to end with the real estimation (the quickstart model: BadNets 3x3 toward 0, found by
     tests/test_estimation.py), its test images given without their trigger."""
-    from lightning_backdoor.cli import instantiate_run
+    from lightning_backdoor.runs import instantiate_run
 
     module, data = instantiate_run([str(ROOT / "configs" / "quickstart.yaml")],
                                    quickstart_run / "checkpoints" / "poisoned.ckpt")

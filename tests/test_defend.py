@@ -51,11 +51,11 @@ def test_plain_network_state_dict_is_accepted(quickstart_run, tmp_path):
 
 
 def test_repair_without_target_class_images_says_so():
-    from lightning_backdoor.defenses import ActivationEditing, UnseenData
+    from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
     from lightning_backdoor.models import build_model
     from lightning_backdoor.triggers import BadNets
 
     model = build_model("compact", num_classes=3, in_channels=1, widths=(8, 8, 8))
     unseen = UnseenData(torch.rand(4, 1, 16, 16), torch.tensor([1, 2, 1, 2]))
     with pytest.raises(ValueError, match="repair needs unseen images of the target class 0"):
-        ActivationEditing(layer="head").defend(model, unseen, BadNets(), target_class=0)
+        ActivationEditing(layer="head").defend(model, unseen, BackdoorKnowledge.of(BadNets(), target_class=0))

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from lightning_backdoor.cli import instantiate_run, main
+from lightning_backdoor.cli import main
+from lightning_backdoor.runs import instantiate_run
 from lightning_backdoor.defenses import ActivationEditing, UnseenData
 from lightning_backdoor.defenses.callback import DefenseCallback
 from lightning_backdoor.defenses.activations import get_layer

@@ -39,8 +39,8 @@ def main() -> None:
         unseen_dataloader=DataLoader(TensorDataset(unseen.images, unseen.labels), batch_size=500),
         test_dataloader=DataLoader(TensorDataset(test.images, test.labels), batch_size=500))
     report = callback.defend(model, None, [], Path(args.out or run / "defended-python"))
-    print({stage: {name: round(report[stage][name], 4) for name in ("clean_acc", "asr", "asr_floor", "target_acc")}
-           for stage in ("before", "after")})
+    metrics = ("clean_acc", "asr", "asr_floor", "target_acc")
+    print({stage: {name: round(report.stages[stage][name], 4) for name in metrics} for stage in ("before", "after")})
 
 
 if __name__ == "__main__":
