@@ -12,6 +12,7 @@ _EXPORTS = {
     "PoisonedClassifier": "lightning_backdoor.classifier",
     "PoisonedDataModule": "lightning_backdoor.data.datamodule",
     "DefenseCallback": "lightning_backdoor.defenses.callback",
+    "WandbDefenseReport": "lightning_backdoor.dashboard",
     "WandbSamples": "lightning_backdoor.dashboard",
     "SyncBatchNormPlugin": "lightning_backdoor.models.sync_batchnorm",
 }

@@ -6,7 +6,6 @@ Everything here is a no-op for loggers other than ``WandbLogger``, so callers st
 
 from __future__ import annotations
 
-import json
 import netrc
 import os
 import urllib.error
@@ -22,13 +21,11 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_backdoor.defenses.report import METRIC_TITLES, STAGE_TITLES, DefenseReport
 from lightning_backdoor.evaluation import METRIC_NAMES
 from lightning_backdoor.triggers import Trigger
 
-STAGES = ("before", "after_edit", "after")
-STAGE_TITLES = {"before": "before", "after_edit": "after edit", "after": "after repair"}
-METRIC_TITLES = {"clean_acc": "CA", "asr": "ASR", "asr_floor": "ASR floor", "robust_acc": "RA", "target_acc": "TA",
-                 "estimated_asr": "estimated trigger ASR"}
+STAGES = tuple(STAGE_TITLES)
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 PROBE_SECONDS = 3.0
 INIT_TIMEOUT_SECONDS = "30"
@@ -182,14 +179,6 @@ def summary_rows(report: Mapping[str, Any]) -> list[list[Any]]:
             for stage in STAGES if stage in report]
 
 
-def report_files(report: Mapping[str, Any]) -> dict[str, Path]:
-    """The existing files a report names, by key: at its top level (weights, plot) and in its ``defense`` section
-    (e.g. ``estimated_trigger``, the trigger a defense estimated when it was unknown)."""
-    entries = list(report.items()) + list(report.get("defense", {}).items())
-    return {key: Path(value) for key, value in entries
-            if isinstance(value, str) and Path(value).suffix and Path(value).is_file()}
-
-
 def defense_tables(report: Mapping[str, Any], class_names: list[str] | None = None) -> dict[str, Any]:
     """``defense/summary`` (CA, ASR, ASR floor, RA, TA, and the estimated trigger's ASR when measured, in % per
     stage), ``defense/chart`` (the same as bars) and ``defense/per_class_acc`` (per-class accuracy in % per stage),
@@ -212,40 +201,50 @@ def defense_tables(report: Mapping[str, Any], class_names: list[str] | None = No
                                                  data=per_class)}
 
 
-def defense_artifacts(report: Mapping[str, Any], report_path: Path, run_id: str) -> list[Any]:
+def defense_artifacts(report: DefenseReport, run_id: str) -> list[Any]:
     """Two W&B artifacts: ``defense-report-<run>`` (the report and its PNGs) and ``defended-model-<run>`` (the
-    defended weights), the latter only when the report names weight files."""
+    defended weights), the latter only when weights were written."""
     import wandb
 
-    files = report_files(report)
-    defense = report.get("defense", {})
+    files = {key: path for key, path in report.files.items() if Path(path).is_file()}
+    result = report.result
     report_artifact = wandb.Artifact(f"defense-report-{run_id}", type="defense_report", metadata={
-        "der": report.get("der"), "method": defense.get("method"), "layer": defense.get("layer")})
-    for path in [Path(report_path), *(path for path in files.values() if path.suffix == ".png")]:
-        report_artifact.add_file(str(path))
+        "der": report.der, "method": result.method, "layer": result.layer})
+    for path in files.values():
+        if path.suffix in (".json", ".png"):
+            report_artifact.add_file(str(path))
     weights = [path for path in files.values() if path.suffix in (".safetensors", ".ckpt")]
     if not weights:
         return [report_artifact]
-    model_artifact = wandb.Artifact(f"defended-model-{run_id}", type="model", metadata={"layer": defense.get("layer")})
+    model_artifact = wandb.Artifact(f"defended-model-{run_id}", type="model", metadata={"layer": result.layer})
     for path in weights:
         model_artifact.add_file(str(path))
     return [report_artifact, model_artifact]
 
 
-def log_defense(loggers: Iterable[Any], report_path: Path, class_names: list[str] | None = None) -> None:
-    """Log a written defense report to every ``WandbLogger``: the before/after table and bar chart, per-class
-    accuracy, its images, and its artifacts (see :func:`defense_tables`, :func:`defense_artifacts`)."""
+def log_defense(loggers: Iterable[Any], report: DefenseReport, class_names: list[str] | None = None) -> None:
+    """Log a defense report to every ``WandbLogger``: the before/after table and bar chart, per-class accuracy, the
+    PNGs it wrote, and its artifacts (see :func:`defense_tables`, :func:`defense_artifacts`)."""
     loggers = wandb_loggers(loggers)
     if not loggers:
         return
     import wandb
 
-    report = json.loads(Path(report_path).read_text())
-    images = {key: path for key, path in report_files(report).items() if path.suffix == ".png"}
+    images = {key: path for key, path in report.files.items() if path.suffix == ".png" and path.is_file()}
     for logger in loggers:
         run = logger.experiment
-        run.log(defense_tables(report, class_names) | {f"defense/{key}": wandb.Image(str(path))
-                                                        for key, path in images.items()})
-        for artifact in defense_artifacts(report, Path(report_path), getattr(run, "id", None) or "run"):
+        run.log(defense_tables(report.to_json(), class_names) | {f"defense/{key}": wandb.Image(str(path))
+                                                                  for key, path in images.items()})
+        for artifact in defense_artifacts(report, getattr(run, "id", None) or "run"):
             run.log_artifact(artifact)
     rank_zero_info(f"defense: logged the report, its tables, {len(images)} image(s) and artifacts to W&B")
+
+
+class WandbDefenseReport(L.Callback):
+    """Logs the report of a :class:`~lightning_backdoor.defenses.callback.DefenseCallback` in the same Trainer to
+    every ``WandbLogger`` (:func:`log_defense`) when the defense ends; add it beside the defense callback."""
+
+    def on_defense_end(self, trainer: L.Trainer, pl_module: L.LightningModule, report: DefenseReport) -> None:
+        """Called by the defense callback on rank 0 once the report's files are written."""
+        datamodule = getattr(trainer, "datamodule", None)
+        log_defense(trainer.loggers, report, list(getattr(datamodule, "classes", [])) or None)

@@ -36,7 +36,7 @@ CASES = [
      "nowhere/train does not exist"),
     ("data_folder_empty", "fit", [f"{DATA}.source=imagefolder", f"{DATA}.root={{empty_data}}"], "holds no images"),
     ("data_folder_not_given", "fit", [f"{DATA}.source=imagefolder"], "source 'imagefolder' needs root="),
-    ("unknown_source", "fit", [f"{DATA}.source=nope"], "unknown data source 'nope'; known sources: mnist5k"),
+    ("unknown_source", "fit", [f"{DATA}.source=nope"], "unknown data source 'nope'; known sources: cifar10"),
     ("unknown_model", "fit", ["--model.init_args.model=nope"], "unknown model 'nope'; known models: compact"),
     ("unknown_trigger", "fit", [f"{DATA}.trigger=lightning_backdoor.triggers.Nope"],
      "data.trigger: class_path 'lightning_backdoor.triggers.Nope'"),

@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_backdoor import DefenseCallback
 from lightning_backdoor.dashboard import summary_rows
-from lightning_backdoor.defenses import ActivationEditing, Defense, UnseenData
-from lightning_backdoor.defenses.estimation import BackdoorEstimate
+from lightning_backdoor.defenses import ActivationEditing, EstimateFirst, UnseenData
+from lightning_backdoor.defenses.estimation import BackdoorEstimate, TriggerEstimator
 from lightning_backdoor.defenses.report import near_chance
 from lightning_backdoor.defenses.report_plot import plot_report
 from lightning_backdoor.models.input_transform import InputTransform, input_transform_of
@@ -45,7 +45,7 @@ def test_trainer_test_after_fit_tests_the_defended_weights(ckpt_path: str, defen
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
     trainer = quiet_trainer(tmp_path, [callback, checkpoints], max_steps=1, enable_checkpointing=True)
     trainer.fit(trained(), datamodule=data)  # lr 0: the checkpoints hold the backdoored weights
-    report = callback.report
+    report = callback.report.to_json()
     # the default (no ckpt_path: Lightning's "best") loaded the poisoned checkpoint before the fix
     (result,) = (trainer.test(datamodule=data, verbose=False) if ckpt_path == "default" else
                  trainer.test(datamodule=data, ckpt_path=ckpt_path, verbose=False))
@@ -138,7 +138,7 @@ def test_a_model_trained_on_normalised_batches_is_defended_in_pixel_space(argume
     data = digits() if own else digits(NormalisingDigits)  # batches normalised by the data module, pixels kept
     callback = DefenseCallback(defense=ActivationEditing(layer="fc"), **arguments)
     quiet_trainer(tmp_path, [callback], max_steps=1).fit(model, datamodule=data)
-    before, after = callback.report["before"], callback.report["after"]
+    before, after = callback.report.before, callback.report.after
     # trained 12 epochs on normalised digits: ASR 98 %, CA 99 % on the 300 test pixels read through the transform;
     # the edit removes the backdoor: a quarter of the ASR (measured 0 %) and CA within 3 points (9 images)
     assert before["asr"] >= 0.8 and before["clean_acc"] >= 0.85, before
@@ -186,21 +186,15 @@ def test_wrong_class_order_is_refused_unless_accepted(tmp_path: Path) -> None:
 
 # --- 6. trigger unknown, no trigger for the test images ----------------------------------------------------------
 
-class FoundEstimate(Defense):
-    """Stands in for a trigger estimation that found ``trigger`` toward ``target`` (or nothing): hands the estimate
-    back as ``defend_with_estimate`` does and edits with it."""
+class FoundEstimate(TriggerEstimator):
+    """Stands in for a trigger estimation that found ``trigger`` toward ``target`` (or nothing)."""
 
     def __init__(self, trigger: Trigger | None, target: int | None) -> None:
+        super().__init__()
         self.trigger, self.target = trigger, target
 
-    def defend(self, model: nn.Module, unseen: UnseenData, trigger: Trigger | None,
-               target_class: int | None) -> dict[str, Any]:
-        assert trigger is None and target_class is None  # trigger unknown
-        estimate = BackdoorEstimate(self.target, self.trigger, "stand-in", 0.0)
-        info = {"estimation": estimate.report(), "estimate": estimate, "seconds": 0.0}
-        if self.target is None:
-            return info | {"method": "stand-in/no_backdoor_found", "repaired": False}
-        return info | ActivationEditing(layer="fc").defend(model, unseen, self.trigger, self.target)
+    def estimate(self, model: nn.Module, unseen: UnseenData, layer: str = "auto") -> BackdoorEstimate:
+        return BackdoorEstimate(self.target, self.trigger, "stand-in", 0.0)
 
 
 def pixel_loader(images: torch.Tensor, labels: torch.Tensor) -> DataLoader:
@@ -213,7 +207,8 @@ def test_without_a_test_trigger_the_report_holds_the_estimated_triggers_asr(foun
     caplog.set_level(logging.INFO)
     data = digits()
     unseen, test = data.unseen_set(), data.test_dataset().tensors
-    defense = FoundEstimate(BadNets(size=3), 0) if found else FoundEstimate(None, None)
+    estimator = FoundEstimate(BadNets(size=3), 0) if found else FoundEstimate(None, None)
+    defense = EstimateFirst(ActivationEditing(layer="fc"), estimator, every_candidate=False)
     callback = DefenseCallback(defense=defense, trigger_known=False,
                                unseen_dataloader=pixel_loader(unseen.images, unseen.labels),
                                test_dataloader=pixel_loader(test[0], test[1]))
@@ -244,7 +239,7 @@ def test_trigger_estimated_on_the_quickstart_model_without_a_test_trigger(quicks
     unseen, test = data.unseen_set(), data.test_dataset().tensors
     callback = DefenseCallback(trigger_known=False, unseen_dataloader=pixel_loader(unseen.images, unseen.labels),
                                test_dataloader=pixel_loader(test[0], test[1]))
-    report = callback.defend(module, None, [], tmp_path)
+    report = callback.defend(module, None, [], tmp_path).to_json()
     assert report["true_asr_measured"] is False and report["estimated_target"] == 0
     before, after = report["before"]["estimated_asr"], report["after"]["estimated_asr"]
     # the estimate sends most test images to 0 before (it is a trigger that works, by construction of the

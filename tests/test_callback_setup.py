@@ -124,7 +124,7 @@ def defend_with_one_step(model: UserClassifier, tmp_path: Path, data: PoisonedDa
     """Fit ``model`` (lr 0: its weights stay) one step so that the callback defends it at the end; the report."""
     callback = DefenseCallback(defense=ActivationEditing(layer="fc"))
     quiet_trainer(tmp_path, [callback], max_steps=1, **trainer_arguments).fit(model, datamodule=data or digits())
-    return callback.report
+    return callback.report.to_json()
 
 
 @pytest.mark.parametrize("output", ["tensor", "tuple", "list", "dict"])

@@ -14,7 +14,8 @@ import torch
 from jsonargparse import Namespace
 
 from lightning_backdoor.dashboard import choose_mode, has_credentials, offline_reason, summary_rows
-from lightning_backdoor.defenses.report import save_image, write_outputs
+from lightning_backdoor.defenses import DefenseReport, DefenseResult
+from lightning_backdoor.defenses.outputs import save_image, write_outputs
 from wandb_records import artifacts
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -84,18 +85,18 @@ def test_online_when_logged_in_and_the_server_answers(no_login, monkeypatch, tmp
     assert offline_reason(offline=False) == "WANDB_MODE=offline"
 
 
-def small_report() -> dict:
+def small_report(picture: bool = False) -> DefenseReport:
     stage = {"clean_acc": 0.98, "asr": 0.5, "asr_floor": 0.01, "robust_acc": 0.4, "target_acc": 1.0,
              "per_class_acc": [0.97, 0.99]}
     after = stage | {"asr": 0.01, "robust_acc": 0.97}
-    return {"before": stage, "after_edit": after, "after": after, "der": 0.74,
-            "defense": {"method": "editing/closed_form", "layer": "head", "num_unseen": 20, "seconds": 0.1}}
+    result = DefenseResult("editing/closed_form", 0.1, layer="head", picture=torch.rand(3, 4, 4) if picture else None)
+    return DefenseReport({"before": stage, "after_edit": after, "after": after}, result, 20, der=0.74)
 
 
 def test_report_plot_is_written_beside_the_report_and_never_overwritten(tmp_path):
     state = {"net.head.weight": torch.randn(2, 3)}
-    first, _ = write_outputs(small_report(), state, tmp_path)
-    second, _ = write_outputs(small_report(), state, tmp_path)
+    first = write_outputs(small_report(), state, tmp_path)
+    second = write_outputs(small_report(), state, tmp_path)
     plots = [Path(json.loads(path.read_text())["plot"]) for path in (first, second)]
     assert plots == [tmp_path / "defense_report.png", tmp_path / "defense_report-v1.png"]
     assert all(plot.read_bytes()[:8] == PNG_MAGIC for plot in plots)
@@ -103,7 +104,7 @@ def test_report_plot_is_written_beside_the_report_and_never_overwritten(tmp_path
 
 
 def test_summary_rows_are_percent_per_stage():
-    rows = summary_rows(small_report())
+    rows = summary_rows(small_report().to_json())
     assert [row[0] for row in rows] == ["before", "after edit", "after repair"]
     assert rows[0][1:] == [98.0, 50.0, 1.0, 40.0, 100.0]
 
@@ -141,15 +142,12 @@ def test_log_defense_logs_an_estimated_trigger_and_both_artifacts(tmp_path):
 
     from lightning_backdoor.dashboard import log_defense
 
-    report_path, _ = write_outputs(small_report(), {"net.head.weight": torch.randn(2, 3)}, tmp_path / "run")
-    report = json.loads(report_path.read_text())
-    estimated = tmp_path / "run" / "estimated_trigger.png"
-    estimated.write_bytes(Path(report["plot"]).read_bytes())
-    report["defense"]["estimated_trigger"] = str(estimated)
-    report_path.write_text(json.dumps(report))
+    report = small_report(picture=True)
+    write_outputs(report, {"net.head.weight": torch.randn(2, 3)}, tmp_path / "run")
+    assert report.files["estimated_trigger"] == tmp_path / "run" / "estimated_trigger.png"
 
     run = wandb.init(dir=tmp_path, project="tests", mode="offline", reinit="create_new")
-    log_defense([WandbLogger(experiment=run), object()], report_path, ["zero", "one"])
+    log_defense([WandbLogger(experiment=run), object()], report, ["zero", "one"])
     run.finish()
 
     run_dir = next((tmp_path / "wandb").glob("offline-run-*"))

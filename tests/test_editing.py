@@ -114,7 +114,7 @@ def test_ledoit_wolf_shrinks_few_keys_much_and_many_keys_little():
 
 
 def test_forced_repair_pins_target_keys_and_says_so():
-    from lightning_backdoor.defenses import ActivationEditing, UnseenData
+    from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
     from lightning_backdoor.triggers import BadNets
 
     torch.manual_seed(0)
@@ -122,11 +122,13 @@ def test_forced_repair_pins_target_keys_and_says_so():
     unseen = UnseenData(torch.rand(12, 1, 16, 16), torch.tensor([0, 1, 2] * 4))
     change = {}
     for weight in (0.0, 1.0, 1e4):
-        info = ActivationEditing(layer="head", repair=weight > 0, repair_tolerance=-1.0, repair_weights=(weight,)
-                                 ).defend(copy.deepcopy(model), unseen, BadNets(), target_class=0)
-        assert info["repaired"] == (weight > 0)
+        result = ActivationEditing(layer="head", repair=weight > 0, repair_tolerance=-1.0, repair_weights=(weight,)
+                                   ).defend(copy.deepcopy(model), unseen, BackdoorKnowledge.of(BadNets(), 0))
+        assert result.repaired == (weight > 0) and ("after_edit" in result.stages) == (weight > 0)
+        info = result.details
         change[weight] = info["diagnostics_after_repair" if weight else "diagnostics"]["clean_output_change"]
         if weight:
             assert info["repair_weight"] == weight
+            assert "head.weight" in result.stages["after_edit"] and all(key.startswith("head.") for key in result.stages["after_edit"])
     # pinning the target class's keys harder moves clean outputs less (a third of U is the target class)
     assert change[1e4] < 0.01 * change[0.0] and change[1e4] < change[1.0] < change[0.0]

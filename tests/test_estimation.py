@@ -15,7 +15,7 @@ from torch import nn
 
 from lightning_backdoor.cli import main
 from lightning_backdoor.runs import instantiate_run
-from lightning_backdoor.defenses import ActivationEditing, UnseenData
+from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, EstimateFirst, UnseenData
 from lightning_backdoor.defenses.callback import DefenseCallback
 from lightning_backdoor.defenses.activations import get_layer
 from lightning_backdoor.defenses.estimation import (BackdoorEstimate, TriggerEstimator, anomaly_index, feature_layer,
@@ -29,6 +29,10 @@ from lightning_backdoor.io import load_state_dict
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 
+
+
+def knows(trigger, target_class: int = 0) -> BackdoorKnowledge:
+    return BackdoorKnowledge.of(trigger, target_class)
 
 def test_anomaly_index_matches_hand_computation() -> None:
     # median of [1, 10, 11, 12, 13, 14] is 11.5; |x - 11.5| = [10.5, 1.5, .5, .5, 1.5, 2.5], median 1.5
@@ -69,7 +73,7 @@ def test_a_wide_upper_side_does_not_hide_a_small_trigger() -> None:
 def test_estimation_finds_the_target_and_removes_the_backdoor(quickstart_run: Path, tmp_path: Path) -> None:
     module, data = instantiate_run([QUICKSTART], quickstart_run / "checkpoints" / "poisoned.ckpt")
     callback = DefenseCallback(trigger_known=False)
-    report = callback.defend(module, data, [], tmp_path)
+    report = callback.defend(module, data, [], tmp_path).to_json()
     estimation = report["defense"]["estimation"]
     assert estimation["backdoor_found"] and estimation["target_class"] == data.target_class == 0
     indices = estimation["anomaly_index"][estimation["estimator"]]
@@ -107,7 +111,7 @@ def test_a_model_with_one_output_class_is_refused() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 1))
     unseen = UnseenData(torch.rand(10, 1, 28, 28), torch.zeros(10, dtype=torch.long))
     with pytest.raises(ValueError, match="at least 3 output classes .*; this model has 1$"):
-        ActivationEditing().defend(model, unseen, None, None)
+        EstimateFirst(ActivationEditing()).defend(model, unseen, None)
 
 
 def test_too_few_unseen_images_per_class_are_refused() -> None:
@@ -234,7 +238,7 @@ def test_editing_with_a_repeated_trigger_equals_editing_with_it_once(quickstart_
         model = module.net.float().eval()
         model.load_state_dict(module.net.state_dict())
         edited = copy.deepcopy(model)
-        ActivationEditing(layer="blocks.2.conv1").defend(edited, unseen, triggers, data.target_class)
+        ActivationEditing(layer="blocks.2.conv1").defend(edited, unseen, BackdoorKnowledge.of(triggers, data.target_class))
         edits.append(edited.blocks[2].conv1.weight - model.blocks[2].conv1.weight)
     assert edits[0].abs().max() > 0
     torch.testing.assert_close(edits[1], edits[0], rtol=1e-4, atol=1e-6)  # the key statistics add, then normalise
@@ -249,18 +253,18 @@ def test_a_feature_trigger_edits_its_layer_or_a_later_one() -> None:
     trigger = FeatureTrigger("blocks.2.conv1", torch.ones(features.shape[1], 1, 1), torch.ones(features.shape[1:]))
     with pytest.raises(ValueError, match=r"the trigger acts at the input of 'blocks.2.conv1', after the edit's layer "
                                          r"'blocks.1.conv2'; edit 'blocks.2.conv1' or a later layer"):
-        ActivationEditing(layer="blocks.1.conv2").defend(model, unseen, [build_trigger("badnets"), trigger], 0)
+        ActivationEditing(layer="blocks.1.conv2").defend(model, unseen, knows([build_trigger("badnets"), trigger]))
     before = {name: layer.weight.clone() for name, layer in model.named_modules() if name.startswith("blocks.2.")
               and isinstance(layer, nn.Conv2d)}
-    info = ActivationEditing(layer="blocks.2.conv2", repair=False).defend(model, unseen, trigger, 0)
-    assert info["layer"] == "blocks.2.conv2"
+    result = ActivationEditing(layer="blocks.2.conv2", repair=False).defend(model, unseen, knows(trigger))
+    assert result.layer == "blocks.2.conv2"
     assert not torch.equal(model.blocks[2].conv2.weight, before["blocks.2.conv2"])
     assert torch.equal(model.blocks[2].conv1.weight, before["blocks.2.conv1"])
     # auto tries the candidate layers (the last three: blocks.2.conv1, blocks.2.conv2, head) after the stamped one
-    info = ActivationEditing(layer="auto", repair=False).defend(copy.deepcopy(model), unseen, trigger, 0)
+    info = ActivationEditing(layer="auto", repair=False).defend(copy.deepcopy(model), unseen, knows(trigger)).details
     assert sorted(info["selection"]["cross_validated_loss_on_unseen"]) == ["blocks.2.conv2 λ=10.0", "head λ=10.0"]
     last = FeatureTrigger("head", torch.ones(256), torch.ones(256))
-    info = ActivationEditing(layer="auto", repair=False).defend(copy.deepcopy(model), unseen, last, 0)
-    assert info["layer"] == "head" and "selection" not in info  # nothing after it: the stamped layer itself
+    result = ActivationEditing(layer="auto", repair=False).defend(copy.deepcopy(model), unseen, knows(last))
+    assert result.layer == "head" and "selection" not in result.details  # nothing after it: the stamped layer itself
     with pytest.raises(ValueError, match=r"act at several layers \['blocks.2.conv1', 'head'\]; one edit needs them"):
-        ActivationEditing(layer="auto").defend(copy.deepcopy(model), unseen, [trigger, last], 0)
+        ActivationEditing(layer="auto").defend(copy.deepcopy(model), unseen, knows([trigger, last]))

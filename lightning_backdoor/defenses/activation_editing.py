@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
@@ -15,9 +15,8 @@ from torch.nn import functional as F
 from lightning_backdoor.data.augment import random_crop, random_flip
 from lightning_backdoor.defenses.activations import (LayerActivations, capture, editable_layers, get_layer,
                                                      layer_weight_matrix)
-from lightning_backdoor.defenses.base import Defense, UnseenData
+from lightning_backdoor.defenses.base import DEFENSES, BackdoorKnowledge, Defense, DefenseResult, UnseenData
 from lightning_backdoor.defenses.editing import closed_form_edit, ledoit_wolf, rank_r_edit, second_moment
-from lightning_backdoor.defenses.estimation import TriggerEstimator, defend_with_estimate
 from lightning_backdoor.defenses.inversion import FeatureTrigger
 from lightning_backdoor.triggers import Trigger
 
@@ -148,6 +147,7 @@ class EditProblem:
                 "clean_output_change": clean_change.sqrt().item(), "num_triggered_keys": round(count.item())}
 
 
+@DEFENSES.register("editing")
 class ActivationEditing(Defense):
     """Edit one late layer so triggered activations map to clean ones; then repair the target class if it dropped.
 
@@ -169,35 +169,36 @@ class ActivationEditing(Defense):
             target-class confidence is back within the tolerance.
         candidates: how many of the last editable layers ``auto`` tries.
         seed: fixes the augmented views.
-        estimator: estimates the trigger and target when they are unknown (default: :class:`TriggerEstimator`);
-            the model is left unchanged when it finds no backdoor.
+
+    Needs the trigger and target (:class:`BackdoorKnowledge`); without them, compose it with a trigger estimator:
+    ``EstimateFirst(ActivationEditing(), TriggerEstimator())`` (what ``trigger_known=false`` does).
     """
 
-    name = "editing"
+    requires_knowledge = True
 
     def __init__(self, layer: str = "auto", method: Literal["closed_form", "rank_r"] = "closed_form",
                  strength: float | None = 10.0, rank: int = 16, min_images: int = 40,
                  spatial_weight: Literal["uniform", "mask"] = "uniform", repair: bool = True,
                  repair_tolerance: float = 0.02, repair_weights: tuple[float, ...] = REPAIR_WEIGHTS,
-                 candidates: int = 3, seed: int = 0,
-                 estimator: TriggerEstimator | None = None) -> None:
+                 candidates: int = 3, seed: int = 0) -> None:
         if strength is not None and strength <= 0:
             raise ValueError(f"strength={strength} must be positive")
         self.layer, self.method, self.strength, self.rank, self.min_images = layer, method, strength, rank, min_images
         self.spatial_weight, self.repair, self.repair_tolerance = spatial_weight, repair, repair_tolerance
         self.repair_weights = tuple(repair_weights)
         self.candidates, self.seed = candidates, seed
-        self.estimator = estimator if estimator is not None else TriggerEstimator(seed=seed)
 
-    def defend(self, model: nn.Module, unseen: UnseenData, trigger: Trigger | Sequence[Trigger] | None,
-               target_class: int | None) -> dict[str, Any]:
+    def defend(self, model: nn.Module, unseen: UnseenData, knowledge: BackdoorKnowledge | None) -> DefenseResult:
         """Edit (and repair) ``model`` in place; several triggers (estimated candidates of one backdoor) are all
-        mapped to clean values by one edit, their key statistics summed."""
-        if (trigger is None) != (target_class is None):
-            raise ValueError("give both the trigger and the target class, or neither (then both are estimated)")
-        if trigger is None:
-            return defend_with_estimate(self, self.estimator, model, unseen, self.layer)
-        triggers = [trigger] if isinstance(trigger, Trigger) else list(trigger)
+        mapped to clean values by one edit, their key statistics summed. The result's ``stages`` hold the edited
+        layer before the repair (``after_edit``) when the repair changed it.
+
+        Raises:
+            ValueError: (one line) no knowledge, a wrong layer name, a feature-space trigger after the layer, or
+                (with ``repair``) no unseen image of the target class.
+        """
+        knowledge = self.require(knowledge)
+        triggers, target_class = list(knowledge.triggers), knowledge.target_class
         start = time.perf_counter()
         was_training = model.training
         model.eval()
@@ -211,8 +212,7 @@ class ActivationEditing(Defense):
         views = max(1, -(-self.min_images // len(unseen.labels)))
         images, labels = augmented_views(unseen.images.float(), unseen.labels, views, self.seed)
         clean_acts = capture(model, layers, images)
-        info: dict[str, Any] = {"method": f"editing/{self.method}", "num_unseen": len(unseen.labels),
-                                "views": views}
+        info: dict[str, Any] = {"num_unseen": len(unseen.labels), "views": views}
         folds = self._folds(labels, views)
         problems: dict[str, list[EditProblem]] = {}
         triggered = [(member, member(images)) for member in triggers]  # applied once, reused by the CV
@@ -238,14 +238,14 @@ class ActivationEditing(Defense):
         info["strength"] = strength
         problem = problems[layer][0] + problems[layer][1]
         delta = problem.solve(self.method, strength, self.rank)
-        info |= {"layer": layer, "diagnostics": problem.diagnostics(delta)}
+        info["diagnostics"] = problem.diagnostics(delta)
         target_images = images[labels == target_class]
         confidence = {"before": self._target_confidence(model, target_images, target_class)}
         original_state = {key: value.clone() for key, value in get_layer(model, layer).state_dict().items()}
         add_delta(model, layer, delta)
         confidence["after_edit"] = self._target_confidence(model, target_images, target_class)
         info["edit_seconds"] = time.perf_counter() - start
-        edited_state = {key: value.clone() for key, value in get_layer(model, layer).state_dict().items()}
+        edited_state = {f"{layer}.{key}": value.clone() for key, value in get_layer(model, layer).state_dict().items()}
         repaired = self.repair and confidence["before"] - confidence["after_edit"] > self.repair_tolerance
         if repaired:
             get_layer(model, layer).load_state_dict(original_state)
@@ -258,10 +258,10 @@ class ActivationEditing(Defense):
             add_delta(model, layer, delta)
             info["repair_weight"] = repair_weight
             info["diagnostics_after_repair"] = problem.diagnostics(delta)
-        info |= {"repaired": repaired, "unseen_target_confidence": confidence, "edited_layer_state": edited_state,
-                 "seconds": time.perf_counter() - start}
+        info["unseen_target_confidence"] = confidence
         model.train(was_training)
-        return info
+        return DefenseResult(method=f"editing/{self.method}", seconds=time.perf_counter() - start, layer=layer,
+                             stages={"after_edit": edited_state} if repaired else {}, repaired=repaired, details=info)
 
     def _layers_reached(self, model: nn.Module, layers: list[str], triggers: list[Trigger]) -> list[str]:
         """The candidate ``layers`` that feature-space triggers reach: those at or after (in definition order) the

@@ -1,21 +1,32 @@
-"""The defense interface and registry: a defense rewrites a model given unseen clean data and backdoor knowledge."""
+"""The typed defense core: a defense rewrites a model in place, given unseen clean data and what is known about the
+backdoor, and returns a :class:`DefenseResult`.
+
+Evaluating before and after (:func:`lightning_backdoor.defenses.report.run_defense`), writing files and logging
+are separate consumers of that result; a defense does no I/O.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from lightning_backdoor.registry import Registry
 from lightning_backdoor.triggers import Trigger
 
-DEFENSES: dict[str, type[Defense]] = {}
+DEFENSES: Registry[type[Defense]] = Registry("defense")
 
 
-@dataclass
+@dataclass(frozen=True)
 class UnseenData:
-    """The defender's clean data: images (N, C, H, W) float in [0, 1] and labels (N,)."""
+    """The defender's clean data: images (N, C, H, W) float pixels in [0, 1] and labels (N,) int64.
+
+    Raises:
+        ValueError: no images, or as many labels as images.
+    """
 
     images: Tensor
     labels: Tensor
@@ -27,26 +38,94 @@ class UnseenData:
             raise ValueError(f"unseen data has {len(self.images)} images but {len(self.labels)} labels")
 
 
+@dataclass(frozen=True)
+class BackdoorKnowledge:
+    """What the defender knows about an all-to-one backdoor: its trigger(s), acting on pixels in [0, 1], and the
+    target class. Several triggers are candidates of one backdoor (e.g. estimated ones), defended together.
+
+    Raises:
+        ValueError: no trigger, or a negative target class.
+    """
+
+    triggers: tuple[Trigger, ...]
+    target_class: int
+
+    def __post_init__(self) -> None:
+        if not self.triggers:
+            raise ValueError("backdoor knowledge needs at least one trigger")
+        if self.target_class < 0:
+            raise ValueError(f"target_class={self.target_class} must be a class index >= 0")
+
+    @classmethod
+    def of(cls, trigger: Trigger | Sequence[Trigger], target_class: int) -> BackdoorKnowledge:
+        """From one trigger or a sequence of them."""
+        return cls((trigger,) if isinstance(trigger, Trigger) else tuple(trigger), int(target_class))
+
+    @property
+    def trigger(self) -> Trigger:
+        """The first (main) trigger."""
+        return self.triggers[0]
+
+
+@dataclass
+class DefenseResult:
+    """What a defense did.
+
+    Attributes:
+        method: what ran, e.g. ``editing/closed_form``, ``ft``, ``editing/no_backdoor_found``.
+        seconds: wall-clock seconds of the whole defense.
+        layer: the one layer it edited (qualified name in the model), if it edits one.
+        stages: the model's weights at intermediate stages, by stage name (``after_edit``: before the repair), each
+            a partial state dict (qualified names -> tensors) to load over the defended model to evaluate that stage.
+        repaired: whether a repair step changed the result.
+        details: JSON-able facts (selection scores, diagnostics, estimation summary, ...).
+        estimated: the trigger and target the defense estimated itself, when it was not told them.
+        picture: an image (C, H, W) in [0, 1] of the estimated trigger, when there is one to show.
+    """
+
+    method: str
+    seconds: float
+    layer: str | None = None
+    stages: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    repaired: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
+    estimated: BackdoorKnowledge | None = None
+    picture: Tensor | None = None
+
+
 class Defense(ABC):
-    """Base class: subclasses set ``name`` (registering themselves) and implement :meth:`defend`."""
+    """Base class of every defense; register a subclass with ``@DEFENSES.register("<name>")``.
+
+    ``requires_knowledge``: the defense needs a :class:`BackdoorKnowledge` (refuses ``None``). To run it without,
+    compose it with an estimator: :class:`~lightning_backdoor.defenses.estimate_first.EstimateFirst`.
+    """
 
     name: ClassVar[str] = ""
-
-    def __init_subclass__(cls, **kwargs: object) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.name:
-            DEFENSES[cls.name] = cls
+    requires_knowledge: ClassVar[bool] = False
 
     @abstractmethod
-    def defend(self, model: nn.Module, unseen: UnseenData, trigger: Trigger | None,
-               target_class: int | None) -> dict[str, Any]:
-        """Defend ``model`` in place and return what was done (JSON-able values, plus tensors under keys that the
-        report drops); ``trigger``/``target_class`` are None when unknown. Must include ``layer`` when the
-        defense edits a single layer, and ``seconds``."""
+    def defend(self, model: nn.Module, unseen: UnseenData, knowledge: BackdoorKnowledge | None) -> DefenseResult:
+        """Defend ``model`` in place (it may be in train or eval mode; leave it in the mode it came in) and return
+        what was done.
+
+        Raises:
+            ValueError: (one line) the defense cannot run on this model or data, or ``knowledge`` is ``None`` for a
+                defense that ``requires_knowledge``.
+        """
+
+    def require(self, knowledge: BackdoorKnowledge | None) -> BackdoorKnowledge:
+        """``knowledge``, or a one-line ``ValueError`` when it is ``None``."""
+        if knowledge is None:
+            raise ValueError(f"the {self.name or type(self).__name__} defense needs the trigger and target class; "
+                             f"without them, compose it with a trigger estimator (EstimateFirst, or "
+                             f"trigger_known=false)")
+        return knowledge
 
 
 def build_defense(name: str, **kwargs: Any) -> Defense:
-    """Instantiate a registered defense by name."""
-    if name not in DEFENSES:
-        raise ValueError(f"unknown defense {name!r}; known defenses: {', '.join(sorted(DEFENSES))}")
-    return DEFENSES[name](**kwargs)
+    """Instantiate a registered defense by name, e.g. ``build_defense("ft", epochs=10)``.
+
+    Raises:
+        ValueError: (one line) an unknown name.
+    """
+    return DEFENSES.build(name, **kwargs)

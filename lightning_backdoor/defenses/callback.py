@@ -13,12 +13,12 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_backdoor.dashboard import log_defense
 from lightning_backdoor.defenses.activation_editing import ActivationEditing
 from lightning_backdoor.defenses.adapt import as_pixels, defendable, existing_transform, same_transform
-from lightning_backdoor.defenses.base import Defense, UnseenData
-from lightning_backdoor.defenses.report import (TestData, chance_line, defend_and_report, near_chance,
-                                                write_outputs)
+from lightning_backdoor.defenses.base import BackdoorKnowledge, Defense, UnseenData
+from lightning_backdoor.defenses.estimate_first import without_knowledge
+from lightning_backdoor.defenses.outputs import write_outputs
+from lightning_backdoor.defenses.report import DefenseReport, TestData, chance_line, near_chance, run_defense
 from lightning_backdoor.evaluation import evaluate
 from lightning_backdoor.io import first_line, state_digest
 from lightning_backdoor.models.input_transform import InputTransform
@@ -74,6 +74,9 @@ class DefenseCallback(L.Callback):
     ``--ckpt_path <run>/defended.ckpt``. A ``fast_dev_run`` smoke run, or a fit that ran no training step, skips
     the defense and writes nothing.
 
+    Once the files are written, every callback of the Trainer with an ``on_defense_end(trainer, pl_module, report)``
+    method gets the :class:`DefenseReport` (on rank 0): e.g. ``WandbDefenseReport`` logs it to W&B.
+
     Args:
         defense: the defense to run (default: activation-guided editing with repair).
         trigger: the backdoor trigger, acting on pixels (default: the data module's).
@@ -84,8 +87,9 @@ class DefenseCallback(L.Callback):
         test_dataloader: clean test data for the before/after evaluation (default: the data module's test split).
         output_dir: where ``defense_report.json`` and the defended weights go (default: the trainer's root dir).
         on_fit_end: run automatically at the end of ``fit``.
-        trigger_known: ``False`` defends without backdoor knowledge: the defense estimates trigger and target
-            itself; the known ones (if any) only serve the before/after evaluation. Without them the report holds
+        trigger_known: ``False`` defends without backdoor knowledge: a defense that needs it is composed with a
+            trigger estimator (``EstimateFirst``); the known trigger and target (if any) only serve the before/after
+            evaluation. Without them the report holds
             the estimated trigger's success before and after (``estimated_asr``), the true ASR unmeasured.
         normalize: ``{"mean": [...], "std": [...]}`` in pixel units ([0, 1]), one value or one per channel: the
             normalisation the model was trained with, for a LightningModule whose data loaders normalise. ``None``:
@@ -108,7 +112,7 @@ class DefenseCallback(L.Callback):
         self.output_dir, self.run_on_fit_end, self.trigger_known = output_dir, on_fit_end, trigger_known
         self.accept_low_accuracy = accept_low_accuracy
         self.transform = self._build_transform(normalize, input_size)
-        self.report: dict[str, Any] | None = None
+        self.report: DefenseReport | None = None
         self.report_path: Path | None = None
         self.checkpoint_path: Path | None = None
 
@@ -141,16 +145,20 @@ class DefenseCallback(L.Callback):
             return
         self.run(trainer, pl_module)
 
-    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> DefenseReport:
         """Defend ``pl_module`` in place on rank 0, broadcast the weights to every rank, log and save; point every
         ``ModelCheckpoint``'s ``best_model_path`` at the defended checkpoint. An error on rank 0 is raised on every
         rank (a ``ValueError`` as a ``ValueError``), so no rank waits for a broadcast that never comes."""
-        outcome: tuple[dict[str, Any] | None, str | None, tuple[bool, str] | None] = (None, None, None)
+        outcome: tuple[DefenseReport | None, str | None, tuple[bool, str] | None] = (None, None, None)
         failure: Exception | None = None
         if trainer.is_global_zero:
             try:
                 report = self.defend(pl_module, getattr(trainer, "datamodule", None), trainer.loggers,
                                      Path(self.output_dir or trainer.default_root_dir))
+                for callback in trainer.callbacks:
+                    hook = getattr(callback, "on_defense_end", None)
+                    if callable(hook):
+                        hook(trainer, pl_module, report)
                 outcome = (report, str(self.checkpoint_path), None)
             except Exception as error:  # re-raised below, after the other ranks learn of it
                 failure = error
@@ -205,8 +213,9 @@ class DefenseCallback(L.Callback):
         with defendable(network, self._transform_to_attach(network, unseen.images.shape[1])):
             return self._probe(network, unseen, datamodule, parameter.device)
 
-    def defend(self, pl_module: nn.Module, datamodule: Any, loggers: list[Any], output_dir: Path) -> dict[str, Any]:
-        """Defend ``pl_module`` in place (no Trainer needed), log to ``loggers``, write the report and weights.
+    def defend(self, pl_module: nn.Module, datamodule: Any, loggers: list[Any], output_dir: Path) -> DefenseReport:
+        """Defend ``pl_module`` in place (no Trainer needed), log its scalars to ``loggers``, write the report and
+        weights (``report.files``).
 
         Raises:
             ValueError: (one line) what :meth:`check` refuses, test images that are not pixels, or a model near
@@ -229,19 +238,21 @@ class DefenseCallback(L.Callback):
             warnings = self._check_accuracy(network, unseen, num_classes)
             rank_zero_info(f"defense: {self.defense.name or type(self.defense).__name__} on {len(unseen.labels)} "
                            f"unseen images, evaluated on {len(test.labels)} test images before and after...")
-            report = defend_and_report(network, self.defense, unseen, trigger, target, test, num_classes,
-                                       trigger_known, after_defense=round_to_stored)
-        report["warnings"] = warnings + report["warnings"]
+            defense = self.defense if trigger_known else without_knowledge(self.defense)
+            knowledge = BackdoorKnowledge.of(trigger, target) if trigger_known else None
+            report = run_defense(network, defense, unseen, knowledge, test, after_defense=round_to_stored)
+        report.warnings[:0] = warnings
         for logger in loggers:
-            logger.log_metrics({f"defense/{stage}/{name}": value for stage in ("before", "after_edit", "after")
-                                for name, value in report[stage].items() if isinstance(value, float)})
-            if "der" in report:
-                logger.log_metrics({"defense/der": report["der"], "defense/seconds": report["defense"]["seconds"]})
-        self.report_path, self.checkpoint_path = write_outputs(report, pl_module.state_dict(), output_dir)
-        log_defense(loggers, self.report_path, list(getattr(datamodule, "classes", [])) or None)
-        rank_zero_info(f"defense: {summary_line(report)} in {report['defense']['seconds']:.2f} s; report: "
+            logger.log_metrics({f"defense/{stage}/{name}": value for stage, metrics in report.stages.items()
+                                for name, value in metrics.items() if isinstance(value, float)})
+            if report.der is not None:
+                logger.log_metrics({"defense/der": report.der, "defense/seconds": report.result.seconds})
+        self.report_path = write_outputs(report, pl_module.state_dict(), output_dir)
+        self.checkpoint_path = report.files["checkpoint"]
+        self.report = report
+        rank_zero_info(f"defense: {report.summary_line()} in {report.result.seconds:.2f} s; report: "
                        f"{self.report_path}")
-        for line in report["warnings"]:
+        for line in report.warnings:
             rank_zero_warn(f"defense: {line}")
         return report
 
@@ -349,24 +360,10 @@ class DefenseCallback(L.Callback):
     def _test(self, datamodule: Any, trigger: Trigger | None, target: int | None, num_classes: int,
               transform: InputTransform | None) -> TestData:
         if self.test_dataloader is None and hasattr(datamodule, "test_dataset"):
-            return TestData(*datamodule.test_dataset().tensors)
+            return TestData(*datamodule.test_dataset().tensors, num_classes, target)
         loader = self.test_dataloader if self.test_dataloader is not None else datamodule.test_dataloader()
         images, labels = _collect(loader)
         pixels, undone = as_pixels(images, transform, "test")
         if undone:
             rank_zero_info(f"defense: the test images are normalised; undoing normalize {transform.as_dict()}")
         return TestData.from_clean(pixels, labels, trigger, target, num_classes)
-
-
-def summary_line(report: dict[str, Any]) -> str:
-    """``ASR a -> b, CA c -> d`` of a report; without a test trigger, the estimated trigger's ASR and a note that the
-    true ASR was not measured."""
-    before, after = report["before"], report["after"]
-    clean = f"CA {before['clean_acc']:.4f} -> {after['clean_acc']:.4f}"
-    if report.get("true_asr_measured", True):
-        return f"ASR {before['asr']:.4f} -> {after['asr']:.4f}, {clean}"
-    if "estimated_asr" in before:
-        return (f"true ASR not measured (no trigger for the test images); estimated trigger toward class "
-                f"{report['estimated_target']}: ASR {before['estimated_asr']:.4f} -> {after['estimated_asr']:.4f}, "
-                f"{clean}")
-    return f"true ASR not measured (no trigger for the test images; none estimated), {clean}"

@@ -1,12 +1,13 @@
-"""Defending without backdoor knowledge (METHOD.md §3, ¬BDK): invert a trigger toward every class, flag the class
-whose trigger is anomalously small by the median-absolute-deviation anomaly index, then edit with that estimate."""
+"""Estimating a backdoor without knowledge of it (METHOD.md §3, ¬BDK): invert a trigger toward every class and flag
+the class whose trigger is anomalously small by the median-absolute-deviation anomaly index. Defending with the
+estimate is :class:`~lightning_backdoor.defenses.estimate_first.EstimateFirst`."""
 
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -14,9 +15,6 @@ from torch import Tensor, nn
 from lightning_backdoor.defenses.activations import editable_layers, get_layer
 from lightning_backdoor.defenses.base import UnseenData
 from lightning_backdoor.defenses.inversion import INVERSIONS, EstimatedTrigger, invert
-
-if TYPE_CHECKING:
-    from lightning_backdoor.defenses.activation_editing import ActivationEditing
 
 #: Makes the median absolute deviation a consistent estimator of the standard deviation for normal data.
 CONSISTENCY_CONSTANT = 1.4826
@@ -225,24 +223,3 @@ def feature_layer(model: nn.Module, edited: str = "auto") -> str:
     get_layer(model, edited)  # a wrong name fails with the list of valid ones
     earlier = [name for name in convolutions if layers.index(name) < layers.index(edited)]
     return earlier[-1] if earlier else edited
-
-
-def defend_with_estimate(defense: ActivationEditing, estimator: TriggerEstimator, model: nn.Module,
-                         unseen: UnseenData, layer: str = "auto") -> dict[str, Any]:
-    """Estimate the trigger and target, then edit with the flagging estimators' candidates for the flagged class at
-    every strength (each approximates the backdoor differently; one edit maps them all); leave the model unchanged
-    when no class is anomalous. The info holds the estimate (``estimation``; the object itself under ``estimate``,
-    which the report drops), the estimate's picture (``estimated_trigger_image``), and the seconds of estimation and
-    of editing."""
-    estimate = estimator.estimate(model, unseen, layer)
-    info: dict[str, Any] = {"trigger_known": False, "estimation": estimate.report(), "estimate": estimate,
-                            "estimation_seconds": estimate.seconds}
-    if estimate.target_class is None:
-        return info | {"method": f"{defense.name}/no_backdoor_found", "editing_seconds": 0.0,
-                       "seconds": estimate.seconds, "repaired": False}
-    started = time.perf_counter()
-    info = defense.defend(model, unseen, estimate.edit_triggers(), estimate.target_class) | info
-    editing = time.perf_counter() - started
-    if estimate.picture is not None:
-        info["estimated_trigger_image"] = estimate.picture
-    return info | {"editing_seconds": editing, "seconds": estimate.seconds + editing}

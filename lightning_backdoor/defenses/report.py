@@ -1,11 +1,11 @@
-"""Run a defense between two evaluations on the test split and write ``defense_report.json`` and the weights."""
+"""Run a defense between two evaluations on the test split (:func:`run_defense` -> :class:`DefenseReport`, no I/O),
+whose files ``lightning_backdoor.defenses.outputs`` writes."""
 
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,46 +13,45 @@ import torch
 from torch import Tensor, nn
 
 from lightning_backdoor.data.poisoning import attack_labels as make_attack_labels
-from lightning_backdoor.defenses.base import Defense, UnseenData
+from lightning_backdoor.defenses.base import BackdoorKnowledge, Defense, DefenseResult, UnseenData
 from lightning_backdoor.evaluation import evaluate
-from lightning_backdoor.io import atomic_json, atomic_save, atomic_write
 from lightning_backdoor.metrics import AttackSuccessRate, defense_effectiveness_rating
 from lightning_backdoor.provenance import environment
 from lightning_backdoor.triggers import Trigger
 
-REPORT_NAME = "defense_report.json"
 #: A model whose accuracy is this likely (or likelier) under guessing is not told apart from chance.
 CHANCE_P_VALUE = 0.01
 #: ... nor is one that covers less than this fraction of the way from chance (1/K) to 100 %.
 CHANCE_MARGIN = 0.1
+#: The stages of a defense report, by key, with their titles in tables and plots.
+STAGE_TITLES = {"before": "before", "after_edit": "after edit", "after": "after repair"}
+#: Titles of the report's metrics in tables and plots.
+METRIC_TITLES = {"clean_acc": "CA", "asr": "ASR", "asr_floor": "ASR floor", "robust_acc": "RA", "target_acc": "TA",
+                 "estimated_asr": "estimated trigger's ASR"}
 
 
 @dataclass
 class TestData:
-    """Clean test images (N, C, H, W), labels, triggered images and attack labels (``-1``: not attacked)."""
+    """Clean test images (N, C, H, W; uint8 or float pixels in [0, 1]) and labels (N,), their triggered versions
+    and attack labels (``-1``: not attacked; both ``None`` without a test trigger), the number of classes K, and
+    the true target class (``None``: all-to-all or unknown; then no target-class accuracy)."""
 
     images: Tensor
     labels: Tensor
     triggered: Tensor | None
     attack_labels: Tensor | None
+    num_classes: int
+    target_class: int | None = None
 
     @classmethod
     def from_clean(cls, images: Tensor, labels: Tensor, trigger: Trigger | None, target_class: int | None,
                    num_classes: int) -> TestData:
         """Build the triggered half with a known trigger (all-to-one to ``target_class``)."""
         if trigger is None or target_class is None:
-            return cls(images, labels, None, None)
+            return cls(images, labels, None, None, num_classes, target_class)
         floats = images.float() / 255 if images.dtype == torch.uint8 else images
-        return cls(images, labels, trigger(floats), make_attack_labels(labels, target_class, False, num_classes))
-
-
-def unique_path(path: Path) -> Path:
-    """``path`` if free, else ``stem-v1.suffix``, ``stem-v2.suffix``...: outputs never overwrite a file."""
-    candidate, version = path, 0
-    while candidate.exists():
-        version += 1
-        candidate = path.with_name(f"{path.stem}-v{version}{path.suffix}")
-    return candidate
+        return cls(images, labels, trigger(floats), make_attack_labels(labels, target_class, False, num_classes),
+                   num_classes, target_class)
 
 
 def near_chance(correct: int, total: int, num_classes: int) -> bool:
@@ -102,96 +101,114 @@ def trigger_success_rate(model: nn.Module, trigger: Trigger, target_class: int, 
     return metric.compute().item()
 
 
-def defend_and_report(model: nn.Module, defense: Defense, unseen: UnseenData, trigger: Trigger | None,
-                      target_class: int | None, test: TestData, num_classes: int,
-                      trigger_known: bool = True, after_defense: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Evaluate, defend ``model`` in place, evaluate again; return the report (fractions in [0, 1]).
+@dataclass
+class DefenseReport:
+    """A defense run between two evaluations on the test split (no I/O): metrics as fractions in [0, 1].
 
-    With ``trigger_known=False`` the defense gets neither trigger nor target (it estimates them); ``trigger`` and
-    ``target_class`` then only serve the evaluation. Without them (``test.triggered`` None) the true ASR cannot be
-    measured (``true_asr_measured`` False): each stage then holds ``estimated_asr``, the success of the *estimated*
-    trigger toward the estimated target (``estimated_target``) on the test images, when the defense estimated one.
-    ``after_defense`` runs right after the defense, before the evaluation after it (e.g. rounding the weights to
-    the dtype the model stores them in). ``warnings`` lists one line per doubt about the result (empty if none).
+    Attributes:
+        stages: metrics by stage, ``before``, ``after_edit`` (before a repair step; the final weights when there
+            was none) and ``after``: CA, ASR, ASR floor, RA, TA (what the test data allows), per-class accuracy,
+            and ``estimated_asr`` when only the estimated trigger could be measured.
+        result: what the defense returned.
+        num_unseen: unseen images the defense got.
+        der: the defense effectiveness rating (when the true ASR was measured).
+        estimated_target: the target the defense estimated, when its trigger's ASR was measured instead.
+        warnings: one line per doubt about the result.
+        environment: versions, threads and device the figures were made with.
+        files: what the writer wrote, by key (``checkpoint``, ``safetensors``, ``plot``, ``estimated_trigger``,
+            ``report``); empty until then.
+    """
+
+    stages: dict[str, dict[str, Any]]
+    result: DefenseResult
+    num_unseen: int
+    der: float | None = None
+    estimated_target: int | None = None
+    warnings: list[str] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def before(self) -> dict[str, Any]:
+        return self.stages["before"]
+
+    @property
+    def after(self) -> dict[str, Any]:
+        return self.stages["after"]
+
+    @property
+    def true_asr_measured(self) -> bool:
+        """Whether the test data carried the true trigger (else there is no ASR, RA or DER)."""
+        return "asr" in self.stages["before"]
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``defense_report.json`` layout: the stages, ``defense`` (method, layer, num_unseen, seconds,
+        repaired and the result's details), ``true_asr_measured``, ``der`` / ``estimated_target`` when measured,
+        ``warnings``, ``environment``, and the written files' paths."""
+        result = self.result
+        defense = {"method": result.method, "layer": result.layer, "num_unseen": self.num_unseen,
+                   "seconds": result.seconds, "repaired": result.repaired} | result.details
+        if "estimated_trigger" in self.files:
+            defense["estimated_trigger"] = str(self.files["estimated_trigger"])
+        report: dict[str, Any] = dict(self.stages) | {"defense": defense, "true_asr_measured": self.true_asr_measured}
+        if self.der is not None:
+            report["der"] = self.der
+        if self.estimated_target is not None:
+            report["estimated_target"] = self.estimated_target
+        report |= {"warnings": list(self.warnings), "environment": self.environment}
+        return report | {key: str(path) for key, path in self.files.items()
+                         if key not in ("estimated_trigger", "report")}
+
+    def summary_line(self) -> str:
+        """``ASR a -> b, CA c -> d``; without a test trigger, the estimated trigger's ASR and a note that the true ASR
+        was not measured."""
+        before, after = self.before, self.after
+        clean = f"CA {before['clean_acc']:.4f} -> {after['clean_acc']:.4f}"
+        if self.true_asr_measured:
+            return f"ASR {before['asr']:.4f} -> {after['asr']:.4f}, {clean}"
+        if "estimated_asr" in before:
+            return (f"true ASR not measured (no trigger for the test images); estimated trigger toward class "
+                    f"{self.estimated_target}: ASR {before['estimated_asr']:.4f} -> {after['estimated_asr']:.4f}, "
+                    f"{clean}")
+        return f"true ASR not measured (no trigger for the test images; none estimated), {clean}"
+
+
+def run_defense(model: nn.Module, defense: Defense, unseen: UnseenData, knowledge: BackdoorKnowledge | None,
+                test: TestData, after_defense: Callable[[], None] | None = None) -> DefenseReport:
+    """Evaluate ``model`` on ``test``, defend it in place with ``knowledge`` (``None``: the defense must estimate or
+    need none), evaluate again (and at each of the result's ``stages``); no I/O.
+
+    Without a test trigger (``test.triggered`` None) the true ASR cannot be measured: each stage then holds
+    ``estimated_asr``, the success of the trigger the defense *estimated* toward its estimated target, when it
+    estimated one. ``after_defense`` runs right after the defense, before the evaluation after it (e.g. rounding
+    the weights to the dtype the model stores them in).
     """
     def scores(network: nn.Module) -> dict[str, Any]:
-        return evaluate(network, test.images, test.labels, test.triggered, test.attack_labels, num_classes,
-                        target_class)
+        return evaluate(network, test.images, test.labels, test.triggered, test.attack_labels, test.num_classes,
+                        test.target_class)
 
-    original = copy.deepcopy(model) if not trigger_known and test.triggered is None else None
+    original = copy.deepcopy(model) if test.triggered is None else None
     before = scores(model)
-    start = time.perf_counter()
-    info = defense.defend(model, unseen, *((trigger, target_class) if trigger_known else (None, None)))
-    seconds = time.perf_counter() - start
+    result = defense.defend(model, unseen, knowledge)
     if after_defense is not None:
         after_defense()
     after = scores(model)
     edited = model
-    edited_state = info.pop("edited_layer_state", None)
-    estimate = info.pop("estimate", None)
-    if info.get("repaired") and edited_state is not None:
+    if "after_edit" in result.stages:
         edited = copy.deepcopy(model)
-        edited.get_submodule(info["layer"]).load_state_dict(edited_state)
-    after_edit = scores(edited) if edited is not model else after
-    report: dict[str, Any] = {"before": before, "after_edit": after_edit, "after": after}
-    report["defense"] = {"method": info.pop("method", defense.name), "layer": info.pop("layer", None),
-                         "num_unseen": len(unseen.labels), "seconds": seconds,
-                         "repaired": bool(info.pop("repaired", False))} | info
-    report["true_asr_measured"] = "asr" in before
-    if "asr" in before:
-        report["der"] = defense_effectiveness_rating(before["asr"], after["asr"], before["clean_acc"],
-                                                     after["clean_acc"])
-    elif original is not None and getattr(estimate, "target_class", None) is not None:
-        report["estimated_target"] = estimate.target_class
+        edited.load_state_dict(result.stages["after_edit"], strict=False)
+    report = DefenseReport({"before": before, "after_edit": scores(edited) if edited is not model else after,
+                            "after": after}, result, len(unseen.labels))
+    if report.true_asr_measured:
+        report.der = defense_effectiveness_rating(before["asr"], after["asr"], before["clean_acc"], after["clean_acc"])
+    elif original is not None and result.estimated is not None:
+        report.estimated_target = result.estimated.target_class
         for stage, network in (("before", original), ("after_edit", edited), ("after", model)):
-            report[stage]["estimated_asr"] = trigger_success_rate(network, estimate.trigger, estimate.target_class,
-                                                                  test.images, test.labels)
-    report["warnings"] = []
+            report.stages[stage]["estimated_asr"] = trigger_success_rate(
+                network, result.estimated.trigger, result.estimated.target_class, test.images, test.labels)
     total = len(test.labels)
-    if near_chance(round(after["clean_acc"] * total), total, num_classes):
-        accuracy = chance_line(after["clean_acc"], total, num_classes, "test")
-        report["warnings"].append(f"after the defense the model is {accuracy}: near chance")
-    report["environment"] = environment()  # bit-identical figures need the same stack and thread count
+    if near_chance(round(after["clean_acc"] * total), total, test.num_classes):
+        accuracy = chance_line(after["clean_acc"], total, test.num_classes, "test")
+        report.warnings.append(f"after the defense the model is {accuracy}: near chance")
+    report.environment = environment()  # bit-identical figures need the same stack and thread count
     return report
-
-
-def save_image(image: Tensor, path: str | Path, scale: int = 8) -> None:
-    """Save an image (C, H, W) in [0, 1] as PNG (atomically, creating its folder), enlarged ``scale`` times (nearest
-    neighbour) to be visible."""
-    from PIL import Image
-
-    pixels = image.detach().float().cpu().clamp(0, 1).mul(255).round().to(torch.uint8)
-    pixels = pixels.repeat_interleave(scale, 1).repeat_interleave(scale, 2).permute(1, 2, 0)
-    array = pixels.squeeze(-1).numpy() if pixels.shape[-1] == 1 else pixels.numpy()
-    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
-
-
-def write_outputs(report: dict[str, Any], state_dict: dict[str, Tensor], output_dir: str | Path
-                  ) -> tuple[Path, Path]:
-    """Write the defended weights (a code-free Lightning-style checkpoint and safetensors), the report and its bar
-    chart (``defense_report.png``), each atomically and under a fresh name; returns (report path, checkpoint path)."""
-    import lightning
-    from safetensors.torch import save_file
-
-    from lightning_backdoor.defenses.report_plot import save_report_plot
-
-    output_dir = Path(output_dir)
-    checkpoint_path = unique_path(output_dir / "defended.ckpt")
-    state = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
-    checkpoint = {"state_dict": state, "pytorch-lightning_version": lightning.__version__,
-                  "epoch": 0, "global_step": 0}
-    atomic_save(checkpoint, checkpoint_path)
-    safetensors_path = checkpoint_path.with_suffix(".safetensors")
-    atomic_write(safetensors_path, lambda tmp: save_file(state, tmp))
-    report = report | {"checkpoint": str(checkpoint_path), "safetensors": str(safetensors_path)}
-    defense = report.get("defense", {})
-    if defense.get("estimated_trigger_image") is not None:  # the trigger unknown: show what was estimated
-        trigger_path = unique_path(output_dir / "estimated_trigger.png")
-        save_image(defense["estimated_trigger_image"], trigger_path)
-        defense = {k: v for k, v in defense.items() if k != "estimated_trigger_image"}
-        report = report | {"defense": defense | {"estimated_trigger": str(trigger_path)}}
-    report_path = unique_path(output_dir / REPORT_NAME)
-    plot_path = unique_path(report_path.with_suffix(".png"))
-    atomic_write(plot_path, lambda tmp: save_report_plot(report, tmp))
-    report_path = atomic_json(report | {"plot": str(plot_path)}, report_path)
-    return report_path, checkpoint_path

@@ -8,11 +8,9 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from lightning_backdoor.defenses.report import METRIC_TITLES, STAGE_TITLES
 from lightning_backdoor.evaluation import METRIC_NAMES
 
-STAGES = {"before": "before", "after_edit": "after edit", "after": "after repair"}
-METRIC_TITLES = {"clean_acc": "clean acc", "asr": "ASR", "asr_floor": "ASR floor", "robust_acc": "robust acc",
-                 "target_acc": "target-class acc", "estimated_asr": "estimated trigger's ASR"}
 #: Plotted when present: the report's metrics, then the estimated trigger's success (the true ASR unmeasured).
 PLOTTED = (*METRIC_NAMES, "estimated_asr")
 COLOURS = {"before": "#c0392b", "after_edit": "#f0ad4e", "after": "#2e86c1"}
@@ -24,7 +22,7 @@ def plot_report(report: Mapping[str, Any]) -> Figure:
 
     Uses a bare ``Figure`` (no pyplot), so it needs no display and leaves global state alone.
     """
-    stages = [stage for stage in STAGES if stage in report]
+    stages = [stage for stage in STAGE_TITLES if stage in report]
     metrics = [name for name in PLOTTED if isinstance(report[stages[0]].get(name), float)]
     figure = Figure(figsize=(1.6 * len(metrics) + 2, 3.6), layout="constrained")
     axes = figure.add_subplot()
@@ -32,7 +30,7 @@ def plot_report(report: Mapping[str, Any]) -> Figure:
     for offset, stage in enumerate(stages):
         values = [100 * report[stage][name] for name in metrics]
         positions = [index + (offset - (len(stages) - 1) / 2) * width for index in range(len(metrics))]
-        bars = axes.bar(positions, values, width, label=STAGES[stage], color=COLOURS[stage])
+        bars = axes.bar(positions, values, width, label=STAGE_TITLES[stage], color=COLOURS[stage])
         axes.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
     axes.set_xticks(range(len(metrics)), [METRIC_TITLES[name] for name in metrics])
     axes.set_ylabel("%")

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from lightning_backdoor.defenses.base import Defense, UnseenData
-from lightning_backdoor.triggers import Trigger
+from lightning_backdoor.defenses.base import DEFENSES, BackdoorKnowledge, Defense, DefenseResult, UnseenData
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
+@DEFENSES.register("anp")
 class ANP(Defense):
     """Learn a mask m ∈ [0, 1] on every BatchNorm neuron that keeps U classified under the worst multiplicative
     perturbation (weight·(m + δ), bias·(1 + ξ), |δ|, |ξ| ≤ ε); then zero the weight of neurons with m < threshold.
@@ -30,15 +29,12 @@ class ANP(Defense):
         threshold: neurons whose mask ends below it are pruned (the paper's fixed threshold).
     """
 
-    name = "anp"
-
     def __init__(self, epsilon: float = 0.4, perturbation_steps: int = 1, alpha: float = 0.2, lr: float = 0.2,
                  iterations: int = 2000, batch_size: int = 128, threshold: float = 0.2) -> None:
         self.epsilon, self.perturbation_steps, self.alpha, self.lr = epsilon, perturbation_steps, alpha, lr
         self.iterations, self.batch_size, self.threshold = iterations, batch_size, threshold
 
-    def defend(self, model: nn.Module, unseen: UnseenData, trigger: Trigger | None,
-               target_class: int | None) -> dict[str, Any]:
+    def defend(self, model: nn.Module, unseen: UnseenData, knowledge: BackdoorKnowledge | None) -> DefenseResult:
         start = time.perf_counter()
         norms = {name: module for name, module in model.named_modules()
                  if isinstance(module, NORMS) and module.weight is not None}
@@ -102,5 +98,6 @@ class ANP(Defense):
                 module.weight[prune] = 0.0
                 pruned[name] = int(prune.sum())
         total = sum(m.num_features for m in norms.values())
-        return {"method": self.name, "pruned_neurons": sum(pruned.values()), "neurons": total,
-                "pruned_per_layer": pruned, "final_loss": loss.item(), "seconds": time.perf_counter() - start}
+        return DefenseResult(self.name, time.perf_counter() - start, details={
+            "pruned_neurons": sum(pruned.values()), "neurons": total, "pruned_per_layer": pruned,
+            "final_loss": loss.item()})

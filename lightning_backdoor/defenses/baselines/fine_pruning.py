@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_backdoor.defenses.base import Defense, UnseenData
+from lightning_backdoor.defenses.base import DEFENSES, BackdoorKnowledge, Defense, DefenseResult, UnseenData
 from lightning_backdoor.defenses.baselines.training import accuracy, split_unseen, train
-from lightning_backdoor.triggers import Trigger
 
 
 def last_conv_and_norm(model: nn.Module) -> tuple[str, nn.Conv2d, nn.Module | None]:
@@ -25,6 +23,7 @@ def last_conv_and_norm(model: nn.Module) -> tuple[str, nn.Conv2d, nn.Module | No
     return name, conv, norm
 
 
+@DEFENSES.register("fp")
 class FinePruning(Defense):
     """Prune the last conv layer's channels in increasing order of their mean activation on clean unseen images,
     as many as keep accuracy on held-out unseen images within ``max_accuracy_drop`` of the unpruned model; then
@@ -37,15 +36,12 @@ class FinePruning(Defense):
         epochs, lr, batch_size: the fine-tuning that follows (as in ``ft``).
     """
 
-    name = "fp"
-
     def __init__(self, max_accuracy_drop: float = 0.04, validation_fraction: float = 0.5, step: int = 0,
                  epochs: int = 20, lr: float = 0.01, batch_size: int = 64) -> None:
         self.max_accuracy_drop, self.validation_fraction, self.step = max_accuracy_drop, validation_fraction, step
         self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
 
-    def defend(self, model: nn.Module, unseen: UnseenData, trigger: Trigger | None,
-               target_class: int | None) -> dict[str, Any]:
+    def defend(self, model: nn.Module, unseen: UnseenData, knowledge: BackdoorKnowledge | None) -> DefenseResult:
         start = time.perf_counter()
         layer, conv, norm = last_conv_and_norm(model)
         output = norm if norm is not None else conv
@@ -75,9 +71,9 @@ class FinePruning(Defense):
 
         zero_pruned()
         loss = train(model, unseen, self.epochs, self.lr, self.batch_size, after_step=zero_pruned)
-        return {"method": self.name, "layer": layer, "pruned_channels": pruned,
-                "pruned_fraction": pruned / conv.out_channels, "held_out_accuracy_unpruned": baseline,
-                "final_loss": loss, "seconds": time.perf_counter() - start}
+        return DefenseResult(self.name, time.perf_counter() - start, layer=layer, details={
+            "pruned_channels": pruned, "pruned_fraction": pruned / conv.out_channels,
+            "held_out_accuracy_unpruned": baseline, "final_loss": loss})
 
     @staticmethod
     @torch.no_grad()

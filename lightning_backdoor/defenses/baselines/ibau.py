@@ -4,17 +4,16 @@ perturbations, with the implicit hypergradient through the inner maximisation.""
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_backdoor.defenses.base import Defense, UnseenData
+from lightning_backdoor.defenses.base import DEFENSES, BackdoorKnowledge, Defense, DefenseResult, UnseenData
 from lightning_backdoor.defenses.baselines.training import shuffled_batches
-from lightning_backdoor.triggers import Trigger
 
 
+@DEFENSES.register("ibau")
 class IBAU(Defense):
     """Alternate (1) one pass of gradient ascent for a universal perturbation δ (‖δ‖₂ ≤ ``radius``) that makes U
     misclassified and (2) one pass of outer steps that classify U + δ correctly, the outer gradient including
@@ -31,8 +30,6 @@ class IBAU(Defense):
         perturbed_share: share of each outer batch that carries δ (the reference code's ``portion``).
     """
 
-    name = "ibau"
-
     def __init__(self, rounds: int = 5, neumann_terms: int = 5, lr: float = 0.001, batch_size: int = 100,
                  radius: float = 10.0, perturbation_lr: float = 10.0, inner_lr: float = 0.1,
                  perturbed_share: float = 0.01) -> None:
@@ -40,8 +37,7 @@ class IBAU(Defense):
         self.radius, self.perturbation_lr, self.inner_lr = radius, perturbation_lr, inner_lr
         self.perturbed_share = perturbed_share
 
-    def defend(self, model: nn.Module, unseen: UnseenData, trigger: Trigger | None,
-               target_class: int | None) -> dict[str, Any]:
+    def defend(self, model: nn.Module, unseen: UnseenData, knowledge: BackdoorKnowledge | None) -> DefenseResult:
         start = time.perf_counter()
         weights = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(weights, lr=self.lr)
@@ -57,8 +53,8 @@ class IBAU(Defense):
                     optimizer.step()
         finally:
             model.train(was_training)
-        return {"method": self.name, "perturbation_norm": perturbation.norm().item(), "final_outer_loss": outer,
-                "seconds": time.perf_counter() - start}
+        return DefenseResult(self.name, time.perf_counter() - start, details={
+            "perturbation_norm": perturbation.norm().item(), "final_outer_loss": outer})
 
     def _inner_loss(self, model: nn.Module, perturbation: Tensor, images: Tensor, labels: Tensor) -> Tensor:
         """H_inner(δ, θ): minus the cross-entropy of U + δ, plus a small L2 penalty on δ."""

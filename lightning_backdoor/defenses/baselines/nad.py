@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_backdoor.defenses.base import Defense, UnseenData
+from lightning_backdoor.defenses.base import DEFENSES, BackdoorKnowledge, Defense, DefenseResult, UnseenData
 from lightning_backdoor.defenses.baselines.training import train
-from lightning_backdoor.triggers import Trigger
 
 
 def attention_map(features: Tensor, power: float) -> Tensor:
@@ -20,6 +18,7 @@ def attention_map(features: Tensor, power: float) -> Tensor:
     return F.normalize(features.abs().pow(power).sum(1).flatten(1), dim=1)
 
 
+@DEFENSES.register("nad")
 class NAD(Defense):
     """Fine-tune a copy on U as the teacher, then train the model on U with cross-entropy plus β·‖a_s − a_t‖² on
     the attention maps of ``layers``.
@@ -34,8 +33,6 @@ class NAD(Defense):
         batch_size: images per step.
     """
 
-    name = "nad"
-
     def __init__(self, layers: list[str] | None = None, betas: tuple[float, ...] = (500.0, 1000.0, 1000.0),
                  power: float = 2.0, teacher_epochs: int = 10, teacher_lr: float = 0.01, epochs: int = 20,
                  lr: float = 0.01, batch_size: int = 64) -> None:
@@ -43,8 +40,7 @@ class NAD(Defense):
         self.teacher_epochs, self.teacher_lr, self.epochs, self.lr = teacher_epochs, teacher_lr, epochs, lr
         self.batch_size = batch_size
 
-    def defend(self, model: nn.Module, unseen: UnseenData, trigger: Trigger | None,
-               target_class: int | None) -> dict[str, Any]:
+    def defend(self, model: nn.Module, unseen: UnseenData, knowledge: BackdoorKnowledge | None) -> DefenseResult:
         start = time.perf_counter()
         layers = self.layers or [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)][-3:]
         if len(layers) != len(self.betas):
@@ -72,4 +68,4 @@ class NAD(Defense):
         finally:
             for hook in hooks:
                 hook.remove()
-        return {"method": self.name, "layers": layers, "final_loss": loss, "seconds": time.perf_counter() - start}
+        return DefenseResult(self.name, time.perf_counter() - start, details={"layers": layers, "final_loss": loss})

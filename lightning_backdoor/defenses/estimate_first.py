@@ -1,0 +1,61 @@
+"""Any defense without backdoor knowledge: estimate the trigger and target first, then defend with the estimate."""
+
+from __future__ import annotations
+
+import time
+
+from torch import nn
+
+from lightning_backdoor.defenses.base import BackdoorKnowledge, Defense, DefenseResult, UnseenData
+from lightning_backdoor.defenses.estimation import TriggerEstimator
+
+
+class EstimateFirst(Defense):
+    """Estimate the backdoor with ``estimator`` on the unseen split, then run ``defense`` with the estimate as its
+    :class:`BackdoorKnowledge`; leave the model unchanged when no class is flagged.
+
+    What the defense is told is ignored: it always estimates (the protocol of defending without backdoor knowledge,
+    METHOD.md §3). The result's ``details`` hold the estimation summary (``estimation``), its and the inner
+    defense's seconds; ``estimated`` holds the flagged target with its main trigger and ``picture`` the trigger's
+    image.
+
+    Args:
+        estimator: estimates target and trigger (default: :class:`TriggerEstimator` with default settings).
+        defense: the defense that removes the estimated backdoor.
+        every_candidate: hand the defense every candidate of the estimate (each flagging estimator's trigger at
+            every strength, patch triggers also moved: :meth:`BackdoorEstimate.edit_triggers`), or only the main
+            trigger (the flagged estimator's, as estimated).
+    """
+
+    def __init__(self, defense: Defense, estimator: TriggerEstimator | None = None,
+                 every_candidate: bool = True) -> None:
+        self.defense = defense
+        self.estimator = estimator if estimator is not None else TriggerEstimator()
+        self.every_candidate = every_candidate
+
+    def defend(self, model: nn.Module, unseen: UnseenData, knowledge: BackdoorKnowledge | None) -> DefenseResult:
+        """Estimate, then defend ``model`` in place with the estimate (``knowledge`` is ignored)."""
+        estimate = self.estimator.estimate(model, unseen, getattr(self.defense, "layer", "auto"))
+        details = {"trigger_known": False, "estimation": estimate.report(), "estimation_seconds": estimate.seconds}
+        if estimate.target_class is None or estimate.trigger is None:
+            return DefenseResult(method=f"{self.defense.name}/no_backdoor_found", seconds=estimate.seconds,
+                                 details=details | {"editing_seconds": 0.0})
+        triggers = estimate.edit_triggers() if self.every_candidate else [estimate.trigger]
+        started = time.perf_counter()
+        result = self.defense.defend(model, unseen, BackdoorKnowledge.of(triggers, estimate.target_class))
+        seconds = time.perf_counter() - started
+        result.details = result.details | details | {"editing_seconds": seconds}
+        result.seconds = estimate.seconds + seconds
+        result.estimated = BackdoorKnowledge.of(estimate.trigger, estimate.target_class)
+        result.picture = estimate.picture
+        return result
+
+
+def without_knowledge(defense: Defense, seed: int | None = None) -> Defense:
+    """``defense`` as it runs without backdoor knowledge: unchanged when it needs none (or estimates itself), else
+    composed as ``EstimateFirst(defense, TriggerEstimator(seed=...))`` with the defense's own ``seed`` (or
+    ``seed``)."""
+    if not defense.requires_knowledge or isinstance(defense, EstimateFirst):
+        return defense
+    seed = seed if seed is not None else int(getattr(defense, "seed", 0))
+    return EstimateFirst(defense, TriggerEstimator(seed=seed))
