@@ -5,6 +5,7 @@ weights-only checkpoint (``defended.ckpt``) given to ``fit`` starts a new fit fr
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from lightning_backdoor.classifier import PoisonedClassifier
 from lightning_backdoor.cli import main
 from lightning_backdoor.data import PoisonedDataModule
 from lightning_backdoor.io import load_tensors
+from lightning_backdoor.runs import instantiate_run
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = "--data.init_args"
@@ -130,6 +132,18 @@ def test_every_command_that_reads_a_checkpoint_compares_its_settings(tiny_run, t
     line = refused_line(capsys, arguments)
     assert line == f"{checkpoint} was trained with data target_class=0 but the config says 3; pass the run's config"
     assert snapshot(checkpoint.parents[1]) == before and not out.exists()
+
+
+def test_loading_a_run_in_python_compares_its_settings_too(tiny_run):
+    """``runs.instantiate_run`` (the benchmarks', the bench's and the tests' way to load a run) checks as the CLI
+    does, and loads the checkpoint's weights when the settings agree."""
+    config, checkpoint = tiny_run
+    line = f"{checkpoint} was trained with data target_class=0 but the config says 3; pass the run's config"
+    with pytest.raises(ValueError, match=f"^{re.escape(line)}$"):
+        instantiate_run([config], checkpoint, [f"{DATA}.target_class=3"])
+    model, data = instantiate_run([config], checkpoint)
+    saved = load_tensors(checkpoint)["state_dict"]
+    assert data.target_class == 0 and all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
 
 
 def test_the_checkpoint_stores_the_data_settings_as_plain_values(tiny_run):
