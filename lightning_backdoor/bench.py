@@ -47,12 +47,14 @@ def defense_name(defense: Defense) -> str:
 
 @dataclass
 class BenchSettings:
-    """A bench grid: which attacks (by name, each a list of CLI config files), defenses (configured objects; in a
-    config, ``class_path``/``init_args`` entries as everywhere else), budgets (unseen images per class) and seeds;
-    where models are cached and results go; ``test_images``: score on a fixed random N of the test images (default:
-    all), the same for every run; ``report_only``: run nothing, tabulate and plot the grid's finished runs from the
-    CSV. Each defense's rows are named by :func:`defense_name`; every cell runs a fresh copy of the configured
-    defense."""
+    """A bench grid (attacks × defenses × budgets × seeds), where its models are cached and where results go.
+
+    ``attacks`` by name, each a list of CLI config files (``attack_configs``); ``defenses`` configured objects (in a
+    config, ``class_path``/``init_args`` entries as everywhere else; each row is named by :func:`defense_name`, and
+    every cell runs a fresh copy of the configured defense); ``budgets`` unseen images per class; ``test_images``:
+    score on a fixed random N of the test images (default: all), the same for every run; ``report_only``: run
+    nothing, tabulate and plot the grid's finished runs from the CSV.
+    """
 
     attacks: list[str]
     attack_configs: dict[str, list[str]]
