@@ -128,7 +128,8 @@ def test_forced_repair_pins_target_keys_and_says_so():
         info = result.details
         change[weight] = info["diagnostics_after_repair" if weight else "diagnostics"]["clean_output_change"]
         if weight:
-            assert info["repair_weight"] == weight
-            assert "head.weight" in result.stages["after_edit"] and all(key.startswith("head.") for key in result.stages["after_edit"])
+            assert info["repair"]["setting"] == weight and info["repair"]["method"] == "pin"
+            assert "head.weight" in result.stages["after_edit"]
+            assert all(key.startswith("head.") for key in result.stages["after_edit"])
     # pinning the target class's keys harder moves clean outputs less (a third of U is the target class)
     assert change[1e4] < 0.01 * change[0.0] and change[1e4] < change[1.0] < change[0.0]

@@ -16,11 +16,13 @@ from lightning_backdoor.data.augment import random_crop, random_flip
 from lightning_backdoor.defenses.activations import (LayerActivations, capture, editable_layers, get_layer,
                                                      layer_weight_matrix)
 from lightning_backdoor.defenses.base import DEFENSES, BackdoorKnowledge, Defense, DefenseResult, UnseenData
-from lightning_backdoor.defenses.editing import closed_form_edit, ledoit_wolf, rank_r_edit, second_moment
+from lightning_backdoor.defenses.editing import (closed_form_edit, key_subspace, ledoit_wolf, protected_edit,
+                                                rank_r_edit, second_moment)
 from lightning_backdoor.defenses.inversion import FeatureTrigger
 from lightning_backdoor.triggers import Trigger
 
 REPAIR_WEIGHTS = (1.0, 4.0, 16.0, 64.0, 256.0)
+REPAIR_ENERGIES = (0.5, 0.9, 0.99)
 STRENGTHS = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 TRIGGERED_SUMS = ("triggered_moment", "residual_moment", "residual_energy", "target_energy", "triggered_count")
 
@@ -119,15 +121,22 @@ class EditProblem:
         """Add ``other``'s triggered keys, built on the same clean keys with another trigger (clean sums once)."""
         return replace(self, **{name: getattr(self, name) + getattr(other, name) for name in TRIGGERED_SUMS})
 
-    def solve(self, method: str, strength: float, rank: int, repair_weight: float = 0.0) -> Tensor:
-        """ΔW (c_out, d); ``repair_weight`` pins clean target-class keys to their original values."""
+    def solve(self, method: str, strength: float, rank: int, repair_weight: float = 0.0,
+              pinned: tuple[Tensor, Tensor] | None = None, protected: Tensor | None = None) -> Tensor:
+        """ΔW (c_out, d). The repair's two forms: ``repair_weight`` pins target-class keys to their original values
+        (a second moment of them, with its key count, as ``pinned``; default: the problem's own clean target keys);
+        ``protected`` (d, k), orthonormal directions of the target class's keys, keeps ΔW out of them exactly
+        (ΔW P = 0; closed form only)."""
         if self.triggered_count <= 0:
             raise ValueError("the unseen split holds no non-target images to edit with")
         preserve = ledoit_wolf(self.clean_moment / self.clean_count, self.clean_fourth / self.clean_count,
                                self.clean_count)
-        if repair_weight > 0 and self.target_count > 0:
-            preserve = preserve + repair_weight * self.target_moment / self.target_count
+        target_moment, target_count = pinned if pinned is not None else (self.target_moment, self.target_count)
+        if repair_weight > 0 and target_count > 0:
+            preserve = preserve + repair_weight * target_moment / target_count
         moment, residual = self.triggered_moment / self.triggered_count, self.residual_moment / self.triggered_count
+        if protected is not None:
+            return protected_edit(moment, residual, preserve, strength, protected)
         if method == "closed_form":
             return closed_form_edit(moment, residual, preserve, strength)
         return rank_r_edit(moment, residual, preserve, rank, strength)
@@ -147,6 +156,26 @@ class EditProblem:
                 "clean_output_change": clean_change.sqrt().item(), "num_triggered_keys": round(count.item())}
 
 
+@dataclass
+class EditFit:
+    """The edit fitted on U, before any weight changes: the chosen layer and strength, the key statistics of both
+    folds of U (``fold_problems``) and their sum (``problem``), the (augmented) unseen images with labels and fold
+    of each, the target class, the facts so far (``info``), and the folds of the repair's signal with their
+    statistics (the same folds, except the views of a target class's single image: they alternate)."""
+
+    layer: str
+    strength: float
+    problem: EditProblem
+    fold_problems: list[EditProblem]
+    images: Tensor
+    labels: Tensor
+    folds: Tensor
+    target_class: int
+    info: dict[str, Any]
+    signal_folds: Tensor
+    signal_problems: list[EditProblem]
+
+
 @DEFENSES.register("editing")
 class ActivationEditing(Defense):
     """Edit one late layer so triggered activations map to clean ones; then repair the target class if it dropped.
@@ -162,11 +191,16 @@ class ActivationEditing(Defense):
             (1 image per class becomes 4 views; 5 or more per class on CIFAR-10 stay as they are).
         spatial_weight: ``uniform`` over the feature grid, or ``mask``: the trigger's mask pooled to the grid
             (local triggers only; global triggers fall back to uniform).
-        repair: run the repair step when the target class's confidence on unseen target images dropped.
-        repair_tolerance: the drop in mean target-class probability on U that triggers the repair (a negative
-            value always repairs).
-        repair_weights: the weights of the pinned target-class keys the repair tries, in order, until the
-            target-class confidence is back within the tolerance.
+        repair: run the repair step when the edit hurts the target class. Its signal is cross-fitted on U: the
+            edit fitted on one fold of U, the drop of the mean target-class probability on the *other* fold's
+            target-class images (whose keys that edit never saw), both directions averaged.
+        repair_tolerance: the signal's drop above which the repair fires (a negative value always repairs).
+        repair_method: ``pin``: add the target class's keys to the preserved ones with a weight (the first of
+            ``repair_weights`` whose cross-fitted drop is within the tolerance); ``protect``: keep the edit out of
+            the subspace holding ``repair_energies`` of the target keys' energy (the first within tolerance). When
+            no setting brings the drop within the tolerance, the edit stays unrepaired (the report says so).
+        repair_weights: the pin weights the repair tries, in order.
+        repair_energies: the energy fractions ``protect`` tries, in order.
         candidates: how many of the last editable layers ``auto`` tries.
         seed: fixes the augmented views.
 
@@ -179,13 +213,19 @@ class ActivationEditing(Defense):
     def __init__(self, layer: str = "auto", method: Literal["closed_form", "rank_r"] = "closed_form",
                  strength: float | None = 10.0, rank: int = 16, min_images: int = 40,
                  spatial_weight: Literal["uniform", "mask"] = "uniform", repair: bool = True,
-                 repair_tolerance: float = 0.02, repair_weights: tuple[float, ...] = REPAIR_WEIGHTS,
-                 candidates: int = 3, seed: int = 0) -> None:
+                 repair_tolerance: float = 0.02, repair_method: Literal["pin", "protect"] = "pin",
+                 repair_weights: tuple[float, ...] = REPAIR_WEIGHTS,
+                 repair_energies: tuple[float, ...] = REPAIR_ENERGIES, candidates: int = 3, seed: int = 0) -> None:
         if strength is not None and strength <= 0:
             raise ValueError(f"strength={strength} must be positive")
         self.layer, self.method, self.strength, self.rank, self.min_images = layer, method, strength, rank, min_images
         self.spatial_weight, self.repair, self.repair_tolerance = spatial_weight, repair, repair_tolerance
-        self.repair_weights = tuple(repair_weights)
+        if repair_method not in ("pin", "protect"):
+            raise ValueError(f"repair_method={repair_method!r}; choose pin or protect")
+        if repair_method == "protect" and method != "closed_form":
+            raise ValueError("repair_method=protect needs method=closed_form")
+        self.repair_method = repair_method
+        self.repair_weights, self.repair_energies = tuple(repair_weights), tuple(repair_energies)
         self.candidates, self.seed = candidates, seed
 
     def defend(self, model: nn.Module, unseen: UnseenData, knowledge: BackdoorKnowledge | None) -> DefenseResult:
@@ -198,10 +238,43 @@ class ActivationEditing(Defense):
                 (with ``repair``) no unseen image of the target class.
         """
         knowledge = self.require(knowledge)
-        triggers, target_class = list(knowledge.triggers), knowledge.target_class
         start = time.perf_counter()
         was_training = model.training
         model.eval()
+        try:
+            fit = self.fit(model, unseen, knowledge)
+            layer, info = fit.layer, fit.info
+            delta = fit.problem.solve(self.method, fit.strength, self.rank)
+            info["diagnostics"] = fit.problem.diagnostics(delta)
+            repair = None
+            if self.repair:
+                signal = self.target_drop(model, fit)
+                info["repair_signal"] = signal
+                if signal["drop"] > self.repair_tolerance:
+                    info["repair"] = self.choose_repair(model, fit)
+                    repair = info["repair"] if info["repair"]["setting"] is not None else None
+            add_delta(model, layer, delta)
+            info["edit_seconds"] = time.perf_counter() - start
+            edited_state = {f"{layer}.{key}": value.clone()
+                            for key, value in get_layer(model, layer).state_dict().items()}
+            if repair is not None:
+                repaired_delta = fit.problem.solve(self.method, fit.strength, self.rank,
+                                                   **self._repair_arguments(fit.problem, repair["setting"]))
+                add_delta(model, layer, repaired_delta - delta)
+                info["diagnostics_after_repair"] = fit.problem.diagnostics(repaired_delta)
+            return DefenseResult(method=f"editing/{self.method}", seconds=time.perf_counter() - start, layer=layer,
+                                 stages={"after_edit": edited_state} if repair is not None else {},
+                                 repaired=repair is not None, details=info)
+        finally:
+            model.train(was_training)
+
+    def fit(self, model: nn.Module, unseen: UnseenData, knowledge: BackdoorKnowledge) -> EditFit:
+        """Collect the key statistics on U and choose the layer and strength; ``model`` (in eval mode) is unchanged.
+
+        Raises:
+            ValueError: see :meth:`defend`.
+        """
+        triggers, target_class = list(knowledge.triggers), knowledge.target_class
         layers = editable_layers(model)[-self.candidates:] if self.layer == "auto" else [self.layer]
         for name in layers:
             get_layer(model, name)  # a wrong name or type fails before any work
@@ -214,6 +287,8 @@ class ActivationEditing(Defense):
         clean_acts = capture(model, layers, images)
         info: dict[str, Any] = {"num_unseen": len(unseen.labels), "views": views}
         folds = self._folds(labels, views)
+        signal_folds = self._signal_folds(labels, folds, views, target_class)
+        parts = [(cv, signal) for cv in (0, 1) for signal in (0, 1)]  # additive: the two fold sets are their sums
         problems: dict[str, list[EditProblem]] = {}
         triggered = [(member, member(images)) for member in triggers]  # applied once, reused by the CV
         for member, member_images in triggered:
@@ -221,53 +296,82 @@ class ActivationEditing(Defense):
                 triggered_acts = capture(model, layers, member_images)
             mask = member.mask(tuple(images.shape[1:])) if self.spatial_weight == "mask" else None
             for name in layers:
-                parts = [self._problem(model, name, clean_acts[name], triggered_acts[name], labels, target_class,
-                                       mask, folds == fold) for fold in (0, 1)]
-                problems[name] = ([a.with_trigger(b) for a, b in zip(problems[name], parts)] if name in problems
-                                  else parts)
+                pieces = [self._problem(model, name, clean_acts[name], triggered_acts[name], labels, target_class,
+                                        mask, (folds == cv) & (signal_folds == signal)) for cv, signal in parts]
+                problems[name] = ([a.with_trigger(b) for a, b in zip(problems[name], pieces)] if name in problems
+                                  else pieces)
         strengths = STRENGTHS if self.strength is None else (self.strength,)
         choice = (layers[0], strengths[0])
         if len(layers) * len(strengths) > 1:
-            scores = {(name, strength): self._cross_validate(model, name, problems[name], strength, images, triggered,
-                                                             labels, folds, target_class)
+            scores = {(name, strength): self._cross_validate(model, name, self._fold_sums(problems[name], 0), strength,
+                                                             images, triggered, labels, folds, target_class)
                       for name in layers for strength in strengths}
             choice = min(scores, key=scores.get)
             info["selection"] = {"cross_validated_loss_on_unseen": {f"{name} λ={strength}": round(score, 4)
                                                                     for (name, strength), score in scores.items()}}
         layer, strength = choice
         info["strength"] = strength
-        problem = problems[layer][0] + problems[layer][1]
-        delta = problem.solve(self.method, strength, self.rank)
-        info["diagnostics"] = problem.diagnostics(delta)
-        target_images = images[labels == target_class]
-        confidence = {"before": self._target_confidence(model, target_images, target_class)}
-        original_state = {key: value.clone() for key, value in get_layer(model, layer).state_dict().items()}
-        add_delta(model, layer, delta)
-        confidence["after_edit"] = self._target_confidence(model, target_images, target_class)
-        info["edit_seconds"] = time.perf_counter() - start
-        edited_state = {f"{layer}.{key}": value.clone() for key, value in get_layer(model, layer).state_dict().items()}
-        repaired = self.repair and confidence["before"] - confidence["after_edit"] > self.repair_tolerance
-        if repaired:
-            get_layer(model, layer).load_state_dict(original_state)
-            for repair_weight in self.repair_weights:
-                delta = problem.solve(self.method, strength, self.rank, repair_weight)
-                with trial_edit(model, layer, delta):
-                    confidence["after_repair"] = self._target_confidence(model, target_images, target_class)
-                if confidence["before"] - confidence["after_repair"] <= self.repair_tolerance:
-                    break
-            add_delta(model, layer, delta)
-            info["repair_weight"] = repair_weight
-            info["diagnostics_after_repair"] = problem.diagnostics(delta)
-        info["unseen_target_confidence"] = confidence
-        model.train(was_training)
-        return DefenseResult(method=f"editing/{self.method}", seconds=time.perf_counter() - start, layer=layer,
-                             stages={"after_edit": edited_state} if repaired else {}, repaired=repaired, details=info)
+        pieces = problems[layer]
+        return EditFit(layer, strength, pieces[0] + pieces[1] + pieces[2] + pieces[3], self._fold_sums(pieces, 0),
+                       images, labels, folds, target_class, info, signal_folds, self._fold_sums(pieces, 1))
+
+    def target_drop(self, model: nn.Module, fit: EditFit, setting: float | None = None) -> dict[str, Any]:
+        """The repair's signal, cross-fitted on U: for each fold holding target-class images, the edit fitted on the
+        other fold (repaired with ``setting``, a pin weight or an energy, when given) is applied, and the mean
+        target-class probability of the held-out target images is compared before and after; ``drop`` is the
+        difference over all of them (0 without any), ``validated``: whether the fitting fold held target keys to
+        repair with. ``model`` is left unchanged."""
+        before, after, validated = [], [], True
+        for held_out in (0, 1):
+            check = (fit.signal_folds == held_out) & (fit.labels == fit.target_class)
+            if not check.any():
+                continue
+            problem = fit.signal_problems[1 - held_out]
+            arguments = {} if setting is None else self._repair_arguments(problem, setting)
+            validated = validated and (setting is None or problem.target_count.item() > 0)
+            delta = problem.solve(self.method, fit.strength, self.rank, **arguments)
+            images = fit.images[check]
+            before.append(predict_logits(model, images).softmax(-1)[:, fit.target_class])
+            with trial_edit(model, fit.layer, delta):
+                after.append(predict_logits(model, images).softmax(-1)[:, fit.target_class])
+        if not before:
+            return {"drop": 0.0, "held_out_target_images": 0, "validated": False}
+        mean_before, mean_after = torch.cat(before).mean().item(), torch.cat(after).mean().item()
+        return {"target_confidence_before": round(mean_before, 4), "target_confidence_after": round(mean_after, 4),
+                "drop": mean_before - mean_after, "held_out_target_images": len(torch.cat(before)),
+                "validated": validated}
+
+    def choose_repair(self, model: nn.Module, fit: EditFit) -> dict[str, Any]:
+        """Try the repair's settings in order (pin weights or protected energies) until one brings the cross-fitted
+        drop (:meth:`target_drop`) within the tolerance; ``setting`` is that one, or ``None`` when none does (the
+        edit is then left unrepaired: a repair that does not restore the held-out target images only trades the
+        edit's strength away). A negative tolerance forces the last setting. Also returns each setting's drop."""
+        settings = self.repair_weights if self.repair_method == "pin" else self.repair_energies
+        tried, chosen = {}, None
+        for setting in settings:
+            tried[setting] = self.target_drop(model, fit, setting)
+            if tried[setting]["drop"] <= self.repair_tolerance:
+                chosen = setting
+                break
+        if self.repair_tolerance < 0:
+            chosen = settings[-1]
+        return {"method": self.repair_method, "setting": chosen, "restored": chosen is not None,
+                "drop_with_repair": {f"{setting:g}": round(value["drop"], 4) for setting, value in tried.items()},
+                "validated": all(value["validated"] for value in tried.values())}
+
+    def _repair_arguments(self, problem: EditProblem, setting: float) -> dict[str, Any]:
+        """``solve``'s keyword arguments for a pin weight or a protected energy on ``problem``'s target keys."""
+        if self.repair_method == "pin":
+            return {"repair_weight": setting}
+        if problem.target_count <= 0:
+            return {}
+        return {"protected": key_subspace(problem.target_moment / problem.target_count, setting)}
 
     def _layers_reached(self, model: nn.Module, layers: list[str], triggers: list[Trigger]) -> list[str]:
         """The candidate ``layers`` that feature-space triggers reach: those at or after (in definition order) the
         layer at whose input the triggers act, and for ``auto`` after it when a later one is a candidate (editing the
-        stamped layer itself undoes the stamp on U but not the trigger: docs/results/cifar10.md, trigger unknown); a one-line error
-        when the edit is set to a layer before it."""
+        stamped layer itself undoes the stamp on U but not the trigger: docs/results/cifar10.md, trigger unknown); a
+        one-line error when the edit is set to a layer before it."""
         feature_layers = {member.layer for member in triggers if isinstance(member, FeatureTrigger)}
         if not feature_layers:
             return layers
@@ -285,12 +389,39 @@ class ActivationEditing(Defense):
         return downstream if self.layer == "auto" and downstream else reached
 
     @staticmethod
+    def _fold_sums(pieces: list[EditProblem], axis: int) -> list[EditProblem]:
+        """The two folds' problems from the four (CV fold, signal fold) pieces, along ``axis`` (0: CV, 1: signal)."""
+        order = [(cv, signal) for cv in (0, 1) for signal in (0, 1)]
+        sums = []
+        for fold in (0, 1):
+            first, second = (piece for piece, key in zip(pieces, order) if key[axis] == fold)
+            sums.append(first + second)
+        return sums
+
+    @staticmethod
+    def _signal_folds(labels: Tensor, folds: Tensor, views: int, target_class: int) -> Tensor:
+        """The repair signal's folds: the CV folds, except that the views of a target class with a single unseen
+        image alternate between the folds (each fold's edit then keeps some of its keys, and is measured on the
+        others)."""
+        count = len(labels) // views
+        if views < 2 or int((labels[:count] == target_class).sum()) != 1:
+            return folds
+        view_index = torch.arange(len(labels), device=labels.device) // count
+        return torch.where(labels == target_class, view_index % 2, folds)
+
+    @staticmethod
     def _folds(labels: Tensor, views: int) -> Tensor:
         """Two folds of the unseen images (all views of an image in one fold): alternate images within each
-        class, or split by class when there is one image per class."""
+        class (whatever order the classes come in), or split by class when there is one image per class."""
         count = len(labels) // views
-        per_class = count // max(1, len(labels.unique()))
-        return (torch.arange(count) % 2).repeat(views) if per_class >= 2 else labels % 2
+        originals = labels[:count]
+        if int(torch.bincount(originals).max()) < 2:
+            return labels % 2
+        rank = torch.zeros(count, dtype=torch.long, device=labels.device)  # each image's index within its class
+        for label in originals.unique():
+            members = (originals == label).nonzero().flatten()
+            rank[members] = torch.arange(len(members), device=labels.device)
+        return (rank % 2).repeat(views)
 
     def _problem(self, model: nn.Module, layer: str, clean: LayerActivations, triggered: LayerActivations,
                  labels: Tensor, target_class: int, mask: Tensor | None, subset: Tensor) -> EditProblem:
@@ -300,13 +431,6 @@ class ActivationEditing(Defense):
             grid = F.adaptive_max_pool2d(mask[None].float(), (side, side)).flatten().clamp(min=0.05)
         return EditProblem.build(get_layer(model, layer), clean.subset(subset), triggered.subset(subset),
                                  labels[subset], target_class, grid)
-
-    @staticmethod
-    def _target_confidence(model: nn.Module, target_images: Tensor, target_class: int) -> float:
-        """Mean probability of the target class on unseen target-class images: TA's smooth proxy on U."""
-        if len(target_images) == 0:
-            return float("nan")
-        return predict_logits(model, target_images).softmax(-1)[:, target_class].mean().item()
 
     def _cross_validate(self, model: nn.Module, layer: str, fold_problems: list[EditProblem], strength: float,
                         images: Tensor, triggered: list[tuple[Trigger, Tensor]], labels: Tensor, folds: Tensor,

@@ -62,3 +62,26 @@ def rank_r_edit(moment: Tensor, residual: Tensor, preserve: Tensor, rank: int, s
     directions = (inverse_sqrt @ whitened_directions[:, -rank:]).T  # (r, d), back from the whitened space
     system = directions @ (moment + strength * preserve) @ directions.T
     return torch.linalg.solve(system, directions @ residual.T).T @ directions
+
+
+def protected_edit(moment: Tensor, residual: Tensor, preserve: Tensor, strength: float, protected: Tensor,
+                   ridge: float = 1e-4) -> Tensor:
+    """The closed-form edit constrained to leave the directions ``protected`` (d, k; orthonormal columns P) alone:
+    argmin E_w‖r − ΔW k*‖² + λ E‖ΔW k‖² subject to ΔW P = 0, which is
+    ΔW = R S⁻¹ − R S⁻¹ P (Pᵀ S⁻¹ P)⁻¹ Pᵀ S⁻¹ with S = A + λ C + ε I."""
+    system = moment + strength * _regularised(preserve, ridge)
+    factor = torch.linalg.cholesky(system)
+    inverse_residual = torch.cholesky_solve(residual.T, factor)  # S⁻¹ Rᵀ (d, c_out)
+    inverse_protected = torch.cholesky_solve(protected, factor)  # S⁻¹ P (d, k)
+    correction = torch.linalg.solve(protected.T @ inverse_protected, protected.T @ inverse_residual)  # (k, c_out)
+    return (inverse_residual - inverse_protected @ correction).T
+
+
+def key_subspace(moment: Tensor, energy: float) -> Tensor:
+    """Orthonormal directions (d, k) of the top eigenvectors of a key second moment (d, d) that together hold at
+    least ``energy`` (a fraction) of its trace: where those keys live."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(moment)
+    eigenvalues, eigenvectors = eigenvalues.flip(0).clamp(min=0), eigenvectors.flip(1)
+    cumulative = eigenvalues.cumsum(0) / eigenvalues.sum().clamp(min=1e-12)
+    count = int((cumulative < energy).sum().item()) + 1
+    return eigenvectors[:, :min(count, moment.shape[0])]

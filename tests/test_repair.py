@@ -1,0 +1,144 @@
+"""The repair step: its cross-fitted signal sees an edit that hurts the target class, the repair restores the
+target class on images the defense never saw, and where the edit does no harm nothing changes (bit-identical)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
+from lightning_backdoor.defenses.activation_editing import predict_logits
+from lightning_backdoor.defenses.editing import key_subspace, protected_edit
+from lightning_backdoor.triggers import Trigger
+
+SIDE, CLASSES, TARGET = 4, 3, 0
+
+
+class Additive(Trigger):
+    """Adds a fixed pattern (the test's backdoor)."""
+
+    def __init__(self, pattern: Tensor) -> None:
+        super().__init__()
+        self.pattern = pattern
+
+    def apply(self, images: Tensor) -> Tensor:
+        return images + self.pattern
+
+
+def world(shared: float, seed: int = 0) -> tuple[nn.Module, Trigger, callable]:
+    """A linear classifier on 1×4×4 "images" whose class c reads direction c, plus a backdoor direction that sends to
+    the target: ``shared`` of the target class's images' signal lies along the backdoor direction too. With
+    ``shared`` > 0 an edit that cancels the backdoor direction removes part of the target class's evidence."""
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(SIDE * SIDE, SIDE * SIDE, generator=generator))[0].T[:CLASSES + 1]
+    head = nn.Linear(SIDE * SIDE, CLASSES, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(4 * basis[:CLASSES])
+        head.weight[TARGET] += 4 * basis[CLASSES]  # the backdoor direction counts for the target
+    model = nn.Sequential(nn.Flatten(), head).eval()
+    pattern = basis[CLASSES].view(1, SIDE, SIDE)
+
+    def draw(count: int, label: int, seed: int) -> Tensor:
+        noise = torch.Generator().manual_seed(seed)
+        strength = 1 + 0.2 * torch.randn(count, 1, generator=noise)
+        direction = basis[label] if label != TARGET else (1 - shared) * basis[label] + shared * basis[CLASSES]
+        images = strength * direction + 0.05 * torch.randn(count, SIDE * SIDE, generator=noise)
+        return images.view(count, 1, SIDE, SIDE)
+
+    return model, Additive(pattern), draw
+
+
+def unseen_set(draw, per_class: int, seed: int) -> UnseenData:
+    images = torch.cat([draw(per_class, label, seed + label) for label in range(CLASSES)])
+    return UnseenData(images, torch.arange(CLASSES).repeat_interleave(per_class))
+
+
+def target_confidence(model: nn.Module, images: Tensor) -> float:
+    return predict_logits(model, images).softmax(-1)[:, TARGET].mean().item()
+
+
+def defend(model: nn.Module, trigger: Trigger, unseen: UnseenData, **settings) -> tuple[nn.Module, object]:
+    edited = copy.deepcopy(model)
+    defense = ActivationEditing(layer="1", strength=0.3, min_images=1, **settings)
+    return edited, defense.defend(edited, unseen, BackdoorKnowledge.of(trigger, TARGET))
+
+
+@pytest.mark.parametrize("method", ["pin", "protect"])
+def test_the_signal_sees_a_hurt_target_class_and_the_repair_restores_it(method: str) -> None:
+    model, trigger, draw = world(shared=0.9)
+    unseen = unseen_set(draw, 4, seed=0)
+    fresh = draw(200, TARGET, seed=99)  # target-class images the defense never saw
+    unrepaired, plain = defend(model, trigger, unseen, repair=False)
+    repaired, result = defend(model, trigger, unseen, repair_method=method)
+    before = target_confidence(model, fresh)
+    # the edit alone costs the target class on images it never saw ...
+    assert target_confidence(unrepaired, fresh) < before - 0.1
+    # ... the cross-fitted signal on U sees it, the repair fires and wins most of it back
+    signal = result.details["repair_signal"]
+    assert signal["drop"] > 0.02 and result.repaired and result.details["repair"]["method"] == method
+    assert target_confidence(repaired, fresh) > target_confidence(unrepaired, fresh) + 0.05
+    # the backdoor stays removed: triggered non-target images are not sent to the target
+    attacked = trigger(torch.cat([draw(100, label, 50 + label) for label in range(1, CLASSES)]))
+    assert (predict_logits(repaired, attacked).argmax(-1) == TARGET).float().mean() < 0.2
+    # the report keeps the edit before the repair
+    assert set(result.stages["after_edit"]) == {"1.weight"}
+    assert not torch.equal(result.stages["after_edit"]["1.weight"], repaired[1].weight)
+
+
+def test_where_the_edit_does_no_harm_the_repair_changes_nothing() -> None:
+    model, trigger, draw = world(shared=0.0)
+    unseen = unseen_set(draw, 4, seed=0)
+    without, _ = defend(model, trigger, unseen, repair=False)
+    with_repair, result = defend(model, trigger, unseen)
+    assert result.details["repair_signal"]["drop"] <= 0.02 and not result.repaired and not result.stages
+    assert torch.equal(with_repair[1].weight, without[1].weight)  # bit-identical
+
+
+def test_a_single_target_image_splits_its_views_between_the_signal_folds() -> None:
+    labels = torch.arange(CLASSES).repeat(4)  # 1 image per class, 4 views
+    folds = ActivationEditing._folds(labels, 4)
+    signal = ActivationEditing._signal_folds(labels, folds, 4, TARGET)
+    target = labels == TARGET
+    assert folds[target].unique().numel() == 1  # the CV keeps all views of an image in one fold
+    assert signal[target].tolist() == [0, 1, 0, 1] and torch.equal(signal[~target], folds[~target])
+
+
+def test_the_protected_edit_leaves_protected_directions_alone_and_is_optimal_otherwise() -> None:
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(200, 8, generator=generator, dtype=torch.float64)
+    moment = keys.T @ keys / 200
+    residual = torch.randn(3, 8, generator=generator, dtype=torch.float64)
+    preserve = torch.eye(8, dtype=torch.float64)
+    protected = torch.linalg.qr(torch.randn(8, 2, generator=generator, dtype=torch.float64))[0]
+    delta = protected_edit(moment, residual, preserve, 1.0, protected)
+    assert torch.allclose(delta @ protected, torch.zeros(3, 2, dtype=torch.float64), atol=1e-10)
+    # no feasible step improves the objective tr(Δ S Δᵀ) − 2 tr(Δ Rᵀ): its gradient lies in the protected span
+    system = moment + (preserve + 1e-4 * preserve.trace() / 8 * torch.eye(8, dtype=torch.float64))
+    gradient = 2 * (delta @ system - residual)
+    free = torch.eye(8, dtype=torch.float64) - protected @ protected.T
+    assert torch.allclose(gradient @ free, torch.zeros(3, 8, dtype=torch.float64), atol=1e-8)
+    # key_subspace takes the fewest top directions holding the asked energy
+    spectrum = torch.diag(torch.tensor([5.0, 3.0, 1.0, 1.0], dtype=torch.float64))
+    assert key_subspace(spectrum, 0.5).shape == (4, 1) and key_subspace(spectrum, 0.8).shape == (4, 2)
+
+
+def test_folds_alternate_within_each_class_whatever_the_order_of_the_images() -> None:
+    labels = torch.arange(10).repeat(3)  # the unseen split's order: the i-th image of every class, then the next
+    folds = ActivationEditing._folds(labels, 1)
+    assert all(folds[labels == label].tolist() == [0, 1, 0] for label in range(10))  # not fold = label parity
+    with_views = ActivationEditing._folds(labels.repeat(2), 2)
+    assert torch.equal(with_views, folds.repeat(2))  # the views of an image stay in its fold
+
+
+def test_a_repair_that_does_not_restore_the_target_class_is_not_applied() -> None:
+    model, trigger, draw = world(shared=0.9)
+    unseen = unseen_set(draw, 4, seed=0)
+    without, _ = defend(model, trigger, unseen, repair=False)
+    useless, result = defend(model, trigger, unseen, repair_weights=(0.0,))  # pins nothing: the drop stays
+    repair = result.details["repair"]
+    assert result.details["repair_signal"]["drop"] > 0.02 and repair["setting"] is None and not repair["restored"]
+    assert repair["drop_with_repair"]["0"] > 0.02 and not result.repaired
+    assert torch.equal(useless[1].weight, without[1].weight)
