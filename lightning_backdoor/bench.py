@@ -28,6 +28,7 @@ from torch import nn
 
 from lightning_backdoor.backdoor_cli import PARSER_KWARGS, BackdoorCLI
 from lightning_backdoor.defenses.base import BackdoorKnowledge, Defense, UnseenData
+from lightning_backdoor.defenses.report import near_chance
 from lightning_backdoor.evaluation import evaluate
 from lightning_backdoor.io import atomic_write
 from lightning_backdoor.metrics import defense_effectiveness_rating
@@ -38,6 +39,8 @@ COLUMNS = ("attack", "defense", "unseen_per_class", "seed", "num_unseen", "clean
            "run")
 #: written into a model's cache folder once its training has finished
 COMPLETE = "bench_complete.json"
+#: Below this ASR before any defense a poisoned model has no backdoor to remove: the bench says so.
+MIN_ASR = 0.5
 
 
 def defense_name(defense: Defense) -> str:
@@ -153,6 +156,13 @@ class Bench:
         before = evaluate(network, *test, data.num_classes, data.target_class)
         self.log(f"[bench] {attack}: before any defense CA {before['clean_acc']:.4f} ASR {before['asr']:.4f} "
                  f"on {len(test[0])} test images")
+        total = len(test[0])
+        if near_chance(round(before["clean_acc"] * total), total, data.num_classes):
+            self.log(f"[bench] warning: {attack}'s poisoned model is near chance on clean test images (CA "
+                     f"{before['clean_acc']:.4f}): its rows measure nothing; train it longer")
+        elif before["asr"] < MIN_ASR:
+            self.log(f"[bench] warning: {attack}'s poisoned model has no working backdoor (ASR {before['asr']:.4f} "
+                     f"before any defense): its rows measure nothing; train it longer")
         return run_dir, network, data, test, before
 
     def run(self) -> list[dict[str, Any]]:
