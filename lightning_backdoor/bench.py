@@ -52,11 +52,22 @@ def defense_name(defense: Defense) -> str:
 class BenchSettings:
     """A bench grid (attacks × defenses × budgets × seeds), where its models are cached and where results go.
 
-    ``attacks`` by name, each a list of CLI config files (``attack_configs``); ``defenses`` configured objects (in a
-    config, ``class_path``/``init_args`` entries as everywhere else; each row is named by :func:`defense_name`, and
-    every cell runs a fresh copy of the configured defense); ``budgets`` unseen images per class; ``test_images``:
-    score on a fixed random N of the test images (default: all), the same for every run; ``report_only``: run
-    nothing, tabulate and plot the grid's finished runs from the CSV.
+    Args:
+        attacks: attack names to run, each a key of ``attack_configs``.
+        attack_configs: per attack name, the CLI config files that train its poisoned model.
+        defenses: the defenses, ``class_path``/``init_args`` entries as everywhere else; each row is named by the
+            defense's registered name, and every cell runs a fresh copy.
+        budgets: unseen images per class given to each defense.
+        seeds: unseen-split draws (the poisoned model is trained once per attack).
+        overrides: flags applied to every training config.
+        cache_dir: where trained poisoned models are kept, by a hash of their config.
+        search_runs: folders of existing runs reused when their config has the same hash.
+        output_dir: where results.csv, results.md, results.png and the W&B run go.
+        threads: torch threads (default: torch's).
+        test_images: score on a fixed random N of the test images (default: all), the same for every run.
+        report_only: run nothing; tabulate and plot the grid's finished runs from the CSV.
+        wandb: log the table to W&B (offline).
+        wandb_project: the W&B project.
     """
 
     attacks: list[str]
