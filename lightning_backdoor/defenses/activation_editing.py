@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -288,7 +290,9 @@ class ActivationEditing(Defense):
         info: dict[str, Any] = {"num_unseen": len(unseen.labels), "views": views}
         folds = self._folds(labels, views)
         signal_folds = self._signal_folds(labels, folds, views, target_class)
-        parts = [(cv, signal) for cv in (0, 1) for signal in (0, 1)]  # additive: the two fold sets are their sums
+        # the statistics are additive: both fold sets are sums of (CV fold, signal fold) pieces; the pieces that
+        # hold images (two when the fold sets agree, three with a single target image) are built, no more
+        parts = sorted({(0, 0), (1, 1), *zip(folds.tolist(), signal_folds.tolist())})
         problems: dict[str, list[EditProblem]] = {}
         triggered = [(member, member(images)) for member in triggers]  # applied once, reused by the CV
         for member, member_images in triggered:
@@ -300,10 +304,11 @@ class ActivationEditing(Defense):
                                         mask, (folds == cv) & (signal_folds == signal)) for cv, signal in parts]
                 problems[name] = ([a.with_trigger(b) for a, b in zip(problems[name], pieces)] if name in problems
                                   else pieces)
+        pieces_of = {name: dict(zip(parts, pieces)) for name, pieces in problems.items()}
         strengths = STRENGTHS if self.strength is None else (self.strength,)
         choice = (layers[0], strengths[0])
         if len(layers) * len(strengths) > 1:
-            scores = {(name, strength): self._cross_validate(model, name, self._fold_sums(problems[name], 0), strength,
+            scores = {(name, strength): self._cross_validate(model, name, self._fold_sums(pieces_of[name], 0), strength,
                                                              images, triggered, labels, folds, target_class)
                       for name in layers for strength in strengths}
             choice = min(scores, key=scores.get)
@@ -311,8 +316,8 @@ class ActivationEditing(Defense):
                                                                     for (name, strength), score in scores.items()}}
         layer, strength = choice
         info["strength"] = strength
-        pieces = problems[layer]
-        return EditFit(layer, strength, pieces[0] + pieces[1] + pieces[2] + pieces[3], self._fold_sums(pieces, 0),
+        pieces = pieces_of[layer]
+        return EditFit(layer, strength, functools.reduce(operator.add, pieces.values()), self._fold_sums(pieces, 0),
                        images, labels, folds, target_class, info, signal_folds, self._fold_sums(pieces, 1))
 
     def target_drop(self, model: nn.Module, fit: EditFit, setting: float | None = None) -> dict[str, Any]:
@@ -389,14 +394,10 @@ class ActivationEditing(Defense):
         return downstream if self.layer == "auto" and downstream else reached
 
     @staticmethod
-    def _fold_sums(pieces: list[EditProblem], axis: int) -> list[EditProblem]:
-        """The two folds' problems from the four (CV fold, signal fold) pieces, along ``axis`` (0: CV, 1: signal)."""
-        order = [(cv, signal) for cv in (0, 1) for signal in (0, 1)]
-        sums = []
-        for fold in (0, 1):
-            first, second = (piece for piece, key in zip(pieces, order) if key[axis] == fold)
-            sums.append(first + second)
-        return sums
+    def _fold_sums(pieces: dict[tuple[int, int], EditProblem], axis: int) -> list[EditProblem]:
+        """The two folds' problems from the (CV fold, signal fold) pieces, along ``axis`` (0: CV, 1: signal)."""
+        return [functools.reduce(operator.add, [piece for key, piece in pieces.items() if key[axis] == fold])
+                for fold in (0, 1)]
 
     @staticmethod
     def _signal_folds(labels: Tensor, folds: Tensor, views: int, target_class: int) -> Tensor:
