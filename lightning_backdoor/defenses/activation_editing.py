@@ -162,8 +162,9 @@ class EditProblem:
 class EditFit:
     """The edit fitted on U, before any weight changes: the chosen layer and strength, the key statistics of both
     folds of U (``fold_problems``) and their sum (``problem``), the (augmented) unseen images with labels and fold
-    of each, the target class, the facts so far (``info``), and the folds of the repair's signal with their
-    statistics (the same folds, except the views of a target class's single image: they alternate)."""
+    of each, the target class, the facts so far (``info``), the folds of the repair's signal with their
+    statistics (the same folds, except the views of a target class's single image: they alternate), and the
+    unedited model's target-class probability on each target-class image (in image order)."""
 
     layer: str
     strength: float
@@ -176,6 +177,7 @@ class EditFit:
     info: dict[str, Any]
     signal_folds: Tensor
     signal_problems: list[EditProblem]
+    target_probability: Tensor
 
 
 @DEFENSES.register("editing")
@@ -317,8 +319,10 @@ class ActivationEditing(Defense):
         layer, strength = choice
         info["strength"] = strength
         pieces = pieces_of[layer]
+        target_probability = predict_logits(model, images[labels == target_class]).softmax(-1)[:, target_class]
         return EditFit(layer, strength, functools.reduce(operator.add, pieces.values()), self._fold_sums(pieces, 0),
-                       images, labels, folds, target_class, info, signal_folds, self._fold_sums(pieces, 1))
+                       images, labels, folds, target_class, info, signal_folds, self._fold_sums(pieces, 1),
+                       target_probability)
 
     def target_drop(self, model: nn.Module, fit: EditFit, setting: float | None = None) -> dict[str, Any]:
         """The repair's signal, cross-fitted on U: for each fold holding target-class images, the edit fitted on the
@@ -327,18 +331,18 @@ class ActivationEditing(Defense):
         difference over all of them (0 without any), ``validated``: whether the fitting fold held target keys to
         repair with. ``model`` is left unchanged."""
         before, after, validated = [], [], True
+        target = fit.labels == fit.target_class
         for held_out in (0, 1):
-            check = (fit.signal_folds == held_out) & (fit.labels == fit.target_class)
+            check = (fit.signal_folds == held_out) & target
             if not check.any():
                 continue
             problem = fit.signal_problems[1 - held_out]
             arguments = {} if setting is None else self._repair_arguments(problem, setting)
             validated = validated and (setting is None or problem.target_count.item() > 0)
             delta = problem.solve(self.method, fit.strength, self.rank, **arguments)
-            images = fit.images[check]
-            before.append(predict_logits(model, images).softmax(-1)[:, fit.target_class])
+            before.append(fit.target_probability[fit.signal_folds[target] == held_out])  # computed once, in fit
             with trial_edit(model, fit.layer, delta):
-                after.append(predict_logits(model, images).softmax(-1)[:, fit.target_class])
+                after.append(predict_logits(model, fit.images[check]).softmax(-1)[:, fit.target_class])
         if not before:
             return {"drop": 0.0, "held_out_target_images": 0, "validated": False}
         mean_before, mean_after = torch.cat(before).mean().item(), torch.cat(after).mean().item()
