@@ -27,7 +27,17 @@ FAST = {"ft": {"epochs": 20, "lr": 0.1}, "fp": {"epochs": 20, "lr": 0.1},
         # 1.42, and only the largest index is flagged)
         "nc": {"max_steps": 60, "epochs": 5, "threshold": 1.5}, "anp": {"iterations": 10}, "ibau": {"rounds": 10},
         # the trigger given (NC's second half): a few epochs suffice
-        "unlearning": {"epochs": 5}, "editing": {}}
+        "unlearning": {"epochs": 5}, "editing": {},
+        # ft's budget with adaptive SAM (ρ = 2): ASR after 0.008 / 0.013 / 0.012 (this machine's / 1-thread /
+        # seed-1 model), CA fell by at most 1.8 pt, in 4-17 s; at its default lr 0.01 ASR stayed at 0.78 / 0.91
+        # (1-thread / seed-1)
+        "ftsam": {"epochs": 20, "lr": 0.1},
+        # SAU at 10x its Adam rate, 20 rounds: ASR after 0.014 / 0.047 / 0.111 (a rounding-level change of the
+        # shared loss moved them by up to 0.04), CA fell by at most 3.0 pt, in 22-98 s. At its default ε = 0.2 (in
+        # pixels) the reference is almost never fooled on these MNIST models by the last round (0-5 % of U), so the
+        # run is mostly clean fine-tuning (ASR 0.011 / 0.022 / 0.400); ε = 0.5 gives 32-54 % candidate shared
+        # examples. The default 100 rounds at lr 1e-4 left ASR at 0.73 / 0.92 (1-thread / seed-1).
+        "sau": {"rounds": 20, "lr": 0.001, "epsilon": 0.5}}
 #: Known to fail on this model at this budget: ANP's masks barely move in a few dozen iterations on 100 images
 #: (60 and 100 iterations left ASR at 100 %; 100 pruned 8 of 480 neurons); it must run and report what it pruned.
 KNOWN_TO_FAIL = {"anp"}

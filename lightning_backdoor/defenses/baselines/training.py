@@ -28,14 +28,24 @@ def shuffled_batches(count: int, batch_size: int) -> Iterator[Tensor]:
 def train(model: nn.Module, unseen: UnseenData, epochs: int, lr: float, batch_size: int = 64,
           loss_fn: LossFn = cross_entropy, after_step: Callable[[], None] | None = None,
           milestones: tuple[int, ...] = (), momentum: float = 0.9, weight_decay: float = 5e-4,
-          use_augmentation: bool = True) -> float:
+          use_augmentation: bool = True, before_step: Callable[[Tensor, Tensor], None] | None = None,
+          cosine: bool = False) -> float:
     """SGD on U for ``epochs`` epochs (lr ÷ 10 at each milestone epoch), in train mode; returns the last loss.
 
-    ``after_step`` runs after every optimizer step (e.g. to keep pruned weights at zero).
+    ``before_step`` runs between the backward pass and the optimizer step with the batch's (augmented) images and
+    labels, and may replace the gradients (e.g. with sharpness-aware minimisation's second pass). ``after_step``
+    runs after every optimizer step (e.g. to keep pruned weights at zero). ``cosine``: anneal the lr along a
+    cosine from ``lr`` to 0 over the epochs instead of the milestones.
+
+    Raises:
+        ValueError: both ``cosine`` and ``milestones``.
     """
+    if cosine and milestones:
+        raise ValueError("train takes either milestones or a cosine schedule, not both")
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), 0.1)
+    schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs)) if cosine
+                else torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), 0.1))
     was_training = model.training
     model.train()
     loss = torch.tensor(float("nan"))
@@ -47,6 +57,8 @@ def train(model: nn.Module, unseen: UnseenData, epochs: int, lr: float, batch_si
                 loss = loss_fn(model, images, unseen.labels[batch])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if before_step is not None:
+                    before_step(images, unseen.labels[batch])
                 optimizer.step()
                 if after_step is not None:
                     after_step()
