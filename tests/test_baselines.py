@@ -38,8 +38,10 @@ FAST = {"ft": {"epochs": 20, "lr": 0.1}, "fp": {"epochs": 20, "lr": 0.1},
         # run is mostly clean fine-tuning (ASR 0.011 / 0.022 / 0.400); ε = 0.5 gives 32-54 % candidate shared
         # examples. The default 100 rounds at lr 1e-4 left ASR at 0.73 / 0.92 (1-thread / seed-1).
         "sau": {"rounds": 20, "lr": 0.001, "epsilon": 0.5}}
-#: Known to fail on this model at this budget: ANP's masks barely move in a few dozen iterations on 100 images
-#: (60 and 100 iterations left ASR at 100 %; 100 pruned 8 of 480 neurons); it must run and report what it pruned.
+#: Known to fail on this model: ANP. Its ε = 0.4 neuron noise puts the loss of these small nets near chance
+#: (2.0-2.4 nats on the quickstart and CIFAR-10 compact nets), so many masks fall to 0 with no relation to the
+#: backdoor: a fixed threshold of 0.2 after 200 iterations pruned 173 of 472 neurons (CA 98.8 % -> 10 %); the
+#: threshold chosen on U prunes only what keeps held-out accuracy, and ASR stays. It must run and report.
 KNOWN_TO_FAIL = {"anp"}
 
 
