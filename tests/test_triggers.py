@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -26,11 +27,24 @@ def trigger_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     pattern = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
     mask = torch.zeros(1, 16, 16)
     mask[:, 4:12, 4:12] = 1.0
-    return {"image": write_png(folder / "pattern.png", pattern), "mask": write_png(folder / "mask.png", mask)}
+    return {"image": write_png(folder / "pattern.png", pattern), "mask": write_png(folder / "mask.png", mask),
+            "folder": str(folder)}
 
 
-def trigger_kwargs(name: str, files: dict[str, str]) -> dict[str, object]:
-    """Arguments a registered trigger needs beyond its defaults."""
+def delta_file(folder: str, height: int, width: int) -> str:
+    """A one-channel additive perturbation (in [-0.1, 0.1]) for ``height`` x ``width`` images, written once."""
+    path = Path(folder) / f"delta_{height}x{width}.npy"
+    if not path.exists():
+        delta = torch.rand(1, height, width, generator=torch.Generator().manual_seed(height * 100 + width)) * 0.2 - 0.1
+        np.save(path, delta.numpy())
+    return str(path)
+
+
+def trigger_kwargs(name: str, files: dict[str, str], size: tuple[int, int] = (32, 32)) -> dict[str, object]:
+    """Arguments a registered trigger needs beyond its defaults; ``size``, the images' (H, W), for a trigger whose
+    file must match it (the additive perturbation is not resized)."""
+    if name == "additive":
+        return {"delta": delta_file(files["folder"], *size)}
     return {"custom": {"image": files["image"], "mask": files["mask"]}}.get(name, {})
 
 
@@ -48,9 +62,11 @@ def test_keeps_shape_dtype_and_range(
     name: str, trigger_files: dict[str, str], batch: int, channels: int, height: int, width: int,
     dtype: torch.dtype, seed: int,
 ) -> None:
-    trigger = build_trigger(name, seed=seed, **trigger_kwargs(name, trigger_files))
+    trigger = build_trigger(name, seed=seed, **trigger_kwargs(name, trigger_files, (height, width)))
     images = torch.rand(batch, channels, height, width, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-    for poisoned in (trigger(images), trigger.apply_noise(images, torch.Generator().manual_seed(seed))):
+    generator = torch.Generator().manual_seed(seed)
+    for poisoned in (trigger(images), trigger.apply_noise(images, generator),
+                     trigger.apply_for_training(images, generator)):
         assert poisoned.shape == images.shape
         assert poisoned.dtype == images.dtype
         assert poisoned.min() >= 0.0 and poisoned.max() <= 1.0
@@ -115,7 +131,7 @@ def test_seed_decides_the_output(cls: type) -> None:
 @pytest.mark.parametrize("name", sorted(TRIGGERS))
 def test_same_arguments_same_output(name: str, trigger_files: dict[str, str]) -> None:
     images = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(2))
-    kwargs = trigger_kwargs(name, trigger_files)
+    kwargs = trigger_kwargs(name, trigger_files, (28, 28))
     assert torch.equal(build_trigger(name, seed=5, **kwargs)(images), build_trigger(name, seed=5, **kwargs)(images))
 
 

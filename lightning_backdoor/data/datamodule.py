@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_backdoor.data.augment import random_crop, random_flip
 from lightning_backdoor.data.sampling import GlobalBatchSampler
-from lightning_backdoor.data.poisoning import (SplitPlan, apply_noise_mode, apply_trigger, attack_labels, plan_splits,
-                                               to_float)
+from lightning_backdoor.data.poisoning import (SplitPlan, apply_noise_mode, apply_trigger, apply_training_trigger,
+                                               attack_labels, plan_splits, to_float)
 from lightning_backdoor.data.sources import ImageSet, load_source
 from lightning_backdoor.io import atomic_json
 from lightning_backdoor.provenance import environment
@@ -62,7 +62,8 @@ class PoisonedDataModule(L.LightningDataModule):
         augment: ``auto`` (crop + flip for RGB images of 32 px or more, crop for smaller), ``crop_flip``, ``crop``,
             ``none``. Applied after the trigger, as a real attacker's victim would train.
         batch_size: training batch size; evaluation uses ``eval_batch_size``.
-        seed: fixes the unseen split, the validation split, the poisoned indices and the trigger's noise mode.
+        seed: fixes the unseen split, the validation split, the poisoned indices, the trigger's noise mode and its
+            training-time random parts (Adaptive-Blend's pieces).
     """
 
     def __init__(
@@ -159,7 +160,7 @@ class PoisonedDataModule(L.LightningDataModule):
             return
         pool, plan = self.train_pool, self.plan
         images, labels = pool.images.clone(), pool.labels.clone()
-        images[plan.poisoned] = apply_trigger(self.trigger, images[plan.poisoned])
+        images[plan.poisoned] = apply_training_trigger(self.trigger, images[plan.poisoned], self.seed)
         labels[plan.poisoned] = self.attack_labels(labels[plan.poisoned]) if not self.clean_label else labels[plan.poisoned]
         images[plan.noise] = apply_noise_mode(self.trigger, images[plan.noise], self.seed)
         self._datasets["train"] = TensorDataset(images[plan.train], labels[plan.train])

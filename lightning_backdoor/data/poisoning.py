@@ -104,6 +104,14 @@ def apply_trigger(trigger: Trigger, images: Tensor, batch_size: int = 2048) -> T
     return torch.cat(chunks) if chunks else images.clone()
 
 
+def apply_training_trigger(trigger: Trigger, images: Tensor, seed: int, batch_size: int = 2048) -> Tensor:
+    """Apply the trigger as the poisoned training samples carry it (:meth:`Trigger.apply_for_training`, which is
+    :meth:`Trigger.apply` for every trigger but Adaptive-Blend) to uint8 images (N, C, H, W); returns uint8."""
+    generator = torch.Generator().manual_seed(seed + 2)  # seed + 1 is the noise mode's
+    chunks = [to_uint8(trigger.apply_for_training(to_float(chunk), generator)) for chunk in images.split(batch_size)]
+    return torch.cat(chunks) if chunks else images.clone()
+
+
 def apply_noise_mode(trigger: Trigger, images: Tensor, seed: int, batch_size: int = 2048) -> Tensor:
     """Apply the trigger's noise mode (random variants trained with true labels) to uint8 images."""
     generator = torch.Generator().manual_seed(seed + 1)

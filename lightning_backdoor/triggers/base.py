@@ -26,7 +26,8 @@ class Trigger(ABC):
 
     #: The name it is registered (and built) by; empty for triggers that are not chosen by name (estimated ones).
     name: ClassVar[str] = ""
-    #: Fraction of extra training samples that get the trigger's *noise mode* with their labels kept (WaNet).
+    #: Extra training samples per poisoned one that get the trigger's *noise mode* with their labels kept (WaNet;
+    #: Adaptive-Blend's regularisation samples).
     cross_ratio: float = 0.0
 
     def __init__(self, seed: int = 0) -> None:
@@ -51,8 +52,16 @@ class Trigger(ABC):
     def check(self, image_shape: tuple[int, int, int]) -> None:
         """Raise ``ValueError`` with a one-line message if the trigger cannot apply to images of ``(C, H, W)``."""
 
+    def apply_for_training(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        """The trigger as the poisoned *training* samples carry it; :meth:`apply` is the trigger at test time (the
+        test split, evaluation, defenses). The default is :meth:`apply`: one trigger for both. Adaptive-Blend
+        overrides it (a random part of its pattern, at a lower opacity). ``generator`` is a CPU generator, seeded by
+        the data module, so the random parts repeat for a seed on any device."""
+        return self.apply(images)
+
     def apply_noise(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        """The noise mode: a randomised variant trained with true labels so the trigger stays specific (WaNet)."""
+        """The noise mode: a randomised variant trained with true labels so the trigger stays specific (WaNet), or
+        the trigger on samples that keep their labels (Adaptive-Blend's regularisation samples)."""
         return images
 
     def generator(self) -> torch.Generator:
