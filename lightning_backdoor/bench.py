@@ -36,7 +36,7 @@ from lightning_backdoor.runs import config_key, find_existing_run, instantiate_r
 
 COLUMNS = ("attack", "defense", "unseen_per_class", "seed", "num_unseen", "clean_acc", "asr", "asr_floor",
            "robust_acc", "target_acc", "der", "seconds", "clean_acc_before", "asr_before", "target_acc_before",
-           "run")
+           "run", "test_images", "test_precision", "settings")
 #: written into a model's cache folder once its training has finished
 COMPLETE = "bench_complete.json"
 #: Below this ASR before any defense a poisoned model has no backdoor to remove: the bench says so.
@@ -46,6 +46,13 @@ MIN_ASR = 0.5
 def defense_name(defense: Defense) -> str:
     """The name a defense's rows carry: its registered name (``editing``, ``ft``...), else its class name."""
     return defense.name or type(defense).__name__
+
+
+def defense_settings(defense: Defense) -> str:
+    """A defense's settings as one JSON line (its attributes), stored with each row: a resumed bench refuses rows
+    that were made with other settings."""
+    return json.dumps({key: value for key, value in vars(defense).items() if not key.startswith("_")},
+                      sort_keys=True, default=str)
 
 
 @dataclass
@@ -186,6 +193,12 @@ class Bench:
             torch.set_num_threads(settings.threads)
         csv_path = self.output_dir / "results.csv"
         rows = read_rows(csv_path)
+        configured = {defense_name(defense): defense for defense in settings.defenses}
+        for row in rows:  # rows of an older bench without settings are taken as they are
+            name = row["defense"]
+            if name in configured and row.get("settings") and row["settings"] != defense_settings(configured[name]):
+                raise ValueError(f"{csv_path} holds {name} rows made with other settings ({row['settings']}, now "
+                                 f"{defense_settings(configured[name])}); give another output_dir")
         done = {(row["attack"], row["defense"], int(row["unseen_per_class"]), int(row["seed"])) for row in rows}
         # seeds outermost, then defenses in the listed order: an interrupted bench has the first defenses on every
         # attack for the first seeds, rather than some attacks or seeds complete and others missing
@@ -196,7 +209,6 @@ class Bench:
         self.log(f"[bench] {len(cells)} runs in the grid, {finished} already in {csv_path}"
                  + (" (report only)" if settings.report_only else ""))
         loaded: dict[str, Any] = {}
-        configured = {defense_name(defense): defense for defense in settings.defenses}
         for attack, name, budget, seed in todo:
             if attack not in loaded:
                 loaded[attack] = self.load(attack)
@@ -217,6 +229,7 @@ class Bench:
             row = {"attack": attack, "defense": name, "unseen_per_class": budget, "seed": seed,
                    "num_unseen": len(unseen.labels), "seconds": seconds, "run": str(run_dir),
                    "test_images": len(test[0]), "test_precision": "bf16" if settings.bf16 else "float32",
+                   "settings": defense_settings(configured[name]),
                    "der": defense_effectiveness_rating(before["asr"], after["asr"], before["clean_acc"],
                                                        after["clean_acc"]),
                    "clean_acc_before": before["clean_acc"], "asr_before": before["asr"],
@@ -252,7 +265,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         rows = list(csv.DictReader(handle))
     for row in rows:
         for key, value in row.items():
-            if key not in ("attack", "defense", "run", "test_precision"):
+            if key not in ("attack", "defense", "run", "test_precision", "settings"):
                 row[key] = float(value)
     return rows
 
@@ -261,11 +274,15 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
     """Append one run to the CSV (header first if new) and flush, so an interrupted bench keeps it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.is_file()
+    columns = COLUMNS
+    if not new:  # a CSV of an older bench keeps its own columns
+        with open(path, newline="") as handle:
+            columns = tuple(next(csv.reader(handle), COLUMNS))
     with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns)
         if new:
             writer.writeheader()
-        writer.writerow({key: row[key] for key in COLUMNS})
+        writer.writerow({key: row.get(key, "") for key in columns})
 
 
 def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, int, str], list[dict[str, Any]]]:
@@ -277,8 +294,9 @@ def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, int, str], list[dict[
 
 def _cell(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     values = [value * scale for value in values]
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+    if len(values) == 1:  # one seed: no spread to show
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -105,7 +105,15 @@ def training_config(configs: list[str | Path], overrides: list[str]) -> dict[str
 
 def config_key(config: dict[str, Any]) -> str:
     """A short stable hash (12 hex digits) of a :func:`training_config`: equal keys, equally trained weights."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=_stable_text).encode()).hexdigest()[:12]
+
+
+def _stable_text(value: Any) -> str:
+    """A value's text for hashing, without what changes between processes: a function or class by its import
+    path (its default ``repr`` holds a memory address)."""
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+    return str(value)
 
 
 def run_checkpoint(run_dir: Path) -> Path | None:

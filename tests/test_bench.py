@@ -54,6 +54,11 @@ def test_bench_trains_once_then_resumes_from_its_cache(tmp_path):
     assert [row["seed"] for row in rows(tmp_path)] == ["0", "0", "1", "1"]
     assert any("4 runs in the grid, 2 already" in line for line in logged)
     assert any("cached model" in line for line in logged)
+    # the same output folder with other FT settings: refused in one line, not answered with the old rows
+    with pytest.raises(ValueError, match=r"holds ft rows made with other settings .*give another output_dir"):
+        Bench(settings(tmp_path, defenses=[ActivationEditing(), FineTuning(epochs=3)]), fit=fit).run()
+    assert len(rows(tmp_path)) == 4 and {row["settings"] for row in rows(tmp_path) if row["defense"] == "ft"} == {
+        '{"batch_size": 64, "epochs": 2, "lr": 0.01}'}
     # one epoch leaves the quickstart model near chance (CA 25 %, ASR 0 %): the bench says its rows measure nothing
     assert any("warning: badnets's poisoned model is near chance" in line or "no working backdoor" in line
                for line in logged)
@@ -109,3 +114,16 @@ def test_bad_bench_input_is_one_line_exit_2(tmp_path, capsys, flags, messages):
     error = capsys.readouterr().err.strip()
     assert all(message in error for message in messages) and len(error.splitlines()) == 1, error
     assert not any(tmp_path.iterdir())
+
+
+def test_a_config_key_is_the_same_in_every_process():
+    """The quickstart's config holds a function (its optimizer); hashed by its import path, not its address, so
+    a run is found again by a later process."""
+    import subprocess
+    import sys
+
+    code = ("from lightning_backdoor.runs import config_key, training_config; "
+            "print(config_key(training_config(['configs/quickstart.yaml'], [])))")
+    keys = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1]
+            for _ in range(2)}
+    assert len(keys) == 1 and len(keys.pop()) == 12
