@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_backdoor.defenses import BackdoorKnowledge, UnseenData
-from lightning_backdoor.defenses.baselines import ANP, NeuralCleanseUnlearning
+from lightning_backdoor.defenses.baselines import ANP, FTSAM, SAU, NeuralCleanseUnlearning
 from lightning_backdoor.defenses.baselines.training import accuracy, split_unseen
 from lightning_backdoor.runs import instantiate_run
 
@@ -78,3 +78,16 @@ def test_neural_cleanse_reverses_the_3x3_patch(quickstart):
           f"of it on the patch or its 1-px margin")
     assert float(mask.sum()) < 4 * float(true.sum())
     assert float((mask * around).sum()) > 0.5 * float(mask.sum())
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: ANP(iterations=0), "anp: iterations=0 is out of range"),
+    (lambda: ANP(validation_fraction=1.0), "anp: validation_fraction=1.0 is out of range"),
+    (lambda: SAU(rounds=-5),
+     "sau: rounds=-5 is out of range"),
+    (lambda: FTSAM(label_smoothing=1.5),
+     "ftsam: label_smoothing=1.5 is out of range"),
+])
+def test_out_of_range_settings_are_refused_before_anything_runs(make, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        make()

@@ -113,6 +113,14 @@ class Defense(ABC):
                 defense that ``requires_knowledge``.
         """
 
+    def check_settings(self, **conditions: bool) -> None:
+        """One-line ``ValueError`` naming the first setting whose condition is false, e.g.
+        ``self.check_settings(epochs=epochs >= 1)``; called by constructors before anything runs."""
+        for setting, holds in conditions.items():
+            if not holds:
+                raise ValueError(f"{self.name or type(self).__name__}: {setting}={getattr(self, setting, '?')!r} is "
+                                 f"out of range")
+
     def require(self, knowledge: BackdoorKnowledge | None) -> BackdoorKnowledge:
         """``knowledge``, or a one-line ``ValueError`` when it is ``None``."""
         if knowledge is None:

@@ -46,6 +46,9 @@ class ANP(Defense):
         self.epsilon, self.perturbation_steps, self.alpha, self.lr = epsilon, perturbation_steps, alpha, lr
         self.iterations, self.batch_size, self.threshold = iterations, batch_size, threshold
         self.max_accuracy_drop, self.validation_fraction = max_accuracy_drop, validation_fraction
+        self.check_settings(epsilon=epsilon >= 0, perturbation_steps=perturbation_steps >= 1, lr=lr > 0,
+                            iterations=iterations >= 1, batch_size=batch_size >= 1,
+                            validation_fraction=0 < validation_fraction < 1)
 
     def defend(self, model: nn.Module, unseen: UnseenData, knowledge: BackdoorKnowledge | None) -> DefenseResult:
         start = time.perf_counter()

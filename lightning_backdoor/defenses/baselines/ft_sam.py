@@ -66,6 +66,8 @@ class FTSAM(Defense):
                  label_smoothing: float = 0.1) -> None:
         self.epochs, self.lr, self.batch_size, self.rho = epochs, lr, batch_size, rho
         self.label_smoothing = label_smoothing
+        self.check_settings(epochs=epochs >= 1, lr=lr > 0, batch_size=batch_size >= 1, rho=rho >= 0,
+                            label_smoothing=0 <= label_smoothing < 1)
 
     def defend(self, model: nn.Module, unseen: UnseenData, knowledge: BackdoorKnowledge | None) -> DefenseResult:
         start = time.perf_counter()

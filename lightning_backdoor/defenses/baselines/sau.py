@@ -102,6 +102,8 @@ class SAU(Defense):
         self.epsilon, self.steps, self.step_size = epsilon, steps, step_size
         self.beta_adv, self.beta_shared = beta_adv, beta_shared
         self.lambda_clean, self.lambda_adversarial, self.lambda_shared = lambda_clean, lambda_adversarial, lambda_shared
+        self.check_settings(rounds=rounds >= 1, batch_size=batch_size >= 1, lr=lr > 0, epsilon=epsilon >= 0,
+                            steps=steps >= 0, step_size=step_size >= 0)
 
     def defend(self, model: nn.Module, unseen: UnseenData, knowledge: BackdoorKnowledge | None) -> DefenseResult:
         start = time.perf_counter()
