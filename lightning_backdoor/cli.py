@@ -153,12 +153,25 @@ def one_line(error: BaseException) -> str:
     chain = [error]
     while chain[-1].__cause__ or chain[-1].__context__:
         chain.append(chain[-1].__cause__ or chain[-1].__context__)
-    for cause in reversed(chain):
-        if isinstance(cause, ValueError) and str(cause) and "\n" not in str(cause).strip():
+    single = [cause for cause in chain if isinstance(cause, ValueError) and str(cause)
+              and "\n" not in str(cause).strip()]
+    # the innermost of ours (a numpy or torch error below it, e.g. "allow_pickle=False", is its cause, not the news)
+    for cause in reversed(single):
+        if _raised_by_us(cause):
             return str(cause).strip()
+    if single:
+        return str(single[-1]).strip()
     lines = str(error).strip().splitlines()
     reasons = [line.strip()[2:] for line in lines if line.strip().startswith("- ") and "Expected a" not in line]
     return reasons[0] if reasons else lines[0]
+
+
+def _raised_by_us(error: BaseException) -> bool:
+    """Whether ``error`` was raised in this package's code (the innermost frame of its traceback)."""
+    trace = error.__traceback__
+    while trace is not None and trace.tb_next is not None:
+        trace = trace.tb_next
+    return trace is not None and "lightning_backdoor" in trace.tb_frame.f_code.co_filename
 
 
 _PARSER_NOISE = ("Parser key", "Does not validate against", "Subtypes:", "Errors:", "Given value",
