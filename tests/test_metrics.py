@@ -88,3 +88,32 @@ def test_der_subtracts_the_clean_accuracy_drop():
     # a CA gain and an ASR rise are both clipped to zero
     assert defense_effectiveness_rating(0.10, 0.20, 0.80, 0.85) == pytest.approx(0.5)
     assert defense_effectiveness_rating(1.0, 0.0, 0.9, 0.9) == pytest.approx(1.0)
+
+
+def test_bf16_evaluation_agrees_with_float32_where_the_logits_are_well_apart():
+    """``evaluate(bf16=True)`` runs the same metrics under bf16 autocast on channels-last images: with logits far
+    apart (no near-ties for bf16's rounding to flip) every metric equals float32's."""
+    from lightning_backdoor.evaluation import evaluate
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    model = torch.nn.Sequential(conv, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 4))
+    images = torch.rand(64, 3, 8, 8)
+    with torch.no_grad():
+        logits = model(images)
+    labels = logits.argmax(1)
+    labels[::4] = (labels[::4] + 1) % 4  # a quarter wrong: CA 0.75
+    triggered = images.flip(-1)
+    attack_labels = torch.zeros(64, dtype=torch.long)
+    with torch.no_grad():  # keep only images whose two largest logits are far apart in both views
+        gaps = [(model(x).topk(2).values[:, 0] - model(x).topk(2).values[:, 1]) for x in (images, triggered)]
+    keep = (gaps[0] > 0.05) & (gaps[1] > 0.05)
+    args = (images[keep], labels[keep], triggered[keep], attack_labels[keep], 4, 0)
+    dtypes = []
+    conv.register_forward_hook(lambda module, inputs, out: dtypes.append(out.dtype))
+    exact = evaluate(model, *args)
+    assert set(dtypes) == {torch.float32}
+    dtypes.clear()
+    fast = evaluate(model, *args, bf16=True)
+    assert set(dtypes) == {torch.bfloat16}  # it did run in bf16
+    assert keep.sum() > 20 and exact == fast
