@@ -85,8 +85,12 @@ def test_bench_configs_name_defenses_by_class_path():
     quickstart = defenses_of("--config", "configs/bench/quickstart.yaml")
     assert [defense_name(defense) for defense in quickstart] == ["editing", "ft"]
     cifar10 = defenses_of("--config", "configs/bench/cifar10.yaml")
-    assert [defense_name(defense) for defense in cifar10] == ["editing", "ft", "fp", "nad", "ibau", "nc", "anp"]
-    assert cifar10[0].layer == "blocks.2.conv2" and cifar10[-1].iterations == 50
+    assert [defense_name(defense) for defense in cifar10] == ["editing", "ft", "ftsam", "fp", "nad", "ibau", "nc",
+                                                               "anp", "sau"]
+    assert cifar10[0].layer == "blocks.2.conv2" and cifar10[-2].iterations == 200 and cifar10[-1].rounds == 100
+    u250 = defenses_of("--config", "configs/bench/cifar10-u250.yaml")
+    assert [defense_name(defense) for defense in u250] == ["editing", "ft", "ftsam", "anp", "sau", "ibau"]
+    assert u250[4].rounds == 5
 
 
 @pytest.mark.parametrize("name", sorted(DEFENSES))
