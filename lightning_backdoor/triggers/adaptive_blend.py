@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from lightning_backdoor.triggers.base import TRIGGERS, Trigger
-from lightning_backdoor.triggers.blended import check_file, load_image
+from lightning_backdoor.triggers.blended import Blended, check_file
 
 
 @TRIGGERS.register("adaptive_blend")
@@ -77,17 +77,9 @@ class AdaptiveBlend(Trigger):
             raise ValueError(f"adaptive_blend pieces={self.pieces} cuts the {height}x{width} image into empty "
                              f"pieces; use pieces <= {min(height, width)}")
 
-    def pattern(self, image_shape: tuple[int, int, int], device: torch.device, dtype: torch.dtype) -> Tensor:
-        """The whole pattern ``(C, H, W)`` in [0, 1], built once per shape, device and dtype."""
-        key = (tuple(image_shape), device, dtype)
-        if key not in self._patterns:
-            if self.image is not None:
-                pattern = load_image(self.image, image_shape)
-            else:
-                # Drawn on the CPU so a seed gives the same pattern on every device (and Blended's for that seed).
-                pattern = torch.rand(image_shape, generator=self.generator())
-            self._patterns[key] = pattern.to(device=device, dtype=dtype)
-        return self._patterns[key]
+    #: The whole pattern ``(C, H, W)`` in [0, 1], built once per shape, device and dtype: Blended's (a seed gives
+    #: the same pattern as Blended's for that seed, or the user's image).
+    pattern = Blended.pattern
 
     def piece_index(self, height: int, width: int) -> Tensor:
         """Which piece each pixel belongs to, ``(H, W)`` int64 in ``0 .. pieces**2 - 1`` (row-major over the grid)."""
