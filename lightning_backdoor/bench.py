@@ -51,8 +51,20 @@ def defense_name(defense: Defense) -> str:
 def defense_settings(defense: Defense) -> str:
     """A defense's settings as one JSON line (its attributes), stored with each row: a resumed bench refuses rows
     that were made with other settings."""
-    return json.dumps({key: value for key, value in vars(defense).items() if not key.startswith("_")},
-                      sort_keys=True, default=str)
+    return json.dumps(_settings_of(defense), sort_keys=True, default=str)
+
+
+def _settings_of(value: Any) -> Any:
+    """An object's public attributes, nested objects (a composed defense, an estimator) by their own; a memory
+    address never enters."""
+    if hasattr(value, "__dict__") and not isinstance(value, type) and not callable(value):
+        return {"class": type(value).__name__} | {key: _settings_of(item) for key, item in vars(value).items()
+                                                   if not key.startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [_settings_of(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _settings_of(item) for key, item in value.items()}
+    return value
 
 
 @dataclass

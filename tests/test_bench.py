@@ -58,7 +58,7 @@ def test_bench_trains_once_then_resumes_from_its_cache(tmp_path):
     with pytest.raises(ValueError, match=r"holds ft rows made with other settings .*give another output_dir"):
         Bench(settings(tmp_path, defenses=[ActivationEditing(), FineTuning(epochs=3)]), fit=fit).run()
     assert len(rows(tmp_path)) == 4 and {row["settings"] for row in rows(tmp_path) if row["defense"] == "ft"} == {
-        '{"batch_size": 64, "epochs": 2, "lr": 0.01}'}
+        '{"batch_size": 64, "class": "FineTuning", "epochs": 2, "lr": 0.01}'}
     # one epoch leaves the quickstart model near chance (CA 25 %, ASR 0 %): the bench says its rows measure nothing
     assert any("warning: badnets's poisoned model is near chance" in line or "no working backdoor" in line
                for line in logged)
@@ -131,3 +131,14 @@ def test_a_config_key_is_the_same_in_every_process():
     keys = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1]
             for _ in range(2)}
     assert len(keys) == 1 and len(keys.pop()) == 12
+
+
+def test_a_composed_defense_has_the_same_settings_in_every_instance():
+    """Neural Cleanse holds an estimator and an inner defense: its settings name their values, not their memory
+    addresses, so a resumed bench recognises its own rows."""
+    from lightning_backdoor.bench import defense_settings
+    from lightning_backdoor.defenses import NeuralCleanseUnlearning
+
+    first, second = defense_settings(NeuralCleanseUnlearning()), defense_settings(NeuralCleanseUnlearning())
+    assert first == second and "0x" not in first and '"max_steps": 300' in first
+    assert first != defense_settings(NeuralCleanseUnlearning(max_steps=100))
