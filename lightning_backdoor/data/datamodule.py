@@ -9,13 +9,14 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_backdoor.data.augment import random_crop, random_flip
 from lightning_backdoor.data.sampling import GlobalBatchSampler
 from lightning_backdoor.data.poisoning import (SplitPlan, apply_noise_mode, apply_trigger, apply_training_trigger,
                                                attack_labels, plan_splits, to_float)
 from lightning_backdoor.data.sources import ImageSet, load_source
+from lightning_backdoor.data.streaming import FolderStream, PoisonedStream, TriggeredStream, open_folder_streams
 from lightning_backdoor.io import atomic_json
 from lightning_backdoor.provenance import environment
 from lightning_backdoor.triggers import BadNets, Trigger
@@ -48,8 +49,17 @@ class PoisonedDataModule(L.LightningDataModule):
             ``imagefolder``.
         root: folder with ``train/<class>/*`` and ``test/<class>/*`` (ImageFolder layout), or torchvision's root.
         download: let torchvision download the source (needs internet).
-        image_size: resize images to this many pixels square (for sources of mixed sizes).
+        image_size: resize images to this many pixels square (for sources of mixed sizes); with ``center_crop``,
+            resize their shorter side to it (default: ``center_crop``), keeping the aspect ratio.
+        center_crop: (image folders) then keep the central ``center_crop`` x ``center_crop`` pixels, as torchvision's
+            evaluation transform ``Resize(image_size)`` + ``CenterCrop(center_crop)`` (e.g. 256 and 224).
         cache_dir: keep decoded uint8 tensors here so later processes skip decoding.
+        streaming: (``imagefolder`` only) decode images per batch in the DataLoader workers instead of all at
+            construction, and poison them on the fly with the same plan: for data larger than memory. Labels come
+            from the folder listing and every file's header is read at construction (channel count, sizes,
+            unreadable headers); a file that fails to decode later is named in a one-line error. The unseen split is
+            decoded when first asked for; ``test_dataset()`` and ``validation_dataset()`` decode their split whole.
+            Set ``num_workers``. See the data page of the docs.
         trigger: the backdoor trigger (default: a 3x3 BadNets patch).
         target_class: the attack's target label (all-to-one). All-to-all has none: the attribute is then ``None``
             (no target-class accuracy anywhere) and a value other than the default 0 is refused.
@@ -72,7 +82,9 @@ class PoisonedDataModule(L.LightningDataModule):
         root: str | None = None,
         download: bool = False,
         image_size: int | None = None,
+        center_crop: int | None = None,
         cache_dir: str | None = None,
+        streaming: bool = False,
         trigger: Trigger | None = None,
         target_class: int = 0,
         poison_rate: float = 0.1,
@@ -97,7 +109,8 @@ class PoisonedDataModule(L.LightningDataModule):
         self.source, self.target_class, self.poison_rate = source, target_class, poison_rate
         self.all_to_all, self.clean_label, self.unseen_per_class = all_to_all, clean_label, unseen_per_class
         self.batch_size, self.eval_batch_size, self.num_workers, self.seed = batch_size, eval_batch_size, num_workers, seed
-        self.train_pool, self.test_set = load_source(source, root, download, image_size, cache_dir)
+        self.streaming, self.center_crop = streaming, center_crop
+        self.train_pool, self.test_set = self._open_source(root, download, image_size, cache_dir)
         if not 0 <= target_class < self.num_classes:
             raise ValueError(f"target_class={target_class} is not a class; valid: 0..{self.num_classes - 1} "
                              f"({', '.join(self.classes)})")
@@ -113,7 +126,7 @@ class PoisonedDataModule(L.LightningDataModule):
             augment = "crop_flip" if self.image_shape[0] == 3 and height >= 32 else "crop"
         self.augment = augment
         self.crop_padding = 0 if augment == "none" else max(1, height // 8)
-        self._datasets: dict[str, TensorDataset] = {}
+        self._datasets: dict[str, Dataset] = {}
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -126,7 +139,7 @@ class PoisonedDataModule(L.LightningDataModule):
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W)."""
-        return tuple(self.train_pool.images.shape[1:])  # type: ignore[return-value]
+        return self.train_pool.image_shape
 
     @property
     def in_channels(self) -> int:
@@ -158,6 +171,9 @@ class PoisonedDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._datasets:
             return
+        if self.streaming:
+            self._datasets.update(self._streamed_datasets())
+            return
         pool, plan = self.train_pool, self.plan
         images, labels = pool.images.clone(), pool.labels.clone()
         images[plan.poisoned] = apply_training_trigger(self.trigger, images[plan.poisoned], self.seed)
@@ -170,13 +186,47 @@ class PoisonedDataModule(L.LightningDataModule):
     def test_dataset(self) -> TensorDataset:
         """The test split as uint8 images, labels, triggered images and attack labels."""
         self.setup("test")
-        return self._datasets["test"]
+        return self._in_memory("test")
 
     def validation_dataset(self) -> TensorDataset:
         """The validation split (training-pool images held out of training), laid out as :meth:`test_dataset`: for
         choosing settings without touching the test split."""
         self.setup("test")
-        return self._datasets["val"]
+        return self._in_memory("val")
+
+    def _open_source(self, root: str | None, download: bool, image_size: int | None,
+                     cache_dir: str | None) -> tuple[ImageSet, ImageSet] | tuple[FolderStream, FolderStream]:
+        """The (training pool, test split): decoded ImageSets, or with ``streaming`` FolderStreams. Raises a one-line
+        ``ValueError`` for ``streaming`` with a source other than ``imagefolder`` or with ``cache_dir``."""
+        if not self.streaming:
+            return load_source(self.source, root, download, image_size, cache_dir, center_crop=self.center_crop)
+        if self.source != "imagefolder":
+            raise ValueError(f"streaming=true reads image folders only (source=imagefolder with root=<folder>), not "
+                             f"source {self.source!r}, whose images are decoded into memory")
+        if cache_dir is not None:
+            raise ValueError("streaming=true decodes images per batch; cache_dir keeps every decoded image on disk "
+                             "and in memory: use one or the other")
+        if root is None:
+            raise ValueError("streaming=true needs root=<folder with train/<class>/*.jpg and test/<class>/*.jpg>")
+        return open_folder_streams(root, image_size, self.center_crop)
+
+    def _streamed_datasets(self) -> dict[str, Dataset]:
+        """Training, validation and test datasets that decode and poison per sample (``streaming``)."""
+        pool, plan = self.train_pool, self.plan
+        labels = pool.labels.clone()
+        if not self.clean_label:
+            labels[plan.poisoned] = self.attack_labels(labels[plan.poisoned])
+        return {"train": PoisonedStream(pool, plan, self.trigger, labels[plan.train], self.seed),
+                "val": TriggeredStream(pool, plan.val, self.trigger, self.attack_labels(pool.labels[plan.val])),
+                "test": TriggeredStream(self.test_set, torch.arange(len(self.test_set)), self.trigger,
+                                        self.attack_labels(self.test_set.labels))}
+
+    def _in_memory(self, name: str) -> TensorDataset:
+        """Split ``name``'s TensorDataset; a streamed split is decoded whole once, then kept."""
+        dataset = self._datasets[name]
+        if isinstance(dataset, TriggeredStream):
+            dataset = self._datasets[name] = dataset.tensors(self.eval_batch_size, self.num_workers)
+        return dataset  # type: ignore[return-value]
 
     def _eval_dataset(self, images: ImageSet) -> TensorDataset:
         return TensorDataset(images.images, images.labels, apply_trigger(self.trigger, images.images),

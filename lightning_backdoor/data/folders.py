@@ -9,6 +9,11 @@ Conversions follow PIL's ``convert``: greyscale is repeated into R = G = B, pale
 alpha channel is dropped (transparent pixels keep their stored colour; nothing is composited), and ``channels=1``
 turns colour into PIL's luma L = (299 R + 587 G + 114 B) / 1000. 16-bit greyscale is scaled to 8 bits
 (v * 255 / 65535, rounded); floating-point images are refused. EXIF orientation is not applied (as torchvision).
+
+Sizes: kept (they must then all agree), resized square (``image_size``), or, with ``center_crop``, resized so the
+shorter side is ``image_size`` pixels (aspect kept) and centre-cropped to ``center_crop`` square, as torchvision's
+evaluation transform ``Resize(image_size)`` + ``CenterCrop(center_crop)`` does on a PIL image (the same pixels: PIL's
+bilinear resize).
 """
 
 from __future__ import annotations
@@ -31,6 +36,19 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".pnm", ".bmp
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N"})
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 _JUNK_FOLDERS = frozenset({"__MACOSX"})
+
+
+class UnreadableImageError(ValueError):
+    """An image file that cannot be decoded; the message is one line, ``cannot read image <path>: <reason>``.
+
+    A DataLoader worker's error comes back to the main process as ``type(error)(worker's traceback text)``; the
+    message is cut back here to its last ``cannot read image`` line, so a file that fails while streaming is still
+    reported in one line naming it.
+    """
+
+    def __init__(self, message: str) -> None:
+        start = message.rfind("cannot read image ")
+        super().__init__(message[start:].splitlines()[0] if start >= 0 else message)
 
 
 @dataclass(frozen=True)
@@ -109,7 +127,7 @@ def list_image_folder(folder: str | os.PathLike) -> FolderListing:
 
 def read_image_folder(
     folder: str | os.PathLike, *, classes: Sequence[str] | None = None, channels: int | None = None,
-    image_size: int | None = None,
+    image_size: int | None = None, center_crop: int | None = None,
 ) -> ImageSet:
     """Decode one ImageFolder split, e.g. a defender's own clean images (any number per class >= 1).
 
@@ -119,14 +137,18 @@ def read_image_folder(
             be one of them; classes without a folder are allowed: ``ImageSet.missing_classes()`` names them, and a
             caller that needs every class checks it. Default: the sorted class folder names.
         channels: 1 or 3 to convert every image to; default: 1 if all images are greyscale, else 3.
-        image_size: resize every image to this many pixels square; default: keep sizes, which must all agree.
+        image_size: resize every image to this many pixels square (the shorter side, with ``center_crop``);
+            default: keep sizes, which must all agree (``center_crop``'s value, with ``center_crop``).
+        center_crop: after resizing the shorter side to ``image_size``, keep the central ``center_crop`` x
+            ``center_crop`` pixels (torchvision's ``Resize`` + ``CenterCrop``).
 
     Returns:
         ImageSet with images ``(N, channels, H, W)`` uint8, labels ``(N,)`` indices into ``classes``.
 
     Raises:
         ValueError: (one line) a missing or empty folder, a class folder not in ``classes``, an unreadable image
-            (named), images of different sizes without ``image_size``, a bad ``classes`` or ``channels``.
+            (named), images of different sizes without ``image_size``, a bad ``classes``, ``channels``,
+            ``image_size`` or ``center_crop``.
     """
     listing = list_image_folder(folder)
     names = listing.classes if classes is None else _checked_classes(classes)
@@ -134,7 +156,7 @@ def read_image_folder(
     if unknown is not None:
         raise ValueError(f"{listing.folder}/ has class folder '{unknown}' that is not one of the {len(names)} "
                          f"classes ({_few(names)})")
-    return read_listings((listing,), names, channels, image_size)[0]
+    return read_listings((listing,), names, channels, image_size, center_crop)[0]
 
 
 def list_split_folders(
@@ -163,28 +185,29 @@ def list_split_folders(
 @functools.lru_cache(maxsize=4)
 def read_listings(
     listings: tuple[FolderListing, ...], classes: tuple[str, ...], channels: int | None, image_size: int | None,
+    center_crop: int | None = None,
 ) -> tuple[ImageSet, ...]:
     """Decode listed folders into ImageSets sharing one channel count and one image size.
 
     Args:
         listings: from ``list_image_folder``; their class names must all be in ``classes`` (labels index it).
-        classes, channels, image_size: as ``read_image_folder``'s.
+        classes, channels, image_size, center_crop: as ``read_image_folder``'s.
 
     Cached per process (the returned tensors are shared: do not modify them in place); a listing holds every file's
     size and mtime, so a changed folder is decoded anew.
 
     Raises:
         ValueError: (one line) an unreadable image (named), two images of different sizes (both named) without
-            ``image_size``, ``channels`` not 1 or 3, ``image_size`` < 1.
+            ``image_size``, ``channels`` not 1 or 3, ``image_size`` or ``center_crop`` < 1, ``center_crop`` larger
+            than ``image_size``.
     """
     if channels not in (None, 1, 3):
         raise ValueError(f"channels={channels} is not supported; use 1 (greyscale) or 3 (RGB)")
-    if image_size is not None and image_size < 1:
-        raise ValueError(f"image_size={image_size} must be >= 1 pixel")
+    check_geometry(image_size, center_crop)
     files = [file for listing in listings for file in listing.files]
-    images = [_decode(file.path, channels, image_size) for file in files]
+    images = [decode_image(file.path, channels, image_size, center_crop) for file in files]
     channels = channels or max(image.shape[2] for image in images)
-    if image_size is None:
+    if image_size is None and center_crop is None:
         _check_same_size(images, files)
     index = {name: label for label, name in enumerate(classes)}
     out, start = [], 0
@@ -198,23 +221,59 @@ def read_listings(
     return tuple(out)
 
 
-def _decode(path: Path, channels: int | None, image_size: int | None) -> np.ndarray:
+def check_geometry(image_size: int | None, center_crop: int | None) -> None:
+    """Raise a one-line ``ValueError`` for an ``image_size`` or ``center_crop`` below 1 pixel, or a crop larger than
+    the shorter side it is cut from."""
+    for name, value in (("image_size", image_size), ("center_crop", center_crop)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name}={value} must be >= 1 pixel")
+    if center_crop is not None and image_size is not None and center_crop > image_size:
+        raise ValueError(f"center_crop={center_crop} is larger than image_size={image_size}, the shorter side it is "
+                         f"cut from; use image_size >= center_crop (e.g. 256 and 224)")
+
+
+def decode_image(path: Path, channels: int | None, image_size: int | None,
+                 center_crop: int | None = None) -> np.ndarray:
     """One image file as uint8 ``(H, W, C)``: C = ``channels``, or 1 for greyscale and 3 for other files; H = W =
-    ``image_size`` when given."""
+    ``image_size`` when given, or ``center_crop`` when given (the shorter side resized to ``image_size``, default
+    ``center_crop``, then the centre cut out: :func:`resize_and_center_crop`).
+
+    Raises:
+        UnreadableImageError: (a ``ValueError``, one line naming ``path``) the file cannot be decoded.
+    """
     try:
         with Image.open(path) as image:
             image.load()
-            pixels = _pixels(image, channels)
+            converted = _converted(image, channels)
+            if center_crop is not None:
+                converted = resize_and_center_crop(converted, image_size or center_crop, center_crop)
+            pixels = np.asarray(converted)  # a copy, taken before the file closes
     except Exception as error:  # Pillow's plugins raise many kinds on malformed files; each means "unreadable"
         reason = "not an image file Pillow can read" if isinstance(error, Image.UnidentifiedImageError) else error
-        raise ValueError(f"cannot read image {path}: {_first_line(reason)}") from None
-    if image_size is None or pixels.shape[:2] == (image_size, image_size):
+        raise UnreadableImageError(f"cannot read image {path}: {_first_line(reason)}") from None
+    pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
+    if image_size is None or center_crop is not None or pixels.shape[:2] == (image_size, image_size):
         return pixels
     return resize_square(torch.from_numpy(pixels.copy()).permute(2, 0, 1), image_size).permute(1, 2, 0).numpy()
 
 
-def _pixels(image: Image.Image, channels: int | None) -> np.ndarray:
-    """An opened image's pixels, ``(H, W, C)`` uint8 (see ``_decode``)."""
+def resize_and_center_crop(image: Image.Image, size: int, crop: int) -> Image.Image:
+    """Resize ``image`` so its shorter side is ``size`` pixels (the longer one ``int(size * long / short)``, PIL's
+    bilinear filter), then keep its central ``crop`` x ``crop`` pixels (offsets rounded half to even): the pixels
+    torchvision's ``Resize(size)`` + ``CenterCrop(crop)`` give for a PIL image. ``crop`` <= ``size``."""
+    width, height = image.size
+    if width <= height:
+        new_width, new_height = size, int(size * height / width)
+    else:
+        new_width, new_height = int(size * width / height), size
+    if (new_width, new_height) != (width, height):
+        image = image.resize((new_width, new_height), Image.Resampling.BILINEAR)
+    top, left = int(round((new_height - crop) / 2.0)), int(round((new_width - crop) / 2.0))
+    return image.crop((left, top, left + crop, top + crop))
+
+
+def _converted(image: Image.Image, channels: int | None) -> Image.Image:
+    """An opened image in mode ``L`` or ``RGB`` (see ``decode_image``)."""
     if image.mode in _SIXTEEN_BIT_MODES:
         values = np.asarray(image).astype(np.int64)
         if values.size and (values.min() < 0 or values.max() > 65535):
@@ -226,8 +285,7 @@ def _pixels(image: Image.Image, channels: int | None) -> np.ndarray:
         target = "L" if image.mode in GREY_MODES else "RGB"
     else:
         target = "L" if channels == 1 else "RGB"
-    array = np.asarray(image if image.mode == target else image.convert(target))
-    return array[:, :, None] if array.ndim == 2 else array
+    return image if image.mode == target else image.convert(target)
 
 
 def _check_same_size(images: list[np.ndarray], files: list[ImageFile]) -> None:

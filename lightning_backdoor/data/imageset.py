@@ -20,6 +20,11 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every image."""
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
     def subset(self, indices: Tensor) -> ImageSet:
         return ImageSet(self.images[indices], self.labels[indices], self.classes)
 

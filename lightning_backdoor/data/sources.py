@@ -28,6 +28,7 @@ _FOLDER_ROOT_NEEDED = "source 'imagefolder' needs root=<folder with train/<class
 def load_source(
     name: str, root: str | None = None, download: bool = False, image_size: int | None = None,
     cache_dir: str | None = None, *, classes: Sequence[str] | None = None, channels: int | None = None,
+    center_crop: int | None = None,
 ) -> tuple[ImageSet, ImageSet]:
     """Return the (train, test) sets of a source.
 
@@ -36,27 +37,32 @@ def load_source(
         root: an ImageFolder tree with ``train/<class>/*`` and ``test/<class>/*`` (read for ``imagefolder``, and for
             any source whose root holds ``train/``), or torchvision's root.
         download: let torchvision download the source (needs internet).
-        image_size: resize images to this many pixels square.
+        image_size: resize images to this many pixels square (with ``center_crop``: their shorter side).
         cache_dir: keep decoded uint8 tensors here; an image folder's key covers every file's path, size and mtime.
         classes: (image folders only) class names, in label order; default: train/'s sorted class folders.
         channels: (image folders only) 1 or 3; default: 3 if any image has colour, else 1.
+        center_crop: (image folders only) resize the shorter side to ``image_size`` (default: this value) and keep
+            the central ``center_crop`` x ``center_crop`` pixels, as torchvision's ``Resize`` + ``CenterCrop``.
 
     Raises:
         ValueError: (one line) an unknown source, a missing or unreadable folder or image (named), splits whose
-            class folders differ (the first differing class named), mixed sizes without ``image_size``.
+            class folders differ (the first differing class named), mixed sizes without ``image_size``,
+            ``center_crop`` for a source other than an image folder or larger than ``image_size``.
     """
     loader = SOURCES.lookup(name)
     is_folder = loader is _image_folders or root is not None and (Path(root) / "train").is_dir()
     if is_folder and root is None:
         raise ValueError(_FOLDER_ROOT_NEEDED)
-    if not is_folder and (classes is not None or channels is not None):
-        raise ValueError(f"classes= and channels= apply to image folders only, not to source {name!r}")
+    if not is_folder and (classes is not None or channels is not None or center_crop is not None):
+        raise ValueError(f"classes=, channels= and center_crop= apply to image folders only, not to source {name!r}")
     key = f"{name}|{Path(root).resolve() if root else ''}|{image_size}"
+    if center_crop is not None:  # older cache files keep their keys
+        key += f"|crop{center_crop}"
     if is_folder:
         listings, names = list_split_folders(root, classes)  # listed once: it keys the cache and gets decoded
         key += f"|{names}|{channels}|{listings[0].fingerprint()}|{listings[1].fingerprint()}"
         read = functools.partial(_image_folders, root, download, image_size, channels=channels,
-                                 listed=(listings, names))
+                                 center_crop=center_crop, listed=(listings, names))
     else:
         read = functools.partial(_read_in_process, name, root, download, image_size)
     cache_file = Path(cache_dir) / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt" if cache_dir else None
@@ -143,7 +149,7 @@ def _gtsrb(root: str | None, download: bool, image_size: int | None) -> tuple[Im
 @SOURCES.register("imagefolder")
 def _image_folders(
     root: str | None, download: bool = False, image_size: int | None = None, *, classes: Sequence[str] | None = None,
-    channels: int | None = None,
+    channels: int | None = None, center_crop: int | None = None,
     listed: tuple[tuple[FolderListing, FolderListing], tuple[str, ...]] | None = None,
 ) -> tuple[ImageSet, ImageSet]:
     """``root/train/<class>/*`` and ``root/test/<class>/*`` decoded (``download`` unused); ``listed``: their
@@ -151,7 +157,7 @@ def _image_folders(
     if root is None:
         raise ValueError(_FOLDER_ROOT_NEEDED)
     listings, names = listed if listed is not None else list_split_folders(root, classes)
-    return read_listings(listings, names, channels, image_size)
+    return read_listings(listings, names, channels, image_size, center_crop)
 
 
 def _train_test_arrays(name: str, dataset_class: type, root: str | None,
