@@ -19,7 +19,7 @@ from lightning_backdoor.data.sources import ImageSet, load_source
 from lightning_backdoor.data.streaming import FolderStream, PoisonedStream, TriggeredStream, open_folder_streams
 from lightning_backdoor.io import atomic_json
 from lightning_backdoor.provenance import environment
-from lightning_backdoor.triggers import BadNets, Trigger
+from lightning_backdoor.triggers import BadNets, PreparedTrigger, Trigger
 
 #: the data settings that change what a model's numbers mean: stored in every checkpoint, compared when one loads
 #: (in this order: ``all_to_all`` decides whether there is a ``target_class``)
@@ -53,7 +53,9 @@ class PoisonedDataModule(L.LightningDataModule):
             resize their shorter side to it (default: ``center_crop``), keeping the aspect ratio.
         center_crop: (image folders) then keep the central ``center_crop`` x ``center_crop`` pixels, as torchvision's
             evaluation transform ``Resize(image_size)`` + ``CenterCrop(center_crop)`` (e.g. 256 and 224).
-        cache_dir: keep decoded uint8 tensors here so later processes skip decoding.
+        cache_dir: keep decoded uint8 tensors here so later processes skip decoding, and a trigger made with a model
+            (Low Frequency, TrojanNN, Label-Consistent) under ``prepared/`` (without it: in the run folder's
+            ``prepared/`` when a Trainer runs the data module).
         streaming: (``imagefolder`` only) decode images per batch in the DataLoader workers instead of all at
             construction, and poison them on the fly with the same plan: for data larger than memory. Labels come
             from the folder listing and every file's header is read at construction (channel count, sizes,
@@ -66,7 +68,8 @@ class PoisonedDataModule(L.LightningDataModule):
         poison_rate: fraction of training images that carry the trigger, in [0, 1].
         all_to_all: relabel triggered images to ``(y + 1) mod K`` instead of ``target_class``; the poisoned images
             are drawn from every class, and every class's triggered test images count in the ASR.
-        clean_label: poison target-class images only and keep their labels (SIG's setting).
+        clean_label: poison target-class images only and keep their labels (SIG's setting; Label-Consistent needs
+            it).
         unseen_per_class: clean images per class held out before poisoning, never trained on: the defense's data.
         val_fraction: fraction of the remaining training pool kept as clean validation.
         augment: ``auto`` (crop + flip for RGB images of 32 px or more, crop for smaller), ``crop_flip``, ``crop``,
@@ -106,6 +109,10 @@ class PoisonedDataModule(L.LightningDataModule):
         if unseen_per_class < 0:
             raise ValueError(f"unseen_per_class={unseen_per_class} is negative")
         self.trigger = trigger if trigger is not None else BadNets()
+        if self.trigger.clean_label_only and not clean_label:
+            raise ValueError(f"the {self.trigger.name} trigger is a clean-label attack (it poisons target-class images "
+                             f"and keeps their labels); set clean_label=true")
+        self.cache_dir = cache_dir
         self.source, self.target_class, self.poison_rate = source, target_class, poison_rate
         self.all_to_all, self.clean_label, self.unseen_per_class = all_to_all, clean_label, unseen_per_class
         self.batch_size, self.eval_batch_size, self.num_workers, self.seed = batch_size, eval_batch_size, num_workers, seed
@@ -168,9 +175,36 @@ class PoisonedDataModule(L.LightningDataModule):
     def attack_labels(self, labels: Tensor) -> Tensor:
         return attack_labels(labels, self.target_class, self.all_to_all, self.num_classes)
 
+    def prepare_data(self) -> None:
+        """Prepare a trigger made with a model once per node, before every rank's :meth:`setup` loads it from the
+        cache (:meth:`prepare_trigger`); nothing for other triggers."""
+        self.prepare_trigger()
+
+    def prepare_trigger(self) -> None:
+        """:meth:`Trigger.prepare` on the training split's clean images (never the unseen, validation or test
+        images), cached under :meth:`preparation_dir`; nothing for triggers that need no model. Raises a one-line
+        ``ValueError`` when the training images are not decoded in memory (a streamed source)."""
+        if not isinstance(self.trigger, PreparedTrigger):
+            return
+        if not isinstance(self.train_pool, ImageSet):
+            raise ValueError(f"the {self.trigger.name} trigger is made with a model trained on the decoded training "
+                             f"images; a streamed source does not decode them: use streaming=false")
+        train = self.train_pool.subset(self.plan.train)
+        self.trigger.prepare(train.images, train.labels, self.target_class, self.num_classes, self.preparation_dir())
+
+    def preparation_dir(self) -> Path | None:
+        """Where a prepared trigger is cached: ``<cache_dir>/prepared``, else the Trainer's run folder's
+        ``prepared/``, else nowhere (memory only)."""
+        if self.cache_dir is not None:
+            return Path(self.cache_dir) / "prepared"
+        if self.trainer is not None:
+            return Path(self.trainer.default_root_dir) / "prepared"
+        return None
+
     def setup(self, stage: str | None = None) -> None:
         if self._datasets:
             return
+        self.prepare_trigger()  # before poisoning and before the test split is triggered
         if self.streaming:
             self._datasets.update(self._streamed_datasets())
             return

@@ -3,13 +3,16 @@
 from lightning_backdoor.triggers.adaptive_blend import AdaptiveBlend
 from lightning_backdoor.triggers.additive import Additive
 from lightning_backdoor.triggers.badnets import BadNets
-from lightning_backdoor.triggers.base import TRIGGERS, Trigger, build_trigger
+from lightning_backdoor.triggers.base import TRIGGERS, PreparedTrigger, Trigger, build_trigger
 from lightning_backdoor.triggers.blended import Blended
 from lightning_backdoor.triggers.bpp import BppAttack
 from lightning_backdoor.triggers.custom import CustomTrigger
 from lightning_backdoor.triggers.ftrojan import FTrojan
+from lightning_backdoor.triggers.label_consistent import LabelConsistent
+from lightning_backdoor.triggers.low_frequency import LowFrequency
 from lightning_backdoor.triggers.sig import SIG
+from lightning_backdoor.triggers.trojannn import TrojanNN
 from lightning_backdoor.triggers.wanet import WaNet
 
-__all__ = ["TRIGGERS", "AdaptiveBlend", "Additive", "BadNets", "Blended", "BppAttack", "CustomTrigger", "FTrojan", "SIG",
-           "Trigger", "WaNet", "build_trigger"]
+__all__ = ["TRIGGERS", "AdaptiveBlend", "Additive", "BadNets", "Blended", "BppAttack", "CustomTrigger", "FTrojan",
+           "LabelConsistent", "LowFrequency", "PreparedTrigger", "SIG", "Trigger", "TrojanNN", "WaNet", "build_trigger"]

@@ -1,0 +1,123 @@
+"""The attacker's surrogate model for triggers made with a model: built from the model registry, trained briefly on
+the clean training images in a plain seeded CPU loop, and turned into flat tensors for the preparation cache."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from lightning_backdoor.models import build_model
+
+#: The surrogate's settings when a trigger gives none for ``compact``: a quarter of the CIFAR configs' widths.
+DEFAULT_COMPACT_KWARGS: dict[str, Any] = {"widths": [32, 64, 128]}
+#: Images smaller than this (pixels, the shorter side) are upsampled by a whole factor before the surrogate: the
+#: compact net needs 9 pixels and halves the side three times (``digits`` are 8 x 8).
+MIN_SIDE = 16
+
+
+class Upsampled(nn.Module):
+    """``net`` on images upsampled ``factor`` times (nearest): a surrogate for images smaller than it takes.
+
+    Input ``(N, C, H, W)``, logits ``(N, K)``; ``net`` keeps its own layer names (``upsampled.net.head``)."""
+
+    def __init__(self, net: nn.Module, factor: int) -> None:
+        super().__init__()
+        self.net = net
+        self.factor = factor
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net(F.interpolate(images, scale_factor=self.factor, mode="nearest"))
+
+
+def check_surrogate_settings(owner: str, epochs: int, images: int) -> None:
+    """Raise a one-line ``ValueError`` for a surrogate trained for no epoch or on no image."""
+    if epochs < 1:
+        raise ValueError(f"{owner} surrogate_epochs must be >= 1; got {epochs}")
+    if images < 1:
+        raise ValueError(f"{owner} surrogate_images must be >= 1; got {images}")
+
+
+def build_surrogate(architecture: str, kwargs: dict[str, Any] | None, num_classes: int,
+                    image_shape: tuple[int, int, int]) -> nn.Module:
+    """The surrogate for images of ``image_shape`` (C, H, W): ``build_model(architecture, ...)`` with ``kwargs``
+    (for ``compact`` without kwargs: :data:`DEFAULT_COMPACT_KWARGS`), wrapped in :class:`Upsampled` when the
+    shorter side is below :data:`MIN_SIDE`. Raises the registry's one-line ``ValueError`` for an unknown name."""
+    if kwargs is None:
+        kwargs = dict(DEFAULT_COMPACT_KWARGS) if architecture == "compact" else {}
+    net = build_model(architecture, num_classes=num_classes, in_channels=image_shape[0], **kwargs)
+    side = min(image_shape[1:])
+    return Upsampled(net, math.ceil(MIN_SIDE / side)) if side < MIN_SIDE else net
+
+
+def inner(model: nn.Module) -> nn.Module:
+    """The network itself: ``model.net`` for an :class:`Upsampled` surrogate, else ``model``."""
+    return model.net if isinstance(model, Upsampled) else model
+
+
+def train_surrogate(model: nn.Module, images: Tensor, labels: Tensor, epochs: int, max_images: int,
+                    generator: torch.Generator, batch_size: int = 128, lr: float = 0.05) -> nn.Module:
+    """Train ``model`` (CPU) on at most ``max_images`` of ``images`` ``(N, C, H, W)`` float in [0, 1] with
+    ``labels`` ``(N,)``: SGD (Nesterov momentum 0.9, weight decay 5e-4) with the learning rate rising linearly to
+    ``lr`` over the first fifth of the steps and falling linearly to 0 after (the CIFAR configs' one-cycle shape),
+    random horizontal flips for colour images. The subset, the batch order and the flips come from ``generator``;
+    the weights' initialisation from the global RNG (seeded by :meth:`PreparedTrigger.prepare`). Returns ``model``
+    in eval mode.
+
+    Budget: ``epochs * min(N, max_images)`` image passes, e.g. 3 x 10,000 on CIFAR-10 with the default compact
+    surrogate (widths 32, 64, 128): under a minute on 2 CPU cores; the bundled ``digits``: about a second.
+    """
+    if len(images) > max_images:
+        chosen = torch.randperm(len(images), generator=generator)[:max_images]
+        images, labels = images[chosen], labels[chosen]
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    steps_per_epoch = max(1, len(images) // batch_size)
+    total = epochs * steps_per_epoch
+    warmup = max(1, total // 5)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: (step + 1) / warmup if step < warmup else max(0.0, (total - step) / (total - warmup)))
+    model.train()
+    flip = images.shape[1] == 3
+    for _ in range(epochs):
+        order = torch.randperm(len(images), generator=generator)[: steps_per_epoch * batch_size]
+        for batch in order.view(steps_per_epoch, -1) if len(order) >= batch_size else [order]:
+            inputs = images[batch]
+            if flip:
+                mirrored = torch.rand(len(batch), generator=generator) < 0.5
+                inputs = torch.where(mirrored[:, None, None, None], inputs.flip(-1), inputs)
+            loss = F.cross_entropy(model(inputs), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return model.eval()
+
+
+def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1000) -> float:
+    """The fraction of ``images`` (N, C, H, W) in [0, 1] that ``model`` (eval mode) labels as ``labels`` (N,)."""
+    with torch.inference_mode():
+        correct = sum(int((model(chunk).argmax(1) == target).sum())
+                      for chunk, target in zip(images.split(batch_size), labels.split(batch_size)))
+    return correct / max(1, len(labels))
+
+
+def weights_to_tensors(model: nn.Module, prefix: str = "surrogate.") -> dict[str, Tensor]:
+    """The model's state dict as plain CPU tensors under ``prefix`` (for a tensors-only cache file)."""
+    return {prefix + name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
+
+
+def load_weights(model: nn.Module, tensors: dict[str, Tensor], prefix: str = "surrogate.") -> nn.Module:
+    """Load the weights :func:`weights_to_tensors` stored under ``prefix`` into ``model``; returns it in eval mode."""
+    model.load_state_dict({name[len(prefix):]: value for name, value in tensors.items() if name.startswith(prefix)})
+    return model.eval()
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode with no parameter requiring gradients (attacks differentiate the input only)."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model.eval()
