@@ -15,7 +15,7 @@ from PIL import Image
 from lightning_backdoor import PoisonedClassifier, PoisonedDataModule
 from lightning_backdoor.data.folders import decode_image
 from lightning_backdoor.data.streaming import sample_generator
-from lightning_backdoor.triggers import AdaptiveBlend, BadNets, Blended, WaNet
+from lightning_backdoor.triggers import TRIGGERS, AdaptiveBlend, BadNets, Blended, WaNet
 
 CLASSES = ("ant", "bee", "cat")
 TRAIN_PER_CLASS, TEST_PER_CLASS = 24, 6
@@ -93,6 +93,17 @@ def test_deterministic_trigger_gives_the_same_bytes(folder, trigger, workers):
         assert all(torch.equal(a, b) for a, b in zip(memory_tensors, streamed_tensors))
     assert_same_batches([list(batch) for batch in memory.test_dataloader()],
                         [list(batch) for batch in streamed.test_dataloader()])
+
+
+@pytest.mark.parametrize("name", ["sig", "bpp", "ftrojan", "wanet"])
+def test_every_poisoned_image_of_a_deterministic_trigger_is_the_same(folder, name):
+    memory, streamed = both(folder, trigger=TRIGGERS.build(name))
+    memory.setup("fit"), streamed.setup("fit")
+    memory_images = memory.train_dataloader().dataset.tensors[0]
+    streamed_set = streamed.train_dataloader().dataset
+    noise = torch.isin(streamed.plan.train, streamed.plan.noise)  # WaNet's random noise mode differs by design
+    for item in torch.nonzero(~noise).flatten().tolist():
+        assert torch.equal(streamed_set[item][0], memory_images[item]), (name, item)
 
 
 @pytest.mark.parametrize("trigger", [AdaptiveBlend(pieces=2, train_pieces=2), WaNet(k=4, s=1.0)])
