@@ -122,7 +122,8 @@ def main() -> None:
                 continue
             command = [sys.executable, __file__, "--child", "--root", str(root), "--run_dir",
                        str(Path(args.data) / "run"), "--batches", str(args.batches), "--batch_size",
-                       str(args.batch_size), "--workers", str(args.workers)] + (["--streaming"] if path == "streaming" else [])
+                       str(args.batch_size), "--workers", str(args.workers)]
+            command += ["--streaming"] if path == "streaming" else []
             done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
             if done.returncode != 0:
                 print(f"{size:>7} {path:>9} failed: {done.stderr.strip().splitlines()[-1:]}", flush=True)
