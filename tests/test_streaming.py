@@ -198,6 +198,8 @@ def test_conflicting_settings_are_refused_at_construction(folder):
     settings = SETTINGS | {"root": str(folder)}
     one_line("streaming=true reads image folders only", PoisonedDataModule, source="mnist5k", streaming=True)
     one_line("use one or the other", PoisonedDataModule, **settings, streaming=True, cache_dir=str(folder))
+    one_line("use streaming=false", PoisonedDataModule, **settings, streaming=True,
+             trigger=TRIGGERS.build("low_frequency"))
     for streaming in (False, True):
         one_line("center_crop=30 is larger than image_size=24", PoisonedDataModule, **settings, image_size=24,
                  center_crop=30, streaming=streaming)

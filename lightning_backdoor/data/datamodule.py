@@ -231,7 +231,8 @@ class PoisonedDataModule(L.LightningDataModule):
     def _open_source(self, root: str | None, download: bool, image_size: int | None,
                      cache_dir: str | None) -> tuple[ImageSet, ImageSet] | tuple[FolderStream, FolderStream]:
         """The (training pool, test split): decoded ImageSets, or with ``streaming`` FolderStreams. Raises a one-line
-        ``ValueError`` for ``streaming`` with a source other than ``imagefolder`` or with ``cache_dir``."""
+        ``ValueError`` for ``streaming`` with a source other than ``imagefolder``, with ``cache_dir``, without
+        ``root`` or with a trigger made with a model (:class:`PreparedTrigger`)."""
         if not self.streaming:
             return load_source(self.source, root, download, image_size, cache_dir, center_crop=self.center_crop)
         if self.source != "imagefolder":
@@ -242,6 +243,9 @@ class PoisonedDataModule(L.LightningDataModule):
                              "and in memory: use one or the other")
         if root is None:
             raise ValueError("streaming=true needs root=<folder with train/<class>/*.jpg and test/<class>/*.jpg>")
+        if isinstance(self.trigger, PreparedTrigger):  # refused here, before minutes of listing, not at setup
+            raise ValueError(f"the {self.trigger.name} trigger is made with a model trained on the decoded training "
+                             f"images; a streamed source does not decode them: use streaming=false")
         return open_folder_streams(root, image_size, self.center_crop)
 
     def _streamed_datasets(self) -> dict[str, Dataset]:
