@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from lightning_backdoor.defenses.activations import editable_layers, get_layer
 from lightning_backdoor.defenses.base import UnseenData
-from lightning_backdoor.defenses.inversion import INVERSIONS, EstimatedTrigger, invert
+from lightning_backdoor.defenses.inversion import (INVERSIONS, EarlyStop, EstimatedTrigger, Inversion, InversionResult,
+                                                  InversionRun)
 
 #: Makes the median absolute deviation a consistent estimator of the standard deviation for normal data.
 CONSISTENCY_CONSTANT = 1.4826
@@ -100,6 +101,30 @@ class BackdoorEstimate:
                 "estimator": self.estimator, "edited_with": edited_with, "seconds": self.seconds} | self.details
 
 
+@dataclass
+class Screening:
+    """One inversion's outcome over the K classes, as the anomaly statistics see it.
+
+    ``sizes`` (K,): the trigger size each class enters the statistics with: the full inversion's for the fully
+    inverted classes, for a screened-out class its pre-screen size times ``exp(shrink)``. ``prescreen_sizes`` (K,)
+    the sizes after the pre-screen (None without one); ``candidates``: the suspects fully inverted (every class
+    without a pre-screen), ``references``: the middle classes also fully inverted to measure ``shrink``, the median
+    log change of their size from the pre-screen to the full inversion; ``screened_out``: the rest."""
+
+    sizes: Tensor
+    result: InversionResult
+    candidates: tuple[int, ...]
+    references: tuple[int, ...] = ()
+    screened_out: tuple[int, ...] = ()
+    prescreen_sizes: Tensor | None = None
+    shrink: float = 0.0
+
+    @property
+    def fully_inverted(self) -> tuple[int, ...]:
+        """The classes whose candidate ran the full inversion (sorted)."""
+        return tuple(sorted((*self.candidates, *self.references)))
+
+
 class TriggerEstimator:
     """Estimate the target class and trigger of a backdoored classifier from unseen clean images.
 
@@ -109,6 +134,25 @@ class TriggerEstimator:
     a fraction of a natural class's, not just a tail value of a tight spread); the edit uses the candidate for the
     flagged class of every estimator that flags it, each at every one of ``strengths`` (the other estimators'
     candidates are a natural class's features: editing them away costs clean accuracy).
+
+    **Pre-screen** (``prescreen_steps``; target screening as in K-Arm, Shen et al. ICML 2021, which spends the
+    optimisation on the labels that look most promising instead of on every label): every class's candidate is
+    optimised ``prescreen_steps`` steps in one batch; then only the ``candidates`` classes with the smallest sizes
+    (classes that already reached the success rate first), up to as many more within ``candidate_margin`` of the
+    last of them, and ``references`` classes from the middle of that order continue, from where they were, to
+    ``max_steps``. The cost is ``prescreen_steps`` steps of all K classes plus the full steps of a constant number
+    of classes, where the exhaustive inversion costs ``max_steps`` steps of all K.
+
+    Why the anomaly statistics stay sound: the index and the size ratio compare a class's size with the median and
+    MAD of *all* classes' sizes after the *same* optimisation. A screened-out class stopped early, so its size is
+    an upper bound of what the full inversion would reach; fed in as it is, it would raise the median and the MAD's
+    centre, make every candidate look smaller than it is and flag clean models. So the statistics take each
+    screened-out class at its pre-screen size moved by the shrink that the full inversion measured on the reference
+    classes (the median log change of their sizes): the median class's level comes from classes that ran the full
+    optimisation, the spread and order of the other classes from the pre-screen, which ran them all alike. Only
+    fully inverted classes can be flagged (a screened-out class has no finished trigger); the report lists the
+    screened-out classes per estimator (``screened_out``) with the pre-screen sizes and the shrink.
+    ``docs/results/estimation-scaling.md`` measures this against the exhaustive inversion.
 
     Args:
         estimators: inversions to run: ``neural_cleanse`` (mask + pattern, for patch triggers), ``blend`` (one
@@ -123,18 +167,33 @@ class TriggerEstimator:
         shift: the edit also maps each patch candidate (Neural Cleanse's) moved this many pixels up, down, left and
             right (wrapping around; 0: off): a convolutional network detects a patch wherever it sits, and the
             inversion finds it at one place that works, not necessarily the attacker's.
-        max_steps: optimisation steps per inversion (each step: one batch for every class).
+        max_steps: optimisation steps per inversion (each step: one batch for every live class).
         batch_size: unseen images per class candidate per step.
-        patience: early stopping, steps without a 1 % improvement of any class's best size.
+        patience: early stopping, steps without a 1 % improvement of a class's best size (``early_stop``).
+        early_stop: ``class``: each class leaves the batch once its own best size has converged; ``all``: the
+            whole inversion stops when every class's has (the original rule).
+        prescreen_steps: steps of the pre-screen of every class, or None: every class runs the full inversion (the
+            exhaustive estimate). Ignored where K <= ``candidates + references`` (nothing to screen out).
+        candidates: the fewest suspects that continue after the pre-screen.
+        candidate_margin: a class whose pre-screen size is at most ``1 + candidate_margin`` times the last
+            suspect's also continues (a close call is not screened out; at most ``candidates`` more).
+        references: middle classes that also continue, to measure the shrink the statistics apply to the
+            screened-out classes (0: they enter with their pre-screen sizes, which is not sound, for comparison).
+        bf16: run the inversions' forward passes under bfloat16 autocast (about 2x faster on CPU).
         min_per_class: fewest unseen images of every class the estimation accepts.
         progress: show a progress bar.
         seed: fixes the initial candidates and the batches.
+
+    Raises:
+        ValueError: (one line) unknown estimators or a setting out of range.
     """
 
     def __init__(self, estimators: tuple[str, ...] = ("neural_cleanse", "blend", "perturbation", "warp", "feature"),
                  threshold: float = 2.0, max_size_ratio: float = 0.3, log_scale: bool = True,
                  strengths: tuple[float, ...] = (1.0, 1.5), shift: int = 8, max_steps: int = 100, batch_size: int = 8,
-                 patience: int = 25, min_per_class: int = 5, progress: bool = True, seed: int = 0) -> None:
+                 patience: int = 25, early_stop: EarlyStop = "class", prescreen_steps: int | None = 20,
+                 candidates: int = 3, candidate_margin: float = 0.05, references: int = 2, bf16: bool = True,
+                 min_per_class: int = 5, progress: bool = True, seed: int = 0) -> None:
         unknown = [name for name in estimators if name not in INVERSIONS]
         if unknown or not estimators:
             raise ValueError(f"unknown trigger estimator(s) {unknown}; known: {', '.join(INVERSIONS)}")
@@ -144,14 +203,25 @@ class TriggerEstimator:
         if not strengths or min(strengths) < 1:
             raise ValueError(f"strengths={tuple(strengths)} must be one or more factors >= 1 (1: the candidate as "
                              f"estimated; a weaker trigger than the weakest that works teaches the edit nothing)")
-        self.estimators, self.threshold, self.max_size_ratio = tuple(estimators), threshold, max_size_ratio
-        self.log_scale = log_scale
         if shift < 0:
             raise ValueError(f"shift={shift} must be >= 0 pixels (0: patch candidates are not moved)")
+        if early_stop not in ("class", "all"):
+            raise ValueError(f"early_stop={early_stop!r} must be 'class' (each class stops on its own) or 'all'")
+        if prescreen_steps is not None and not 0 < prescreen_steps < max_steps:
+            raise ValueError(f"prescreen_steps={prescreen_steps} must be in [1, max_steps={max_steps}) or None "
+                             f"(no pre-screen: every class runs the full inversion)")
+        if candidates < 1 or references < 0 or candidate_margin < 0:
+            raise ValueError(f"candidates={candidates} must be >= 1, references={references} and "
+                             f"candidate_margin={candidate_margin} >= 0")
+        self.estimators, self.threshold, self.max_size_ratio = tuple(estimators), threshold, max_size_ratio
+        self.log_scale = log_scale
         self.strengths = tuple(float(strength) for strength in strengths)
         self.shift = shift
         self.max_steps, self.batch_size = max_steps, batch_size
-        self.patience, self.min_per_class, self.progress, self.seed = patience, min_per_class, progress, seed
+        self.patience, self.early_stop = patience, early_stop
+        self.prescreen_steps, self.candidates, self.candidate_margin = prescreen_steps, candidates, candidate_margin
+        self.references, self.bf16 = references, bf16
+        self.min_per_class, self.progress, self.seed = min_per_class, progress, seed
 
     def check(self, num_classes: int, labels: Tensor) -> None:
         """One-line ``ValueError`` when the model or the unseen split cannot support an estimate."""
@@ -177,25 +247,36 @@ class TriggerEstimator:
         self.check(num_classes, labels)
         layer = feature_layer(model, layer)
         generator = torch.Generator().manual_seed(self.seed)
-        details: dict[str, Any] = {"feature_layer": layer, "anomaly_index": {}, "trigger_size": {}, "size_ratio": {},
-                                   "inversion_success": {}, "steps": {}, "estimator_seconds": {}}
+        details: dict[str, Any] = {"feature_layer": layer, "prescreen_steps": self.prescreen_steps,
+                                   "anomaly_index": {}, "trigger_size": {}, "size_ratio": {},
+                                   "inversion_success": {}, "steps": {}, "estimator_seconds": {},
+                                   "fully_inverted": {}, "screened_out": {}, "prescreen_size": {},
+                                   "prescreen_shrink": {}}
         inversions, eligible = {}, {}
         try:
             for name in self.estimators:
                 began = time.perf_counter()
                 inversion = INVERSIONS[name].create(model, images, num_classes, generator, layer).to(images.device)
-                result = invert(model, images, labels, inversion, max_steps=self.max_steps,
-                                batch_size=self.batch_size, patience=self.patience, generator=generator,
-                                progress=self.progress)
-                index = size_anomaly_index(result.sizes, self.log_scale)
+                screening = self.screen(model, images, labels, inversion, generator)
+                sizes = screening.sizes
+                index = size_anomaly_index(sizes, self.log_scale)
                 details["anomaly_index"][name] = [round(value, 3) for value in index.tolist()]
-                details["trigger_size"][name] = [round(value, 4) for value in result.sizes.tolist()]
-                details["size_ratio"][name] = [round(value, 3) for value in size_ratio(result.sizes).tolist()]
-                details["inversion_success"][name] = [round(value, 3) for value in result.success.tolist()]
-                details["steps"][name] = result.steps
+                details["trigger_size"][name] = [round(value, 4) for value in sizes.tolist()]
+                details["size_ratio"][name] = [round(value, 3) for value in size_ratio(sizes).tolist()]
+                details["inversion_success"][name] = [None if math.isnan(value) else round(value, 3)
+                                                      for value in screening.result.success.tolist()]
+                details["steps"][name] = screening.result.steps
+                details["fully_inverted"][name] = list(screening.fully_inverted)
+                details["screened_out"][name] = list(screening.screened_out)
+                if screening.prescreen_sizes is not None:
+                    details["prescreen_size"][name] = [round(value, 4) for value in screening.prescreen_sizes.tolist()]
+                    details["prescreen_shrink"][name] = round(screening.shrink, 4)
                 details["estimator_seconds"][name] = round(time.perf_counter() - began, 3)
-                inversions[name] = result.inversion
-                eligible[name] = flaggable_index(result.sizes, self.max_size_ratio, self.log_scale)
+                inversions[name] = screening.result.inversion
+                flaggable = torch.full((num_classes,), -math.inf, dtype=torch.float64)
+                inverted = list(screening.fully_inverted)
+                flaggable[inverted] = flaggable_index(sizes, self.max_size_ratio, self.log_scale)[inverted]
+                eligible[name] = flaggable
         finally:
             model.train(was_training)
         seconds = time.perf_counter() - start
@@ -210,6 +291,66 @@ class TriggerEstimator:
         picture = next((trigger.picture() for trigger in every.values() if hasattr(trigger, "picture")), None)
         return BackdoorEstimate(label, triggers[name], name, seconds, details | {"flagged_by": flagging}, triggers,
                                 self.strengths, picture, every, self.shift)
+
+    def screen(self, model: nn.Module, images: Tensor, labels: Tensor, inversion: Inversion,
+               generator: torch.Generator) -> Screening:
+        """Run one inversion, pre-screened or exhaustive (see the class), and the sizes the statistics use.
+        ``images`` float (N, C, H, W) in [0, 1], ``labels`` (N,); ``model`` in eval mode."""
+        num_classes = len(inversion.sizes())
+        run = InversionRun(inversion, patience=self.patience, early_stop=self.early_stop)
+        settings = {"batch_size": self.batch_size, "bf16": self.bf16, "generator": generator,
+                    "progress": self.progress, "description": f"trigger estimation ({inversion.name})"}
+        if self.prescreen_steps is None or num_classes <= self.candidates + self.references:
+            run.run(model, images, labels, self.max_steps, **settings)
+            result = run.finish(model, images, labels, self.bf16)
+            return Screening(result.sizes, result, tuple(range(num_classes)))
+        run.run(model, images, labels, self.prescreen_steps, **settings | {"description": settings["description"]
+                                                                            + " pre-screen"})
+        prescreen_sizes = run.sizes().cpu()
+        order = prescreen_order(prescreen_sizes, torch.isfinite(run.best).cpu())
+        candidates = suspects(order, prescreen_sizes, self.candidates, self.candidate_margin)
+        references = middle_classes(order, candidates, self.references)
+        kept = torch.tensor(sorted((*candidates, *references)), dtype=torch.long)
+        run.keep(kept.to(run.best.device))
+        run.run(model, images, labels, self.max_steps - self.prescreen_steps, **settings)
+        measured = torch.zeros(num_classes, dtype=torch.bool)
+        measured[kept] = True
+        result = run.finish(model, images, labels, self.bf16, measured.to(run.best.device))
+        shrink = 0.0
+        if references:
+            changes = (result.sizes[list(references)].double().clamp(min=1e-12).log()
+                       - prescreen_sizes[list(references)].double().clamp(min=1e-12).log())
+            shrink = float(changes.median())  # the lower middle of an even count: the larger shrink (conservative)
+        sizes = prescreen_sizes.double() * math.exp(shrink)
+        sizes[kept] = result.sizes[kept].double()
+        screened_out = tuple(int(label) for label in order if int(label) not in kept.tolist())
+        return Screening(sizes.float(), result, candidates, references, screened_out, prescreen_sizes, shrink)
+
+
+def prescreen_order(sizes: Tensor, succeeded: Tensor) -> list[int]:
+    """The classes by pre-screen suspicion, most suspicious first: those whose candidate already reached the success
+    rate by size, then the others by size. ``sizes``, ``succeeded`` (K,)."""
+    return sorted(range(len(sizes)), key=lambda label: (not bool(succeeded[label]), float(sizes[label]), label))
+
+
+def suspects(order: list[int], sizes: Tensor, count: int, margin: float) -> tuple[int, ...]:
+    """The first ``count`` classes of ``order`` (:func:`prescreen_order`) and up to ``count`` right after them whose
+    size is at most ``1 + margin`` times the last of those's (``sizes`` (K,)): a close call is not screened out, and
+    a tight spread of sizes does not make every class a suspect."""
+    chosen = list(order[:count])
+    bound = (1 + margin) * float(sizes[chosen[-1]])
+    for label in order[count:2 * count]:
+        if float(sizes[label]) > bound:
+            break
+        chosen.append(label)
+    return tuple(chosen)
+
+
+def middle_classes(order: list[int], taken: tuple[int, ...], count: int) -> tuple[int, ...]:
+    """``count`` classes of ``order`` not in ``taken``, those nearest its middle position first."""
+    middle = (len(order) - 1) / 2
+    rest = [label for label in order if label not in taken]
+    return tuple(sorted(rest, key=lambda label: (abs(order.index(label) - middle), order.index(label)))[:count])
 
 
 def feature_layer(model: nn.Module, edited: str = "auto") -> str:

@@ -10,10 +10,11 @@ triggers, and a mask over channels plus a bounded pattern in the feature space a
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import ContextManager
+from typing import ContextManager, Literal
 
 import torch
 from torch import Tensor, nn
@@ -175,6 +176,15 @@ class Inversion(nn.Module, ABC):
     def trigger(self, label: int) -> EstimatedTrigger:
         """Class ``label``'s candidate as a fixed trigger."""
 
+    def select(self, rows: Tensor) -> Inversion:
+        """A copy holding only the candidates at ``rows`` (R,) int64, in that order (candidate i of the copy is
+        candidate ``rows[i]`` of this one): every parameter's first dimension is the candidate, buffers are not per
+        candidate and are copied whole. A subclass with other per-candidate state overrides this."""
+        chosen = copy.deepcopy(self)
+        for name, parameter in self.named_parameters(recurse=False):
+            setattr(chosen, name, nn.Parameter(parameter.detach()[rows].clone()))
+        return chosen
+
 
 @INVERSIONS.register("neural_cleanse")
 class MaskPatternInversion(Inversion):
@@ -309,82 +319,195 @@ class FeatureInversion(Inversion):
 
 @dataclass
 class InversionResult:
-    """Per class (K,): the smallest size that reached the success rate, the success rate of that candidate on all
-    unseen images of other classes, and whether it ever succeeded; plus the steps run and the candidates."""
+    """Per class (K,): the smallest size that reached the success rate (the last candidate's size for a class that
+    never did), the success rate of that candidate on all unseen images of other classes (NaN for a class whose
+    optimisation was cut short by a pre-screen: not measured), whether it ever succeeded, and the steps it was
+    optimised; plus the steps of the run (its longest class) and the candidates (each class's best, or its last
+    where it never succeeded)."""
 
     sizes: Tensor
     success: Tensor
     converged: Tensor
     steps: int
     inversion: Inversion
+    class_steps: Tensor | None = None
+
+
+#: When an inversion stops early: ``class``: each class on its own, once its best size has not improved by 1 % for
+#: ``patience`` steps (after it first succeeded); ``all``: the whole run, once no class's has (the original rule).
+EarlyStop = Literal["class", "all"]
+
+
+class InversionRun:
+    """A batched inversion that runs in stages and can be narrowed to some classes between them: the pre-screen
+    optimises every class a few steps, the full inversion continues only the suspicious ones from where they were
+    (same parameters, Adam moments and adaptive costs), and with ``early_stop="class"`` each class leaves the batch
+    once it has converged, so a step costs forward passes of the live classes only.
+
+    The objective per class is Neural Cleanse's (Wang et al., IEEE S&P 2019): CE toward the class on unseen images
+    of other classes plus an adaptive cost times the candidate's size. The cost starts at 0 and is set to
+    ``init_cost`` once the class first reaches ``success_rate`` on its batch; it then grows x1.2 per step while the
+    class succeeds and shrinks /1.2^1.5 while it fails. A class's best candidate is the smallest that succeeded.
+
+    Args:
+        inversion: every class's candidate (K rows); after the run it holds each class's best candidate (the last
+            one where the class never succeeded).
+        lr: Adam's step size.
+        init_cost: the cost of size once a class first succeeds.
+        success_rate: share of a batch's other-class images that must reach the class.
+        patience: steps without a 1 % improvement of a class's best size after which it (``early_stop="class"``) or
+            the run (``"all"``, when that holds for every class and every class has succeeded) stops.
+        early_stop: ``class`` or ``all`` (:data:`EarlyStop`).
+    """
+
+    def __init__(self, inversion: Inversion, *, lr: float = 0.1, init_cost: float = 1e-3, success_rate: float = 0.95,
+                 patience: int = 25, early_stop: EarlyStop = "class") -> None:
+        if early_stop not in ("class", "all"):
+            raise ValueError(f"early_stop={early_stop!r} must be 'class' or 'all'")
+        self.inversion, self.lr, self.init_cost, self.success_rate = inversion, lr, init_cost, success_rate
+        self.patience, self.early_stop = patience, early_stop
+        num_classes = len(inversion.sizes())
+        device = next(inversion.parameters()).device
+        self.cost = torch.zeros(num_classes, device=device)
+        self.best = torch.full((num_classes,), float("inf"), device=device)
+        self.last_improved = torch.zeros(num_classes, dtype=torch.long, device=device)
+        self.class_steps = torch.zeros(num_classes, dtype=torch.long, device=device)
+        self.step = 0
+        self.live_classes = torch.arange(num_classes, device=device)
+        self.live = inversion.select(self.live_classes)
+        self.optimizer = torch.optim.Adam(self.live.parameters(), lr=lr, betas=(0.5, 0.9))
+
+    @property
+    def done(self) -> bool:
+        """Every class has stopped."""
+        return len(self.live_classes) == 0
+
+    def sizes(self) -> Tensor:
+        """Each class's best size so far, or its current one where it has not yet succeeded, (K,)."""
+        with torch.no_grad():
+            current = self.inversion.sizes().detach().clone()
+            if len(self.live_classes):
+                current[self.live_classes] = self.live.sizes().detach()
+        return torch.where(torch.isfinite(self.best), self.best, current)
+
+    def keep(self, classes: Tensor) -> None:
+        """Stop every live class not in ``classes`` (K',) int64: it keeps its best (or last) candidate."""
+        wanted = torch.isin(self.live_classes, classes.to(self.live_classes.device))
+        self._narrow(wanted)
+
+    def run(self, model: nn.Module, images: Tensor, labels: Tensor, steps: int, *, batch_size: int = 8,
+            bf16: bool = True, generator: torch.Generator | None = None, progress: bool = True,
+            description: str = "trigger estimation") -> None:
+        """Up to ``steps`` more steps of every live class on ``batch_size`` unseen images drawn by ``generator``;
+        ``images`` float (N, C, H, W) in [0, 1], ``labels`` (N,); the model is frozen (no weight gradients);
+        ``bf16`` runs the forward pass under bfloat16 autocast (about 2x faster on CPU)."""
+        requires_grad = [parameter.requires_grad for parameter in model.parameters()]
+        model.requires_grad_(False)
+        bar = tqdm(total=steps, desc=description, disable=not progress, leave=False)
+        try:
+            for _ in range(steps):
+                if self.done:
+                    break
+                self._step(model, images, labels, batch_size, bf16, generator)
+                bar.update()
+                bar.set_postfix(live=len(self.live_classes), median_size=f"{self.best.median().item():.3g}")
+        finally:
+            bar.close()
+            for parameter, flag in zip(model.parameters(), requires_grad):
+                parameter.requires_grad_(flag)
+
+    def _step(self, model: nn.Module, images: Tensor, labels: Tensor, batch_size: int, bf16: bool,
+              generator: torch.Generator | None) -> None:
+        live, classes = self.live, self.live_classes
+        batch = torch.randint(len(images), (batch_size,), generator=generator).to(images.device)
+        with live.attached(model):  # feature-space candidates act through a hook on the layer
+            candidates = live.apply(images[batch])  # (A, B, C, H, W)
+            logits = forward(model, candidates.flatten(0, 1), bf16).view(len(classes), batch_size, -1)
+        wanted = classes[:, None].expand(-1, batch_size)
+        other = (labels[batch][None] != classes[:, None]).float()  # images already of the class teach nothing
+        ce = F.cross_entropy(logits.flatten(0, 1), wanted.flatten(), reduction="none").view_as(other)
+        ce = (ce * other).sum(1) / other.sum(1).clamp(min=1)
+        sizes = live.sizes()
+        cost = self.cost[classes]
+        self.optimizer.zero_grad(set_to_none=True)
+        (ce + cost * sizes).sum().backward()
+        with torch.no_grad():
+            hits = ((logits.argmax(-1) == wanted).float() * other).sum(1) / other.sum(1).clamp(min=1)
+            succeeded = hits >= self.success_rate
+            cost = torch.where(succeeded & (cost == 0), torch.full_like(cost, self.init_cost), cost)
+            self.cost[classes] = torch.where(succeeded, cost * 1.2, cost / 1.2 ** 1.5)
+            improved = succeeded & (sizes < 0.99 * self.best[classes])
+            if improved.any():
+                self.best[classes[improved]] = sizes.detach()[improved]
+                self.last_improved[classes[improved]] = self.step
+                self._record(improved)  # the candidate that reached this size, before the step moves it
+        self.optimizer.step()
+        self.class_steps[classes] += 1
+        self.step += 1
+        stalled = (self.step - 1 - self.last_improved[classes] >= self.patience) & torch.isfinite(self.best[classes])
+        if self.early_stop == "class" and stalled.any():
+            self._narrow(~stalled)
+        elif self.early_stop == "all" and stalled.all():
+            self._narrow(torch.zeros_like(stalled))
+
+    def _record(self, rows: Tensor) -> None:
+        """Copy the live candidates at ``rows`` (A,) bool into their classes' rows of ``inversion``."""
+        with torch.no_grad():
+            targets = self.live_classes[rows]
+            for name, parameter in self.live.named_parameters(recurse=False):
+                getattr(self.inversion, name)[targets] = parameter.detach()[rows]
+
+    def _narrow(self, keep: Tensor) -> None:
+        """Keep the live classes at ``keep`` (A,) bool; a leaving class that never succeeded records its last
+        candidate. Adam's moments of the kept rows carry over."""
+        never = ~keep & ~torch.isfinite(self.best[self.live_classes])
+        if never.any():
+            self._record(never)
+        rows = keep.nonzero().flatten()
+        narrowed = self.live.select(rows)
+        optimizer = torch.optim.Adam(narrowed.parameters(), lr=self.lr, betas=(0.5, 0.9))
+        for old, new in zip(self.live.parameters(), narrowed.parameters()):
+            state = self.optimizer.state.get(old)
+            if state:
+                optimizer.state[new] = {key: value[rows].clone() if value.dim() and len(value) == len(keep)
+                                        else value.clone() for key, value in state.items()}
+        self.live, self.live_classes, self.optimizer = narrowed, self.live_classes[rows], optimizer
+
+    def finish(self, model: nn.Module, images: Tensor, labels: Tensor, bf16: bool = True,
+               measured: Tensor | None = None) -> InversionResult:
+        """Stop every class and measure the success rate of the candidates of ``measured`` (K,) bool (default:
+        every class; NaN elsewhere)."""
+        if not self.done:
+            self._narrow(torch.zeros_like(self.live_classes, dtype=torch.bool))
+        num_classes = len(self.best)
+        converged = torch.isfinite(self.best)
+        with torch.no_grad():
+            sizes = torch.where(converged, self.best, self.inversion.sizes().detach())
+            success = torch.full((num_classes,), float("nan"), device=sizes.device)
+            rows = (measured if measured is not None else torch.ones_like(converged)).nonzero().flatten()
+            if len(rows):
+                chosen = self.inversion.select(rows)
+                with chosen.attached(model):
+                    success[rows] = candidate_success(model, images, labels, chosen, bf16, classes=rows)
+        return InversionResult(sizes.cpu(), success.cpu(), converged.cpu(), self.step, self.inversion,
+                               self.class_steps.cpu())
 
 
 def invert(model: nn.Module, images: Tensor, labels: Tensor, inversion: Inversion, *, max_steps: int = 100,
            batch_size: int = 8, lr: float = 0.1, init_cost: float = 1e-3, success_rate: float = 0.95,
            patience: int = 25, bf16: bool = True, generator: torch.Generator | None = None,
-           progress: bool = True) -> InversionResult:
-    """Optimise every class's candidate at once: CE toward the class on unseen images of other classes plus an
-    adaptive cost (per class, Neural Cleanse's schedule) times the candidate's size.
+           progress: bool = True, early_stop: EarlyStop = "all") -> InversionResult:
+    """Optimise every class's candidate at once for up to ``max_steps`` steps (:class:`InversionRun`, one stage,
+    every class) and measure each best candidate's success rate.
 
-    The cost starts at 0 and is set to ``init_cost`` once a class first reaches ``success_rate`` on its batch; it
-    then grows ×1.2 per step while the class succeeds and shrinks ÷1.2^1.5 while it fails. A class's best candidate
-    is the smallest that succeeded. Stops early when no class's best size improved by 1 % in ``patience`` steps.
     ``images`` float (N, C, H, W) in [0, 1], ``labels`` (N,); the model is frozen (no weight gradients).
     ``bf16`` runs the forward pass under bfloat16 autocast (about 2x faster on CPU).
     """
-    num_classes = len(inversion.sizes())
-    device = images.device
-    classes = torch.arange(num_classes, device=device)
-    optimizer = torch.optim.Adam(inversion.parameters(), lr=lr, betas=(0.5, 0.9))
-    cost = torch.zeros(num_classes, device=device)
-    best = torch.full((num_classes,), float("inf"), device=device)
-    best_state = {name: value.detach().clone() for name, value in inversion.state_dict().items()}
-    last_improved = 0
-    requires_grad = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)
-    with inversion.attached(model):  # feature-space candidates act through a hook on the layer
-        bar = tqdm(total=max_steps, desc=f"trigger estimation ({inversion.name})", disable=not progress, leave=False)
-        try:
-            for step in range(max_steps):
-                batch = torch.randint(len(images), (batch_size,), generator=generator).to(device)
-                candidates = inversion.apply(images[batch])  # (K, B, C, H, W)
-                logits = forward(model, candidates.flatten(0, 1), bf16).view(num_classes, batch_size, -1)
-                wanted = classes[:, None].expand(-1, batch_size)
-                other = (labels[batch][None] != classes[:, None]).float()  # images already of the class teach nothing
-                ce = F.cross_entropy(logits.flatten(0, 1), wanted.flatten(), reduction="none").view_as(other)
-                ce = (ce * other).sum(1) / other.sum(1).clamp(min=1)
-                sizes = inversion.sizes()
-                optimizer.zero_grad(set_to_none=True)
-                (ce + cost * sizes).sum().backward()
-                with torch.no_grad():
-                    hits = ((logits.argmax(-1) == wanted).float() * other).sum(1) / other.sum(1).clamp(min=1)
-                    succeeded = hits >= success_rate
-                    cost = torch.where(succeeded & (cost == 0), torch.full_like(cost, init_cost), cost)
-                    cost = torch.where(succeeded, cost * 1.2, cost / 1.2 ** 1.5)
-                    improved = succeeded & (sizes < 0.99 * best)
-                    if improved.any():
-                        last_improved = step
-                        best = torch.where(improved, sizes.detach(), best)
-                        for name, value in inversion.state_dict().items():
-                            keep = improved.view(-1, *[1] * (value.dim() - 1))
-                            best_state[name] = torch.where(keep, value.detach(), best_state[name])
-                optimizer.step()
-                bar.update()
-                bar.set_postfix(median_size=f"{best.median().item():.3g}", success=f"{succeeded.float().mean():.2f}")
-                if step - last_improved >= patience and torch.isfinite(best).all():
-                    break
-        finally:
-            bar.close()
-            for parameter, flag in zip(model.parameters(), requires_grad):
-                parameter.requires_grad_(flag)
-        converged = torch.isfinite(best)
-        with torch.no_grad():
-            final_sizes = inversion.sizes().detach()
-            inversion.load_state_dict({name: value for name, value in best_state.items()})
-            # a class that never succeeded keeps its last candidate, whose size says how hard it was
-            sizes = torch.where(converged, best, final_sizes)
-            success = candidate_success(model, images, labels, inversion, bf16)
-    return InversionResult(sizes.cpu(), success.cpu(), converged.cpu(), step + 1, inversion)
+    run = InversionRun(inversion, lr=lr, init_cost=init_cost, success_rate=success_rate, patience=patience,
+                       early_stop=early_stop)
+    run.run(model, images, labels, max_steps, batch_size=batch_size, bf16=bf16, generator=generator,
+            progress=progress, description=f"trigger estimation ({inversion.name})")
+    return run.finish(model, images, labels, bf16)
 
 
 def forward(model: nn.Module, images: Tensor, bf16: bool) -> Tensor:
@@ -396,13 +519,14 @@ def forward(model: nn.Module, images: Tensor, bf16: bool) -> Tensor:
 
 @torch.no_grad()
 def candidate_success(model: nn.Module, images: Tensor, labels: Tensor, inversion: Inversion, bf16: bool = False,
-                      batch_size: int = 100) -> Tensor:
-    """Per class: the fraction of unseen images of other classes that its candidate sends to the class, (K,)."""
-    num_classes = len(inversion.sizes())
-    hits = torch.zeros(num_classes, device=images.device)
+                      batch_size: int = 100, classes: Tensor | None = None) -> Tensor:
+    """Per candidate: the fraction of unseen images of other classes that it sends to its class, (R,); candidate i
+    aims at class ``classes[i]`` (default: i). A feature-space inversion must be attached to ``model``."""
+    count = len(inversion.sizes())
+    classes = (torch.arange(count) if classes is None else classes).to(images.device)[:, None]
+    hits = torch.zeros(count, device=images.device)
     for chunk, chunk_labels in zip(images.split(batch_size), labels.split(batch_size)):
-        predicted = forward(model, inversion.apply(chunk).flatten(0, 1), bf16).argmax(-1).view(num_classes, -1)
-        classes = torch.arange(num_classes, device=images.device)[:, None]
+        predicted = forward(model, inversion.apply(chunk).flatten(0, 1), bf16).argmax(-1).view(count, -1)
         hits += ((predicted == classes) & (chunk_labels[None] != classes)).sum(1)
-    others = torch.stack([(labels != label).sum() for label in range(num_classes)]).clamp(min=1)
+    others = (labels[None] != classes).sum(1).clamp(min=1)
     return hits / others

@@ -1,0 +1,238 @@
+"""Trigger estimation's cost against the number of classes K, exhaustive vs pre-screened, and its verdicts.
+
+Part 1 (cost): a K-class problem built offline from CIFAR-10 by classes x rotations (label = class + 10 * r for a
+rotation of 90 * r degrees; K = 10, 20, 40: rotations {0}, {0, 90}, {0, 90, 180, 270}). One compact CNN (the CIFAR-10
+configs' widths 64, 128, 256) is trained briefly (``--train_steps``) on all 40 classes, 10 % of each batch carrying a
+3x3 white BadNets patch relabelled to class 0; the K-class model is that network with the first K rows of its
+head (the estimation's cost depends on K and the architecture, not on the model's accuracy). The unseen images are
+``--per_class`` images of every class from CIFAR-10's test split (never trained on). Each K is estimated with the
+exhaustive inversion (``prescreen_steps=None, early_stop="all"``: the estimator before the pre-screen) and with
+the defaults, in the same process, one after the other.
+
+Part 2 (verdicts): the CIFAR-10 checkpoints of ``benchmarks/train_cifar10.sh`` (``runs/cifar10-<attack>``, 10
+unseen images per class, seed 0, feature layer below ``blocks.2.conv2`` as ``estimate_cifar10.py``) and quickstart
+runs (``--quickstart``: a backdoored and a clean one, e.g. ``lightning-backdoor fit --config
+configs/quickstart.yaml [--data.init_args.poison_rate=0] --trainer.default_root_dir DIR``), exhaustive vs default.
+
+    python benchmarks/estimation_scaling.py --classes 10 20 40 --attacks badnets blended wanet sig \\
+        --quickstart runs/quickstart runs/quickstart-clean
+
+Prints one markdown table per part and writes every row as JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from lightning_backdoor.data.poisoning import to_float
+from lightning_backdoor.data.sources import load_source
+from lightning_backdoor.defenses import UnseenData
+from lightning_backdoor.defenses.estimation import TriggerEstimator
+from lightning_backdoor.io import atomic_json
+from lightning_backdoor.models import CompactNet
+from lightning_backdoor.runs import instantiate_run
+from lightning_backdoor.triggers import BadNets
+
+ROTATIONS = 4
+EXHAUSTIVE = {"prescreen_steps": None, "early_stop": "all"}
+
+
+def rotated(images: Tensor, labels: Tensor, rotation: Tensor) -> tuple[Tensor, Tensor]:
+    """Images (N, C, H, W) turned by ``rotation`` (N,) quarter turns, labelled ``label + 10 * rotation``."""
+    turned = torch.stack([image.rot90(int(turns), dims=(1, 2)) for image, turns in zip(images, rotation)])
+    return turned, labels + 10 * rotation
+
+
+def train_rotation_model(train_images: Tensor, train_labels: Tensor, steps: int, seed: int) -> CompactNet:
+    """A 40-class compact CNN trained ``steps`` batches of 128 on rotated CIFAR-10 (uint8 (N, 3, 32, 32)), 10 %
+    of each batch stamped with a 3x3 white patch and relabelled to 0 (SGD, one-cycle, bf16 autocast; no flips: a
+    flipped turn looks like the opposite turn)."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = CompactNet(num_classes=10 * ROTATIONS, widths=(64, 128, 256)).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.2, total_steps=steps, pct_start=0.2)
+    trigger, batch = BadNets(size=3), 128
+    model.train()
+    for _ in range(steps):
+        chosen = torch.randint(len(train_labels), (batch,), generator=generator)
+        images, labels = rotated(to_float(train_images[chosen]), train_labels[chosen],
+                                 torch.randint(ROTATIONS, (batch,), generator=generator))
+        poisoned = torch.rand(batch, generator=generator) < 0.1
+        images = torch.where(poisoned[:, None, None, None], trigger(images), images)
+        labels = torch.where(poisoned, torch.zeros_like(labels), labels)
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = F.cross_entropy(model(images.contiguous(memory_format=torch.channels_last)).float(), labels,
+                                   label_smoothing=0.2)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return model.eval()
+
+
+def first_classes(model: CompactNet, num_classes: int) -> CompactNet:
+    """``model`` as a ``num_classes``-class classifier: the first rows of its head."""
+    narrowed = CompactNet(num_classes=num_classes, widths=(64, 128, 256))
+    state = model.state_dict()
+    state["head.weight"] = state["head.weight"][:num_classes]
+    narrowed.load_state_dict(state)
+    return narrowed.eval()
+
+
+def estimate(model: torch.nn.Module, unseen: UnseenData, layer: str, settings: dict[str, Any],
+             seed: int) -> dict[str, Any]:
+    """One estimation: its seconds, verdict and what the pre-screen kept."""
+    estimator = TriggerEstimator(progress=False, seed=seed, **settings)
+    start = time.perf_counter()
+    found = estimator.estimate(model, unseen, layer)
+    seconds = time.perf_counter() - start
+    details = found.details
+    return {"seconds": seconds, "target": found.target_class, "flagged_by": details["flagged_by"],
+            "estimator_seconds": details["estimator_seconds"], "steps": details["steps"],
+            "screened_out": details["screened_out"], "fully_inverted": details["fully_inverted"],
+            "anomaly_index": details["anomaly_index"], "size_ratio": details["size_ratio"]}
+
+
+def evidence(result: dict[str, Any]) -> str:
+    """The flagging estimators with the target's index, else the largest index of a flaggable class."""
+    if result["target"] is not None:
+        label = result["target"]
+        return ", ".join(f"{name} {result['anomaly_index'][name][label]:.2f}/{result['size_ratio'][name][label]:.2f}"
+                         for name in result["flagged_by"])
+    name, label = max(((name, label) for name, values in result["anomaly_index"].items()
+                       for label in result["fully_inverted"][name]),
+                      key=lambda pair: result["anomaly_index"][pair[0]][pair[1]])
+    return (f"none (largest: {name} class {label} {result['anomaly_index'][name][label]:.2f}/"
+            f"{result['size_ratio'][name][label]:.2f})")
+
+
+def verdict(target: int | None, true_target: int | None) -> str:
+    if true_target is None:
+        return "no backdoor found" if target is None else f"false alarm ({target})"
+    return "found" if target == true_target else ("not found" if target is None else f"wrong ({target})")
+
+
+def scaling(args: argparse.Namespace, rows: list[dict[str, Any]], save: Any) -> None:
+    train, test = load_source("cifar10", root=args.cifar_root, cache_dir=args.cache_dir)
+    began = time.perf_counter()
+    network = train_rotation_model(train.images, train.labels, args.train_steps, args.seed)
+    print(f"trained the 40-class model: {args.train_steps} steps in {time.perf_counter() - began:.0f} s", flush=True)
+    generator = torch.Generator().manual_seed(args.seed)
+    picked = torch.cat([torch.nonzero(test.labels == label).flatten()[
+        torch.randperm(int((test.labels == label).sum()), generator=generator)[:args.per_class * ROTATIONS]]
+        for label in range(10)])
+    images, labels = to_float(test.images[picked]), test.labels[picked]
+    turns = torch.arange(len(picked)) % ROTATIONS  # per_class images of every (class, rotation)
+    unseen_images, unseen_labels = rotated(images, labels, turns)
+    check = unseen_images[unseen_labels != 0]
+    with torch.no_grad():
+        accuracy = (network(unseen_images).argmax(-1) == unseen_labels).float().mean().item()
+        asr = (network(BadNets(size=3)(check)).argmax(-1) == 0).float().mean().item()
+    print(f"40-class model on the unseen images: accuracy {accuracy:.3f}, patch -> class 0 {asr:.3f}", flush=True)
+    for num_classes in args.classes:
+        keep = unseen_labels < num_classes
+        unseen = UnseenData(unseen_images[keep], unseen_labels[keep])
+        model = first_classes(network, num_classes)
+        row: dict[str, Any] = {"classes": num_classes, "unseen": int(keep.sum())}
+        for mode, settings in (("exhaustive", EXHAUSTIVE), ("prescreened", {})):
+            row[mode] = estimate(model, unseen, "auto", settings, args.seed)
+            print(f"K={num_classes} {mode}: {row[mode]['seconds']:.1f} s, target {row[mode]['target']} "
+                  f"({evidence(row[mode])}); screened out: {row[mode]['screened_out']}", flush=True)
+        rows.append(row)
+        save()
+
+
+def verdicts(args: argparse.Namespace, rows: list[dict[str, Any]], save: Any) -> None:
+    runs = [(attack, ["configs/cifar10/base.yaml", f"configs/cifar10/{attack}.yaml"],
+             Path(args.root) / f"cifar10-{attack}" / "checkpoints" / "poisoned.ckpt", "blocks.2.conv2", 0)
+            for attack in args.attacks]
+    for folder in args.quickstart:
+        runs.append((f"quickstart ({folder})", ["configs/quickstart.yaml"],
+                     Path(folder) / "checkpoints" / "poisoned.ckpt", "auto", None))
+    for name, configs, checkpoint, layer, seed in runs:
+        module, data = quickstart_run(configs, checkpoint) if seed is None else instantiate_run(configs, checkpoint)
+        network = module.net.float().eval()
+        unseen_set = data.unseen_set(args.budget, seed)
+        unseen = UnseenData(to_float(unseen_set.images), unseen_set.labels)
+        true_target = data.target_class if data.poison_rate > 0 else None
+        row: dict[str, Any] = {"run": name, "true_target": true_target}
+        for mode, settings in (("exhaustive", EXHAUSTIVE), ("prescreened", {})):
+            row[mode] = estimate(network, unseen, layer, settings, args.seed)
+            print(f"{name} {mode}: {row[mode]['seconds']:.1f} s, {verdict(row[mode]['target'], true_target)} "
+                  f"({evidence(row[mode])}); screened out: {row[mode]['screened_out']}", flush=True)
+        rows.append(row)
+        save()
+
+
+def quickstart_run(configs: list[str], checkpoint: Path) -> tuple[Any, Any]:
+    """A quickstart run, backdoored or clean (a clean one was fitted with ``poison_rate=0``)."""
+    try:
+        return instantiate_run(configs, checkpoint)
+    except ValueError as error:
+        if "poison_rate=0.0" not in str(error):
+            raise
+        return instantiate_run(configs, checkpoint, ["--data.init_args.poison_rate=0"])
+
+
+def tables(result: dict[str, Any]) -> str:
+    lines = ["| K | unseen images | exhaustive s | pre-screened s | ratio | exhaustive verdict | pre-screened verdict "
+             "| screened out (per estimator, most) |", "|" + " --- |" * 8]
+    for row in result["scaling"]:
+        exhaustive, screened = row["exhaustive"], row["prescreened"]
+        most = max(len(classes) for classes in screened["screened_out"].values())
+        lines.append(f"| {row['classes']} | {row['unseen']} | {exhaustive['seconds']:.1f} | {screened['seconds']:.1f} "
+                     f"| {screened['seconds'] / exhaustive['seconds']:.2f} | {verdict(exhaustive['target'], 0)} "
+                     f"({evidence(exhaustive)}) | {verdict(screened['target'], 0)} ({evidence(screened)}) | "
+                     f"{most} of {row['classes']} |")
+    lines += ["", "| model | exhaustive: verdict (estimator index/ratio) | s | pre-screened: verdict | s |",
+              "|" + " --- |" * 5]
+    for row in result["verdicts"]:
+        exhaustive, screened = row["exhaustive"], row["prescreened"]
+        lines.append(f"| {row['run']} | {verdict(exhaustive['target'], row['true_target'])} ({evidence(exhaustive)}) | "
+                     f"{exhaustive['seconds']:.1f} | {verdict(screened['target'], row['true_target'])} "
+                     f"({evidence(screened)}) | {screened['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--classes", nargs="*", type=int, default=[10, 20, 40], help="K values (at most 40)")
+    parser.add_argument("--per_class", type=int, default=5, help="unseen images per class of the K-class problems")
+    parser.add_argument("--train_steps", type=int, default=300)
+    parser.add_argument("--attacks", nargs="*", default=["badnets", "blended", "wanet", "sig"])
+    parser.add_argument("--quickstart", nargs="*", default=[], help="quickstart run folders (backdoored, clean)")
+    parser.add_argument("--budget", type=int, default=10, help="unseen images per class of the verdict runs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--root", default="runs")
+    parser.add_argument("--cifar_root", default="../shared/data/cifar10")
+    parser.add_argument("--cache_dir", default="runs/cache")
+    parser.add_argument("--out", default="runs/bench/estimation-scaling/scaling.json")
+    parser.add_argument("--table_only", action="store_true", help="only print the tables of the rows in --out")
+    args = parser.parse_args()
+    if args.table_only:
+        print(tables(json.loads(Path(args.out).read_text())))
+        return
+    if max(args.classes, default=0) > 10 * ROTATIONS:
+        raise SystemExit(f"--classes: at most {10 * ROTATIONS} (10 classes x {ROTATIONS} rotations)")
+    torch.set_num_threads(args.threads)
+    result: dict[str, Any] = {"settings": vars(args), "scaling": [], "verdicts": []}
+    save = lambda: atomic_json(result, args.out)  # noqa: E731 (every finished row is kept if a later one fails)
+    if args.classes:
+        scaling(args, result["scaling"], save)
+    verdicts(args, result["verdicts"], save)
+    print(tables(result))
+    print(f"rows: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
