@@ -6,13 +6,15 @@ configs' widths 64, 128, 256) is trained briefly (``--train_steps``) on all 40 c
 3x3 white BadNets patch relabelled to class 0; the K-class model is that network with the first K rows of its
 head (the estimation's cost depends on K and the architecture, not on the model's accuracy). The unseen images are
 ``--per_class`` images of every class from CIFAR-10's test split (never trained on). Each K is estimated with the
-exhaustive inversion (``prescreen_steps=None, early_stop="all"``: the estimator before the pre-screen) and with
-the defaults, in the same process, one after the other.
+exhaustive inversion (``prescreen_steps=None``: the estimator before the pre-screen) and pre-screened (the
+defaults, with the pre-screen forced on for K < 16 too: ``prescreen_min_classes=3``), in the same process, one
+after the other.
 
 Part 2 (verdicts): the CIFAR-10 checkpoints of ``benchmarks/train_cifar10.sh`` (``runs/cifar10-<attack>``, 10
 unseen images per class, seed 0, feature layer below ``blocks.2.conv2`` as ``estimate_cifar10.py``) and quickstart
 runs (``--quickstart``: a backdoored and a clean one, e.g. ``lightning-backdoor fit --config
-configs/quickstart.yaml [--data.init_args.poison_rate=0] --trainer.default_root_dir DIR``), exhaustive vs default.
+configs/quickstart.yaml [--data.init_args.poison_rate=0] --trainer.default_root_dir DIR``), exhaustive vs
+pre-screened (forced on: these models have 10 classes).
 
     python benchmarks/estimation_scaling.py --classes 10 20 40 --attacks badnets blended wanet sig \\
         --quickstart runs/quickstart runs/quickstart-clean
@@ -43,6 +45,7 @@ from lightning_backdoor.triggers import BadNets
 
 ROTATIONS = 4
 EXHAUSTIVE = {"prescreen_steps": None, "early_stop": "all"}
+PRESCREENED = {"prescreen_min_classes": 3}  # at every K (the default pre-screens from 16 classes)
 
 
 def rotated(images: Tensor, labels: Tensor, rotation: Tensor) -> tuple[Tensor, Tensor]:
@@ -143,7 +146,7 @@ def scaling(args: argparse.Namespace, rows: list[dict[str, Any]], save: Any) -> 
         unseen = UnseenData(unseen_images[keep], unseen_labels[keep])
         model = first_classes(network, num_classes)
         row: dict[str, Any] = {"classes": num_classes, "unseen": int(keep.sum())}
-        for mode, settings in (("exhaustive", EXHAUSTIVE), ("prescreened", {})):
+        for mode, settings in (("exhaustive", EXHAUSTIVE), ("prescreened", PRESCREENED)):
             row[mode] = estimate(model, unseen, "auto", settings, args.seed)
             print(f"K={num_classes} {mode}: {row[mode]['seconds']:.1f} s, target {row[mode]['target']} "
                   f"({evidence(row[mode])}); screened out: {row[mode]['screened_out']}", flush=True)
@@ -165,7 +168,7 @@ def verdicts(args: argparse.Namespace, rows: list[dict[str, Any]], save: Any) ->
         unseen = UnseenData(to_float(unseen_set.images), unseen_set.labels)
         true_target = data.target_class if data.poison_rate > 0 else None
         row: dict[str, Any] = {"run": name, "true_target": true_target}
-        for mode, settings in (("exhaustive", EXHAUSTIVE), ("prescreened", {})):
+        for mode, settings in (("exhaustive", EXHAUSTIVE), ("prescreened", PRESCREENED)):
             row[mode] = estimate(network, unseen, layer, settings, args.seed)
             print(f"{name} {mode}: {row[mode]['seconds']:.1f} s, {verdict(row[mode]['target'], true_target)} "
                   f"({evidence(row[mode])}); screened out: {row[mode]['screened_out']}", flush=True)
@@ -210,6 +213,7 @@ def main() -> None:
     parser.add_argument("--train_steps", type=int, default=300)
     parser.add_argument("--attacks", nargs="*", default=["badnets", "blended", "wanet", "sig"])
     parser.add_argument("--quickstart", nargs="*", default=[], help="quickstart run folders (backdoored, clean)")
+    parser.add_argument("--verdicts_first", action="store_true", help="measure the verdicts before the scaling")
     parser.add_argument("--budget", type=int, default=10, help="unseen images per class of the verdict runs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -227,9 +231,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     result: dict[str, Any] = {"settings": vars(args), "scaling": [], "verdicts": []}
     save = lambda: atomic_json(result, args.out)  # noqa: E731 (every finished row is kept if a later one fails)
-    if args.classes:
-        scaling(args, result["scaling"], save)
-    verdicts(args, result["verdicts"], save)
+    parts = [lambda: scaling(args, result["scaling"], save) if args.classes else None,
+             lambda: verdicts(args, result["verdicts"], save)]
+    for part in reversed(parts) if args.verdicts_first else parts:
+        part()
     print(tables(result))
     print(f"rows: {args.out}")
 

@@ -20,6 +20,7 @@ from lightning_backdoor.runs import instantiate_run
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 EXHAUSTIVE = {"prescreen_steps": None, "early_stop": "all"}  # the estimator as it was before the pre-screen
+PRESCREENED = {"prescreen_min_classes": 3}  # the pre-screen also on 10-class models (the default starts at 16)
 
 
 def test_suspects_are_the_smallest_successful_classes_and_close_calls() -> None:
@@ -70,6 +71,18 @@ def test_each_class_stops_on_its_own() -> None:
     assert result.steps == int(result.class_steps.max())
 
 
+def test_the_prescreen_starts_at_16_classes_by_default() -> None:
+    torch.manual_seed(0)
+    model = CompactNet(num_classes=10, in_channels=1, widths=(8, 8, 8)).eval()
+    unseen = UnseenData(torch.rand(50, 1, 12, 12), torch.arange(10).repeat(5))
+    settings = {"estimators": ("perturbation",), "max_steps": 8, "prescreen_steps": 4, "progress": False}
+    default = TriggerEstimator(**settings).estimate(model, unseen).details
+    assert default["prescreen_steps"] is None and default["screened_out"] == {"perturbation": []}
+    forced = TriggerEstimator(**settings, **PRESCREENED).estimate(model, unseen).details
+    assert forced["prescreen_steps"] == 4 and len(forced["screened_out"]["perturbation"]) >= 10 - 2 * 3 - 2
+    assert len(forced["prescreen_size"]["perturbation"]) == 10
+
+
 @pytest.mark.parametrize(("settings", "message"), [
     ({"prescreen_steps": 100}, r"prescreen_steps=100 must be in \[1, max_steps=100\) or None"),
     ({"prescreen_steps": 0}, r"prescreen_steps=0 must be in"),
@@ -89,7 +102,7 @@ def _estimates(run: Path, overrides: list[str] | None) -> tuple[dict, dict, int 
     unseen_set = data.unseen_set(10)
     unseen = UnseenData(unseen_set.images.float() / 255, unseen_set.labels)
     exhaustive = TriggerEstimator(progress=False, **EXHAUSTIVE).estimate(network, unseen)
-    screened = TriggerEstimator(progress=False).estimate(network, unseen)
+    screened = TriggerEstimator(progress=False, **PRESCREENED).estimate(network, unseen)
     return exhaustive.details | {"target": exhaustive.target_class}, screened.details | {
         "target": screened.target_class}, data.target_class
 
