@@ -81,11 +81,12 @@ def test_the_prescreen_starts_at_16_classes_by_default() -> None:
     forced = TriggerEstimator(**settings, **PRESCREENED).estimate(model, unseen).details
     assert forced["prescreen_steps"] == 4 and len(forced["screened_out"]["perturbation"]) >= 10 - 2 * 3 - 2
     assert len(forced["prescreen_size"]["perturbation"]) == 10
+    assert not TriggerEstimator(max_steps=10).prescreens(40)  # a pre-screen as long as the inversion: exhaustive
+    assert TriggerEstimator().prescreens(16) and not TriggerEstimator().prescreens(15)
 
 
 @pytest.mark.parametrize(("settings", "message"), [
-    ({"prescreen_steps": 100}, r"prescreen_steps=100 must be in \[1, max_steps=100\) or None"),
-    ({"prescreen_steps": 0}, r"prescreen_steps=0 must be in"),
+    ({"prescreen_steps": 0}, r"prescreen_steps=0 must be >= 1 or None"),
     ({"candidates": 0}, r"candidates=0 must be >= 1"),
     ({"references": -1}, r"references=-1 and candidate_margin=0.05 >= 0"),
     ({"early_stop": "never"}, r"early_stop='never' must be 'class'"),

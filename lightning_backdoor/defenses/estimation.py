@@ -173,7 +173,7 @@ class TriggerEstimator:
         early_stop: ``all``: the whole inversion stops when every class's best size has converged (the original
             rule); ``class``: each class leaves the batch once its own has.
         prescreen_steps: steps of the pre-screen of every class, or None: every class runs the full inversion (the
-            exhaustive estimate).
+            exhaustive estimate; so does a value >= ``max_steps``).
         prescreen_min_classes: the fewest classes a model must have for the pre-screen to run (below, exhaustive,
             as before the pre-screen existed: with 10 classes it saves at most 40 % of the steps, and the figures
             measured exhaustively on the 10-class models stay as they are; the pre-screen also never runs where K
@@ -212,9 +212,9 @@ class TriggerEstimator:
             raise ValueError(f"shift={shift} must be >= 0 pixels (0: patch candidates are not moved)")
         if early_stop not in ("class", "all"):
             raise ValueError(f"early_stop={early_stop!r} must be 'class' (each class stops on its own) or 'all'")
-        if prescreen_steps is not None and not 0 < prescreen_steps < max_steps:
-            raise ValueError(f"prescreen_steps={prescreen_steps} must be in [1, max_steps={max_steps}) or None "
-                             f"(no pre-screen: every class runs the full inversion)")
+        if prescreen_steps is not None and prescreen_steps < 1:
+            raise ValueError(f"prescreen_steps={prescreen_steps} must be >= 1 or None (no pre-screen: every class "
+                             f"runs the full inversion)")
         if candidates < 1 or references < 0 or candidate_margin < 0:
             raise ValueError(f"candidates={candidates} must be >= 1, references={references} and "
                              f"candidate_margin={candidate_margin} >= 0")
@@ -253,7 +253,7 @@ class TriggerEstimator:
         self.check(num_classes, labels)
         layer = feature_layer(model, layer)
         generator = torch.Generator().manual_seed(self.seed)
-        prescreened = self.prescreen_steps is not None and num_classes >= self.prescreen_min_classes
+        prescreened = self.prescreens(num_classes)
         details: dict[str, Any] = {"feature_layer": layer, "prescreen_steps": self.prescreen_steps if prescreened
                                    else None,
                                    "anomaly_index": {}, "trigger_size": {}, "size_ratio": {},
@@ -300,6 +300,12 @@ class TriggerEstimator:
         return BackdoorEstimate(label, triggers[name], name, seconds, details | {"flagged_by": flagging}, triggers,
                                 self.strengths, picture, every, self.shift)
 
+    def prescreens(self, num_classes: int) -> bool:
+        """Whether a model with ``num_classes`` classes is pre-screened: ``prescreen_steps`` set and below
+        ``max_steps``, at least ``prescreen_min_classes`` classes, and more than ``candidates + references``."""
+        return (self.prescreen_steps is not None and self.prescreen_steps < self.max_steps
+                and num_classes >= max(self.prescreen_min_classes, self.candidates + self.references + 1))
+
     def screen(self, model: nn.Module, images: Tensor, labels: Tensor, inversion: Inversion,
                generator: torch.Generator) -> Screening:
         """Run one inversion, pre-screened or exhaustive (see the class), and the sizes the statistics use.
@@ -308,8 +314,7 @@ class TriggerEstimator:
         run = InversionRun(inversion, patience=self.patience, early_stop=self.early_stop)
         settings = {"batch_size": self.batch_size, "bf16": self.bf16, "generator": generator,
                     "progress": self.progress, "description": f"trigger estimation ({inversion.name})"}
-        if (self.prescreen_steps is None or num_classes < self.prescreen_min_classes
-                or num_classes <= self.candidates + self.references):
+        if not self.prescreens(num_classes):
             run.run(model, images, labels, self.max_steps, **settings)
             result = run.finish(model, images, labels, self.bf16)
             return Screening(result.sizes, result, tuple(range(num_classes)))
