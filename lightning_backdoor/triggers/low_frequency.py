@@ -43,15 +43,16 @@ class LowFrequency(PreparedTrigger):
     towards the target class with respect to ``delta`` is low-pass filtered (a Gaussian of ``sigma`` pixels),
     scaled to a largest entry of ``step_size`` and subtracted; ``delta`` is clipped to ``[-epsilon, epsilon]``.
     At the end ``delta`` is filtered once more and scaled so that its largest entry is ``epsilon`` (filtering only
-    shrinks it; the direction is what the steps found): the trigger is exactly low-pass, at L-infinity ``epsilon``. Budget on CIFAR-10 with the defaults (2 CPU cores): the
-    surrogate (3 x 10,000 image passes) plus 100 x 128 for the perturbation, under a minute; ``digits``: seconds.
+    shrinks it; the direction is what the steps found): the trigger is exactly low-pass, at L-infinity ``epsilon``.
+    Budget on CIFAR-10 with the defaults (2 CPU cores): the surrogate (3 x 10,000 image passes) plus 100 x 128 for
+    the perturbation, under a minute (estimated, not yet timed on CIFAR-10); ``digits``: seconds.
 
-    Defaults and their source: the paper's generator (released with BackdoorBench's ``lf`` attack,
-    ``resource/lowFrequency``) runs targeted DeepFool per image on a trained clean model and smooths the sum with a
-    Gaussian of sigma = 6 pixels at 32 x 32, rescaling it to a range of 0.2; hence ``sigma`` 6 pixels per 32 of the
-    image side and ``epsilon`` 0.1 (a range of 0.2 around zero). Projected gradient steps on batches replace
-    per-image DeepFool (the same fixed point, a universal step towards the target, at a fraction of the cost).
-    BackdoorBench poisons 10 % (the CIFAR config's rate). Images ``(N, C, H, W)`` or ``(C, H, W)``, floats in [0, 1].
+    Defaults and their source: BackdoorBench's generator for its ``lf`` attack (``resource/lowFrequency``, after the
+    paper's code) runs targeted DeepFool per image on a trained clean model and smooths the sum with a Gaussian of
+    sigma = 6 pixels at 32 x 32, rescaling it to a range of 0.2; hence ``sigma`` 6 pixels per 32 of the image side
+    and ``epsilon`` 0.1 (a range of 0.2 around zero). Projected gradient steps on batches replace per-image DeepFool:
+    also a universal perturbation towards the target, at a fraction of the cost. BackdoorBench poisons 10 % (the
+    CIFAR config's rate). Images ``(N, C, H, W)`` or ``(C, H, W)``, floats in [0, 1].
 
     Args:
         epsilon: L-infinity bound of ``delta``, in (0, 1] intensity units.

@@ -68,7 +68,8 @@ def train_surrogate(model: nn.Module, images: Tensor, labels: Tensor, epochs: in
     in eval mode.
 
     Budget: ``epochs * min(N, max_images)`` image passes, e.g. 3 x 10,000 on CIFAR-10 with the default compact
-    surrogate (widths 32, 64, 128): under a minute on 2 CPU cores; the bundled ``digits``: about a second.
+    surrogate (widths 32, 64, 128): under a minute on 2 CPU cores (estimated from its FLOPs, not yet timed);
+    the bundled ``digits``: about a second per epoch.
     """
     if len(images) > max_images:
         chosen = torch.randperm(len(images), generator=generator)[:max_images]

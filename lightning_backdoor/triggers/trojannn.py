@@ -35,16 +35,16 @@ class TrojanNN(PreparedTrigger):
     From "Trojaning Attack on Neural Networks" (Liu et al., NDSS 2018): rather than a fixed pattern, the trigger's
     pixels inside a fixed mask are chosen so that a few internal neurons fire strongly; those neurons then carry the
     backdoor with little training. The paper reverse-engineers training data to retrain a published model; here (as
-    in BackdoorBench and TrojanZoo) the patch is made on a surrogate trained on the attacker's clean training images
-    and the victim is trained on poisoned data as with BadNets.
+    in BackdoorBench's ``trojannn`` attack) the patch is made on a surrogate trained on the attacker's clean training
+    images and the victim is trained from scratch on poisoned data as with BadNets.
 
     :meth:`make`: train the surrogate; pick the ``neurons`` inputs of ``layer`` (default: its last ``nn.Linear``, the
     penultimate features) with the largest summed absolute weight; then ``steps`` signed-gradient steps on the patch
     (step ``step_size``, cosine-decayed to 0 so the pattern settles; pixels kept in [0, 1]) minimising
     ``sum_k (a_k - target_value)^2`` over those neurons' activations ``a_k`` (a conv layer's input channels are
     averaged over space) on batches of ``batch_size`` training images carrying the patch. Budget on CIFAR-10 with the
-    defaults (2 CPU cores): the surrogate (3 x 10,000 image passes) plus 200 x 64, under a minute; ``digits``:
-    seconds.
+    defaults (2 CPU cores): the surrogate (3 x 10,000 image passes) plus 200 x 64, under a minute (estimated);
+    ``digits``: seconds.
 
     Defaults and their source: BackdoorBench's ``trojannn`` config (2 neurons of the input of the last linear layer,
     target value 100, signed steps of 0.1; 1000 iterations, here 200 with a decaying step, which settles) and its
