@@ -64,7 +64,8 @@ class NeuralCleanseUnlearning(EstimateFirst):
     def __init__(self, stamped_share: float = 0.2, max_steps: int = 300, threshold: float = 2.0, epochs: int = 20,
                  lr: float = 0.01, batch_size: int = 64, seed: int = 0) -> None:
         estimator = TriggerEstimator(estimators=("neural_cleanse",), threshold=threshold, log_scale=False,
-                                     max_steps=max_steps, progress=False, seed=seed)
+                                     max_steps=max_steps, progress=False, seed=seed,
+                                     prescreen_steps=None)  # every class inverted in full, as published
         super().__init__(Unlearning(stamped_share, epochs, lr, batch_size), estimator, every_candidate=False)
 
     def defend(self, model: nn.Module, unseen: UnseenData, knowledge: BackdoorKnowledge | None) -> DefenseResult:
