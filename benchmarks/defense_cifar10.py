@@ -40,8 +40,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(args.threads) if args.threads else None
     rows = []
     for attack in args.attacks:
-        configs = ["configs/cifar10/base.yaml", f"configs/cifar10/{attack}.yaml"]
-        module, data = instantiate_run(configs, Path(args.runs) / f"cifar10-{attack}" / "checkpoints" / "poisoned.ckpt")
+        configs = ["configs/cifar10/base.yaml", f"configs/cifar10/{attack}.yaml", *args.model_config]
+        module, data = instantiate_run(configs, Path(args.runs) / args.run_name.format(attack) / "checkpoints" / "poisoned.ckpt")
         network = module.net.float().eval()
         test = None if args.selection else data.test_dataset().tensors
         test_before = None if args.selection else evaluate(network, *test, data.num_classes, data.target_class)
@@ -118,6 +118,9 @@ def main() -> None:
     parser.add_argument("--selection", action="store_true",
                         help="evaluate on the held-out unseen images only, never the test set: for choosing settings")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--model_config", nargs="*", default=[],
+                        help="config files put after the attack's (e.g. configs/cifar10/preact_resnet18.yaml)")
+    parser.add_argument("--run_name", default="cifar10-{}", help="the run folder of an attack, {} = its name")
     parser.add_argument("--runs", default="runs")
     parser.add_argument("--out", default="runs/bench/defense.json")
     args = parser.parse_args()

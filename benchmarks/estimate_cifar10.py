@@ -31,8 +31,8 @@ from lightning_backdoor.runs import instantiate_run
 def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     for name in args.runs:
-        configs = ["configs/cifar10/base.yaml", f"configs/cifar10/{name}.yaml"]
-        module, data = instantiate_run(configs, Path(args.root) / f"cifar10-{name}" / "checkpoints" / "poisoned.ckpt")
+        configs = ["configs/cifar10/base.yaml", f"configs/cifar10/{name}.yaml", *args.model_config]
+        module, data = instantiate_run(configs, Path(args.root) / args.run_name.format(name) / "checkpoints" / "poisoned.ckpt")
         network = module.net.float().eval()
         test = data.test_dataset().tensors
         before = evaluate(network, *test, data.num_classes, data.target_class)
@@ -112,6 +112,9 @@ def main() -> None:
     parser.add_argument("--strength", type=lambda value: None if value == "cv" else float(value), default=10.0,
                         help="λ of the edit, or cv: chosen by cross-validation on the unseen split")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--model_config", nargs="*", default=[],
+                        help="config files put after the attack's (e.g. configs/cifar10/preact_resnet18.yaml)")
+    parser.add_argument("--run_name", default="cifar10-{}", help="the run folder of an attack, {} = its name")
     parser.add_argument("--no_progress", action="store_true")
     parser.add_argument("--root", default="runs")
     parser.add_argument("--out", default="runs/bench/estimate/estimate.json")
