@@ -45,7 +45,7 @@ from lightning_backdoor.triggers import BadNets
 
 ROTATIONS = 4
 EXHAUSTIVE = {"prescreen_steps": None, "early_stop": "all"}
-PRESCREENED = {"prescreen_min_classes": 3}  # at every K (the default pre-screens from 16 classes)
+PRESCREENED = {"prescreen_steps": 20, "prescreen_min_classes": 3}  # at every K (the default pre-screens from 16 classes)
 
 
 def rotated(images: Tensor, labels: Tensor, rotation: Tensor) -> tuple[Tensor, Tensor]:

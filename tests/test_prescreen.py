@@ -20,7 +20,7 @@ from lightning_backdoor.runs import instantiate_run
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 EXHAUSTIVE = {"prescreen_steps": None, "early_stop": "all"}  # the estimator as it was before the pre-screen
-PRESCREENED = {"prescreen_min_classes": 3}  # the pre-screen also on 10-class models (the default starts at 16)
+PRESCREENED = {"prescreen_steps": 20, "prescreen_min_classes": 3}  # the pre-screen, also on 10-class models
 
 
 def test_suspects_are_the_smallest_successful_classes_and_close_calls() -> None:
@@ -71,18 +71,20 @@ def test_each_class_stops_on_its_own() -> None:
     assert result.steps == int(result.class_steps.max())
 
 
-def test_the_prescreen_starts_at_16_classes_by_default() -> None:
+def test_the_prescreen_runs_from_16_classes_when_asked() -> None:
     torch.manual_seed(0)
     model = CompactNet(num_classes=10, in_channels=1, widths=(8, 8, 8)).eval()
     unseen = UnseenData(torch.rand(50, 1, 12, 12), torch.arange(10).repeat(5))
     settings = {"estimators": ("perturbation",), "max_steps": 8, "prescreen_steps": 4, "progress": False}
     default = TriggerEstimator(**settings).estimate(model, unseen).details
     assert default["prescreen_steps"] is None and default["screened_out"] == {"perturbation": []}
-    forced = TriggerEstimator(**settings, **PRESCREENED).estimate(model, unseen).details
+    forced = TriggerEstimator(**(settings | {"prescreen_min_classes": 3})).estimate(model, unseen).details
     assert forced["prescreen_steps"] == 4 and len(forced["screened_out"]["perturbation"]) >= 10 - 2 * 3 - 2
     assert len(forced["prescreen_size"]["perturbation"]) == 10
     assert not TriggerEstimator(max_steps=10).prescreens(40)  # a pre-screen as long as the inversion: exhaustive
-    assert TriggerEstimator().prescreens(16) and not TriggerEstimator().prescreens(15)
+    assert not TriggerEstimator().prescreens(40)  # opt-in
+    asked = TriggerEstimator(prescreen_steps=20)
+    assert asked.prescreens(16) and not asked.prescreens(15)
 
 
 @pytest.mark.parametrize(("settings", "message"), [
@@ -121,6 +123,8 @@ def test_the_prescreen_keeps_the_target_and_the_verdict(quickstart_run: Path) ->
     assert any(screened["screened_out"].values())  # with 10 classes the pre-screen already screens some out
 
 
+@pytest.mark.xfail(strict=True, reason="known defect: forced onto the clean 10-class quickstart model the pre-screen "
+                   "flags class 8 where the exhaustive estimate flags nothing; hence the pre-screen is opt-in")
 def test_the_prescreen_flags_nothing_on_the_clean_model(clean_quickstart_run: Path) -> None:
     exhaustive, screened, _ = _estimates(clean_quickstart_run, ["--data.init_args.poison_rate=0"])
     assert exhaustive["target"] is None and screened["target"] is None
