@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     for attack in args.attacks:
         configs = ["configs/cifar10/base.yaml", f"configs/cifar10/{attack}.yaml", *args.model_config]
-        module, data = instantiate_run(configs, Path(args.runs) / args.run_name.format(attack) / "checkpoints" / "poisoned.ckpt")
+        module, data = instantiate_run(configs, Path(args.runs) / args.run_name.format(attack) / "checkpoints" / "poisoned.ckpt",
+                                       [f"--data.init_args.root={args.data_root}"] if args.data_root else None)
         network = module.net.float().eval()
         test = None if args.selection else data.test_dataset().tensors
         test_before = None if args.selection else evaluate(network, *test, data.num_classes, data.target_class)
@@ -121,6 +122,7 @@ def main() -> None:
     parser.add_argument("--model_config", nargs="*", default=[],
                         help="config files put after the attack's (e.g. configs/cifar10/preact_resnet18.yaml)")
     parser.add_argument("--run_name", default="cifar10-{}", help="the run folder of an attack, {} = its name")
+    parser.add_argument("--data_root", default=None, help="CIFAR-10 ImageFolder root (default: the configs')")
     parser.add_argument("--runs", default="runs")
     parser.add_argument("--out", default="runs/bench/defense.json")
     args = parser.parse_args()

@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     for name in args.runs:
         configs = ["configs/cifar10/base.yaml", f"configs/cifar10/{name}.yaml", *args.model_config]
-        module, data = instantiate_run(configs, Path(args.root) / args.run_name.format(name) / "checkpoints" / "poisoned.ckpt")
+        module, data = instantiate_run(configs, Path(args.root) / args.run_name.format(name) / "checkpoints" / "poisoned.ckpt",
+                                       [f"--data.init_args.root={args.data_root}"] if args.data_root else None)
         network = module.net.float().eval()
         test = data.test_dataset().tensors
         before = evaluate(network, *test, data.num_classes, data.target_class)
@@ -115,6 +116,7 @@ def main() -> None:
     parser.add_argument("--model_config", nargs="*", default=[],
                         help="config files put after the attack's (e.g. configs/cifar10/preact_resnet18.yaml)")
     parser.add_argument("--run_name", default="cifar10-{}", help="the run folder of an attack, {} = its name")
+    parser.add_argument("--data_root", default=None, help="CIFAR-10 ImageFolder root (default: the configs')")
     parser.add_argument("--no_progress", action="store_true")
     parser.add_argument("--root", default="runs")
     parser.add_argument("--out", default="runs/bench/estimate/estimate.json")

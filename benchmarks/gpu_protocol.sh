@@ -7,8 +7,10 @@
 #      (benchmarks/defense_cifar10.py: CA/ASR/TA before and after, ASR floor, seconds);
 #   3. the defense, trigger unknown, 10 per class (benchmarks/estimate_cifar10.py: target found?, ASR − floor,
 #      CA drop, seconds), the clean model included when CLEAN=1.
+# CIFAR-10 is read from ../shared/data/cifar10 (configs/cifar10/base.yaml); DATA_ROOT=<ImageFolder copy with
+# train/ and test/> points elsewhere. A stage that fails names its log.
 # Usage, on a machine with a GPU, from the repository root:
-#   bash benchmarks/gpu_protocol.sh                       # everything, ~10 min per 100-epoch training on an H200
+#   bash benchmarks/gpu_protocol.sh                       # everything (100 epochs per attack)
 #   EPOCHS=30 ATTACKS="badnets blended" bash benchmarks/gpu_protocol.sh
 #   EPOCHS=1 LIMIT_BATCHES=2 SEEDS=0 ATTACKS=badnets OUT=/tmp/gp bash benchmarks/gpu_protocol.sh  # smoke run, CPU
 # Everything goes under $OUT (default runs/gpu): runs, logs, tables (*.md) and rows (*.json); a run that already
@@ -35,24 +37,29 @@ fi
 python -c "import json; from lightning_backdoor.provenance import environment; print(json.dumps(environment()))" \
   | tee "$OUT/environment.json"
 runs=()
-for attack in $ATTACKS ${CLEAN:+clean}; do
+extra=() bench_extra=()
+if [[ -n "${DATA_ROOT:-}" ]]; then extra=(--data.init_args.root="$DATA_ROOT"); bench_extra=(--data_root "$DATA_ROOT"); fi
+clean=""
+if [[ "${CLEAN:-0}" == 1 ]]; then clean=clean; fi
+trap 'echo "gpu_protocol: a stage failed; see the newest log in $OUT/logs/" >&2' ERR
+for attack in $ATTACKS $clean; do
   run="$OUT/$name-$attack"
   runs+=("$attack")
   if [[ -f "$run/checkpoints/poisoned.ckpt" ]]; then echo "$attack: $run is trained, reused"; continue; fi
   start=$SECONDS
   lightning-backdoor fit --config configs/cifar10/base.yaml --config "configs/cifar10/$attack.yaml" \
     --config "$MODEL_CONFIG" --trainer.max_epochs="$EPOCHS" --trainer.default_root_dir="$run" \
-    --trainer.enable_progress_bar=false "${limit[@]}" > "$OUT/logs/fit-$attack.log" 2>&1
+    --trainer.enable_progress_bar=false "${limit[@]}" "${extra[@]}" > "$OUT/logs/fit-$attack.log" 2>&1
   echo "$attack: fit $EPOCHS epochs in $((SECONDS - start)) s; $(grep -E "ASR .* -> " "$OUT/logs/fit-$attack.log" | tail -1)"
 done
 start=$SECONDS
 # shellcheck disable=SC2086
 python benchmarks/defense_cifar10.py --attacks $ATTACKS --budgets 1 5 10 --seeds $SEEDS --layer auto \
-  --model_config "$MODEL_CONFIG" --runs "$OUT" --run_name "$name-{}" --out "$OUT/known.json" \
+  --model_config "$MODEL_CONFIG" --runs "$OUT" --run_name "$name-{}" --out "$OUT/known.json" "${bench_extra[@]}" \
   | tee "$OUT/logs/known.log" | grep '^|' > "$OUT/known.md"
 echo "trigger known: $((SECONDS - start)) s"; cat "$OUT/known.md"
 start=$SECONDS
 python benchmarks/estimate_cifar10.py --runs "${runs[@]}" --budget 10 --layer auto --no_progress \
-  --model_config "$MODEL_CONFIG" --root "$OUT" --run_name "$name-{}" --out "$OUT/unknown.json" \
+  --model_config "$MODEL_CONFIG" --root "$OUT" --run_name "$name-{}" --out "$OUT/unknown.json" "${bench_extra[@]}" \
   | tee "$OUT/logs/unknown.log" | grep '^|' > "$OUT/unknown.md"
 echo "trigger unknown: $((SECONDS - start)) s"; cat "$OUT/unknown.md"
