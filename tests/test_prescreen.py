@@ -121,11 +121,3 @@ def test_the_prescreen_keeps_the_target_and_the_verdict(quickstart_run: Path) ->
         assert sorted(screened["screened_out"][name] + screened["fully_inverted"][name]) == list(range(10))
         assert all(screened["inversion_success"][name][label] is None for label in screened["screened_out"][name])
     assert any(screened["screened_out"].values())  # with 10 classes the pre-screen already screens some out
-
-
-@pytest.mark.xfail(strict=True, reason="known defect: forced onto the clean 10-class quickstart model the pre-screen "
-                   "flags class 8 where the exhaustive estimate flags nothing; hence the pre-screen is opt-in")
-def test_the_prescreen_flags_nothing_on_the_clean_model(clean_quickstart_run: Path) -> None:
-    exhaustive, screened, _ = _estimates(clean_quickstart_run, ["--data.init_args.poison_rate=0"])
-    assert exhaustive["target"] is None and screened["target"] is None
-    assert exhaustive["flagged_by"] == screened["flagged_by"] == []

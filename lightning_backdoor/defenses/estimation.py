@@ -175,7 +175,7 @@ class TriggerEstimator:
         prescreen_steps: steps of the pre-screen of every class (e.g. 20), or None (the default): every class runs
             the full inversion (the exhaustive estimate; so does a value >= ``max_steps``). Opt-in: forced onto the
             clean 10-class quickstart model, the pre-screen raised a false alarm (class 8) that the exhaustive
-            estimate does not (``tests/test_prescreen.py``).
+            estimate does not (docs/results/estimation-scaling.md).
         prescreen_min_classes: the fewest classes a model must have for the pre-screen to run (below, exhaustive,
             as before the pre-screen existed: with 10 classes it saves at most 40 % of the steps, and the figures
             measured exhaustively on the 10-class models stay as they are; the pre-screen also never runs where K
