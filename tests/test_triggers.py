@@ -234,3 +234,25 @@ def test_same_output_on_the_gpu(name: str, trigger_files: dict[str, str]) -> Non
     trigger = build_trigger(name, **trigger_kwargs(name, trigger_files))
     images = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(trigger(images.cuda()).cpu(), trigger(images), atol=1e-5, rtol=0)
+
+
+def test_additive_channel_mismatch_names_each_fitting_shape_once(tmp_path: Path) -> None:
+    """A 3-channel delta on grey images: the message offers 1xHxW once, not '1x28x28 or 1x28x28'."""
+    path = tmp_path / "delta_rgb.npy"
+    np.save(path, np.zeros((3, 28, 28), dtype=np.float32))
+    trigger = build_trigger("additive", delta=str(path))
+    with pytest.raises(ValueError) as error:
+        trigger.check((1, 28, 28))
+    assert str(error.value).endswith("but the images are 1x28x28; use a delta of 1x28x28"), str(error.value)
+    with pytest.raises(ValueError, match=r"use a delta of 1x32x32 or 3x32x32$"):
+        trigger.check((3, 32, 32))
+
+
+@pytest.mark.parametrize("name, argument", [("additive", "delta"), ("blended", "image")])
+def test_a_folder_given_as_a_trigger_file_is_named_as_a_folder(tmp_path: Path, name: str, argument: str) -> None:
+    with pytest.raises(ValueError) as error:
+        build_trigger(name, **{argument: str(tmp_path)})
+    message = str(error.value)
+    assert "is a folder, not a file" in message and "does not exist" not in message and "\n" not in message
+    with pytest.raises(ValueError, match="does not exist"):
+        build_trigger(name, **{argument: str(tmp_path / "missing.png")})

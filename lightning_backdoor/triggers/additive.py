@@ -119,9 +119,9 @@ class Additive(Trigger):
         channels, height, width = image_shape
         delta_channels, delta_height, delta_width = self._delta.shape
         if (delta_height, delta_width) != (height, width) or delta_channels not in (1, channels):
+            fitting = " or ".join(dict.fromkeys(f"{count}x{height}x{width}" for count in (1, channels)))
             raise ValueError(f"additive trigger delta {self.delta!r} is {delta_channels}x{delta_height}x{delta_width} "
-                             f"(C x H x W) but the images are {channels}x{height}x{width}; use a delta of "
-                             f"1x{height}x{width} or {channels}x{height}x{width}")
+                             f"(C x H x W) but the images are {channels}x{height}x{width}; use a delta of {fitting}")
 
     def apply(self, images: Tensor) -> Tensor:
         """Add ``delta`` to ``images`` ``(N, C, H, W)`` (or one ``(C, H, W)``) in [0, 1] and clamp to [0, 1]."""

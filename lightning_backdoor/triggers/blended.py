@@ -14,7 +14,9 @@ from lightning_backdoor.triggers.base import TRIGGERS, Trigger
 
 
 def check_file(path: str, what: str) -> None:
-    """Raise a one-line ``ValueError`` if ``path`` is not an existing file."""
+    """Raise a one-line ``ValueError`` if ``path`` is not an existing file (a folder is named as one)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {str(path)!r} is a folder, not a file; give the file's path")
     if not os.path.isfile(path):
         raise ValueError(f"{what} file {str(path)!r} does not exist")
 
