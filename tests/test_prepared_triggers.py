@@ -8,11 +8,14 @@ a small model on the bundled ``digits`` (ASR far above a clean model's, clean ac
 from __future__ import annotations
 
 import functools
+import logging
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -153,6 +156,45 @@ def test_the_preparation_is_cached_and_a_second_one_loads_it(name: str, tmp_path
     quick(name).prepare(images, changed, 0, 10, tmp_path)
     quick(name, seed=9).prepare(images, labels, 0, 10, tmp_path)
     assert len(made) == 3 and len(list(tmp_path.iterdir())) == 3
+
+
+@pytest.fixture()
+def said() -> list[str]:
+    """The lines the preparations log (``lightning_backdoor.triggers``, INFO), collected while the test runs."""
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("lightning_backdoor.triggers")
+    logger.addHandler(handler)
+    yield lines
+    logger.removeHandler(handler)
+
+
+def test_a_preparation_says_what_where_and_how_long_and_a_cached_load_says_so(
+        tmp_path: Path, said: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    images, labels = few_digits()
+    quick("trojannn").prepare(images, labels, 0, 10, tmp_path)
+    (path,) = tmp_path.iterdir()
+    assert len(said) == 2, said
+    assert said[0].startswith("trigger: preparing trojannn on 300 clean training images (trains a compact")
+    assert said[0].endswith(f"cache: {path}")
+    assert re.fullmatch(rf"trigger: prepared trojannn in \d+\.\d s; cached in {re.escape(str(path))}", said[1])
+    quick("trojannn").prepare(images, labels, 0, 10, tmp_path)
+    assert len(said) == 3 and said[2].startswith(f"trigger: trojannn loaded from its cache {path}")
+    quick("trojannn", seed=4).prepare(images, labels, 0, 10)  # no cache folder: memory only
+    assert said[3].endswith("cache: none (memory only)") and said[4].startswith("trigger: prepared trojannn in ")
+    monkeypatch.setattr(rank_zero_only, "rank", 1)  # another DDP rank loads the same file, silently
+    quick("trojannn").prepare(images, labels, 0, 10, tmp_path)
+    assert len(said) == 5
+
+
+def test_a_refused_preparation_says_nothing_before_its_one_line(said: list[str]) -> None:
+    images, labels = few_digits()
+    for name, target, overrides in (("low_frequency", None, {}), ("label_consistent", None, {}),
+                                    ("trojannn", 0, {"layer": "nope"})):
+        with pytest.raises(ValueError):
+            quick(name, **overrides).prepare(images, labels, target, 10)
+    assert said == []
 
 
 def test_a_cache_file_holds_tensors_only(tmp_path: Path) -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import time
 from abc import ABC, abstractmethod
 from contextlib import nullcontext
 from pathlib import Path
 from typing import ClassVar, ContextManager
 
 import torch
+from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import Tensor, nn
 
 from lightning_backdoor.io import atomic_save, load_tensors
@@ -16,6 +19,23 @@ from lightning_backdoor.registry import Registry
 
 #: Trigger classes by name; a trigger registers with ``@TRIGGERS.register("<name>")`` above its class.
 TRIGGERS: Registry[type[Trigger]] = Registry("trigger")
+
+#: What a :class:`PreparedTrigger` says when it starts, ends or loads a preparation (INFO, rank 0 only). Shown on
+#: stderr as Lightning shows its own lines (a handler of its own unless the root logger has one); silence it with
+#: ``logging.getLogger("lightning_backdoor.triggers").setLevel(logging.WARNING)``. Not Lightning's logger: the
+#: command line holds that one back while a run is set up, and a preparation (minutes on a large data set) happens
+#: then.
+log = logging.getLogger("lightning_backdoor.triggers")
+log.setLevel(logging.INFO)
+if not logging.getLogger().hasHandlers():
+    log.addHandler(logging.StreamHandler())
+    log.propagate = False
+
+
+def say(line: str) -> None:
+    """Log ``line`` at INFO on the global rank 0 only (the rank Lightning records; 0 outside a distributed run)."""
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        log.info(line)
 
 
 class Trigger(ABC):
@@ -101,7 +121,8 @@ class PreparedTrigger(Trigger):
     ``<cache_dir>/<name>-<key>.pt``, a tensors-only file loaded with ``weights_only=True``, where ``key`` hashes the
     trigger's settings (its ``repr``), the images, labels, target class and class count: another process, a resumed
     run or the test command loads it instead of recomputing. Using the trigger before :meth:`prepare` raises a
-    one-line ``ValueError``.
+    one-line ``ValueError``. A preparation says on rank 0 (:data:`log`) what it prepares and where it caches when
+    it starts, how long it took when it ends, and that it loaded a cache file when it does.
     """
 
     #: The tensors :meth:`make` returns; a cache file without them is recomputed.
@@ -140,15 +161,36 @@ class PreparedTrigger(Trigger):
         key = self.preparation_key(images, labels, target_class, num_classes)
         if key == self._prepared_key:
             return
-        path = Path(cache_dir) / f"{self.name or type(self).__name__}-{key[:16]}.pt" if cache_dir is not None else None
+        name = self.name or type(self).__name__
+        path = Path(cache_dir) / f"{name}-{key[:16]}.pt" if cache_dir is not None else None
         tensors = load_tensors(path) if path is not None and path.is_file() else None
-        if not (isinstance(tensors, dict) and all(isinstance(tensors.get(n), Tensor) for n in self.prepared_names)):
+        if isinstance(tensors, dict) and all(isinstance(tensors.get(n), Tensor) for n in self.prepared_names):
+            say(f"trigger: {name} loaded from its cache {path} (prepared earlier on the same images and settings)")
+        else:
+            self.check_preparation(images, labels, target_class, num_classes)
+            summary = self.preparation_summary(images)
+            say(f"trigger: preparing {name} on {len(images):,} clean training images"
+                f"{f' ({summary})' if summary else ''}; cache: {path if path is not None else 'none (memory only)'}")
+            started = time.perf_counter()
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
                 tensors = self.make(images.float().div(255), labels, target_class, num_classes)
             if path is not None:
                 atomic_save(tensors, path)
+            say(f"trigger: prepared {name} in {time.perf_counter() - started:.1f} s"
+                f"{f'; cached in {path}' if path is not None else ''}")
         self._prepared, self._prepared_key = tensors, key
+
+    def check_preparation(self, images: Tensor, labels: Tensor, target_class: int | None,
+                          num_classes: int) -> None:
+        """Raise a one-line ``ValueError`` for a preparation :meth:`make` cannot do (e.g. no target class), before
+        any work starts and before the start line is printed; ``images`` ``(N, C, H, W)`` uint8 and ``labels``
+        ``(N,)`` are :meth:`prepare`'s. A no-op here."""
+
+    def preparation_summary(self, images: Tensor) -> str:
+        """What :meth:`make` will do with ``images`` ``(N, C, H, W)``, in a few words for the start line (e.g. the
+        surrogate's training); empty here."""
+        return ""
 
     @property
     def is_prepared(self) -> bool:

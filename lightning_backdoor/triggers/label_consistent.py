@@ -10,9 +10,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_backdoor.triggers.base import TRIGGERS, PreparedTrigger
-from lightning_backdoor.triggers.surrogate import (build_surrogate, check_surrogate_settings, frozen, load_weights,
-                                                   train_surrogate, weights_to_tensors)
+from lightning_backdoor.triggers.base import TRIGGERS
+from lightning_backdoor.triggers.surrogate import SurrogateTrigger, frozen, load_weights, weights_to_tensors
 
 #: The 3 x 3 corner pattern of the paper (1 white, 0 black) as it sits in the top-left and bottom-left corners; the
 #: right-hand corners carry its mirror image, so a horizontal flip maps the trigger onto itself.
@@ -50,7 +49,7 @@ def pgd_away(model: nn.Module, images: Tensor, labels: Tensor, epsilon: float, s
 
 
 @TRIGGERS.register("label_consistent")
-class LabelConsistent(PreparedTrigger):
+class LabelConsistent(SurrogateTrigger):
     """Clean-label: poisoned target-class images are adversarially perturbed away from their class, then carry the
     four-corner pattern; at test time the pattern alone.
 
@@ -114,14 +113,10 @@ class LabelConsistent(PreparedTrigger):
             raise ValueError(f"label_consistent steps must be >= 1; got {steps}")
         if not 0.0 < train_amplitude <= 1.0:
             raise ValueError(f"label_consistent train_amplitude must be in (0, 1]; got {train_amplitude}")
-        check_surrogate_settings("label_consistent", surrogate_epochs, surrogate_images)
         self.epsilon = epsilon
         self.steps = steps
         self.train_amplitude = train_amplitude
-        self.surrogate = surrogate
-        self.surrogate_kwargs = surrogate_kwargs
-        self.surrogate_epochs = surrogate_epochs
-        self.surrogate_images = surrogate_images
+        self.keep_surrogate_settings(surrogate, surrogate_kwargs, surrogate_epochs, surrogate_images)
         self._model: nn.Module | None = None
         self._model_key: str | None = None
         self._rows: dict[bytes, int] | None = None
@@ -151,19 +146,20 @@ class LabelConsistent(PreparedTrigger):
     def make(self, images: Tensor, labels: Tensor, target_class: int | None, num_classes: int) -> dict[str, Tensor]:
         """Train the surrogate on ``images`` ``(N, C, H, W)`` in [0, 1] and perturb the target-class images; returns
         their ``digests`` ``(M, 20)`` uint8, ``perturbed`` images ``(M, C, H, W)`` uint8, the ``target_class``,
-        ``num_classes`` and the surrogate's weights (``surrogate.<name>``). Raises a one-line ``ValueError`` without a
-        target class."""
-        if target_class is None:
-            raise ValueError("label_consistent is a clean-label attack on one target class; all_to_all has none")
-        model = build_surrogate(self.surrogate, self.surrogate_kwargs, num_classes, tuple(images.shape[1:]))
-        model = frozen(train_surrogate(model, images, labels, self.surrogate_epochs, self.surrogate_images,
-                                       self.generator()))
+        ``num_classes`` and the surrogate's weights (``surrogate.<name>``); :meth:`check_preparation` has passed."""
+        model = self.trained_surrogate(images, labels, num_classes, self.generator())
         targets = images[labels == target_class]
         pixels = targets.mul(255).round().to(torch.uint8)
         perturbed = torch.cat([self.perturb(model, chunk, target_class) for chunk in targets.split(256)] or [pixels])
         digests = torch.tensor([list(image_digest(image)) for image in pixels], dtype=torch.uint8).view(-1, 20)
         return {"digests": digests, "perturbed": perturbed, "target_class": torch.tensor(target_class),
                 "num_classes": torch.tensor(num_classes), **weights_to_tensors(model)}
+
+    def check_preparation(self, images: Tensor, labels: Tensor, target_class: int | None,
+                          num_classes: int) -> None:
+        """Raise a one-line ``ValueError`` without a target class (all-to-all)."""
+        if target_class is None:
+            raise ValueError("label_consistent is a clean-label attack on one target class; all_to_all has none")
 
     def perturb(self, model: nn.Module, images: Tensor, target_class: int) -> Tensor:
         """``images`` (N, C, H, W) in [0, 1], perturbed by PGD away from ``target_class`` on ``model``, as uint8."""
@@ -176,7 +172,7 @@ class LabelConsistent(PreparedTrigger):
         perturbed = self.prepared("perturbed")
         if self._model is None or self._model_key != self._prepared_key:
             num_classes = int(self.prepared("num_classes"))
-            model = build_surrogate(self.surrogate, self.surrogate_kwargs, num_classes, tuple(perturbed.shape[1:]))
+            model = self.build_surrogate(num_classes, tuple(perturbed.shape[1:]))
             self._model, self._model_key = frozen(load_weights(model, self._prepared)), self._prepared_key
         return self._model
 

@@ -10,9 +10,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from lightning_backdoor.triggers.base import TRIGGERS, PreparedTrigger
-from lightning_backdoor.triggers.surrogate import (build_surrogate, check_surrogate_settings, frozen,
-                                                   train_surrogate)
+from lightning_backdoor.triggers.base import TRIGGERS
+from lightning_backdoor.triggers.surrogate import SurrogateTrigger
 
 
 def gaussian_low_pass(planes: Tensor, sigma: float) -> Tensor:
@@ -28,7 +27,7 @@ def gaussian_low_pass(planes: Tensor, sigma: float) -> Tensor:
 
 
 @TRIGGERS.register("low_frequency")
-class LowFrequency(PreparedTrigger):
+class LowFrequency(SurrogateTrigger):
     """``x' = clamp(x + delta, 0, 1)`` with ``delta`` ``(C, H, W)`` a smooth universal perturbation towards the target.
 
     From "Rethinking the Backdoor Attacks' Triggers: A Frequency Perspective" (Zeng et al., ICCV 2021): triggers
@@ -93,17 +92,22 @@ class LowFrequency(PreparedTrigger):
             raise ValueError(f"low_frequency steps and batch_size must be >= 1; got {steps} and {batch_size}")
         if step_size is not None and not step_size > 0:
             raise ValueError(f"low_frequency step_size must be > 0; got {step_size}")
-        check_surrogate_settings("low_frequency", surrogate_epochs, surrogate_images)
         self.epsilon = epsilon
         self.sigma = sigma
         self.steps = steps
         self.step_size = step_size
         self.batch_size = batch_size
-        self.surrogate = surrogate
-        self.surrogate_kwargs = surrogate_kwargs
-        self.surrogate_epochs = surrogate_epochs
-        self.surrogate_images = surrogate_images
+        self.keep_surrogate_settings(surrogate, surrogate_kwargs, surrogate_epochs, surrogate_images)
         self._cache: dict[tuple, Tensor] = {}
+
+    def check_preparation(self, images: Tensor, labels: Tensor, target_class: int | None,
+                          num_classes: int) -> None:
+        """Raise a one-line ``ValueError`` without a target class (all-to-all) or without non-target images."""
+        if target_class is None:
+            raise ValueError("low_frequency pushes images towards one target class; all_to_all has none: use an "
+                             "all-to-one attack")
+        if bool((labels == target_class).all()):
+            raise ValueError("low_frequency needs training images of classes other than the target")
 
     def pixel_sigma(self, height: int, width: int) -> float:
         """The low-pass's standard deviation in pixels for an ``height`` x ``width`` image."""
@@ -111,16 +115,10 @@ class LowFrequency(PreparedTrigger):
 
     def make(self, images: Tensor, labels: Tensor, target_class: int | None, num_classes: int) -> dict[str, Tensor]:
         """Train the surrogate on ``images`` ``(N, C, H, W)`` in [0, 1] and find ``delta`` ``(C, H, W)`` (see the class
-        docstring). Raises a one-line ``ValueError`` without a target class or without non-target images."""
-        if target_class is None:
-            raise ValueError("low_frequency pushes images towards one target class; all_to_all has none: use an "
-                             "all-to-one attack")
+        docstring); :meth:`check_preparation` has passed."""
         others = images[labels != target_class]
-        if len(others) == 0:
-            raise ValueError("low_frequency needs training images of classes other than the target")
         generator = self.generator()
-        model = build_surrogate(self.surrogate, self.surrogate_kwargs, num_classes, tuple(images.shape[1:]))
-        model = frozen(train_surrogate(model, images, labels, self.surrogate_epochs, self.surrogate_images, generator))
+        model = self.trained_surrogate(images, labels, num_classes, generator)
         sigma = self.pixel_sigma(*images.shape[-2:])
         step = self.step_size if self.step_size is not None else self.epsilon / 10
         delta = torch.zeros(images.shape[1:])

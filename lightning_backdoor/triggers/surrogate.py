@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_backdoor.models import build_model
+from lightning_backdoor.triggers.base import PreparedTrigger
 
 #: The surrogate's settings when a trigger gives none for ``compact``: a quarter of the CIFAR configs' widths.
 DEFAULT_COMPACT_KWARGS: dict[str, Any] = {"widths": [32, 64, 128]}
@@ -115,6 +116,50 @@ def load_weights(model: nn.Module, tensors: dict[str, Tensor], prefix: str = "su
     """Load the weights :func:`weights_to_tensors` stored under ``prefix`` into ``model``; returns it in eval mode."""
     model.load_state_dict({name[len(prefix):]: value for name, value in tensors.items() if name.startswith(prefix)})
     return model.eval()
+
+
+class SurrogateTrigger(PreparedTrigger):
+    """A :class:`~lightning_backdoor.triggers.base.PreparedTrigger` whose :meth:`make` starts from a surrogate trained
+    on the attacker's clean training images (Low Frequency, TrojanNN, Label-Consistent): the four surrogate settings
+    they all take, checked and kept once here, and the surrogate built and trained from them.
+
+    A subclass takes ``surrogate``, ``surrogate_kwargs``, ``surrogate_epochs`` and ``surrogate_images`` in its own
+    constructor (so the CLI lists them with their defaults) and passes them to :meth:`keep_surrogate_settings` where
+    it keeps its other settings: the attributes' order is the ``repr``'s, which is part of the preparation cache key.
+    """
+
+    surrogate: str
+    surrogate_kwargs: dict[str, Any] | None
+    surrogate_epochs: int
+    surrogate_images: int
+
+    def keep_surrogate_settings(self, surrogate: str, surrogate_kwargs: dict[str, Any] | None, surrogate_epochs: int,
+                                surrogate_images: int) -> None:
+        """Check (:func:`check_surrogate_settings`, one-line ``ValueError``) and keep the surrogate's architecture
+        name, its builder's arguments, its training epochs and its image budget."""
+        check_surrogate_settings(self.name or type(self).__name__, surrogate_epochs, surrogate_images)
+        self.surrogate = surrogate
+        self.surrogate_kwargs = surrogate_kwargs
+        self.surrogate_epochs = surrogate_epochs
+        self.surrogate_images = surrogate_images
+
+    def build_surrogate(self, num_classes: int, image_shape: tuple[int, int, int]) -> nn.Module:
+        """The untrained surrogate for ``num_classes`` classes and images of ``image_shape`` (C, H, W)."""
+        return build_surrogate(self.surrogate, self.surrogate_kwargs, num_classes, image_shape)
+
+    def trained_surrogate(self, images: Tensor, labels: Tensor, num_classes: int,
+                          generator: torch.Generator) -> nn.Module:
+        """The surrogate trained (:func:`train_surrogate`) on ``images`` ``(N, C, H, W)`` in [0, 1] and ``labels``
+        ``(N,)``, the subset and batch order drawn from ``generator``; frozen, in eval mode, on the CPU."""
+        model = self.build_surrogate(num_classes, tuple(images.shape[1:]))
+        return frozen(train_surrogate(model, images, labels, self.surrogate_epochs, self.surrogate_images, generator))
+
+    def preparation_summary(self, images: Tensor) -> str:
+        compact_default = self.surrogate == "compact" and self.surrogate_kwargs is None
+        kwargs = " (widths 32, 64, 128)" if compact_default else (f" {self.surrogate_kwargs}"
+                                                                  if self.surrogate_kwargs else "")
+        return (f"trains a {self.surrogate}{kwargs} surrogate for {self.surrogate_epochs} epoch(s) on "
+                f"{min(len(images), self.surrogate_images):,} of them")
 
 
 def frozen(model: nn.Module) -> nn.Module:

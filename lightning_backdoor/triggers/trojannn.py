@@ -9,9 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_backdoor.triggers.badnets import BadNets, Corner
-from lightning_backdoor.triggers.base import TRIGGERS, PreparedTrigger
-from lightning_backdoor.triggers.surrogate import (build_surrogate, check_surrogate_settings, frozen, inner,
-                                                   train_surrogate)
+from lightning_backdoor.triggers.base import TRIGGERS
+from lightning_backdoor.triggers.surrogate import SurrogateTrigger, inner
 
 
 def most_connected_inputs(layer: nn.Module, count: int) -> Tensor:
@@ -29,7 +28,7 @@ def most_connected_inputs(layer: nn.Module, count: int) -> Tensor:
 
 
 @TRIGGERS.register("trojannn")
-class TrojanNN(PreparedTrigger):
+class TrojanNN(SurrogateTrigger):
     """Stamp a ``size`` x ``size`` patch whose pixels were optimised to excite ``neurons`` neurons of a surrogate.
 
     From "Trojaning Attack on Neural Networks" (Liu et al., NDSS 2018): rather than a fixed pattern, the trigger's
@@ -99,7 +98,6 @@ class TrojanNN(PreparedTrigger):
             raise ValueError(f"trojannn steps and batch_size must be >= 1; got {steps} and {batch_size}")
         if not step_size > 0:
             raise ValueError(f"trojannn step_size must be > 0; got {step_size}")
-        check_surrogate_settings("trojannn", surrogate_epochs, surrogate_images)
         self.size = size
         self.position = self._place.position
         self.margin = margin
@@ -109,10 +107,7 @@ class TrojanNN(PreparedTrigger):
         self.steps = steps
         self.step_size = step_size
         self.batch_size = batch_size
-        self.surrogate = surrogate
-        self.surrogate_kwargs = surrogate_kwargs
-        self.surrogate_epochs = surrogate_epochs
-        self.surrogate_images = surrogate_images
+        self.keep_surrogate_settings(surrogate, surrogate_kwargs, surrogate_epochs, surrogate_images)
 
     def check(self, image_shape: tuple[int, int, int]) -> None:
         self._place.check(image_shape)
@@ -128,25 +123,36 @@ class TrojanNN(PreparedTrigger):
         stamped[..., row : row + self.size, col : col + self.size] = patch
         return stamped
 
+    def layer_name(self, net: nn.Module) -> str:
+        """The name of the surrogate layer whose inputs are the neurons: ``layer``, else ``net``'s last
+        ``nn.Linear``. Raises a one-line ``ValueError`` for a name ``net`` does not have, or no ``nn.Linear``."""
+        modules = dict(net.named_modules())
+        if self.layer is None:
+            linears = [name for name, module in modules.items() if isinstance(module, nn.Linear)]
+            if not linears:
+                raise ValueError(f"trojannn: the surrogate {self.surrogate!r} has no nn.Linear; name a layer")
+            return linears[-1]
+        if self.layer not in modules:
+            raise ValueError(f"trojannn layer {self.layer!r} is not a layer of the surrogate {self.surrogate!r}; "
+                             f"e.g. {', '.join(list(modules)[1:6])}")
+        return self.layer
+
+    def check_preparation(self, images: Tensor, labels: Tensor, target_class: int | None,
+                          num_classes: int) -> None:
+        """Raise a one-line ``ValueError`` for a ``layer`` the surrogate does not have (looked up in an untrained
+        one, before minutes of training; its initialisation does not move the global RNG)."""
+        with torch.random.fork_rng(devices=[]):
+            self.layer_name(inner(self.build_surrogate(num_classes, tuple(images.shape[1:]))))
+
     def make(self, images: Tensor, labels: Tensor, target_class: int | None, num_classes: int) -> dict[str, Tensor]:
         """Train the surrogate on ``images`` ``(N, C, H, W)`` in [0, 1] and optimise the patch ``(C, size, size)``
         (see the class docstring); also returns the chosen ``neurons`` (int64). Raises a one-line ``ValueError`` for
-        an unknown ``layer``."""
+        an unknown ``layer`` (:meth:`check_preparation` has found it in an untrained surrogate already)."""
         generator = self.generator()
-        model = build_surrogate(self.surrogate, self.surrogate_kwargs, num_classes, tuple(images.shape[1:]))
-        model = frozen(train_surrogate(model, images, labels, self.surrogate_epochs, self.surrogate_images, generator))
+        model = self.trained_surrogate(images, labels, num_classes, generator)
         net = inner(model)
-        if self.layer is None:
-            linears = [name for name, module in net.named_modules() if isinstance(module, nn.Linear)]
-            if not linears:
-                raise ValueError(f"trojannn: the surrogate {self.surrogate!r} has no nn.Linear; name a layer")
-            layer_name = linears[-1]
-        else:
-            layer_name = self.layer
         modules = dict(net.named_modules())
-        if layer_name not in modules:
-            raise ValueError(f"trojannn layer {layer_name!r} is not a layer of the surrogate {self.surrogate!r}; "
-                             f"e.g. {', '.join(list(modules)[1:6])}")
+        layer_name = self.layer_name(net)
         chosen = most_connected_inputs(modules[layer_name], self.neurons)
         seen: list[Tensor] = []
         handle = modules[layer_name].register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
