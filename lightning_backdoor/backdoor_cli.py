@@ -18,6 +18,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins import LayerSync
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_backdoor.classifier import PoisonedClassifier
@@ -37,6 +38,9 @@ LIGHTNING_CKPT_NAMES = ("best", "last", "hpc", "registry")
 #: and no two runs mix), as globs under the folder.
 RUN_OUTPUTS = ("config.yaml", "splits.json", "checkpoints/*.ckpt", "defended*.ckpt", "defended*.safetensors",
                "defense_report*.json")
+#: what a fit writes into its run folder before its first checkpoint: removed again when it fails before one
+#: (:class:`ClearFailedStart`), so that the half-made folder does not refuse a rerun
+STARTED_RUN_FILES = ("config.yaml", "splits.json", "environment.json")
 
 
 class HeldLines:
@@ -93,6 +97,38 @@ class ReleaseHeldLines(Callback):
 
     def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
         self.held.release()
+
+
+class ClearFailedStart(Callback):
+    """When a fit fails before it saved anything that can be resumed or used (no checkpoint, no defended weights or
+    report), removes the :data:`STARTED_RUN_FILES` it wrote into ``root``, which would make a rerun into the same
+    folder be refused as "already holds a run": e.g. a streamed image that turns out not to decode in the first
+    epoch (streaming reads headers only before the run starts; decoding every file first would take as long as an
+    epoch). Files the folder held before the fit are kept; logs are kept. Rank 0 only (the rank that wrote them).
+
+    Args:
+        root: the run folder (``trainer.default_root_dir``).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.held_before = {name for name in STARTED_RUN_FILES if (root / name).exists()}
+
+    def on_exception(self, trainer: Trainer, pl_module: Any, exception: BaseException) -> None:
+        if not trainer.is_global_zero:
+            return
+        kept = [path for pattern in RUN_OUTPUTS for path in self.root.glob(pattern)
+                if path.name not in STARTED_RUN_FILES]
+        saved = [callback for callback in trainer.checkpoint_callbacks
+                 if getattr(callback, "best_model_path", "") or getattr(callback, "last_model_path", "")]
+        if kept or saved:  # a checkpoint to resume from, or a defense's outputs: the folder holds a run
+            return
+        removed = [name for name in STARTED_RUN_FILES if name not in self.held_before and (self.root / name).exists()]
+        for name in removed:
+            (self.root / name).unlink()
+        if removed:
+            rank_zero_info(f"fit: failed before its first checkpoint; removed {', '.join(removed)} from {self.root} so "
+                           f"that a rerun into it is accepted")
 
 
 class BackdoorCLI(LightningCLI):
@@ -255,6 +291,8 @@ class BackdoorCLI(LightningCLI):
         if self.subcommand is None:
             return
         self.trainer.callbacks.append(ReleaseHeldLines(self.held))
+        if self.subcommand == "fit":
+            self.trainer.callbacks.append(ClearFailedStart(Path(self.trainer.default_root_dir)))
         arguments = self.config_init[self.subcommand]  # what Lightning passes to the Trainer's method
         if "weights_only" in arguments:
             arguments["weights_only"] = True

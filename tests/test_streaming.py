@@ -205,3 +205,48 @@ def test_conflicting_settings_are_refused_at_construction(folder):
                  center_crop=30, streaming=streaming)
         one_line("center_crop=0 must be >= 1", PoisonedDataModule, **settings, center_crop=0, streaming=streaming)
     one_line("center_crop= apply to image folders only", PoisonedDataModule, source="mnist5k", center_crop=24)
+
+
+def fit_streamed(root: Path, run: Path) -> None:
+    """``lightning-backdoor fit`` (the quickstart config, one epoch) on the streamed folder ``root`` into ``run``;
+    it must be refused or fail with exit code 2."""
+    from lightning_backdoor.cli import main
+
+    data = "--data.init_args"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"),
+              "--trainer.logger=false", f"--trainer.default_root_dir={run}", "--trainer.max_epochs=1",
+              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+              f"{data}.source=imagefolder", f"{data}.root={root}", f"{data}.streaming=true",
+              f"{data}.unseen_per_class=2", f"{data}.batch_size=8"])
+    assert exit_info.value.code == 2
+
+
+def test_a_fit_failing_on_a_file_before_its_first_checkpoint_does_not_block_a_rerun(tmp_path, capfd):
+    root = make_folder(tmp_path / "data")
+    # the training images only (the defense's unseen images are decoded when its callback is set up, before the
+    # run folder is written), their headers intact: found when the first training batch is decoded
+    plan = PoisonedDataModule(source="imagefolder", root=str(root), streaming=True, unseen_per_class=2)
+    for index in plan.plan.train:
+        path = plan.train_pool.paths[int(index)]
+        path.write_bytes(path.read_bytes()[:120])
+    run = tmp_path / "run"
+    for attempt in range(2):  # the rerun into the same folder fails on the file again, not on the folder
+        fit_streamed(root, run)
+        lines = capfd.readouterr().err.strip().splitlines()
+        assert lines[-1].startswith("lightning-backdoor: error: cannot read image "), lines[-1]
+        assert str(root / "train") in lines[-1] and "already holds a run" not in lines[-1]
+        assert not [path for path in run.rglob("*") if path.suffix in (".yaml", ".json", ".ckpt")], attempt
+
+
+def test_a_fit_failing_after_its_checkpoint_keeps_its_run_folder(tmp_path, capfd):
+    root = make_folder(tmp_path / "data")
+    broken = root / "test" / "bee" / "002.png"  # read by the defense's evaluation when the fit ends
+    broken.write_bytes(broken.read_bytes()[:120])
+    run = tmp_path / "run"
+    fit_streamed(root, run)
+    assert capfd.readouterr().err.strip().splitlines()[-1].endswith(f"cannot read image {broken}: image file is "
+                                                                    f"truncated")
+    assert (run / "checkpoints" / "poisoned.ckpt").is_file() and (run / "config.yaml").is_file()
+    fit_streamed(root, run)  # the checkpoint can be defended or resumed: the folder holds a run
+    assert "already holds a run (config.yaml)" in capfd.readouterr().err.strip().splitlines()[-1]
