@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import re
 import statistics
 import sys
 import time
@@ -23,15 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 from torch import nn
 
 from lightning_backdoor.backdoor_cli import PARSER_KWARGS, BackdoorCLI
-from lightning_backdoor.defenses.base import BackdoorKnowledge, Defense, UnseenData
+from lightning_backdoor.defenses.base import DEFENSES, BackdoorKnowledge, Defense, UnseenData
 from lightning_backdoor.defenses.report import near_chance
 from lightning_backdoor.evaluation import evaluate
 from lightning_backdoor.io import atomic_write
 from lightning_backdoor.metrics import defense_effectiveness_rating
+from lightning_backdoor.registry import Registry
 from lightning_backdoor.runs import config_key, find_existing_run, instantiate_run, run_checkpoint, training_config
 
 COLUMNS = ("attack", "defense", "unseen_per_class", "seed", "num_unseen", "clean_acc", "asr", "asr_floor",
@@ -391,6 +393,36 @@ def parser() -> ArgumentParser:
     return arguments
 
 
+#: jsonargparse's words for a ``defenses`` entry whose ``class_path`` does not import, with the path it was given
+_UNIMPORTED_DEFENSE = re.compile(r'^Parser key "defenses":\s+(?:Expected a dot import path string: (\S+)|Problem with '
+                                 r"given class_path '([^']+)':\s+(?:module '[^']*' has no attribute|No module named))")
+
+
+def unknown_defense(error: ArgumentError) -> ValueError | None:
+    """A one-line ``ValueError`` for a ``defenses`` entry whose ``class_path`` does not import, naming the close
+    :data:`~lightning_backdoor.defenses.base.DEFENSES` class names by the registry's close-name lookup (a registered
+    row name such as ``ft`` is pointed to its class); ``None`` for any other parse error, and for a dotted path with
+    no close name (another package's class: jsonargparse's own reason says more)."""
+    match = _UNIMPORTED_DEFENSE.match(str(error))
+    if match is None:
+        return None
+    given = match.group(1) or match.group(2)
+    short = given.rpartition(".")[2]
+    classes: Registry[str] = Registry("defense class", "defense classes")  # class name -> itself (a str: no renaming)
+    for defense in DEFENSES.values():
+        classes.register(defense.__name__)(defense.__name__)
+    if short in DEFENSES:
+        return ValueError(f"defenses: {given!r} is the row name of class_path {DEFENSES[short].__name__!r}; write "
+                          f"class_path: {DEFENSES[short].__name__}")
+    try:
+        classes.lookup(short)
+    except ValueError as lookup_error:
+        if "did you mean" not in str(lookup_error) and "." in given:
+            return None
+        return ValueError(f"defenses: class_path {given!r} does not import: {lookup_error}")
+    return None  # a known class name under another module path: jsonargparse's reason stands
+
+
 def run_bench(args: list[str]) -> list[dict[str, Any]]:
     """``lightning-backdoor bench``: parse, check the grid, run it; the rows of the grid's finished runs.
 
@@ -399,7 +431,14 @@ def run_bench(args: list[str]) -> list[dict[str, Any]]:
         ValueError: (one line) a refused grid (:meth:`BenchSettings.check`) or a refused training.
     """
     arguments = parser()
-    config = arguments.instantiate(arguments.parse_args(args))
+    try:
+        parsed = arguments.parse_args(args)
+    except ArgumentError as error:
+        suggestion = unknown_defense(error)
+        if suggestion is not None:
+            raise suggestion from None
+        raise
+    config = arguments.instantiate(parsed)
     values = {key: value for key, value in vars(config).items() if key != "config"}
     return Bench(BenchSettings(**values)).run()
 

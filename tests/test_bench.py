@@ -110,6 +110,13 @@ def test_every_registered_defense_is_a_bench_row_under_its_name(name):
      ["defense 'ft' is listed twice"]),
     (["--attacks=[wanet]"], ["unknown attack 'wanet'; known attacks: badnets"]),
     (["--seeds=[]"], ["the bench grid is empty: no seeds given"]),
+    (["--defenses=[{class_path: FineTunning}]"],  # a misspelt class: the registry's close names
+     ["defenses: class_path 'FineTunning' does not import: unknown defense class 'FineTunning' (did you mean "
+      "'FineTuning', 'FinePruning'?); known defense classes: ANP, ActivationEditing, "]),
+    (["--defenses=[{class_path: lightning_backdoor.defenses.ActivationEditting}]"],
+     ["unknown defense class 'ActivationEditting' (did you mean 'ActivationEditing'?)"]),
+    (["--defenses=[{class_path: ft}]"], ["defenses: 'ft' is the row name of class_path 'FineTuning'"]),
+    (["--defenses=[{class_path: nomodule.Defense}]"], ["defenses: class_path 'nomodule.Defense': No module named"]),
 ])
 def test_bad_bench_input_is_one_line_exit_2(tmp_path, capsys, flags, messages):
     with pytest.raises(SystemExit) as exit_info:
