@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_backdoor.data.augment import random_crop, random_flip
-from lightning_backdoor.defenses.activations import (LayerActivations, capture, editable_layers, get_layer,
-                                                     layer_weight_matrix)
+from lightning_backdoor.defenses.activations import (LayerActivations, auto_candidates, capture, editable_layers,
+                                                     get_layer, layer_weight_matrix)
 from lightning_backdoor.defenses.base import DEFENSES, BackdoorKnowledge, Defense, DefenseResult, UnseenData
 from lightning_backdoor.defenses.editing import (closed_form_edit, key_subspace, ledoit_wolf, protected_edit,
                                                 rank_r_edit, second_moment)
@@ -186,7 +186,8 @@ class ActivationEditing(Defense):
 
     Args:
         layer: the layer to edit (e.g. ``blocks.2.conv1``), or ``auto``: try the last ``candidates`` editable
-            layers and keep the one with the lowest cross-validated loss on the unseen split.
+            layers (of the model's ``edit_candidates`` where it declares them, e.g. the ``vit``'s last blocks' MLP
+            layers) and keep the one with the lowest cross-validated loss on the unseen split.
         method: ``closed_form`` (multi-key least squares) or ``rank_r`` (constrained low-rank edit).
         strength: λ, the weight of keeping clean keys' values against mapping triggered keys to clean values;
             ``None`` picks it from 0.3 … 100 by the same cross-validation on U as ``layer: auto``.
@@ -279,7 +280,7 @@ class ActivationEditing(Defense):
             ValueError: see :meth:`defend`.
         """
         triggers, target_class = list(knowledge.triggers), knowledge.target_class
-        layers = editable_layers(model)[-self.candidates:] if self.layer == "auto" else [self.layer]
+        layers = auto_candidates(model, self.candidates) if self.layer == "auto" else [self.layer]
         for name in layers:
             get_layer(model, name)  # a wrong name or type fails before any work
         layers = self._layers_reached(model, layers, triggers)

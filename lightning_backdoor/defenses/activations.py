@@ -83,10 +83,23 @@ def skip_reason(layer: nn.Module) -> str | None:
 
 
 def residual_block_of(model: nn.Module, name: str) -> str | None:
-    """The block whose output is ``layer(x) + skip`` for layer ``name``: a parent declaring ``residual_branch``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    return parent_name if getattr(parent, "residual_branch", None) == child else None
+    """The block whose output is ``layer(x) + skip`` for layer ``name``: the nearest ancestor declaring
+    ``residual_branch`` as the layer's path below it (``"conv2"`` in a ResNet block, ``"mlp.fc2"`` in a transformer
+    block, whose skip term is the residual stream)."""
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        block_name = ".".join(parts[:depth])
+        block = model.get_submodule(block_name) if block_name else model
+        if getattr(block, "residual_branch", None) == ".".join(parts[depth:]):
+            return block_name
+    return None
+
+
+def auto_candidates(model: nn.Module, count: int) -> list[str]:
+    """The layers ``layer: auto`` tries: the last ``count`` of the model's ``edit_candidates`` where it declares
+    them (a list of layer names, e.g. a ViT's last blocks' MLP layers), else of :func:`editable_layers`."""
+    declared = getattr(model, "edit_candidates", None)
+    return list(declared if declared else editable_layers(model))[-count:]
 
 
 def layer_weight_matrix(layer: nn.Module) -> Tensor:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from lightning_backdoor.defenses.activations import editable_layers, get_layer
 from lightning_backdoor.defenses.base import UnseenData
 from lightning_backdoor.defenses.inversion import (INVERSIONS, EarlyStop, EstimatedTrigger, Inversion, InversionResult,
-                                                  InversionRun)
+                                                  InversionRun, NotApplicable)
 
 #: Makes the median absolute deviation a consistent estimator of the standard deviation for normal data.
 CONSISTENCY_CONSTANT = 1.4826
@@ -245,7 +245,13 @@ class TriggerEstimator:
     def estimate(self, model: nn.Module, unseen: UnseenData, layer: str = "auto") -> BackdoorEstimate:
         """Invert, score and flag; ``model`` is left unchanged (eval mode during the estimate). ``layer`` is where
         the edit will act (``auto``: the last editable convolution); the feature inversion acts one convolution
-        before it (:func:`feature_layer`)."""
+        before it (:func:`feature_layer`). An estimator that cannot act on the model (the feature one where that
+        convolution reads the image, as a ViT's patch embedding does) is skipped, its reason in
+        ``details["not_applicable"]``.
+
+        Raises:
+            ValueError: (one line) too few classes or unseen images (:meth:`check`), or no estimator applies.
+        """
         start = time.perf_counter()
         was_training = model.training
         model.eval()
@@ -261,12 +267,17 @@ class TriggerEstimator:
                                    "anomaly_index": {}, "trigger_size": {}, "size_ratio": {},
                                    "inversion_success": {}, "steps": {}, "estimator_seconds": {},
                                    "fully_inverted": {}, "screened_out": {}, "prescreen_size": {},
-                                   "prescreen_shrink": {}}
+                                   "prescreen_shrink": {}, "not_applicable": {}}
         inversions, eligible = {}, {}
         try:
             for name in self.estimators:
                 began = time.perf_counter()
-                inversion = INVERSIONS[name].create(model, images, num_classes, generator, layer).to(images.device)
+                try:
+                    inversion = INVERSIONS[name].create(model, images, num_classes, generator, layer)
+                except NotApplicable as reason:  # e.g. the feature estimator on a ViT: the others still run
+                    details["not_applicable"][name] = str(reason)
+                    continue
+                inversion = inversion.to(images.device)
                 screening = self.screen(model, images, labels, inversion, generator)
                 sizes = screening.sizes
                 index = size_anomaly_index(sizes, self.log_scale)
@@ -290,6 +301,9 @@ class TriggerEstimator:
         finally:
             model.train(was_training)
         seconds = time.perf_counter() - start
+        if not eligible:
+            raise ValueError("no trigger estimator applies to this model: " + "; ".join(
+                f"{name}: {reason}" for name, reason in details["not_applicable"].items()))
         name = max(eligible, key=lambda estimator: eligible[estimator].max().item())
         label = int(eligible[name].argmax())
         if eligible[name][label] <= self.threshold:

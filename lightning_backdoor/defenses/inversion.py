@@ -142,6 +142,11 @@ class WarpTrigger(Trigger):
 #: What an inversion yields: a fixed trigger that can also be made stronger (:meth:`strengthened`).
 EstimatedTrigger = MaskPatternTrigger | PerturbationTrigger | FeatureTrigger | WarpTrigger
 
+
+class NotApplicable(ValueError):
+    """An inversion that cannot act on the given model; the message says why in one line."""
+
+
 #: Inversion classes by name (the names ``estimators=`` takes); one registers with ``@INVERSIONS.register("<name>")``.
 INVERSIONS: Registry[type[Inversion]] = Registry("trigger estimator")
 
@@ -157,7 +162,11 @@ class Inversion(nn.Module, ABC):
     @classmethod
     def create(cls, model: nn.Module, images: Tensor, num_classes: int, generator: torch.Generator,
                layer: str) -> Inversion:
-        """Candidates for ``model`` and unseen ``images``; ``layer`` is the edited layer (feature inversions)."""
+        """Candidates for ``model`` and unseen ``images``; ``layer`` is the edited layer (feature inversions).
+
+        Raises:
+            NotApplicable: (one line) the inversion cannot act on this model.
+        """
         return cls(num_classes, tuple(images.shape[1:]), generator)
 
     def attached(self, model: nn.Module) -> ContextManager[None]:
@@ -293,6 +302,10 @@ class FeatureInversion(Inversion):
     def create(cls, model: nn.Module, images: Tensor, num_classes: int, generator: torch.Generator,
                layer: str) -> FeatureInversion:
         features = layer_input(model, layer, images)  # (N, C, H, W) for a conv, (N, C) for a linear layer
+        if features.shape == images.shape:
+            raise NotApplicable(f"the feature estimator masks channels at the input of a convolution before the "
+                                f"edited layer, but this model's ({layer!r}) reads the image itself: no feature space "
+                                f"(e.g. a ViT, whose only convolution is its patch embedding)")
         other_dims = [0, *range(2, features.dim())]
         channel_max = features.amax(dim=other_dims).clamp(min=1e-6).view(-1, *[1] * (features.dim() - 2))
         return cls(layer, channel_max.expand(features.shape[1:]).clone(), num_classes, generator)

@@ -9,6 +9,7 @@ from lightning_backdoor.models.preact_resnet import PreActBlock, PreActResNet18
 from lightning_backdoor.models.registry import MODELS, build_model, replace_first_conv
 from lightning_backdoor.models.resnet import ResNet18
 from lightning_backdoor.models.vgg import VGG16BN
+from lightning_backdoor.models.vit import vit
 
 __all__ = [
     "MODELS",
@@ -22,4 +23,5 @@ __all__ = [
     "build_model",
     "input_transform_of",
     "replace_first_conv",
+    "vit",
 ]

@@ -1,0 +1,224 @@
+"""Editing a Vision Transformer: a Linear layer applied per token reads each token's input as a key (the token grid
+plays a conv's positions), the MLP's output layer is corrected for the residual stream (the block's skip path),
+``layer: auto`` tries the last blocks' MLP layers, and a tiny ViT trained on real digits is defended end to end."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from lightning_backdoor import PoisonedDataModule
+from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
+from lightning_backdoor.defenses.activation_editing import EditProblem, add_delta, predict_logits
+from lightning_backdoor.defenses.activations import (LayerActivations, auto_candidates, capture, editable_layers,
+                                                     get_layer, residual_block_of)
+from lightning_backdoor.models import build_model
+from lightning_backdoor.triggers import BadNets
+
+pytest.importorskip("timm")
+
+TOKENS, WIDTH, OUTPUTS = 5, 4, 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def token_world() -> tuple[nn.Module, Tensor, Tensor]:
+    """A Linear layer applied to every token of (N, T=5, D=4) sequences, clean tokens in span(e0, e1) and a trigger
+    that adds e3 to the last token only. Returns the model (its layer is ``"0"``), clean and triggered sequences."""
+    generator = torch.Generator().manual_seed(0)
+    layer = nn.Linear(WIDTH, OUTPUTS)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(OUTPUTS, WIDTH, generator=generator))
+        layer.bias.copy_(torch.randn(OUTPUTS, generator=generator))
+    clean = torch.zeros(6, TOKENS, WIDTH)
+    clean[..., :2] = torch.randn(6, TOKENS, 2, generator=generator)
+    triggered = clean.clone()
+    triggered[:, -1, 3] += 1.0
+    return nn.Sequential(layer).eval(), clean, triggered
+
+
+def test_a_per_token_linear_layer_reads_each_token_as_a_key() -> None:
+    model, clean, _ = token_world()
+    acts = capture(model, ["0"], clean)["0"]
+    layer = get_layer(model, "0")
+    assert acts.keys.shape == (6, TOKENS, WIDTH) and acts.values.shape == (6, TOKENS, OUTPUTS)
+    assert torch.equal(acts.keys, clean)  # B·T keys: every token's input vector
+    assert torch.allclose(acts.values, clean @ layer.weight.T, atol=1e-6)  # W k, the bias taken off
+    assert acts.skip is None
+
+
+def test_triggered_tokens_land_on_their_values_and_clean_tokens_keep_theirs() -> None:
+    """Hand-computed: triggered keys are k + e3 with values W0 k, clean keys never leave span(e0, e1), so the exact
+    edit is ΔW = −W0 e3 e3ᵀ (the layer stops reading e3); the least-squares edit must find it."""
+    model, clean, triggered = token_world()
+    layer = get_layer(model, "0")
+    weight = layer.weight.detach().clone()
+    clean_acts = capture(model, ["0"], clean)["0"]
+    triggered_acts = capture(model, ["0"], triggered)["0"]
+    labels = torch.ones(6, dtype=torch.long)  # no image of the target class 0: every image is edited with
+    problem = EditProblem.build(layer, clean_acts, triggered_acts, labels, 0, None)
+    assert problem.triggered_count.item() == 6 * TOKENS  # B·T keys, the untouched tokens among them
+    delta = problem.solve("closed_form", strength=1e-4, rank=0)
+    expected = torch.zeros_like(weight)
+    expected[:, 3] = -weight[:, 3]
+    assert torch.allclose(delta, expected, atol=1e-3)
+    add_delta(model, "0", delta)
+    with torch.no_grad():
+        after_triggered, after_clean = model(triggered), model(clean)
+        before_clean = clean @ weight.T + layer.bias
+    assert torch.allclose(after_triggered, before_clean, atol=1e-3)  # the triggered token lands on its value
+    assert torch.allclose(after_clean, before_clean, atol=1e-3)  # every clean token keeps its value
+
+
+def tiny_vit(**overrides) -> nn.Module:
+    """A ViT for 8x8 one-channel images: 2x2 patches (a 4x4 token grid), width 16, two blocks."""
+    settings = {"in_channels": 1, "img_size": 8, "patch_size": 2, "embed_dim": 16, "depth": 2, "num_heads": 2,
+                "mlp_ratio": 4.0, "edit_blocks": 1} | overrides
+    return build_model("vit", num_classes=10, **settings)
+
+
+def block_output(model: nn.Module, block: str, images: Tensor) -> Tensor:
+    outputs = []
+    handle = model.get_submodule(block).register_forward_hook(lambda module, args, out: outputs.append(out))
+    with torch.no_grad():
+        model(images)
+    handle.remove()
+    return outputs[0]
+
+
+def test_the_mlp_output_layer_of_a_transformer_block_is_its_residual_branch() -> None:
+    torch.manual_seed(0)
+    model = tiny_vit().eval()
+    images = torch.rand(3, 1, 8, 8)
+    assert residual_block_of(model, "blocks.1.mlp.fc2") == "blocks.1"
+    assert residual_block_of(model, "blocks.1.mlp.fc1") is None  # a GELU follows: not the block's last operation
+    assert residual_block_of(model, "blocks.1.attn.proj") is None  # the MLP runs after its addition
+    stream = []  # the residual stream entering the MLP: the input of norm2
+    norm2 = model.get_submodule("blocks.1.norm2")
+    handle = norm2.register_forward_pre_hook(lambda module, args: stream.append(args[0]))
+    acts = capture(model, ["blocks.1.mlp.fc2"], images)["blocks.1.mlp.fc2"]
+    handle.remove()
+    assert acts.keys.shape == (3, 16, 64) and acts.skip.shape == (3, 16, 16)
+    assert torch.allclose(acts.skip, stream[0], atol=1e-5)
+
+
+def test_a_layerscale_block_is_not_declared() -> None:
+    """LayerScale multiplies fc2's output before the addition: output = γ·fc2 + skip is no key->value split."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from lightning_backdoor.models.vit import mark_residual_branches
+
+    model = VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=3, embed_dim=16, depth=2,
+                              num_heads=2, init_values=0.1)
+    assert mark_residual_branches(model) == []
+    assert residual_block_of(model, "blocks.1.mlp.fc2") is None
+
+
+def test_the_residual_correction_makes_the_block_output_on_triggered_tokens_match_the_clean_one() -> None:
+    """Mapping fc2's triggered keys to their clean values alone leaves the trigger in the residual stream; the
+    correction (target = clean value + clean skip − triggered skip) cancels it at the block's output. One image: its
+    16 token keys in fc2's 64 input dimensions, so an exact edit exists (attention mixes the tokens: all 16 move)."""
+    torch.manual_seed(0)
+    model = tiny_vit().eval()
+    clean_images = torch.rand(1, 1, 8, 8)
+    triggered_images = clean_images.clone()
+    triggered_images[:, :, -3:, -3:] = 1.0
+    layer, block = "blocks.1.mlp.fc2", "blocks.1"
+    clean = capture(model, [layer], clean_images)[layer]
+    triggered = capture(model, [layer], triggered_images)[layer]
+    clean_block = block_output(model, block, clean_images)
+    before = (block_output(model, block, triggered_images) - clean_block).norm()
+    labels = torch.ones(1, dtype=torch.long)
+    results = {}
+    for corrected in (True, False):
+        edited = copy.deepcopy(model)
+        if corrected:
+            problem = EditProblem.build(get_layer(edited, layer), clean, triggered, labels, 0, None)
+        else:  # the same edit, blind to the skip path
+            problem = EditProblem.build(get_layer(edited, layer), LayerActivations(clean.keys, clean.values, None),
+                                        LayerActivations(triggered.keys, triggered.values, None), labels, 0, None)
+        add_delta(edited, layer, problem.solve("closed_form", strength=1e-4, rank=0))
+        results[corrected] = (block_output(edited, block, triggered_images) - clean_block).norm()
+    assert results[True] < 0.05 * before
+    assert results[False] > 0.3 * before
+
+
+def test_auto_tries_the_last_blocks_mlp_layers() -> None:
+    model = tiny_vit(depth=3, edit_blocks=2)
+    assert model.edit_candidates == ["blocks.1.mlp.fc1", "blocks.1.mlp.fc2", "blocks.2.mlp.fc1", "blocks.2.mlp.fc2"]
+    assert set(model.edit_candidates) <= set(editable_layers(model))
+    assert auto_candidates(model, 3) == model.edit_candidates[-3:]
+    plain = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 36, 10))  # declares nothing: as before
+    assert auto_candidates(plain, 3) == editable_layers(plain)[-3:]
+
+
+def rates(model: nn.Module, test: tuple[Tensor, ...], target_class: int) -> dict[str, float]:
+    """CA, ASR and ASR floor (%) of ``model`` on the test split (uint8 images, labels, triggered images, labels)."""
+    images, labels, triggered = (test[0].float() / 255, test[1], test[2].float() / 255)
+    attacked = labels != target_class
+    clean_predictions = predict_logits(model, images).argmax(-1)
+    triggered_predictions = predict_logits(model, triggered[attacked]).argmax(-1)
+    return {"ca": 100 * (clean_predictions == labels).float().mean().item(),
+            "asr": 100 * (triggered_predictions == target_class).float().mean().item(),
+            "floor": 100 * (clean_predictions[attacked] == target_class).float().mean().item()}
+
+
+def test_a_tiny_vit_trained_on_poisoned_digits_is_defended_end_to_end() -> None:
+    """Real data (scikit-learn's 8x8 digits, a 2x2 BadNets patch, one token, toward class 0 on 10 % of the training
+    images), real training (5-10 s), ``layer: auto`` over both blocks' MLP layers with λ chosen on U, 10 unseen
+    images per class. Measured: CA 89.3 → 84.0 %, ASR 100 → 2.6 % (floor 0.0 %). This two-block ViT on 4x4 tokens is
+    a hard case (the default λ = 10 leaves ASR at 21 %; docs/results/vit.md); the margins below are the method's
+    claim on it, not its CIFAR-10 goals."""
+    torch.manual_seed(0)
+    data = PoisonedDataModule(source="digits", trigger=BadNets(size=2), poison_rate=0.1, unseen_per_class=10,
+                              batch_size=64)
+    data.setup("fit")
+    model = tiny_vit(embed_dim=48, mlp_ratio=2.0, edit_blocks=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    for _ in range(20):
+        for batch in data.train_dataloader():
+            images, labels = data.on_after_batch_transfer(list(batch), 0)
+            loss = F.cross_entropy(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    test = data.test_dataset().tensors
+    before = rates(model, test, 0)
+    assert before["asr"] > 95 and before["ca"] > 85, before  # the backdoor took, and the model works
+    unseen_images = data.unseen_set(10)
+    unseen = UnseenData(unseen_images.images.float() / 255, unseen_images.labels)
+    defense = ActivationEditing(layer="auto", candidates=4, strength=None)
+    result = defense.defend(model, unseen, BackdoorKnowledge.of(data.trigger, 0))
+    after = rates(model, test, 0)
+    assert result.layer in model.edit_candidates
+    tried = {key.split(" ")[0] for key in result.details["selection"]["cross_validated_loss_on_unseen"]}
+    assert tried == set(model.edit_candidates)
+    assert after["asr"] < after["floor"] + 10, (before, after)
+    assert after["ca"] > before["ca"] - 8, (before, after)
+
+
+def test_the_feature_estimator_says_why_it_does_not_apply_to_a_vit() -> None:
+    """A ViT's only convolution (its patch embedding) reads the image: the feature estimator has no feature space to
+    invert in and is skipped with its reason; asked for alone, the estimate refuses in one line."""
+    from lightning_backdoor.defenses.estimation import TriggerEstimator
+
+    torch.manual_seed(0)
+    model = tiny_vit().eval()
+    unseen = UnseenData(torch.rand(50, 1, 8, 8), torch.arange(10).repeat(5))
+    with pytest.raises(ValueError, match=r"^no trigger estimator applies to this model: feature: .*reads the image"):
+        TriggerEstimator(estimators=("feature",), progress=False).estimate(model, unseen)
+    estimate = TriggerEstimator(estimators=("perturbation", "feature"), max_steps=3, progress=False).estimate(
+        model, unseen)
+    assert set(estimate.details["not_applicable"]) == {"feature"}
+    assert set(estimate.details["trigger_size"]) == {"perturbation"}
