@@ -9,6 +9,20 @@
 # The GPU machine has no W&B and no data: device.yaml turns the logger and the fit-end defense off (the defense
 # runs on the CPU afterwards), and CIFAR-10 travels as one file (pack_data.py; unpack_data.py rebuilds the same
 # ImageFolder tree, byte for byte). Missing packages travel as wheels in $CARRY/whl.
+# Settings (environment):
+#   CARRY         folder carried to the GPU machine (default .gpu): cifar10.bin + cifar10.idx from
+#                 `python benchmarks/gpu_budget/pack_data.py ../shared/data/cifar10 .gpu`, and optionally whl/ with
+#                 wheels of jsonargparse, omegaconf, docstring_parser, typeshed_client, antlr4-python3-runtime
+#                 (installed when jsonargparse is missing there)
+#   JOBS          "attack:model_config ..." (attack = a configs/cifar10/<attack>.yaml)
+#   TRAIN_BUDGET  seconds of training for all jobs together (default 300); MAX_EPOCHS caps the epochs (100)
+#   PROBE_STEPS   steps of the probe (110); STEP_WINDOW="first,last" steps it times (30,110): last <= PROBE_STEPS
+#   MAX_MINUTES   Lightning's max_time per run (default (TRAIN_BUDGET + 90) / 60)
+#   OUT           where the packed checkpoints and logs.tar.gz go; RUNS the run folders (/tmp/gpuruns);
+#                 LIMIT=n limits the training batches per epoch (a smoke run on a CPU)
+# It uses (and empties) /tmp/logs, /tmp/probe-* and /tmp/cifar10 on that machine. Back here, per run:
+#   python benchmarks/gpu_budget/unpack.py $OUT preact_resnet18-badnets \
+#     runs/gpu/preact_resnet18-badnets/checkpoints/poisoned.ckpt
 #   JOBS="badnets:configs/cifar10/preact_resnet18.yaml blended:configs/cifar10/preact_resnet18.yaml" \
 #     TRAIN_BUDGET=330 OUT=/tmp/out bash benchmarks/gpu_budget/train.sh
 set -uo pipefail
