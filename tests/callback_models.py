@@ -7,7 +7,6 @@ import functools
 from typing import Any
 
 import lightning as L
-import pytest
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -17,13 +16,6 @@ from lightning_backdoor.metrics import BackdoorMetrics
 from lightning_backdoor.triggers import BadNets
 
 
-@pytest.fixture(autouse=True)  # autouse in every module that imports it
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription (10x faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 #: CIFAR-10-like normalisation for the one grey channel of ``digits`` (pixel units).

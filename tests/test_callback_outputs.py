@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from callback_models import one_thread  # noqa: F401  (autouse fixture)
 from callback_models import MEAN, STD, NormalisingDigits, digits, normalise, quiet_trainer, trained
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
@@ -26,6 +25,8 @@ from lightning_backdoor.defenses.report import near_chance
 from lightning_backdoor.defenses.report_plot import plot_report
 from lightning_backdoor.models.input_transform import InputTransform, input_transform_of
 from lightning_backdoor.triggers import BadNets, Trigger
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the digits test split: 300 images, 270 of them not of the target class (the ASR's denominator)

@@ -10,7 +10,6 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from callback_models import one_thread  # noqa: F401  (autouse fixture)
 from callback_models import (MEAN, STD, CountSteps, UserClassifier, digits, normalise, quiet_trainer, trained)
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -18,6 +17,8 @@ from lightning_backdoor import DefenseCallback, PoisonedDataModule
 from lightning_backdoor.defenses import ActivationEditing
 from lightning_backdoor.models.input_transform import InputTransform
 from lightning_backdoor.triggers import BadNets
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 ROOT = Path(__file__).resolve().parents[1]
 

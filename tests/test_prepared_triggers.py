@@ -27,21 +27,14 @@ from lightning_backdoor.triggers import (TRIGGERS, BadNets, LabelConsistent, Low
 from lightning_backdoor.triggers.label_consistent import corner_signs
 from lightning_backdoor.triggers.low_frequency import gaussian_low_pass
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
 NAMES = ("low_frequency", "trojannn", "label_consistent")
 #: Settings small enough for a test: a narrow surrogate on 8 x 8 digits trains in about a second.
 SURROGATE = {"surrogate_kwargs": {"widths": [16, 32, 32], "stem_width": 16}, "surrogate_epochs": 3}
 QUICK = {"low_frequency": {"steps": 20, "batch_size": 64} | SURROGATE,
          "trojannn": {"size": 3, "steps": 20, "batch_size": 32} | SURROGATE,
          "label_consistent": {"steps": 5} | SURROGATE}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared machine: one thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def quick(name: str, **overrides: object) -> PreparedTrigger:

@@ -19,18 +19,11 @@ from lightning_backdoor.defenses.activations import (LayerActivations, auto_cand
 from lightning_backdoor.models import build_model
 from lightning_backdoor.triggers import BadNets
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
 pytest.importorskip("timm")
 
 TOKENS, WIDTH, OUTPUTS = 5, 4, 3
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def token_world() -> tuple[nn.Module, Tensor, Tensor]:
