@@ -4,11 +4,14 @@ Alternates the two loops (``--repeats`` times each, ``--steps`` steps per run af
 images/s of each and their ratio (plain / Lightning; 1.00 means no overhead).
 
     python benchmarks/loop_overhead.py --steps 30 --repeats 2
+    python benchmarks/loop_overhead.py --model preact_resnet18 --model_kwargs '{"width": 1.0}' --batch_size 128 \
+        --label_smoothing 0 --steps 20 --repeats 2        # BackdoorBench's PreAct-ResNet18 at batch 128
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -31,8 +34,13 @@ class StepTimer(L.Callback):
         self.end = time.perf_counter()
 
 
-def plain_loop(data: PoisonedDataModule, steps: int) -> float:
-    model = PoisonedClassifier(model="compact", model_kwargs={"widths": [64, 128, 256]}).net
+def classifier(args: argparse.Namespace) -> PoisonedClassifier:
+    return PoisonedClassifier(model=args.model, model_kwargs=json.loads(args.model_kwargs),
+                              label_smoothing=args.label_smoothing)
+
+
+def plain_loop(data: PoisonedDataModule, steps: int, args: argparse.Namespace) -> float:
+    model = classifier(args).net
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     model.train()
     start = None
@@ -40,7 +48,7 @@ def plain_loop(data: PoisonedDataModule, steps: int) -> float:
         images = random_flip(random_crop(to_float(images), data.crop_padding))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = F.cross_entropy(model(images.contiguous(memory_format=torch.channels_last)), labels,
-                                   label_smoothing=0.2)
+                                   label_smoothing=args.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -51,9 +59,9 @@ def plain_loop(data: PoisonedDataModule, steps: int) -> float:
     return steps * data.batch_size / (time.perf_counter() - start)
 
 
-def lightning_loop(data: PoisonedDataModule, steps: int) -> float:
+def lightning_loop(data: PoisonedDataModule, steps: int, args: argparse.Namespace) -> float:
     timer = StepTimer()
-    module = PoisonedClassifier(model="compact", model_kwargs={"widths": [64, 128, 256]}, label_smoothing=0.2)
+    module = classifier(args)
     trainer = L.Trainer(max_steps=steps + 1, precision="bf16-mixed", accelerator="cpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, callbacks=[timer])
@@ -65,14 +73,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--model", default="compact", help="a registered model name")
+    parser.add_argument("--model_kwargs", default='{"widths": [64, 128, 256]}', help="its settings, as JSON")
+    parser.add_argument("--batch_size", type=int, default=512)
+    parser.add_argument("--label_smoothing", type=float, default=0.2)
     args = parser.parse_args()
     data = PoisonedDataModule(source="cifar10", root="../shared/data/cifar10", cache_dir="runs/cache",
-                              batch_size=512, unseen_per_class=50)
+                              batch_size=args.batch_size, unseen_per_class=50)
     data.setup("fit")
     plain, lightning = [], []
     for _ in range(args.repeats):
-        plain.append(plain_loop(data, args.steps))
-        lightning.append(lightning_loop(data, args.steps))
+        plain.append(plain_loop(data, args.steps, args))
+        lightning.append(lightning_loop(data, args.steps, args))
         print(f"plain {plain[-1]:.0f} img/s, lightning {lightning[-1]:.0f} img/s", flush=True)
     ratio = statistics.median(plain) / statistics.median(lightning)
     print(f"median: plain {statistics.median(plain):.0f} img/s, lightning {statistics.median(lightning):.0f} img/s, "
