@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 
 import lightning as L
@@ -63,6 +64,7 @@ def lightning_loop(data: PoisonedDataModule, steps: int, args: argparse.Namespac
     timer = StepTimer()
     module = classifier(args)
     trainer = L.Trainer(max_steps=steps + 1, precision="bf16-mixed", accelerator="cpu", devices=1, logger=False,
+                        default_root_dir=tempfile.mkdtemp(prefix="loop_overhead-"),  # the run files go there
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, callbacks=[timer])
     trainer.fit(module, datamodule=data)
