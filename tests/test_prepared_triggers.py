@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_only
+from plain_training import train_epochs
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from lightning_backdoor import PoisonedDataModule
 from lightning_backdoor.data.poisoning import apply_trigger, to_float
@@ -351,13 +351,7 @@ def trained(data: PoisonedDataModule, epochs: int = 12) -> nn.Module:
     model = victim()
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     data.setup("fit")
-    for _ in range(epochs):
-        for batch in data.train_dataloader():
-            images, labels = data.on_after_batch_transfer(list(batch), 0)
-            loss = F.cross_entropy(model(images), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    train_epochs(model, data, optimizer, epochs)
     return model.eval()
 
 

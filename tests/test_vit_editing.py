@@ -8,8 +8,8 @@ import copy
 
 import pytest
 import torch
+from plain_training import train_epochs
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from lightning_backdoor import PoisonedDataModule
 from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
@@ -179,13 +179,7 @@ def test_a_tiny_vit_trained_on_poisoned_digits_is_defended_end_to_end() -> None:
     data.setup("fit")
     model = tiny_vit(embed_dim=48, mlp_ratio=2.0, edit_blocks=2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    for _ in range(20):
-        for batch in data.train_dataloader():
-            images, labels = data.on_after_batch_transfer(list(batch), 0)
-            loss = F.cross_entropy(model(images), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    train_epochs(model, data, optimizer, 20)
     test = data.test_dataset().tensors
     before = rates(model, test, 0)
     assert before["asr"] > 95 and before["ca"] > 85, before  # the backdoor took, and the model works
