@@ -56,6 +56,21 @@ def test_invalid_torchvision_name_raises_one_line_error() -> None:
     assert "\n" not in str(excinfo.value)
 
 
+def test_a_torchvision_stem_stride_keeps_every_weight_and_halves_no_resolution() -> None:
+    """``stem_stride: 1`` (a CIFAR port of MobileNetV3): the same parameters as torchvision's model, so weights trained
+    with the adapted stem load into it, and the feature map before the pool is twice as large on each side."""
+    reference = build_model("torchvision:mobilenet_v3_small", num_classes=10)
+    adapted = build_model("torchvision:mobilenet_v3_small", num_classes=10, stem_stride=1)
+    assert adapted.features[0][0].stride == (1, 1) and reference.features[0][0].stride == (2, 2)
+    shapes = [{key: value.shape for key, value in model.state_dict().items()} for model in (adapted, reference)]
+    assert shapes[0] == shapes[1]
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert adapted.features(images).shape[-2:] == (2, 2) and reference.features(images).shape[-2:] == (1, 1)
+    with pytest.raises(ValueError, match="stem_stride must be at least 1"):
+        build_model("torchvision:mobilenet_v3_small", num_classes=10, stem_stride=0)
+
+
 def test_torchvision_detection_model_is_rejected() -> None:
     # Detection builders exist in torchvision but do not return (N, num_classes) logits.
     with pytest.raises(ValueError):

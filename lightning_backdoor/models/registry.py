@@ -76,7 +76,25 @@ def replace_first_conv(model: nn.Module, in_channels: int) -> nn.Module:
     raise ValueError(f"{type(model).__name__} has no nn.Conv2d; cannot adapt it to {in_channels} input channels")
 
 
-def _build_torchvision(name: str, num_classes: int, in_channels: int, **kwargs: object) -> nn.Module:
+def set_stem_stride(model: nn.Module, stride: int) -> nn.Module:
+    """Set the stride of the first ``nn.Conv2d`` of ``model`` (its stem) to ``stride``, as CIFAR ports of ImageNet
+    networks do for 32x32 inputs (e.g. MobileNetV3's 3x3/2 stem at stride 1). No weight changes shape, so weights
+    trained with the adapted stem load into it. Returns ``model`` (edited in place).
+
+    Raises:
+        ValueError: ``stride`` below 1, or a model without an ``nn.Conv2d``.
+    """
+    if stride < 1:
+        raise ValueError(f"stem_stride must be at least 1, got {stride}")
+    stem = next((module for module in model.modules() if isinstance(module, nn.Conv2d)), None)
+    if stem is None:
+        raise ValueError(f"{type(model).__name__} has no nn.Conv2d; it has no stem stride to set")
+    stem.stride = (stride, stride)
+    return model
+
+
+def _build_torchvision(name: str, num_classes: int, in_channels: int, stem_stride: int | None = None,
+                       **kwargs: object) -> nn.Module:
     # Imported here so that importing the registry stays cheap.
     import torchvision
 
@@ -88,6 +106,8 @@ def _build_torchvision(name: str, num_classes: int, in_channels: int, **kwargs: 
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     if in_channels != 3:
         replace_first_conv(model, in_channels)
+    if stem_stride is not None:
+        set_stem_stride(model, stem_stride)
     return model
 
 
@@ -139,7 +159,7 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: obj
     The model takes float images ``(N, in_channels, H, W)`` and returns logits ``(N, num_classes)``; a model trained
     on normalised inputs gets its normalisation from :class:`~lightning_backdoor.models.input_transform.InputTransform`.
     Extra ``kwargs`` go to the builder (e.g. ``widths`` for ``compact``, ``width`` for ``preact_resnet18``,
-    ``img_size`` for a timm ViT).
+    ``img_size`` for a timm ViT); a torchvision model also takes ``stem_stride`` (:func:`set_stem_stride`).
 
     Raises:
         ValueError: (one line) an unknown name (with close and known ones, or close timm matches), a class path that
@@ -158,4 +178,5 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: obj
     return MODELS.build(name, num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
-__all__ = ["MODELS", "TIMM_PREFIX", "TORCHVISION_PREFIX", "ModelRegistry", "build_model", "replace_first_conv"]
+__all__ = ["MODELS", "TIMM_PREFIX", "TORCHVISION_PREFIX", "ModelRegistry", "build_model", "replace_first_conv",
+           "set_stem_stride"]
