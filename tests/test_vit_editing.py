@@ -15,7 +15,8 @@ from lightning_backdoor import PoisonedDataModule
 from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
 from lightning_backdoor.defenses.activation_editing import EditProblem, add_delta, predict_logits
 from lightning_backdoor.defenses.activations import (LayerActivations, auto_candidates, capture, editable_layers,
-                                                     get_layer, residual_block_of)
+                                                     get_layer)
+from lightning_backdoor.defenses.residual import residual_block_of
 from lightning_backdoor.models import build_model
 from lightning_backdoor.triggers import BadNets
 

@@ -11,13 +11,16 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
+from lightning_backdoor.defenses.residual import record_skip, residual_branch_of
+
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
 
 
 @dataclass
 class LayerActivations:
     """Per image and position: keys (N, L, d), values = W k without bias (N, L, c_out), and the skip term added to
-    the layer's output by a residual block, or None. L is 1 for a linear layer and H'·W' for a conv."""
+    the layer's output by a residual block (in the layer's output units: divided by the scale of a norm between the
+    layer and the addition), or None. L is 1 for a linear layer and H'·W' for a conv."""
 
     keys: Tensor
     values: Tensor
@@ -82,19 +85,6 @@ def skip_reason(layer: nn.Module) -> str | None:
     return None
 
 
-def residual_block_of(model: nn.Module, name: str) -> str | None:
-    """The block whose output is ``layer(x) + skip`` for layer ``name``: the nearest ancestor declaring
-    ``residual_branch`` as the layer's path below it (``"conv2"`` in a ResNet block, ``"mlp.fc2"`` in a transformer
-    block, whose skip term is the residual stream)."""
-    parts = name.split(".")
-    for depth in range(len(parts) - 1, -1, -1):
-        block_name = ".".join(parts[:depth])
-        block = model.get_submodule(block_name) if block_name else model
-        if getattr(block, "residual_branch", None) == ".".join(parts[depth:]):
-            return block_name
-    return None
-
-
 def auto_candidates(model: nn.Module, count: int) -> list[str]:
     """The layers ``layer: auto`` tries: the last ``count`` of the model's ``edit_candidates`` where it declares
     them (a list of layer names, e.g. a ViT's last blocks' MLP layers), else of :func:`editable_layers`."""
@@ -133,7 +123,7 @@ def capture(model: nn.Module, layer_names: list[str], images: Tensor, batch_size
     """Run ``images`` (N, C, H, W) through ``model`` once in eval mode and record keys, values and skip terms of
     every layer in ``layer_names``."""
     layers = {name: get_layer(model, name) for name in layer_names}
-    blocks = {name: residual_block_of(model, name) for name in layer_names}
+    branches = {name: residual_branch_of(model, name) for name in layer_names}
     records: dict[str, list[Tensor]] = {}
 
     def recorder(key: str, take_input: bool):
@@ -145,13 +135,13 @@ def capture(model: nn.Module, layer_names: list[str], images: Tensor, batch_size
     for name, layer in layers.items():
         handles.append(layer.register_forward_hook(recorder(f"{name}:in", True)))
         handles.append(layer.register_forward_hook(recorder(f"{name}:out", False)))
-        if blocks[name] is not None:
-            handles.append(model.get_submodule(blocks[name]).register_forward_hook(recorder(f"{name}:block", False)))
+        if branches[name] is not None:
+            handles += record_skip(model, name, branches[name], records.setdefault(f"{name}:skip", []))
     run_with_hooks(model, images, handles, batch_size)
     captured = {}
     for name, layer in layers.items():
         inputs, outputs = torch.cat(records[f"{name}:in"]), torch.cat(records[f"{name}:out"])
-        skip = to_values(torch.cat(records[f"{name}:block"]) - outputs) if blocks[name] is not None else None
+        skip = to_values(torch.cat(records[f"{name}:skip"])) if branches[name] is not None else None
         if layer.bias is not None:
             bias = layer.bias.detach().float()
             outputs = outputs - (bias.view(-1, 1, 1) if outputs.ndim == 4 else bias)

@@ -1,0 +1,136 @@
+"""Residual blocks with a norm between the edited layer and the addition: torchvision's inverted-residual blocks are
+recognised (their project conv's BatchNorm is an affine map per channel in eval mode), the skip term is captured in
+the layer's output units, and the corrected edit cancels the trigger at the block's output where the uncorrected
+one cannot."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from lightning_backdoor.defenses.activation_editing import EditProblem, add_delta
+from lightning_backdoor.defenses.activations import LayerActivations, capture, get_layer
+from lightning_backdoor.defenses.residual import ResidualBranch, norm_scale, residual_branch_of
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+def randomised_norms(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode with every BatchNorm's statistics and affine weights drawn at random (seed 0), so that
+    a norm's scale is far from 1 and a test cannot pass by ignoring it."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                size = module.num_features
+                module.running_mean.copy_(torch.randn(size, generator=generator))
+                module.running_var.copy_(torch.rand(size, generator=generator) * 2 + 0.3)
+                module.weight.copy_(torch.rand(size, generator=generator) * 2 + 0.3)
+                module.bias.copy_(torch.randn(size, generator=generator))
+    return model.eval()
+
+
+def mobilenet() -> nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(num_classes=10)
+    model.features[0][0].stride = (1, 1)  # a CIFAR stem: 2x2 maps at the end for 32x32 images
+    return randomised_norms(model)
+
+
+def block_output(model: nn.Module, block: str, images: Tensor) -> Tensor:
+    outputs = []
+    handle = model.get_submodule(block).register_forward_hook(lambda module, args, output: outputs.append(output))
+    with torch.no_grad():
+        model(images)
+    handle.remove()
+    return outputs[0]
+
+
+def test_torchvision_inverted_residual_blocks_declare_their_project_conv_and_its_norm() -> None:
+    model = mobilenet()
+    assert residual_branch_of(model, "features.11.block.3.0") == ResidualBranch("features.11", "features.11.block.3.1")
+    assert residual_branch_of(model, "features.3.block.2.0") == ResidualBranch("features.3", "features.3.block.2.1")
+    assert residual_branch_of(model, "features.4.block.3.0") is None  # stride 2: no residual connection
+    assert residual_branch_of(model, "features.11.block.0.0") is None  # the expand conv: an activation follows
+    assert residual_branch_of(model, "features.11.block.2.fc2") is None  # squeeze-excitation: a gate, not a sum
+    assert residual_branch_of(model, "classifier.0") is None
+    v2 = torchvision.models.mobilenet_v2(num_classes=10)
+    assert residual_branch_of(v2, "features.3.conv.2") == ResidualBranch("features.3", "features.3.conv.3")
+    efficientnet = torchvision.models.efficientnet_b0(num_classes=10)
+    assert residual_branch_of(efficientnet, "features.2.1.block.3.0") == ResidualBranch(
+        "features.2.1", "features.2.1.block.3.1")
+    # torchvision's ResNet block applies a ReLU after its addition: its output is no sum, so it stays undeclared
+    assert residual_branch_of(torchvision.models.resnet18(num_classes=10), "layer4.1.conv2") is None
+
+
+def test_a_block_can_declare_the_norm_between_its_branch_and_the_addition() -> None:
+    class Block(nn.Module):
+        residual_branch, residual_norm = "conv", "norm"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return x + self.norm(self.conv(x))
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), Block())
+    assert residual_branch_of(model, "1.conv") == ResidualBranch("1", "1.norm")
+
+
+def test_the_skip_term_is_captured_in_the_layer_output_units() -> None:
+    """Block output = norm(conv(·)) + x with norm(v) = s·v + b per channel: the captured skip is x / s, so that
+    s·(value + bias) + norm offset + s·skip is the block's output."""
+    model, layer, block = mobilenet(), "features.11.block.3.0", "features.11"
+    images = torch.rand(3, 3, 32, 32)
+    inputs = []
+    handle = model.get_submodule(block).register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    acts = capture(model, [layer], images)[layer]
+    handle.remove()
+    scale = norm_scale(model.get_submodule("features.11.block.3.1"))
+    assert acts.skip.shape == acts.values.shape == (3, 4, 96)
+    expected = (inputs[0] / scale.view(-1, 1, 1)).flatten(2).transpose(1, 2)
+    assert torch.allclose(acts.skip, expected, atol=1e-4 * expected.abs().max().item())
+
+
+def test_a_norm_channel_scaled_to_zero_gets_no_correction() -> None:
+    """A channel the norm multiplies by 0 does not depend on the layer: no edit can move it, so its term is 0."""
+    model = mobilenet()
+    norm = model.get_submodule("features.11.block.3.1")
+    with torch.no_grad():
+        norm.weight[5] = 0.0
+    acts = capture(model, ["features.11.block.3.0"], torch.rand(2, 3, 32, 32))["features.11.block.3.0"]
+    assert torch.isfinite(acts.skip).all() and acts.skip[..., 5].abs().max() == 0
+
+
+def test_the_corrected_edit_cancels_the_trigger_at_the_block_output_through_the_norm() -> None:
+    """Mapping the project conv's triggered keys to their clean values alone leaves the trigger on the skip path;
+    the correction (target = clean value + (clean skip − triggered skip), in the conv's units) cancels it at the
+    block's output. The last MobileNetV3 block alone, a trigger added to one position of its 2x2 input; one image:
+    4 keys in the conv's 576 input dimensions, so an exact edit exists."""
+    model = nn.Sequential(mobilenet().features[11]).eval()
+    layer, block = "0.block.3.0", "0"
+    generator = torch.Generator().manual_seed(1)
+    clean_inputs = torch.randn(1, 96, 2, 2, generator=generator)
+    triggered_inputs = clean_inputs.clone()
+    triggered_inputs[..., -1, -1] += 3 * torch.randn(96, generator=generator)
+    clean, triggered = capture(model, [layer], clean_inputs)[layer], capture(model, [layer], triggered_inputs)[layer]
+    clean_block = block_output(model, block, clean_inputs)
+    before = (block_output(model, block, triggered_inputs) - clean_block).norm()
+    labels = torch.ones(1, dtype=torch.long)
+    results = {}
+    for corrected in (True, False):
+        edited = copy.deepcopy(model)
+        if corrected:
+            problem = EditProblem.build(get_layer(edited, layer), clean, triggered, labels, 0, None)
+        else:  # the same edit, blind to the skip path
+            problem = EditProblem.build(get_layer(edited, layer), LayerActivations(clean.keys, clean.values, None),
+                                        LayerActivations(triggered.keys, triggered.values, None), labels, 0, None)
+        add_delta(edited, layer, problem.solve("closed_form", strength=1e-4, rank=0))
+        results[corrected] = (block_output(edited, block, triggered_inputs) - clean_block).norm()
+    assert results[True] < 0.05 * before
+    assert results[False] > 0.3 * before
