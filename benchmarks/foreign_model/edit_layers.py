@@ -60,8 +60,7 @@ def main() -> None:
     unseen = first_per_class(read_image_folder(run / "unseen"), args.per_class, str(run / "unseen"))
     heldout = read_image_folder(run / "heldout", classes=unseen.classes)
     images, labels = unseen.images.float() / 255, unseen.labels
-    held_images = heldout.images.float() / 255
-    held_out = (held_images, heldout.labels, apply_trigger(data.trigger, held_images),
+    held_out = (heldout.images, heldout.labels, apply_trigger(data.trigger, heldout.images),  # uint8
                 attack_labels(heldout.labels, data.target_class, False, len(unseen.classes)), len(unseen.classes),
                 data.target_class)
     knowledge = BackdoorKnowledge.of(data.trigger, data.target_class)
