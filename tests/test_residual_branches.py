@@ -1,7 +1,7 @@
 """Residual blocks with a norm between the edited layer and the addition: torchvision's inverted-residual blocks are
 recognised (their project conv's BatchNorm is an affine map per channel in eval mode), the skip term is captured in
 the layer's output units, and the corrected edit cancels the trigger at the block's output where the uncorrected
-one cannot."""
+one cannot; ``layer: auto`` reaches those project convs."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torchvision
 from torch import Tensor, nn
 
 from lightning_backdoor.defenses.activation_editing import EditProblem, add_delta
-from lightning_backdoor.defenses.activations import LayerActivations, capture, get_layer
-from lightning_backdoor.defenses.residual import ResidualBranch, norm_scale, residual_branch_of
+from lightning_backdoor.defenses.activations import LayerActivations, auto_candidates, capture, get_layer
+from lightning_backdoor.defenses.residual import ResidualBranch, bypassed, norm_scale, residual_branch_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -134,3 +134,25 @@ def test_the_corrected_edit_cancels_the_trigger_at_the_block_output_through_the_
         results[corrected] = (block_output(edited, block, triggered_inputs) - clean_block).norm()
     assert results[True] < 0.05 * before
     assert results[False] > 0.3 * before
+
+
+def test_layers_inside_a_residual_block_other_than_its_branch_are_bypassed() -> None:
+    model = mobilenet()
+    assert bypassed(model, "features.11.block.0.0") and bypassed(model, "features.11.block.2.fc1")
+    assert not bypassed(model, "features.11.block.3.0")  # the branch: corrected for the skip path
+    assert not bypassed(model, "features.9.block.0.0")  # stride 2: no skip path around it
+    assert not bypassed(model, "features.12.0") and not bypassed(model, "classifier.3")
+
+
+def test_auto_reaches_behind_pooled_layers_to_the_last_spatial_layers_no_skip_bypasses() -> None:
+    """MobileNetV3-Small on 32x32 images: the last three editable layers are the 1x1 conv on the 2x2 map and the
+    two-layer head on pooled features; with a probe image, auto also tries the last three spatial layers no skip
+    path bypasses: the last blocks' project convs (corrected) and that 1x1 conv; never an expand conv or a
+    squeeze-excitation layer."""
+    model = mobilenet()
+    assert auto_candidates(model, 3) == ["features.12.0", "classifier.0", "classifier.3"]
+    assert auto_candidates(model, 3, torch.rand(1, 3, 32, 32)) == [
+        "features.10.block.3.0", "features.11.block.3.0", "features.12.0", "classifier.0", "classifier.3"]
+    # where the last layers all read spatial keys, the probe adds nothing
+    plain = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 1))
+    assert auto_candidates(plain, 3, torch.rand(1, 1, 12, 12)) == auto_candidates(plain, 3) == ["2", "3", "4"]

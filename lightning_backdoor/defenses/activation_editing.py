@@ -280,7 +280,8 @@ class ActivationEditing(Defense):
             ValueError: see :meth:`defend`.
         """
         triggers, target_class = list(knowledge.triggers), knowledge.target_class
-        layers = auto_candidates(model, self.candidates) if self.layer == "auto" else [self.layer]
+        layers = (auto_candidates(model, self.candidates, unseen.images[:1].float()) if self.layer == "auto"
+                  else [self.layer])
         for name in layers:
             get_layer(model, name)  # a wrong name or type fails before any work
         layers = self._layers_reached(model, layers, triggers)

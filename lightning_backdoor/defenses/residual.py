@@ -75,6 +75,19 @@ def residual_branch_of(model: nn.Module, name: str) -> ResidualBranch | None:
     return None
 
 
+def bypassed(model: nn.Module, name: str) -> bool:
+    """Whether layer ``name`` sits inside a residual block (:func:`declared_branch`) without being its branch: the
+    block's skip path carries a trigger past it uncorrected (e.g. a MobileNetV3 block's expand conv or its
+    squeeze-excitation), so an edit there cannot remove what the skip carries."""
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        block_name = ".".join(parts[:depth])
+        branch = declared_branch(model.get_submodule(block_name) if block_name else model)
+        if branch is not None:
+            return branch[0] != ".".join(parts[depth:])
+    return False
+
+
 def residual_block_of(model: nn.Module, name: str) -> str | None:
     """The name of layer ``name``'s residual block (:func:`residual_branch_of`), or ``None``."""
     branch = residual_branch_of(model, name)
@@ -118,5 +131,5 @@ def record_skip(model: nn.Module, layer: str, branch: ResidualBranch, sink: list
             model.get_submodule(branch.block).register_forward_hook(keep_skip)]
 
 
-__all__ = ["TORCHVISION_RESIDUAL_BLOCKS", "ResidualBranch", "declared_branch", "norm_scale", "residual_block_of",
+__all__ = ["TORCHVISION_RESIDUAL_BLOCKS", "ResidualBranch", "bypassed", "declared_branch", "norm_scale", "residual_block_of",
            "record_skip", "residual_branch_of", "skip_in_value_space"]
