@@ -1,16 +1,31 @@
 #!/usr/bin/env bash
-# Defend the foreign ResNet-18 (train_foreign.py) with the defender's own 5 clean images per class: trigger known,
-# trigger unknown, and without the model's normalisation; each command timed whole (its report has the defense's
-# own seconds).
+# Defend a foreign model (train_foreign.py) with the defender's own clean images (RUN/unseen): each row one `defend`
+# command, timed whole (its report has the defense's own seconds).
+#   bash benchmarks/foreign_model/measure.sh RUN [CONFIG [ROW ...]]
+# Rows: known (trigger known, the config's defaults), known_1 (1 image per class), known_cv (λ chosen on U),
+# unknown (--trigger_known false), no_normalize and no_normalize_forced (without the model's normalisation).
+# Default: the ResNet-18 config and the rows known unknown no_normalize no_normalize_forced.
 #   python benchmarks/foreign_model/train_foreign.py --out runs/foreign --epochs 10
 #   bash benchmarks/foreign_model/measure.sh runs/foreign
+#   bash benchmarks/foreign_model/measure.sh runs/foreign-mobilenet configs/foreign/cifar10_mobilenet_v3_small.yaml \
+#       known known_1 unknown
 set -uo pipefail
 RUN=${1:-runs/foreign}
-COMMON=(--config configs/foreign/cifar10_resnet18.yaml --checkpoint "$RUN/weights.pt" --unseen_root "$RUN/unseen")
+CONFIG=${2:-configs/foreign/cifar10_resnet18.yaml}
+ROWS=("${@:3}")
+[ ${#ROWS[@]} -eq 0 ] && ROWS=(known unknown no_normalize no_normalize_forced)
+COMMON=(--config "$CONFIG" --checkpoint "$RUN/weights.pt" --unseen_root "$RUN/unseen")
 timed() { local name=$1; shift; local start=$(date +%s.%N)
   lightning-backdoor defend "${COMMON[@]}" --output_dir "$RUN/$name" "$@" 2>&1 | grep -v "trigger estimation" | tail -4
   echo "$name: whole command $(echo "$(date +%s.%N) - $start" | bc) s"; }
-timed known
-timed unknown --trigger_known false
-timed no_normalize --model.init_args.normalize null
-timed no_normalize_forced --model.init_args.normalize null --accept_low_accuracy true
+for row in "${ROWS[@]}"; do
+  case $row in
+    known) timed known ;;
+    known_1) timed known_1 --unseen_per_class 1 ;;
+    known_cv) timed known_cv --defense.init_args.strength=null ;;
+    unknown) timed unknown --trigger_known false ;;
+    no_normalize) timed no_normalize --model.init_args.normalize null ;;
+    no_normalize_forced) timed no_normalize_forced --model.init_args.normalize null --accept_low_accuracy true ;;
+    *) echo "unknown row $row" >&2; exit 2 ;;
+  esac
+done
