@@ -120,19 +120,22 @@ def trigger_views(trigger: Trigger, images: Tensor) -> dict[str, Tensor]:
 
 
 def sample_pairs(datamodule: Any, count: int) -> tuple[Tensor, Tensor, list[str], list[str]]:
-    """The first ``count`` test images the attack targets: clean and triggered (uint8), with captions."""
-    images, labels, triggered, attack = datamodule.test_dataset().tensors
+    """The first ``count`` test images the attack targets: clean and triggered, uint8 (K, C, H, W) with K <= count,
+    with captions. Only those K samples are read (``test_samples``): chosen from the labels, so a streaming data
+    module decodes K files, not its test split."""
+    attack = datamodule.attack_labels(datamodule.test_set.labels)
     chosen = torch.nonzero(attack >= 0).flatten()[:count]
-    classes = list(getattr(datamodule, "classes", range(int(labels.max()) + 1)))
-    clean_captions = [str(classes[labels[i]]) for i in chosen]
-    triggered_captions = [f"{classes[labels[i]]} → {classes[attack[i]]}" for i in chosen]
-    return images[chosen], triggered[chosen], clean_captions, triggered_captions
+    images, labels, triggered, attack = datamodule.test_samples(chosen)
+    classes, pairs = datamodule.classes, list(zip(labels.tolist(), attack.tolist()))
+    clean_captions = [str(classes[label]) for label, _ in pairs]
+    triggered_captions = [f"{classes[label]} → {classes[target]}" for label, target in pairs]
+    return images, triggered, clean_captions, triggered_captions
 
 
 class WandbSamples(L.Callback):
     """At fit start, log clean and triggered test images and the trigger to every ``WandbLogger``.
 
-    Needs a data module with ``trigger`` and ``test_dataset()`` (``PoisonedDataModule``); does nothing otherwise.
+    Needs a data module with ``trigger`` and ``test_samples()`` (``PoisonedDataModule``); does nothing otherwise.
 
     Args:
         num_images: how many clean/triggered pairs to show.
@@ -144,7 +147,7 @@ class WandbSamples(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loggers = wandb_loggers(trainer.loggers)
         datamodule = getattr(trainer, "datamodule", None)
-        if not (trainer.is_global_zero and loggers and hasattr(datamodule, "test_dataset")):
+        if not (trainer.is_global_zero and loggers and hasattr(datamodule, "test_samples")):
             return
         log_samples(loggers, datamodule, self.num_images)
 

@@ -1,6 +1,13 @@
-"""Evaluate a plain model on clean and triggered data with the project's metrics (no Trainer needed)."""
+"""Evaluate a plain model on clean and triggered data with the project's metrics (no Trainer needed).
+
+One path for every source of images: :func:`evaluate_batches` reads batches from any re-iterable (a DataLoader that
+decodes each batch, or :func:`in_batches` slices of tensors held in memory); :func:`evaluate` and
+:func:`clean_accuracy` take tensors and slice them.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -8,50 +15,75 @@ from torch import Tensor, nn
 from lightning_backdoor.metrics import BackdoorMetrics
 
 METRIC_NAMES = ("clean_acc", "asr", "asr_floor", "robust_acc", "target_acc")
+#: images per forward pass when evaluating tensors (the data module's default ``eval_batch_size``)
+EVAL_BATCH_SIZE = 1000
+
+#: one batch: ``(images, labels)`` or ``(images, labels, triggered images, attack labels)``; images (B, C, H, W)
+#: uint8 or float pixels in [0, 1], labels and attack labels (B,) int64 (attack label ``-1``: not attacked)
+EvalBatch = Sequence[Tensor]
+
+
+def in_batches(images: Tensor, labels: Tensor, triggered: Tensor | None = None, attack_labels: Tensor | None = None,
+               batch_size: int = EVAL_BATCH_SIZE) -> list[EvalBatch]:
+    """Consecutive slices of ``batch_size`` samples (views: nothing copied), as :data:`EvalBatch`; the triggered half
+    only when both ``triggered`` and ``attack_labels`` are given. Tensors share their first dimension N."""
+    columns = (images, labels) if triggered is None or attack_labels is None else (
+        images, labels, triggered, attack_labels)
+    return [tuple(column[start:start + batch_size] for column in columns)
+            for start in range(0, len(labels), batch_size)]
 
 
 def evaluate(model: nn.Module, images: Tensor, labels: Tensor, triggered: Tensor | None, attack_labels: Tensor | None,
-             num_classes: int, target_class: int | None, batch_size: int = 1000, bf16: bool = False
+             num_classes: int, target_class: int | None, batch_size: int = EVAL_BATCH_SIZE, bf16: bool = False
              ) -> dict[str, float | list[float]]:
-    """CA, ASR, ASR floor, RA, TA (fractions) and per-class accuracy; images float in [0, 1] or uint8.
+    """:func:`evaluate_batches` on tensors: images (N, C, H, W) float in [0, 1] or uint8, labels (N,), their
+    triggered versions and attack labels (both ``None``: no ASR), ``batch_size`` images per forward pass."""
+    return evaluate_batches(model, in_batches(images, labels, triggered, attack_labels, batch_size), num_classes,
+                            target_class, bf16)
+
+
+def evaluate_batches(model: nn.Module, batches: Iterable[EvalBatch], num_classes: int, target_class: int | None,
+                     bf16: bool = False) -> dict[str, float | list[float]]:
+    """CA, ASR, ASR floor, RA, TA (fractions) and per-class accuracy over ``batches`` (:data:`EvalBatch`, read once,
+    one at a time: memory held does not grow with the number of images). ASR, ASR floor and RA only when the
+    batches carry the triggered half; TA only with a ``target_class``.
 
     ``bf16`` runs the forward passes under bfloat16 autocast with channels-last inputs, about twice as fast on CPU;
     a prediction whose two largest logits are within bf16's rounding can flip (on the CIFAR-10 models 0-0.1 % of
     the test images, docs/results/cifar10.md), so the default stays float32.
     """
-    values = _metrics(model, images, labels, triggered, attack_labels, num_classes, target_class, batch_size, bf16)
+    values = _metrics(model, batches, num_classes, target_class, bf16)
     out: dict[str, float | list[float]] = {name: values[name].item() for name in METRIC_NAMES if name in values}
     out["per_class_acc"] = values["per_class_acc"].tolist()
     return out
 
 
-def clean_accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1000) -> float:
+def clean_accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = EVAL_BATCH_SIZE) -> float:
     """CA (fraction) of ``model`` in eval mode on ``images`` (N, C, H, W) float in [0, 1] or uint8 and ``labels``
     (N,), N >= 1; the classes are as many as the model's logits. The same metric as :func:`evaluate`'s."""
-    return _metrics(model, images, labels, None, None, None, None, batch_size)["clean_acc"].item()
+    return _metrics(model, in_batches(images, labels, batch_size=batch_size), None, None)["clean_acc"].item()
 
 
 @torch.no_grad()
-def _metrics(model: nn.Module, images: Tensor, labels: Tensor, triggered: Tensor | None,
-             attack_labels: Tensor | None, num_classes: int | None, target_class: int | None,
-             batch_size: int, bf16: bool = False) -> dict[str, Tensor]:
-    """:class:`BackdoorMetrics` over batches, in eval mode; ``num_classes=None``: the width of the logits."""
+def _metrics(model: nn.Module, batches: Iterable[EvalBatch], num_classes: int | None, target_class: int | None,
+             bf16: bool = False) -> dict[str, Tensor]:
+    """:class:`BackdoorMetrics` over ``batches``, in eval mode; ``num_classes=None``: the width of the logits."""
     # Local: under DDP only rank 0 defends and evaluates, so a synchronising compute would wait for the others.
     metrics = BackdoorMetrics(num_classes, target_class, sync_on_compute=False) if num_classes is not None else None
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
-        for start in range(0, len(labels), batch_size):
-            part = slice(start, start + batch_size)
+        for images, labels, *attack in batches:
+            triggered, attack_labels = attack if attack else (None, None)
             with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                logits = model(_as_float(images[part], device, bf16)).float().cpu()
-                trig_logits = (model(_as_float(triggered[part], device, bf16)).float().cpu()
+                logits = model(_as_float(images, device, bf16)).float().cpu()
+                trig_logits = (model(_as_float(triggered, device, bf16)).float().cpu()
                                if triggered is not None else None)
             if metrics is None:
                 metrics = BackdoorMetrics(logits.shape[-1], target_class, sync_on_compute=False)
-            metrics.update(logits, labels[part].cpu(), trig_logits,
-                           attack_labels[part].cpu() if attack_labels is not None else None)
+            metrics.update(logits, labels.cpu(), trig_logits,
+                           attack_labels.cpu() if attack_labels is not None else None)
     finally:
         model.train(was_training)
     if metrics is None:

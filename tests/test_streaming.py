@@ -1,20 +1,27 @@
 """Streaming image folders: the same split plan, the same batches (byte for byte with a deterministic trigger), the
-same metrics of a fixed model as the in-memory path; random training parts repeat per seed; resize + centre crop as
-torchvision's; unreadable files named in one line, whether found at construction or while streaming."""
+same metrics of a fixed model as the in-memory path, in a test run and in the defense's before/after evaluation (which,
+like the dashboard's samples, decodes no more than it reads); random training parts repeat per seed; resize + centre
+crop as torchvision's; unreadable files named in one line, whether found at construction or while streaming."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import copy
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from plain_training import train_epochs
 
-from lightning_backdoor import PoisonedClassifier, PoisonedDataModule
+from lightning_backdoor import DefenseCallback, PoisonedClassifier, PoisonedDataModule
+from lightning_backdoor.dashboard import sample_pairs
 from lightning_backdoor.data.folders import decode_image
-from lightning_backdoor.data.streaming import sample_generator
+from lightning_backdoor.data.streaming import FolderStream, TriggeredStream, sample_generator
+from lightning_backdoor.defenses import ActivationEditing
+from lightning_backdoor.evaluation import evaluate
 from lightning_backdoor.triggers import TRIGGERS, AdaptiveBlend, BadNets, Blended, WaNet
 
 CLASSES = ("ant", "bee", "cat")
@@ -139,6 +146,44 @@ def test_a_fixed_model_has_the_same_test_metrics(folder):
     memory_metrics = trainer.test(model, datamodule=memory, verbose=False)
     streamed_metrics = trainer.test(model, datamodule=streamed, verbose=False)
     assert memory_metrics == streamed_metrics and memory_metrics[0]
+
+
+def test_the_defense_evaluates_the_same_numbers_streamed_and_in_memory(folder, monkeypatch, tmp_path):
+    """The DefenseCallback's before/after evaluation reads the data module's test loader batch by batch: streamed
+    (decoded per batch on 2 workers, never as a whole split) it gives the in-memory module's report, whose numbers
+    are those of ``evaluate`` on the decoded test tensors. The model has a backdoor that the edit removes, so the
+    stages differ and equal reports are not equal by accident."""
+    memory, streamed = both(folder, trigger=BadNets(size=6), augment="none", num_workers=2)
+    torch.manual_seed(0)
+    model = PoisonedClassifier(model="compact", num_classes=3, in_channels=3, target_class=0,
+                               model_kwargs={"widths": [8, 16, 16]})
+    memory.setup("fit")
+    train_epochs(model.net, memory, torch.optim.Adam(model.net.parameters(), lr=0.01), epochs=6)
+
+    def whole_split(*args):
+        raise AssertionError("the streamed test split was decoded whole")
+
+    monkeypatch.setattr(TriggeredStream, "tensors", whole_split)
+    reports = [DefenseCallback(defense=ActivationEditing(layer="blocks.2.conv2", repair=False)).defend(
+        copy.deepcopy(model), data, [], tmp_path / str(data.streaming)) for data in (memory, streamed)]
+    assert reports[0].stages == reports[1].stages and reports[0].num_unseen == reports[1].num_unseen == 6
+    before, after = reports[0].before, reports[0].after
+    assert before["asr"] >= 0.8 and after["asr"] <= 0.2, (before, after)
+    assert before == evaluate(model.net, *memory.test_dataset().tensors, 3, 0)
+    assert isinstance(streamed.test_dataloader().dataset, TriggeredStream)  # nothing decoded was kept
+
+
+def test_the_dashboard_decodes_only_the_samples_it_shows(folder, monkeypatch):
+    memory, streamed = both(folder, trigger=BadNets(size=3))
+    decoded: list[int] = []
+    decode = FolderStream.decode
+    monkeypatch.setattr(FolderStream, "decode", lambda stream, index: decoded.append(index) or decode(stream, index))
+    streamed_pairs = sample_pairs(streamed, 4)
+    assert len(decoded) == 4  # of the 18 test images
+    memory_pairs = sample_pairs(memory, 4)
+    assert all(torch.equal(a, b) for a, b in zip(memory_pairs[:2], streamed_pairs[:2]))
+    assert memory_pairs[2:] == streamed_pairs[2:] and streamed_pairs[3][0] == "bee → ant"
+    assert streamed_pairs[0].shape == (4, 3, 20, 20) and not torch.equal(streamed_pairs[0], streamed_pairs[1])
 
 
 def test_resize_and_center_crop_match_torchvision(tmp_path):

@@ -60,8 +60,9 @@ class PoisonedDataModule(L.LightningDataModule):
             construction, and poison them on the fly with the same plan: for data larger than memory. Labels come
             from the folder listing and every file's header is read at construction (channel count, sizes,
             unreadable headers); a file that fails to decode later is named in a one-line error. The unseen split is
-            decoded when first asked for; ``test_dataset()`` and ``validation_dataset()`` decode their split whole.
-            Set ``num_workers``. See the data page of the docs.
+            decoded when first asked for; ``test_dataloader()`` and ``test_samples()`` decode only what they yield,
+            ``test_dataset()`` and ``validation_dataset()`` their split whole. Set ``num_workers``. See the data page
+            of the docs.
         trigger: the backdoor trigger (default: a 3x3 BadNets patch).
         target_class: the attack's target label (all-to-one). All-to-all has none: the attribute is then ``None``
             (no target-class accuracy anywhere) and a value other than the default 0 is refused.
@@ -116,7 +117,7 @@ class PoisonedDataModule(L.LightningDataModule):
         self.source, self.target_class, self.poison_rate = source, target_class, poison_rate
         self.all_to_all, self.clean_label, self.unseen_per_class = all_to_all, clean_label, unseen_per_class
         self.batch_size, self.eval_batch_size, self.num_workers, self.seed = batch_size, eval_batch_size, num_workers, seed
-        self.streaming, self.center_crop = streaming, center_crop
+        self.streaming, self.image_size, self.center_crop = streaming, image_size, center_crop
         self.train_pool, self.test_set = self._open_source(root, download, image_size, cache_dir)
         if not 0 <= target_class < self.num_classes:
             raise ValueError(f"target_class={target_class} is not a class; valid: 0..{self.num_classes - 1} "
@@ -222,6 +223,17 @@ class PoisonedDataModule(L.LightningDataModule):
         self.setup("test")
         return self._in_memory("test")
 
+    def test_samples(self, indices: Tensor) -> list[Tensor]:
+        """Test samples ``indices`` ((K,) int64 into the test split) as :meth:`test_dataloader` yields them, stacked:
+        images uint8 (K, C, H, W), labels (K,), triggered images uint8 (K, C, H, W), attack labels (K,). When
+        streaming only these K files are decoded."""
+        self.setup("test")
+        dataset = self._datasets["test"]
+        if len(indices) == 0:
+            images, labels = torch.empty((0, *self.image_shape), dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
+            return [images, labels, images.clone(), labels.clone()]
+        return [torch.stack(column) for column in zip(*(dataset[int(index)] for index in indices))]
+
     def validation_dataset(self) -> TensorDataset:
         """The validation split (training-pool images held out of training), laid out as :meth:`test_dataset`: for
         choosing settings without touching the test split."""
@@ -323,6 +335,10 @@ class PoisonedDataModule(L.LightningDataModule):
         return self._eval_loader("test")
 
     def _eval_loader(self, name: str) -> DataLoader:
+        """Split ``name``'s batches ``(images, labels, triggered images, attack labels)`` (uint8 images), in order,
+        ``eval_batch_size`` at a time on ``num_workers`` workers; it sets the data module up first, so it also serves
+        without a Trainer (the defense's evaluation). Streamed splits are decoded batch by batch, nothing kept."""
+        self.setup()
         return DataLoader(self._datasets[name], batch_size=self.eval_batch_size, num_workers=self.num_workers)
 
     def on_after_batch_transfer(self, batch: list[Tensor], dataloader_idx: int) -> list[Tensor]:

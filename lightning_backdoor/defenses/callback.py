@@ -34,6 +34,12 @@ def _collect(loader: DataLoader) -> tuple[Tensor, Tensor]:
     return torch.cat(images), torch.cat(labels)
 
 
+def _yields_triggered_tests(datamodule: Any) -> bool:
+    """Whether ``datamodule``'s ``test_dataloader()`` yields pixel batches ``(images, labels, triggered images,
+    attack labels)`` and works without a Trainer, as a ``PoisonedDataModule``'s does (it has ``test_dataset()``)."""
+    return hasattr(datamodule, "test_dataset")
+
+
 def defended_network(pl_module: nn.Module) -> nn.Module:
     """The module the defense edits and addresses layers in: a PoisonedClassifier's ``net`` (layer names such as
     ``blocks.2.conv1``), else the LightningModule itself (``model.fc`` for a module holding ``self.model``)."""
@@ -237,7 +243,7 @@ class DefenseCallback(L.Callback):
             unseen = UnseenData(unseen.images.to(device), unseen.labels.to(device))
             warnings = self._check_accuracy(network, unseen, num_classes)
             rank_zero_info(f"defense: {self.defense.name or type(self.defense).__name__} on {len(unseen.labels)} "
-                           f"unseen images, evaluated on {len(test.labels)} test images before and after...")
+                           f"unseen images, evaluated on {test.num_images} test images before and after...")
             defense = self.defense if trigger_known else without_knowledge(self.defense)
             knowledge = BackdoorKnowledge.of(trigger, target) if trigger_known else None
             report = run_defense(network, defense, unseen, knowledge, test, after_defense=round_to_stored)
@@ -335,7 +341,7 @@ class DefenseCallback(L.Callback):
         return [f"{line} defended anyway (accept_low_accuracy)"]
 
     def _check_test_source(self, datamodule: Any) -> None:
-        if self.test_dataloader is None and not hasattr(datamodule, "test_dataset") and not is_overridden(
+        if self.test_dataloader is None and not _yields_triggered_tests(datamodule) and not is_overridden(
                 "test_dataloader", datamodule, L.LightningDataModule):
             raise ValueError("DefenseCallback needs clean test data for the before/after evaluation: use a data "
                              "module with a test split or pass test_dataloader=")
@@ -359,8 +365,12 @@ class DefenseCallback(L.Callback):
 
     def _test(self, datamodule: Any, trigger: Trigger | None, target: int | None, num_classes: int,
               transform: InputTransform | None) -> TestData:
-        if self.test_dataloader is None and hasattr(datamodule, "test_dataset"):
-            return TestData(*datamodule.test_dataset().tensors, num_classes, target)
+        """The test data of the before/after evaluation. A ``PoisonedDataModule``'s test loader is read batch by
+        batch (decoded per batch when it streams: memory held does not grow with the test split); the images of
+        ``test_dataloader=`` or of another data module's loader are collected, un-normalised if need be, and
+        triggered with the known ``trigger``."""
+        if self.test_dataloader is None and _yields_triggered_tests(datamodule):
+            return TestData.from_loader(datamodule.test_dataloader(), num_classes, target)
         loader = self.test_dataloader if self.test_dataloader is not None else datamodule.test_dataloader()
         images, labels = _collect(loader)
         pixels, undone = as_pixels(images, transform, "test")

@@ -4,17 +4,18 @@ whose files ``lightning_backdoor.defenses.outputs`` writes."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from lightning_backdoor.data.poisoning import attack_labels as make_attack_labels
 from lightning_backdoor.defenses.base import BackdoorKnowledge, Defense, DefenseResult, UnseenData
-from lightning_backdoor.evaluation import evaluate
+from lightning_backdoor.evaluation import EVAL_BATCH_SIZE, EvalBatch, evaluate_batches, in_batches
 from lightning_backdoor.metrics import AttackSuccessRate, defense_effectiveness_rating
 from lightning_backdoor.provenance import environment
 from lightning_backdoor.triggers import Trigger
@@ -32,26 +33,49 @@ METRIC_TITLES = {"clean_acc": "CA", "asr": "ASR", "asr_floor": "ASR floor", "rob
 
 @dataclass
 class TestData:
-    """Clean test images (N, C, H, W; uint8 or float pixels in [0, 1]) and labels (N,), their triggered versions
-    and attack labels (``-1``: not attacked; both ``None`` without a test trigger), the number of classes K, and
-    the true target class (``None``: all-to-all or unknown; then no target-class accuracy)."""
+    """The test split a defense is evaluated on, read in batches: nothing but the current batch is held, so a loader
+    that decodes each batch keeps memory flat however large the split.
 
-    images: Tensor
-    labels: Tensor
-    triggered: Tensor | None
-    attack_labels: Tensor | None
+    Attributes:
+        batches: re-iterable (each pass yields the whole split, in the same order) batches ``(images, labels)`` or
+            ``(images, labels, triggered images, attack labels)``: images (B, C, H, W) uint8 or float pixels in
+            [0, 1], labels (B,) int64, attack labels (B,) int64 (``-1``: not attacked); without the triggered half
+            the true ASR is not measured. E.g. a DataLoader, or :func:`~lightning_backdoor.evaluation.in_batches`.
+        num_images: N, the images in one pass.
+        num_classes: K.
+        target_class: the true target class (``None``: all-to-all or unknown; then no target-class accuracy).
+    """
+
+    batches: Iterable[EvalBatch]
+    num_images: int
     num_classes: int
     target_class: int | None = None
 
     @classmethod
+    def from_tensors(cls, images: Tensor, labels: Tensor, triggered: Tensor | None, attack_labels: Tensor | None,
+                     num_classes: int, target_class: int | None = None,
+                     batch_size: int = EVAL_BATCH_SIZE) -> TestData:
+        """Tensors held in memory (images (N, C, H, W), labels (N,), their triggered versions and attack labels, or
+        ``None`` for both), read ``batch_size`` at a time."""
+        return cls(in_batches(images, labels, triggered, attack_labels, batch_size), len(labels), num_classes,
+                   target_class)
+
+    @classmethod
     def from_clean(cls, images: Tensor, labels: Tensor, trigger: Trigger | None, target_class: int | None,
                    num_classes: int) -> TestData:
-        """Build the triggered half with a known trigger (all-to-one to ``target_class``)."""
+        """Clean tensors (images (N, C, H, W) uint8 or float in [0, 1], labels (N,)), the triggered half built with a
+        known trigger (all-to-one to ``target_class``); none without a trigger or target."""
         if trigger is None or target_class is None:
-            return cls(images, labels, None, None, num_classes, target_class)
+            return cls.from_tensors(images, labels, None, None, num_classes, target_class)
         floats = images.float() / 255 if images.dtype == torch.uint8 else images
-        return cls(images, labels, trigger(floats), make_attack_labels(labels, target_class, False, num_classes),
-                   num_classes, target_class)
+        return cls.from_tensors(images, labels, trigger(floats),
+                                make_attack_labels(labels, target_class, False, num_classes), num_classes, target_class)
+
+    @classmethod
+    def from_loader(cls, loader: DataLoader, num_classes: int, target_class: int | None) -> TestData:
+        """A DataLoader over a sized dataset yielding the batches described above (e.g. ``PoisonedDataModule``'s
+        ``test_dataloader()``, which decodes each batch when streaming)."""
+        return cls(loader, len(loader.dataset), num_classes, target_class)  # type: ignore[arg-type]
 
 
 def near_chance(correct: int, total: int, num_classes: int) -> bool:
@@ -81,21 +105,21 @@ def chance_line(accuracy: float, total: int, num_classes: int, what: str) -> str
 
 
 @torch.no_grad()
-def trigger_success_rate(model: nn.Module, trigger: Trigger, target_class: int, images: Tensor, labels: Tensor,
-                         batch_size: int = 1000) -> float:
-    """The fraction of ``images`` (N, C, H, W; uint8 or float in [0, 1]) not of ``target_class`` that ``model``
-    assigns to ``target_class`` once ``trigger`` is applied (attached to the model for a feature-space trigger)."""
+def trigger_success_rate(model: nn.Module, trigger: Trigger, target_class: int, batches: Iterable[EvalBatch]) -> float:
+    """The fraction of the images in ``batches`` (:class:`TestData`'s; the clean images and labels are read) not of
+    ``target_class`` that ``model`` assigns to ``target_class`` once ``trigger`` is applied (attached to the model
+    for a feature-space trigger)."""
     metric = AttackSuccessRate(sync_on_compute=False)
-    attack = torch.where(labels == target_class, torch.full_like(labels, -1), torch.full_like(labels, target_class))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         with trigger.attached(model):
-            for start in range(0, len(labels), batch_size):
-                chunk = images[start:start + batch_size]
-                pixels = (chunk.float() / 255 if chunk.dtype == torch.uint8 else chunk.float()).to(device)
-                metric.update(model(trigger(pixels)).float().cpu(), attack[start:start + batch_size])
+            for images, labels, *_ in batches:
+                attack = torch.where(labels == target_class, torch.full_like(labels, -1),
+                                     torch.full_like(labels, target_class))
+                pixels = (images.float() / 255 if images.dtype == torch.uint8 else images.float()).to(device)
+                metric.update(model(trigger(pixels)).float().cpu(), attack.cpu())
     finally:
         model.train(was_training)
     return metric.compute().item()
@@ -178,17 +202,16 @@ def run_defense(model: nn.Module, defense: Defense, unseen: UnseenData, knowledg
     """Evaluate ``model`` on ``test``, defend it in place with ``knowledge`` (``None``: the defense must estimate or
     need none), evaluate again (and at each of the result's ``stages``); no I/O.
 
-    Without a test trigger (``test.triggered`` None) the true ASR cannot be measured: each stage then holds
-    ``estimated_asr``, the success of the trigger the defense *estimated* toward its estimated target, when it
+    Without a test trigger (no triggered half in ``test.batches``) the true ASR cannot be measured: each stage then
+    holds ``estimated_asr``, the success of the trigger the defense *estimated* toward its estimated target, when it
     estimated one. ``after_defense`` runs right after the defense, before the evaluation after it (e.g. rounding
     the weights to the dtype the model stores them in).
     """
     def scores(network: nn.Module) -> dict[str, Any]:
-        return evaluate(network, test.images, test.labels, test.triggered, test.attack_labels, test.num_classes,
-                        test.target_class)
+        return evaluate_batches(network, test.batches, test.num_classes, test.target_class)
 
-    original = copy.deepcopy(model) if test.triggered is None else None
     before = scores(model)
+    original = copy.deepcopy(model) if "asr" not in before else None  # no test trigger: the estimated one's ASR
     result = defense.defend(model, unseen, knowledge)
     if after_defense is not None:
         after_defense()
@@ -205,8 +228,8 @@ def run_defense(model: nn.Module, defense: Defense, unseen: UnseenData, knowledg
         report.estimated_target = result.estimated.target_class
         for stage, network in (("before", original), ("after_edit", edited), ("after", model)):
             report.stages[stage]["estimated_asr"] = trigger_success_rate(
-                network, result.estimated.trigger, result.estimated.target_class, test.images, test.labels)
-    total = len(test.labels)
+                network, result.estimated.trigger, result.estimated.target_class, test.batches)
+    total = test.num_images
     if near_chance(round(after["clean_acc"] * total), total, test.num_classes):
         accuracy = chance_line(after["clean_acc"], total, test.num_classes, "test")
         report.warnings.append(f"after the defense the model is {accuracy}: near chance")
