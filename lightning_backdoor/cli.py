@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_backdoor.backdoor_cli import PARSER_KWARGS, BackdoorCLI, check_writable
 from lightning_backdoor.bench import run_bench
+from lightning_backdoor.data import PoisonedDataModule
 from lightning_backdoor.data.folders import read_image_folder
 from lightning_backdoor.data.imageset import ImageSet
 from lightning_backdoor.data.poisoning import to_float
@@ -71,10 +72,10 @@ def run_defend(args: list[str]) -> None:
                          f"list its class names in label order")
     unseen_loader = test_loader = None
     if config.unseen_root:
-        unseen = own_images(config.unseen_root, classes, cli.datamodule.image_shape, "unseen")
+        unseen = own_images(config.unseen_root, classes, cli.datamodule, "unseen")
         unseen_loader = float_loader(first_per_class(unseen, unseen_per_class, config.unseen_root))
     if config.test_root:
-        test_loader = float_loader(own_images(config.test_root, classes, cli.datamodule.image_shape, "test"))
+        test_loader = float_loader(own_images(config.test_root, classes, cli.datamodule, "test"))
     load_weights(cli.model, state_dict)  # after every check of the inputs: it prints how the keys were mapped
     callback = DefenseCallback(defense=defense, unseen_per_class=unseen_per_class, trigger_known=config.trigger_known,
                                unseen_dataloader=unseen_loader, test_dataloader=test_loader,
@@ -84,17 +85,21 @@ def run_defend(args: list[str]) -> None:
     print(f"defense report: {callback.report_path}")
 
 
-def own_images(folder: str, classes: tuple[str, ...], image_shape: tuple[int, int, int], split: str) -> ImageSet:
-    """A defender's ImageFolder (``folder/<class>/<image files>``) as the model sees images: its classes labelled by
-    their index in ``classes``, converted to the model's channels and, for square models, resized to its size.
+def own_images(folder: str, classes: tuple[str, ...], data: PoisonedDataModule, split: str) -> ImageSet:
+    """A defender's ImageFolder (``folder/<class>/<image files>``) prepared as the model's data config prepares its
+    images: its classes labelled by their index in ``classes``, converted to the model's channels, and resized
+    with the config's geometry (``data``'s ``image_shape``, ``image_size`` and ``center_crop``): with
+    ``center_crop``, the shorter side resized to ``image_size`` (default: the crop) and the centre cut out, as in
+    training; else, for square models, resized square to their size.
 
     Raises:
         ValueError: (one line) a class folder not in ``classes``, a class with no images (the ``unseen`` split
             needs every class), an unreadable image, or images of another size than the model's.
     """
-    channels, height, width = image_shape
-    images = read_image_folder(folder, classes=classes, channels=channels,
-                               image_size=height if height == width else None)
+    channels, height, width = data.image_shape
+    image_size = data.image_size if data.center_crop is not None else (height if height == width else None)
+    images = read_image_folder(folder, classes=classes, channels=channels, image_size=image_size,
+                               center_crop=data.center_crop)
     missing = images.missing_classes()
     if split == "unseen" and missing:
         raise ValueError(f"--unseen_root {folder} has no images of class {missing[0]!r}; the defense needs >= 1 "
@@ -151,8 +156,8 @@ def one_line(error: BaseException) -> str:
     if isinstance(error, pickle.UnpicklingError):  # Lightning's own weights-only load (`--ckpt_path best`/`hpc`)
         return f"refusing to load the checkpoint: not a plain tensor file ({first_line(error)})"
     chain = [error]
-    while chain[-1].__cause__ or chain[-1].__context__:
-        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    while (underlying := _shown_below(chain[-1])) is not None:
+        chain.append(underlying)
     single = [cause for cause in chain if isinstance(cause, ValueError) and str(cause)
               and "\n" not in str(cause).strip()]
     # the innermost of ours (a numpy or torch error below it, e.g. "allow_pickle=False", is its cause, not the news)
@@ -164,6 +169,15 @@ def one_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     reasons = [line.strip()[2:] for line in lines if line.strip().startswith("- ") and "Expected a" not in line]
     return reasons[0] if reasons else lines[0]
+
+
+def _shown_below(error: BaseException) -> BaseException | None:
+    """The exception Python's traceback shows under ``error``: its ``__cause__``, else its ``__context__`` unless
+    ``raise ... from None`` hid it (the wrapper's message already says what the hidden error meant, e.g. which file
+    could not be read)."""
+    if error.__cause__ is not None:
+        return error.__cause__
+    return None if error.__suppress_context__ else error.__context__
 
 
 def _raised_by_us(error: BaseException) -> bool:

@@ -124,3 +124,23 @@ def test_a_mismatched_folder_is_refused_in_one_line(quickstart_run, folders, tmp
     assert (captured.out + captured.err).strip().splitlines() == [f"lightning-backdoor: error: "
                                                                   f"{message.format(**names)}"]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("image_size, center_crop", [(32, 28), (None, 20)])
+@pytest.mark.parametrize("streaming", [False, True])
+def test_own_images_are_resized_and_cropped_as_the_data_config_says(tmp_path, image_size, center_crop, streaming):
+    """A model trained on centre-cropped images (shorter side to ``image_size``, default the crop, then the centre)
+    gets the defender's images prepared the same way, pixel for pixel the data module's own training images: not
+    squashed square. Portrait, landscape and square files."""
+    from test_streaming import make_folder
+
+    from lightning_backdoor.cli import own_images
+
+    root = make_folder(tmp_path, sizes=((37, 23), (23, 41), (30, 30)))
+    settings = dict(source="imagefolder", root=str(root), image_size=image_size, center_crop=center_crop,
+                    unseen_per_class=2)
+    trained_on = PoisonedDataModule(**settings).train_pool
+    own = own_images(str(root / "train"), trained_on.classes, PoisonedDataModule(**settings, streaming=streaming),
+                     "unseen")
+    assert own.images.shape[1:] == (3, center_crop, center_crop)
+    assert torch.equal(own.images, trained_on.images) and torch.equal(own.labels, trained_on.labels)

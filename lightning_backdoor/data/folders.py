@@ -35,6 +35,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".pnm", ".bmp
 #: PIL modes read as greyscale; any other mode makes the data set RGB (unless ``channels`` says otherwise).
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N"})
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+#: why an image of floating-point pixels (PIL mode F, e.g. a 32-bit float TIFF) is refused
+FLOAT_PIXELS = "floating-point pixels (PIL mode F) are not supported; save it with 8 bits per channel"
 _JUNK_FOLDERS = frozenset({"__MACOSX"})
 
 
@@ -280,7 +282,7 @@ def _converted(image: Image.Image, channels: int | None) -> Image.Image:
             raise ValueError(f"mode {image.mode} pixels outside 0..65535")
         image = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
     elif image.mode == "F":
-        raise ValueError("floating-point pixels (PIL mode F) are not supported; save it with 8 bits per channel")
+        raise ValueError(FLOAT_PIXELS)
     if channels is None:
         target = "L" if image.mode in GREY_MODES else "RGB"
     else:

@@ -24,7 +24,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_backdoor.data.folders import (GREY_MODES, FolderListing, ImageFile, UnreadableImageError,
+from lightning_backdoor.data.folders import (FLOAT_PIXELS, GREY_MODES, FolderListing, ImageFile, UnreadableImageError,
                                              check_geometry, decode_image, list_split_folders)
 from lightning_backdoor.data.imageset import ImageSet
 from lightning_backdoor.data.poisoning import SplitPlan, to_float, to_uint8
@@ -91,7 +91,8 @@ def scan_headers(files: Sequence[ImageFile], threads: int = 8) -> HeaderScan:
     """Open every file's header (Pillow reads a few kB; nothing is decoded) on ``threads`` threads.
 
     Raises:
-        UnreadableImageError: (one line) the first file, in order, Pillow cannot identify as an image.
+        UnreadableImageError: (one line) the first file, in order, Pillow cannot identify as an image, or whose
+            pixels are floating-point (mode F, refused as in memory).
     """
     chunks = [files[start:start + _SCAN_CHUNK] for start in range(0, len(files), _SCAN_CHUNK)]
     with ThreadPoolExecutor(max(1, min(threads, len(chunks)))) as pool:
@@ -112,6 +113,8 @@ def _scan_chunk(files: Sequence[ImageFile]) -> HeaderScan:
             reason = "not an image file Pillow can read" if isinstance(error, Image.UnidentifiedImageError) else error
             line = str(reason).strip().splitlines()
             raise UnreadableImageError(f"cannot read image {file.path}: {line[0] if line else type(reason).__name__}")
+        if mode == "F":  # refused at decoding anyway: say so now, not mid-run
+            raise UnreadableImageError(f"cannot read image {file.path}: {FLOAT_PIXELS}")
         colour = colour or mode not in GREY_MODES
         if file is files[0]:
             first_size = size
@@ -182,7 +185,8 @@ def open_folder_streams(root: str | os.PathLike, image_size: int | None,
 
     Raises:
         ValueError: (one line) what ``list_split_folders`` refuses, a bad ``image_size``/``center_crop``, a file
-            Pillow cannot identify (named), two files of different sizes without resizing (both named).
+            Pillow cannot identify or of floating-point pixels (named), two files of different sizes without
+            resizing (both named).
     """
     check_geometry(image_size, center_crop)
     (train, test), classes = list_split_folders(root, None)
