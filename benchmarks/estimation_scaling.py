@@ -206,6 +206,25 @@ def tables(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Seconds of the exhaustive and the pre-screened estimation against K, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    rows = sorted(result["scaling"], key=lambda row: row["classes"])
+    classes = [row["classes"] for row in rows]
+    figure, axes = plt.subplots(figsize=(5.5, 4))
+    for mode, label in (("exhaustive", "exhaustive"), ("prescreened", "pre-screened (prescreen_steps=20)")):
+        axes.plot(classes, [row[mode]["seconds"] for row in rows], "o-", label=label)
+    axes.set(xlabel="classes K", ylabel="seconds", title="trigger estimation against K", xticks=classes)
+    axes.set_ylim(bottom=0)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classes", nargs="*", type=int, default=[10, 20, 40], help="K values (at most 40)")
@@ -224,7 +243,10 @@ def main() -> None:
     parser.add_argument("--table_only", action="store_true", help="only print the tables of the rows in --out")
     args = parser.parse_args()
     if args.table_only:
-        print(tables(json.loads(Path(args.out).read_text())))
+        result = json.loads(Path(args.out).read_text())
+        print(tables(result))
+        if result["scaling"]:
+            plot(result, Path(args.out).with_suffix(".png"))
         return
     if max(args.classes, default=0) > 10 * ROTATIONS:
         raise SystemExit(f"--classes: at most {10 * ROTATIONS} (10 classes x {ROTATIONS} rotations)")
@@ -236,6 +258,8 @@ def main() -> None:
     for part in reversed(parts) if args.verdicts_first else parts:
         part()
     print(tables(result))
+    if result["scaling"]:
+        plot(result, Path(args.out).with_suffix(".png"))
     print(f"rows: {args.out}")
 
 

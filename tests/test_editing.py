@@ -6,10 +6,12 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
 from lightning_backdoor.defenses.activation_editing import EditProblem, add_delta
 from lightning_backdoor.defenses.activations import capture, get_layer
-from lightning_backdoor.defenses.editing import closed_form_edit, rank_r_edit, second_moment
+from lightning_backdoor.defenses.editing import closed_form_edit, moment, rank_r_edit, second_moment
 from lightning_backdoor.models import build_model
+from lightning_backdoor.triggers import BadNets
 
 torch.manual_seed(0)
 
@@ -133,3 +135,36 @@ def test_forced_repair_pins_target_keys_and_says_so():
             assert all(key.startswith("head.") for key in result.stages["after_edit"])
     # pinning the target class's keys harder moves clean outputs less (a third of U is the target class)
     assert change[1e4] < 0.01 * change[0.0] and change[1e4] < change[1.0] < change[0.0]
+
+
+def _small_problem() -> tuple[nn.Module, UnseenData, BackdoorKnowledge]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    images, labels = torch.rand(24, 3, 8, 8), torch.arange(24) % 4
+    return model.eval(), UnseenData(images, labels), BackdoorKnowledge.of(BadNets(size=2), 0)
+
+
+def test_the_key_statistics_do_not_depend_on_how_the_images_are_chunked():
+    model, unseen, knowledge = _small_problem()
+    whole, chunked = (ActivationEditing(layer="2", chunk_size=size).fit(model, unseen, knowledge).problem
+                      for size in (1000, 5))
+    for field in ("triggered_moment", "residual_moment", "clean_moment", "target_moment", "clean_fourth"):
+        torch.testing.assert_close(getattr(chunked, field), getattr(whole, field), rtol=1e-4, atol=1e-5)
+    assert chunked.triggered_count == whole.triggered_count and chunked.clean_count == whole.clean_count
+
+
+def test_bf16_statistics_stay_close_to_float32_and_the_edit_is_solved_in_float32():
+    model, unseen, knowledge = _small_problem()
+    exact, rounded = (ActivationEditing(layer="2", bf16=bf16).fit(model, unseen, knowledge).problem
+                      for bf16 in (False, True))
+    for field in ("triggered_moment", "clean_moment"):
+        error = (getattr(rounded, field) - getattr(exact, field)).norm() / getattr(exact, field).norm()
+        assert getattr(rounded, field).dtype == torch.float32 and error < 0.03
+    assert rounded.solve("closed_form", 10.0, 4).dtype == torch.float32
+
+
+def test_a_symmetric_moment_mirrors_the_blocks_it_skips():
+    keys = torch.randn(50, 13)
+    torch.testing.assert_close(moment(keys, keys, blocks=4), keys.T @ keys)
+    torch.testing.assert_close(moment(keys, keys.clone()), keys.T @ keys)

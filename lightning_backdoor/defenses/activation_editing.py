@@ -15,11 +15,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_backdoor.data.augment import random_crop, random_flip
-from lightning_backdoor.defenses.activations import (LayerActivations, auto_candidates, capture, editable_layers,
-                                                     get_layer, layer_weight_matrix)
+from lightning_backdoor.defenses.activations import (LayerActivations, auto_candidates, capture, capture_with_logits,
+                                                     editable_layers, get_layer, layer_weight_matrix)
 from lightning_backdoor.defenses.base import DEFENSES, BackdoorKnowledge, Defense, DefenseResult, UnseenData
-from lightning_backdoor.defenses.editing import (closed_form_edit, key_subspace, ledoit_wolf, protected_edit,
-                                                rank_r_edit, second_moment)
+from lightning_backdoor.defenses.editing import (closed_form_edit, key_subspace, ledoit_wolf, moment,
+                                                protected_edit, rank_r_edit)
 from lightning_backdoor.defenses.inversion import FeatureTrigger
 from lightning_backdoor.triggers import Trigger
 
@@ -30,12 +30,14 @@ TRIGGERED_SUMS = ("triggered_moment", "residual_moment", "residual_energy", "tar
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: Tensor, batch_size: int = 500) -> Tensor:
-    """Logits (N, K) of ``model`` in eval mode on float images (N, C, H, W)."""
+def predict_logits(model: nn.Module, images: Tensor, batch_size: int = 500, bf16: bool = False) -> Tensor:
+    """Logits (N, K), float32, of ``model`` in eval mode on float images (N, C, H, W); under bfloat16 autocast
+    with ``bf16``."""
     was_training = model.training
     model.eval()
     try:
-        return torch.cat([model(chunk).float() for chunk in images.split(batch_size)])
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            return torch.cat([model(chunk).float() for chunk in images.split(batch_size)])
     finally:
         model.train(was_training)
 
@@ -98,22 +100,30 @@ class EditProblem:
     @classmethod
     def build(cls, layer: nn.Module, clean: LayerActivations, triggered: LayerActivations, labels: Tensor,
               target_class: int, grid_weights: Tensor | None) -> EditProblem:
+        """The sums over the images of ``clean`` and ``triggered`` (activations of the same images, in order, with
+        their ``labels``); ``grid_weights`` (L,) weigh the positions of the triggered keys (default: all 1). Keys
+        may be bfloat16 (a bf16 capture): their moments are then multiplied in bfloat16."""
         weight = layer_weight_matrix(layer).float()
-        non_target = labels != target_class
+        non_target, target = labels != target_class, labels == target_class
         targets = clean.values[non_target]
         if clean.skip is not None:  # the block outputs layer(x) + skip: cancel the trigger on the skip path too
             targets = targets + clean.skip[non_target] - triggered.skip[non_target]
-        keys = triggered.keys[non_target]
-        weights = torch.ones(keys.shape[:2]) if grid_weights is None else grid_weights.expand(keys.shape[:2])
-        keys, residual, weights = keys.flatten(0, 1), (targets - keys @ weight.T).flatten(0, 1), weights.flatten()
-        weighted = keys * weights[:, None]
-        clean_keys = clean.keys.flatten(0, 1)
-        target_keys = clean.keys[labels == target_class].flatten(0, 1)
+        keys = triggered.keys[non_target].flatten(0, 1)
+        residual = (targets - triggered.values[non_target]).flatten(0, 1)  # v* = W0 k*, captured: no recomputation
+        if grid_weights is None:
+            weights, weighted = torch.ones(len(keys)), keys
+        else:
+            weights = grid_weights.expand(targets.shape[:2]).flatten()
+            weighted = keys * weights[:, None].to(keys.dtype)
+        clean_keys = clean.keys[non_target].flatten(0, 1)
+        target_keys = clean.keys[target].flatten(0, 1)
+        target_moment = moment(target_keys, target_keys)
+        clean_all = clean.keys.flatten(0, 1)
         energy = lambda vectors: (vectors.square().sum(1) * weights).sum()  # noqa: E731
-        return cls(weight, weighted.T @ keys, residual.T @ weighted, energy(residual), energy(targets.flatten(0, 1)),
-                   weights.sum(), clean_keys.T @ clean_keys, clean_keys.square().sum(1).square().sum(),
-                   torch.tensor(float(len(clean_keys))),
-                   target_keys.T @ target_keys, torch.tensor(float(len(target_keys))))
+        return cls(weight, moment(weighted, keys), moment(residual.to(keys.dtype), weighted), energy(residual),
+                   energy(targets.flatten(0, 1)), weights.sum(), moment(clean_keys, clean_keys) + target_moment,
+                   clean_all.float().square().sum(1).square().sum(), torch.tensor(float(len(clean_all))),
+                   target_moment, torch.tensor(float(len(target_keys))))
 
     def __add__(self, other: EditProblem) -> EditProblem:
         return EditProblem(self.weight, *(getattr(self, f.name) + getattr(other, f.name)
@@ -208,6 +218,11 @@ class ActivationEditing(Defense):
         repair_energies: the energy fractions ``protect`` tries, in order.
         candidates: how many of the last editable layers ``auto`` tries.
         seed: fixes the augmented views.
+        bf16: run the model under bfloat16 autocast while collecting keys and checking the edit on U, and multiply
+            the key moments in bfloat16 (float32 sums; docs/results/edit-cost.md measures the error and its effect);
+            the edit itself is solved and applied in float32.
+        chunk_size: images whose keys are held at once; the moments are summed chunk by chunk, so memory does
+            not grow with the number of unseen images.
 
     Needs the trigger and target (:class:`BackdoorKnowledge`); without them, compose it with a trigger estimator:
     ``EstimateFirst(ActivationEditing(), TriggerEstimator())`` (what ``trigger_known=false`` does).
@@ -220,7 +235,8 @@ class ActivationEditing(Defense):
                  spatial_weight: Literal["uniform", "mask"] = "uniform", repair: bool = True,
                  repair_tolerance: float = 0.02, repair_method: Literal["pin", "protect"] = "pin",
                  repair_weights: tuple[float, ...] = REPAIR_WEIGHTS,
-                 repair_energies: tuple[float, ...] = REPAIR_ENERGIES, candidates: int = 3, seed: int = 0) -> None:
+                 repair_energies: tuple[float, ...] = REPAIR_ENERGIES, candidates: int = 3, seed: int = 0,
+                 bf16: bool = False, chunk_size: int = 500) -> None:
         if strength is not None and strength <= 0:
             raise ValueError(f"strength={strength} must be positive")
         self.layer, self.method, self.strength, self.rank, self.min_images = layer, method, strength, rank, min_images
@@ -231,7 +247,9 @@ class ActivationEditing(Defense):
             raise ValueError("repair_method=protect needs method=closed_form")
         self.repair_method = repair_method
         self.repair_weights, self.repair_energies = tuple(repair_weights), tuple(repair_energies)
-        self.candidates, self.seed = candidates, seed
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size={chunk_size} must be >= 1 image")
+        self.candidates, self.seed, self.bf16, self.chunk_size = candidates, seed, bf16, chunk_size
 
     def defend(self, model: nn.Module, unseen: UnseenData, knowledge: BackdoorKnowledge | None) -> DefenseResult:
         """Edit (and repair) ``model`` in place; several triggers (estimated candidates of one backdoor) are all
@@ -290,24 +308,32 @@ class ActivationEditing(Defense):
                              f"none (add unseen images or set repair=false)")
         views = max(1, -(-self.min_images // len(unseen.labels)))
         images, labels = augmented_views(unseen.images.float(), unseen.labels, views, self.seed)
-        clean_acts = capture(model, layers, images)
-        info: dict[str, Any] = {"num_unseen": len(unseen.labels), "views": views}
+        info: dict[str, Any] = {"num_unseen": len(unseen.labels), "views": views, "bf16": self.bf16}
         folds = self._folds(labels, views)
         signal_folds = self._signal_folds(labels, folds, views, target_class)
         # the statistics are additive: both fold sets are sums of (CV fold, signal fold) pieces; the pieces that
         # hold images (two when the fold sets agree, three with a single target image) are built, no more
         parts = sorted({(0, 0), (1, 1), *zip(folds.tolist(), signal_folds.tolist())})
-        problems: dict[str, list[EditProblem]] = {}
         triggered = [(member, member(images)) for member in triggers]  # applied once, reused by the CV
-        for member, member_images in triggered:
-            with member.attached(model):
-                triggered_acts = capture(model, layers, member_images)
-            mask = member.mask(tuple(images.shape[1:])) if self.spatial_weight == "mask" else None
-            for name in layers:
-                pieces = [self._problem(model, name, clean_acts[name], triggered_acts[name], labels, target_class,
-                                        mask, (folds == cv) & (signal_folds == signal)) for cv, signal in parts]
-                problems[name] = ([a.with_trigger(b) for a, b in zip(problems[name], pieces)] if name in problems
-                                  else pieces)
+        masks = [member.mask(tuple(images.shape[1:])) if self.spatial_weight == "mask" else None
+                 for member in triggers]
+        problems: dict[str, list[EditProblem]] = {}
+        logits = []
+        for chunk in torch.arange(len(images)).split(self.chunk_size):  # keys of one chunk at a time: flat memory
+            clean_acts, chunk_logits = capture_with_logits(model, layers, images[chunk], bf16=self.bf16)
+            logits.append(chunk_logits)
+            for index, ((member, member_images), mask) in enumerate(zip(triggered, masks)):
+                with member.attached(model):
+                    triggered_acts = capture(model, layers, member_images[chunk], bf16=self.bf16)
+                for name in layers:
+                    pieces = [self._problem(model, name, clean_acts[name], triggered_acts[name], labels[chunk],
+                                            target_class, mask, (folds[chunk] == cv) & (signal_folds[chunk] == signal))
+                              for cv, signal in parts]
+                    if index == 0:  # the first trigger brings the chunk's clean sums, later ones their keys only
+                        problems[name] = ([a + b for a, b in zip(problems[name], pieces)] if name in problems
+                                          else pieces)
+                    else:
+                        problems[name] = [a.with_trigger(b) for a, b in zip(problems[name], pieces)]
         pieces_of = {name: dict(zip(parts, pieces)) for name, pieces in problems.items()}
         strengths = STRENGTHS if self.strength is None else (self.strength,)
         choice = (layers[0], strengths[0])
@@ -321,7 +347,7 @@ class ActivationEditing(Defense):
         layer, strength = choice
         info["strength"] = strength
         pieces = pieces_of[layer]
-        target_probability = predict_logits(model, images[labels == target_class]).softmax(-1)[:, target_class]
+        target_probability = torch.cat(logits)[labels == target_class].softmax(-1)[:, target_class]
         return EditFit(layer, strength, functools.reduce(operator.add, pieces.values()), self._fold_sums(pieces, 0),
                        images, labels, folds, target_class, info, signal_folds, self._fold_sums(pieces, 1),
                        target_probability)
@@ -344,7 +370,7 @@ class ActivationEditing(Defense):
             delta = problem.solve(self.method, fit.strength, self.rank, **arguments)
             before.append(fit.target_probability[fit.signal_folds[target] == held_out])  # computed once, in fit
             with trial_edit(model, fit.layer, delta):
-                after.append(predict_logits(model, fit.images[check]).softmax(-1)[:, fit.target_class])
+                after.append(predict_logits(model, fit.images[check], bf16=self.bf16).softmax(-1)[:, fit.target_class])
         if not before:
             return {"drop": 0.0, "held_out_target_images": 0, "validated": False}
         mean_before, mean_after = torch.cat(before).mean().item(), torch.cat(after).mean().item()
@@ -453,7 +479,8 @@ class ActivationEditing(Defense):
             with trial_edit(model, layer, delta):
                 for trigger, trigger_images in triggered:
                     with trigger.attached(model):
-                        logits = predict_logits(model, trigger_images[attacked])
+                        logits = predict_logits(model, trigger_images[attacked], bf16=self.bf16)
                     total += F.cross_entropy(logits, labels[attacked]).item() / len(triggered)
-                total += F.cross_entropy(predict_logits(model, images[check]), labels[check]).item()
+                total += F.cross_entropy(predict_logits(model, images[check], bf16=self.bf16),
+                                         labels[check]).item()
         return total / 2

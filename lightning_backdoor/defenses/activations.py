@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
+from lightning_backdoor.defenses.adapt import logits_of
 from lightning_backdoor.defenses.residual import bypassed, record_skip, residual_branch_of
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
@@ -154,17 +155,30 @@ def to_values(outputs: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def capture(model: nn.Module, layer_names: list[str], images: Tensor, batch_size: int = 500
+def capture(model: nn.Module, layer_names: list[str], images: Tensor, batch_size: int = 500, bf16: bool = False
             ) -> dict[str, LayerActivations]:
     """Run ``images`` (N, C, H, W) through ``model`` once in eval mode and record keys, values and skip terms of
-    every layer in ``layer_names``."""
+    every layer in ``layer_names`` (see :func:`capture_with_logits`)."""
+    return capture_with_logits(model, layer_names, images, batch_size, bf16)[0]
+
+
+@torch.no_grad()
+def capture_with_logits(model: nn.Module, layer_names: list[str], images: Tensor, batch_size: int = 500,
+                        bf16: bool = False) -> tuple[dict[str, LayerActivations], Tensor]:
+    """As :func:`capture`, and the model's logits (N, K) of the same pass (float32), so that no later step runs the
+    unedited model on these images again.
+
+    With ``bf16`` the pass runs under bfloat16 autocast and keys are held in bfloat16 (the precision a bf16 layer
+    reads them in; half the memory), so that their moments are multiplied in bfloat16
+    (:func:`~lightning_backdoor.defenses.editing.moment`); values and skip terms are kept in float32.
+    """
     layers = {name: get_layer(model, name) for name in layer_names}
     branches = {name: residual_branch_of(model, name) for name in layer_names}
     records: dict[str, list[Tensor]] = {}
 
     def recorder(key: str, take_input: bool):
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-            records.setdefault(key, []).append((args[0] if take_input else output).float())
+            records.setdefault(key, []).append(args[0] if take_input else output)
         return hook
 
     handles = []
@@ -173,16 +187,18 @@ def capture(model: nn.Module, layer_names: list[str], images: Tensor, batch_size
         handles.append(layer.register_forward_hook(recorder(f"{name}:out", False)))
         if branches[name] is not None:
             handles += record_skip(model, name, branches[name], records.setdefault(f"{name}:skip", []))
-    run_with_hooks(model, images, handles, batch_size)
+    logits = run_with_hooks(model, images, handles, batch_size, bf16)
     captured = {}
     for name, layer in layers.items():
-        inputs, outputs = torch.cat(records[f"{name}:in"]), torch.cat(records[f"{name}:out"])
+        inputs = torch.cat(records[f"{name}:in"])
+        outputs = torch.cat(records[f"{name}:out"]).float()
         skip = to_values(torch.cat(records[f"{name}:skip"])) if branches[name] is not None else None
         if layer.bias is not None:
             bias = layer.bias.detach().float()
             outputs = outputs - (bias.view(-1, 1, 1) if outputs.ndim == 4 else bias)
-        captured[name] = LayerActivations(to_keys(layer, inputs), to_values(outputs), skip)
-    return captured
+        keys = to_keys(layer, inputs.to(torch.bfloat16 if bf16 else torch.float32))
+        captured[name] = LayerActivations(keys, to_values(outputs), skip)
+    return captured, logits
 
 
 @torch.no_grad()
@@ -194,14 +210,16 @@ def layer_input(model: nn.Module, name: str, images: Tensor, batch_size: int = 5
     return torch.cat(captured).float()
 
 
-def run_with_hooks(model: nn.Module, images: Tensor, handles: list[RemovableHandle], batch_size: int) -> None:
-    """Run ``images`` through ``model`` in eval mode, in chunks, for its hooks; then remove ``handles`` and restore
-    the training mode, also on error."""
+def run_with_hooks(model: nn.Module, images: Tensor, handles: list[RemovableHandle], batch_size: int,
+                   bf16: bool = False) -> Tensor:
+    """Run ``images`` through ``model`` in eval mode, in chunks (under bfloat16 autocast with ``bf16``), for its
+    hooks; then remove ``handles`` and restore the training mode, also on error. Returns the logits (N, K) as
+    float32."""
     was_training = model.training
     model.eval()
     try:
-        for chunk in images.split(batch_size):
-            model(chunk)
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            return torch.cat([logits_of(model(chunk)).float() for chunk in images.split(batch_size)])
     finally:
         for handle in handles:
             handle.remove()

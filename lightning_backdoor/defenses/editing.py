@@ -18,8 +18,13 @@ from torch import Tensor
 
 def _regularised(preserve: Tensor, ridge: float) -> Tensor:
     """C + ε I with ε = ``ridge`` × mean eigenvalue of C: few unseen keys leave C singular."""
-    d = preserve.shape[0]
-    return preserve + ridge * preserve.trace().clamp(min=1e-12) / d * torch.eye(d, device=preserve.device)
+    return _plus_identity(preserve.clone(), ridge * preserve.trace().clamp(min=1e-12) / preserve.shape[0])
+
+
+def _plus_identity(matrix: Tensor, scale: Tensor | float) -> Tensor:
+    """``matrix`` + ``scale`` I, in place on ``matrix`` (d, d): no d x d identity is built."""
+    matrix.diagonal().add_(scale)
+    return matrix
 
 
 def ledoit_wolf(moment: Tensor, fourth: Tensor, count: Tensor | float) -> Tensor:
@@ -27,15 +32,15 @@ def ledoit_wolf(moment: Tensor, fourth: Tensor, count: Tensor | float) -> Tensor
 
     ``fourth`` is E‖k‖⁴ over the same ``count`` keys. With few unseen images S is rank-deficient, and an edit
     could change the layer freely along directions the unseen keys never visit; shrinkage prices those directions
-    at the average key energy, by an amount estimated from the data alone.
+    at the average key energy, by an amount estimated from the data alone. Returns a new tensor.
     """
     d = moment.shape[0]
     mean_eigenvalue = moment.trace() / d
-    target = mean_eigenvalue * torch.eye(d, dtype=moment.dtype, device=moment.device)
-    dispersion = (moment - target).square().sum()
-    sampling = ((fourth - moment.square().sum()) / count).clamp(min=0)  # E‖k kᵀ − S‖²_F / n
+    squared_norm = moment.square().sum()
+    dispersion = squared_norm - mean_eigenvalue.square() * d  # ‖S − μ I‖²_F, with tr S = μ d
+    sampling = ((fourth - squared_norm) / count).clamp(min=0)  # E‖k kᵀ − S‖²_F / n
     intensity = (sampling.clamp(max=dispersion) / dispersion.clamp(min=1e-12)).clamp(0, 1)
-    return (1 - intensity) * moment + intensity * target
+    return _plus_identity(moment * (1 - intensity), intensity * mean_eigenvalue)
 
 
 def second_moment(keys: Tensor) -> Tensor:
@@ -43,10 +48,30 @@ def second_moment(keys: Tensor) -> Tensor:
     return keys.T @ keys / len(keys)
 
 
+def moment(left: Tensor, right: Tensor, blocks: int = 4) -> Tensor:
+    """Σ_i left_i right_iᵀ (d_l, d_r) in float32 for rows left (m, d_l) and right (m, d_r) of one dtype.
+
+    Float32 products, or bfloat16 products (about twice as fast on CPUs with AVX-512 BF16; each block rounded once to
+    bfloat16, relative error about 2e-3, then kept in float32). When ``right`` is ``left`` (a second moment), only
+    the blocks on and above the diagonal of a ``blocks`` x ``blocks`` split are multiplied and the rest mirrored:
+    10 of 16 products for 4 blocks, the same result."""
+    if right is not left or blocks < 2 or left.shape[1] < 2 * blocks:
+        return (left.T @ right).float()
+    size = left.shape[1]
+    result = torch.empty(size, size, device=left.device)
+    edges = [size * index // blocks for index in range(blocks + 1)]
+    for row, (top, bottom) in enumerate(zip(edges, edges[1:])):
+        for start, end in zip(edges[row:], edges[row + 1:]):
+            product = (left[:, top:bottom].T @ left[:, start:end]).float()
+            result[top:bottom, start:end] = product
+            result[start:end, top:bottom] = product.T
+    return result
+
+
 def closed_form_edit(moment: Tensor, residual: Tensor, preserve: Tensor, strength: float,
                      ridge: float = 1e-4) -> Tensor:
     """ΔW (c_out, d) = R (A + λ C + ε I)⁻¹ for A = ``moment``, R = ``residual``, C = ``preserve``, λ = ``strength``."""
-    system = moment + strength * _regularised(preserve, ridge)
+    system = _regularised(preserve, ridge).mul_(strength).add_(moment)
     factor, info = torch.linalg.cholesky_ex(system)  # symmetric positive definite: half the cost of LU
     if info.item() != 0:
         return torch.linalg.solve(system, residual.T).T
@@ -69,7 +94,7 @@ def protected_edit(moment: Tensor, residual: Tensor, preserve: Tensor, strength:
     """The closed-form edit constrained to leave the directions ``protected`` (d, k; orthonormal columns P) alone:
     argmin E_w‖r − ΔW k*‖² + λ E‖ΔW k‖² subject to ΔW P = 0, which is
     ΔW = R S⁻¹ − R S⁻¹ P (Pᵀ S⁻¹ P)⁻¹ Pᵀ S⁻¹ with S = A + λ C + ε I."""
-    system = moment + strength * _regularised(preserve, ridge)
+    system = _regularised(preserve, ridge).mul_(strength).add_(moment)
     factor = torch.linalg.cholesky(system)
     inverse_residual = torch.cholesky_solve(residual.T, factor)  # S⁻¹ Rᵀ (d, c_out)
     inverse_protected = torch.cholesky_solve(protected, factor)  # S⁻¹ P (d, k)

@@ -1,0 +1,295 @@
+"""The edit's cost against its floor: seconds and peak memory of ``ActivationEditing`` (trigger known, one layer,
+λ fixed, repair on) against the number of unseen images and the edited layer's key width, in float32 and bf16.
+
+    python benchmarks/edit_cost.py --out runs/bench/edit-cost/cost.json
+
+Part 1, images: the CIFAR-10 BadNets run with 250 unseen images per class (``train_cifar10.sh`` makes
+``runs/cifar10-badnets-u250``), its last conv ``blocks.2.conv2`` (keys of 2,304 = 256 x 3 x 3 values), N = 10 …
+2,500 unseen images. Beside each edit, the floor of any method of this kind: one clean and one triggered forward
+pass over the same images in the same precision. The bf16 edit's key moments against the float32 ones (relative
+Frobenius error), and the test split's CA / ASR / TA after either edit (reported, never used to choose).
+
+Part 2, key width: 1,000 images through layers whose keys hold 512 … 4,608 values: the compact net's
+``blocks.2.conv1`` (1,152) and ``blocks.2.conv2`` (2,304), PreAct-ResNet18's head ``linear`` (512),
+``layer4.0.conv1`` (2,304) and ``layer4.1.conv2`` (4,608). PreAct weights come from ``--preact`` when given,
+else from a fresh initialisation: seconds and memory depend on shapes only.
+
+Seconds are the median of ``--repeats`` runs after one warm-up; peak memory is the largest allocation sampled
+every 5 ms during the edit, less what was allocated before it: glibc's own count of bytes in use (``mallinfo2``),
+which, unlike the resident set, falls when tensors are freed, so each edit is measured on its own. Linux with
+glibc >= 2.33; needs an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import json
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_backdoor.data.poisoning import apply_trigger, to_float
+from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
+from lightning_backdoor.evaluation import evaluate
+from lightning_backdoor.io import atomic_json
+from lightning_backdoor.models import build_model
+from lightning_backdoor.runs import instantiate_run, run_checkpoint
+
+PRECISIONS = {"float32": False, "bf16": True}
+
+
+class MallocInfo(ctypes.Structure):
+    """glibc's ``struct mallinfo2``."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+_LIBC = ctypes.CDLL("libc.so.6")
+_LIBC.mallinfo2.restype = MallocInfo
+
+
+def allocated_bytes() -> int:
+    """Bytes this process holds from malloc now: in the heap arenas plus in mmapped blocks (torch's CPU tensors)."""
+    info = _LIBC.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def peak_memory(work: Callable[[], Any]) -> tuple[Any, int]:
+    """Run ``work`` while a thread samples the allocated bytes every 5 ms; returns its result and the peak rise in
+    bytes over what was allocated before it."""
+    before, peak, done = allocated_bytes(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], allocated_bytes())
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = work()
+    finally:
+        done.set()
+        sampler.join()
+    return result, max(peak[0], allocated_bytes()) - before
+
+
+def median_seconds(work: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of ``repeats`` calls of ``work`` after one warm-up call."""
+    work()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def forward_floor(network: nn.Module, images: Tensor, triggered: Tensor, bf16: bool) -> None:
+    """One clean and one triggered forward pass over the images, in chunks of 500, as the edit's captures run."""
+    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        for batch in (*images.split(500), *triggered.split(500)):
+            network(batch)
+
+
+def edit(network: nn.Module, layer: str, unseen: UnseenData, knowledge: BackdoorKnowledge, bf16: bool,
+         seed: int) -> tuple[nn.Module, dict[str, Any]]:
+    """The default edit (λ = 10, repair on) of a copy of ``network`` at ``layer``; the copy and the result's details."""
+    model = copy.deepcopy(network)
+    result = ActivationEditing(layer=layer, bf16=bf16, seed=seed).defend(model, unseen, knowledge)
+    return model, result.details
+
+
+def moment_errors(network: nn.Module, layer: str, unseen: UnseenData, knowledge: BackdoorKnowledge,
+                  seed: int) -> dict[str, float]:
+    """Relative Frobenius error of the bf16 key statistics (A, R, C) and of the edit ΔW against float32."""
+    fits = {bf16: ActivationEditing(layer=layer, bf16=bf16, seed=seed).fit(copy.deepcopy(network), unseen, knowledge)
+            for bf16 in (False, True)}
+    relative = lambda ours, exact: ((ours - exact).norm() / exact.norm().clamp(min=1e-12)).item()  # noqa: E731
+    exact, rounded = fits[False].problem, fits[True].problem
+    errors = {name: relative(getattr(rounded, field), getattr(exact, field))
+              for name, field in (("A", "triggered_moment"), ("R", "residual_moment"), ("C", "clean_moment"))}
+    deltas = [fit.problem.solve("closed_form", fit.strength, 16) for fit in (fits[False], fits[True])]
+    errors["delta_W"] = relative(deltas[1], deltas[0])
+    return errors
+
+
+def images_part(args: argparse.Namespace, save: Callable[[], None], rows: list[dict[str, Any]]) -> None:
+    configs = ["configs/cifar10/base.yaml", "configs/cifar10/badnets.yaml"]
+    module, data = instantiate_run(configs, run_checkpoint(Path(args.run)),
+                                   [f"--data.init_args.unseen_per_class={args.unseen_per_class}"])
+    network = module.net.float().eval()
+    knowledge = BackdoorKnowledge.of(data.trigger, data.target_class)
+    test = data.test_dataset().tensors if args.test else None
+    for count in args.images:
+        unseen_set = data.unseen_set(count // data.num_classes, args.seed)
+        unseen = UnseenData(to_float(unseen_set.images), unseen_set.labels)
+        triggered = apply_trigger(data.trigger, unseen_set.images)
+        row: dict[str, Any] = {"images": len(unseen.labels), "layer": args.layer}
+        for name, bf16 in PRECISIONS.items():
+            seconds = median_seconds(lambda: edit(network, args.layer, unseen, knowledge, bf16, args.seed),
+                                     args.repeats)
+            (model, details), memory = peak_memory(lambda: edit(network, args.layer, unseen, knowledge, bf16,
+                                                                args.seed))
+            floor = median_seconds(lambda: forward_floor(network, unseen.images, to_float(triggered), bf16),
+                                   args.repeats)
+            row[name] = {"seconds": seconds, "floor_seconds": floor, "ratio": seconds / floor,
+                         "peak_memory_mib": memory / 2**20, "repaired": details.get("repair", {}).get("restored",
+                                                                                                    False)}
+            if test is not None:
+                row[name]["test"] = evaluate(model, *test, data.num_classes, data.target_class, bf16=True)
+        row["bf16_errors"] = moment_errors(network, args.layer, unseen, knowledge, args.seed)
+        rows.append(row)
+        save()
+        print(line(row), flush=True)
+
+
+def width_part(args: argparse.Namespace, save: Callable[[], None], rows: list[dict[str, Any]]) -> None:
+    configs = ["configs/cifar10/base.yaml", "configs/cifar10/badnets.yaml"]
+    module, data = instantiate_run(configs, run_checkpoint(Path(args.run)),
+                                   [f"--data.init_args.unseen_per_class={args.unseen_per_class}"])
+    compact = module.net.float().eval()
+    preact = build_model("preact_resnet18", num_classes=10, in_channels=3).float().eval()
+    if args.preact:
+        preact_module, _ = instantiate_run([*configs, "configs/cifar10/preact_resnet18.yaml"], args.preact)
+        preact = preact_module.net.float().eval()
+    unseen_set = data.unseen_set(args.width_images // data.num_classes, args.seed)
+    unseen = UnseenData(to_float(unseen_set.images), unseen_set.labels)
+    knowledge = BackdoorKnowledge.of(data.trigger, data.target_class)
+    triggered = to_float(apply_trigger(data.trigger, unseen_set.images))
+    for model_name, network, layer in (("preact_resnet18", preact, "linear"), ("compact", compact, "blocks.2.conv1"),
+                                       ("compact", compact, "blocks.2.conv2"),
+                                       ("preact_resnet18", preact, "layer4.0.conv1"),
+                                       ("preact_resnet18", preact, "layer4.1.conv2")):
+        weight = network.get_submodule(layer).weight
+        row: dict[str, Any] = {"model": model_name, "layer": layer, "key_width": weight[0].numel(),
+                               "images": len(unseen.labels), "trained_weights": model_name == "compact"
+                               or bool(args.preact)}
+        for name, bf16 in PRECISIONS.items():
+            seconds = median_seconds(lambda: edit(network, layer, unseen, knowledge, bf16, args.seed), args.repeats)
+            (_, details), memory = peak_memory(lambda: edit(network, layer, unseen, knowledge, bf16, args.seed))
+            floor = median_seconds(lambda: forward_floor(network, unseen.images, triggered, bf16), args.repeats)
+            row[name] = {"seconds": seconds, "floor_seconds": floor, "ratio": seconds / floor,
+                         "peak_memory_mib": memory / 2**20, "keys": details["diagnostics"]["num_triggered_keys"]}
+        rows.append(row)
+        save()
+        print(f"{model_name} {layer} d={row['key_width']}: " + ", ".join(
+            f"{name} {row[name]['seconds']:.2f} s (floor {row[name]['floor_seconds']:.2f} s), "
+            f"{row[name]['peak_memory_mib']:.0f} MiB" for name in PRECISIONS), flush=True)
+
+
+def line(row: dict[str, Any]) -> str:
+    parts = [f"N={row['images']}"]
+    for name in PRECISIONS:
+        value = row[name]
+        parts.append(f"{name}: {value['seconds']:.2f} s (floor {value['floor_seconds']:.2f} s, x{value['ratio']:.2f}, "
+                     f"{value['peak_memory_mib']:.0f} MiB)")
+    errors = row["bf16_errors"]
+    parts.append("bf16 error " + " ".join(f"{key} {value:.1e}" for key, value in errors.items()))
+    return "; ".join(parts)
+
+
+def tables(result: dict[str, Any]) -> str:
+    lines = ["| unseen images | float32 edit s | float32 floor s | ratio | bf16 edit s | bf16 floor s | ratio "
+             "| peak MiB f32 / bf16 | bf16 rel. error A / C / ΔW | test CA / ASR / TA f32 | test CA / ASR / TA bf16 |",
+             "|" + " --- |" * 11]
+    for row in result["images"]:
+        f32, b16, errors = row["float32"], row["bf16"], row["bf16_errors"]
+        effect = lambda value: (" / ".join(f"{100 * value['test'][key]:.2f}"  # noqa: E731
+                                           for key in ("clean_acc", "asr", "target_acc")) if "test" in value else "–")
+        lines.append(f"| {row['images']} | {f32['seconds']:.2f} | {f32['floor_seconds']:.2f} | {f32['ratio']:.2f} | "
+                     f"{b16['seconds']:.2f} | {b16['floor_seconds']:.2f} | {b16['ratio']:.2f} | "
+                     f"{f32['peak_memory_mib']:.0f} / {b16['peak_memory_mib']:.0f} | {errors['A']:.1e} / "
+                     f"{errors['C']:.1e} / {errors['delta_W']:.1e} | {effect(f32)} | {effect(b16)} |")
+    lines += ["", "| model | layer | key width | keys | float32 s (floor) | bf16 s (floor) | peak MiB float32 "
+              "| peak MiB bf16 |", "|" + " --- |" * 8]
+    floor = lambda value: f" ({value['floor_seconds']:.2f})" if "floor_seconds" in value else ""  # noqa: E731
+    for row in sorted(result["width"], key=lambda row: row["key_width"]):
+        lines.append(f"| {row['model']}{'' if row['trained_weights'] else ' (untrained)'} | `{row['layer']}` | "
+                     f"{row['key_width']} | {row['float32']['keys']} | {row['float32']['seconds']:.2f}"
+                     f"{floor(row['float32'])} | {row['bf16']['seconds']:.2f}{floor(row['bf16'])} | "
+                     f"{row['float32']['peak_memory_mib']:.0f} | {row['bf16']['peak_memory_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Edit seconds and the floor against N, and edit seconds against key width, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    counts = [row["images"] for row in result["images"]]
+    for name, style in (("float32", "-"), ("bf16", "--")):
+        left.plot(counts, [row[name]["seconds"] for row in result["images"]], "o" + style, label=f"edit, {name}")
+        left.plot(counts, [row[name]["floor_seconds"] for row in result["images"]], "s" + style,
+                  label=f"2 forward passes, {name}")
+    left.set(xscale="log", yscale="log", xlabel="unseen images", ylabel="seconds",
+             title="edit vs its floor (compact, blocks.2.conv2)")
+    left.legend(fontsize=8)
+    rows = sorted(result["width"], key=lambda row: row["key_width"])
+    for name, style in (("float32", "o-"), ("bf16", "o--")):
+        right.plot([row["key_width"] for row in rows], [row[name]["seconds"] for row in rows], style, label=name)
+    for row in rows:
+        right.annotate(f"{row['layer']} ({row['float32']['keys']} keys)", (row["key_width"], row["float32"]["seconds"]),
+                       fontsize=7)
+    right.set(xlabel="key width d", ylabel="seconds", title=f"edit vs key width ({rows[0]['images']} images)")
+    right.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default="runs/cifar10-badnets-u250")
+    parser.add_argument("--unseen_per_class", type=int, default=250, help="the run's unseen split per class")
+    parser.add_argument("--layer", default="blocks.2.conv2")
+    parser.add_argument("--images", nargs="*", type=int, default=[10, 50, 100, 250, 500, 1000, 2500],
+                        help="part 1 sizes; none: skip part 1 (its rows in --out are kept)")
+    parser.add_argument("--width_images", type=int, default=1000)
+    parser.add_argument("--no_width", action="store_true", help="skip part 2 (its rows in --out are kept)")
+    parser.add_argument("--preact", default=None, help="a PreAct-ResNet18 BadNets checkpoint (else untrained)")
+    parser.add_argument("--test", action=argparse.BooleanOptionalAction, default=True,
+                        help="report the test split's CA/ASR/TA after each edit")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="runs/bench/edit-cost/cost.json")
+    parser.add_argument("--table_only", action="store_true", help="print the tables of --out and redraw its PNG")
+    args = parser.parse_args()
+    out = Path(args.out)
+    if not args.table_only:
+        torch.set_num_threads(args.threads)
+        result: dict[str, Any] = {"settings": vars(args), "torch": torch.__version__,
+                                  "threads": torch.get_num_threads(), "images": [], "width": []}
+        kept = json.loads(out.read_text()) if out.is_file() else {}
+        save = lambda: atomic_json(result, out)  # noqa: E731
+        if args.images:
+            images_part(args, save, result["images"])
+        else:  # part 1 not run (--images with no sizes): its rows in --out are kept
+            result["images"] = kept.get("images", [])
+        if args.no_width:
+            result["width"] = kept.get("width", [])
+        else:
+            width_part(args, save, result["width"])
+    result = json.loads(out.read_text())
+    print(tables(result))
+    if result["images"] and result["width"]:
+        plot(result, out.with_suffix(".png"))
+        print(f"plot: {out.with_suffix('.png')}")
+    print(f"rows: {out}")
+
+
+if __name__ == "__main__":
+    main()
