@@ -5,16 +5,15 @@ one cannot; ``layer: auto`` reaches those project convs."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torchvision
+from skip_correction import skip_correction_gaps
 from torch import Tensor, nn
 
-from lightning_backdoor.defenses.activation_editing import EditProblem, add_delta
-from lightning_backdoor.defenses.activations import LayerActivations, auto_candidates, capture, get_layer
+from lightning_backdoor.defenses.activations import auto_candidates, capture
 from lightning_backdoor.defenses.residual import ResidualBranch, bypassed, norm_scale, residual_branch_of
+from lightning_backdoor.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -39,15 +38,6 @@ def mobilenet() -> nn.Module:
     model = torchvision.models.mobilenet_v3_small(num_classes=10)
     model.features[0][0].stride = (1, 1)  # a CIFAR stem: 2x2 maps at the end for 32x32 images
     return randomised_norms(model)
-
-
-def block_output(model: nn.Module, block: str, images: Tensor) -> Tensor:
-    outputs = []
-    handle = model.get_submodule(block).register_forward_hook(lambda module, args, output: outputs.append(output))
-    with torch.no_grad():
-        model(images)
-    handle.remove()
-    return outputs[0]
 
 
 def test_torchvision_inverted_residual_blocks_declare_their_project_conv_and_its_norm() -> None:
@@ -118,20 +108,7 @@ def test_the_corrected_edit_cancels_the_trigger_at_the_block_output_through_the_
     clean_inputs = torch.randn(1, 96, 2, 2, generator=generator)
     triggered_inputs = clean_inputs.clone()
     triggered_inputs[..., -1, -1] += 3 * torch.randn(96, generator=generator)
-    clean, triggered = capture(model, [layer], clean_inputs)[layer], capture(model, [layer], triggered_inputs)[layer]
-    clean_block = block_output(model, block, clean_inputs)
-    before = (block_output(model, block, triggered_inputs) - clean_block).norm()
-    labels = torch.ones(1, dtype=torch.long)
-    results = {}
-    for corrected in (True, False):
-        edited = copy.deepcopy(model)
-        if corrected:
-            problem = EditProblem.build(get_layer(edited, layer), clean, triggered, labels, 0, None)
-        else:  # the same edit, blind to the skip path
-            problem = EditProblem.build(get_layer(edited, layer), LayerActivations(clean.keys, clean.values, None),
-                                        LayerActivations(triggered.keys, triggered.values, None), labels, 0, None)
-        add_delta(edited, layer, problem.solve("closed_form", strength=1e-4, rank=0))
-        results[corrected] = (block_output(edited, block, triggered_inputs) - clean_block).norm()
+    before, results = skip_correction_gaps(model, layer, block, clean_inputs, triggered_inputs)
     assert results[True] < 0.05 * before
     assert results[False] > 0.3 * before
 
@@ -156,3 +133,6 @@ def test_auto_reaches_behind_pooled_layers_to_the_last_spatial_layers_no_skip_by
     # where the last layers all read spatial keys, the probe adds nothing
     plain = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 1))
     assert auto_candidates(plain, 3, torch.rand(1, 1, 12, 12)) == auto_candidates(plain, 3) == ["2", "3", "4"]
+    # behind a one-layer head (the compact CNN: two spatial layers and the head), the probe adds nothing either
+    compact = build_model("compact", num_classes=10, in_channels=1, widths=[8, 8, 8]).eval()
+    assert auto_candidates(compact, 3, torch.rand(1, 1, 28, 28)) == ["blocks.2.conv1", "blocks.2.conv2", "head"]

@@ -4,18 +4,16 @@ plays a conv's positions), the MLP's output layer is corrected for the residual 
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from plain_training import train_epochs
+from skip_correction import skip_correction_gaps
 from torch import Tensor, nn
 
 from lightning_backdoor import PoisonedDataModule
 from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
 from lightning_backdoor.defenses.activation_editing import EditProblem, add_delta, predict_logits
-from lightning_backdoor.defenses.activations import (LayerActivations, auto_candidates, capture, editable_layers,
-                                                     get_layer)
+from lightning_backdoor.defenses.activations import auto_candidates, capture, editable_layers, get_layer
 from lightning_backdoor.defenses.residual import residual_block_of
 from lightning_backdoor.models import build_model
 from lightning_backdoor.triggers import BadNets
@@ -82,15 +80,6 @@ def tiny_vit(**overrides) -> nn.Module:
     return build_model("vit", num_classes=10, **settings)
 
 
-def block_output(model: nn.Module, block: str, images: Tensor) -> Tensor:
-    outputs = []
-    handle = model.get_submodule(block).register_forward_hook(lambda module, args, out: outputs.append(out))
-    with torch.no_grad():
-        model(images)
-    handle.remove()
-    return outputs[0]
-
-
 def test_the_mlp_output_layer_of_a_transformer_block_is_its_residual_branch() -> None:
     torch.manual_seed(0)
     model = tiny_vit().eval()
@@ -129,21 +118,7 @@ def test_the_residual_correction_makes_the_block_output_on_triggered_tokens_matc
     triggered_images = clean_images.clone()
     triggered_images[:, :, -3:, -3:] = 1.0
     layer, block = "blocks.1.mlp.fc2", "blocks.1"
-    clean = capture(model, [layer], clean_images)[layer]
-    triggered = capture(model, [layer], triggered_images)[layer]
-    clean_block = block_output(model, block, clean_images)
-    before = (block_output(model, block, triggered_images) - clean_block).norm()
-    labels = torch.ones(1, dtype=torch.long)
-    results = {}
-    for corrected in (True, False):
-        edited = copy.deepcopy(model)
-        if corrected:
-            problem = EditProblem.build(get_layer(edited, layer), clean, triggered, labels, 0, None)
-        else:  # the same edit, blind to the skip path
-            problem = EditProblem.build(get_layer(edited, layer), LayerActivations(clean.keys, clean.values, None),
-                                        LayerActivations(triggered.keys, triggered.values, None), labels, 0, None)
-        add_delta(edited, layer, problem.solve("closed_form", strength=1e-4, rank=0))
-        results[corrected] = (block_output(edited, block, triggered_images) - clean_block).norm()
+    before, results = skip_correction_gaps(model, layer, block, clean_images, triggered_images)
     assert results[True] < 0.05 * before
     assert results[False] > 0.3 * before
 
