@@ -7,7 +7,10 @@ is :mod:`lightning_backdoor.bench`.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import pickle
+import re
 import sys
 from argparse import ArgumentError
 from pathlib import Path
@@ -23,6 +26,7 @@ from lightning_backdoor.data import PoisonedDataModule
 from lightning_backdoor.data.folders import read_image_folder
 from lightning_backdoor.data.imageset import ImageSet
 from lightning_backdoor.data.poisoning import to_float
+from lightning_backdoor import defenses, triggers
 from lightning_backdoor.defenses.callback import DefenseCallback
 from lightning_backdoor.io import first_line
 from lightning_backdoor.runs import read_weights
@@ -152,7 +156,7 @@ def main(args: list[str] | None = None) -> None:
 def one_line(error: BaseException) -> str:
     """Our own message inside jsonargparse's multi-line wrapping (it lists each union member's error)."""
     if isinstance(error, ArgumentError):
-        return parser_error_line(str(error))
+        return with_suggestion(parser_error_line(str(error)))
     if isinstance(error, pickle.UnpicklingError):  # Lightning's own weights-only load (`--ckpt_path best`/`hpc`)
         return f"refusing to load the checkpoint: not a plain tensor file ({first_line(error)})"
     chain = [error]
@@ -186,6 +190,26 @@ def _raised_by_us(error: BaseException) -> bool:
     while trace is not None and trace.tb_next is not None:
         trace = trace.tb_next
     return trace is not None and "lightning_backdoor" in trace.tb_frame.f_code.co_filename
+
+
+#: the package and base class of each argument that takes a class by name (``--defense ActivationEditing``)
+_CLASS_ARGUMENTS: dict[str, tuple[Any, type]] = {"defense": (defenses, defenses.Defense),
+                                                 "trigger": (triggers, triggers.Trigger)}
+
+
+def with_suggestion(line: str) -> str:
+    """``line`` and, when it names a class that does not exist for ``--defense`` or a ``trigger``, the known class
+    names closest to it, e.g. ``defense: no class named 'ActivationEditting'; did you mean ActivationEditing?``."""
+    found = re.fullmatch(r"(.*?)(\w+): (?:Expected a dot import path string: (\w+)|class_path '[\w.]+\.(\w+)'.*)",
+                         line)
+    if found is None or found.group(2) not in _CLASS_ARGUMENTS:
+        return line
+    given, (package, base) = found.group(3) or found.group(4), _CLASS_ARGUMENTS[found.group(2)]
+    known = sorted(name for name in package.__all__ if inspect.isclass(value := getattr(package, name))
+                   and issubclass(value, base) and not inspect.isabstract(value))
+    close = difflib.get_close_matches(given, known, n=3)
+    hint = f"did you mean {' or '.join(close)}?" if close else f"known: {', '.join(sorted(known))}"
+    return f"{found.group(1)}{found.group(2)}: no class named {given!r}; {hint}"
 
 
 _PARSER_NOISE = ("Parser key", "Does not validate against", "Subtypes:", "Errors:", "Given value",

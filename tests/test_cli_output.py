@@ -88,3 +88,24 @@ def test_fit_refuses_a_folder_holding_outputs(tmp_path, capsys, output):
                                                f"choose a new --trainer.default_root_dir (nothing is overwritten)")
     assert [path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*") if path.is_file()] == [output]
     assert (tmp_path / output).read_text() == "kept\n"
+
+
+@pytest.mark.parametrize("arguments, line", [
+    (["defend", "--checkpoint=none.ckpt", "--defense=ActivationEditting"],
+     "defense: no class named 'ActivationEditting'; did you mean ActivationEditing?"),
+    (["defend", "--checkpoint=none.ckpt", "--defense=EstimateFrist"],
+     "defense: no class named 'EstimateFrist'; did you mean EstimateFirst?"),
+    (["fit", "--data.init_args.trigger=lightning_backdoor.triggers.BadNetz"],
+     "data.trigger: no class named 'BadNetz'; did you mean BadNets or WaNet?"),
+    (["fit", "--data.init_args.trigger=Zzzqq"],
+     "data.trigger: no class named 'Zzzqq'; known: AdaptiveBlend, Additive, BadNets, Blended, BppAttack, "
+     "CustomTrigger, FTrojan, LabelConsistent, LowFrequency, SIG, TrojanNN, WaNet"),
+])
+def test_a_misspelt_class_is_refused_with_the_closest_names(tmp_path, capsys, arguments, line):
+    command, *rest = arguments
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--config", CONFIG, *rest, f"--trainer.default_root_dir={tmp_path / 'run'}"]
+             if command == "fit" else [command, "--config", CONFIG, *rest, f"--output_dir={tmp_path / 'out'}"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == f"lightning-backdoor: error: {line}"
+    assert not any(tmp_path.iterdir())
