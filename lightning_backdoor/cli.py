@@ -198,10 +198,11 @@ _CLASS_ARGUMENTS: dict[str, tuple[Any, type]] = {"defense": (defenses, defenses.
 
 
 def with_suggestion(line: str) -> str:
-    """``line`` and, when it names a class that does not exist for ``--defense`` or a ``trigger``, the known class
-    names closest to it, e.g. ``defense: no class named 'ActivationEditting'; did you mean ActivationEditing?``."""
-    found = re.fullmatch(r"(.*?)(\w+): (?:Expected a dot import path string: (\w+)|class_path '[\w.]+\.(\w+)'.*)",
-                         line)
+    """``line`` and, when it names a class that does not exist for ``--defense`` or a ``trigger`` (a bare name, or
+    a path into this package), the known class names closest to it, e.g. ``defense: no class named
+    'ActivationEditting'; did you mean ActivationEditing?``. A path into another package keeps its own error."""
+    found = re.fullmatch(r"(.*?)(\w+): (?:Expected a dot import path string: (\w+)|class_path "
+                         r"'lightning_backdoor\.[\w.]+\.(\w+)': module '[\w.]+' has no attribute .*)", line)
     if found is None or found.group(2) not in _CLASS_ARGUMENTS:
         return line
     given, (package, base) = found.group(3) or found.group(4), _CLASS_ARGUMENTS[found.group(2)]

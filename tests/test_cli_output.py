@@ -97,6 +97,8 @@ def test_fit_refuses_a_folder_holding_outputs(tmp_path, capsys, output):
      "defense: no class named 'EstimateFrist'; did you mean EstimateFirst?"),
     (["fit", "--data.init_args.trigger=lightning_backdoor.triggers.BadNetz"],
      "data.trigger: no class named 'BadNetz'; did you mean BadNets or WaNet?"),
+    (["fit", "--data.init_args.trigger=mypackage.MyTrigger"],  # another package's path keeps its own error
+     "data.trigger: class_path 'mypackage.MyTrigger': No module named 'mypackage'"),
     (["fit", "--data.init_args.trigger=Zzzqq"],
      "data.trigger: no class named 'Zzzqq'; known: AdaptiveBlend, Additive, BadNets, Blended, BppAttack, "
      "CustomTrigger, FTrojan, LabelConsistent, LowFrequency, SIG, TrojanNN, WaNet"),
