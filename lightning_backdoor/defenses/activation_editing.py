@@ -16,7 +16,8 @@ from torch.nn import functional as F
 
 from lightning_backdoor.data.augment import random_crop, random_flip
 from lightning_backdoor.defenses.activations import (LayerActivations, auto_candidates, capture, capture_with_logits,
-                                                     editable_layers, get_layer, layer_weight_matrix)
+                                                     editable_layers, get_layer, layer_weight_matrix,
+                                                     run_with_hooks)
 from lightning_backdoor.defenses.base import DEFENSES, BackdoorKnowledge, Defense, DefenseResult, UnseenData
 from lightning_backdoor.defenses.editing import (closed_form_edit, key_subspace, ledoit_wolf, moment,
                                                 protected_edit, rank_r_edit)
@@ -33,13 +34,7 @@ TRIGGERED_SUMS = ("triggered_moment", "residual_moment", "residual_energy", "tar
 def predict_logits(model: nn.Module, images: Tensor, batch_size: int = 500, bf16: bool = False) -> Tensor:
     """Logits (N, K), float32, of ``model`` in eval mode on float images (N, C, H, W); under bfloat16 autocast
     with ``bf16``."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-            return torch.cat([model(chunk).float() for chunk in images.split(batch_size)])
-    finally:
-        model.train(was_training)
+    return run_with_hooks(model, images, [], batch_size, bf16)
 
 
 def augmented_views(images: Tensor, labels: Tensor, views: int, seed: int) -> tuple[Tensor, Tensor]:
