@@ -7,7 +7,10 @@ peak resident memory of the fitting process and of its largest DataLoader worker
 construct the data module (in memory: decoding every image; streaming: listing and reading every header) and the
 seconds of ``fit``. An in-memory run that would not fit in the memory available now is skipped and says so.
 
-    nice -n 19 python benchmarks/stream_memory.py --sizes 2000 8000 32000
+    nice -n 19 python benchmarks/stream_memory.py --sizes 2000 8000 32000 --out runs/bench/stream-memory/memory.json
+
+writes the rows (with the environment) to ``--out`` and the curves to the PNG beside it; ``--table_only`` prints the
+table of ``--out`` and redraws its PNG without running anything.
 """
 
 from __future__ import annotations
@@ -95,6 +98,45 @@ def child(args: argparse.Namespace) -> None:
                       "construct_s": constructed - start, "fit_s": fitted - constructed}))
 
 
+def table(rows: list[dict]) -> str:
+    """The rows as a Markdown table (MiB and seconds)."""
+    lines = ["| images | path | main process MiB | largest worker MiB | construct s | fit s |",
+             "| ---: | --- | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        path = "in memory" if row["path"] == "memory" else row["path"]
+        if "skipped" in row:
+            lines.append(f"| {row['images']:,} | {path} | {row['skipped']} | | | |")
+        else:
+            lines.append(f"| {row['images']:,} | {path} | {row['main_mib']:,.0f} | {row['worker_mib']:,.0f} | "
+                         f"{row['construct_s']:.1f} | {row['fit_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Peak resident memory of the main process against the number of images, one line per path, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for name, label in (("memory", "in memory"), ("streaming", "streaming")):
+        measured = [row for row in rows if row["path"] == name and "main_mib" in row]
+        if measured:
+            axes.plot([row["images"] for row in measured], [row["main_mib"] / 1024 for row in measured], "o-",
+                      label=label)
+        for row in rows:
+            if row["path"] == name and "skipped" in row:
+                axes.annotate(f"{label}: skipped\n(> memory)", (row["images"], 0), fontsize=8,
+                              xytext=(-60, 20), textcoords="offset points")
+    axes.set(xscale="log", xlabel="images in the folder (224x224 JPEG)", ylabel="peak resident memory, GiB",
+             title="fit's main process: in memory vs streaming")
+    axes.set_ylim(bottom=0)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 8000, 32000], help="images per folder")
@@ -103,6 +145,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4, help="training batches of the fit")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (both paths)")
+    parser.add_argument("--out", default="runs/bench/stream-memory/memory.json", help="rows (JSON); PNG beside it")
+    parser.add_argument("--table_only", action="store_true", help="print the table of --out and redraw its PNG")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--run_dir", help=argparse.SUPPRESS)
@@ -111,14 +155,34 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    out = Path(args.out)
+    if not args.table_only:
+        measure(args, out)
+    rows = json.loads(out.read_text())["rows"]
+    print(table(rows))
+    plot(rows, out.with_suffix(".png"))
+    print(f"plot: {out.with_suffix('.png')}\nrows: {out}")
+
+
+def measure(args: argparse.Namespace, out: Path) -> None:
+    """Run every size and path, printing each row as it is measured and rewriting ``out`` after each."""
+    from lightning_backdoor.io import atomic_json
+    from lightning_backdoor.provenance import environment
+
+    result: dict = {"settings": {key: value for key, value in vars(args).items() if key not in ("child", "root",
+                                 "run_dir", "streaming", "table_only")}, "environment": environment(), "rows": []}
+    out.parent.mkdir(parents=True, exist_ok=True)
     print(f"{'images':>7} {'path':>9} {'main MiB':>9} {'worker MiB':>10} {'construct s':>11} {'fit s':>6}", flush=True)
     for size in args.sizes:
         root = make_folder(Path(args.data) / f"n{size}", size)
         for path in args.paths:
             needed = IN_MEMORY_COPIES * IMAGE_BYTES * size
             if path == "memory" and needed > 0.8 * available_bytes():
-                print(f"{size:>7} {path:>9} skipped: needs about {needed / 2**30:.1f} GiB, "
-                      f"{available_bytes() / 2**30:.1f} GiB available", flush=True)
+                skipped = (f"skipped: about {needed / 2**30:.1f} GiB needed, {available_bytes() / 2**30:.1f} GiB "
+                           "available")
+                print(f"{size:>7} {path:>9} {skipped}", flush=True)
+                result["rows"].append({"images": size, "path": path, "skipped": skipped})
+                atomic_json(result, out)
                 continue
             command = [sys.executable, __file__, "--child", "--root", str(root), "--run_dir",
                        str(Path(args.data) / "run"), "--batches", str(args.batches), "--batch_size",
@@ -128,9 +192,11 @@ def main() -> None:
             if done.returncode != 0:
                 print(f"{size:>7} {path:>9} failed: {done.stderr.strip().splitlines()[-1:]}", flush=True)
                 continue
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            print(f"{size:>7} {path:>9} {result['main_mib']:>9.0f} {result['worker_mib']:>10.0f} "
-                  f"{result['construct_s']:>11.1f} {result['fit_s']:>6.1f}", flush=True)
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"{size:>7} {path:>9} {row['main_mib']:>9.0f} {row['worker_mib']:>10.0f} "
+                  f"{row['construct_s']:>11.1f} {row['fit_s']:>6.1f}", flush=True)
+            result["rows"].append({"images": size, "path": path} | row)
+            atomic_json(result, out)
 
 
 if __name__ == "__main__":
