@@ -256,3 +256,42 @@ def test_a_folder_given_as_a_trigger_file_is_named_as_a_folder(tmp_path: Path, n
     assert "is a folder, not a file" in message and "does not exist" not in message and "\n" not in message
     with pytest.raises(ValueError, match="does not exist"):
         build_trigger(name, **{argument: str(tmp_path / "missing.png")})
+
+
+#: The CIFAR-10 configs that set a trigger (the others hold shared or model settings)
+ATTACK_CONFIGS = sorted(path for path in Path("configs/cifar10").glob("*.yaml") if "trigger:" in path.read_text())
+
+
+@pytest.mark.parametrize("config", ATTACK_CONFIGS, ids=lambda path: path.stem)
+def test_every_cifar10_config_builds_its_trigger(config: Path) -> None:
+    """Each attack config names a registered trigger class whose settings it accepts and whose files exist (a
+    pattern path relative to the repository root), for CIFAR-10's 3 x 32 x 32 images."""
+    import importlib
+
+    import yaml
+
+    trigger = yaml.safe_load(config.read_text())["data"]["init_args"]["trigger"]
+    module, _, name = trigger["class_path"].rpartition(".")
+    built = getattr(importlib.import_module(module), name)(**trigger.get("init_args", {}))
+    assert type(built) in TRIGGERS.values()
+    built.check((3, 32, 32))
+    if not isinstance(built, PreparedTrigger):
+        images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        triggered = built.apply(images)
+        assert triggered.shape == images.shape and 0 <= float(triggered.min()) <= float(triggered.max()) <= 1
+        assert not torch.equal(triggered, images)
+
+
+def test_the_natural_blend_picture_is_a_photograph() -> None:
+    """configs/patterns/china-64.png, blended by blended_photo.yaml, is a colour picture with natural-image
+    structure (neighbouring pixels correlated), not noise: what distinguishes it from blended.yaml's pattern."""
+    pattern = Blended(image="configs/patterns/china-64.png").pattern((3, 32, 32), torch.device("cpu"), torch.float32)
+    noise = Blended().pattern((3, 32, 32), torch.device("cpu"), torch.float32)
+
+    def neighbour_correlation(image: torch.Tensor) -> float:
+        left, right = image[..., :, :-1].flatten(), image[..., :, 1:].flatten()
+        return float(torch.corrcoef(torch.stack([left, right]))[0, 1])
+
+    assert pattern.shape == (3, 32, 32) and 0 <= float(pattern.min()) and float(pattern.max()) <= 1
+    assert neighbour_correlation(pattern) > 0.5 > abs(neighbour_correlation(noise))
+    assert float((pattern[0] - pattern[2]).abs().mean()) > 0.02  # colour, not grey
