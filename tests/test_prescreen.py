@@ -87,10 +87,32 @@ def test_the_prescreen_runs_from_16_classes_when_asked() -> None:
     assert asked.prescreens(16) and not asked.prescreens(15)
 
 
+def test_a_close_call_is_confirmed_by_the_exhaustive_inversion() -> None:
+    """A pre-screened flag with a size ratio above ``confirm_ratio`` is decided by the same inversion run
+    exhaustively from the same start: its sizes are the exhaustive estimate's, to the last bit; a flag below it is
+    not re-run."""
+    torch.manual_seed(0)
+    model = CompactNet(num_classes=10, in_channels=1, widths=(8, 8, 8)).eval()
+    unseen = UnseenData(torch.rand(50, 1, 12, 12), torch.arange(10).repeat(5))
+    # every class flaggable (no threshold, no size limit): the smallest trigger is always flagged
+    settings = {"estimators": ("perturbation",), "max_steps": 8, "progress": False, "threshold": -math.inf,
+                "max_size_ratio": 1.0}
+    screened = {"prescreen_steps": 4, "prescreen_min_classes": 3}
+    exhaustive = TriggerEstimator(**settings).estimate(model, unseen)
+    confirmed = TriggerEstimator(**settings, **screened, confirm_ratio=0.0).estimate(model, unseen)
+    record = confirmed.details["confirmed"]["perturbation"]
+    assert confirmed.details["trigger_size"] == exhaustive.details["trigger_size"]
+    assert confirmed.target_class == exhaustive.target_class and confirmed.details["screened_out"]["perturbation"] == []
+    assert record["exhaustive_ratio"] == exhaustive.details["size_ratio"]["perturbation"][record["class"]]
+    kept = TriggerEstimator(**settings, **screened, confirm_ratio=1.0).estimate(model, unseen)  # nothing above 1
+    assert kept.details["confirmed"] == {} and kept.details["screened_out"]["perturbation"]
+
+
 @pytest.mark.parametrize(("settings", "message"), [
     ({"prescreen_steps": 0}, r"prescreen_steps=0 must be >= 1 or None"),
     ({"candidates": 0}, r"candidates=0 must be >= 1"),
     ({"references": -1}, r"references=-1 and candidate_margin=0.05 >= 0"),
+    ({"confirm_ratio": -0.1}, r"confirm_ratio=-0.1 must be >= 0"),
     ({"early_stop": "never"}, r"early_stop='never' must be 'class'"),
 ])
 def test_bad_prescreen_settings_are_refused_in_one_line(settings: dict, message: str) -> None:
