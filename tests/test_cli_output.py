@@ -101,7 +101,7 @@ def test_fit_refuses_a_folder_holding_outputs(tmp_path, capsys, output):
      "data.trigger: class_path 'mypackage.MyTrigger': No module named 'mypackage'"),
     (["fit", "--data.init_args.trigger=Zzzqq"],
      "data.trigger: no class named 'Zzzqq'; known: AdaptiveBlend, Additive, BadNets, Blended, BppAttack, "
-     "CustomTrigger, FTrojan, LabelConsistent, LowFrequency, SIG, TrojanNN, WaNet"),
+     "CustomTrigger, FTrojan, InputAware, LabelConsistent, LowFrequency, SIG, TrojanNN, WaNet"),
 ])
 def test_a_misspelt_class_is_refused_with_the_closest_names(tmp_path, capsys, arguments, line):
     command, *rest = arguments

@@ -8,6 +8,7 @@ from lightning_backdoor.triggers.blended import Blended
 from lightning_backdoor.triggers.bpp import BppAttack
 from lightning_backdoor.triggers.custom import CustomTrigger
 from lightning_backdoor.triggers.ftrojan import FTrojan
+from lightning_backdoor.triggers.input_aware import InputAware
 from lightning_backdoor.triggers.label_consistent import LabelConsistent
 from lightning_backdoor.triggers.low_frequency import LowFrequency
 from lightning_backdoor.triggers.sig import SIG
@@ -15,4 +16,5 @@ from lightning_backdoor.triggers.trojannn import TrojanNN
 from lightning_backdoor.triggers.wanet import WaNet
 
 __all__ = ["TRIGGERS", "AdaptiveBlend", "Additive", "BadNets", "Blended", "BppAttack", "CustomTrigger", "FTrojan",
-           "LabelConsistent", "LowFrequency", "PreparedTrigger", "SIG", "Trigger", "TrojanNN", "WaNet", "build_trigger"]
+           "InputAware", "LabelConsistent", "LowFrequency", "PreparedTrigger", "SIG", "Trigger", "TrojanNN", "WaNet",
+           "build_trigger"]
