@@ -102,7 +102,8 @@ def estimate(model: torch.nn.Module, unseen: UnseenData, layer: str, settings: d
     return {"seconds": seconds, "target": found.target_class, "flagged_by": details["flagged_by"],
             "estimator_seconds": details["estimator_seconds"], "steps": details["steps"],
             "screened_out": details["screened_out"], "fully_inverted": details["fully_inverted"],
-            "anomaly_index": details["anomaly_index"], "size_ratio": details["size_ratio"]}
+            "anomaly_index": details["anomaly_index"], "size_ratio": details["size_ratio"],
+            "confirmed": details["confirmed"]}
 
 
 def evidence(result: dict[str, Any]) -> str:

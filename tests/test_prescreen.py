@@ -82,7 +82,7 @@ def test_the_prescreen_runs_from_16_classes_when_asked() -> None:
     assert forced["prescreen_steps"] == 4 and len(forced["screened_out"]["perturbation"]) >= 10 - 2 * 3 - 2
     assert len(forced["prescreen_size"]["perturbation"]) == 10
     assert not TriggerEstimator(max_steps=10).prescreens(40)  # a pre-screen as long as the inversion: exhaustive
-    assert not TriggerEstimator().prescreens(40)  # opt-in
+    assert TriggerEstimator().prescreens(40) and not TriggerEstimator(prescreen_steps=None).prescreens(40)
     asked = TriggerEstimator(prescreen_steps=20)
     assert asked.prescreens(16) and not asked.prescreens(15)
 
@@ -143,3 +143,17 @@ def test_the_prescreen_keeps_the_target_and_the_verdict(quickstart_run: Path) ->
         assert sorted(screened["screened_out"][name] + screened["fully_inverted"][name]) == list(range(10))
         assert all(screened["inversion_success"][name][label] is None for label in screened["screened_out"][name])
     assert any(screened["screened_out"].values())  # with 10 classes the pre-screen already screens some out
+
+
+def test_the_prescreen_flags_nothing_on_the_clean_model(clean_quickstart_run: Path) -> None:
+    """The clean quickstart model (its exhaustive estimate finds nothing: test_estimation.py), pre-screened with the
+    close-call confirmation: no backdoor found, and any close call it met was decided by the exhaustive inversion."""
+    module, data = instantiate_run([QUICKSTART], clean_quickstart_run / "checkpoints" / "poisoned.ckpt",
+                                   ["--data.init_args.poison_rate=0"])
+    unseen_set = data.unseen_set(10)
+    unseen = UnseenData(unseen_set.images.float() / 255, unseen_set.labels)
+    screened = TriggerEstimator(progress=False, **PRESCREENED).estimate(module.net.float().eval(), unseen)
+    assert screened.target_class is None and screened.details["flagged_by"] == []
+    assert any(screened.details["screened_out"].values())  # the pre-screen did run
+    for name, record in screened.details["confirmed"].items():
+        assert record["exhaustive_ratio"] == screened.details["size_ratio"][name][record["class"]]
