@@ -115,6 +115,7 @@ def table(rows: list[dict]) -> str:
 def plot(rows: list[dict], path: Path) -> None:
     """Peak resident memory of the main process against the number of images, one line per path, as a PNG."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
@@ -129,8 +130,11 @@ def plot(rows: list[dict], path: Path) -> None:
             if row["path"] == name and "skipped" in row:
                 axes.annotate(f"{label}: skipped\n(> memory)", (row["images"], 0), fontsize=8,
                               xytext=(-60, 20), textcoords="offset points")
+    sizes = sorted({row["images"] for row in rows})
     axes.set(xscale="log", xlabel="images in the folder (224x224 JPEG)", ylabel="peak resident memory, GiB",
              title="fit's main process: in memory vs streaming")
+    axes.set_xticks(sizes, [f"{size:,}" for size in sizes])
+    axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes.set_ylim(bottom=0)
     axes.legend()
     figure.tight_layout()
