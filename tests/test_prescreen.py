@@ -82,7 +82,7 @@ def test_the_prescreen_runs_from_16_classes_when_asked() -> None:
     assert forced["prescreen_steps"] == 4 and len(forced["screened_out"]["perturbation"]) >= 10 - 2 * 3 - 2
     assert len(forced["prescreen_size"]["perturbation"]) == 10
     assert not TriggerEstimator(max_steps=10).prescreens(40)  # a pre-screen as long as the inversion: exhaustive
-    assert TriggerEstimator().prescreens(40) and not TriggerEstimator(prescreen_steps=None).prescreens(40)
+    assert not TriggerEstimator().prescreens(40)  # opt-in
     asked = TriggerEstimator(prescreen_steps=20)
     assert asked.prescreens(16) and not asked.prescreens(15)
 

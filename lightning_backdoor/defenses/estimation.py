@@ -187,10 +187,11 @@ class TriggerEstimator:
         patience: early stopping, steps without a 1 % improvement of a class's best size (``early_stop``).
         early_stop: ``all``: the whole inversion stops when every class's best size has converged (the original
             rule); ``class``: each class leaves the batch once its own has.
-        prescreen_steps: steps of the pre-screen of every class (default 20, on models of at least
-            ``prescreen_min_classes`` classes), or None: every class runs the full inversion (the exhaustive
-            estimate; so does a value >= ``max_steps``). Forced onto the six 10-class models of the README, the
-            pre-screen with its close-call confirmation gives the exhaustive verdicts
+        prescreen_steps: steps of the pre-screen of every class (e.g. 20, on models of at least
+            ``prescreen_min_classes`` classes), or None (the default): every class runs the full inversion (the
+            exhaustive estimate; so does a value >= ``max_steps``). Opt-in: forced onto the six 10-class models of
+            the README, the pre-screen with its close-call confirmation gives the exhaustive verdicts, but no real
+            model of 16 classes or more has been measured, and a target screened out would be a missed backdoor
             (docs/results/estimation-scaling.md).
         prescreen_min_classes: the fewest classes a model must have for the pre-screen to run (below, exhaustive,
             as before the pre-screen existed: with 10 classes it saves at most 40 % of the steps, and the figures
@@ -215,7 +216,7 @@ class TriggerEstimator:
     def __init__(self, estimators: tuple[str, ...] = ("neural_cleanse", "blend", "perturbation", "warp", "feature"),
                  threshold: float = 2.0, max_size_ratio: float = 0.3, log_scale: bool = True,
                  strengths: tuple[float, ...] = (1.0, 1.5), shift: int = 8, max_steps: int = 100, batch_size: int = 8,
-                 patience: int = 25, early_stop: EarlyStop = "all", prescreen_steps: int | None = 20,
+                 patience: int = 25, early_stop: EarlyStop = "all", prescreen_steps: int | None = None,
                  prescreen_min_classes: int = 16, candidates: int = 3, candidate_margin: float = 0.05,
                  references: int = 2, confirm_ratio: float = 0.15, bf16: bool = True,
                  min_per_class: int = 5, progress: bool = True, seed: int = 0) -> None:
