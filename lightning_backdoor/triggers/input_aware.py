@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_backdoor.triggers.base import TRIGGERS
-from lightning_backdoor.triggers.surrogate import SurrogateTrigger, frozen, load_weights, weights_to_tensors
+from lightning_backdoor.triggers.surrogate import (SurrogateTrigger, epoch_batches, frozen, load_weights, one_cycle,
+                                                  random_flips, weights_to_tensors)
 
 #: Keeps the diversity loss's ratio finite when two generated patterns (or masks) are equal.
 EPSILON = 1e-7
@@ -94,15 +95,6 @@ def diversity_loss(images: Tensor, others: Tensor, outputs: Tensor, other_output
     when different images get different outputs; ``images`` and ``others`` ``(N, C, H, W)``, the generator's
     outputs on them ``(N, C', H, W)``."""
     return (distance(images, others) / (distance(outputs, other_outputs) + EPSILON)).mean()
-
-
-def batches(count: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
-    """One epoch's batches of indices into ``count`` images, in a seeded order: full batches of ``batch_size`` (the
-    last partial one dropped, as :func:`~lightning_backdoor.triggers.surrogate.train_surrogate` does), or one batch
-    of all of them when there are fewer."""
-    order = torch.randperm(count, generator=generator)
-    steps = count // batch_size
-    return list(order[: steps * batch_size].view(steps, batch_size)) if steps else [order]
 
 
 def partners(count: int, generator: torch.Generator) -> Tensor:
@@ -250,13 +242,6 @@ class InputAware(SurrogateTrigger):
         return (f"trains its mask generator for {self.mask_epochs} epoch(s), then its pattern generator with a "
                 f"{super().preparation_summary(images).removeprefix('trains a ')}")
 
-    def augmented(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        """``images`` ``(N, C, H, W)``, each colour image mirrored with probability 1/2 (drawn from ``generator``)."""
-        if images.shape[1] != 3:
-            return images
-        mirrored = torch.rand(len(images), generator=generator) < 0.5
-        return torch.where(mirrored[:, None, None, None], images.flip(-1), images)
-
     def train_mask(self, network: nn.Module, images: Tensor, generator: torch.Generator) -> float:
         """The first stage: train the mask generator ``network`` on ``images`` ``(N, C, H, W)`` in [0, 1] (see the
         class docstring); returns the mean mask value over the last epoch (the coverage reached)."""
@@ -265,8 +250,8 @@ class InputAware(SurrogateTrigger):
         coverage = 0.0
         for _ in range(self.mask_epochs):
             covered, seen = 0.0, 0
-            for batch in batches(len(images), self.batch_size, generator):
-                inputs = self.augmented(images[batch], generator)
+            for batch in epoch_batches(len(images), self.batch_size, generator):
+                inputs = random_flips(images[batch], generator)
                 masks = mask_of(network, inputs)
                 others, other_masks = inputs.roll(1, 0), masks.roll(1, 0)  # each image paired with another
                 density = F.relu(masks.flatten(1).mean(1) - self.mask_density).mean()
@@ -286,18 +271,14 @@ class InputAware(SurrogateTrigger):
         classifier_optimizer = torch.optim.SGD(classifier.parameters(), lr=SURROGATE_LR, momentum=0.9, nesterov=True,
                                                weight_decay=5e-4)
         pattern_optimizer = torch.optim.Adam(pattern_net.parameters(), lr=self.generator_lr, betas=GENERATOR_BETAS)
-        total = self.surrogate_epochs * len(batches(len(images), self.batch_size, torch.Generator()))
-        warmup = max(1, total // 5)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            classifier_optimizer,
-            lambda step: (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup)))
+        schedule = one_cycle(classifier_optimizer, self.surrogate_epochs * max(1, len(images) // self.batch_size))
         classifier.train()
         pattern_net.train()
         counts: dict[str, list[int]] = {}
         for _ in range(self.surrogate_epochs):
             counts = {"clean": [0, 0], "attack": [0, 0], "cross": [0, 0]}  # correct, seen: the last epoch's
-            for batch in batches(len(images), self.batch_size, generator):
-                clean, targets = self.augmented(images[batch], generator), labels[batch].clone()
+            for batch in epoch_batches(len(images), self.batch_size, generator):
+                clean, targets = random_flips(images[batch], generator), labels[batch].clone()
                 poisoned = min(len(batch) - 1, max(1, round(len(batch) * self.poison_rate_prep)))
                 crossed = min(len(batch) - poisoned, round(poisoned * self.cross_ratio))
                 made = poisoned + crossed

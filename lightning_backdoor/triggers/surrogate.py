@@ -77,26 +77,41 @@ def train_surrogate(model: nn.Module, images: Tensor, labels: Tensor, epochs: in
         images, labels = images[chosen], labels[chosen]
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(parameters, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    steps_per_epoch = max(1, len(images) // batch_size)
-    total = epochs * steps_per_epoch
-    warmup = max(1, total // 5)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: (step + 1) / warmup if step < warmup else max(0.0, (total - step) / (total - warmup)))
+    schedule = one_cycle(optimizer, epochs * max(1, len(images) // batch_size))
     model.train()
-    flip = images.shape[1] == 3
     for _ in range(epochs):
-        order = torch.randperm(len(images), generator=generator)[: steps_per_epoch * batch_size]
-        for batch in order.view(steps_per_epoch, -1) if len(order) >= batch_size else [order]:
-            inputs = images[batch]
-            if flip:
-                mirrored = torch.rand(len(batch), generator=generator) < 0.5
-                inputs = torch.where(mirrored[:, None, None, None], inputs.flip(-1), inputs)
-            loss = F.cross_entropy(model(inputs), labels[batch])
+        for batch in epoch_batches(len(images), batch_size, generator):
+            loss = F.cross_entropy(model(random_flips(images[batch], generator)), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
     return model.eval()
+
+
+def epoch_batches(count: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
+    """One epoch's batches of indices into ``count`` images in an order drawn from ``generator``: full batches of
+    ``batch_size`` (the last partial one dropped), or one batch of all of them when there are fewer."""
+    order = torch.randperm(count, generator=generator)
+    steps = count // batch_size
+    return list(order[: steps * batch_size].view(steps, batch_size)) if steps else [order]
+
+
+def random_flips(images: Tensor, generator: torch.Generator) -> Tensor:
+    """``images`` ``(N, C, H, W)``, each colour image mirrored left-right with probability 1/2 (drawn from
+    ``generator``); grey images unchanged, drawing nothing."""
+    if images.shape[1] != 3:
+        return images
+    mirrored = torch.rand(len(images), generator=generator) < 0.5
+    return torch.where(mirrored[:, None, None, None], images.flip(-1), images)
+
+
+def one_cycle(optimizer: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The CIFAR configs' one-cycle shape over ``total`` steps: the learning rate rises linearly to its set value over
+    the first fifth, then falls linearly to 0."""
+    warmup = max(1, total // 5)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup)))
 
 
 def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1000) -> float:
