@@ -16,8 +16,15 @@ runs (``--quickstart``: a backdoored and a clean one, e.g. ``lightning-backdoor 
 configs/quickstart.yaml [--data.init_args.poison_rate=0] --trainer.default_root_dir DIR``), exhaustive vs
 pre-screened (forced on: these models have 10 classes).
 
+Part 3 (verdicts at 40 classes, ``--many_classes STEPS``): two 40-class models of part 1's kind trained for real
+(STEPS batches each), one backdoored (10 % BadNets to class 0) and one clean; ``--budget`` unseen images of every
+(class, rotation) from CIFAR-10's test split; exhaustive against the pre-screen at its defaults (on from 16
+classes). The models' accuracy and attack success rate are measured on the rest of the test split; the trained
+weights are kept beside ``--out`` and reused by a rerun.
+
     python benchmarks/estimation_scaling.py --classes 10 20 40 --attacks badnets blended wanet sig \\
         --quickstart runs/quickstart runs/quickstart-clean
+    python benchmarks/estimation_scaling.py --classes --attacks --many_classes 3000 --out runs/bench/estimation-scaling/k40.json
 
 Prints one markdown table per part and writes every row as JSON (``--out``).
 """
@@ -46,6 +53,7 @@ from lightning_backdoor.triggers import BadNets
 ROTATIONS = 4
 EXHAUSTIVE = {"prescreen_steps": None, "early_stop": "all"}
 PRESCREENED = {"prescreen_steps": 20, "prescreen_min_classes": 3}  # at every K (the default pre-screens from 16 classes)
+DEFAULT_PRESCREEN = {"prescreen_steps": 20}  # pre-screened from 16 classes (prescreen_min_classes' default)
 
 
 def rotated(images: Tensor, labels: Tensor, rotation: Tensor) -> tuple[Tensor, Tensor]:
@@ -54,10 +62,11 @@ def rotated(images: Tensor, labels: Tensor, rotation: Tensor) -> tuple[Tensor, T
     return turned, labels + 10 * rotation
 
 
-def train_rotation_model(train_images: Tensor, train_labels: Tensor, steps: int, seed: int) -> CompactNet:
-    """A 40-class compact CNN trained ``steps`` batches of 128 on rotated CIFAR-10 (uint8 (N, 3, 32, 32)), 10 %
-    of each batch stamped with a 3x3 white patch and relabelled to 0 (SGD, one-cycle, bf16 autocast; no flips: a
-    flipped turn looks like the opposite turn)."""
+def train_rotation_model(train_images: Tensor, train_labels: Tensor, steps: int, seed: int,
+                         poison_rate: float = 0.1) -> CompactNet:
+    """A 40-class compact CNN trained ``steps`` batches of 128 on rotated CIFAR-10 (uint8 (N, 3, 32, 32)), a
+    ``poison_rate`` fraction of each batch stamped with a 3x3 white patch and relabelled to 0 (SGD, one-cycle, bf16
+    autocast; no flips: a flipped turn looks like the opposite turn)."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = CompactNet(num_classes=10 * ROTATIONS, widths=(64, 128, 256)).to(memory_format=torch.channels_last)
@@ -69,7 +78,7 @@ def train_rotation_model(train_images: Tensor, train_labels: Tensor, steps: int,
         chosen = torch.randint(len(train_labels), (batch,), generator=generator)
         images, labels = rotated(to_float(train_images[chosen]), train_labels[chosen],
                                  torch.randint(ROTATIONS, (batch,), generator=generator))
-        poisoned = torch.rand(batch, generator=generator) < 0.1
+        poisoned = torch.rand(batch, generator=generator) < poison_rate
         images = torch.where(poisoned[:, None, None, None], trigger(images), images)
         labels = torch.where(poisoned, torch.zeros_like(labels), labels)
         with torch.autocast("cpu", torch.bfloat16):
@@ -130,17 +139,8 @@ def scaling(args: argparse.Namespace, rows: list[dict[str, Any]], save: Any) -> 
     began = time.perf_counter()
     network = train_rotation_model(train.images, train.labels, args.train_steps, args.seed)
     print(f"trained the 40-class model: {args.train_steps} steps in {time.perf_counter() - began:.0f} s", flush=True)
-    generator = torch.Generator().manual_seed(args.seed)
-    picked = torch.cat([torch.nonzero(test.labels == label).flatten()[
-        torch.randperm(int((test.labels == label).sum()), generator=generator)[:args.per_class * ROTATIONS]]
-        for label in range(10)])
-    images, labels = to_float(test.images[picked]), test.labels[picked]
-    turns = torch.arange(len(picked)) % ROTATIONS  # per_class images of every (class, rotation)
-    unseen_images, unseen_labels = rotated(images, labels, turns)
-    check = unseen_images[unseen_labels != 0]
-    with torch.no_grad():
-        accuracy = (network(unseen_images).argmax(-1) == unseen_labels).float().mean().item()
-        asr = (network(BadNets(size=3)(check)).argmax(-1) == 0).float().mean().item()
+    unseen_images, unseen_labels, _ = rotated_unseen(test.images, test.labels, args.per_class, args.seed)
+    accuracy, asr = accuracy_and_asr(network, unseen_images, unseen_labels)
     print(f"40-class model on the unseen images: accuracy {accuracy:.3f}, patch -> class 0 {asr:.3f}", flush=True)
     for num_classes in args.classes:
         keep = unseen_labels < num_classes
@@ -151,6 +151,68 @@ def scaling(args: argparse.Namespace, rows: list[dict[str, Any]], save: Any) -> 
             row[mode] = estimate(model, unseen, "auto", settings, args.seed)
             print(f"K={num_classes} {mode}: {row[mode]['seconds']:.1f} s, target {row[mode]['target']} "
                   f"({evidence(row[mode])}); screened out: {row[mode]['screened_out']}", flush=True)
+        rows.append(row)
+        save()
+
+
+def rotated_unseen(images: Tensor, labels: Tensor, per_class: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``per_class`` seeded images of each of the 40 (class, rotation) classes from uint8 CIFAR-10 images: float
+    images (N, 3, 32, 32) in [0, 1], labels (N,), and the indices picked."""
+    generator = torch.Generator().manual_seed(seed)
+    picked = torch.cat([torch.nonzero(labels == label).flatten()[
+        torch.randperm(int((labels == label).sum()), generator=generator)[:per_class * ROTATIONS]]
+        for label in range(10)])
+    turns = torch.arange(len(picked)) % ROTATIONS  # per_class images of every (class, rotation)
+    return *rotated(to_float(images[picked]), labels[picked], turns), picked
+
+
+@torch.no_grad()
+def accuracy_and_asr(network: torch.nn.Module, images: Tensor, labels: Tensor) -> tuple[float, float]:
+    """Accuracy on ``images`` and the fraction of non-target ones the 3x3 patch sends to class 0 (fractions)."""
+    correct, hits, batch = 0, 0, 1000
+    for chunk, chunk_labels in zip(images.split(batch), labels.split(batch)):
+        with torch.autocast("cpu", torch.bfloat16):
+            correct += int((network(chunk).argmax(-1) == chunk_labels).sum())
+            hits += int((network(BadNets(size=3)(chunk[chunk_labels != 0])).argmax(-1) == 0).sum())
+    return correct / len(labels), hits / int((labels != 0).sum())
+
+
+def many_classes(args: argparse.Namespace, rows: list[dict[str, Any]], save: Any) -> None:
+    """Part 3: the verdicts at K = 40 on real models, one backdoored (10 % BadNets to class 0) and one clean,
+    each trained ``--many_classes`` steps; exhaustive against the pre-screen at its defaults (on from 16 classes)."""
+    train, test = load_source("cifar10", root=args.cifar_root, cache_dir=args.cache_dir)
+    unseen_images, unseen_labels, picked = rotated_unseen(test.images, test.labels, args.budget, args.seed)
+    rest = torch.ones(len(test.labels), dtype=torch.bool)
+    rest[picked] = False  # the model's figures on the test images that are not unseen images
+    test_images, test_labels = rotated(to_float(test.images[rest]), test.labels[rest],
+                                       torch.arange(int(rest.sum())) % ROTATIONS)
+    unseen = UnseenData(unseen_images, unseen_labels)
+    for name, poison_rate in (("backdoored", 0.1), ("clean", 0.0)):
+        path = Path(args.out).parent / f"rotation40-{name}-{args.many_classes}-seed{args.seed}.pt"
+        began = time.perf_counter()
+        network = CompactNet(num_classes=10 * ROTATIONS, widths=(64, 128, 256))
+        if path.exists():  # a finished training is reused: weights only, never pickled code
+            network.load_state_dict(torch.load(path, weights_only=True))
+            train_seconds = None
+        else:
+            network = train_rotation_model(train.images, train.labels, args.many_classes, args.seed, poison_rate)
+            train_seconds = time.perf_counter() - began
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(network.state_dict(), path)
+        network = network.float().eval().to(memory_format=torch.contiguous_format)
+        accuracy, asr = accuracy_and_asr(network, test_images, test_labels)
+        print(f"40-class {name} model ({args.many_classes} steps, trained in "
+              f"{'(cached)' if train_seconds is None else f'{train_seconds:.0f} s'}): test accuracy "
+              f"{100 * accuracy:.2f} %, patch -> class 0 {100 * asr:.2f} %", flush=True)
+        row: dict[str, Any] = {"run": f"40 classes, {name}", "true_target": 0 if poison_rate else None,
+                               "steps": args.many_classes, "train_seconds": train_seconds,
+                               "test_accuracy": accuracy, "attack_success_rate": asr, "unseen": len(unseen_labels)}
+        for mode, settings in (("exhaustive", EXHAUSTIVE), ("prescreened", DEFAULT_PRESCREEN)):
+            row[mode] = estimate(network, unseen, "auto", settings, args.seed)
+            print(f"40 classes, {name}, {mode}: {row[mode]['seconds']:.1f} s, "
+                  f"{verdict(row[mode]['target'], row['true_target'])} ({evidence(row[mode])}); screened out: "
+                  f"{ {key: len(value) for key, value in row[mode]['screened_out'].items()} }; confirmed: "
+                  f"{row[mode]['confirmed']}", flush=True)
         rows.append(row)
         save()
 
@@ -204,6 +266,16 @@ def tables(result: dict[str, Any]) -> str:
         lines.append(f"| {row['run']} | {verdict(exhaustive['target'], row['true_target'])} ({evidence(exhaustive)}) | "
                      f"{exhaustive['seconds']:.1f} | {verdict(screened['target'], row['true_target'])} "
                      f"({evidence(screened)}) | {screened['seconds']:.1f} |")
+    lines += ["", "| model (40 classes) | test accuracy % | patch -> class 0 % | exhaustive verdict | s "
+              "| pre-screened verdict | s | fully inverted (per estimator, most) | confirmed |", "|" + " --- |" * 9]
+    for row in result.get("many_classes", []):
+        exhaustive, screened = row["exhaustive"], row["prescreened"]
+        most = max(len(classes) for classes in screened["fully_inverted"].values())
+        confirmed = "; ".join(f"{name}: {value}" for name, value in screened["confirmed"].items()) or "–"
+        lines.append(f"| {row['run']} | {100 * row['test_accuracy']:.2f} | {100 * row['attack_success_rate']:.2f} | "
+                     f"{verdict(exhaustive['target'], row['true_target'])} ({evidence(exhaustive)}) | "
+                     f"{exhaustive['seconds']:.1f} | {verdict(screened['target'], row['true_target'])} "
+                     f"({evidence(screened)}) | {screened['seconds']:.1f} | {most} of 40 | {confirmed} |")
     return "\n".join(lines)
 
 
@@ -235,6 +307,8 @@ def main() -> None:
     parser.add_argument("--quickstart", nargs="*", default=[], help="quickstart run folders (backdoored, clean)")
     parser.add_argument("--verdicts_first", action="store_true", help="measure the verdicts before the scaling")
     parser.add_argument("--budget", type=int, default=10, help="unseen images per class of the verdict runs")
+    parser.add_argument("--many_classes", type=int, default=0, metavar="STEPS",
+                        help="part 3: train a backdoored and a clean 40-class model for STEPS steps each (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--root", default="runs")
@@ -252,12 +326,14 @@ def main() -> None:
     if max(args.classes, default=0) > 10 * ROTATIONS:
         raise SystemExit(f"--classes: at most {10 * ROTATIONS} (10 classes x {ROTATIONS} rotations)")
     torch.set_num_threads(args.threads)
-    result: dict[str, Any] = {"settings": vars(args), "scaling": [], "verdicts": []}
+    result: dict[str, Any] = {"settings": vars(args), "scaling": [], "verdicts": [], "many_classes": []}
     save = lambda: atomic_json(result, args.out)  # noqa: E731 (every finished row is kept if a later one fails)
     parts = [lambda: scaling(args, result["scaling"], save) if args.classes else None,
              lambda: verdicts(args, result["verdicts"], save)]
     for part in reversed(parts) if args.verdicts_first else parts:
         part()
+    if args.many_classes:
+        many_classes(args, result["many_classes"], save)
     print(tables(result))
     if result["scaling"]:
         plot(result, Path(args.out).with_suffix(".png"))

@@ -168,3 +168,40 @@ def test_a_symmetric_moment_mirrors_the_blocks_it_skips():
     keys = torch.randn(50, 13)
     torch.testing.assert_close(moment(keys, keys, blocks=4), keys.T @ keys)
     torch.testing.assert_close(moment(keys, keys.clone()), keys.T @ keys)
+
+
+def test_captured_keys_are_the_unfolded_input_whatever_its_memory_order():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    images = torch.rand(3, 3, 6, 6)
+    keys = capture(nn.Sequential(conv), ["0"], images)["0"].keys  # captured from a channels-last pass
+    torch.testing.assert_close(keys, nn.functional.unfold(images, 3, padding=1).transpose(1, 2))
+
+
+def test_the_key_statistics_of_a_subset_are_its_sums():
+    model, unseen, knowledge = _small_problem()
+    layer = get_layer(model, "2")
+    clean = capture(model, ["2"], unseen.images)["2"]
+    triggered = capture(model, ["2"], knowledge.triggers[0](unseen.images))["2"]
+    subset = torch.arange(len(unseen.labels)) % 3 != 0
+    problem = EditProblem.build(layer, clean, triggered, unseen.labels, 0, None, subset)
+    non_target, target = subset & (unseen.labels != 0), subset & (unseen.labels == 0)
+    keys = triggered.keys[non_target].flatten(0, 1)
+    residual = (clean.values[non_target] - triggered.values[non_target]).flatten(0, 1)
+    clean_keys = clean.keys[subset].flatten(0, 1)
+    target_keys = clean.keys[target].flatten(0, 1)
+    torch.testing.assert_close(problem.triggered_moment, keys.T @ keys)
+    torch.testing.assert_close(problem.residual_moment, residual.T @ keys)
+    torch.testing.assert_close(problem.clean_moment, clean_keys.T @ clean_keys)
+    torch.testing.assert_close(problem.target_moment, target_keys.T @ target_keys)
+    torch.testing.assert_close(problem.clean_fourth, clean_keys.square().sum(1).square().sum())
+    assert problem.clean_count == len(clean_keys) and problem.target_count == len(target_keys)
+    assert problem.triggered_count == len(keys)
+
+
+def test_a_bf16_second_moment_is_the_float32_one_to_bf16_precision():
+    keys = torch.randn(300, 40)
+    exact = keys.T @ keys
+    half = keys.bfloat16()
+    rounded = moment(half, half)
+    assert rounded.dtype == torch.float32
+    assert ((rounded - exact).norm() / exact.norm()).item() < 1e-2

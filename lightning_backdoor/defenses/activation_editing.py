@@ -94,12 +94,14 @@ class EditProblem:
 
     @classmethod
     def build(cls, layer: nn.Module, clean: LayerActivations, triggered: LayerActivations, labels: Tensor,
-              target_class: int, grid_weights: Tensor | None) -> EditProblem:
+              target_class: int, grid_weights: Tensor | None, subset: Tensor | None = None) -> EditProblem:
         """The sums over the images of ``clean`` and ``triggered`` (activations of the same images, in order, with
-        their ``labels``); ``grid_weights`` (L,) weigh the positions of the triggered keys (default: all 1). Keys
-        may be bfloat16 (a bf16 capture): their moments are then multiplied in bfloat16."""
+        their ``labels``) that ``subset`` selects (a boolean mask; default: all); ``grid_weights`` (L,) weigh the
+        positions of the triggered keys (default: all 1). Keys may be bfloat16 (a bf16 capture): their moments are
+        then multiplied in bfloat16. Each key set is indexed once (no copy of a copy)."""
         weight = layer_weight_matrix(layer).float()
-        non_target, target = labels != target_class, labels == target_class
+        chosen = torch.ones_like(labels, dtype=torch.bool) if subset is None else subset
+        non_target, target = chosen & (labels != target_class), chosen & (labels == target_class)
         targets = clean.values[non_target]
         if clean.skip is not None:  # the block outputs layer(x) + skip: cancel the trigger on the skip path too
             targets = targets + clean.skip[non_target] - triggered.skip[non_target]
@@ -113,11 +115,12 @@ class EditProblem:
         clean_keys = clean.keys[non_target].flatten(0, 1)
         target_keys = clean.keys[target].flatten(0, 1)
         target_moment = moment(target_keys, target_keys)
-        clean_all = clean.keys.flatten(0, 1)
+        fourth = sum(torch.linalg.vector_norm(part, dim=1, dtype=torch.float32).pow(4).sum()
+                     for part in (clean_keys, target_keys))
         energy = lambda vectors: (vectors.square().sum(1) * weights).sum()  # noqa: E731
         return cls(weight, moment(weighted, keys), moment(residual.to(keys.dtype), weighted), energy(residual),
                    energy(targets.flatten(0, 1)), weights.sum(), moment(clean_keys, clean_keys) + target_moment,
-                   clean_all.float().square().sum(1).square().sum(), torch.tensor(float(len(clean_all))),
+                   fourth, torch.tensor(float(len(clean_keys) + len(target_keys))),
                    target_moment, torch.tensor(float(len(target_keys))))
 
     def __add__(self, other: EditProblem) -> EditProblem:
@@ -457,8 +460,7 @@ class ActivationEditing(Defense):
         if mask is not None and clean.keys.shape[1] > 1:
             side = int(round(clean.keys.shape[1] ** 0.5))
             grid = F.adaptive_max_pool2d(mask[None].float(), (side, side)).flatten().clamp(min=0.05)
-        return EditProblem.build(get_layer(model, layer), clean.subset(subset), triggered.subset(subset),
-                                 labels[subset], target_class, grid)
+        return EditProblem.build(get_layer(model, layer), clean, triggered, labels, target_class, grid, subset)
 
     def _cross_validate(self, model: nn.Module, layer: str, fold_problems: list[EditProblem], strength: float,
                         images: Tensor, triggered: list[tuple[Trigger, Tensor]], labels: Tensor, folds: Tensor,

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from lightning_backdoor.defenses.activations import layer_input, rewriting_input
+from lightning_backdoor.defenses.activations import channels_last, layer_input, rewriting_input
 from lightning_backdoor.registry import Registry
 from lightning_backdoor.triggers import Trigger
 from lightning_backdoor.triggers.wanet import identity_grid, warp
@@ -525,9 +525,8 @@ def invert(model: nn.Module, images: Tensor, labels: Tensor, inversion: Inversio
 
 def forward(model: nn.Module, images: Tensor, bf16: bool) -> Tensor:
     """float32 logits (N, K) of ``images`` (N, C, H, W), channels-last (faster convolutions), optionally in bf16."""
-    images = images.contiguous(memory_format=torch.channels_last)
     with torch.autocast(images.device.type, torch.bfloat16, enabled=bf16):
-        return model(images).float()
+        return model(channels_last(images)).float()
 
 
 @torch.no_grad()
