@@ -53,7 +53,6 @@ from lightning_backdoor.triggers import BadNets
 ROTATIONS = 4
 EXHAUSTIVE = {"prescreen_steps": None, "early_stop": "all"}
 PRESCREENED = {"prescreen_steps": 20, "prescreen_min_classes": 3}  # at every K (the default pre-screens from 16 classes)
-DEFAULT_PRESCREEN = {"prescreen_steps": 20}  # pre-screened from 16 classes (prescreen_min_classes' default)
 
 
 def rotated(images: Tensor, labels: Tensor, rotation: Tensor) -> tuple[Tensor, Tensor]:
@@ -185,7 +184,7 @@ def accuracy_and_asr(network: torch.nn.Module, images: Tensor, labels: Tensor) -
 
 def many_classes(args: argparse.Namespace, rows: list[dict[str, Any]], save: Any) -> None:
     """Part 3: the verdicts at K = 40 on real models, one backdoored (10 % BadNets to class 0) and one clean,
-    each trained ``--many_classes`` steps; exhaustive against the pre-screen at its defaults (on from 16 classes)."""
+    each trained ``--many_classes`` steps; exhaustive against the pre-screen (``--prescreen_steps``, on from 16 classes)."""
     train, test = load_source("cifar10", root=args.cifar_root, cache_dir=args.cache_dir)
     unseen_images, unseen_labels, picked = rotated_unseen(test.images, test.labels, args.budget, args.seed)
     rest = torch.ones(len(test.labels), dtype=torch.bool)
@@ -213,7 +212,7 @@ def many_classes(args: argparse.Namespace, rows: list[dict[str, Any]], save: Any
         row: dict[str, Any] = {"run": f"40 classes, {name}", "true_target": 0 if poison_rate else None,
                                "steps": args.many_classes, "train_seconds": train_seconds,
                                "test_accuracy": accuracy, "attack_success_rate": asr, "unseen": len(unseen_labels)}
-        for mode, settings in (("exhaustive", EXHAUSTIVE), ("prescreened", DEFAULT_PRESCREEN)):
+        for mode, settings in (("exhaustive", EXHAUSTIVE), ("prescreened", {"prescreen_steps": args.prescreen_steps})):
             if mode not in args.modes:
                 continue
             row[mode] = estimate(network, unseen, "auto", settings, args.seed)
@@ -320,6 +319,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=10, help="unseen images per class of the verdict runs")
     parser.add_argument("--modes", nargs="+", default=["exhaustive", "prescreened"],
                         choices=["exhaustive", "prescreened"], help="the estimations of part 3")
+    parser.add_argument("--prescreen_steps", type=int, default=20, help="part 3's pre-screen (from 16 classes)")
     parser.add_argument("--many_classes", type=int, default=0, metavar="STEPS",
                         help="part 3: train a backdoored and a clean 40-class model for STEPS steps each (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
