@@ -38,7 +38,6 @@ from torch import Tensor, nn
 
 from lightning_backdoor.data.poisoning import apply_trigger, to_float
 from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
-from lightning_backdoor.defenses.activations import channels_last
 from lightning_backdoor.evaluation import evaluate
 from lightning_backdoor.io import atomic_json
 from lightning_backdoor.models import build_model
@@ -97,11 +96,10 @@ def median_seconds(work: Callable[[], Any], repeats: int) -> float:
 
 @torch.no_grad()
 def forward_floor(network: nn.Module, images: Tensor, triggered: Tensor, bf16: bool) -> None:
-    """One clean and one triggered forward pass over the images, in chunks of 500, channels-last, as the edit's
-    captures run."""
+    """One clean and one triggered forward pass over the images, in chunks of 500, as the edit's captures run."""
     with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
         for batch in (*images.split(500), *triggered.split(500)):
-            network(channels_last(batch))
+            network(batch)
 
 
 def edit(network: nn.Module, layer: str, unseen: UnseenData, knowledge: BackdoorKnowledge, bf16: bool,

@@ -173,8 +173,9 @@ def test_a_symmetric_moment_mirrors_the_blocks_it_skips():
 def test_captured_keys_are_the_unfolded_input_whatever_its_memory_order():
     conv = nn.Conv2d(3, 4, 3, padding=1)
     images = torch.rand(3, 3, 6, 6)
-    keys = capture(nn.Sequential(conv), ["0"], images)["0"].keys  # captured from a channels-last pass
-    torch.testing.assert_close(keys, nn.functional.unfold(images, 3, padding=1).transpose(1, 2))
+    for layout in (torch.contiguous_format, torch.channels_last):
+        keys = capture(nn.Sequential(conv), ["0"], images.contiguous(memory_format=layout))["0"].keys
+        torch.testing.assert_close(keys, nn.functional.unfold(images, 3, padding=1).transpose(1, 2))
 
 
 def test_the_key_statistics_of_a_subset_are_its_sums():
