@@ -18,13 +18,17 @@ pre-screened (forced on: these models have 10 classes).
 
 Part 3 (verdicts at 40 classes, ``--many_classes STEPS``): two 40-class models of part 1's kind trained for real
 (STEPS batches each), one backdoored (10 % BadNets to class 0) and one clean; ``--budget`` unseen images of every
-(class, rotation) from CIFAR-10's test split; exhaustive against the pre-screen at its defaults (on from 16
-classes). The models' accuracy and attack success rate are measured on the rest of the test split; the trained
-weights are kept beside ``--out`` and reused by a rerun.
+(class, rotation) from CIFAR-10's test split; exhaustive and/or (``--modes``) pre-screened with
+``--prescreen_steps`` steps (20; the other pre-screen settings at their defaults, so on from 16 classes; parts 1
+and 2 always use ``PRESCREENED``). The models' accuracy and attack success rate are measured on the rest of the
+test split; the trained weights are kept beside ``--out`` (``rotation40-<backdoored|clean>-<STEPS>-seed<S>.pt``)
+and reused by a run with the same folder, steps and seed. ``--classes --attacks`` with no values skip parts 1
+and 2.
 
     python benchmarks/estimation_scaling.py --classes 10 20 40 --attacks badnets blended wanet sig \\
         --quickstart runs/quickstart runs/quickstart-clean
-    python benchmarks/estimation_scaling.py --classes --attacks --many_classes 3000 --out runs/bench/estimation-scaling/k40.json
+    python benchmarks/estimation_scaling.py --classes --attacks --many_classes 3000 \\
+        --out runs/bench/estimation-scaling/k40.json
 
 Prints one markdown table per part and writes every row as JSON (``--out``).
 """
@@ -115,7 +119,9 @@ def estimate(model: torch.nn.Module, unseen: UnseenData, layer: str, settings: d
 
 
 def prescreen_rank(result: dict[str, Any], label: int) -> str:
-    """Where class ``label`` stood among all classes after the pre-screen, per estimator (1: smallest size)."""
+    """Class ``label``'s rank by pre-screen size among all classes, per estimator (1: smallest). The pre-screen's
+    own order (:func:`~lightning_backdoor.defenses.estimation.prescreen_order`) puts classes that already reached the
+    success rate first."""
     ranks = {name: 1 + sum(size < sizes[label] for size in sizes) for name, sizes in result["prescreen_size"].items()}
     return ", ".join(f"{name} {rank}" for name, rank in ranks.items()) or "–"
 
@@ -184,7 +190,8 @@ def accuracy_and_asr(network: torch.nn.Module, images: Tensor, labels: Tensor) -
 
 def many_classes(args: argparse.Namespace, rows: list[dict[str, Any]], save: Any) -> None:
     """Part 3: the verdicts at K = 40 on real models, one backdoored (10 % BadNets to class 0) and one clean,
-    each trained ``--many_classes`` steps; exhaustive against the pre-screen (``--prescreen_steps``, on from 16 classes)."""
+    each trained ``--many_classes`` steps; the estimates ``--modes`` names: exhaustive, and pre-screened with
+    ``--prescreen_steps`` (on from 16 classes)."""
     train, test = load_source("cifar10", root=args.cifar_root, cache_dir=args.cache_dir)
     unseen_images, unseen_labels, picked = rotated_unseen(test.images, test.labels, args.budget, args.seed)
     rest = torch.ones(len(test.labels), dtype=torch.bool)
@@ -274,7 +281,8 @@ def tables(result: dict[str, Any]) -> str:
                      f"{exhaustive['seconds']:.1f} | {verdict(screened['target'], row['true_target'])} "
                      f"({evidence(screened)}) | {screened['seconds']:.1f} |")
     lines += ["", "| model (40 classes) | test accuracy % | patch -> class 0 % | mode | verdict (estimator index/ratio) "
-              "| s | fully inverted (per estimator, most) | class 0's pre-screen rank | confirmed |", "|" + " --- |" * 9]
+              "| s | fully inverted (per estimator, most) | class 0's rank by pre-screen size | confirmed |",
+              "|" + " --- |" * 9]
     for row in result.get("many_classes", []):
         for mode in ("exhaustive", "prescreened"):
             if mode not in row:

@@ -189,10 +189,10 @@ class TriggerEstimator:
             rule); ``class``: each class leaves the batch once its own has.
         prescreen_steps: steps of the pre-screen of every class (e.g. 20, on models of at least
             ``prescreen_min_classes`` classes), or None (the default): every class runs the full inversion (the
-            exhaustive estimate; so does a value >= ``max_steps``). Opt-in: forced onto the six 10-class models of
-            the README, the pre-screen with its close-call confirmation gives the exhaustive verdicts, but no real
-            model of 16 classes or more has been measured, and a target screened out would be a missed backdoor
-            (docs/results/estimation-scaling.md).
+            exhaustive estimate; so does a value >= ``max_steps``). Opt-in and not recommended: forced onto the six
+            10-class models of the README, the pre-screen with its close-call confirmation gives the exhaustive
+            verdicts, but on a real 40-class backdoored model it screened out the true target in four of five
+            inversions, at 20 and at 50 steps (docs/results/estimation-scaling.md).
         prescreen_min_classes: the fewest classes a model must have for the pre-screen to run (below, exhaustive,
             as before the pre-screen existed: with 10 classes it saves at most 40 % of the steps, and the figures
             measured exhaustively on the 10-class models stay as they are; the pre-screen also never runs where K
