@@ -10,7 +10,11 @@ from lightning_backdoor.cli import main
 from lightning_backdoor.defenses import DEFENSES, ActivationEditing, FineTuning
 
 QUICKSTART = ["configs/quickstart.yaml"]
-ONE_EPOCH = ["--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+# One epoch, and only the checkpoint callback: the quickstart's fit-end defense would refuse a model this close to
+# chance (how close depends on how the machine rounds), and the bench defends the cached model itself.
+ONE_EPOCH = ["--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+             '--trainer.callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
+             '"init_args": {"filename": "poisoned", "save_last": false}}]']
 
 
 class CountingFit:
