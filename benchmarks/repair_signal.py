@@ -9,6 +9,12 @@ defense used; the test split is never loaded), ΔCA, ΔTA and ASR minus its floo
 setting; ``--out`` keeps every row as JSON.
 
     python benchmarks/repair_signal.py --cases blended:1 badnets:1 --layers blocks.2.conv2 head --seeds 0 1 2
+
+A case ``rotation40:B`` is the 40-class model of ``benchmarks/estimation_scaling.py --many_classes`` (CIFAR-10
+classes x 4 rotations, 10 % BadNets 3x3 patch to class 0; its weights ``--rotation40``): a data set with many
+classes, where the target class is 1/40 of U. Its unseen images are B per class drawn from CIFAR-10's test split
+(never trained on) by the seed; the held-out images are the rest of the test split, each turned by its index (about
+250 per class).
 """
 
 from __future__ import annotations
@@ -17,15 +23,59 @@ import argparse
 import copy
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+from estimation_scaling import ROTATIONS, rotated, rotated_unseen  # this folder's benchmark: the 40-class problem
+from torch import Tensor
 
 from lightning_backdoor.data.poisoning import apply_trigger, to_float
+from lightning_backdoor.data.sources import load_source
 from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
 from lightning_backdoor.evaluation import evaluate
 from lightning_backdoor.io import atomic_json
+from lightning_backdoor.models import CompactNet
 from lightning_backdoor.runs import instantiate_run
+from lightning_backdoor.triggers import BadNets
+
+# (images per class, seed) -> the unseen images the defense gets, and the held-out evaluation's arguments
+Draw = Callable[[int, int], tuple[UnseenData, tuple[Any, ...]]]
+
+
+def cifar10_case(attack: str, runs: Path) -> tuple[torch.nn.Module, BackdoorKnowledge, Draw]:
+    """A checkpoint of ``benchmarks/train_cifar10.sh``: the network, the attack, and its unseen split's draws."""
+    module, data = instantiate_run(["configs/cifar10/base.yaml", f"configs/cifar10/{attack}.yaml"],
+                                   runs / f"cifar10-{attack}" / "checkpoints" / "poisoned.ckpt")
+
+    def draw(budget: int, seed: int) -> tuple[UnseenData, tuple[Any, ...]]:
+        unseen, held = data.unseen_set(budget, seed), data.held_out_unseen_set(budget, seed)
+        return UnseenData(to_float(unseen.images), unseen.labels), (
+            held.images, held.labels, apply_trigger(data.trigger, held.images), data.attack_labels(held.labels),
+            data.num_classes, data.target_class)
+
+    return module.net.float().eval(), BackdoorKnowledge.of(data.trigger, data.target_class), draw
+
+
+def rotation40_case(weights: Path, cifar_root: str, cache_dir: str) -> tuple[torch.nn.Module, BackdoorKnowledge, Draw]:
+    """The 40-class model (weights only, never pickled code), its 3x3 patch to class 0, and draws from CIFAR-10's
+    test split: B images of every (class, rotation) for the defense, the rest for the held-out evaluation."""
+    network = CompactNet(num_classes=10 * ROTATIONS, widths=(64, 128, 256))
+    network.load_state_dict(torch.load(weights, weights_only=True))
+    trigger, target = BadNets(size=3), 0
+    _, test = load_source("cifar10", root=cifar_root, cache_dir=cache_dir)
+
+    def draw(budget: int, seed: int) -> tuple[UnseenData, tuple[Any, ...]]:
+        images, labels, picked = rotated_unseen(test.images, test.labels, budget, seed)
+        rest = torch.ones(len(test.labels), dtype=torch.bool)
+        rest[picked] = False
+        held, held_labels = rotated(to_float(test.images[rest]), test.labels[rest],
+                                    torch.arange(int(rest.sum())) % ROTATIONS)
+        attack: Tensor = torch.where(held_labels == target, -1, target)  # -1: already the target, not counted
+        return UnseenData(images, labels), (held, held_labels, trigger(held), attack, 10 * ROTATIONS, target)
+
+    return network.float().eval(), BackdoorKnowledge.of(trigger, target), draw
 
 
 
@@ -47,29 +97,33 @@ def main() -> None:
     parser.add_argument("--layers", nargs="+", default=["blocks.2.conv2", "head"])
     parser.add_argument("--variants", nargs="+", default=["none", "pin", "pin@16", "pin@256", "protect@0.9"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--min_images", type=int, default=None, help="the defense's min_images (default: its own)")
     parser.add_argument("--runs", default="runs")
+    parser.add_argument("--rotation40", default="runs/bench/estimation-scaling/rotation40-backdoored-3000-seed0.pt",
+                        help="the 40-class model's weights (case rotation40:B)")
+    parser.add_argument("--cifar_root", default="../shared/data/cifar10")
+    parser.add_argument("--cache_dir", default="runs/cache")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     rows = []
     for case in args.cases:
         attack, budget = case.split(":")
-        module, data = instantiate_run(["configs/cifar10/base.yaml", f"configs/cifar10/{attack}.yaml"],
-                                       Path(args.runs) / f"cifar10-{attack}" / "checkpoints" / "poisoned.ckpt")
-        network = module.net.float().eval()
-        knowledge = BackdoorKnowledge.of(data.trigger, data.target_class)
+        network, knowledge, draw = (rotation40_case(Path(args.rotation40), args.cifar_root, args.cache_dir)
+                                    if attack == "rotation40" else cifar10_case(attack, Path(args.runs)))
+        draws = {seed: draw(int(budget), seed) for seed in args.seeds}
+        before = {seed: evaluate(network, *draws[seed][1]) for seed in args.seeds}
         for layer in args.layers:
             for variant in args.variants:
                 results = []
                 for seed in args.seeds:
-                    unseen, held = data.unseen_set(int(budget), seed), data.held_out_unseen_set(int(budget), seed)
-                    held_out = (held.images, held.labels, apply_trigger(data.trigger, held.images),
-                                data.attack_labels(held.labels), data.num_classes, data.target_class)
+                    unseen, held_out = draws[seed]
                     model = copy.deepcopy(network)
-                    defense = ActivationEditing(layer=layer, seed=seed, **variant_settings(variant))
+                    sizes = {} if args.min_images is None else {"min_images": args.min_images}
+                    defense = ActivationEditing(layer=layer, seed=seed, **sizes, **variant_settings(variant))
                     started = time.perf_counter()
-                    result = defense.defend(model, UnseenData(to_float(unseen.images), unseen.labels), knowledge)
+                    result = defense.defend(model, unseen, knowledge)
                     seconds = time.perf_counter() - started
-                    before, after = evaluate(network, *held_out), evaluate(model, *held_out)
+                    after = evaluate(model, *held_out)
                     repair = result.details.get("repair", {})
                     signal = result.details.get("repair_signal", {})
                     results.append({"attack": attack, "budget": int(budget), "layer": layer, "variant": variant,
@@ -78,15 +132,16 @@ def main() -> None:
                                     "setting": repair.get("setting"),
                                     "repair_signals": repair.get("drop_with_repair"),
                                     "validated": repair.get("validated"),
-                                    "delta_ca": 100 * (after["clean_acc"] - before["clean_acc"]),
-                                    "delta_ta": 100 * (after["target_acc"] - before["target_acc"]),
+                                    "delta_ca": 100 * (after["clean_acc"] - before[seed]["clean_acc"]),
+                                    "delta_ta": 100 * (after["target_acc"] - before[seed]["target_acc"]),
+                                    "ta_before": 100 * before[seed]["target_acc"], "ta_after": 100 * after["target_acc"],
                                     "asr_gap": 100 * (after["asr"] - after["asr_floor"])})
                 rows += results
                 mean = {key: statistics.mean(row[key] for row in results)
-                        for key in ("delta_ca", "delta_ta", "asr_gap", "seconds")}
+                        for key in ("delta_ca", "delta_ta", "asr_gap", "seconds", "ta_before", "ta_after")}
                 signals = [row["signal"] for row in results if row["signal"] is not None]
                 print(f"{attack} {budget}/class {layer} {variant}: held-out ΔCA {mean['delta_ca']:+.2f} "
-                      f"ΔTA {mean['delta_ta']:+.2f} ASR−floor {mean['asr_gap']:+.2f} {mean['seconds']:.2f} s"
+                      f"ΔTA {mean['delta_ta']:+.2f} (TA {mean['ta_before']:.2f} -> {mean['ta_after']:.2f}) ASR−floor {mean['asr_gap']:+.2f} {mean['seconds']:.2f} s"
                       + (f"; signal {', '.join(f'{value:.3f}' for value in signals)}" if signals else "")
                       + (f"; fired {sum(row['repaired'] for row in results)}/{len(results)}, settings "
                          f"{[row['setting'] for row in results]}" if variant != "none" else ""), flush=True)

@@ -106,6 +106,18 @@ def test_a_single_target_image_splits_its_views_between_the_signal_folds() -> No
     assert signal[target].tolist() == [0, 1, 0, 1] and torch.equal(signal[~target], folds[~target])
 
 
+def test_a_single_target_image_gets_two_views_so_that_a_repair_can_be_validated() -> None:
+    # one image per class and min_images=1: the edit alone keeps one view of each image, but the repair's signal
+    # needs the target image's views in both folds, or the fold it fits on holds no target key to pin
+    model, trigger, draw = world(shared=0.9)
+    unseen = unseen_set(draw, 1, seed=0)
+    _, plain = defend(model, trigger, unseen, repair=False)
+    _, result = defend(model, trigger, unseen)
+    assert plain.details["views"] == 1 and result.details["views"] == 2
+    assert result.details["repair_signal"]["held_out_target_images"] == 2  # each fold measured on the other's view
+    assert result.details["repair"]["validated"], result.details["repair"]
+
+
 def test_the_protected_edit_leaves_protected_directions_alone_and_is_optimal_otherwise() -> None:
     generator = torch.Generator().manual_seed(0)
     keys = torch.randn(200, 8, generator=generator, dtype=torch.float64)

@@ -201,7 +201,9 @@ class ActivationEditing(Defense):
             ``None`` picks it from 0.3 … 100 by the same cross-validation on U as ``layer: auto``.
         rank: r of the ``rank_r`` edit.
         min_images: augment U with seeded crop/flip views of every image until it holds at least this many images
-            (1 image per class becomes 4 views; 5 or more per class on CIFAR-10 stay as they are).
+            (1 image per class becomes 4 views; 5 or more per class on CIFAR-10 stay as they are). With ``repair``
+            and a single unseen image of the target class, at least 2 views of every image, whatever the count:
+            the repair's signal holds out views of that image, and a fold without any has nothing to repair with.
         spatial_weight: ``uniform`` over the feature grid, or ``mask``: the trigger's mask pooled to the grid
             (local triggers only; global triggers fall back to uniform).
         repair: run the repair step when the edit hurts the target class. Its signal is cross-fitted on U: the
@@ -305,6 +307,8 @@ class ActivationEditing(Defense):
             raise ValueError(f"repair needs unseen images of the target class {target_class}; the unseen split has "
                              f"none (add unseen images or set repair=false)")
         views = max(1, -(-self.min_images // len(unseen.labels)))
+        if self.repair and int((unseen.labels == target_class).sum()) == 1:
+            views = max(views, 2)  # the repair's signal folds split the single target image's views (_signal_folds)
         images, labels = augmented_views(unseen.images.float(), unseen.labels, views, self.seed)
         info: dict[str, Any] = {"num_unseen": len(unseen.labels), "views": views, "bf16": self.bf16}
         folds = self._folds(labels, views)
