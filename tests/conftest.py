@@ -36,44 +36,72 @@ def finish_wandb_run() -> None:
         wandb.finish()
 
 
-def fitted_once(tmp_path_factory: pytest.TempPathFactory, name: str, *overrides: str) -> Path:
-    """The quickstart config fitted through the real CLI (its DefenseCallback runs at the end) into a folder named
-    ``name``, once per test session. Under pytest-xdist (``-n 2``) the session fixtures run once per worker, so the
-    first worker fits into a folder shared by the workers while the others wait on its lock, then reuse it."""
-    from filelock import FileLock
+#: the quickstart runs that many tests share: fixture name -> folder name and the CLI overrides of its fit
+SHARED_RUNS = {"quickstart_run": ("quickstart", ()),
+               "clean_quickstart_run": ("quickstart-clean", ("--data.init_args.poison_rate=0",))}
 
+
+def fit_quickstart(root: Path, overrides: tuple[str, ...]) -> None:
+    """The quickstart config fitted through the real CLI (its DefenseCallback runs at the end) into ``root``."""
     from lightning_backdoor.cli import main
 
-    def fit(root: Path) -> None:
-        finish_wandb_run()
-        main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), f"--trainer.default_root_dir={root}",
-              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *overrides])
-        finish_wandb_run()
+    finish_wandb_run()
+    main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), f"--trainer.default_root_dir={root}",
+          "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *overrides])
+    finish_wandb_run()
 
-    if os.environ.get("PYTEST_XDIST_WORKER") is None:
-        root = tmp_path_factory.mktemp(name)
-        fit(root)
-        return root
-    shared = tmp_path_factory.getbasetemp().parent / "shared-runs"  # beside the workers' own temporary folders
-    shared.mkdir(exist_ok=True)
-    root, done = shared / name, shared / f"{name}.fitted"
-    with FileLock(shared / f"{name}.lock"):
+
+def fit_shared(shared: Path, fixture: str, wait: bool) -> Path | None:
+    """Under pytest-xdist: the shared run in ``shared`` (a folder all workers see), fitted by whichever worker gets
+    its lock first; ``wait=False``: ``None`` at once when another worker holds the lock."""
+    from filelock import FileLock, Timeout
+
+    name, overrides = SHARED_RUNS[fixture]
+    lock, done = FileLock(shared / f"{name}.lock"), shared / f"{name}.fitted"
+    try:
+        lock.acquire(timeout=-1 if wait else 0)
+    except Timeout:
+        return None
+    try:
         if not done.exists():
-            fit(root)
+            fit_quickstart(shared / name, overrides)
             done.touch()
+    finally:
+        lock.release()
+    return shared / name
+
+
+def shared_run(request: pytest.FixtureRequest, fixture: str) -> Path:
+    """A run of :data:`SHARED_RUNS`, fitted once per test session. Under pytest-xdist (``-n 2``) session fixtures
+    run once per worker, so the first worker to need a run fits it into a folder all workers see; a worker that
+    finds it being fitted first fits another shared run the session's tests need (if no worker has begun it), then
+    waits for its own. Two workers thus fit the two quickstart runs side by side instead of one waiting."""
+    factory: pytest.TempPathFactory = request.getfixturevalue("tmp_path_factory")
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        root = factory.mktemp(SHARED_RUNS[fixture][0])
+        fit_quickstart(root, SHARED_RUNS[fixture][1])
+        return root
+    shared = factory.getbasetemp().parent / "shared-runs"  # beside the workers' own temporary folders
+    shared.mkdir(exist_ok=True)
+    root = fit_shared(shared, fixture, wait=False)
+    if root is None:
+        needed = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
+        for other in sorted(needed & SHARED_RUNS.keys() - {fixture}):
+            fit_shared(shared, other, wait=False)
+        root = fit_shared(shared, fixture, wait=True)
     return root
 
 
 @pytest.fixture(scope="session")
-def quickstart_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def quickstart_run(request: pytest.FixtureRequest) -> Path:
     """The quickstart fitted (poisoned, then defended at the end of fit); shared by tests."""
-    return fitted_once(tmp_path_factory, "quickstart")
+    return shared_run(request, "quickstart_run")
 
 
 @pytest.fixture(scope="session")
-def clean_quickstart_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def clean_quickstart_run(request: pytest.FixtureRequest) -> Path:
     """The quickstart fitted with no poison (poison_rate 0): a clean model of the same data; shared by tests."""
-    return fitted_once(tmp_path_factory, "quickstart-clean", "--data.init_args.poison_rate=0")
+    return shared_run(request, "clean_quickstart_run")
 
 
 @pytest.fixture
