@@ -20,11 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Under pytest-xdist the workers share the cores: each worker, and every process it starts, takes its share of the
 # threads instead of all of them, so that two workers do not oversubscribe two cores
+# (an OMP_NUM_THREADS the user set is kept, for both)
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
-    _THREADS = max(1, len(os.sched_getaffinity(0)) // _WORKERS)
-    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
-    torch.set_num_threads(_THREADS)
+    _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _CORES // _WORKERS)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def finish_wandb_run() -> None:
@@ -52,8 +53,10 @@ def fit_quickstart(root: Path, overrides: tuple[str, ...]) -> None:
 
 
 def fit_shared(shared: Path, fixture: str, wait: bool) -> Path | None:
-    """Under pytest-xdist: the shared run in ``shared`` (a folder all workers see), fitted by whichever worker gets
-    its lock first; ``wait=False``: ``None`` at once when another worker holds the lock."""
+    """Under pytest-xdist: the shared run of ``fixture``, fitted by whichever worker gets its lock first into a new
+    folder under ``shared`` (a folder all workers see; a failed attempt's folder is left behind, and the next worker
+    retries in a fresh one), whose path ``<name>.fitted`` then records; ``wait=False``: ``None`` at once when
+    another worker holds the lock."""
     from filelock import FileLock, Timeout
 
     name, overrides = SHARED_RUNS[fixture]
@@ -64,11 +67,12 @@ def fit_shared(shared: Path, fixture: str, wait: bool) -> Path | None:
         return None
     try:
         if not done.exists():
-            fit_quickstart(shared / name, overrides)
-            done.touch()
+            root = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=shared))
+            fit_quickstart(root, overrides)
+            done.write_text(str(root))
+        return Path(done.read_text())
     finally:
         lock.release()
-    return shared / name
 
 
 def shared_run(request: pytest.FixtureRequest, fixture: str) -> Path:
@@ -86,8 +90,11 @@ def shared_run(request: pytest.FixtureRequest, fixture: str) -> Path:
     root = fit_shared(shared, fixture, wait=False)
     if root is None:
         needed = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
-        for other in sorted(needed & SHARED_RUNS.keys() - {fixture}):
-            fit_shared(shared, other, wait=False)
+        for other in sorted(needed & (SHARED_RUNS.keys() - {fixture})):
+            try:
+                fit_shared(shared, other, wait=False)
+            except Exception:  # noqa: BLE001 - that run's own fixture refits it and reports its error
+                pass
         root = fit_shared(shared, fixture, wait=True)
     return root
 

@@ -63,8 +63,8 @@ def test_two_process_ddp_fit_and_defense_match_one_process(quickstart_run, tmp_p
     assert result.returncode == 0, printed[-4000:]
 
     ddp = json.loads((root / "defense_report.json").read_text())
-    # rank 0 recorded its stack; Lightning gave each rank cores // 2 threads: defend with as many, so that the
-    # float sums run in the same order as on rank 0
+    # rank 0 recorded its stack (Lightning gives each rank cores // 2 threads, or the OMP_NUM_THREADS it inherits):
+    # defend with as many, so that the float sums run in the same order as on rank 0
     threads = json.loads((root / "environment.json").read_text())["torch_threads"]
     own_threads = torch.get_num_threads()
     torch.set_num_threads(threads)

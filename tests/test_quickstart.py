@@ -8,9 +8,9 @@ import torch
 from lightning_backdoor.cli import main
 
 
-def test_quickstart_learns_the_backdoor_and_the_task(quickstart_run, capsys):
-    checkpoint = quickstart_run / "checkpoints" / "poisoned.ckpt"
-    main(["test", "--config", "configs/quickstart.yaml", f"--trainer.default_root_dir={quickstart_run}/test",
+def test_quickstart_learns_the_backdoor_and_the_task(quickstart_run, tmp_path, capsys):
+    checkpoint = quickstart_run / "checkpoints" / "poisoned.ckpt"  # the shared run is only read
+    main(["test", "--config", "configs/quickstart.yaml", f"--trainer.default_root_dir={tmp_path}",
           f"--ckpt_path={checkpoint}", "--trainer.logger=false", "--trainer.enable_progress_bar=false"])
     printed = capsys.readouterr().out
     values = {line.split()[0]: float(line.split()[1]) for line in printed.splitlines()
