@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 _WANDB_TMP = tempfile.mkdtemp(prefix="wandb-tests-")
+atexit.register(shutil.rmtree, _WANDB_TMP, ignore_errors=True)  # each test process removes its own at exit
 os.environ.setdefault("WANDB_MODE", "offline")
 for variable in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
     os.environ.setdefault(variable, _WANDB_TMP)
