@@ -105,6 +105,10 @@ def main() -> None:
     parser.add_argument("--cache_dir", default="runs/cache")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if any(case.startswith("rotation40:") for case in args.cases) and not Path(args.rotation40).is_file():
+        parser.error(f"--rotation40 {args.rotation40} does not exist: make the 40-class model first with "
+                     "python benchmarks/estimation_scaling.py --classes --attacks --many_classes 3000 "
+                     "--out runs/bench/estimation-scaling/k40.json")
     rows = []
     for case in args.cases:
         attack, budget = case.split(":")
