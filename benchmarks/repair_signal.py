@@ -8,6 +8,10 @@ probability on held-out folds of U) and, on the *held-out* unseen images (the un
 defense used; the test split is never loaded), ΔCA, ΔTA and ASR minus its floor. Mean of the seeds, one line per
 setting; ``--out`` keeps every row as JSON.
 
+Two probes, not defenses, show where a head-layer edit's target-class loss sits: ``target_row@A`` scales the
+unrepaired edit's change of the target class's row of the head by A (0: that row left as it was), and
+``target_logit@B`` adds B to the target class's logit of the unrepaired edited model (a bias on that class).
+
     python benchmarks/repair_signal.py --cases blended:1 badnets:1 --layers blocks.2.conv2 head --seeds 0 1 2
 
 A case ``rotation40:B`` is the 40-class model of ``benchmarks/estimation_scaling.py --many_classes`` (CIFAR-10
@@ -34,6 +38,8 @@ from estimation_scaling import ROTATIONS, rotated, rotated_unseen
 from lightning_backdoor.data.poisoning import apply_trigger, attack_labels, to_float
 from lightning_backdoor.data.sources import load_source
 from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
+from lightning_backdoor.defenses.activation_editing import predict_logits
+from lightning_backdoor.defenses.activations import get_layer
 from lightning_backdoor.evaluation import evaluate
 from lightning_backdoor.io import atomic_json
 from lightning_backdoor.models import CompactNet
@@ -79,16 +85,38 @@ def rotation40_case(weights: Path, cifar_root: str, cache_dir: str) -> tuple[tor
 
 
 
+PROBES = ("target_row", "target_logit")
+
+
+def held_out_float(images: torch.Tensor) -> torch.Tensor:
+    """The held-out images as float in [0, 1] (the CIFAR-10 cases hold them as uint8)."""
+    return to_float(images) if images.dtype == torch.uint8 else images
+
+
 def variant_settings(variant: str) -> dict:
     """``none`` (no repair), ``pin`` / ``protect`` (the default repair: fires on its signal), or ``pin@16`` /
-    ``protect@0.9`` (forced on, at that pin weight or protected energy)."""
-    if variant == "none":
+    ``protect@0.9`` (forced on, at that pin weight or protected energy); a probe edits without repair."""
+    if variant == "none" or variant.partition("@")[0] in PROBES:
         return {"repair": False}
     method, _, setting = variant.partition("@")
     if not setting:
         return {"repair_method": method}
     key = "repair_weights" if method == "pin" else "repair_energies"
     return {"repair_method": method, "repair_tolerance": -1.0, key: (float(setting),)}
+
+
+def apply_probe(variant: str, edited: torch.nn.Module, original: torch.nn.Module, layer: str, target: int) -> None:
+    """A probe (``target_row@A``, ``target_logit@B``) on the unrepaired ``edited`` model, in place; nothing for the
+    other variants. ``target_row`` needs ``layer`` to output the logits (one row per class)."""
+    kind, _, value = variant.partition("@")
+    if kind == "target_logit":
+        def shift(module: torch.nn.Module, inputs: Any, logits: torch.Tensor) -> torch.Tensor:
+            return logits + float(value) * torch.nn.functional.one_hot(torch.tensor(target), logits.shape[-1])
+        edited.register_forward_hook(shift)
+    elif kind == "target_row":
+        weight, before = get_layer(edited, layer).weight, get_layer(original, layer).weight
+        with torch.no_grad():
+            weight[target] = before[target] + float(value) * (weight[target] - before[target])
 
 
 def main() -> None:
@@ -105,6 +133,8 @@ def main() -> None:
     parser.add_argument("--cache_dir", default="runs/cache")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if any(variant.startswith("target_row") for variant in args.variants) and args.layers != ["head"]:
+        parser.error("the target_row probe scales a row of the head: give --layers head")
     if any(case.startswith("rotation40:") for case in args.cases) and not Path(args.rotation40).is_file():
         parser.error(f"--rotation40 {args.rotation40} does not exist: make the 40-class model first with "
                      "python benchmarks/estimation_scaling.py --classes --attacks --many_classes 3000 "
@@ -116,6 +146,8 @@ def main() -> None:
                                     if attack == "rotation40" else cifar10_case(attack, Path(args.runs)))
         draws = {seed: draw(int(budget), seed) for seed in args.seeds}
         before = {seed: evaluate(network, *draws[seed][1]) for seed in args.seeds}
+        clean = {seed: held_out_float(draws[seed][1][0]) for seed in args.seeds}
+        logits_before = {seed: predict_logits(network, clean[seed]) for seed in args.seeds}
         for layer in args.layers:
             for variant in args.variants:
                 results = []
@@ -127,10 +159,15 @@ def main() -> None:
                     started = time.perf_counter()
                     result = defense.defend(model, unseen, knowledge)
                     seconds = time.perf_counter() - started
+                    apply_probe(variant, model, network, result.layer, knowledge.target_class)
                     after = evaluate(model, *held_out)
+                    # the change of the target logit on the held-out clean images, of the target class and the others
+                    shift = (predict_logits(model, clean[seed]) - logits_before[seed])[:, knowledge.target_class]
+                    is_target = held_out[1] == knowledge.target_class
                     repair = result.details.get("repair", {})
                     signal = result.details.get("repair_signal", {})
-                    results.append({"attack": attack, "budget": int(budget), "layer": layer, "variant": variant,
+                    results.append({"attack": attack, "budget": int(budget), "layer": layer,
+                                    "edited_layer": result.layer, "variant": variant,
                                     "seed": seed, "seconds": seconds, "signal": signal.get("drop"),
                                     "repaired": result.repaired,
                                     "setting": repair.get("setting"),
@@ -140,17 +177,24 @@ def main() -> None:
                                     "delta_ta": 100 * (after["target_acc"] - before[seed]["target_acc"]),
                                     "ta_before": 100 * before[seed]["target_acc"],
                                     "ta_after": 100 * after["target_acc"],
-                                    "asr_gap": 100 * (after["asr"] - after["asr_floor"])})
+                                    "asr_gap": 100 * (after["asr"] - after["asr_floor"]),
+                                    "target_logit_shift": shift[is_target].mean().item(),
+                                    "others_logit_shift": shift[~is_target].mean().item()})
                 rows += results
                 mean = {key: statistics.mean(row[key] for row in results)
-                        for key in ("delta_ca", "delta_ta", "asr_gap", "seconds", "ta_before", "ta_after")}
+                        for key in ("delta_ca", "delta_ta", "asr_gap", "seconds", "ta_before", "ta_after",
+                                    "target_logit_shift", "others_logit_shift")}
+                repairs = variant != "none" and variant.partition("@")[0] not in PROBES
                 signals = [row["signal"] for row in results if row["signal"] is not None]
                 print(f"{attack} {budget}/class {layer} {variant}: held-out ΔCA {mean['delta_ca']:+.2f} "
                       f"ΔTA {mean['delta_ta']:+.2f} (TA {mean['ta_before']:.2f} -> {mean['ta_after']:.2f}) "
                       f"ASR−floor {mean['asr_gap']:+.2f} {mean['seconds']:.2f} s"
                       + (f"; signal {', '.join(f'{value:.3f}' for value in signals)}" if signals else "")
+                      + (f"; edited {[row['edited_layer'] for row in results]}" if layer == "auto" else "")
+                      + (f"; target logit {mean['target_logit_shift']:+.3f} on the target class's images, "
+                         f"{mean['others_logit_shift']:+.3f} on the others'" if layer == "head" else "")
                       + (f"; applied {sum(row['repaired'] for row in results)}/{len(results)}, settings "
-                         f"{[row['setting'] for row in results]}" if variant != "none" else ""), flush=True)
+                         f"{[row['setting'] for row in results]}" if repairs else ""), flush=True)
     if args.out:
         atomic_json({"rows": rows, "threads": torch.get_num_threads()}, args.out)
 
