@@ -111,7 +111,9 @@ def apply_probe(variant: str, edited: torch.nn.Module, original: torch.nn.Module
     kind, _, value = variant.partition("@")
     if kind == "target_logit":
         def shift(module: torch.nn.Module, inputs: Any, logits: torch.Tensor) -> torch.Tensor:
-            return logits + float(value) * torch.nn.functional.one_hot(torch.tensor(target), logits.shape[-1])
+            shifted = logits.clone()
+            shifted[..., target] += float(value)
+            return shifted
         edited.register_forward_hook(shift)
     elif kind == "target_row":
         weight, before = get_layer(edited, layer).weight, get_layer(original, layer).weight
@@ -122,8 +124,10 @@ def apply_probe(variant: str, edited: torch.nn.Module, original: torch.nn.Module
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=["blended:1", "badnets:1"], help="attack:images_per_class")
-    parser.add_argument("--layers", nargs="+", default=["blocks.2.conv2", "head"])
-    parser.add_argument("--variants", nargs="+", default=["none", "pin", "pin@16", "pin@256", "protect@0.9"])
+    parser.add_argument("--layers", nargs="+", default=["blocks.2.conv2", "head"],
+                        help="layers to edit, or auto (the defense's own choice)")
+    parser.add_argument("--variants", nargs="+", default=["none", "pin", "pin@16", "pin@256", "protect@0.9"],
+                        help="none, pin, protect, pin@W, protect@E, or the probes target_row@A, target_logit@B")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--min_images", type=int, default=None, help="the defense's min_images (default: its own)")
     parser.add_argument("--runs", default="runs")
@@ -133,12 +137,19 @@ def main() -> None:
     parser.add_argument("--cache_dir", default="runs/cache")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    for variant in args.variants:
+        kind, _, value = variant.partition("@")
+        if kind in PROBES:
+            try:
+                float(value)
+            except ValueError:
+                parser.error(f"the probe {variant!r} needs a number: {kind}@0.5")
     if any(variant.startswith("target_row") for variant in args.variants) and args.layers != ["head"]:
         parser.error("the target_row probe scales a row of the head: give --layers head")
     if any(case.startswith("rotation40:") for case in args.cases) and not Path(args.rotation40).is_file():
         parser.error(f"--rotation40 {args.rotation40} does not exist: make the 40-class model first with "
                      "python benchmarks/estimation_scaling.py --classes --attacks --many_classes 3000 "
-                     "--out runs/bench/estimation-scaling/k40.json")
+                     "--out runs/bench/estimation-scaling/k40.json (it writes the default --rotation40)")
     rows = []
     for case in args.cases:
         attack, budget = case.split(":")
