@@ -122,20 +122,21 @@ def apply_probe(variant: str, edited: torch.nn.Module, original: torch.nn.Module
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=["blended:1", "badnets:1"], help="attack:images_per_class")
     parser.add_argument("--layers", nargs="+", default=["blocks.2.conv2", "head"],
                         help="layers to edit, or auto (the defense's own choice)")
     parser.add_argument("--variants", nargs="+", default=["none", "pin", "pin@16", "pin@256", "protect@0.9"],
                         help="none, pin, protect, pin@W, protect@E, or the probes target_row@A, target_logit@B")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="unseen draws (and the views' seed)")
     parser.add_argument("--min_images", type=int, default=None, help="the defense's min_images (default: its own)")
-    parser.add_argument("--runs", default="runs")
+    parser.add_argument("--runs", default="runs", help="folder of the CIFAR-10 cases' runs (cifar10-<attack>)")
     parser.add_argument("--rotation40", default="runs/bench/estimation-scaling/rotation40-backdoored-3000-seed0.pt",
                         help="the 40-class model's weights (case rotation40:B)")
-    parser.add_argument("--cifar_root", default="../shared/data/cifar10")
-    parser.add_argument("--cache_dir", default="runs/cache")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--cifar_root", default="../shared/data/cifar10", help="CIFAR-10 folder (rotation40 cases)")
+    parser.add_argument("--cache_dir", default="runs/cache", help="decoded-image cache")
+    parser.add_argument("--out", default=None, help="JSON file for every row")
     args = parser.parse_args()
     for variant in args.variants:
         kind, _, value = variant.partition("@")
