@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["none", "pin", "pin@16", "pin@256", "protect@0.9"],
                         help="none, pin, protect, pin@W, protect@E, or the probes target_row@A, target_logit@B")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="unseen draws (and the views' seed)")
-    parser.add_argument("--min_images", type=int, default=None, help="the defense's min_images (default: its own)")
+    parser.add_argument("--min_images", type=int, default=None, help="the defense's min_images (None: its own default)")
     parser.add_argument("--runs", default="runs", help="folder of the CIFAR-10 cases' runs (cifar10-<attack>)")
     parser.add_argument("--rotation40", default="runs/bench/estimation-scaling/rotation40-backdoored-3000-seed0.pt",
                         help="the 40-class model's weights (case rotation40:B)")
