@@ -84,7 +84,6 @@ def rotation40_case(weights: Path, cifar_root: str, cache_dir: str) -> tuple[tor
     return network.float().eval(), BackdoorKnowledge.of(trigger, target), draw
 
 
-
 PROBES = ("target_row", "target_logit")
 
 
