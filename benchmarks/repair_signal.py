@@ -146,6 +146,14 @@ def main() -> None:
                 parser.error(f"the probe {variant!r} needs a number: {kind}@0.5")
     if any(variant.startswith("target_row") for variant in args.variants) and args.layers != ["head"]:
         parser.error("the target_row probe scales a row of the head: give --layers head")
+    for case in args.cases:
+        attack, _, budget = case.partition(":")
+        if not budget.isdigit() or int(budget) < 1:
+            parser.error(f"case {case!r}: give attack:images_per_class, e.g. blended:1 or rotation40:5")
+        checkpoint = Path(args.runs) / f"cifar10-{attack}" / "checkpoints" / "poisoned.ckpt"
+        if attack != "rotation40" and not checkpoint.is_file():
+            parser.error(f"case {case!r}: {checkpoint} does not exist: train it first with "
+                         f"bash benchmarks/train_cifar10.sh {attack}")
     if any(case.startswith("rotation40:") for case in args.cases) and not Path(args.rotation40).is_file():
         parser.error(f"--rotation40 {args.rotation40} does not exist: make the 40-class model first with "
                      "python benchmarks/estimation_scaling.py --classes --attacks --many_classes 3000 "
@@ -158,7 +166,8 @@ def main() -> None:
         draws = {seed: draw(int(budget), seed) for seed in args.seeds}
         before = {seed: evaluate(network, *draws[seed][1]) for seed in args.seeds}
         clean = {seed: held_out_float(draws[seed][1][0]) for seed in args.seeds}
-        logits_before = {seed: predict_logits(network, clean[seed]) for seed in args.seeds}
+        logits_before = ({seed: predict_logits(network, clean[seed]) for seed in args.seeds}
+                         if "head" in args.layers else {})
         for layer in args.layers:
             for variant in args.variants:
                 results = []
@@ -172,9 +181,14 @@ def main() -> None:
                     seconds = time.perf_counter() - started
                     apply_probe(variant, model, network, result.layer, knowledge.target_class)
                     after = evaluate(model, *held_out)
-                    # the change of the target logit on the held-out clean images, of the target class and the others
-                    shift = (predict_logits(model, clean[seed]) - logits_before[seed])[:, knowledge.target_class]
-                    is_target = held_out[1] == knowledge.target_class
+                    # at the head: the change of the target logit on the held-out clean images, of the target class
+                    # and of the others
+                    shifts = {"target_logit_shift": None, "others_logit_shift": None}
+                    if layer == "head":
+                        shift = (predict_logits(model, clean[seed]) - logits_before[seed])[:, knowledge.target_class]
+                        is_target = held_out[1] == knowledge.target_class
+                        shifts = {"target_logit_shift": shift[is_target].mean().item(),
+                                  "others_logit_shift": shift[~is_target].mean().item()}
                     repair = result.details.get("repair", {})
                     signal = result.details.get("repair_signal", {})
                     results.append({"attack": attack, "budget": int(budget), "layer": layer,
@@ -188,13 +202,10 @@ def main() -> None:
                                     "delta_ta": 100 * (after["target_acc"] - before[seed]["target_acc"]),
                                     "ta_before": 100 * before[seed]["target_acc"],
                                     "ta_after": 100 * after["target_acc"],
-                                    "asr_gap": 100 * (after["asr"] - after["asr_floor"]),
-                                    "target_logit_shift": shift[is_target].mean().item(),
-                                    "others_logit_shift": shift[~is_target].mean().item()})
+                                    "asr_gap": 100 * (after["asr"] - after["asr_floor"])} | shifts)
                 rows += results
                 mean = {key: statistics.mean(row[key] for row in results)
-                        for key in ("delta_ca", "delta_ta", "asr_gap", "seconds", "ta_before", "ta_after",
-                                    "target_logit_shift", "others_logit_shift")}
+                        for key in ("delta_ca", "delta_ta", "asr_gap", "seconds", "ta_before", "ta_after")}
                 repairs = variant != "none" and variant.partition("@")[0] not in PROBES
                 signals = [row["signal"] for row in results if row["signal"] is not None]
                 print(f"{attack} {budget}/class {layer} {variant}: held-out ΔCA {mean['delta_ca']:+.2f} "
@@ -202,8 +213,9 @@ def main() -> None:
                       f"ASR−floor {mean['asr_gap']:+.2f} {mean['seconds']:.2f} s"
                       + (f"; signal {', '.join(f'{value:.3f}' for value in signals)}" if signals else "")
                       + (f"; edited {[row['edited_layer'] for row in results]}" if layer == "auto" else "")
-                      + (f"; target logit {mean['target_logit_shift']:+.3f} on the target class's images, "
-                         f"{mean['others_logit_shift']:+.3f} on the others'" if layer == "head" else "")
+                      + ("; target logit {:+.3f} on the target class's images, {:+.3f} on the others'".format(
+                          *(statistics.mean(row[key] for row in results)
+                            for key in ("target_logit_shift", "others_logit_shift"))) if layer == "head" else "")
                       + (f"; applied {sum(row['repaired'] for row in results)}/{len(results)}, settings "
                          f"{[row['setting'] for row in results]}" if repairs else ""), flush=True)
     if args.out:
