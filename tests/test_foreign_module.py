@@ -35,9 +35,11 @@ def test_foreign_lightning_module_is_defended_by_the_callback(tmp_path):
     L.seed_everything(0)
     data = PoisonedDataModule(source="digits", trigger=BadNets(size=3), poison_rate=0.1, unseen_per_class=10,
                               batch_size=64)
-    # the callback is all it takes; the layer names are those of this module (torchvision's under "model.")
+    # the callback is all it takes; the layer names are those of this module (torchvision's under "model.").
+    # 8 epochs (seeds 0 and 1, one thread): CA 87-91 %, ASR 100 % before and 1.5-1.9 % after; at 5 epochs one seed
+    # left 46 % ASR
     callback = DefenseCallback(defense=ActivationEditing(layer="model.fc"))
-    trainer = L.Trainer(max_epochs=15, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_epochs=8, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         default_root_dir=tmp_path, callbacks=[callback])
     trainer.fit(TorchvisionClassifier(), datamodule=data)

@@ -121,19 +121,21 @@ def test_bad_prescreen_settings_are_refused_in_one_line(settings: dict, message:
     assert "\n" not in str(error.value)
 
 
-def _estimates(run: Path, overrides: list[str] | None) -> tuple[dict, dict, int | None]:
+def _estimates(run: Path, overrides: list[str] | None, estimators: tuple[str, ...]) -> tuple[dict, dict, int | None]:
     module, data = instantiate_run([QUICKSTART], run / "checkpoints" / "poisoned.ckpt", overrides)
     network = module.net.float().eval()
     unseen_set = data.unseen_set(10)
     unseen = UnseenData(unseen_set.images.float() / 255, unseen_set.labels)
-    exhaustive = TriggerEstimator(progress=False, **EXHAUSTIVE).estimate(network, unseen)
-    screened = TriggerEstimator(progress=False, **PRESCREENED).estimate(network, unseen)
+    exhaustive = TriggerEstimator(progress=False, estimators=estimators, **EXHAUSTIVE).estimate(network, unseen)
+    screened = TriggerEstimator(progress=False, estimators=estimators, **PRESCREENED).estimate(network, unseen)
     return exhaustive.details | {"target": exhaustive.target_class}, screened.details | {
         "target": screened.target_class}, data.target_class
 
 
 def test_the_prescreen_keeps_the_target_and_the_verdict(quickstart_run: Path) -> None:
-    exhaustive, screened, target = _estimates(quickstart_run, None)
+    # the two inversions that flag the quickstart's 3x3 patch (Neural Cleanse and perturbation, on every model
+    # measured: docs/results/estimation-scaling.md), not all five: each estimate takes 5-13 s per inversion
+    exhaustive, screened, target = _estimates(quickstart_run, None, ("neural_cleanse", "perturbation"))
     assert exhaustive["target"] == screened["target"] == target == 0
     # the target is a suspect of every estimator that flags it exhaustively, and flagged by at least one of them
     assert exhaustive["flagged_by"] and set(screened["flagged_by"]) & set(exhaustive["flagged_by"])
