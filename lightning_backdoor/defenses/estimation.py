@@ -207,7 +207,8 @@ class TriggerEstimator:
         bf16: run the inversions' forward passes under bfloat16 autocast (about 2x faster on CPU).
         min_per_class: fewest unseen images of every class the estimation accepts.
         progress: show a progress bar.
-        seed: fixes the initial candidates and the batches.
+        seed: fixes the initial candidates and the batches; every inversion starts its own random stream from it,
+            so an inversion's result does not depend on which other estimators ran before it.
 
     Raises:
         ValueError: (one line) unknown estimators or a setting out of range.
@@ -281,7 +282,6 @@ class TriggerEstimator:
             num_classes = model(images[:1]).shape[-1]
         self.check(num_classes, labels)
         layer = feature_layer(model, layer)
-        generator = torch.Generator().manual_seed(self.seed)
         prescreened = self.prescreens(num_classes)
         details: dict[str, Any] = {"feature_layer": layer, "prescreen_steps": self.prescreen_steps if prescreened
                                    else None,
@@ -293,6 +293,7 @@ class TriggerEstimator:
         try:
             for name in self.estimators:
                 began = time.perf_counter()
+                generator = torch.Generator().manual_seed(self.seed)  # its own stream: the same in any company
                 state = generator.get_state()
                 try:
                     inversion = INVERSIONS[name].create(model, images, num_classes, generator, layer)
