@@ -36,7 +36,7 @@ def test_foreign_lightning_module_is_defended_by_the_callback(tmp_path):
     data = PoisonedDataModule(source="digits", trigger=BadNets(size=3), poison_rate=0.1, unseen_per_class=10,
                               batch_size=64)
     # the callback is all it takes; the layer names are those of this module (torchvision's under "model.").
-    # 8 epochs (seeds 0 and 1, one thread): CA 87-91 %, ASR 100 % before and 1.5-1.9 % after; at 5 epochs one seed
+    # 8 epochs (seeds 0 and 1, one thread): CA 87-91 % before and after, ASR 100 % before and 1.5-1.9 % after; at 5 epochs one seed
     # left 46 % ASR
     callback = DefenseCallback(defense=ActivationEditing(layer="model.fc"))
     trainer = L.Trainer(max_epochs=8, accelerator="cpu", logger=False, enable_checkpointing=False,

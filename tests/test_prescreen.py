@@ -1,6 +1,7 @@
 """Trigger estimation with a pre-screen of every class and the full inversion for the suspects only: the target
-stays among the suspects, the verdicts match the exhaustive estimate's on the quickstart's backdoored and clean
-models, a continued class follows the optimisation it would have followed, and bad settings are refused."""
+stays among the suspects, the verdicts match the exhaustive estimate's on the quickstart's backdoored model (its
+two flagging inversions) and clean model (all five), a continued class follows the optimisation it would have
+followed, and bad settings are refused."""
 
 from __future__ import annotations
 
@@ -133,8 +134,8 @@ def _estimates(run: Path, overrides: list[str] | None, estimators: tuple[str, ..
 
 
 def test_the_prescreen_keeps_the_target_and_the_verdict(quickstart_run: Path) -> None:
-    # the two inversions that flag the quickstart's 3x3 patch (Neural Cleanse and perturbation, on every model
-    # measured: docs/results/estimation-scaling.md), not all five: each estimate takes 5-13 s per inversion
+    # the two inversions that flag the quickstart's 3x3 patch (Neural Cleanse and perturbation on the quickstart
+    # model: docs/results/estimation-scaling.md), not all five: each inversion takes 5-13 s per estimate here
     exhaustive, screened, target = _estimates(quickstart_run, None, ("neural_cleanse", "perturbation"))
     assert exhaustive["target"] == screened["target"] == target == 0
     # the target is a suspect of every estimator that flags it exhaustively, and flagged by at least one of them

@@ -192,7 +192,8 @@ class TriggerEstimator:
             exhaustive estimate; so does a value >= ``max_steps``). Opt-in and not recommended: forced onto the six
             10-class models of the README, the pre-screen with its close-call confirmation gives the exhaustive
             verdicts, but on a real 40-class backdoored model it screened out the true target in four of five
-            inversions, at 20 and at 50 steps (docs/results/estimation-scaling.md).
+            inversions, at 20 and at 50 steps (measured before each inversion had its own random stream;
+            docs/results/estimation-scaling.md).
         prescreen_min_classes: the fewest classes a model must have for the pre-screen to run (below, exhaustive,
             as before the pre-screen existed: with 10 classes it saves at most 40 % of the steps, and the figures
             measured exhaustively on the 10-class models stay as they are; the pre-screen also never runs where K
@@ -207,8 +208,9 @@ class TriggerEstimator:
         bf16: run the inversions' forward passes under bfloat16 autocast (about 2x faster on CPU).
         min_per_class: fewest unseen images of every class the estimation accepts.
         progress: show a progress bar.
-        seed: fixes the initial candidates and the batches; every inversion starts its own random stream from it,
-            so an inversion's result does not depend on which other estimators ran before it.
+        seed: fixes the initial candidates and the batches. Each inversion draws from its own stream, seeded by
+            ``seed`` and its place in the registry (Neural Cleanse, the first, by ``seed`` itself): its result does
+            not depend on which other estimators ran before it, and no two inversions draw the same start or batches.
 
     Raises:
         ValueError: (one line) unknown estimators or a setting out of range.
@@ -293,7 +295,7 @@ class TriggerEstimator:
         try:
             for name in self.estimators:
                 began = time.perf_counter()
-                generator = torch.Generator().manual_seed(self.seed)  # its own stream: the same in any company
+                generator = inversion_generator(self.seed, name)  # independent of the estimators before it
                 state = generator.get_state()
                 try:
                     inversion = INVERSIONS[name].create(model, images, num_classes, generator, layer)
@@ -395,6 +397,12 @@ class TriggerEstimator:
         sizes[kept] = result.sizes[kept].double()
         screened_out = tuple(int(label) for label in order if int(label) not in kept.tolist())
         return Screening(sizes.float(), result, candidates, references, screened_out, prescreen_sizes, shrink)
+
+
+def inversion_generator(seed: int, name: str) -> torch.Generator:
+    """The random stream of the inversion ``name`` (a name of ``INVERSIONS``): seeded by ``seed`` plus a large prime
+    times the inversion's place in the registry, so that each inversion has its own stream whatever ran before it."""
+    return torch.Generator().manual_seed(seed + 1_000_003 * list(INVERSIONS).index(name))
 
 
 def prescreen_order(sizes: Tensor, succeeded: Tensor) -> list[int]:
