@@ -192,8 +192,8 @@ class TriggerEstimator:
             exhaustive estimate; so does a value >= ``max_steps``). Opt-in and not recommended: forced onto the six
             10-class models of the README, the pre-screen with its close-call confirmation gives the exhaustive
             verdicts, but on a real 40-class backdoored model it screened out the true target in four of five
-            inversions, at 20 and at 50 steps (measured before each inversion had its own random stream;
-            docs/results/estimation-scaling.md).
+            inversions, at 20 and at 50 steps, and in all five with each inversion on its own random stream
+            (docs/results/estimation-scaling.md).
         prescreen_min_classes: the fewest classes a model must have for the pre-screen to run (below, exhaustive,
             as before the pre-screen existed: with 10 classes it saves at most 40 % of the steps, and the figures
             measured exhaustively on the 10-class models stay as they are; the pre-screen also never runs where K
