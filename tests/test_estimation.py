@@ -123,6 +123,7 @@ def test_an_inversion_gives_the_same_result_alone_and_after_others() -> None:
     assert other_seed["trigger_size"]["feature"] != alone["trigger_size"]["feature"]  # the seed does reach it
     seeds = {inversion_generator(3, name).initial_seed() for name in INVERSIONS}
     assert len(seeds) == len(INVERSIONS) and inversion_generator(3, "neural_cleanse").initial_seed() == 3
+    assert inversion_generator(2 ** 64 - 1, "feature").initial_seed() < 2 ** 64  # the largest seed still has streams
 
 
 def test_a_model_with_one_output_class_is_refused() -> None:

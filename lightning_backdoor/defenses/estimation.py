@@ -241,6 +241,10 @@ class TriggerEstimator:
                              f"runs the full inversion)")
         if confirm_ratio < 0:
             raise ValueError(f"confirm_ratio={confirm_ratio} must be >= 0 (0: every pre-screened flag is confirmed)")
+        if not -2 ** 63 <= seed < 2 ** 64:
+            raise ValueError(f"seed={seed} must be in [-2**63, 2**64), torch's range of seeds")
+        if len(set(estimators)) < len(estimators):
+            raise ValueError(f"estimators={tuple(estimators)} names an estimator twice; name each once")
         if candidates < 1 or references < 0 or candidate_margin < 0:
             raise ValueError(f"candidates={candidates} must be >= 1, references={references} and "
                              f"candidate_margin={candidate_margin} >= 0")
@@ -400,9 +404,11 @@ class TriggerEstimator:
 
 
 def inversion_generator(seed: int, name: str) -> torch.Generator:
-    """The random stream of the inversion ``name`` (a name of ``INVERSIONS``): seeded by ``seed`` plus a large prime
-    times the inversion's place in the registry, so that each inversion has its own stream whatever ran before it."""
-    return torch.Generator().manual_seed(seed + 1_000_003 * list(INVERSIONS).index(name))
+    """The random stream of the inversion ``name`` (a name of ``INVERSIONS``): the first inversion's is seeded by
+    ``seed`` itself, each later one's by ``seed`` plus a large prime times its place in the registry (modulo 2**64,
+    within torch's range), so that each inversion has its own stream whatever ran before it."""
+    place = list(INVERSIONS).index(name)
+    return torch.Generator().manual_seed(seed if place == 0 else (seed + 1_000_003 * place) % 2 ** 64)
 
 
 def prescreen_order(sizes: Tensor, succeeded: Tensor) -> list[int]:
