@@ -123,7 +123,14 @@ def test_an_inversion_gives_the_same_result_alone_and_after_others() -> None:
     assert other_seed["trigger_size"]["feature"] != alone["trigger_size"]["feature"]  # the seed does reach it
     seeds = {inversion_generator(3, name).initial_seed() for name in INVERSIONS}
     assert len(seeds) == len(INVERSIONS) and inversion_generator(3, "neural_cleanse").initial_seed() == 3
-    assert inversion_generator(2 ** 64 - 1, "feature").initial_seed() < 2 ** 64  # the largest seed still has streams
+    assert inversion_generator(2 ** 63 - 1, "feature").initial_seed() < 2 ** 64  # the largest seed has streams too
+
+
+@pytest.mark.parametrize("seed", [-1, 2 ** 63, 1.5, True])
+def test_the_edit_refuses_a_seed_the_estimation_could_not_take(seed) -> None:
+    with pytest.raises(ValueError, match=r"must be an integer in \[0, 2\*\*63\)") as error:
+        ActivationEditing(seed=seed)
+    assert "\n" not in str(error.value)
 
 
 def test_a_model_with_one_output_class_is_refused() -> None:

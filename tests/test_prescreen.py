@@ -115,8 +115,13 @@ def test_a_close_call_is_confirmed_by_the_exhaustive_inversion() -> None:
     ({"references": -1}, r"references=-1 and candidate_margin=0.05 >= 0"),
     ({"confirm_ratio": -0.1}, r"confirm_ratio=-0.1 must be >= 0"),
     ({"early_stop": "never"}, r"early_stop='never' must be 'class'"),
-    ({"seed": 2 ** 64}, r"seed=18446744073709551616 must be in \[-2\*\*63, 2\*\*64\)"),
+    ({"seed": 2 ** 63}, r"seed=9223372036854775808 must be an integer in \[0, 2\*\*63\)"),
+    ({"seed": -1}, r"seed=-1 must be an integer"),
+    ({"seed": 1.5}, r"seed=1.5 must be an integer"),
+    ({"seed": True}, r"seed=True must be an integer"),
     ({"estimators": ("feature", "blend", "feature")}, r"names an estimator twice"),
+    ({"estimators": "feature"}, r"estimators='feature' must name one or more estimators as a list"),
+    ({"estimators": ()}, r"estimators=\(\) must name one or more"),
 ])
 def test_bad_prescreen_settings_are_refused_in_one_line(settings: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message) as error:

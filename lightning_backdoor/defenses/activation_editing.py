@@ -249,6 +249,9 @@ class ActivationEditing(Defense):
         self.repair_weights, self.repair_energies = tuple(repair_weights), tuple(repair_energies)
         if chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size} must be >= 1 image")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+            raise ValueError(f"seed={seed!r} must be an integer in [0, 2**63) (it also seeds the trigger estimation "
+                             f"when the trigger is unknown)")
         self.candidates, self.seed, self.bf16, self.chunk_size = candidates, seed, bf16, chunk_size
 
     def defend(self, model: nn.Module, unseen: UnseenData, knowledge: BackdoorKnowledge | None) -> DefenseResult:

@@ -223,8 +223,11 @@ class TriggerEstimator:
                  prescreen_min_classes: int = 16, candidates: int = 3, candidate_margin: float = 0.05,
                  references: int = 2, confirm_ratio: float = 0.15, bf16: bool = True,
                  min_per_class: int = 5, progress: bool = True, seed: int = 0) -> None:
+        if isinstance(estimators, str) or not estimators:
+            raise ValueError(f"estimators={estimators!r} must name one or more estimators as a list, e.g. "
+                             f"['feature']; known: {', '.join(INVERSIONS)}")
         unknown = [name for name in estimators if name not in INVERSIONS]
-        if unknown or not estimators:
+        if unknown:
             raise ValueError(f"unknown trigger estimator(s) {unknown}; known: {', '.join(INVERSIONS)}")
         if not 0 < max_size_ratio <= 1:
             raise ValueError(f"max_size_ratio={max_size_ratio} must be in (0, 1]: a flagged trigger is at most the "
@@ -241,8 +244,8 @@ class TriggerEstimator:
                              f"runs the full inversion)")
         if confirm_ratio < 0:
             raise ValueError(f"confirm_ratio={confirm_ratio} must be >= 0 (0: every pre-screened flag is confirmed)")
-        if not -2 ** 63 <= seed < 2 ** 64:
-            raise ValueError(f"seed={seed} must be in [-2**63, 2**64), torch's range of seeds")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+            raise ValueError(f"seed={seed!r} must be an integer in [0, 2**63)")
         if len(set(estimators)) < len(estimators):
             raise ValueError(f"estimators={tuple(estimators)} names an estimator twice; name each once")
         if candidates < 1 or references < 0 or candidate_margin < 0:
@@ -404,11 +407,10 @@ class TriggerEstimator:
 
 
 def inversion_generator(seed: int, name: str) -> torch.Generator:
-    """The random stream of the inversion ``name`` (a name of ``INVERSIONS``): the first inversion's is seeded by
-    ``seed`` itself, each later one's by ``seed`` plus a large prime times its place in the registry (modulo 2**64,
-    within torch's range), so that each inversion has its own stream whatever ran before it."""
-    place = list(INVERSIONS).index(name)
-    return torch.Generator().manual_seed(seed if place == 0 else (seed + 1_000_003 * place) % 2 ** 64)
+    """The random stream of the inversion ``name`` (a name of ``INVERSIONS``), for ``seed`` in [0, 2**63): seeded by
+    ``seed`` plus a large prime times the inversion's place in the registry (the first, Neural Cleanse, by ``seed``
+    itself), so that each inversion has its own stream whatever ran before it."""
+    return torch.Generator().manual_seed(seed + 1_000_003 * list(INVERSIONS).index(name))
 
 
 def prescreen_order(sizes: Tensor, succeeded: Tensor) -> list[int]:
