@@ -217,7 +217,7 @@ class ActivationEditing(Defense):
         repair_weights: the pin weights the repair tries, in order.
         repair_energies: the energy fractions ``protect`` tries, in order.
         candidates: how many of the last editable layers ``auto`` tries.
-        seed: fixes the augmented views.
+        seed: an integer in [0, 2**63); fixes the augmented views (and the trigger estimation's streams).
         bf16: run the model under bfloat16 autocast while collecting keys and checking the edit on U, and multiply
             the key moments in bfloat16 (float32 sums; docs/results/edit-cost.md measures the error and its effect);
             the edit itself is solved and applied in float32.

@@ -208,9 +208,10 @@ class TriggerEstimator:
         bf16: run the inversions' forward passes under bfloat16 autocast (about 2x faster on CPU).
         min_per_class: fewest unseen images of every class the estimation accepts.
         progress: show a progress bar.
-        seed: fixes the initial candidates and the batches. Each inversion draws from its own stream, seeded by
-            ``seed`` and its place in the registry (Neural Cleanse, the first, by ``seed`` itself): its result does
-            not depend on which other estimators ran before it, and no two inversions draw the same start or batches.
+        seed: an integer in [0, 2**63); fixes the initial candidates and the batches. Each inversion draws from
+            its own stream, seeded by ``seed`` and its place in the registry (Neural Cleanse, the first, by ``seed``
+            itself): its result does not depend on which other estimators ran before it, and no two inversions draw
+            the same start or batches.
 
     Raises:
         ValueError: (one line) unknown estimators or a setting out of range.
