@@ -18,7 +18,8 @@ from lightning_backdoor.data.augment import random_crop, random_flip
 from lightning_backdoor.defenses.activations import (LayerActivations, auto_candidates, capture, capture_with_logits,
                                                      editable_layers, get_layer, layer_weight_matrix,
                                                      run_with_hooks)
-from lightning_backdoor.defenses.base import DEFENSES, BackdoorKnowledge, Defense, DefenseResult, UnseenData
+from lightning_backdoor.defenses.base import (DEFENSES, BackdoorKnowledge, Defense, DefenseResult, UnseenData,
+                                             check_seed)
 from lightning_backdoor.defenses.editing import (closed_form_edit, key_subspace, ledoit_wolf, moment,
                                                 protected_edit, rank_r_edit)
 from lightning_backdoor.defenses.inversion import FeatureTrigger
@@ -249,9 +250,7 @@ class ActivationEditing(Defense):
         self.repair_weights, self.repair_energies = tuple(repair_weights), tuple(repair_energies)
         if chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size} must be >= 1 image")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-            raise ValueError(f"seed={seed!r} must be an integer in [0, 2**63) (it also seeds the trigger estimation "
-                             f"when the trigger is unknown)")
+        check_seed(seed, " (it also seeds the trigger estimation when the trigger is unknown)")
         self.candidates, self.seed, self.bf16, self.chunk_size = candidates, seed, bf16, chunk_size
 
     def defend(self, model: nn.Module, unseen: UnseenData, knowledge: BackdoorKnowledge | None) -> DefenseResult:

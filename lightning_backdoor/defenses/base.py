@@ -20,6 +20,14 @@ from lightning_backdoor.triggers import Trigger
 DEFENSES: Registry[type[Defense]] = Registry("defense")
 
 
+def check_seed(seed: object, note: str = "") -> None:
+    """Raise a one-line ``ValueError`` unless ``seed`` is an integer in [0, 2**63), the seeds the defenses take (a
+    bool, float or negative seed would fail inside ``torch.Generator.manual_seed`` after work, or alias another);
+    ``note`` is appended to the message."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed={seed!r} must be an integer in [0, 2**63){note}")
+
+
 @dataclass(frozen=True)
 class UnseenData:
     """The defender's clean data: images (N, C, H, W) float pixels in [0, 1] and labels (N,) int64.

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_backdoor.defenses.activations import editable_layers, get_layer
-from lightning_backdoor.defenses.base import UnseenData
+from lightning_backdoor.defenses.base import UnseenData, check_seed
 from lightning_backdoor.defenses.inversion import (INVERSIONS, EarlyStop, EstimatedTrigger, Inversion, InversionResult,
                                                   InversionRun, NotApplicable)
 
@@ -245,8 +245,7 @@ class TriggerEstimator:
                              f"runs the full inversion)")
         if confirm_ratio < 0:
             raise ValueError(f"confirm_ratio={confirm_ratio} must be >= 0 (0: every pre-screened flag is confirmed)")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-            raise ValueError(f"seed={seed!r} must be an integer in [0, 2**63)")
+        check_seed(seed)
         if len(set(estimators)) < len(estimators):
             raise ValueError(f"estimators={tuple(estimators)} names an estimator twice; name each once")
         if candidates < 1 or references < 0 or candidate_margin < 0:
