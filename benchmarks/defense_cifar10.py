@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 model = copy.deepcopy(network)
                 defense = ActivationEditing(layer=args.layer, method=args.method, strength=args.strength or None,
                                             rank=args.rank, min_images=args.min_images, repair=not args.no_repair,
-                                            spatial_weight=args.spatial_weight, seed=seed)
+                                            spatial_weight=args.spatial_weight, seed=seed,
+                                            batchnorm_prior=args.batchnorm_prior)
                 torch.manual_seed(seed)
                 result = defense.defend(model, UnseenData(images, unseen.labels),
                                         BackdoorKnowledge.of(data.trigger, data.target_class))
@@ -119,6 +120,8 @@ def main() -> None:
     parser.add_argument("--min_images", type=int, default=ActivationEditing().min_images)
     parser.add_argument("--spatial_weight", default="uniform", choices=["uniform", "mask"])
     parser.add_argument("--no_repair", action="store_true")
+    parser.add_argument("--batchnorm_prior", type=float, default=0.0,
+                        help="weight of the BatchNorm prior in the preserved key moment (0: Ledoit-Wolf, the default)")
     parser.add_argument("--selection", action="store_true",
                         help="evaluate on the held-out unseen images only, never the test set: for choosing settings")
     parser.add_argument("--bf16", action="store_true",

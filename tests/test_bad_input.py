@@ -151,9 +151,10 @@ def test_bad_input(workspace, tmp_path, quickstart_run, capsys, subcommand, argu
     assert snapshot(tmp_path, quickstart_run) == before
 
 
-@pytest.mark.parametrize("case", ["poison_rate_out_of_range", "unknown_trigger", "unknown_layer"])
+@pytest.mark.parametrize("case", ["unknown_trigger", "unknown_layer"])
 def test_bad_input_through_the_console_script(workspace, tmp_path, case):
-    """A real process: stderr ends with our one line, no traceback, exit code 2."""
+    """A real process: stderr ends with our one line, no traceback, exit code 2: a refusal while parsing and one
+    after the model is built (a value refused after parsing: tests/test_cli_output.py's poison_rate=1.5)."""
     _, subcommand, arguments, message = next(row for row in CASES if row[0] == case)
     arguments = [argument.format(**workspace) for argument in arguments]
     env = os.environ | {"PYTHONPATH": str(ROOT)}

@@ -1,0 +1,125 @@
+"""The BatchNorm prior of the preserved key moment (lightning_backdoor/defenses/prior.py): its algebra against a
+hand-computed Gaussian expectation, which BatchNorm feeds a layer, the refusals, and the defense with it on the
+quickstart's backdoored model."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_backdoor.data.poisoning import to_float
+from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
+from lightning_backdoor.defenses.activation_editing import EditProblem
+from lightning_backdoor.defenses.editing import closed_form_edit
+from lightning_backdoor.defenses.prior import batchnorm_prior, feeding_batchnorm
+from lightning_backdoor.evaluation import evaluate
+from lightning_backdoor.models import CompactNet
+from lightning_backdoor.runs import instantiate_run
+from lightning_backdoor.triggers import BadNets
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def relu_moments(shift: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """E[relu(y)] and E[relu(y)²] for y ~ N(shift, scale²), in closed form."""
+    ratio = shift / scale
+    cdf = 0.5 * (1 + torch.erf(ratio / math.sqrt(2)))
+    pdf = torch.exp(-ratio.square() / 2) / math.sqrt(2 * math.pi)
+    return shift * cdf + scale * pdf, (shift.square() + scale.square()) * cdf + shift * scale * pdf
+
+
+def test_the_prior_is_the_gaussian_expectation_of_the_keys():
+    """BatchNorm -> ReLU -> 1x1 conv: each key is the channel vector at one position, so the prior's diagonal is
+    E[relu(y_c)²] and its off-diagonal E[relu(y_c)] E[relu(y_c')], y_c ~ N(β_c, γ_c²) (γ's sign does not matter)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 1)).eval()
+    shift, scale = torch.tensor([0.5, -1.0, 0.0, 2.0]), torch.tensor([1.0, -2.0, 0.3, 0.5])
+    with torch.no_grad():
+        model[1].bias.copy_(shift)
+        model[1].weight.copy_(scale)
+    prior, norm = batchnorm_prior(model, "3", torch.rand(7, 3, 8, 8), samples=2048)
+    assert norm == "1" and prior.shape == (4, 4)
+    mean, square = relu_moments(shift, scale.abs())
+    expected = torch.outer(mean, mean)
+    expected.diagonal().copy_(square)
+    assert torch.allclose(prior, expected, rtol=0.03, atol=1e-3), (prior, expected)
+
+
+def test_the_prior_is_seeded_and_does_not_change_the_model():
+    model = CompactNet(10, widths=(8, 16, 16)).eval()
+    state = copy.deepcopy(model.state_dict())
+    images = torch.rand(5, 3, 32, 32)
+    first, _ = batchnorm_prior(model, "blocks.2.conv2", images, samples=32, seed=3)
+    again, _ = batchnorm_prior(model, "blocks.2.conv2", images, samples=32, seed=3)
+    other, _ = batchnorm_prior(model, "blocks.2.conv2", images, samples=32, seed=4)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
+
+
+def test_the_batchnorm_feeding_each_layer_is_the_last_one_run_before_it():
+    model = CompactNet(10, widths=(8, 16, 16)).eval()
+    image = torch.rand(1, 3, 32, 32)
+    assert feeding_batchnorm(model, "blocks.2.conv2", image) == "blocks.2.norm1"
+    assert feeding_batchnorm(model, "blocks.2.conv1", image) == "blocks.1.norm2"
+    assert feeding_batchnorm(model, "head", image) == "blocks.2.norm2"
+    with pytest.raises(ValueError, match="needs a BatchNorm layer before the edited layer 'stem.conv'"):
+        feeding_batchnorm(model, "stem.conv", image)
+
+
+def test_the_full_weight_replaces_the_clean_moment_by_the_prior():
+    """w = 1: the edit is the closed form with the prior as the preserved moment, whatever the clean keys."""
+    torch.manual_seed(0)
+    d, c_out = 6, 3
+    keys, triggered = torch.randn(40, d), torch.randn(30, d) + 1
+    residual, prior = torch.randn(30, c_out), torch.eye(d) * 2 + 0.1
+    problem = EditProblem(torch.randn(c_out, d), triggered.T @ triggered, residual.T @ triggered,
+                          residual.square().sum(), residual.square().sum(), torch.tensor(30.0), keys.T @ keys,
+                          keys.norm(dim=1).pow(4).sum(), torch.tensor(40.0), torch.zeros(d, d), torch.tensor(0.0),
+                          prior=prior, prior_weight=1.0)
+    expected = closed_form_edit(triggered.T @ triggered / 30, residual.T @ triggered / 30, prior, 10.0)
+    assert torch.allclose(problem.solve("closed_form", 10.0, 4), expected, atol=1e-6)
+    mixed = replace(problem, prior_weight=0.5).solve("closed_form", 10.0, 4)
+    expected_mixed = closed_form_edit(triggered.T @ triggered / 30, residual.T @ triggered / 30,
+                                      0.5 * keys.T @ keys / 40 + 0.5 * prior, 10.0)
+    assert torch.allclose(mixed, expected_mixed, atol=1e-6)
+    both = problem + problem  # sums add up, the prior and its weight stay
+    assert both.prior is prior and both.prior_weight == 1.0 and torch.equal(both.clean_count, torch.tensor(80.0))
+
+
+@pytest.mark.parametrize("weight", [-0.1, 1.5, True, float("nan")])
+def test_a_weight_outside_0_1_is_refused_at_construction(weight):
+    with pytest.raises(ValueError, match="batchnorm_prior=.* must be a weight in \\[0, 1\\]"):
+        ActivationEditing(batchnorm_prior=weight)
+
+
+def test_a_layer_without_a_batchnorm_before_it_is_refused_before_any_work():
+    model = CompactNet(10, widths=(8, 16, 16)).eval()
+    unseen = UnseenData(torch.rand(20, 3, 32, 32), torch.arange(10).repeat(2))
+    with pytest.raises(ValueError, match="'stem.conv'; none runs before it"):
+        ActivationEditing(layer="stem.conv", batchnorm_prior=0.5).defend(
+            model, unseen, BackdoorKnowledge.of(BadNets(size=3), 0))
+
+
+def test_the_defense_with_the_prior_removes_the_quickstart_backdoor(quickstart_run: Path):
+    module, data = instantiate_run([str(ROOT / "configs" / "quickstart.yaml")],
+                                   quickstart_run / "checkpoints" / "poisoned.ckpt")
+    network = module.net.float().eval()
+    unseen = data.unseen_set(1, 0)  # one image per class: where the prior is meant to help
+    images, labels, triggered, attack_labels = data.test_dataset().tensors
+    test = (images, labels, triggered, attack_labels, data.num_classes, data.target_class)
+    before = evaluate(network, *test)
+    model = copy.deepcopy(network)
+    result = ActivationEditing(layer="blocks.2.conv2", batchnorm_prior=0.5).defend(
+        model, UnseenData(to_float(unseen.images), unseen.labels), BackdoorKnowledge.of(data.trigger, 0))
+    after = evaluate(model, *test)
+    assert result.details["batchnorm_prior"] == {"weight": 0.5, "norms": {"blocks.2.conv2": "blocks.2.norm1"}}
+    assert before["asr"] > 0.9 and after["asr"] <= after["asr_floor"] + 0.02, after
+    assert after["clean_acc"] >= before["clean_acc"] - 0.01, (before, after)
