@@ -94,7 +94,7 @@ def test_the_full_weight_replaces_the_clean_moment_by_the_prior():
     assert both.prior is prior and both.prior_weight == 1.0 and torch.equal(both.clean_count, torch.tensor(80.0))
 
 
-@pytest.mark.parametrize("weight", [-0.1, 1.5, True, float("nan")])
+@pytest.mark.parametrize("weight", [-0.1, 1.5, True, float("nan"), "0.5", None])
 def test_a_weight_outside_0_1_is_refused_at_construction(weight):
     with pytest.raises(ValueError, match="batchnorm_prior=.* must be a weight in \\[0, 1\\]"):
         ActivationEditing(batchnorm_prior=weight)

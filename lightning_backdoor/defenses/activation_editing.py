@@ -263,7 +263,8 @@ class ActivationEditing(Defense):
         if chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size} must be >= 1 image")
         check_seed(seed, " (it also seeds the trigger estimation when the trigger is unknown)")
-        if isinstance(batchnorm_prior, bool) or not 0 <= batchnorm_prior <= 1:
+        if (isinstance(batchnorm_prior, bool) or not isinstance(batchnorm_prior, (int, float))
+                or not 0 <= batchnorm_prior <= 1):
             raise ValueError(f"batchnorm_prior={batchnorm_prior!r} must be a weight in [0, 1] (0: no prior)")
         self.batchnorm_prior = float(batchnorm_prior)
         self.candidates, self.seed, self.bf16, self.chunk_size = candidates, seed, bf16, chunk_size
