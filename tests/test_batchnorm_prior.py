@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from lightning_backdoor.data.poisoning import to_float
-from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
+from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, EstimateFirst, UnseenData
 from lightning_backdoor.defenses.activation_editing import EditProblem
 from lightning_backdoor.defenses.editing import closed_form_edit
-from lightning_backdoor.defenses.prior import batchnorm_prior, feeding_batchnorm
+from lightning_backdoor.defenses.estimation import TriggerEstimator
+from lightning_backdoor.defenses.prior import batchnorm_key_prior, feeding_batchnorm
 from lightning_backdoor.evaluation import evaluate
 from lightning_backdoor.models import CompactNet
 from lightning_backdoor.runs import instantiate_run
@@ -44,7 +45,7 @@ def test_the_prior_is_the_gaussian_expectation_of_the_keys():
     with torch.no_grad():
         model[1].bias.copy_(shift)
         model[1].weight.copy_(scale)
-    prior, norm = batchnorm_prior(model, "3", torch.rand(7, 3, 8, 8), samples=2048)
+    prior, norm = batchnorm_key_prior(model, "3", torch.rand(7, 3, 8, 8), samples=2048)
     assert norm == "1" and prior.shape == (4, 4)
     mean, square = relu_moments(shift, scale.abs())
     expected = torch.outer(mean, mean)
@@ -56,9 +57,9 @@ def test_the_prior_is_seeded_and_does_not_change_the_model():
     model = CompactNet(10, widths=(8, 16, 16)).eval()
     state = copy.deepcopy(model.state_dict())
     images = torch.rand(5, 3, 32, 32)
-    first, _ = batchnorm_prior(model, "blocks.2.conv2", images, samples=32, seed=3)
-    again, _ = batchnorm_prior(model, "blocks.2.conv2", images, samples=32, seed=3)
-    other, _ = batchnorm_prior(model, "blocks.2.conv2", images, samples=32, seed=4)
+    first, _ = batchnorm_key_prior(model, "blocks.2.conv2", images, samples=32, seed=3)
+    again, _ = batchnorm_key_prior(model, "blocks.2.conv2", images, samples=32, seed=3)
+    other, _ = batchnorm_key_prior(model, "blocks.2.conv2", images, samples=32, seed=4)
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
     assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
@@ -100,7 +101,7 @@ def test_a_weight_outside_0_1_is_refused_at_construction(weight):
         ActivationEditing(batchnorm_prior=weight)
 
 
-def test_a_layer_without_a_batchnorm_before_it_is_refused_before_any_work():
+def test_a_layer_without_a_batchnorm_before_it_is_refused():
     model = CompactNet(10, widths=(8, 16, 16)).eval()
     unseen = UnseenData(torch.rand(20, 3, 32, 32), torch.arange(10).repeat(2))
     with pytest.raises(ValueError, match="'stem.conv'; none runs before it"):
@@ -121,5 +122,60 @@ def test_the_defense_with_the_prior_removes_the_quickstart_backdoor(quickstart_r
         model, UnseenData(to_float(unseen.images), unseen.labels), BackdoorKnowledge.of(data.trigger, 0))
     after = evaluate(model, *test)
     assert result.details["batchnorm_prior"] == {"weight": 0.5, "norms": {"blocks.2.conv2": "blocks.2.norm1"}}
-    assert before["asr"] > 0.9 and after["asr"] <= after["asr_floor"] + 0.02, after
-    assert after["clean_acc"] >= before["clean_acc"] - 0.01, (before, after)
+    # measured on this machine's quickstart model: ASR 1.000 -> 0.007 (floor 0.002), CA 0.986 -> 0.986 (without the
+    # prior 0.002 and 0.985); the bounds leave room for another machine's model
+    assert before["asr"] > 0.9 and after["asr"] <= after["asr_floor"] + 0.03, after
+    assert after["clean_acc"] >= before["clean_acc"] - 0.02, (before, after)
+
+
+def test_every_solve_of_the_defense_uses_the_prior(monkeypatch):
+    """The final edit, the cross-validation of λ, the repair's signal and the repair all solve with the prior."""
+    weights = []
+    solve = EditProblem.solve
+
+    def recording(self, *args, **kwargs):
+        weights.append((self.prior_weight, self.prior is not None))
+        return solve(self, *args, **kwargs)
+
+    monkeypatch.setattr(EditProblem, "solve", recording)
+    torch.manual_seed(0)
+    model = CompactNet(10, widths=(8, 16, 16)).eval()
+    unseen = UnseenData(torch.rand(40, 3, 32, 32), torch.arange(10).repeat(4))
+    result = ActivationEditing(layer="blocks.2.conv2", strength=None, repair_tolerance=-1.0,
+                               batchnorm_prior=0.5).defend(model, unseen, BackdoorKnowledge.of(BadNets(size=3), 0))
+    assert result.repaired and "selection" in result.details  # λ cross-validated and a repair applied
+    assert len(weights) > 10 and set(weights) == {(0.5, True)}
+
+
+def test_a_layer_fed_by_a_skip_path_too_is_refused():
+    """torchvision's ResNet adds the block input after its last BatchNorm: the next block's first conv and the head
+    see real activations besides the resampled ones, so the prior would not be what it says."""
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    images = torch.rand(2, 3, 32, 32)
+    assert feeding_batchnorm(model, "layer4.1.conv2", images) == "layer4.1.bn1"
+    for layer in ("layer4.1.conv1", "fc"):
+        with pytest.raises(ValueError, match=f"'{layer}' sees the images other than through 'layer4\\."):
+            feeding_batchnorm(model, layer, images)
+
+
+def test_a_refusal_leaves_the_model_in_its_mode_with_its_statistics():
+    model = CompactNet(10, widths=(8, 16, 16)).train()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="none runs before it"):
+        feeding_batchnorm(model, "stem.conv", torch.rand(2, 3, 32, 32))
+    assert model.training and all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+    feeding_batchnorm(model, "blocks.2.conv2", torch.rand(2, 3, 32, 32))
+    assert model.training and all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+
+
+def test_without_knowledge_the_refusal_comes_before_the_trigger_estimation(monkeypatch):
+    def estimate(*args, **kwargs):
+        raise AssertionError("the estimation ran before the refusal")
+
+    monkeypatch.setattr(TriggerEstimator, "estimate", estimate)
+    model = CompactNet(10, widths=(8, 16, 16)).eval()
+    unseen = UnseenData(torch.rand(50, 3, 32, 32), torch.arange(10).repeat(5))
+    defense = EstimateFirst(ActivationEditing(layer="stem.conv", batchnorm_prior=0.5))
+    with pytest.raises(ValueError, match="needs a BatchNorm layer before the edited layer 'stem.conv'"):
+        defense.defend(model, unseen, None)

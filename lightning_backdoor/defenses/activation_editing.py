@@ -23,7 +23,7 @@ from lightning_backdoor.defenses.base import (DEFENSES, BackdoorKnowledge, Defen
 from lightning_backdoor.defenses.editing import (closed_form_edit, key_subspace, ledoit_wolf, moment,
                                                 protected_edit, rank_r_edit)
 from lightning_backdoor.defenses.inversion import FeatureTrigger
-from lightning_backdoor.defenses.prior import batchnorm_prior, feeding_batchnorm
+from lightning_backdoor.defenses.prior import batchnorm_key_prior, feeding_batchnorm
 from lightning_backdoor.triggers import Trigger
 
 REPAIR_WEIGHTS = (1.0, 4.0, 16.0, 64.0, 256.0)
@@ -309,6 +309,20 @@ class ActivationEditing(Defense):
         finally:
             model.train(was_training)
 
+    def check_model(self, model: nn.Module, images: Tensor) -> None:
+        """The layer (a name of ``model``'s editable layers, or each ``auto`` candidate) and, with
+        ``batchnorm_prior``, a BatchNorm feeding it alone (:func:`~lightning_backdoor.defenses.prior.feeding_batchnorm`).
+
+        Raises:
+            ValueError: (one line) as :func:`get_layer` and :func:`feeding_batchnorm` refuse.
+        """
+        images = images.float()
+        layers = (auto_candidates(model, self.candidates, images[:1]) if self.layer == "auto" else [self.layer])
+        for name in layers:
+            get_layer(model, name)
+            if self.batchnorm_prior > 0:
+                feeding_batchnorm(model, name, images)
+
     def fit(self, model: nn.Module, unseen: UnseenData, knowledge: BackdoorKnowledge) -> EditFit:
         """Collect the key statistics on U and choose the layer and strength; ``model`` (in eval mode) is unchanged.
 
@@ -323,11 +337,11 @@ class ActivationEditing(Defense):
         layers = self._layers_reached(model, layers, triggers)
         if self.batchnorm_prior > 0:
             for name in layers:
-                feeding_batchnorm(model, name, unseen.images[:1].float())  # refused before any work
+                feeding_batchnorm(model, name, unseen.images[:2].float())  # refused before any work
         if self.repair and not (unseen.labels == target_class).any():
             raise ValueError(f"repair needs unseen images of the target class {target_class}; the unseen split has "
                              f"none (add unseen images or set repair=false)")
-        priors = ({name: batchnorm_prior(model, name, unseen.images.float(), seed=self.seed) for name in layers}
+        priors = ({name: batchnorm_key_prior(model, name, unseen.images.float(), seed=self.seed) for name in layers}
                   if self.batchnorm_prior > 0 else {})
         views = max(1, -(-self.min_images // len(unseen.labels)))
         if self.repair and int((unseen.labels == target_class).sum()) == 1:

@@ -121,6 +121,15 @@ class Defense(ABC):
                 defense that ``requires_knowledge``.
         """
 
+    def check_model(self, model: nn.Module, images: Tensor) -> None:
+        """Refuse in one line what the defense cannot do on ``model`` before any work: called with a few unseen
+        images (N, C, H, W) before training (by the ``DefenseCallback``) and before a trigger estimation. Nothing by
+        default; ``model`` is left as it came (mode and weights).
+
+        Raises:
+            ValueError: (one line) the defense cannot run on this model.
+        """
+
     def check_settings(self, **conditions: bool) -> None:
         """One-line ``ValueError`` naming the first setting whose condition is false, e.g.
         ``self.check_settings(epochs=epochs >= 1)``; called by constructors before anything runs."""

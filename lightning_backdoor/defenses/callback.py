@@ -297,10 +297,12 @@ class DefenseCallback(L.Callback):
         return InputTransform(self.transform.mean, self.transform.std, self.transform.size, channels=channels)
 
     def _probe(self, network: nn.Module, unseen: UnseenData, datamodule: Any, device: torch.device) -> int:
-        """Run the (adapted) model on ``PROBE_IMAGES`` unseen images; return K, its logits per image.
+        """Run the (adapted) model on ``PROBE_IMAGES`` unseen images; return K, its logits per image. Also the
+        defense's own :meth:`~lightning_backdoor.defenses.base.Defense.check_model` on them.
 
         Raises:
-            ValueError: it fails, returns no logits, or K is not the data's number of classes.
+            ValueError: it fails, returns no logits, K is not the data's number of classes, or the defense refuses
+                the model.
         """
         images = unseen.images[:PROBE_IMAGES].to(device)
         was_training = network.training
@@ -325,6 +327,7 @@ class DefenseCallback(L.Callback):
         if classes <= int(unseen.labels.max()):
             raise ValueError(f"the model returns {classes} logits per image but the unseen labels reach "
                              f"{int(unseen.labels.max())}")
+        self.defense.check_model(network, images)  # e.g. the edit's layer: before training, not after it
         return classes
 
     def _check_accuracy(self, network: nn.Module, unseen: UnseenData, num_classes: int) -> list[str]:

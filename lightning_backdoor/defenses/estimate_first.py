@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_backdoor.defenses.base import BackdoorKnowledge, Defense, DefenseResult, UnseenData
 from lightning_backdoor.defenses.estimation import TriggerEstimator
@@ -33,8 +33,14 @@ class EstimateFirst(Defense):
         self.estimator = estimator if estimator is not None else TriggerEstimator()
         self.every_candidate = every_candidate
 
+    def check_model(self, model: nn.Module, images: Tensor) -> None:
+        """The wrapped defense's :meth:`~lightning_backdoor.defenses.base.Defense.check_model`."""
+        self.defense.check_model(model, images)
+
     def defend(self, model: nn.Module, unseen: UnseenData, knowledge: BackdoorKnowledge | None) -> DefenseResult:
-        """Estimate, then defend ``model`` in place with the estimate (``knowledge`` is ignored)."""
+        """Estimate, then defend ``model`` in place with the estimate (``knowledge`` is ignored); what the defense
+        refuses on this model (:meth:`check_model`) is refused before the estimation."""
+        self.check_model(model, unseen.images[:2])
         estimate = self.estimator.estimate(model, unseen, getattr(self.defense, "layer", "auto"))
         details = {"trigger_known": False, "estimation": estimate.report(), "estimation_seconds": estimate.seconds}
         if estimate.target_class is None or estimate.trigger is None:
