@@ -179,3 +179,17 @@ def test_without_knowledge_the_refusal_comes_before_the_trigger_estimation(monke
     defense = EstimateFirst(ActivationEditing(layer="stem.conv", batchnorm_prior=0.5))
     with pytest.raises(ValueError, match="needs a BatchNorm layer before the edited layer 'stem.conv'"):
         defense.defend(model, unseen, None)
+
+
+def test_auto_keeps_the_candidates_a_batchnorm_feeds_and_a_named_layer_must_be_one():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 16), nn.BatchNorm1d(16),
+                          nn.ReLU(), nn.Linear(16, 10)).eval()
+    images = torch.rand(4, 3, 4, 4)
+    assert ActivationEditing(layer="auto").candidate_layers(model, images) == ["1", "3", "6"]
+    assert ActivationEditing(layer="auto", batchnorm_prior=0.5).candidate_layers(model, images) == ["6"]
+    with pytest.raises(ValueError, match="before the edited layer '3'"):
+        ActivationEditing(layer="3", batchnorm_prior=0.5).check_model(model, images)
+    with pytest.raises(ValueError, match=r"no BatchNorm alone feeds any of the auto candidates \['1', '3'\]"):
+        ActivationEditing(layer="auto", candidates=2, batchnorm_prior=0.5).check_model(nn.Sequential(*model[:4]),
+                                                                                      images)

@@ -275,8 +275,9 @@ class ActivationEditing(Defense):
         layer before the repair (``after_edit``) when the repair changed it.
 
         Raises:
-            ValueError: (one line) no knowledge, a wrong layer name, a feature-space trigger after the layer, or
-                (with ``repair``) no unseen image of the target class.
+            ValueError: (one line) no knowledge, a wrong layer name, a feature-space trigger after the layer,
+                (with ``repair``) no unseen image of the target class, or (with ``batchnorm_prior``) a layer no
+                BatchNorm feeds alone (:meth:`candidate_layers`).
         """
         knowledge = self.require(knowledge)
         start = time.perf_counter()
@@ -310,18 +311,41 @@ class ActivationEditing(Defense):
             model.train(was_training)
 
     def check_model(self, model: nn.Module, images: Tensor) -> None:
-        """The layer (a name of ``model``'s editable layers, or each ``auto`` candidate) and, with
-        ``batchnorm_prior``, a BatchNorm feeding it alone (:func:`~lightning_backdoor.defenses.prior.feeding_batchnorm`).
+        """The layer (a name of ``model``'s editable layers, or the ``auto`` candidates) and, with
+        ``batchnorm_prior``, a BatchNorm feeding it alone (:meth:`candidate_layers`).
 
         Raises:
-            ValueError: (one line) as :func:`get_layer` and :func:`feeding_batchnorm` refuse.
+            ValueError: (one line) as :meth:`candidate_layers` refuses.
         """
-        images = images.float()
-        layers = (auto_candidates(model, self.candidates, images[:1]) if self.layer == "auto" else [self.layer])
+        self.candidate_layers(model, images.float())
+
+    def candidate_layers(self, model: nn.Module, images: Tensor) -> list[str]:
+        """The layers the edit may choose from: ``layer``, or the ``auto`` candidates; with ``batchnorm_prior``
+        only those a BatchNorm feeds alone (:func:`~lightning_backdoor.defenses.prior.feeding_batchnorm`; ``auto``
+        drops the others). ``images``: a few unseen images (N, C, H, W).
+
+        Raises:
+            ValueError: (one line) an unknown or unsupported layer; with ``batchnorm_prior``, a named layer no
+                BatchNorm feeds alone, or no such ``auto`` candidate.
+        """
+        layers = auto_candidates(model, self.candidates, images[:1]) if self.layer == "auto" else [self.layer]
         for name in layers:
-            get_layer(model, name)
-            if self.batchnorm_prior > 0:
-                feeding_batchnorm(model, name, images)
+            get_layer(model, name)  # a wrong name or type fails before any work
+        if self.batchnorm_prior == 0:
+            return layers
+        usable = []
+        for name in layers:
+            try:
+                feeding_batchnorm(model, name, images[:2])
+            except ValueError:
+                if self.layer != "auto":
+                    raise
+            else:
+                usable.append(name)
+        if not usable:
+            raise ValueError(f"batchnorm_prior: no BatchNorm alone feeds any of the auto candidates {layers}; name a "
+                             f"layer that one does (e.g. a block's second conv) or set batchnorm_prior=0")
+        return usable
 
     def fit(self, model: nn.Module, unseen: UnseenData, knowledge: BackdoorKnowledge) -> EditFit:
         """Collect the key statistics on U and choose the layer and strength; ``model`` (in eval mode) is unchanged.
@@ -330,14 +354,7 @@ class ActivationEditing(Defense):
             ValueError: see :meth:`defend`.
         """
         triggers, target_class = list(knowledge.triggers), knowledge.target_class
-        layers = (auto_candidates(model, self.candidates, unseen.images[:1].float()) if self.layer == "auto"
-                  else [self.layer])
-        for name in layers:
-            get_layer(model, name)  # a wrong name or type fails before any work
-        layers = self._layers_reached(model, layers, triggers)
-        if self.batchnorm_prior > 0:
-            for name in layers:
-                feeding_batchnorm(model, name, unseen.images[:2].float())  # refused before any work
+        layers = self._layers_reached(model, self.candidate_layers(model, unseen.images[:2].float()), triggers)
         if self.repair and not (unseen.labels == target_class).any():
             raise ValueError(f"repair needs unseen images of the target class {target_class}; the unseen split has "
                              f"none (add unseen images or set repair=false)")
