@@ -43,8 +43,8 @@ def test_defend_help_starts_with_its_usage(tmp_path):
 
 
 def test_a_refused_defend_prints_one_line(tmp_path):
-    """It used to print Lightning's warning about ``args``, its GPU/TPU lines and a logger tip first (8 lines). (An
-    unreadable checkpoint's message: tests/test_bad_input.py, in-process.)"""
+    """It used to print Lightning's warning about ``args``, its GPU/TPU lines and a logger tip first (8 lines). (A
+    missing checkpoint's message: tests/test_bad_input.py's checkpoint_missing, in-process.)"""
     (tmp_path / "empty.ckpt").write_bytes(b"")
     result = run_cli("defend", "--config", CONFIG, f"--checkpoint={tmp_path / 'empty.ckpt'}",
                      f"--output_dir={tmp_path / 'out'}", cwd=tmp_path)
