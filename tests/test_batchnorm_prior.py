@@ -16,6 +16,7 @@ from torch import nn
 from lightning_backdoor.data.poisoning import to_float
 from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, EstimateFirst, UnseenData
 from lightning_backdoor.defenses.activation_editing import EditProblem
+from lightning_backdoor.defenses.callback import DefenseCallback
 from lightning_backdoor.defenses.editing import closed_form_edit
 from lightning_backdoor.defenses.estimation import TriggerEstimator
 from lightning_backdoor.defenses.prior import batchnorm_key_prior, feeding_batchnorm
@@ -193,3 +194,15 @@ def test_auto_keeps_the_candidates_a_batchnorm_feeds_and_a_named_layer_must_be_o
     with pytest.raises(ValueError, match=r"no BatchNorm alone feeds any of the auto candidates \['1', '3'\]"):
         ActivationEditing(layer="auto", candidates=2, batchnorm_prior=0.5).check_model(nn.Sequential(*model[:4]),
                                                                                       images)
+
+
+def test_the_callback_refuses_before_training(quickstart_run: Path):
+    """The DefenseCallback's setup check (run before the first training step) asks the defense too."""
+    module, data = instantiate_run([str(ROOT / "configs" / "quickstart.yaml")],
+                                   quickstart_run / "checkpoints" / "poisoned.ckpt")
+    data.setup("fit")
+    callback = DefenseCallback(defense=ActivationEditing(layer="stem.conv", batchnorm_prior=0.5))
+    with pytest.raises(ValueError, match="before the edited layer 'stem.conv'; none runs before it"):
+        callback.check(module, data)
+    assert DefenseCallback(defense=ActivationEditing(layer="blocks.2.conv2", batchnorm_prior=0.5)).check(
+        module, data) == data.num_classes
