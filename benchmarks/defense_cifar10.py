@@ -41,8 +41,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     for attack in args.attacks:
         configs = ["configs/cifar10/base.yaml", f"configs/cifar10/{attack}.yaml", *args.model_config]
+        overrides = [f"--data.init_args.root={args.data_root}"] if args.data_root else []
+        if args.unseen_per_class is not None:  # the split the run was trained with (e.g. 250 for runs/*-u250)
+            overrides.append(f"--data.init_args.unseen_per_class={args.unseen_per_class}")
         module, data = instantiate_run(configs, Path(args.runs) / args.run_name.format(attack) / "checkpoints" / "poisoned.ckpt",
-                                       [f"--data.init_args.root={args.data_root}"] if args.data_root else None)
+                                       overrides or None)
         network = module.net.float().eval()
         test = None if args.selection else data.test_dataset().tensors
         test_before = None if args.selection else evaluate(network, *test, data.num_classes, data.target_class,
@@ -70,11 +73,13 @@ def run(args: argparse.Namespace) -> list[dict]:
                          else evaluate(model, *test, data.num_classes, data.target_class, bf16=args.bf16))
                 rows.append({"attack": attack, "budget": budget, "seed": seed, "layer": result.layer,
                              "strength": result.details["strength"],
+                             "prior_weight": result.details.get("batchnorm_prior", {}).get("weight", 0.0),
                              "views": result.details["views"],
                              "repaired": result.repaired, "seconds": result.seconds, "forward_floor": floor,
                              "before": before, "after": after, "held_out_unseen": validation,
                              "settings": vars(args) | {"seeds": None}})
                 print(f"{attack} k={budget} seed={seed} layer={result.layer} λ={result.details['strength']} "
+                      f"w={rows[-1]['prior_weight']:g} "
                       f"repaired={result.repaired} {result.seconds:.2f}s  "
                       f"CA {before['clean_acc']:.4f}->{after['clean_acc']:.4f} "
                       f"ASR {before['asr']:.4f}->{after['asr']:.4f} (floor {after['asr_floor']:.4f}) "
@@ -120,8 +125,9 @@ def main() -> None:
     parser.add_argument("--min_images", type=int, default=ActivationEditing().min_images)
     parser.add_argument("--spatial_weight", default="uniform", choices=["uniform", "mask"])
     parser.add_argument("--no_repair", action="store_true")
-    parser.add_argument("--batchnorm_prior", type=float, default=0.0,
-                        help="weight of the BatchNorm prior in the preserved key moment (0: Ledoit-Wolf, the default)")
+    parser.add_argument("--batchnorm_prior", type=lambda text: None if text == "auto" else float(text), default=0.0,
+                        help="weight of the BatchNorm prior in the preserved key moment (0: Ledoit-Wolf, the default; "
+                             "auto: chosen by cross-validation on the unseen split)")
     parser.add_argument("--selection", action="store_true",
                         help="evaluate on the held-out unseen images only, never the test set: for choosing settings")
     parser.add_argument("--bf16", action="store_true",
@@ -130,6 +136,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--model_config", nargs="*", default=[],
                         help="config files put after the attack's (e.g. configs/cifar10/preact_resnet18.yaml)")
+    parser.add_argument("--unseen_per_class", type=int, default=None,
+                        help="the unseen split per class the run was trained with, when not the config's (250 for "
+                             "runs/cifar10-badnets-u250)")
     parser.add_argument("--run_name", default="cifar10-{}", help="the run folder of an attack, {} = its name")
     parser.add_argument("--data_root", default=None, help="CIFAR-10 ImageFolder root (default: the configs')")
     parser.add_argument("--runs", default="runs")

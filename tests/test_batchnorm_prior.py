@@ -96,10 +96,45 @@ def test_the_full_weight_replaces_the_clean_moment_by_the_prior():
     assert both.prior is prior and both.prior_weight == 1.0 and torch.equal(both.clean_count, torch.tensor(80.0))
 
 
-@pytest.mark.parametrize("weight", [-0.1, 1.5, True, float("nan"), "0.5", None])
+@pytest.mark.parametrize("weight", [-0.1, 1.5, True, float("nan"), "0.5"])
 def test_a_weight_outside_0_1_is_refused_at_construction(weight):
     with pytest.raises(ValueError, match="batchnorm_prior=.* must be a weight in \\[0, 1\\]"):
         ActivationEditing(batchnorm_prior=weight)
+
+
+def test_a_weight_chosen_on_the_unseen_split_has_the_lowest_cross_validated_loss():
+    """``batchnorm_prior=None`` scores w = 0, 0.25, 0.5 by the cross-validated loss on U, keeps the lowest, and then
+    edits exactly as that fixed weight does."""
+    torch.manual_seed(0)
+    model = CompactNet(10, widths=(8, 16, 16)).eval()
+    unseen = UnseenData(torch.rand(40, 3, 32, 32), torch.arange(10).repeat(4))
+    knowledge = BackdoorKnowledge.of(BadNets(size=3), 0)
+    chosen = copy.deepcopy(model)
+    result = ActivationEditing(layer="blocks.2.conv2", batchnorm_prior=None).defend(chosen, unseen, knowledge)
+    scores = result.details["selection"]["cross_validated_loss_on_unseen"]
+    assert set(scores) == {f"blocks.2.conv2 λ=10.0 w={weight}" for weight in ("0", "0.25", "0.5")}
+    weight = result.details["batchnorm_prior"]["weight"]
+    assert scores[f"blocks.2.conv2 λ=10.0 w={weight:g}"] == min(scores.values())
+    fixed = copy.deepcopy(model)
+    ActivationEditing(layer="blocks.2.conv2", batchnorm_prior=weight).defend(fixed, unseen, knowledge)
+    assert all(torch.equal(value, fixed.state_dict()[key]) for key, value in chosen.state_dict().items())
+
+
+def test_a_weight_chosen_on_the_unseen_split_is_0_where_no_batchnorm_feeds_the_layer():
+    """Nothing is refused: a layer no BatchNorm feeds alone is scored (and edited) with w = 0 only."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 16), nn.BatchNorm1d(16),
+                          nn.ReLU(), nn.Linear(16, 10)).eval()
+    unseen = UnseenData(torch.rand(40, 3, 4, 4), torch.arange(10).repeat(4))
+    knowledge = BackdoorKnowledge.of(BadNets(size=1), 0)
+    result = ActivationEditing(layer="auto", batchnorm_prior=None).defend(copy.deepcopy(model), unseen, knowledge)
+    assert set(result.details["selection"]["cross_validated_loss_on_unseen"]) == {
+        "1 λ=10.0 w=0", "3 λ=10.0 w=0", "6 λ=10.0 w=0", "6 λ=10.0 w=0.25", "6 λ=10.0 w=0.5"}
+    chosen, plain = copy.deepcopy(model), copy.deepcopy(model)
+    result = ActivationEditing(layer="3", batchnorm_prior=None).defend(chosen, unseen, knowledge)
+    ActivationEditing(layer="3").defend(plain, unseen, knowledge)
+    assert "selection" not in result.details and "batchnorm_prior" not in result.details
+    assert all(torch.equal(value, plain.state_dict()[key]) for key, value in chosen.state_dict().items())
 
 
 def test_a_layer_without_a_batchnorm_before_it_is_refused():

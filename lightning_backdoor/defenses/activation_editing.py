@@ -29,6 +29,7 @@ from lightning_backdoor.triggers import Trigger
 REPAIR_WEIGHTS = (1.0, 4.0, 16.0, 64.0, 256.0)
 REPAIR_ENERGIES = (0.5, 0.9, 0.99)
 STRENGTHS = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+PRIOR_WEIGHTS = (0.0, 0.25, 0.5)
 TRIGGERED_SUMS = ("triggered_moment", "residual_moment", "residual_energy", "target_energy", "triggered_count")
 
 
@@ -236,7 +237,9 @@ class ActivationEditing(Defense):
             (:func:`~lightning_backdoor.defenses.prior.batchnorm_key_prior`), instead of C shrunk towards the
             identity (Ledoit–Wolf; w = 0, the default). For one or a few unseen images per class (it cost WaNet
             1.4–2.7 pt of ASR); a layer no BatchNorm feeds alone is refused, ``auto`` keeps the candidates one
-            does. Measured: docs/results/cifar10.md, "A BatchNorm prior for the preserved keys".
+            does. ``None``: pick w from 0, 0.25, 0.5 by the same cross-validation on U as ``layer: auto`` (w = 0
+            only at layers no BatchNorm feeds alone; nothing is refused). Measured: docs/results/cifar10.md,
+            "A BatchNorm prior for the preserved keys".
 
     Needs the trigger and target (:class:`BackdoorKnowledge`); without them, compose it with a trigger estimator:
     ``EstimateFirst(ActivationEditing(), TriggerEstimator())`` (what ``trigger_known=false`` does).
@@ -250,7 +253,7 @@ class ActivationEditing(Defense):
                  repair_tolerance: float = 0.02, repair_method: Literal["pin", "protect"] = "pin",
                  repair_weights: tuple[float, ...] = REPAIR_WEIGHTS,
                  repair_energies: tuple[float, ...] = REPAIR_ENERGIES, candidates: int = 3, seed: int = 0,
-                 bf16: bool = False, chunk_size: int = 500, batchnorm_prior: float = 0.0) -> None:
+                 bf16: bool = False, chunk_size: int = 500, batchnorm_prior: float | None = 0.0) -> None:
         if strength is not None and strength <= 0:
             raise ValueError(f"strength={strength} must be positive")
         self.layer, self.method, self.strength, self.rank, self.min_images = layer, method, strength, rank, min_images
@@ -264,10 +267,12 @@ class ActivationEditing(Defense):
         if chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size} must be >= 1 image")
         check_seed(seed, " (it also seeds the trigger estimation when the trigger is unknown)")
-        if (isinstance(batchnorm_prior, bool) or not isinstance(batchnorm_prior, (int, float))
-                or not 0 <= batchnorm_prior <= 1):
-            raise ValueError(f"batchnorm_prior={batchnorm_prior!r} must be a weight in [0, 1] (0: no prior)")
-        self.batchnorm_prior = float(batchnorm_prior)
+        if batchnorm_prior is not None and (isinstance(batchnorm_prior, bool)
+                                            or not isinstance(batchnorm_prior, (int, float))
+                                            or not 0 <= batchnorm_prior <= 1):
+            raise ValueError(f"batchnorm_prior={batchnorm_prior!r} must be a weight in [0, 1] (0: no prior) or null "
+                             f"(chosen on the unseen split)")
+        self.batchnorm_prior = None if batchnorm_prior is None else float(batchnorm_prior)
         self.candidates, self.seed, self.bf16, self.chunk_size = candidates, seed, bf16, chunk_size
 
     def defend(self, model: nn.Module, unseen: UnseenData, knowledge: BackdoorKnowledge | None) -> DefenseResult:
@@ -332,7 +337,7 @@ class ActivationEditing(Defense):
         layers = auto_candidates(model, self.candidates, images[:1]) if self.layer == "auto" else [self.layer]
         for name in layers:
             get_layer(model, name)  # a wrong name or type fails before any work
-        if self.batchnorm_prior == 0:
+        if not self.batchnorm_prior:  # 0: no prior; None: chosen per layer, w = 0 where no BatchNorm feeds it
             return layers
         usable = []
         for name in layers:
@@ -359,8 +364,7 @@ class ActivationEditing(Defense):
         if self.repair and not (unseen.labels == target_class).any():
             raise ValueError(f"repair needs unseen images of the target class {target_class}; the unseen split has "
                              f"none (add unseen images or set repair=false)")
-        priors = ({name: batchnorm_key_prior(model, name, unseen.images.float(), seed=self.seed) for name in layers}
-                  if self.batchnorm_prior > 0 else {})
+        priors = self._priors(model, layers, unseen.images.float())
         views = max(1, -(-self.min_images // len(unseen.labels)))
         if self.repair and int((unseen.labels == target_class).sum()) == 1:
             views = max(views, 2)  # the repair's signal folds split the single target image's views (_signal_folds)
@@ -391,24 +395,27 @@ class ActivationEditing(Defense):
                                           else pieces)
                     else:
                         problems[name] = [a.with_trigger(b) for a, b in zip(problems[name], pieces)]
-        pieces_of = {name: {part: replace(piece, prior=priors[name][0], prior_weight=self.batchnorm_prior)
-                            if name in priors else piece for part, piece in zip(parts, pieces)}
-                     for name, pieces in problems.items()}
-        if priors:
-            info["batchnorm_prior"] = {"weight": self.batchnorm_prior,
-                                       "norms": {name: norm for name, (_, norm) in priors.items()}}
+        weights = PRIOR_WEIGHTS if self.batchnorm_prior is None else (self.batchnorm_prior,)
+        pieces_of = {(name, weight): {part: replace(piece, prior=priors[name][0], prior_weight=weight) if weight > 0
+                                      else piece for part, piece in zip(parts, pieces)}
+                     for name, pieces in problems.items() for weight in (weights if name in priors else (0.0,))}
         strengths = STRENGTHS if self.strength is None else (self.strength,)
-        choice = (layers[0], strengths[0])
-        if len(layers) * len(strengths) > 1:
-            scores = {(name, strength): self._cross_validate(model, name, self._fold_sums(pieces_of[name], 0), strength,
-                                                             images, triggered, labels, folds, target_class)
-                      for name in layers for strength in strengths}
+        options = [(name, weight, strength) for name, weight in pieces_of for strength in strengths]
+        choice = options[0]
+        if len(options) > 1:
+            scores = {(name, weight, strength): self._cross_validate(
+                model, name, self._fold_sums(pieces_of[name, weight], 0), strength, images, triggered, labels, folds,
+                target_class) for name, weight, strength in options}
             choice = min(scores, key=scores.get)
-            info["selection"] = {"cross_validated_loss_on_unseen": {f"{name} λ={strength}": round(score, 4)
-                                                                    for (name, strength), score in scores.items()}}
-        layer, strength = choice
+            label = lambda name, weight, strength: (f"{name} λ={strength}"  # noqa: E731
+                                                    + (f" w={weight:g}" if self.batchnorm_prior is None else ""))
+            info["selection"] = {"cross_validated_loss_on_unseen": {label(*option): round(score, 4)
+                                                                    for option, score in scores.items()}}
+        layer, weight, strength = choice
         info["strength"] = strength
-        pieces = pieces_of[layer]
+        if priors:
+            info["batchnorm_prior"] = {"weight": weight, "norms": {name: norm for name, (_, norm) in priors.items()}}
+        pieces = pieces_of[layer, weight]
         target_probability = torch.cat(logits)[labels == target_class].softmax(-1)[:, target_class]
         return EditFit(layer, strength, functools.reduce(operator.add, pieces.values()), self._fold_sums(pieces, 0),
                        images, labels, folds, target_class, info, signal_folds, self._fold_sums(pieces, 1),
@@ -465,6 +472,21 @@ class ActivationEditing(Defense):
         if problem.target_count <= 0:
             return {}
         return {"protected": key_subspace(problem.target_moment / problem.target_count, setting)}
+
+    def _priors(self, model: nn.Module, layers: list[str], images: Tensor) -> dict[str, tuple[Tensor, str]]:
+        """The BatchNorm prior of each of ``layers`` (its key moment and the norm's name) that may get a weight: all
+        of them for a weight > 0 (:meth:`candidate_layers` kept only those a BatchNorm feeds alone), those a
+        BatchNorm feeds alone when the weight is chosen on U (``None``), none for 0."""
+        if self.batchnorm_prior == 0:
+            return {}
+        priors = {}
+        for name in layers:
+            try:
+                priors[name] = batchnorm_key_prior(model, name, images, seed=self.seed)
+            except ValueError:
+                if self.batchnorm_prior is not None:
+                    raise
+        return priors
 
     def _layers_reached(self, model: nn.Module, layers: list[str], triggers: list[Trigger]) -> list[str]:
         """The candidate ``layers`` that feature-space triggers reach: those at or after (in definition order) the
