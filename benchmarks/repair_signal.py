@@ -95,12 +95,12 @@ def held_out_float(images: torch.Tensor) -> torch.Tensor:
 def variant_settings(variant: str) -> dict:
     """``none`` (no repair), ``pin`` / ``protect`` (the default repair: fires on its signal), or ``pin@16`` /
     ``protect@0.9`` (forced on, at that pin weight or protected energy), ``prior@0.5`` (the default repair, the
-    edit with the BatchNorm prior at that weight); a probe edits without repair."""
+    edit with the BatchNorm prior at that weight; ``prior@auto``: the weight chosen on U); a probe edits without repair."""
     if variant == "none" or variant.partition("@")[0] in PROBES:
         return {"repair": False}
     method, _, setting = variant.partition("@")
     if method == "prior":  # the default repair, with the BatchNorm prior in the preserved moment at weight W
-        return {"batchnorm_prior": float(setting)}
+        return {"batchnorm_prior": None if setting == "auto" else float(setting)}
     if not setting:
         return {"repair_method": method}
     key = "repair_weights" if method == "pin" else "repair_energies"
@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--layers", nargs="+", default=["blocks.2.conv2", "head"],
                         help="layers to edit, or auto (the defense's own choice)")
     parser.add_argument("--variants", nargs="+", default=["none", "pin", "pin@16", "pin@256", "protect@0.9"],
-                        help="none, pin, protect, pin@W, protect@E, prior@W, or the probes target_row@A, target_logit@B")
+                        help="none, pin, protect, pin@W, protect@E, prior@W, prior@auto, or the probes target_row@A, target_logit@B")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="unseen draws (and the views' seed)")
     parser.add_argument("--min_images", type=int, default=None, help="the defense's min_images (None: its own default)")
     parser.add_argument("--runs", default="runs", help="folder of the CIFAR-10 cases' runs (cifar10-<attack>)")

@@ -120,6 +120,31 @@ def test_a_weight_chosen_on_the_unseen_split_has_the_lowest_cross_validated_loss
     assert all(torch.equal(value, fixed.state_dict()[key]) for key, value in chosen.state_dict().items())
 
 
+def test_the_chosen_weight_reaches_every_later_solve(monkeypatch):
+    """Whichever weight the cross-validation picks (here forced to 0.5 by its scores), the final edit, the repair's
+    signal and the repair solve with that weight and the prior."""
+    weights = []
+    solve = EditProblem.solve
+
+    def recording(self, *args, **kwargs):
+        weights.append((self.prior_weight, self.prior is not None))
+        return solve(self, *args, **kwargs)
+
+    def scores(self, model, layer, fold_problems, *args):
+        return 0.0 if fold_problems[0].prior_weight == 0.5 else 1.0
+
+    monkeypatch.setattr(ActivationEditing, "_cross_validate", scores)
+    monkeypatch.setattr(EditProblem, "solve", recording)
+    torch.manual_seed(0)
+    model = CompactNet(10, widths=(8, 16, 16)).eval()
+    unseen = UnseenData(torch.rand(40, 3, 32, 32), torch.arange(10).repeat(4))
+    result = ActivationEditing(layer="blocks.2.conv2", repair_tolerance=-1.0, batchnorm_prior=None).defend(
+        model, unseen, BackdoorKnowledge.of(BadNets(size=3), 0))
+    assert result.repaired and result.details["batchnorm_prior"]["weight"] == 0.5
+    assert result.details["batchnorm_prior"]["norm"] == "blocks.2.norm1"
+    assert len(weights) > 3 and set(weights) == {(0.5, True)}  # the monkeypatched CV solves nothing itself
+
+
 def test_a_weight_chosen_on_the_unseen_split_is_0_where_no_batchnorm_feeds_the_layer():
     """Nothing is refused: a layer no BatchNorm feeds alone is scored (and edited) with w = 0 only."""
     torch.manual_seed(0)
@@ -157,7 +182,8 @@ def test_the_defense_with_the_prior_removes_the_quickstart_backdoor(quickstart_r
     result = ActivationEditing(layer="blocks.2.conv2", batchnorm_prior=0.5).defend(
         model, UnseenData(to_float(unseen.images), unseen.labels), BackdoorKnowledge.of(data.trigger, 0))
     after = evaluate(model, *test)
-    assert result.details["batchnorm_prior"] == {"weight": 0.5, "norms": {"blocks.2.conv2": "blocks.2.norm1"}}
+    assert result.details["batchnorm_prior"] == {"weight": 0.5, "norm": "blocks.2.norm1",
+                                                 "norms": {"blocks.2.conv2": "blocks.2.norm1"}}
     # measured on this machine's quickstart model: ASR 1.000 -> 0.007 (floor 0.002), CA 0.986 -> 0.986 (without the
     # prior 0.002 and 0.985); the bounds leave room for another machine's model
     assert before["asr"] > 0.9 and after["asr"] <= after["asr_floor"] + 0.03, after

@@ -282,8 +282,8 @@ class ActivationEditing(Defense):
 
         Raises:
             ValueError: (one line) no knowledge, a wrong layer name, a feature-space trigger after the layer,
-                (with ``repair``) no unseen image of the target class, or (with ``batchnorm_prior``) a layer no
-                BatchNorm feeds alone (:meth:`candidate_layers`).
+                (with ``repair``) no unseen image of the target class, or (with a ``batchnorm_prior`` weight > 0)
+                a layer no BatchNorm feeds alone (:meth:`candidate_layers`).
         """
         knowledge = self.require(knowledge)
         start = time.perf_counter()
@@ -317,8 +317,8 @@ class ActivationEditing(Defense):
             model.train(was_training)
 
     def check_model(self, model: nn.Module, images: Tensor) -> None:
-        """The layer (a name of ``model``'s editable layers, or the ``auto`` candidates) and, with
-        ``batchnorm_prior``, a BatchNorm feeding it alone (:meth:`candidate_layers`).
+        """The layer (a name of ``model``'s editable layers, or the ``auto`` candidates) and, with a
+        ``batchnorm_prior`` weight > 0, a BatchNorm feeding it alone (:meth:`candidate_layers`).
 
         Raises:
             ValueError: (one line) as :meth:`candidate_layers` refuses.
@@ -331,8 +331,8 @@ class ActivationEditing(Defense):
         drops the others). ``images``: a few unseen images (N, C, H, W).
 
         Raises:
-            ValueError: (one line) an unknown or unsupported layer; with ``batchnorm_prior``, a named layer no
-                BatchNorm feeds alone, or no such ``auto`` candidate.
+            ValueError: (one line) an unknown or unsupported layer; with a ``batchnorm_prior`` weight > 0, a named
+                layer no BatchNorm feeds alone, or no such ``auto`` candidate (``None`` refuses neither).
         """
         layers = auto_candidates(model, self.candidates, images[:1]) if self.layer == "auto" else [self.layer]
         for name in layers:
@@ -350,11 +350,12 @@ class ActivationEditing(Defense):
                 usable.append(name)
         if not usable:
             raise ValueError(f"batchnorm_prior: no BatchNorm alone feeds any of the auto candidates {layers}; name a "
-                             f"layer that one does (e.g. a block's second conv) or set batchnorm_prior=0")
+                             f"layer that one does (e.g. a block's second conv) or set batchnorm_prior=0 (or null)")
         return usable
 
     def fit(self, model: nn.Module, unseen: UnseenData, knowledge: BackdoorKnowledge) -> EditFit:
-        """Collect the key statistics on U and choose the layer and strength; ``model`` (in eval mode) is unchanged.
+        """Collect the key statistics on U and choose the layer, the strength and (``batchnorm_prior=None``) the
+        prior's weight; ``model`` (in eval mode) is unchanged.
 
         Raises:
             ValueError: see :meth:`defend`.
@@ -414,7 +415,8 @@ class ActivationEditing(Defense):
         layer, weight, strength = choice
         info["strength"] = strength
         if priors:
-            info["batchnorm_prior"] = {"weight": weight, "norms": {name: norm for name, (_, norm) in priors.items()}}
+            info["batchnorm_prior"] = {"weight": weight, "norm": priors[layer][1] if weight > 0 else None,
+                                       "norms": {name: norm for name, (_, norm) in priors.items()}}
         pieces = pieces_of[layer, weight]
         target_probability = torch.cat(logits)[labels == target_class].softmax(-1)[:, target_class]
         return EditFit(layer, strength, functools.reduce(operator.add, pieces.values()), self._fold_sums(pieces, 0),

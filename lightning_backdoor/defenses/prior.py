@@ -53,7 +53,7 @@ def feeding_batchnorm(model: nn.Module, layer_name: str, images: Tensor) -> str:
         raise ValueError(f"batchnorm_prior: the forward pass never reaches the edited layer {layer_name!r}")
     if not called:
         raise ValueError(f"batchnorm_prior needs a BatchNorm layer before the edited layer {layer_name!r}; none runs "
-                         f"before it (set batchnorm_prior=0)")
+                         f"before it (set batchnorm_prior=0, or null to use none where none does)")
     norm_name = called[-1]
     norm = model.get_submodule(norm_name)
     probe = images[:2].float()
@@ -62,7 +62,7 @@ def feeding_batchnorm(model: nn.Module, layer_name: str, images: Tensor) -> str:
     if not torch.equal(first, second):  # the same draws through the same operations: equal, unless the images enter
         raise ValueError(f"batchnorm_prior: the edited layer {layer_name!r} sees the images other than through "
                          f"{norm_name!r}, the last BatchNorm before it (a skip path or a parallel branch); edit a layer "
-                         f"fed by one BatchNorm (e.g. a block's second conv) or set batchnorm_prior=0")
+                         f"fed by one BatchNorm (e.g. a block's second conv) or set batchnorm_prior=0 (or null)")
     return norm_name
 
 
