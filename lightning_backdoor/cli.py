@@ -80,10 +80,11 @@ def run_defend(args: list[str]) -> None:
         unseen_loader = float_loader(first_per_class(unseen, unseen_per_class, config.unseen_root))
     if config.test_root:
         test_loader = float_loader(own_images(config.test_root, classes, cli.datamodule, "test"))
-    load_weights(cli.model, state_dict)  # after every check of the inputs: it prints how the keys were mapped
     callback = DefenseCallback(defense=defense, unseen_per_class=unseen_per_class, trigger_known=config.trigger_known,
                                unseen_dataloader=unseen_loader, test_dataloader=test_loader,
                                accept_low_accuracy=config.accept_low_accuracy)
+    callback.check(cli.model, cli.datamodule)  # the setup checks (on the model's structure) before any line is printed
+    load_weights(cli.model, state_dict)  # after every check of the inputs: it prints how the keys were mapped
     callback.defend(cli.model, cli.datamodule, [], output_dir)
     print(f"defended weights: {callback.checkpoint_path}")
     print(f"defense report: {callback.report_path}")

@@ -76,7 +76,7 @@ CASES = [
      ["--checkpoint={ckpt}", "--defense.init_args.layer=stem.conv", "--defense.init_args.batchnorm_prior=0.5"],
      "batchnorm_prior needs a BatchNorm layer before the edited layer 'stem.conv'"),
     ("batchnorm_prior_out_of_range", "defend", ["--checkpoint={ckpt}", "--defense.init_args.batchnorm_prior=2"],
-     "batchnorm_prior=2.0 must be a weight in [0, 1] (0: no prior) or null (chosen on the unseen split)"),
+     "batchnorm_prior=2.0 must be a weight in [0, 1] (0: no prior) or None/null (chosen on the unseen split)"),
     ("unknown_defense", "defend", ["--checkpoint={ckpt}", "--defense=lightning_backdoor.defenses.Nope"],
      "defense: no class named 'Nope'; known: ANP, ActivationEditing, EstimateFirst"),
     ("unseen_per_class_zero", "defend", ["--checkpoint={ckpt}", "--unseen_per_class=0"],

@@ -270,7 +270,7 @@ class ActivationEditing(Defense):
         if batchnorm_prior is not None and (isinstance(batchnorm_prior, bool)
                                             or not isinstance(batchnorm_prior, (int, float))
                                             or not 0 <= batchnorm_prior <= 1):
-            raise ValueError(f"batchnorm_prior={batchnorm_prior!r} must be a weight in [0, 1] (0: no prior) or null "
+            raise ValueError(f"batchnorm_prior={batchnorm_prior!r} must be a weight in [0, 1] (0: no prior) or None/null "
                              f"(chosen on the unseen split)")
         self.batchnorm_prior = None if batchnorm_prior is None else float(batchnorm_prior)
         self.candidates, self.seed, self.bf16, self.chunk_size = candidates, seed, bf16, chunk_size
@@ -414,8 +414,9 @@ class ActivationEditing(Defense):
                                                                     for option, score in scores.items()}}
         layer, weight, strength = choice
         info["strength"] = strength
-        if priors:
-            info["batchnorm_prior"] = {"weight": weight, "norm": priors[layer][1] if weight > 0 else None,
+        if self.batchnorm_prior != 0:
+            info["batchnorm_prior"] = {"weight": weight, "chosen_on_unseen": self.batchnorm_prior is None,
+                                       "norm": priors[layer][1] if weight > 0 else None,
                                        "norms": {name: norm for name, (_, norm) in priors.items()}}
         pieces = pieces_of[layer, weight]
         target_probability = torch.cat(logits)[labels == target_class].softmax(-1)[:, target_class]

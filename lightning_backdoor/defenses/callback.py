@@ -258,6 +258,10 @@ class DefenseCallback(L.Callback):
         self.report = report
         rank_zero_info(f"defense: {report.summary_line()} in {report.result.seconds:.2f} s; report: "
                        f"{self.report_path}")
+        prior = report.result.details.get("batchnorm_prior")
+        if prior is not None:
+            rank_zero_info(f"defense: BatchNorm prior weight {prior['weight']:g} at {report.result.layer} "
+                           f"({'chosen on the unseen split' if prior['chosen_on_unseen'] else 'as set'})")
         for line in report.warnings:
             rank_zero_warn(f"defense: {line}")
         return report

@@ -53,7 +53,7 @@ def feeding_batchnorm(model: nn.Module, layer_name: str, images: Tensor) -> str:
         raise ValueError(f"batchnorm_prior: the forward pass never reaches the edited layer {layer_name!r}")
     if not called:
         raise ValueError(f"batchnorm_prior needs a BatchNorm layer before the edited layer {layer_name!r}; none runs "
-                         f"before it (set batchnorm_prior=0, or null to use none where none does)")
+                         f"before it (set batchnorm_prior=0, or null: a prior only where a BatchNorm feeds the layer)")
     norm_name = called[-1]
     norm = model.get_submodule(norm_name)
     probe = images[:2].float()
