@@ -199,6 +199,7 @@ def main() -> None:
                                     "seed": seed, "seconds": seconds, "signal": signal.get("drop"),
                                     "repaired": result.repaired,
                                     "setting": repair.get("setting"),
+                                    "prior_weight": result.details.get("batchnorm_prior", {}).get("weight"),
                                     "repair_signals": repair.get("drop_with_repair"),
                                     "validated": repair.get("validated"),
                                     "delta_ca": 100 * (after["clean_acc"] - before[seed]["clean_acc"]),
