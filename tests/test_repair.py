@@ -79,6 +79,8 @@ def test_the_signal_sees_a_hurt_target_class_and_the_repair_restores_it(method: 
     # ... the cross-fitted signal on U sees it, the repair fires and wins most of it back
     signal = result.details["repair_signal"]
     assert signal["drop"] > 0.02 and result.repaired and result.details["repair"]["method"] == method
+    views = result.details["views"]  # every view of the 4 unseen target images is held out by one fold
+    assert signal["held_out_target_images"] == 4 and signal["held_out_target_views"] == 4 * views, (signal, views)
     assert target_confidence(repaired, fresh) > target_confidence(unrepaired, fresh) + 0.05
     # the backdoor stays removed: triggered non-target images are not sent to the target
     attacked = trigger(torch.cat([draw(100, label, 50 + label) for label in range(1, CLASSES)]))
@@ -115,7 +117,8 @@ def test_a_single_target_image_gets_two_views_so_that_a_repair_can_be_validated(
     _, result = defend(model, trigger, unseen)
     assert plain.details["views"] == 1 and result.details["views"] == 2
     signal = result.details["repair_signal"]
-    assert signal["held_out_target_images"] == 2 and signal["drop"] > 0.02, signal  # each fold: the other's view
+    assert signal["held_out_target_views"] == 2 and signal["drop"] > 0.02, signal  # each fold: the other's view
+    assert signal["held_out_target_images"] == 1, signal  # of the one unseen target image
     repair = result.details["repair"]
     assert repair["validated"], repair
     assert len(set(repair["drop_with_repair"].values())) > 1, repair  # the pins act (with one view they could not)

@@ -429,8 +429,9 @@ class ActivationEditing(Defense):
         other fold (repaired with ``setting``, a pin weight or an energy, when given) is applied, and the mean
         target-class probability of the held-out target images is compared before and after; ``drop`` is the
         difference over all of them (0 without any), ``validated``: whether the fitting fold held target keys to
-        repair with. ``model`` is left unchanged."""
-        before, after, validated = [], [], True
+        repair with; ``held_out_target_images`` counts distinct unseen images, ``held_out_target_views`` their
+        augmented views measured. ``model`` is left unchanged."""
+        before, after, held, validated = [], [], [], True
         target = fit.labels == fit.target_class
         for held_out in (0, 1):
             check = (fit.signal_folds == held_out) & target
@@ -441,14 +442,17 @@ class ActivationEditing(Defense):
             validated = validated and (setting is None or problem.target_count.item() > 0)
             delta = problem.solve(self.method, fit.strength, self.rank, **arguments)
             before.append(fit.target_probability[fit.signal_folds[target] == held_out])  # computed once, in fit
+            held.append(check.nonzero().flatten())
             with trial_edit(model, fit.layer, delta):
                 after.append(predict_logits(model, fit.images[check], bf16=self.bf16).softmax(-1)[:, fit.target_class])
         if not before:
-            return {"drop": 0.0, "held_out_target_images": 0, "validated": False}
+            return {"drop": 0.0, "held_out_target_images": 0, "held_out_target_views": 0, "validated": False}
         mean_before, mean_after = torch.cat(before).mean().item(), torch.cat(after).mean().item()
+        views = torch.cat(held)  # the views of image i sit at i, i + count, i + 2 count, ... (augmented_views)
+        count = len(fit.labels) // fit.info["views"]
         return {"target_confidence_before": round(mean_before, 4), "target_confidence_after": round(mean_after, 4),
-                "drop": mean_before - mean_after, "held_out_target_images": len(torch.cat(before)),
-                "validated": validated}
+                "drop": mean_before - mean_after, "held_out_target_images": (views % count).unique().numel(),
+                "held_out_target_views": len(views), "validated": validated}
 
     def choose_repair(self, model: nn.Module, fit: EditFit) -> dict[str, Any]:
         """Try the repair's settings in order (pin weights or protected energies) until one brings the cross-fitted
