@@ -37,6 +37,20 @@ def relu_moments(shift: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor
     return shift * cdf + scale * pdf, (shift.square() + scale.square()) * cdf + shift * scale * pdf
 
 
+def solves_recorded(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, bool]]:
+    """From now on, each ``EditProblem.solve`` appends its problem's (prior weight, whether it holds a prior) to the
+    returned list."""
+    weights: list[tuple[float, bool]] = []
+    solve = EditProblem.solve
+
+    def recording(self, *args, **kwargs):
+        weights.append((self.prior_weight, self.prior is not None))
+        return solve(self, *args, **kwargs)
+
+    monkeypatch.setattr(EditProblem, "solve", recording)
+    return weights
+
+
 def test_the_prior_is_the_gaussian_expectation_of_the_keys():
     """BatchNorm -> ReLU -> 1x1 conv: each key is the channel vector at one position, so the prior's diagonal is
     E[relu(y_c)²] and its off-diagonal E[relu(y_c)] E[relu(y_c')], y_c ~ N(β_c, γ_c²) (γ's sign does not matter)."""
@@ -123,18 +137,11 @@ def test_a_weight_chosen_on_the_unseen_split_has_the_lowest_cross_validated_loss
 def test_the_chosen_weight_reaches_every_later_solve(monkeypatch):
     """Whichever weight the cross-validation picks (here forced to 0.5 by its scores), the final edit, the repair's
     signal and the repair solve with that weight and the prior."""
-    weights = []
-    solve = EditProblem.solve
-
-    def recording(self, *args, **kwargs):
-        weights.append((self.prior_weight, self.prior is not None))
-        return solve(self, *args, **kwargs)
-
+    weights = solves_recorded(monkeypatch)
     def scores(self, model, layer, fold_problems, *args):
         return 0.0 if fold_problems[0].prior_weight == 0.5 else 1.0
 
     monkeypatch.setattr(ActivationEditing, "_cross_validate", scores)
-    monkeypatch.setattr(EditProblem, "solve", recording)
     torch.manual_seed(0)
     model = CompactNet(10, widths=(8, 16, 16)).eval()
     unseen = UnseenData(torch.rand(40, 3, 32, 32), torch.arange(10).repeat(4))
@@ -193,14 +200,7 @@ def test_the_defense_with_the_prior_removes_the_quickstart_backdoor(quickstart_r
 
 def test_every_solve_of_the_defense_uses_the_prior(monkeypatch):
     """The final edit, the cross-validation of λ, the repair's signal and the repair all solve with the prior."""
-    weights = []
-    solve = EditProblem.solve
-
-    def recording(self, *args, **kwargs):
-        weights.append((self.prior_weight, self.prior is not None))
-        return solve(self, *args, **kwargs)
-
-    monkeypatch.setattr(EditProblem, "solve", recording)
+    weights = solves_recorded(monkeypatch)
     torch.manual_seed(0)
     model = CompactNet(10, widths=(8, 16, 16)).eval()
     unseen = UnseenData(torch.rand(40, 3, 32, 32), torch.arange(10).repeat(4))
