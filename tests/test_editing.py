@@ -206,3 +206,74 @@ def test_a_bf16_second_moment_is_the_float32_one_to_bf16_precision():
     rounded = moment(half, half)
     assert rounded.dtype == torch.float32
     assert ((rounded - exact).norm() / exact.norm()).item() < 1e-2
+
+
+def _wide_linear_problem() -> tuple[nn.Module, UnseenData, BackdoorKnowledge]:
+    """A Linear layer reading 512 values per image, and 40 unseen images: far fewer keys than the key width."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 6), nn.ReLU(),
+                          nn.Linear(6, 4))
+    images, labels = torch.rand(40, 3, 8, 8), torch.arange(40) % 4
+    return model.eval(), UnseenData(images, labels), BackdoorKnowledge.of(BadNets(size=2), 0)
+
+
+def _exact(problem: EditProblem) -> EditProblem:
+    """The same problem with float64 moments computed from a factored problem's keys."""
+    import dataclasses
+
+    square = lambda rows: rows.rows.double().T @ rows.rows.double()  # noqa: E731
+    return dataclasses.replace(
+        problem, weight=problem.weight.double(), triggered_moment=square(problem.triggered_moment),
+        residual_moment=problem.residual_moment.rows.double().T @ problem.triggered_moment.rows.double(),
+        clean_moment=square(problem.clean_moment), target_moment=square(problem.target_moment),
+        **{name: getattr(problem, name).double() for name in ("residual_energy", "target_energy", "triggered_count",
+                                                               "clean_fourth", "clean_count", "target_count")})
+
+
+@pytest.mark.parametrize("strength", [0.3, 10.0, 100.0])
+def test_the_edit_solved_in_the_span_of_its_keys_is_the_moment_solve(strength):
+    model, unseen, knowledge = _wide_linear_problem()
+    layer = get_layer(model, "3")
+    clean = capture(model, ["3"], unseen.images)["3"]
+    triggered = capture(model, ["3"], knowledge.triggers[0](unseen.images))["3"]
+    keys = EditProblem.build(layer, clean, triggered, unseen.labels, 0, None, factored=True)
+    moments = EditProblem.build(layer, clean, triggered, unseen.labels, 0, None)
+    halves = [EditProblem.build(layer, clean, triggered, unseen.labels, 0, None, unseen.labels % 3 == 0, True),
+              EditProblem.build(layer, clean, triggered, unseen.labels, 0, None, unseen.labels % 3 != 0, True)]
+    assert keys.factored and not moments.factored and len(keys.triggered_moment) == 30  # 10 images per class
+    exact = _exact(keys)
+    relative = lambda ours, reference: ((ours.double() - reference).norm() / reference.norm()).item()  # noqa: E731
+    for pin in (0.0, 4.0, 64.0):  # the repair's pin weights reach the key-space solve too
+        reference = exact.solve("closed_form", strength, 4, pin)
+        assert reference.dtype == torch.float64
+        assert relative(keys.solve("closed_form", strength, 4, pin), reference) < 1e-4
+        assert relative((halves[0] + halves[1]).solve("closed_form", strength, 4, pin), reference) < 1e-4
+        assert relative(moments.solve("closed_form", strength, 4, pin), reference) < 3e-2  # float32 moments
+    delta = exact.solve("closed_form", strength, 4).float()
+    for name, value in moments.diagnostics(delta).items():
+        assert keys.diagnostics(delta)[name] == pytest.approx(value, rel=1e-3), name
+    with pytest.raises(ValueError, match="closed form"):
+        keys.solve("rank_r", strength, 4)
+
+
+def test_the_defense_solves_in_the_span_of_the_keys_only_where_they_are_fewer_than_the_width(monkeypatch):
+    from lightning_backdoor.defenses import activation_editing
+
+    model, unseen, knowledge = _wide_linear_problem()
+    edited = {}
+    for ratio in (1.0, 0.0):  # 0: the moments everywhere
+        monkeypatch.setattr(activation_editing, "KEY_SPACE_RATIO", ratio)
+        for layer in ("3", "0"):
+            copy_ = copy.deepcopy(model)
+            result = ActivationEditing(layer=layer, repair_tolerance=-1.0).defend(copy_, unseen, knowledge)
+            edited[ratio, layer] = get_layer(copy_, layer).weight.detach()
+            system = result.details["system"]
+            if ratio and layer == "3":  # 40 images: 30 triggered, 40 clean, 10 target keys against 512 values
+                assert system == {"form": "key_space", "size": 80}
+            else:  # the conv reads 64 keys of 27 values per image
+                assert system == {"form": "moments", "size": 512 if layer == "3" else 27}
+    original = get_layer(model, "3").weight.detach()
+    change = edited[0.0, "3"] - original
+    assert change.norm() > 0
+    assert ((edited[1.0, "3"] - original - change).norm() / change.norm()) < 3e-2
+    assert torch.equal(edited[1.0, "0"], edited[0.0, "0"])

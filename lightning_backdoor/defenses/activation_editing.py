@@ -16,12 +16,12 @@ from torch.nn import functional as F
 
 from lightning_backdoor.data.augment import random_crop, random_flip
 from lightning_backdoor.defenses.activations import (LayerActivations, auto_candidates, capture, capture_with_logits,
-                                                     editable_layers, get_layer, layer_weight_matrix,
+                                                     editable_layers, get_layer, key_positions, layer_weight_matrix,
                                                      run_with_hooks)
 from lightning_backdoor.defenses.base import (DEFENSES, BackdoorKnowledge, Defense, DefenseResult, UnseenData,
                                              check_seed)
-from lightning_backdoor.defenses.editing import (closed_form_edit, key_subspace, ledoit_wolf, moment,
-                                                protected_edit, rank_r_edit)
+from lightning_backdoor.defenses.editing import (KeyRows, closed_form_edit, key_space_edit, key_subspace, ledoit_wolf,
+                                                moment, protected_edit, rank_r_edit, shrinkage)
 from lightning_backdoor.defenses.inversion import FeatureTrigger
 from lightning_backdoor.defenses.prior import batchnorm_key_prior, feeding_batchnorm
 from lightning_backdoor.triggers import Trigger
@@ -30,6 +30,9 @@ REPAIR_WEIGHTS = (1.0, 4.0, 16.0, 64.0, 256.0)
 REPAIR_ENERGIES = (0.5, 0.9, 0.99)
 STRENGTHS = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 PRIOR_WEIGHTS = (0.0, 0.25, 0.5)
+#: the edit is solved in the span of its keys (:class:`~lightning_backdoor.defenses.editing.KeyRows`) when U's keys
+#: are at most this fraction of the key width (measured: docs/results/edit-cost.md, "Wide layers and few keys")
+KEY_SPACE_RATIO = 1.0
 TRIGGERED_SUMS = ("triggered_moment", "residual_moment", "residual_energy", "target_energy", "triggered_count")
 
 
@@ -82,29 +85,36 @@ class EditProblem:
     Σ w ‖v* − W0 k*‖²; over clean keys: C = Σ k kᵀ and Σ ‖k‖⁴ (for shrinkage); over clean target-class keys:
     T = Σ k kᵀ; with their counts. Not additive: ``prior``, a prior key moment (d, d) mixed into the preserved
     moment with ``prior_weight`` in place of the Ledoit–Wolf shrinkage (:mod:`~lightning_backdoor.defenses.prior`).
+
+    The moments A, R, C and T are (d, d) and (c_out, d) tensors, or, for a problem built ``factored``, the keys
+    themselves (:class:`~lightning_backdoor.defenses.editing.KeyRows`: A's rows √w k*, R's rows √w (v* − W0 k*) in
+    the same order, C's and T's rows k): the same sums, solved in the span of the keys (closed form only, no
+    prior, pin repair only).
     """
 
     weight: Tensor
-    triggered_moment: Tensor
-    residual_moment: Tensor
+    triggered_moment: Tensor | KeyRows
+    residual_moment: Tensor | KeyRows
     residual_energy: Tensor
     target_energy: Tensor
     triggered_count: Tensor
-    clean_moment: Tensor
+    clean_moment: Tensor | KeyRows
     clean_fourth: Tensor
     clean_count: Tensor
-    target_moment: Tensor
+    target_moment: Tensor | KeyRows
     target_count: Tensor
     prior: Tensor | None = None
     prior_weight: float = 0.0
 
     @classmethod
     def build(cls, layer: nn.Module, clean: LayerActivations, triggered: LayerActivations, labels: Tensor,
-              target_class: int, grid_weights: Tensor | None, subset: Tensor | None = None) -> EditProblem:
+              target_class: int, grid_weights: Tensor | None, subset: Tensor | None = None, factored: bool = False
+              ) -> EditProblem:
         """The sums over the images of ``clean`` and ``triggered`` (activations of the same images, in order, with
         their ``labels``) that ``subset`` selects (a boolean mask; default: all); ``grid_weights`` (L,) weigh the
         positions of the triggered keys (default: all 1). Keys may be bfloat16 (a bf16 capture): their moments are
-        then multiplied in bfloat16. Each key set is indexed once (no copy of a copy)."""
+        then multiplied in bfloat16. Each key set is indexed once (no copy of a copy). ``factored``: keep the keys
+        (float32) instead of their moments."""
         weight = layer_weight_matrix(layer).float()
         chosen = torch.ones_like(labels, dtype=torch.bool) if subset is None else subset
         non_target, target = chosen & (labels != target_class), chosen & (labels == target_class)
@@ -124,6 +134,12 @@ class EditProblem:
         fourth = sum(torch.linalg.vector_norm(part, dim=1, dtype=torch.float32).pow(4).sum()
                      for part in (clean_keys, target_keys))
         energy = lambda vectors: (vectors.square().sum(1) * weights).sum()  # noqa: E731
+        if factored:
+            root = weights.sqrt()[:, None]
+            return cls(weight, KeyRows(keys.float() * root), KeyRows(residual.float() * root), energy(residual),
+                       energy(targets.flatten(0, 1)), weights.sum(), KeyRows(torch.cat([clean_keys, target_keys]).float()),
+                       fourth, torch.tensor(float(len(clean_keys) + len(target_keys))), KeyRows(target_keys.float()),
+                       torch.tensor(float(len(target_keys))))
         return cls(weight, moment(weighted, keys), moment(residual.to(keys.dtype), weighted), energy(residual),
                    energy(targets.flatten(0, 1)), weights.sum(), moment(clean_keys, clean_keys) + target_moment,
                    fourth, torch.tensor(float(len(clean_keys) + len(target_keys))),
@@ -137,38 +153,88 @@ class EditProblem:
         """Add ``other``'s triggered keys, built on the same clean keys with another trigger (clean sums once)."""
         return replace(self, **{name: getattr(self, name) + getattr(other, name) for name in TRIGGERED_SUMS})
 
+    @property
+    def factored(self) -> bool:
+        """Whether the sums are held as keys (:class:`~lightning_backdoor.defenses.editing.KeyRows`)."""
+        return isinstance(self.triggered_moment, KeyRows)
+
     def solve(self, method: str, strength: float, rank: int, repair_weight: float = 0.0,
-              pinned: tuple[Tensor, Tensor] | None = None, protected: Tensor | None = None) -> Tensor:
-        """ΔW (c_out, d). The repair's two forms: ``repair_weight`` pins target-class keys to their original values
-        (a second moment of them, with its key count, as ``pinned``; default: the problem's own clean target keys);
-        ``protected`` (d, k), orthonormal directions of the target class's keys, keeps ΔW out of them exactly
-        (ΔW P = 0; closed form only)."""
+              protected: Tensor | None = None, ridge: float = 1e-4) -> Tensor:
+        """ΔW (c_out, d), float32. The repair's two forms: ``repair_weight`` pins the target class's clean keys to
+        their original values; ``protected`` (d, k), orthonormal directions of the target class's keys, keeps ΔW out
+        of them exactly (ΔW P = 0; closed form only). ``ridge``: ε of the preserved moment's C + ε I, a fraction of
+        its mean eigenvalue.
+
+        Raises:
+            ValueError: no triggered keys; for a factored problem, another method than ``closed_form``, a prior or
+                ``protected``.
+        """
         if self.triggered_count <= 0:
             raise ValueError("the unseen split holds no non-target images to edit with")
+        if self.factored:
+            if method != "closed_form" or self.prior_weight > 0 or protected is not None:
+                raise ValueError("a problem held as keys is solved in closed form, without a prior or a protected "
+                                 "subspace")
+            return self._solve_in_key_space(strength, repair_weight, ridge)
         clean = self.clean_moment / self.clean_count
         if self.prior_weight > 0:
             preserve = (1 - self.prior_weight) * clean + self.prior_weight * self.prior
         else:
             preserve = ledoit_wolf(clean, self.clean_fourth / self.clean_count, self.clean_count)
-        target_moment, target_count = pinned if pinned is not None else (self.target_moment, self.target_count)
-        if repair_weight > 0 and target_count > 0:
-            preserve = preserve + repair_weight * target_moment / target_count
+        if repair_weight > 0 and self.target_count > 0:
+            preserve = preserve + repair_weight * self.target_moment / self.target_count
         moment, residual = self.triggered_moment / self.triggered_count, self.residual_moment / self.triggered_count
         if protected is not None:
-            return protected_edit(moment, residual, preserve, strength, protected)
+            return protected_edit(moment, residual, preserve, strength, protected, ridge)
         if method == "closed_form":
-            return closed_form_edit(moment, residual, preserve, strength)
-        return rank_r_edit(moment, residual, preserve, rank, strength)
+            return closed_form_edit(moment, residual, preserve, strength, ridge)
+        return rank_r_edit(moment, residual, preserve, rank, strength, ridge)
+
+    @functools.cached_property
+    def _key_space(self) -> tuple[Tensor, Tensor]:
+        """The stacked keys [A's; C's; T's] (m, d) and their Gram matrix (m, m) in float64, once per problem."""
+        keys = torch.cat([self.triggered_moment.rows, self.clean_moment.rows, self.target_moment.rows])
+        exact = keys.double()
+        return keys, exact @ exact.T
+
+    def _solve_in_key_space(self, strength: float, repair_weight: float, ridge: float) -> Tensor:
+        """:meth:`solve`'s closed form with the Ledoit–Wolf shrinkage and the pin repair, for a factored problem:
+        the same system, solved by :func:`~lightning_backdoor.defenses.editing.key_space_edit`."""
+        keys, gram = self._key_space
+        size = keys.shape[1]
+        triggered, clean = len(self.triggered_moment), len(self.clean_moment)
+        triggered_count, clean_count = self.triggered_count.double(), self.clean_count.double()
+        clean_gram = gram[triggered:triggered + clean, triggered:triggered + clean]
+        clean_trace = clean_gram.diagonal().sum() / clean_count
+        intensity, mean_eigenvalue = shrinkage(clean_trace, clean_gram.square().sum() / clean_count ** 2,
+                                               self.clean_fourth.double() / clean_count, clean_count, size)
+        pin = float(repair_weight) if repair_weight > 0 and self.target_count > 0 else 0.0
+        target_count = self.target_count.double().clamp(min=1)
+        trace = (intensity * mean_eigenvalue * size + (1 - intensity) * clean_trace
+                 + pin * gram[triggered + clean:, triggered + clean:].diagonal().sum() / target_count)
+        identity = intensity * mean_eigenvalue + ridge * trace.clamp(min=1e-12) / size
+        scales = torch.cat([torch.full((triggered,), 1.0, dtype=torch.float64) / triggered_count.sqrt(),
+                            ((1 - intensity) / clean_count).sqrt().expand(clean),
+                            (pin / target_count).sqrt().expand(len(self.target_moment))])
+        return key_space_edit(triggered, self.residual_moment.rows / triggered_count.sqrt().float(), gram, scales,
+                              keys, identity.item(), strength)
 
     def diagnostics(self, delta: Tensor) -> dict[str, float]:
         """How far triggered keys sit from their clean values before/after (relative), and how much clean outputs
         moved (relative), from the sums alone."""
         count = self.triggered_count
         # E‖r − Δk‖² = E‖r‖² − 2 tr(Δ Rᵀ) + tr(Δ A Δᵀ)
-        after = self.residual_energy - 2 * (delta * self.residual_moment).sum() + (
-            (delta @ self.triggered_moment) * delta).sum()
-        clean_change = ((delta @ self.clean_moment) * delta).sum() / (
-            (self.weight @ self.clean_moment) * self.weight).sum().clamp(min=1e-12)
+        if self.factored:
+            moved = self.triggered_moment.rows @ delta.T  # Δ √w k*, paired with R's rows √w r
+            after = self.residual_energy - 2 * (self.residual_moment.rows * moved).sum() + moved.square().sum()
+            clean_rows = self.clean_moment.rows
+            clean_change = (clean_rows @ delta.T).square().sum() / (
+                clean_rows @ self.weight.T).square().sum().clamp(min=1e-12)
+        else:
+            after = self.residual_energy - 2 * (delta * self.residual_moment).sum() + (
+                (delta @ self.triggered_moment) * delta).sum()
+            clean_change = ((delta @ self.clean_moment) * delta).sum() / (
+                (self.weight @ self.clean_moment) * self.weight).sum().clamp(min=1e-12)
         scale = self.target_energy.clamp(min=1e-12)
         return {"triggered_residual_before": (self.residual_energy / scale).sqrt().item(),
                 "triggered_residual_after": (after.clamp(min=0) / scale).sqrt().item(),
@@ -377,6 +443,7 @@ class ActivationEditing(Defense):
         # hold images (two when the fold sets agree, three with a single target image) are built, no more
         parts = sorted({(0, 0), (1, 1), *zip(folds.tolist(), signal_folds.tolist())})
         triggered = [(member, member(images)) for member in triggers]  # applied once, reused by the CV
+        factored = self._key_space_layers(model, layers, images, labels, len(triggers), target_class, priors)
         masks = [member.mask(tuple(images.shape[1:])) if self.spatial_weight == "mask" else None
                  for member in triggers]
         problems: dict[str, list[EditProblem]] = {}
@@ -389,8 +456,8 @@ class ActivationEditing(Defense):
                     triggered_acts = capture(model, layers, member_images[chunk], bf16=self.bf16)
                 for name in layers:
                     pieces = [self._problem(model, name, clean_acts[name], triggered_acts[name], labels[chunk],
-                                            target_class, mask, (folds[chunk] == cv) & (signal_folds[chunk] == signal))
-                              for cv, signal in parts]
+                                            target_class, mask, (folds[chunk] == cv) & (signal_folds[chunk] == signal),
+                                            name in factored) for cv, signal in parts]
                     if index == 0:  # the first trigger brings the chunk's clean sums, later ones their keys only
                         problems[name] = ([a + b for a, b in zip(problems[name], pieces)] if name in problems
                                           else pieces)
@@ -414,6 +481,9 @@ class ActivationEditing(Defense):
                                                                     for option, score in scores.items()}}
         layer, weight, strength = choice
         info["strength"] = strength
+        width = layer_weight_matrix(get_layer(model, layer)).shape[1]
+        info["system"] = ({"form": "key_space", "size": factored[layer]} if layer in factored
+                          else {"form": "moments", "size": width})
         if self.batchnorm_prior != 0:
             info["batchnorm_prior"] = {"weight": weight, "chosen_on_unseen": self.batchnorm_prior is None,
                                        "norm": priors[layer][1] if weight > 0 else None,
@@ -495,6 +565,23 @@ class ActivationEditing(Defense):
                     raise
         return priors
 
+    def _key_space_layers(self, model: nn.Module, layers: list[str], images: Tensor, labels: Tensor, triggers: int,
+                          target_class: int, priors: dict[str, Any]) -> dict[str, int]:
+        """The ``layers`` whose edit is solved in the span of U's keys, each with the number of keys (the triggered
+        non-target keys of ``triggers`` trigger sets, the clean keys, and the target class's again, for the pin):
+        where they are at most :data:`KEY_SPACE_RATIO` of the key width, for the closed form with the pin repair
+        and no prior."""
+        if self.method != "closed_form" or self.repair_method != "pin":
+            return {}
+        positions = key_positions(model, layers, images[:1])
+        factored = {}
+        for name in layers:
+            target = int((labels == target_class).sum())
+            keys = positions[name] * (triggers * (len(labels) - target) + len(labels) + target)
+            if name not in priors and keys <= KEY_SPACE_RATIO * layer_weight_matrix(get_layer(model, name)).shape[1]:
+                factored[name] = keys
+        return factored
+
     def _layers_reached(self, model: nn.Module, layers: list[str], triggers: list[Trigger]) -> list[str]:
         """The candidate ``layers`` that feature-space triggers reach: those at or after (in definition order) the
         layer at whose input the triggers act, and for ``auto`` after it when a later one is a candidate (editing the
@@ -548,12 +635,14 @@ class ActivationEditing(Defense):
         return (rank % 2).repeat(views)
 
     def _problem(self, model: nn.Module, layer: str, clean: LayerActivations, triggered: LayerActivations,
-                 labels: Tensor, target_class: int, mask: Tensor | None, subset: Tensor) -> EditProblem:
+                 labels: Tensor, target_class: int, mask: Tensor | None, subset: Tensor, factored: bool
+                 ) -> EditProblem:
         grid = None
         if mask is not None and clean.keys.shape[1] > 1:
             side = int(round(clean.keys.shape[1] ** 0.5))
             grid = F.adaptive_max_pool2d(mask[None].float(), (side, side)).flatten().clamp(min=0.05)
-        return EditProblem.build(get_layer(model, layer), clean, triggered, labels, target_class, grid, subset)
+        return EditProblem.build(get_layer(model, layer), clean, triggered, labels, target_class, grid, subset,
+                                 factored)
 
     def _cross_validate(self, model: nn.Module, layer: str, fold_problems: list[EditProblem], strength: float,
                         images: Tensor, triggered: list[tuple[Trigger, Tensor]], labels: Tensor, folds: Tensor,

@@ -12,6 +12,8 @@ A = E_w[k* k*ᵀ] (d, d), R = E_w[r k*ᵀ] (c_out, d), C = E[k kᵀ] (d, d) over
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -34,13 +36,18 @@ def ledoit_wolf(moment: Tensor, fourth: Tensor, count: Tensor | float) -> Tensor
     could change the layer freely along directions the unseen keys never visit; shrinkage prices those directions
     at the average key energy, by an amount estimated from the data alone. Returns a new tensor.
     """
-    d = moment.shape[0]
-    mean_eigenvalue = moment.trace() / d
-    squared_norm = moment.square().sum()
-    dispersion = squared_norm - mean_eigenvalue.square() * d  # ‖S − μ I‖²_F, with tr S = μ d
-    sampling = ((fourth - squared_norm) / count).clamp(min=0)  # E‖k kᵀ − S‖²_F / n
-    intensity = (sampling.clamp(max=dispersion) / dispersion.clamp(min=1e-12)).clamp(0, 1)
+    intensity, mean_eigenvalue = shrinkage(moment.trace(), moment.square().sum(), fourth, count, moment.shape[0])
     return _plus_identity(moment * (1 - intensity), intensity * mean_eigenvalue)
+
+
+def shrinkage(trace: Tensor, squared_norm: Tensor, fourth: Tensor, count: Tensor | float, size: int
+              ) -> tuple[Tensor, Tensor]:
+    """The Ledoit–Wolf intensity in [0, 1] and the mean eigenvalue tr S / d of a second moment S (d = ``size``) from
+    its trace, its squared Frobenius norm ‖S‖²_F, E‖k‖⁴ (``fourth``) and the ``count`` of keys (:func:`ledoit_wolf`)."""
+    mean_eigenvalue = trace / size
+    dispersion = squared_norm - mean_eigenvalue.square() * size  # ‖S − μ I‖²_F, with tr S = μ d
+    sampling = ((fourth - squared_norm) / count).clamp(min=0)  # E‖k kᵀ − S‖²_F / n
+    return (sampling.clamp(max=dispersion) / dispersion.clamp(min=1e-12)).clamp(0, 1), mean_eigenvalue
 
 
 def second_moment(keys: Tensor) -> Tensor:
@@ -110,3 +117,44 @@ def key_subspace(moment: Tensor, energy: float) -> Tensor:
     cumulative = eigenvalues.cumsum(0) / eigenvalues.sum().clamp(min=1e-12)
     count = int((cumulative < energy).sum().item()) + 1
     return eigenvectors[:, :min(count, moment.shape[0])]
+
+
+@dataclass(frozen=True)
+class KeyRows:
+    """A sum over keys held as the keys themselves: the rows (m, d), float32, of a second moment Σ_i k_i k_iᵀ, or
+    of the residuals r_i (m, c_out) paired row by row with such keys (the cross moment Σ_i r_i k_iᵀ). ``+`` stacks
+    the rows, so the sums stay additive over images. While m is below the key width d this is the smaller form,
+    and the edit is solved in the m-dimensional span of the keys (:func:`key_space_edit`) instead of d x d."""
+
+    rows: Tensor
+
+    def __add__(self, other: KeyRows) -> KeyRows:
+        return KeyRows(torch.cat([self.rows, other.rows]))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def key_space_edit(triggered: Tensor, residuals: Tensor, gram: Tensor, scales: Tensor, keys: Tensor,
+                   identity: Tensor | float, strength: float) -> Tensor:
+    """The closed-form edit ΔW = R (A + λ P)⁻¹ (:func:`closed_form_edit`, P already regularised) for moments given
+    by rows: A = Tᵀ T, R = Yᵀ T and P = ι I + Σ_j K_jᵀ K_j. Solved with the m x m Gram matrix of the stacked rows
+    U = [T; √λ K_j] (m, d): S = A + λ P = α I + Uᵀ U with α = λ ι, and since R = [Y; 0]ᵀ U,
+    ΔW = [Y; 0]ᵀ (α I + U Uᵀ)⁻¹ U (the push-through identity: exact for any m, and no cancellation). Costs
+    m² d + m³ instead of the d³ of the dense solve and holds m x d, not d x d: the form for few keys in a wide layer.
+
+    ``keys`` (m, d), float32: the stored rows, T's first (``triggered`` of them), then the K_j's; ``scales`` (m,):
+    each row's factor (T = scale ⊙ its rows, K_j likewise; √λ is applied here); ``gram`` = keys keysᵀ (m, m),
+    float64; ``residuals`` Y (``triggered``, c_out), already scaled; ``identity``: ι > 0, with the ridge.
+    Returns ΔW (c_out, d), float32.
+    """
+    scales = scales.double() * torch.cat([torch.ones(triggered, dtype=torch.float64),
+                                          torch.full((len(keys) - triggered,), strength ** 0.5, dtype=torch.float64)])
+    system = scales[:, None] * gram * scales[None, :]
+    system.diagonal().add_(float(strength * identity))
+    padded = torch.zeros(len(keys), residuals.shape[1], dtype=torch.float64)
+    padded[:triggered] = residuals.double()
+    factor, info = torch.linalg.cholesky_ex(system)
+    coefficients = (torch.cholesky_solve(padded, factor) if info.item() == 0
+                    else torch.linalg.solve(system, padded))  # (m, c_out) = (α I + U Uᵀ)⁻¹ [Y; 0]
+    return (coefficients * scales[:, None]).T.float() @ keys
