@@ -29,7 +29,8 @@ import json
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_backdoor.data.poisoning import apply_trigger, to_float
-from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
+from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData, activation_editing
 from lightning_backdoor.evaluation import evaluate
 from lightning_backdoor.io import atomic_json
 from lightning_backdoor.models import build_model
@@ -103,18 +104,21 @@ def forward_floor(network: nn.Module, images: Tensor, triggered: Tensor, bf16: b
 
 
 def edit(network: nn.Module, layer: str, unseen: UnseenData, knowledge: BackdoorKnowledge, bf16: bool,
-         seed: int) -> tuple[nn.Module, dict[str, Any]]:
-    """The default edit (λ = 10, repair on) of a copy of ``network`` at ``layer``; the copy and the result's details."""
+         seed: int, strength: float | None = 10.0) -> tuple[nn.Module, dict[str, Any]]:
+    """The default edit (λ = 10, repair on) of a copy of ``network`` at ``layer``; the copy and the result's details
+    with the edited ``layer``."""
     model = copy.deepcopy(network)
-    result = ActivationEditing(layer=layer, bf16=bf16, seed=seed).defend(model, unseen, knowledge)
-    return model, result.details
+    result = ActivationEditing(layer=layer, bf16=bf16, seed=seed, strength=strength).defend(model, unseen, knowledge)
+    return model, {**result.details, "layer": result.layer}
 
 
 def moment_errors(network: nn.Module, layer: str, unseen: UnseenData, knowledge: BackdoorKnowledge,
                   seed: int) -> dict[str, float]:
-    """Relative Frobenius error of the bf16 key statistics (A, R, C) and of the edit ΔW against float32."""
-    fits = {bf16: ActivationEditing(layer=layer, bf16=bf16, seed=seed).fit(copy.deepcopy(network), unseen, knowledge)
-            for bf16 in (False, True)}
+    """Relative Frobenius error of the bf16 key statistics (A, R, C) and of the edit ΔW against float32 (the moments
+    form, whatever the number of keys)."""
+    with key_space_ratio(0.0):
+        fits = {bf16: ActivationEditing(layer=layer, bf16=bf16, seed=seed).fit(copy.deepcopy(network), unseen,
+                                                                              knowledge) for bf16 in (False, True)}
     relative = lambda ours, exact: ((ours - exact).norm() / exact.norm().clamp(min=1e-12)).item()  # noqa: E731
     exact, rounded = fits[False].problem, fits[True].problem
     errors = {name: relative(getattr(rounded, field), getattr(exact, field))
@@ -188,6 +192,70 @@ def width_part(args: argparse.Namespace, save: Callable[[], None], rows: list[di
             f"{row[name]['peak_memory_mib']:.0f} MiB" for name in PRECISIONS), flush=True)
 
 
+@contextmanager
+def key_space_ratio(ratio: float) -> Iterator[None]:
+    """The edit's :data:`~lightning_backdoor.defenses.activation_editing.KEY_SPACE_RATIO` set to ``ratio`` (0: the
+    moments form everywhere) while inside."""
+    kept = activation_editing.KEY_SPACE_RATIO
+    activation_editing.KEY_SPACE_RATIO = ratio
+    try:
+        yield
+    finally:
+        activation_editing.KEY_SPACE_RATIO = kept
+
+
+#: part 3's cases: unseen images, layer, λ (None: chosen with the layer by the cross-validation on U)
+FORM_CASES = ((10, "blocks.2.conv2", 10.0), (50, "blocks.2.conv2", 10.0), (100, "blocks.2.conv2", 10.0),
+              (10, "auto", None), (100, "auto", None))
+
+
+def forms_part(args: argparse.Namespace, save: Callable[[], None], rows: list[dict[str, Any]]) -> None:
+    """The same float32 edits solved in the span of the keys (the default where they are at most as many as the
+    key width) and from the d x d moments: seconds, the weights' difference and the test split's figures; then the
+    first classifier layer (25,088 values per key) of a torchvision VGG-16-BN, freshly initialised, on 100 images."""
+    configs = ["configs/cifar10/base.yaml", "configs/cifar10/badnets.yaml"]
+    module, data = instantiate_run(configs, run_checkpoint(Path(args.run)),
+                                   [f"--data.init_args.unseen_per_class={args.unseen_per_class}"])
+    network = module.net.float().eval()
+    knowledge = BackdoorKnowledge.of(data.trigger, data.target_class)
+    test = data.test_dataset().tensors if args.test else None
+    for count, layer, strength in FORM_CASES:
+        unseen_set = data.unseen_set(count // data.num_classes, args.seed)
+        unseen = UnseenData(to_float(unseen_set.images), unseen_set.labels)
+        row: dict[str, Any] = {"images": count, "layer": layer, "strength": strength}
+        weights = {}
+        for form, ratio in (("key_space", activation_editing.KEY_SPACE_RATIO), ("moments", 0.0)):
+            with key_space_ratio(ratio):
+                seconds = median_seconds(lambda: edit(network, layer, unseen, knowledge, False, args.seed, strength),
+                                         args.repeats)
+                model, details = edit(network, layer, unseen, knowledge, False, args.seed, strength)
+            weights[form] = model.get_submodule(details["layer"]).weight
+            row[form] = {"seconds": seconds, "system": details["system"], "layer": details["layer"],
+                         "strength": details["strength"]}
+            if test is not None:
+                row[form]["test"] = evaluate(model, *test, data.num_classes, data.target_class, bf16=True)
+        edited = {form: weights[form].detach() for form in weights}
+        change = (edited["moments"] - network.get_submodule(row["moments"]["layer"]).weight).norm()
+        row["weight_difference"] = ((edited["key_space"] - edited["moments"]).norm() / change).item()
+        rows.append(row)
+        save()
+        print(f"forms N={count} {layer}: " + ", ".join(f"{form} {row[form]['seconds']:.2f} s {row[form]['system']}"
+                                                    for form in ("key_space", "moments")), flush=True)
+    import torchvision
+
+    torch.manual_seed(args.seed)
+    vgg = torchvision.models.vgg16_bn(num_classes=data.num_classes).eval()
+    unseen_set = data.unseen_set(100 // data.num_classes, args.seed)
+    unseen = UnseenData(to_float(unseen_set.images), unseen_set.labels)
+    seconds = median_seconds(lambda: edit(vgg, "classifier.0", unseen, knowledge, False, args.seed), args.repeats)
+    (_, details), memory = peak_memory(lambda: edit(vgg, "classifier.0", unseen, knowledge, False, args.seed))
+    rows.append({"model": "torchvision vgg16_bn (untrained)", "layer": "classifier.0", "images": len(unseen.labels),
+                 "key_width": vgg.get_submodule("classifier.0").weight.shape[1], "seconds": seconds,
+                 "peak_memory_mib": memory / 2**20, "system": details["system"]})
+    save()
+    print(f"vgg16_bn classifier.0: {seconds:.2f} s, {memory / 2**20:.0f} MiB, {details['system']}", flush=True)
+
+
 def line(row: dict[str, Any]) -> str:
     parts = [f"N={row['images']}"]
     for name in PRECISIONS:
@@ -219,6 +287,24 @@ def tables(result: dict[str, Any]) -> str:
                      f"{row['key_width']} | {row['float32']['keys']} | {row['float32']['seconds']:.2f}"
                      f"{floor(row['float32'])} | {row['bf16']['seconds']:.2f}{floor(row['bf16'])} | "
                      f"{row['float32']['peak_memory_mib']:.0f} | {row['bf16']['peak_memory_mib']:.0f} |")
+    if result.get("forms"):
+        lines += ["", "| unseen images | layer | λ | key space s (system) | moments s (system) | weights apart "
+                  "| test CA / ASR / TA key space | test CA / ASR / TA moments |", "|" + " --- |" * 8]
+        effect = lambda value: (" / ".join(f"{100 * value['test'][key]:.2f}"  # noqa: E731
+                                           for key in ("clean_acc", "asr", "target_acc")) if "test" in value else "–")
+        system = lambda value: f"{value['system']['form']} {value['system']['size']}"  # noqa: E731
+        for row in result["forms"]:
+            if "key_space" not in row:
+                lines.append(f"| {row['images']} | `{row['layer']}` of {row['model']}, d = {row['key_width']} | 10 "
+                             f"| {row['seconds']:.2f} ({system(row)}), {row['peak_memory_mib']:.0f} MiB | – | – | – "
+                             f"| – |")
+                continue
+            chosen = row["key_space"]
+            layer = f"auto → `{chosen['layer']}`" if row["layer"] == "auto" else f"`{row['layer']}`"
+            strength = row["strength"] if row["strength"] is not None else f"CV → {chosen['strength']}"
+            lines.append(f"| {row['images']} | {layer} | {strength} | {chosen['seconds']:.2f} ({system(chosen)}) | "
+                         f"{row['moments']['seconds']:.2f} ({system(row['moments'])}) | "
+                         f"{row['weight_difference']:.1e} | {effect(chosen)} | {effect(row['moments'])} |")
     return "\n".join(lines)
 
 
@@ -259,6 +345,8 @@ def main() -> None:
                         help="part 1 sizes; none: skip part 1 (its rows in --out are kept)")
     parser.add_argument("--width_images", type=int, default=1000)
     parser.add_argument("--no_width", action="store_true", help="skip part 2 (its rows in --out are kept)")
+    parser.add_argument("--forms", action="store_true",
+                        help="run only part 3: the key-space and moments forms side by side (parts 1-2 kept)")
     parser.add_argument("--preact", default=None, help="a PreAct-ResNet18 BadNets checkpoint (else untrained)")
     parser.add_argument("--test", action=argparse.BooleanOptionalAction, default=True,
                         help="report the test split's CA/ASR/TA after each edit")
@@ -275,11 +363,17 @@ def main() -> None:
                                   "threads": torch.get_num_threads(), "images": [], "width": []}
         kept = json.loads(out.read_text()) if out.is_file() else {}
         save = lambda: atomic_json(result, out)  # noqa: E731
-        if args.images:
+        result["forms"] = kept.get("forms", [])
+        if args.forms:
+            result["images"], result["width"], result["forms"] = kept.get("images", []), kept.get("width", []), []
+            forms_part(args, save, result["forms"])
+        elif args.images:
             images_part(args, save, result["images"])
         else:  # part 1 not run (--images with no sizes): its rows in --out are kept
             result["images"] = kept.get("images", [])
-        if args.no_width:
+        if args.forms:
+            pass
+        elif args.no_width:
             result["width"] = kept.get("width", [])
         else:
             width_part(args, save, result["width"])

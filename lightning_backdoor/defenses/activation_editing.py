@@ -137,8 +137,9 @@ class EditProblem:
         if factored:
             root = weights.sqrt()[:, None]
             return cls(weight, KeyRows(keys.float() * root), KeyRows(residual.float() * root), energy(residual),
-                       energy(targets.flatten(0, 1)), weights.sum(), KeyRows(torch.cat([clean_keys, target_keys]).float()),
-                       fourth, torch.tensor(float(len(clean_keys) + len(target_keys))), KeyRows(target_keys.float()),
+                       energy(targets.flatten(0, 1)), weights.sum(),
+                       KeyRows(torch.cat([clean_keys, target_keys]).float()), fourth,
+                       torch.tensor(float(len(clean_keys) + len(target_keys))), KeyRows(target_keys.float()),
                        torch.tensor(float(len(target_keys))))
         return cls(weight, moment(weighted, keys), moment(residual.to(keys.dtype), weighted), energy(residual),
                    energy(targets.flatten(0, 1)), weights.sum(), moment(clean_keys, clean_keys) + target_moment,
