@@ -14,6 +14,10 @@ Part 2, key width: 1,000 images through layers whose keys hold 512 … 4,608 val
 ``layer4.0.conv1`` (2,304) and ``layer4.1.conv2`` (4,608). PreAct weights come from ``--preact`` when given,
 else from a fresh initialisation: seconds and memory depend on shapes only.
 
+Part 3, ``--forms`` (run on its own; the other parts' rows in --out are kept): the float32 edits of part 1's model
+solved in the span of U's keys (what the defense does where they are at most as many as the key width) and from the
+d x d moments, side by side; and the first classifier layer of a torchvision VGG-16-BN (25,088 values per key).
+
 Seconds are the median of ``--repeats`` runs after one warm-up; peak memory is the largest allocation sampled
 every 5 ms during the edit, less what was allocated before it: glibc's own count of bytes in use (``mallinfo2``),
 which, unlike the resident set, falls when tensors are freed, so each edit is measured on its own. Linux with
@@ -204,9 +208,11 @@ def key_space_ratio(ratio: float) -> Iterator[None]:
         activation_editing.KEY_SPACE_RATIO = kept
 
 
-#: part 3's cases: unseen images, layer, λ (None: chosen with the layer by the cross-validation on U)
-FORM_CASES = ((10, "blocks.2.conv2", 10.0), (50, "blocks.2.conv2", 10.0), (100, "blocks.2.conv2", 10.0),
-              (10, "auto", None), (100, "auto", None))
+#: part 3's cases: unseen images, layer, λ (None: chosen with the layer by the cross-validation on U), and whether
+#: the key-space form is forced where it would not be chosen (more keys than the key width)
+FORM_CASES = ((10, "blocks.2.conv2", 10.0, False), (50, "blocks.2.conv2", 10.0, False),
+              (100, "blocks.2.conv2", 10.0, False), (250, "blocks.2.conv2", 10.0, True), (10, "auto", None, False),
+              (100, "auto", None, False))
 
 
 def forms_part(args: argparse.Namespace, save: Callable[[], None], rows: list[dict[str, Any]]) -> None:
@@ -219,12 +225,12 @@ def forms_part(args: argparse.Namespace, save: Callable[[], None], rows: list[di
     network = module.net.float().eval()
     knowledge = BackdoorKnowledge.of(data.trigger, data.target_class)
     test = data.test_dataset().tensors if args.test else None
-    for count, layer, strength in FORM_CASES:
+    for count, layer, strength, forced in FORM_CASES:
         unseen_set = data.unseen_set(count // data.num_classes, args.seed)
         unseen = UnseenData(to_float(unseen_set.images), unseen_set.labels)
-        row: dict[str, Any] = {"images": count, "layer": layer, "strength": strength}
+        row: dict[str, Any] = {"images": count, "layer": layer, "strength": strength, "forced": forced}
         weights = {}
-        for form, ratio in (("key_space", activation_editing.KEY_SPACE_RATIO), ("moments", 0.0)):
+        for form, ratio in (("key_space", 1e9 if forced else activation_editing.KEY_SPACE_RATIO), ("moments", 0.0)):
             with key_space_ratio(ratio):
                 seconds = median_seconds(lambda: edit(network, layer, unseen, knowledge, False, args.seed, strength),
                                          args.repeats)
@@ -302,6 +308,8 @@ def tables(result: dict[str, Any]) -> str:
             chosen = row["key_space"]
             layer = f"auto → `{chosen['layer']}`" if row["layer"] == "auto" else f"`{row['layer']}`"
             strength = row["strength"] if row["strength"] is not None else f"CV → {chosen['strength']}"
+            if row.get("forced"):
+                layer += " (key space forced)"
             lines.append(f"| {row['images']} | {layer} | {strength} | {chosen['seconds']:.2f} ({system(chosen)}) | "
                          f"{row['moments']['seconds']:.2f} ({system(row['moments'])}) | "
                          f"{row['weight_difference']:.1e} | {effect(chosen)} | {effect(row['moments'])} |")

@@ -298,7 +298,10 @@ class ActivationEditing(Defense):
             the key moments in bfloat16 (float32 sums; docs/results/edit-cost.md measures the error and its effect);
             the edit itself is solved and applied in float32.
         chunk_size: images whose keys are held at once; the moments are summed chunk by chunk, so memory does
-            not grow with the number of unseen images.
+            not grow with the number of unseen images. Where U's keys at a layer are at most as many as its key
+            width d (few images, or a wide layer), the keys themselves are kept (float32) and the edit is solved
+            from their Gram matrix in float64 (:data:`KEY_SPACE_RATIO`; the report's ``system`` says which form
+            ran): the same edit, without any d x d matrix.
         batchnorm_prior: w in [0, 1]: the preserved key moment becomes (1 − w) C + w P, P the keys' moment when
             the output of the BatchNorm feeding the edited layer is drawn from its learnt N(β, γ²)
             (:func:`~lightning_backdoor.defenses.prior.batchnorm_key_prior`), instead of C shrunk towards the
