@@ -277,3 +277,27 @@ def test_the_defense_solves_in_the_span_of_the_keys_only_where_they_are_fewer_th
     assert change.norm() > 0
     assert ((edited[1.0, "3"] - original - change).norm() / change.norm()) < 3e-2
     assert torch.equal(edited[1.0, "0"], edited[0.0, "0"])
+
+
+def test_a_layer_whose_moments_would_not_fit_in_memory_is_skipped_by_auto_and_refused_by_name(monkeypatch):
+    from lightning_backdoor.defenses import activation_editing
+
+    model, unseen, knowledge = _wide_linear_problem()
+    # 10 kB free: the conv "0" (27 values, 64 keys per image: moments of 35 kB) does not fit; the Linear "3" (512
+    # values, 80 keys from U) is solved in the span of its keys and "5" (6 values) needs 2 kB
+    monkeypatch.setattr(activation_editing, "available_memory", lambda: 10_000)
+    result = ActivationEditing(layer="auto", strength=None).defend(copy.deepcopy(model), unseen, knowledge)
+    assert list(result.details["skipped_layers"]) == ["0"] and "GiB is available" in result.details["skipped_layers"]["0"]
+    assert result.layer in ("3", "5")
+    assert not any(name.startswith("0 ") for name in result.details["selection"]["cross_validated_loss_on_unseen"])
+    monkeypatch.setattr(activation_editing, "available_memory", lambda: 1_000_000)  # 1 MB: "3" fits only as keys
+    before = get_layer(model, "3").weight.detach().clone()
+    with pytest.raises(ValueError, match=r"layer '3': its 512 x 512 moments need .*method=closed_form, "
+                                         r"repair_method=pin and batchnorm_prior=0"):
+        ActivationEditing(layer="3", method="rank_r").defend(model, unseen, knowledge)
+    assert torch.equal(get_layer(model, "3").weight, before)
+    assert ActivationEditing(layer="3").defend(copy.deepcopy(model), unseen, knowledge).details["system"]["form"] == \
+        "key_space"
+    monkeypatch.setattr(activation_editing, "available_memory", lambda: 100)
+    with pytest.raises(ValueError, match="no auto candidate's d x d moments fit in memory"):
+        ActivationEditing(layer="auto", method="rank_r").defend(copy.deepcopy(model), unseen, knowledge)

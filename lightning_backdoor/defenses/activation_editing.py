@@ -33,7 +33,24 @@ PRIOR_WEIGHTS = (0.0, 0.25, 0.5)
 #: the edit is solved in the span of its keys (:class:`~lightning_backdoor.defenses.editing.KeyRows`) when U's keys
 #: are at most this fraction of the key width (measured: docs/results/edit-cost.md, "Wide layers and few keys")
 KEY_SPACE_RATIO = 1.0
+#: d x d float32 matrices the moments form holds at once for a candidate layer (A, C and T of each fold piece, their
+#: sums and the solve's own, with room to spare): a layer whose moments would not fit in the memory available is
+#: skipped by ``layer: auto`` and refused by name
+MOMENT_COPIES = 12
 TRIGGERED_SUMS = ("triggered_moment", "residual_moment", "residual_energy", "target_energy", "triggered_count")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations without swapping (``MemAvailable`` of Linux's
+    ``/proc/meminfo``), or ``None`` where that is not known."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 @torch.no_grad()
@@ -447,7 +464,10 @@ class ActivationEditing(Defense):
         # hold images (two when the fold sets agree, three with a single target image) are built, no more
         parts = sorted({(0, 0), (1, 1), *zip(folds.tolist(), signal_folds.tolist())})
         triggered = [(member, member(images)) for member in triggers]  # applied once, reused by the CV
-        factored = self._key_space_layers(model, layers, images, labels, len(triggers), target_class, priors)
+        keys = self._key_counts(model, layers, labels, len(triggers), target_class, images[:1])
+        factored = {name: count for name, count in keys.items() if name not in priors and self.method == "closed_form"
+                    and self.repair_method == "pin" and count <= KEY_SPACE_RATIO * self._width(model, name)}
+        layers = self._within_memory(model, layers, keys, factored, info)
         masks = [member.mask(tuple(images.shape[1:])) if self.spatial_weight == "mask" else None
                  for member in triggers]
         problems: dict[str, list[EditProblem]] = {}
@@ -485,9 +505,8 @@ class ActivationEditing(Defense):
                                                                     for option, score in scores.items()}}
         layer, weight, strength = choice
         info["strength"] = strength
-        width = layer_weight_matrix(get_layer(model, layer)).shape[1]
         info["system"] = ({"form": "key_space", "size": factored[layer]} if layer in factored
-                          else {"form": "moments", "size": width})
+                          else {"form": "moments", "size": self._width(model, layer)})
         if self.batchnorm_prior != 0:
             info["batchnorm_prior"] = {"weight": weight, "chosen_on_unseen": self.batchnorm_prior is None,
                                        "norm": priors[layer][1] if weight > 0 else None,
@@ -569,22 +588,55 @@ class ActivationEditing(Defense):
                     raise
         return priors
 
-    def _key_space_layers(self, model: nn.Module, layers: list[str], images: Tensor, labels: Tensor, triggers: int,
-                          target_class: int, priors: dict[str, Any]) -> dict[str, int]:
-        """The ``layers`` whose edit is solved in the span of U's keys, each with the number of keys (the triggered
-        non-target keys of ``triggers`` trigger sets, the clean keys, and the target class's again, for the pin):
-        where they are at most :data:`KEY_SPACE_RATIO` of the key width, for the closed form with the pin repair
-        and no prior."""
-        if self.method != "closed_form" or self.repair_method != "pin":
-            return {}
-        positions = key_positions(model, layers, images[:1])
-        factored = {}
-        for name in layers:
-            target = int((labels == target_class).sum())
-            keys = positions[name] * (triggers * (len(labels) - target) + len(labels) + target)
-            if name not in priors and keys <= KEY_SPACE_RATIO * layer_weight_matrix(get_layer(model, name)).shape[1]:
-                factored[name] = keys
-        return factored
+    @staticmethod
+    def _width(model: nn.Module, name: str) -> int:
+        """The key width d of layer ``name``."""
+        return layer_weight_matrix(get_layer(model, name)).shape[1]
+
+    @staticmethod
+    def _key_counts(model: nn.Module, layers: list[str], labels: Tensor, triggers: int, target_class: int,
+                    probe: Tensor) -> dict[str, int]:
+        """The keys each of ``layers`` gets from the (augmented) unseen images with ``labels``: the triggered
+        non-target keys of ``triggers`` trigger sets, the clean keys, and the target class's again (for the pin);
+        ``probe``, one image, gives the keys per image."""
+        positions = key_positions(model, layers, probe)
+        target = int((labels == target_class).sum())
+        return {name: positions[name] * (triggers * (len(labels) - target) + len(labels) + target) for name in layers}
+
+    def _within_memory(self, model: nn.Module, layers: list[str], keys: dict[str, int], factored: dict[str, int],
+                       info: dict[str, Any]) -> list[str]:
+        """``layers`` without those whose d x d moments (:data:`MOMENT_COPIES` of them each, float32, all candidates
+        held at once) would not fit in the memory available, widest first; the skipped ones go to
+        ``info["skipped_layers"]``. Layers solved in the span of their keys (``factored``) need no such matrix.
+
+        Raises:
+            ValueError: (one line) a layer named by ``layer`` (not ``auto``) does not fit, or no candidate does.
+        """
+        available = available_memory()
+        needs = {name: MOMENT_COPIES * 4 * self._width(model, name) ** 2 for name in layers if name not in factored}
+        if available is None or sum(needs.values()) <= available:
+            return layers
+        kept, skipped = list(layers), {}
+        for name in sorted(needs, key=needs.get, reverse=True):
+            if sum(needs[other] for other in kept if other in needs) <= available:
+                break
+            width = self._width(model, name)
+            reason = (f"its {width:,} x {width:,} moments need about {needs[name] / 2**30:.1f} GiB, "
+                      f"{available / 2**30:.1f} GiB is available")
+            if keys[name] <= KEY_SPACE_RATIO * width and self.layer == "auto":
+                reason += (f" (its {keys[name]:,} keys would be solved in their span with method=closed_form, "
+                           f"repair_method=pin and no BatchNorm prior)")
+            if self.layer != "auto":
+                raise ValueError(f"layer {name!r}: {reason}; the edit is solved in the span of the keys instead when "
+                                 f"they are at most {width:,} ({keys[name]:,} from this unseen split) with "
+                                 f"method=closed_form, repair_method=pin and batchnorm_prior=0; or edit another layer")
+            kept.remove(name)
+            skipped[name] = reason
+        if not kept:
+            raise ValueError(f"no auto candidate's d x d moments fit in memory ({'; '.join(skipped.values())}); name a "
+                             f"narrower layer")
+        info["skipped_layers"] = skipped
+        return kept
 
     def _layers_reached(self, model: nn.Module, layers: list[str], triggers: list[Trigger]) -> list[str]:
         """The candidate ``layers`` that feature-space triggers reach: those at or after (in definition order) the

@@ -262,6 +262,8 @@ class DefenseCallback(L.Callback):
         if prior is not None:
             rank_zero_info(f"defense: BatchNorm prior weight {prior['weight']:g} at {report.result.layer} "
                            f"({'chosen on the unseen split' if prior['chosen_on_unseen'] else 'as set'})")
+        for name, reason in report.result.details.get("skipped_layers", {}).items():
+            rank_zero_warn(f"defense: layer {name} not tried: {reason}")
         for line in report.warnings:
             rank_zero_warn(f"defense: {line}")
         return report
