@@ -152,8 +152,8 @@ def images_part(args: argparse.Namespace, save: Callable[[], None], rows: list[d
             floor = median_seconds(lambda: forward_floor(network, unseen.images, to_float(triggered), bf16),
                                    args.repeats)
             row[name] = {"seconds": seconds, "floor_seconds": floor, "ratio": seconds / floor,
-                         "peak_memory_mib": memory / 2**20, "repaired": details.get("repair", {}).get("restored",
-                                                                                                    False)}
+                         "peak_memory_mib": memory / 2**20, "system": details["system"],
+                         "repaired": details.get("repair", {}).get("restored", False)}
             if test is not None:
                 row[name]["test"] = evaluate(model, *test, data.num_classes, data.target_class, bf16=True)
         row["bf16_errors"] = moment_errors(network, args.layer, unseen, knowledge, args.seed)

@@ -301,3 +301,30 @@ def test_a_layer_whose_moments_would_not_fit_in_memory_is_skipped_by_auto_and_re
     monkeypatch.setattr(activation_editing, "available_memory", lambda: 100)
     with pytest.raises(ValueError, match="no auto candidate's d x d moments fit in memory"):
         ActivationEditing(layer="auto", method="rank_r").defend(copy.deepcopy(model), unseen, knowledge)
+
+
+def test_a_conv_with_two_triggers_and_mask_weights_edits_alike_in_both_forms_and_builds_no_moment(monkeypatch):
+    from lightning_backdoor.defenses import activation_editing
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, stride=4, padding=1), nn.ReLU(), nn.Conv2d(64, 8, 3, padding=1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    unseen = UnseenData(torch.rand(24, 3, 8, 8), torch.arange(24) % 4)
+    knowledge = BackdoorKnowledge.of([BadNets(size=2), BadNets(size=3)], 0)
+    defense = ActivationEditing(layer="2", spatial_weight="mask", repair_tolerance=-1.0)  # the pin repair, forced
+    edited = {}
+    for ratio in (0.0, 1.0):
+        monkeypatch.setattr(activation_editing, "KEY_SPACE_RATIO", ratio)
+        if ratio:  # the key space: no d x d moment is ever multiplied
+            monkeypatch.setattr(activation_editing, "moment", lambda *args, **kwargs: pytest.fail("a moment"))
+        copy_ = copy.deepcopy(model)
+        result = defense.defend(copy_, unseen, knowledge)
+        edited[ratio] = get_layer(copy_, "2").weight.detach()
+        # 48 views x 4 positions: 2 triggers x 36 non-target views, 48 clean, 12 target again, against 576 values
+        assert result.details["system"] == ({"form": "key_space", "size": 528} if ratio
+                                            else {"form": "moments", "size": 576})
+        assert result.repaired
+    change = edited[0.0] - get_layer(model, "2").weight.detach()
+    # measured against float64 moments at the forced pin weight 256: the key space 2.5e-6 apart, the float32 moments
+    # 1.4e-2 (an ill-conditioned system); a wrong sign or scale in either form would be of order 1
+    assert ((edited[1.0] - edited[0.0]).norm() / change.norm()) < 3e-2

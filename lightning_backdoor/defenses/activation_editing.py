@@ -140,14 +140,10 @@ class EditProblem:
             targets = targets + clean.skip[non_target] - triggered.skip[non_target]
         keys = triggered.keys[non_target].flatten(0, 1)
         residual = (targets - triggered.values[non_target]).flatten(0, 1)  # v* = W0 k*, captured: no recomputation
-        if grid_weights is None:
-            weights, weighted = torch.ones(len(keys)), keys
-        else:
-            weights = grid_weights.expand(targets.shape[:2]).flatten()
-            weighted = keys * weights[:, None].to(keys.dtype)
+        weights = (torch.ones(len(keys)) if grid_weights is None
+                   else grid_weights.expand(targets.shape[:2]).flatten())
         clean_keys = clean.keys[non_target].flatten(0, 1)
         target_keys = clean.keys[target].flatten(0, 1)
-        target_moment = moment(target_keys, target_keys)
         fourth = sum(torch.linalg.vector_norm(part, dim=1, dtype=torch.float32).pow(4).sum()
                      for part in (clean_keys, target_keys))
         energy = lambda vectors: (vectors.square().sum(1) * weights).sum()  # noqa: E731
@@ -158,6 +154,8 @@ class EditProblem:
                        KeyRows(torch.cat([clean_keys, target_keys]).float()), fourth,
                        torch.tensor(float(len(clean_keys) + len(target_keys))), KeyRows(target_keys.float()),
                        torch.tensor(float(len(target_keys))))
+        weighted = keys if grid_weights is None else keys * weights[:, None].to(keys.dtype)
+        target_moment = moment(target_keys, target_keys)
         return cls(weight, moment(weighted, keys), moment(residual.to(keys.dtype), weighted), energy(residual),
                    energy(targets.flatten(0, 1)), weights.sum(), moment(clean_keys, clean_keys) + target_moment,
                    fourth, torch.tensor(float(len(clean_keys) + len(target_keys))),
@@ -466,7 +464,7 @@ class ActivationEditing(Defense):
         triggered = [(member, member(images)) for member in triggers]  # applied once, reused by the CV
         keys = self._key_counts(model, layers, labels, len(triggers), target_class, images[:1])
         factored = {name: count for name, count in keys.items() if name not in priors and self.method == "closed_form"
-                    and self.repair_method == "pin" and count <= KEY_SPACE_RATIO * self._width(model, name)}
+                    and self.repair_method == "pin" and 0 < count <= KEY_SPACE_RATIO * self._width(model, name)}
         layers = self._within_memory(model, layers, keys, factored, info)
         masks = [member.mask(tuple(images.shape[1:])) if self.spatial_weight == "mask" else None
                  for member in triggers]
