@@ -329,8 +329,10 @@ def check_settings(checkpoint: dict[str, Any], model: nn.Module, datamodule: Any
         difference = differing_setting(saved, current)
         if difference is not None:
             name, was, now = difference
+            hint = ("; `defend --unseen_per_class K` uses the first K of the run's unseen images per class"
+                    if name == "unseen_per_class" else "")
             raise ValueError(f"{path} was trained with {kind} {name}={str(was)[:100]} but the config says "
-                             f"{str(now)[:100]}; pass the run's config")
+                             f"{str(now)[:100]}; pass the run's config{hint}")
 
 
 def check_writable(folder: Path, what: str) -> None:

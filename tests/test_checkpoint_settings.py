@@ -116,7 +116,9 @@ def test_test_names_the_first_setting_that_differs(tiny_run, tmp_path, capsys, e
     before = snapshot(tmp_path, checkpoint.parent)
     line = refused_line(capsys, ["test", "--config", str(config), f"--trainer.default_root_dir={tmp_path / 'out'}",
                                  f"--ckpt_path={checkpoint}", *overrides])
-    assert line == f"{checkpoint} was trained with {message}; pass the run's config"
+    hint = ("; `defend --unseen_per_class K` uses the first K of the run's unseen images per class"
+            if "unseen_per_class" in message else "")  # the way to defend with fewer of them
+    assert line == f"{checkpoint} was trained with {message}; pass the run's config{hint}"
     assert snapshot(tmp_path, checkpoint.parent) == before and not (tmp_path / "out").exists()
 
 

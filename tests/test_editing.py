@@ -328,3 +328,19 @@ def test_a_conv_with_two_triggers_and_mask_weights_edits_alike_in_both_forms_and
     # measured against float64 moments at the forced pin weight 256: the key space 2.5e-6 apart, the float32 moments
     # 1.4e-2 (an ill-conditioned system); a wrong sign or scale in either form would be of order 1
     assert ((edited[1.0] - edited[0.0]).norm() / change.norm()) < 3e-2
+
+
+def test_a_prior_chosen_on_u_is_left_out_where_its_moments_would_not_fit(monkeypatch):
+    from lightning_backdoor.defenses import activation_editing
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 64, 6), nn.ReLU(), nn.Linear(6, 4)).eval()
+    unseen = UnseenData(torch.rand(40, 3, 8, 8), torch.arange(40) % 4)
+    knowledge = BackdoorKnowledge.of(BadNets(size=2), 0)
+    chosen = ActivationEditing(layer="4", batchnorm_prior=None).defend(copy.deepcopy(model), unseen, knowledge)
+    assert chosen.details["system"]["form"] == "moments" and "4" in chosen.details["batchnorm_prior"]["norms"]
+    monkeypatch.setattr(activation_editing, "available_memory", lambda: 1_000_000)  # 512 x 512 moments: 12.6 MB
+    tight = ActivationEditing(layer="4", batchnorm_prior=None).defend(copy.deepcopy(model), unseen, knowledge)
+    assert tight.details["system"] == {"form": "key_space", "size": 80}
+    assert tight.details["batchnorm_prior"]["weight"] == 0 and tight.details["batchnorm_prior"]["norms"] == {}

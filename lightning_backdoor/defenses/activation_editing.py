@@ -6,6 +6,7 @@ import functools
 import operator
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
@@ -41,16 +42,34 @@ TRIGGERED_SUMS = ("triggered_moment", "residual_moment", "residual_energy", "tar
 
 
 def available_memory() -> int | None:
-    """Bytes of memory available to new allocations without swapping (``MemAvailable`` of Linux's
-    ``/proc/meminfo``), or ``None`` where that is not known."""
+    """Bytes this process can still allocate without swapping, on Linux: the least of the machine's ``MemAvailable``
+    (``/proc/meminfo``), what its cgroup v2 allows beyond what the cgroup uses (``memory.max`` − ``memory.current``:
+    a container's limit) and what the address-space limit (``ulimit -v``) leaves beyond this process's size.
+    ``None`` where none of them is known (e.g. macOS): no check is made then."""
+    limits = []
     try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text(encoding="ascii").splitlines())
+        limits.append(int(fields["MemAvailable"].split()[0]) * 1024)
+    except (OSError, KeyError, ValueError, IndexError):
+        pass
+    try:
+        ceiling = Path("/sys/fs/cgroup/memory.max").read_text(encoding="ascii").strip()
+        if ceiling != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text(encoding="ascii"))
+            limits.append(max(0, int(ceiling) - used))
+    except (OSError, ValueError):
+        pass
+    try:
+        import resource
+
+        ceiling = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if ceiling != resource.RLIM_INFINITY:
+            status = Path("/proc/self/status").read_text(encoding="ascii")
+            size = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmSize:"))
+            limits.append(max(0, ceiling - size))
+    except (ImportError, OSError, ValueError, StopIteration):
+        pass
+    return min(limits) if limits else None
 
 
 @torch.no_grad()
@@ -574,11 +593,16 @@ class ActivationEditing(Defense):
     def _priors(self, model: nn.Module, layers: list[str], images: Tensor) -> dict[str, tuple[Tensor, str]]:
         """The BatchNorm prior of each of ``layers`` (its key moment and the norm's name) that may get a weight: all
         of them for a weight > 0 (:meth:`candidate_layers` kept only those a BatchNorm feeds alone), those a
-        BatchNorm feeds alone when the weight is chosen on U (``None``), none for 0."""
+        BatchNorm feeds alone when the weight is chosen on U (``None``) and whose d x d moments fit in the memory
+        available (else that layer is scored with w = 0 only, and may be solved in the span of its keys), none for
+        0."""
         if self.batchnorm_prior == 0:
             return {}
         priors = {}
+        available = available_memory() if self.batchnorm_prior is None else None
         for name in layers:
+            if available is not None and MOMENT_COPIES * 4 * self._width(model, name) ** 2 > available:
+                continue
             try:
                 priors[name] = batchnorm_key_prior(model, name, images, seed=self.seed)
             except ValueError:
