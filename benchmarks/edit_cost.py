@@ -132,13 +132,18 @@ def moment_errors(network: nn.Module, layer: str, unseen: UnseenData, knowledge:
     return errors
 
 
-def images_part(args: argparse.Namespace, save: Callable[[], None], rows: list[dict[str, Any]]) -> None:
+def badnets_run(args: argparse.Namespace) -> tuple[nn.Module, Any, BackdoorKnowledge, tuple[Tensor, ...] | None]:
+    """The BadNets run of ``--run`` (float32, eval mode), its data module, the trigger known, and the test split's
+    tensors (``None`` without ``--test``)."""
     configs = ["configs/cifar10/base.yaml", "configs/cifar10/badnets.yaml"]
     module, data = instantiate_run(configs, run_checkpoint(Path(args.run)),
                                    [f"--data.init_args.unseen_per_class={args.unseen_per_class}"])
-    network = module.net.float().eval()
     knowledge = BackdoorKnowledge.of(data.trigger, data.target_class)
-    test = data.test_dataset().tensors if args.test else None
+    return module.net.float().eval(), data, knowledge, data.test_dataset().tensors if args.test else None
+
+
+def images_part(args: argparse.Namespace, save: Callable[[], None], rows: list[dict[str, Any]]) -> None:
+    network, data, knowledge, test = badnets_run(args)
     for count in args.images:
         unseen_set = data.unseen_set(count // data.num_classes, args.seed)
         unseen = UnseenData(to_float(unseen_set.images), unseen_set.labels)
@@ -219,12 +224,7 @@ def forms_part(args: argparse.Namespace, save: Callable[[], None], rows: list[di
     """The same float32 edits solved in the span of the keys (the default where they are at most as many as the
     key width) and from the d x d moments: seconds, the weights' difference and the test split's figures; then the
     first classifier layer (25,088 values per key) of a torchvision VGG-16-BN, freshly initialised, on 100 images."""
-    configs = ["configs/cifar10/base.yaml", "configs/cifar10/badnets.yaml"]
-    module, data = instantiate_run(configs, run_checkpoint(Path(args.run)),
-                                   [f"--data.init_args.unseen_per_class={args.unseen_per_class}"])
-    network = module.net.float().eval()
-    knowledge = BackdoorKnowledge.of(data.trigger, data.target_class)
-    test = data.test_dataset().tensors if args.test else None
+    network, data, knowledge, test = badnets_run(args)
     for count, layer, strength, forced in FORM_CASES:
         unseen_set = data.unseen_set(count // data.num_classes, args.seed)
         unseen = UnseenData(to_float(unseen_set.images), unseen_set.labels)
