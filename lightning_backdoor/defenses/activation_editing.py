@@ -6,9 +6,9 @@ import functools
 import operator
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -48,8 +48,8 @@ def available_memory() -> int | None:
     ``None`` where none of them is known (e.g. macOS): no check is made then."""
     limits = []
     try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text(encoding="ascii").splitlines())
-        limits.append(int(fields["MemAvailable"].split()[0]) * 1024)
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text(encoding="ascii").splitlines())
+        limits.append(int(meminfo["MemAvailable"].split()[0]) * 1024)
     except (OSError, KeyError, ValueError, IndexError):
         pass
     try:
@@ -331,8 +331,8 @@ class ActivationEditing(Defense):
         bf16: run the model under bfloat16 autocast while collecting keys and checking the edit on U, and multiply
             the key moments in bfloat16 (float32 sums; docs/results/edit-cost.md measures the error and its effect);
             the edit itself is solved and applied in float32.
-        chunk_size: images whose keys are held at once; the moments are summed chunk by chunk, so memory does
-            not grow with the number of unseen images. Where U's keys at a layer are at most as many as its key
+        chunk_size: images whose keys are held at once; the moments are summed chunk by chunk, so their memory
+            does not grow with the number of unseen images. Where U's keys at a layer are at most as many as its key
             width d (few images, or a wide layer), the keys themselves are kept (float32) and the edit is solved
             from their Gram matrix in float64 (:data:`KEY_SPACE_RATIO`; the report's ``system`` says which form
             ran): the same edit, without any d x d matrix.
