@@ -27,6 +27,7 @@ from lightning_backdoor.data.folders import read_image_folder
 from lightning_backdoor.data.imageset import ImageSet
 from lightning_backdoor.data.poisoning import to_float
 from lightning_backdoor import defenses, triggers
+from lightning_backdoor.defenses.base import Defense
 from lightning_backdoor.defenses.callback import DefenseCallback
 from lightning_backdoor.io import first_line
 from lightning_backdoor.runs import read_weights
@@ -64,8 +65,13 @@ def run_defend(args: list[str]) -> None:
     state_dict = read_weights(checkpoint, cli.model, cli.datamodule)
     check_writable(output_dir, "output folder")  # created only when the outputs are written
     configured = next((c for c in cli.trainer.callbacks if isinstance(c, DefenseCallback)), None)
-    if configured is None or any(arg.startswith("--defense") for arg in args):
+    given = [arg for arg in args if arg.startswith("--defense")]
+    replaced = {}
+    if configured is None or given:
         defense, unseen_per_class = cli.config_init.defense, config.unseen_per_class
+        if configured is not None:  # the settings of the config's defense that the options do not repeat
+            replaced = {name: pair for name, pair in replaced_settings(configured.defense, defense).items()
+                        if not any(re.search(rf"[.-]{name}\b", arg) for arg in given)}
     else:  # the run's own fit-end defense, so that `defend` repeats what `fit` did
         defense = configured.defense
         unseen_per_class = (config.unseen_per_class if config.unseen_per_class is not None
@@ -85,9 +91,23 @@ def run_defend(args: list[str]) -> None:
                                accept_low_accuracy=config.accept_low_accuracy)
     callback.check(cli.model, cli.datamodule)  # the setup checks (on the model's structure) before any line is printed
     load_weights(cli.model, state_dict)  # after every check of the inputs: it prints how the keys were mapped
+    if replaced:
+        print("defense: the --defense options replace the config's defense; not repeated, so back to the defaults: "
+              + ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in replaced.items()))
     callback.defend(cli.model, cli.datamodule, [], output_dir)
     print(f"defended weights: {callback.checkpoint_path}")
     print(f"defense report: {callback.report_path}")
+
+
+def replaced_settings(configured: Defense, given: Defense) -> dict[str, tuple[Any, Any]]:
+    """The plain settings (numbers, strings, booleans, ``None`` and tuples) in which the config's defense
+    ``configured`` and the defense built from ``--defense`` options ``given`` differ, by name: (configured, given);
+    ``{"defense": (class names)}`` when they are not of one class."""
+    if type(configured) is not type(given):
+        return {"defense": (type(configured).__name__, type(given).__name__)}
+    plain = (int, float, str, bool, type(None), tuple)
+    return {name: (value, vars(given).get(name)) for name, value in vars(configured).items()
+            if isinstance(value, plain) and vars(given).get(name) != value}
 
 
 def own_images(folder: str, classes: tuple[str, ...], data: PoisonedDataModule, split: str) -> ImageSet:

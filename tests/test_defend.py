@@ -59,3 +59,17 @@ def test_repair_without_target_class_images_says_so():
     unseen = UnseenData(torch.rand(4, 1, 16, 16), torch.tensor([1, 2, 1, 2]))
     with pytest.raises(ValueError, match="repair needs unseen images of the target class 0"):
         ActivationEditing(layer="head").defend(model, unseen, BackdoorKnowledge.of(BadNets(), target_class=0))
+
+
+def test_defense_options_name_the_config_settings_they_drop(quickstart_run, tmp_path, capsys):
+    """The quickstart's fit-end defense chooses λ on U (strength: null); ``--defense…`` options build the defense
+    anew from its defaults, so a λ of 10 replaces it unless repeated: the console says so."""
+    checkpoint = quickstart_run / "checkpoints" / "poisoned.ckpt"
+    defend(f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'head'}", "--defense.init_args.layer=head")
+    printed = capsys.readouterr().out
+    assert ("defense: the --defense options replace the config's defense; not repeated, so back to the defaults: "
+            "strength None -> 10.0") in printed
+    assert "layer 'auto' -> 'head'" not in printed  # given on the command line
+    defend(f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'both'}", "--defense.init_args.layer=head",
+           "--defense.init_args.strength=null")
+    assert "not repeated" not in capsys.readouterr().out
