@@ -510,11 +510,13 @@ class ActivationEditing(Defense):
                      for name, pieces in problems.items() for weight in (weights if name in priors else (0.0,))}
         strengths = STRENGTHS if self.strength is None else (self.strength,)
         options = [(name, weight, strength) for name, weight in pieces_of for strength in strengths]
+        fold_problems = {option: self._fold_sums(pieces, 0) for option, pieces in pieces_of.items()}  # once: every
+        # strength reuses them (and the key space's Gram matrix each caches)
         choice = options[0]
         if len(options) > 1:
             scores = {(name, weight, strength): self._cross_validate(
-                model, name, self._fold_sums(pieces_of[name, weight], 0), strength, images, triggered, labels, folds,
-                target_class) for name, weight, strength in options}
+                model, name, fold_problems[name, weight], strength, images, triggered, labels, folds, target_class)
+                for name, weight, strength in options}
             choice = min(scores, key=scores.get)
             label = lambda name, weight, strength: (f"{name} λ={strength}"  # noqa: E731
                                                     + (f" w={weight:g}" if self.batchnorm_prior is None else ""))
@@ -530,7 +532,7 @@ class ActivationEditing(Defense):
                                        "norms": {name: norm for name, (_, norm) in priors.items()}}
         pieces = pieces_of[layer, weight]
         target_probability = torch.cat(logits)[labels == target_class].softmax(-1)[:, target_class]
-        return EditFit(layer, strength, functools.reduce(operator.add, pieces.values()), self._fold_sums(pieces, 0),
+        return EditFit(layer, strength, functools.reduce(operator.add, pieces.values()), fold_problems[layer, weight],
                        images, labels, folds, target_class, info, signal_folds, self._fold_sums(pieces, 1),
                        target_probability)
 

@@ -135,7 +135,7 @@ class KeyRows:
         return len(self.rows)
 
 
-def key_space_edit(triggered: Tensor, residuals: Tensor, gram: Tensor, scales: Tensor, keys: Tensor,
+def key_space_edit(triggered: int, residuals: Tensor, gram: Tensor, scales: Tensor, keys: Tensor,
                    identity: Tensor | float, strength: float) -> Tensor:
     """The closed-form edit ΔW = R (A + λ P)⁻¹ (:func:`closed_form_edit`, P already regularised) for moments given
     by rows: A = Tᵀ T, R = Yᵀ T and P = ι I + Σ_j K_jᵀ K_j. Solved with the m x m Gram matrix of the stacked rows
