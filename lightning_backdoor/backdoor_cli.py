@@ -200,12 +200,22 @@ class BackdoorCLI(LightningCLI):
             parser.add_argument("--accept_low_accuracy", type=bool, default=False,
                                 help="defend even when the model's accuracy on the unseen images is near chance "
                                      "(usually wrong preprocessing or class order)")
+            # a fit's saved config.yaml (``--config runs/<run>/config.yaml``) holds fit's own two keys: null there
+            parser.add_argument("--ckpt_path", type=str | None, default=None,
+                                help="fit/test's option, accepted so that a run's config.yaml can be passed; must "
+                                     "be null (defend reads --checkpoint)")
+            parser.add_argument("--weights_only", type=bool | None, default=None,
+                                help="fit/test's option, accepted so that a run's config.yaml can be passed; "
+                                     "checkpoints always load as weights only")
 
     def before_instantiate_classes(self) -> None:
         """Check ``--ckpt_path`` (:meth:`_read_ckpt_path`), then keep a run in one folder: checkpoints, logs and the
         W&B run go under ``trainer.default_root_dir``."""
         self._read_ckpt_path()
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.defend_mode and config.get("ckpt_path") is not None:
+            raise ValueError(f"defend reads its weights from --checkpoint, not --ckpt_path ({config.ckpt_path!r}); "
+                             f"set ckpt_path: null or leave it out")
         root = Path(config.trainer.default_root_dir or ".")
         used = next((path for pattern in RUN_OUTPUTS for path in sorted(root.glob(pattern))), None)
         if self.subcommand == "fit" and used is not None:

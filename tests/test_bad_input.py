@@ -64,6 +64,8 @@ CASES = [
      "was trained with model model_kwargs={'widths': [32, 64, 128]} but the config says"),
     ("checkpoint_missing", "defend", ["--checkpoint={tmp}/none.ckpt"], "none.ckpt does not exist"),
     ("checkpoint_not_given", "defend", [], "checkpoint"),
+    ("ckpt_path_in_defend", "defend", ["--checkpoint={ckpt}", "--ckpt_path={ckpt}"],
+     "defend reads its weights from --checkpoint, not --ckpt_path"),
     ("checkpoint_model_mismatch", "defend", ["--checkpoint={weights}", "--model.init_args.model_kwargs.widths=[16,64,128]"],
      "first mismatching key 'net.blocks.0.conv1.weight'"),
     ("checkpoint_other_settings", "defend", ["--checkpoint={ckpt}", f"{DATA}.target_class=3"],

@@ -46,7 +46,9 @@ def test_plain_network_state_dict_is_accepted(quickstart_run, tmp_path):
     state = torch.load(quickstart_run / "checkpoints" / "poisoned.ckpt", weights_only=True)["state_dict"]
     network = {key.removeprefix("net."): value.contiguous() for key, value in state.items() if key.startswith("net.")}
     save_file(network, tmp_path / "network.safetensors")
-    defend(f"--checkpoint={tmp_path / 'network.safetensors'}", f"--output_dir={tmp_path / 'out'}")
+    # the run's own config.yaml, as `fit` saved it (with fit's `ckpt_path: null` and `weights_only: null`)
+    main(["defend", "--config", str(quickstart_run / "config.yaml"), "--trainer.logger=false",
+          f"--checkpoint={tmp_path / 'network.safetensors'}", f"--output_dir={tmp_path / 'out'}"])
     assert (tmp_path / "out" / "defense_report.json").exists()
 
 
