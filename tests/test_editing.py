@@ -344,3 +344,11 @@ def test_a_prior_chosen_on_u_is_left_out_where_its_moments_would_not_fit(monkeyp
     tight = ActivationEditing(layer="4", batchnorm_prior=None).defend(copy.deepcopy(model), unseen, knowledge)
     assert tight.details["system"] == {"form": "key_space", "size": 80}
     assert tight.details["batchnorm_prior"]["weight"] == 0 and tight.details["batchnorm_prior"]["norms"] == {}
+    # a fixed weight: the named layer's moments do not fit, so it is refused in one line before its d x d prior is
+    # computed (a 25,088-wide layer's would take 2.5 GB), and the weights are untouched
+    monkeypatch.setattr(activation_editing, "batchnorm_key_prior",
+                        lambda *args, **kwargs: pytest.fail("the prior of a layer that does not fit was computed"))
+    before = get_layer(model, "4").weight.detach().clone()
+    with pytest.raises(ValueError, match=r"layer '4': its 512 x 512 moments need"):
+        ActivationEditing(layer="4", batchnorm_prior=0.5).defend(model, unseen, knowledge)
+    assert torch.equal(get_layer(model, "4").weight, before)

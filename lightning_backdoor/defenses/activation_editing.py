@@ -482,8 +482,10 @@ class ActivationEditing(Defense):
         parts = sorted({(0, 0), (1, 1), *zip(folds.tolist(), signal_folds.tolist())})
         triggered = [(member, member(images)) for member in triggers]  # applied once, reused by the CV
         keys = self._key_counts(model, layers, labels, len(triggers), target_class, images[:1])
-        factored = {name: count for name, count in keys.items() if name not in priors and self.method == "closed_form"
-                    and self.repair_method == "pin" and 0 < count <= KEY_SPACE_RATIO * self._width(model, name)}
+        fixed_prior = self.batchnorm_prior is not None and self.batchnorm_prior > 0  # every layer gets one
+        factored = {name: count for name, count in keys.items() if name not in priors and not fixed_prior
+                    and self.method == "closed_form" and self.repair_method == "pin"
+                    and 0 < count <= KEY_SPACE_RATIO * self._width(model, name)}
         layers = self._within_memory(model, layers, keys, factored, info)
         masks = [member.mask(tuple(images.shape[1:])) if self.spatial_weight == "mask" else None
                  for member in triggers]
@@ -593,15 +595,16 @@ class ActivationEditing(Defense):
         return {"protected": key_subspace(problem.target_moment / problem.target_count, setting)}
 
     def _priors(self, model: nn.Module, layers: list[str], images: Tensor) -> dict[str, tuple[Tensor, str]]:
-        """The BatchNorm prior of each of ``layers`` (its key moment and the norm's name) that may get a weight: all
-        of them for a weight > 0 (:meth:`candidate_layers` kept only those a BatchNorm feeds alone), those a
-        BatchNorm feeds alone when the weight is chosen on U (``None``) and whose d x d moments fit in the memory
-        available (else that layer is scored with w = 0 only, and may be solved in the span of its keys), none for
-        0."""
+        """The BatchNorm prior of each of ``layers`` (its key moment and the norm's name) that may get a weight, for
+        the layers whose d x d moments fit in the memory available: for a weight > 0, all of them
+        (:meth:`candidate_layers` kept only those a BatchNorm feeds alone; one that does not fit is left to
+        :meth:`_within_memory`, which skips or refuses it, before its d x d prior is computed); when the weight is
+        chosen on U (``None``), those a BatchNorm feeds alone (a layer that does not fit is scored with w = 0 only,
+        and may be solved in the span of its keys); none for 0."""
         if self.batchnorm_prior == 0:
             return {}
         priors = {}
-        available = available_memory() if self.batchnorm_prior is None else None
+        available = available_memory()
         for name in layers:
             if available is not None and MOMENT_COPIES * 4 * self._width(model, name) ** 2 > available:
                 continue
