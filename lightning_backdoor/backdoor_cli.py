@@ -215,7 +215,7 @@ class BackdoorCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if self.defend_mode and config.get("ckpt_path") is not None:
             raise ValueError(f"defend reads its weights from --checkpoint, not --ckpt_path ({config.ckpt_path!r}); "
-                             f"set ckpt_path: null or leave it out")
+                             f"add --ckpt_path=null (or set ckpt_path: null in the config)")
         root = Path(config.trainer.default_root_dir or ".")
         used = next((path for pattern in RUN_OUTPUTS for path in sorted(root.glob(pattern))), None)
         if self.subcommand == "fit" and used is not None:

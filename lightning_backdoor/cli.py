@@ -93,7 +93,8 @@ def run_defend(args: list[str]) -> None:
     load_weights(cli.model, state_dict)  # after every check of the inputs: it prints how the keys were mapped
     if replaced:
         print("defense: the --defense options replace the config's defense; not repeated, so back to the defaults: "
-              + ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in replaced.items()))
+              + ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in replaced.items()),
+              file=sys.stderr)  # a warning, beside the defense's other progress lines
     callback.defend(cli.model, cli.datamodule, [], output_dir)
     print(f"defended weights: {callback.checkpoint_path}")
     print(f"defense report: {callback.report_path}")
@@ -177,7 +178,10 @@ def main(args: list[str] | None = None) -> None:
 def one_line(error: BaseException) -> str:
     """Our own message inside jsonargparse's multi-line wrapping (it lists each union member's error)."""
     if isinstance(error, ArgumentError):
-        return with_suggestion(parser_error_line(str(error)))
+        line = with_suggestion(parser_error_line(str(error)))
+        if re.search(r", got '(?:auto|None|none|NONE)'$", line):  # Python's and the benchmarks' names for null
+            line += "; where an option accepts None, write null"
+        return line
     if isinstance(error, pickle.UnpicklingError):  # Lightning's own weights-only load (`--ckpt_path best`/`hpc`)
         return f"refusing to load the checkpoint: not a plain tensor file ({first_line(error)})"
     chain = [error]

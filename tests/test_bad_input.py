@@ -77,6 +77,8 @@ CASES = [
     ("batchnorm_prior_without_batchnorm", "defend",
      ["--checkpoint={ckpt}", "--defense.init_args.layer=stem.conv", "--defense.init_args.batchnorm_prior=0.5"],
      "batchnorm_prior needs a BatchNorm layer before the edited layer 'stem.conv'"),
+    ("batchnorm_prior_auto", "defend", ["--checkpoint={ckpt}", "--defense.init_args.batchnorm_prior=auto"],
+     "defense.batchnorm_prior: expected float, got 'auto'; where an option accepts None, write null"),
     ("batchnorm_prior_out_of_range", "defend", ["--checkpoint={ckpt}", "--defense.init_args.batchnorm_prior=2"],
      "batchnorm_prior=2.0 must be a weight in [0, 1] (0: no prior) or None/null (chosen on the unseen split)"),
     ("unknown_defense", "defend", ["--checkpoint={ckpt}", "--defense=lightning_backdoor.defenses.Nope"],
@@ -177,3 +179,4 @@ def test_the_docs_table_lists_every_case():
     table = (ROOT / "docs" / "bad-input.md").read_text()
     missing = [case[0] for case in CASES if f"`{case[0]}`" not in table]
     assert not missing, f"docs/bad-input.md's bad-input table lacks {missing}"
+    assert f"({len(CASES)} cases," in table, "docs/bad-input.md's case count is not len(CASES)"

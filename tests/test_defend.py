@@ -68,10 +68,10 @@ def test_defense_options_name_the_config_settings_they_drop(quickstart_run, tmp_
     anew from its defaults, so a λ of 10 replaces it unless repeated: the console says so."""
     checkpoint = quickstart_run / "checkpoints" / "poisoned.ckpt"
     defend(f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'head'}", "--defense.init_args.layer=head")
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err  # a warning: on stderr, with the defense's progress lines
     assert ("defense: the --defense options replace the config's defense; not repeated, so back to the defaults: "
             "strength None -> 10.0") in printed
     assert "layer 'auto' -> 'head'" not in printed  # given on the command line
     defend(f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'both'}", "--defense.init_args.layer=head",
            "--defense.init_args.strength=null")
-    assert "not repeated" not in capsys.readouterr().out
+    assert "not repeated" not in capsys.readouterr().err

@@ -330,7 +330,7 @@ def test_a_conv_with_two_triggers_and_mask_weights_edits_alike_in_both_forms_and
     assert ((edited[1.0] - edited[0.0]).norm() / change.norm()) < 3e-2
 
 
-def test_a_prior_chosen_on_u_is_left_out_where_its_moments_would_not_fit(monkeypatch):
+def test_a_prior_is_left_out_or_its_layer_refused_where_its_moments_would_not_fit(monkeypatch):
     from lightning_backdoor.defenses import activation_editing
 
     torch.manual_seed(0)
@@ -352,3 +352,25 @@ def test_a_prior_chosen_on_u_is_left_out_where_its_moments_would_not_fit(monkeyp
     with pytest.raises(ValueError, match=r"layer '4': its 512 x 512 moments need"):
         ActivationEditing(layer="4", batchnorm_prior=0.5).defend(model, unseen, knowledge)
     assert torch.equal(get_layer(model, "4").weight, before)
+
+
+def test_a_fixed_prior_under_auto_skips_a_layer_that_does_not_fit_before_computing_its_prior(monkeypatch):
+    from lightning_backdoor.defenses import activation_editing
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 4)).eval()
+    unseen = UnseenData(torch.rand(40, 3, 8, 8), torch.arange(40) % 4)
+    knowledge = BackdoorKnowledge.of(BadNets(size=2), 0)
+    defense = ActivationEditing(layer="auto", batchnorm_prior=0.5)
+    assert defense.candidate_layers(model, unseen.images[:2]) == ["3", "7"]
+    real, computed = activation_editing.batchnorm_key_prior, []
+    monkeypatch.setattr(activation_editing, "batchnorm_key_prior",
+                        lambda network, name, *args, **kwargs: (computed.append(name),
+                                                                real(network, name, *args, **kwargs))[1])
+    # 1 MB: the conv "3" (72 values: 12 moments of 249 kB) fits, the Linear "7" (512 values: 12.6 MB) does not
+    monkeypatch.setattr(activation_editing, "available_memory", lambda: 1_000_000)
+    result = defense.defend(copy.deepcopy(model), unseen, knowledge)
+    assert computed == ["3"] and list(result.details["skipped_layers"]) == ["7"]
+    assert result.layer == "3" and result.details["batchnorm_prior"]["weight"] == 0.5
+    assert result.details["system"]["form"] == "moments"  # the prior's layer is never solved without it

@@ -469,7 +469,6 @@ class ActivationEditing(Defense):
         if self.repair and not (unseen.labels == target_class).any():
             raise ValueError(f"repair needs unseen images of the target class {target_class}; the unseen split has "
                              f"none (add unseen images or set repair=false)")
-        priors = self._priors(model, layers, unseen.images.float())
         views = max(1, -(-self.min_images // len(unseen.labels)))
         if self.repair and int((unseen.labels == target_class).sum()) == 1:
             views = max(views, 2)  # the repair's signal folds split the single target image's views (_signal_folds)
@@ -482,11 +481,16 @@ class ActivationEditing(Defense):
         parts = sorted({(0, 0), (1, 1), *zip(folds.tolist(), signal_folds.tolist())})
         triggered = [(member, member(images)) for member in triggers]  # applied once, reused by the CV
         keys = self._key_counts(model, layers, labels, len(triggers), target_class, images[:1])
-        fixed_prior = self.batchnorm_prior is not None and self.batchnorm_prior > 0  # every layer gets one
-        factored = {name: count for name, count in keys.items() if name not in priors and not fixed_prior
+        available = available_memory()  # read once: the prior and the memory check see the same figure
+        fixed_prior = self.batchnorm_prior is not None and self.batchnorm_prior > 0
+        if fixed_prior:  # every layer gets a prior, so d x d moments: skip or refuse those that do not fit first
+            layers = self._within_memory(model, layers, keys, {}, info, available)
+        priors = self._priors(model, layers, unseen.images.float(), available)
+        factored = {name: count for name, count in keys.items() if name in layers and name not in priors
                     and self.method == "closed_form" and self.repair_method == "pin"
                     and 0 < count <= KEY_SPACE_RATIO * self._width(model, name)}
-        layers = self._within_memory(model, layers, keys, factored, info)
+        if not fixed_prior:
+            layers = self._within_memory(model, layers, keys, factored, info, available)
         masks = [member.mask(tuple(images.shape[1:])) if self.spatial_weight == "mask" else None
                  for member in triggers]
         problems: dict[str, list[EditProblem]] = {}
@@ -594,19 +598,19 @@ class ActivationEditing(Defense):
             return {}
         return {"protected": key_subspace(problem.target_moment / problem.target_count, setting)}
 
-    def _priors(self, model: nn.Module, layers: list[str], images: Tensor) -> dict[str, tuple[Tensor, str]]:
-        """The BatchNorm prior of each of ``layers`` (its key moment and the norm's name) that may get a weight, for
-        the layers whose d x d moments fit in the memory available: for a weight > 0, all of them
-        (:meth:`candidate_layers` kept only those a BatchNorm feeds alone; one that does not fit is left to
-        :meth:`_within_memory`, which skips or refuses it, before its d x d prior is computed); when the weight is
-        chosen on U (``None``), those a BatchNorm feeds alone (a layer that does not fit is scored with w = 0 only,
-        and may be solved in the span of its keys); none for 0."""
+    def _priors(self, model: nn.Module, layers: list[str], images: Tensor,
+                available: int | None) -> dict[str, tuple[Tensor, str]]:
+        """The BatchNorm prior of each of ``layers`` (its key moment and the norm's name) that may get a weight: all
+        of them for a weight > 0 (:meth:`candidate_layers` kept only those a BatchNorm feeds alone, and
+        :meth:`_within_memory` those whose d x d moments fit in ``available`` bytes, before this), those a BatchNorm
+        feeds alone when the weight is chosen on U (``None``) and whose d x d moments fit in ``available`` (else
+        that layer is scored with w = 0 only, and may be solved in the span of its keys), none for 0."""
         if self.batchnorm_prior == 0:
             return {}
         priors = {}
-        available = available_memory()
         for name in layers:
-            if available is not None and MOMENT_COPIES * 4 * self._width(model, name) ** 2 > available:
+            if (self.batchnorm_prior is None and available is not None
+                    and MOMENT_COPIES * 4 * self._width(model, name) ** 2 > available):
                 continue
             try:
                 priors[name] = batchnorm_key_prior(model, name, images, seed=self.seed)
@@ -631,15 +635,15 @@ class ActivationEditing(Defense):
         return {name: positions[name] * (triggers * (len(labels) - target) + len(labels) + target) for name in layers}
 
     def _within_memory(self, model: nn.Module, layers: list[str], keys: dict[str, int], factored: dict[str, int],
-                       info: dict[str, Any]) -> list[str]:
+                       info: dict[str, Any], available: int | None) -> list[str]:
         """``layers`` without those whose d x d moments (:data:`MOMENT_COPIES` of them each, float32, all candidates
-        held at once) would not fit in the memory available, widest first; the skipped ones go to
-        ``info["skipped_layers"]``. Layers solved in the span of their keys (``factored``) need no such matrix.
+        held at once) would not fit in ``available`` bytes (:func:`available_memory`; None: unknown, all kept),
+        widest first; the skipped ones go to ``info["skipped_layers"]``. Layers solved in the span of their keys
+        (``factored``) need no such matrix.
 
         Raises:
             ValueError: (one line) a layer named by ``layer`` (not ``auto``) does not fit, or no candidate does.
         """
-        available = available_memory()
         needs = {name: MOMENT_COPIES * 4 * self._width(model, name) ** 2 for name in layers if name not in factored}
         if available is None or sum(needs.values()) <= available:
             return layers
