@@ -8,6 +8,7 @@ is :mod:`lightning_backdoor.bench`.
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 import pickle
 import re
@@ -225,7 +226,15 @@ _CLASS_ARGUMENTS: dict[str, tuple[Any, type]] = {"defense": (defenses, defenses.
 def with_suggestion(line: str) -> str:
     """``line`` and, when it names a class that does not exist for ``--defense`` or a ``trigger`` (a bare name, or
     a path into this package), the known class names closest to it, e.g. ``defense: no class named
-    'ActivationEditting'; did you mean ActivationEditing?``. A path into another package keeps its own error."""
+    'ActivationEditting'; did you mean ActivationEditing?``. A path into another package keeps its own error. An
+    option a class of this package does not take gets its closest arguments (:func:`_option_suggestion`), an
+    unrecognised option spelt with hyphens its underscore spelling (``--output-dir``: ``did you mean
+    --output_dir?``)."""
+    if (suggestion := _option_suggestion(line)) is not None:
+        return f"{line}; {suggestion}"
+    hyphenated = re.match(r"unrecognized arguments: (--[\w.]*-[\w.-]*)", line)
+    if hyphenated:
+        return f"{line}; options are spelt with underscores: did you mean {'--' + hyphenated.group(1)[2:].replace('-', '_')}?"
     found = re.fullmatch(r"(.*?)(\w+): (?:Expected a dot import path string: (\w+)|class_path "
                          r"'lightning_backdoor\.[\w.]+\.(\w+)': module '[\w.]+' has no attribute .*)", line)
     if found is None or found.group(2) not in _CLASS_ARGUMENTS:
@@ -236,6 +245,23 @@ def with_suggestion(line: str) -> str:
     close = difflib.get_close_matches(given, known, n=3)
     hint = f"did you mean {' or '.join(close)}?" if close else f"known: {', '.join(sorted(known))}"
     return f"{found.group(1)}{found.group(2)}: no class named {given!r}; {hint}"
+
+
+def _option_suggestion(line: str) -> str | None:
+    """For jsonargparse's ``class_path 'lightning_backdoor.X': Option 'name' is not accepted``: the arguments of X
+    closest to ``name`` (``did you mean strength?``), else all of them; None for any other line or another
+    package's class (it is not imported here)."""
+    found = re.search(r"class_path '(lightning_backdoor(?:\.\w+)+)': Option '(\w+)' is not accepted$", line)
+    if found is None:
+        return None
+    module, _, name = found.group(1).rpartition(".")
+    owner = getattr(importlib.import_module(module), name, None)
+    if not inspect.isclass(owner):
+        return None
+    accepted = [parameter.name for parameter in inspect.signature(owner).parameters.values()
+                if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)]
+    close = difflib.get_close_matches(found.group(2), accepted, n=2)
+    return f"did you mean {' or '.join(close)}?" if close else f"its options: {', '.join(accepted)}"
 
 
 _PARSER_NOISE = ("Parser key", "Does not validate against", "Subtypes:", "Errors:", "Given value",

@@ -102,8 +102,17 @@ def test_fit_refuses_a_folder_holding_outputs(tmp_path, capsys, output):
     (["fit", "--data.init_args.trigger=Zzzqq"],
      "data.trigger: no class named 'Zzzqq'; known: AdaptiveBlend, Additive, BadNets, Blended, BppAttack, "
      "CustomTrigger, FTrojan, InputAware, LabelConsistent, LowFrequency, SIG, TrojanNN, WaNet"),
+    (["defend", "--checkpoint=none.ckpt", "--defense.init_args.strenght=null"],
+     "defense: class_path 'lightning_backdoor.defenses.ActivationEditing': Option 'strenght' is not accepted; "
+     "did you mean strength?"),
+    (["fit", "--data.init_args.trigger.init_args.sise=3"],
+     "data.trigger: class_path 'lightning_backdoor.triggers.BadNets': Option 'sise' is not accepted; did you mean "
+     "size?"),
+    (["fit", "--trainer.max-epochs=3"],
+     "unrecognized arguments: --trainer.max-epochs=3; options are spelt with underscores: did you mean "
+     "--trainer.max_epochs?"),
 ])
-def test_a_misspelt_class_is_refused_with_the_closest_names(tmp_path, capsys, arguments, line):
+def test_a_misspelt_class_or_option_is_refused_with_the_closest_names(tmp_path, capsys, arguments, line):
     command, *rest = arguments
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--config", CONFIG, *rest, f"--trainer.default_root_dir={tmp_path / 'run'}"]
