@@ -179,10 +179,7 @@ def main(args: list[str] | None = None) -> None:
 def one_line(error: BaseException) -> str:
     """Our own message inside jsonargparse's multi-line wrapping (it lists each union member's error)."""
     if isinstance(error, ArgumentError):
-        line = with_suggestion(parser_error_line(str(error)))
-        if re.search(r", got '(?:auto|None|none|NONE)'$", line):  # Python's and the benchmarks' names for null
-            line += "; where an option accepts None, write null"
-        return line
+        return with_suggestion(parser_error_line(str(error)))
     if isinstance(error, pickle.UnpicklingError):  # Lightning's own weights-only load (`--ckpt_path best`/`hpc`)
         return f"refusing to load the checkpoint: not a plain tensor file ({first_line(error)})"
     chain = [error]
@@ -229,12 +226,13 @@ def with_suggestion(line: str) -> str:
     'ActivationEditting'; did you mean ActivationEditing?``. A path into another package keeps its own error. An
     option a class of this package does not take gets its closest arguments (:func:`_option_suggestion`), an
     unrecognised option spelt with hyphens its underscore spelling (``--output-dir``: ``did you mean
-    --output_dir?``)."""
+    --output_dir?``), and a value ``auto`` or ``None`` where a type was expected the spelling of None (``null``)."""
     if (suggestion := _option_suggestion(line)) is not None:
         return f"{line}; {suggestion}"
-    hyphenated = re.match(r"unrecognized arguments: (--[\w.]*-[\w.-]*)", line)
-    if hyphenated:
-        return f"{line}; options are spelt with underscores: did you mean {'--' + hyphenated.group(1)[2:].replace('-', '_')}?"
+    if hyphenated := re.match(r"unrecognized arguments: --([\w.]*-[\w.-]*)", line):
+        return f"{line}; options are spelt with underscores: did you mean --{hyphenated.group(1).replace('-', '_')}?"
+    if re.search(r", got '(?:auto|None|none|NONE)'$", line):  # Python's and the benchmarks' names for null
+        return f"{line}; where an option accepts None, write null"
     found = re.fullmatch(r"(.*?)(\w+): (?:Expected a dot import path string: (\w+)|class_path "
                          r"'lightning_backdoor\.[\w.]+\.(\w+)': module '[\w.]+' has no attribute .*)", line)
     if found is None or found.group(2) not in _CLASS_ARGUMENTS:

@@ -609,8 +609,7 @@ class ActivationEditing(Defense):
             return {}
         priors = {}
         for name in layers:
-            if (self.batchnorm_prior is None and available is not None
-                    and MOMENT_COPIES * 4 * self._width(model, name) ** 2 > available):
+            if self.batchnorm_prior is None and available is not None and self._moment_bytes(model, name) > available:
                 continue
             try:
                 priors[name] = batchnorm_key_prior(model, name, images, seed=self.seed)
@@ -623,6 +622,11 @@ class ActivationEditing(Defense):
     def _width(model: nn.Module, name: str) -> int:
         """The key width d of layer ``name``."""
         return layer_weight_matrix(get_layer(model, name)).shape[1]
+
+    @classmethod
+    def _moment_bytes(cls, model: nn.Module, name: str) -> int:
+        """Bytes of the d x d float32 matrices the moments form holds for layer ``name`` (:data:`MOMENT_COPIES`)."""
+        return MOMENT_COPIES * 4 * cls._width(model, name) ** 2
 
     @staticmethod
     def _key_counts(model: nn.Module, layers: list[str], labels: Tensor, triggers: int, target_class: int,
@@ -644,7 +648,7 @@ class ActivationEditing(Defense):
         Raises:
             ValueError: (one line) a layer named by ``layer`` (not ``auto``) does not fit, or no candidate does.
         """
-        needs = {name: MOMENT_COPIES * 4 * self._width(model, name) ** 2 for name in layers if name not in factored}
+        needs = {name: self._moment_bytes(model, name) for name in layers if name not in factored}
         if available is None or sum(needs.values()) <= available:
             return layers
         kept, skipped = list(layers), {}
