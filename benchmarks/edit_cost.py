@@ -18,10 +18,12 @@ Part 3, ``--forms`` (run on its own; the other parts' rows in --out are kept): t
 solved in the span of U's keys (what the defense does where they are at most as many as the key width) and from the
 d x d moments, side by side; and the first classifier layer of a torchvision VGG-16-BN (25,088 values per key).
 
-Seconds are the median of ``--repeats`` runs after one warm-up; peak memory is the largest allocation sampled
-every 5 ms during the edit, less what was allocated before it: glibc's own count of bytes in use (``mallinfo2``),
-which, unlike the resident set, falls when tensors are freed, so each edit is measured on its own. Linux with
-glibc >= 2.33; needs an otherwise idle machine.
+Seconds are the median of ``--repeats`` runs after one warm-up; in parts 1 and 2 each edit and its floor run in
+alternation (edit, floor, edit, floor, ...) and the ratio is the median of the pairs' ratios, with their range: on
+a machine whose speed drifts between runs both members of a pair drift alike. Peak memory is the largest
+allocation sampled every 5 ms during the edit, less what was allocated before it: glibc's own count of bytes in use
+(``mallinfo2``), which, unlike the resident set, falls when tensors are freed, so each edit is measured on its own.
+Linux with glibc >= 2.33; needs an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -99,6 +101,25 @@ def median_seconds(work: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
+def paired_seconds(work: Callable[[], Any], floor: Callable[[], Any], repeats: int) -> dict[str, Any]:
+    """Wall times of ``work`` and of its ``floor`` measured in alternation (work, floor, work, floor, ...) after one
+    warm-up call of each, so that both see the same machine state: their medians, and the median and range of the
+    per-pair ratios work / floor (a drifting machine moves both members of a pair alike)."""
+    work(), floor()
+    pairs = []
+    for _ in range(repeats):
+        pair = []
+        for call in (work, floor):
+            start = time.perf_counter()
+            call()
+            pair.append(time.perf_counter() - start)
+        pairs.append(pair)
+    ratios = [seconds / floor_seconds for seconds, floor_seconds in pairs]
+    return {"seconds": statistics.median(pair[0] for pair in pairs),
+            "floor_seconds": statistics.median(pair[1] for pair in pairs), "ratio": statistics.median(ratios),
+            "ratio_range": [min(ratios), max(ratios)], "pairs": pairs}
+
+
 @torch.no_grad()
 def forward_floor(network: nn.Module, images: Tensor, triggered: Tensor, bf16: bool) -> None:
     """One clean and one triggered forward pass over the images, in chunks of 500, as the edit's captures run."""
@@ -150,14 +171,12 @@ def images_part(args: argparse.Namespace, save: Callable[[], None], rows: list[d
         triggered = apply_trigger(data.trigger, unseen_set.images)
         row: dict[str, Any] = {"images": len(unseen.labels), "layer": args.layer}
         for name, bf16 in PRECISIONS.items():
-            seconds = median_seconds(lambda: edit(network, args.layer, unseen, knowledge, bf16, args.seed),
-                                     args.repeats)
+            timing = paired_seconds(lambda: edit(network, args.layer, unseen, knowledge, bf16, args.seed),
+                                    lambda: forward_floor(network, unseen.images, to_float(triggered), bf16),
+                                    args.repeats)
             (model, details), memory = peak_memory(lambda: edit(network, args.layer, unseen, knowledge, bf16,
                                                                 args.seed))
-            floor = median_seconds(lambda: forward_floor(network, unseen.images, to_float(triggered), bf16),
-                                   args.repeats)
-            row[name] = {"seconds": seconds, "floor_seconds": floor, "ratio": seconds / floor,
-                         "peak_memory_mib": memory / 2**20, "system": details["system"],
+            row[name] = {**timing, "peak_memory_mib": memory / 2**20, "system": details["system"],
                          "repaired": details.get("repair", {}).get("restored", False)}
             if test is not None:
                 row[name]["test"] = evaluate(model, *test, data.num_classes, data.target_class, bf16=True)
@@ -189,11 +208,11 @@ def width_part(args: argparse.Namespace, save: Callable[[], None], rows: list[di
                                "images": len(unseen.labels), "trained_weights": model_name == "compact"
                                or bool(args.preact)}
         for name, bf16 in PRECISIONS.items():
-            seconds = median_seconds(lambda: edit(network, layer, unseen, knowledge, bf16, args.seed), args.repeats)
+            timing = paired_seconds(lambda: edit(network, layer, unseen, knowledge, bf16, args.seed),
+                                    lambda: forward_floor(network, unseen.images, triggered, bf16), args.repeats)
             (_, details), memory = peak_memory(lambda: edit(network, layer, unseen, knowledge, bf16, args.seed))
-            floor = median_seconds(lambda: forward_floor(network, unseen.images, triggered, bf16), args.repeats)
-            row[name] = {"seconds": seconds, "floor_seconds": floor, "ratio": seconds / floor,
-                         "peak_memory_mib": memory / 2**20, "keys": details["diagnostics"]["num_triggered_keys"]}
+            row[name] = {**timing, "peak_memory_mib": memory / 2**20,
+                         "keys": details["diagnostics"]["num_triggered_keys"]}
         rows.append(row)
         save()
         print(f"{model_name} {layer} d={row['key_width']}: " + ", ".join(
@@ -266,23 +285,30 @@ def line(row: dict[str, Any]) -> str:
     parts = [f"N={row['images']}"]
     for name in PRECISIONS:
         value = row[name]
-        parts.append(f"{name}: {value['seconds']:.2f} s (floor {value['floor_seconds']:.2f} s, x{value['ratio']:.2f}, "
+        parts.append(f"{name}: {value['seconds']:.2f} s (floor {value['floor_seconds']:.2f} s, x{ratio(value)}, "
                      f"{value['peak_memory_mib']:.0f} MiB)")
     errors = row["bf16_errors"]
     parts.append("bf16 error " + " ".join(f"{key} {value:.1e}" for key, value in errors.items()))
     return "; ".join(parts)
 
 
+def ratio(value: dict[str, Any]) -> str:
+    """The median ratio to the floor, with the range of the pairs' ratios where they were measured in pairs."""
+    low, high = value.get("ratio_range", (None, None))
+    return f"{value['ratio']:.2f}" + (f" ({low:.2f}–{high:.2f})" if low is not None else "")
+
+
 def tables(result: dict[str, Any]) -> str:
-    lines = ["| unseen images | float32 edit s | float32 floor s | ratio | bf16 edit s | bf16 floor s | ratio "
+    lines = ["| unseen images | float32 edit s | float32 floor s | ratio (range) | bf16 edit s | bf16 floor s "
+             "| ratio (range) "
              "| peak MiB f32 / bf16 | bf16 rel. error A / C / ΔW | test CA / ASR / TA f32 | test CA / ASR / TA bf16 |",
              "|" + " --- |" * 11]
     for row in result["images"]:
         f32, b16, errors = row["float32"], row["bf16"], row["bf16_errors"]
         effect = lambda value: (" / ".join(f"{100 * value['test'][key]:.2f}"  # noqa: E731
                                            for key in ("clean_acc", "asr", "target_acc")) if "test" in value else "–")
-        lines.append(f"| {row['images']} | {f32['seconds']:.2f} | {f32['floor_seconds']:.2f} | {f32['ratio']:.2f} | "
-                     f"{b16['seconds']:.2f} | {b16['floor_seconds']:.2f} | {b16['ratio']:.2f} | "
+        lines.append(f"| {row['images']} | {f32['seconds']:.2f} | {f32['floor_seconds']:.2f} | {ratio(f32)} | "
+                     f"{b16['seconds']:.2f} | {b16['floor_seconds']:.2f} | {ratio(b16)} | "
                      f"{f32['peak_memory_mib']:.0f} / {b16['peak_memory_mib']:.0f} | {errors['A']:.1e} / "
                      f"{errors['C']:.1e} / {errors['delta_W']:.1e} | {effect(f32)} | {effect(b16)} |")
     lines += ["", "| model | layer | key width | keys | float32 s (floor) | bf16 s (floor) | peak MiB float32 "
@@ -358,7 +384,7 @@ def main() -> None:
     parser.add_argument("--preact", default=None, help="a PreAct-ResNet18 BadNets checkpoint (else untrained)")
     parser.add_argument("--test", action=argparse.BooleanOptionalAction, default=True,
                         help="report the test split's CA/ASR/TA after each edit")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/bench/edit-cost/cost.json")
