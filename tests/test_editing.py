@@ -279,6 +279,22 @@ def test_the_defense_solves_in_the_span_of_the_keys_only_where_they_are_fewer_th
     assert torch.equal(edited[1.0, "0"], edited[0.0, "0"])
 
 
+def test_the_cgroup_headroom_reads_a_container_limit_of_either_cgroup_version(tmp_path):
+    from lightning_backdoor.defenses.activation_editing import cgroup_headroom
+
+    assert cgroup_headroom(tmp_path) is None  # nothing mounted: no limit known
+    v1 = tmp_path / "memory"
+    v1.mkdir()
+    (v1 / "memory.limit_in_bytes").write_text("1073741824\n")  # cgroup v1: 1 GiB, 256 MiB used
+    (v1 / "memory.usage_in_bytes").write_text("268435456\n")
+    assert cgroup_headroom(tmp_path) == 768 * 2**20
+    (tmp_path / "memory.max").write_text("max\n")  # cgroup v2 takes precedence: no limit
+    (tmp_path / "memory.current").write_text("5000\n")
+    assert cgroup_headroom(tmp_path) is None
+    (tmp_path / "memory.max").write_text("4000\n")  # over its limit: nothing left, never negative
+    assert cgroup_headroom(tmp_path) == 0
+
+
 def test_a_layer_whose_moments_would_not_fit_in_memory_is_skipped_by_auto_and_refused_by_name(monkeypatch):
     from lightning_backdoor.defenses import activation_editing
 

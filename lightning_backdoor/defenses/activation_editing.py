@@ -41,10 +41,26 @@ MOMENT_COPIES = 12
 TRIGGERED_SUMS = ("triggered_moment", "residual_moment", "residual_energy", "target_energy", "triggered_count")
 
 
+def cgroup_headroom(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes the memory cgroup mounted at ``root`` allows beyond what it uses now: cgroup v2's ``memory.max`` −
+    ``memory.current``, else cgroup v1's ``memory/memory.limit_in_bytes`` − ``memory/memory.usage_in_bytes`` (v1
+    writes no limit as a huge number); ``None`` where neither is readable or v2 says ``max`` (no limit)."""
+    for limit, usage in (("memory.max", "memory.current"),
+                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            ceiling = (root / limit).read_text(encoding="ascii").strip()
+            if ceiling == "max":
+                return None
+            return max(0, int(ceiling) - int((root / usage).read_text(encoding="ascii")))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def available_memory() -> int | None:
     """Bytes this process can still allocate without swapping, on Linux: the least of the machine's ``MemAvailable``
-    (``/proc/meminfo``), what its cgroup v2 allows beyond what the cgroup uses (``memory.max`` − ``memory.current``:
-    a container's limit) and what the address-space limit (``ulimit -v``) leaves beyond this process's size.
+    (``/proc/meminfo``), what its cgroup allows beyond what the cgroup uses (:func:`cgroup_headroom`: a container's
+    limit) and what the address-space limit (``ulimit -v``) leaves beyond this process's size.
     ``None`` where none of them is known (e.g. macOS): no check is made then."""
     limits = []
     try:
@@ -52,13 +68,9 @@ def available_memory() -> int | None:
         limits.append(int(meminfo["MemAvailable"].split()[0]) * 1024)
     except (OSError, KeyError, ValueError, IndexError):
         pass
-    try:
-        ceiling = Path("/sys/fs/cgroup/memory.max").read_text(encoding="ascii").strip()
-        if ceiling != "max":
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text(encoding="ascii"))
-            limits.append(max(0, int(ceiling) - used))
-    except (OSError, ValueError):
-        pass
+    headroom = cgroup_headroom()
+    if headroom is not None:
+        limits.append(headroom)
     try:
         import resource
 
