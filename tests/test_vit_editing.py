@@ -100,12 +100,27 @@ def test_a_layerscale_block_is_not_declared() -> None:
     """LayerScale multiplies fc2's output before the addition: output = γ·fc2 + skip is no key->value split."""
     from timm.models.vision_transformer import VisionTransformer
 
-    from lightning_backdoor.models.vit import mark_residual_branches
-
     model = VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=3, embed_dim=16, depth=2,
                               num_heads=2, init_values=0.1)
-    assert mark_residual_branches(model) == []
     assert residual_block_of(model, "blocks.1.mlp.fc2") is None
+
+
+def test_any_timm_vit_gets_the_residual_correction_without_declaring_anything() -> None:
+    """A ViT as a user holds it (timm's own builder, class token, no ``edit_candidates``, no declared branches): its
+    blocks' fc2 are recognised as residual branches by class, and the corrected edit cancels the trigger in the
+    stream as it does on the registry's ``vit``."""
+    torch.manual_seed(0)
+    model = build_model("timm:vit_tiny_patch16_224", num_classes=10, in_channels=1, img_size=8, patch_size=2,
+                        embed_dim=16, depth=2, num_heads=2).eval()
+    assert not hasattr(model, "edit_candidates") and not hasattr(model.blocks[1], "residual_branch")
+    assert residual_block_of(model, "blocks.1.mlp.fc2") == "blocks.1"
+    assert residual_block_of(model, "blocks.1.mlp.fc1") is None and residual_block_of(model, "head") is None
+    clean_images = torch.rand(1, 1, 8, 8)
+    triggered_images = clean_images.clone()
+    triggered_images[:, :, -3:, -3:] = 1.0
+    before, results = skip_correction_gaps(model, "blocks.1.mlp.fc2", "blocks.1", clean_images, triggered_images)
+    assert results[True] < 0.05 * before
+    assert results[False] > 0.3 * before
 
 
 def test_the_residual_correction_makes_the_block_output_on_triggered_tokens_match_the_clean_one() -> None:

@@ -4,7 +4,9 @@ A block's output is ``norm(layer(·)) + skip`` (``norm`` optional) when the bloc
 layer's dotted path below it) and, where an eval-mode ``BatchNorm2d`` sits between that layer and the addition,
 ``residual_norm`` (its path below the block). torchvision's inverted-residual blocks (MobileNetV2/V3, EfficientNet's
 ``MBConv``/``FusedMBConv``, MNASNet) declare nothing but have this form, ``x + body(x)`` with a body ending in a
-convolution and its ``BatchNorm2d``; they are recognised by their class (:data:`TORCHVISION_RESIDUAL_BLOCKS`).
+convolution and its ``BatchNorm2d``; they are recognised by their class (:data:`TORCHVISION_RESIDUAL_BLOCKS`). So
+is timm's Vision Transformer ``Block`` (ViT, DeiT and the other ``vision_transformer`` models), whose output is the
+residual stream plus ``mlp.fc2``'s output when it has no LayerScale (:data:`TIMM_BLOCK`).
 torchvision's ResNet blocks apply a ReLU after their addition, so their output is no such sum: they stay
 undeclared and their layers are edited without the correction.
 """
@@ -28,6 +30,30 @@ TORCHVISION_RESIDUAL_BLOCKS = {
 }
 
 
+#: timm's transformer block (``x = x + attn(norm1(x)); x = x + mlp(norm2(x))``, each through a LayerScale and a
+#: stochastic depth that are identities in eval without ``init_values``) and its MLP class: the class names, read
+#: without importing timm, and the branch layer whose output the block adds to its residual stream.
+TIMM_BLOCK = ("timm.models.vision_transformer.Block", "timm.layers.mlp.Mlp", "mlp.fc2")
+
+
+def _class_path(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def _timm_branch(block: nn.Module) -> str | None:
+    """``"mlp.fc2"`` for a timm ``Block`` (exactly that class: a subclass may reorder its forward) whose MLP is timm's
+    ``Mlp`` ending in an ``nn.Linear`` and whose second LayerScale is the identity; else ``None``. A LayerScale
+    multiplies fc2's output before the addition, so such a block's output is no key -> value map of fc2's plus the
+    stream: it stays undeclared and its ``fc2`` is edited without the correction."""
+    block_class, mlp_class, branch = TIMM_BLOCK
+    if _class_path(block) != block_class:
+        return None
+    mlp = getattr(block, "mlp", None)
+    if mlp is None or _class_path(mlp) != mlp_class or not isinstance(getattr(mlp, "fc2", None), nn.Linear):
+        return None
+    return branch if isinstance(getattr(block, "ls2", None), nn.Identity) else None
+
+
 @dataclass(frozen=True)
 class ResidualBranch:
     """A layer whose output reaches a residual addition: ``block`` (its name in the model, ``""`` for the model
@@ -40,13 +66,17 @@ class ResidualBranch:
 
 def declared_branch(block: nn.Module) -> tuple[str, str | None] | None:
     """``(layer path, norm path or None)`` below ``block`` for the layer whose output the block adds to its skip
-    path: as the block declares it (``residual_branch``, ``residual_norm``), or for a torchvision inverted-residual
-    block with its residual connection on, its body's last convolution and the ``BatchNorm2d`` after it; ``None``
-    for any other block."""
+    path: as the block declares it (``residual_branch``, ``residual_norm``); for a timm transformer ``Block``
+    without LayerScale, ``mlp.fc2`` (:func:`_timm_branch`); for a torchvision inverted-residual block with its
+    residual connection on, its body's last convolution and the ``BatchNorm2d`` after it; ``None`` for any other
+    block."""
     declared = getattr(block, "residual_branch", None)
     if declared:
         return declared, getattr(block, "residual_norm", None)
-    kind = TORCHVISION_RESIDUAL_BLOCKS.get(f"{type(block).__module__}.{type(block).__qualname__}")
+    timm_branch = _timm_branch(block)
+    if timm_branch is not None:
+        return timm_branch, None
+    kind = TORCHVISION_RESIDUAL_BLOCKS.get(_class_path(block))
     if kind is None or not getattr(block, kind[1], False):
         return None
     body = kind[0]
@@ -131,5 +161,5 @@ def record_skip(model: nn.Module, layer: str, branch: ResidualBranch, sink: list
             model.get_submodule(branch.block).register_forward_hook(keep_skip)]
 
 
-__all__ = ["TORCHVISION_RESIDUAL_BLOCKS", "ResidualBranch", "bypassed", "declared_branch", "norm_scale", "residual_block_of",
-           "record_skip", "residual_branch_of", "skip_in_value_space"]
+__all__ = ["TIMM_BLOCK", "TORCHVISION_RESIDUAL_BLOCKS", "ResidualBranch", "bypassed", "declared_branch", "norm_scale",
+           "residual_block_of", "record_skip", "residual_branch_of", "skip_in_value_space"]

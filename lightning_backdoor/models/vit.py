@@ -2,8 +2,9 @@
 
 Its per-token ``nn.Linear`` layers (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``) are editable like a conv:
 each token's input vector is a key, the 8x8 token grid plays the role of a conv's positions. Each block's
-``mlp.fc2`` output is added to the residual stream as the block's last operation, so the block declares it as its
-``residual_branch`` and the edit corrects its target for the skip path (the residual stream), as for a ResNet block.
+``mlp.fc2`` output is added to the residual stream as the block's last operation, so it is the block's residual
+branch (:mod:`lightning_backdoor.defenses.residual` recognises timm's ``Block``, here as in any timm ViT) and the edit
+corrects its target for the skip path (the residual stream), as for a ResNet block.
 """
 
 from __future__ import annotations
@@ -11,28 +12,6 @@ from __future__ import annotations
 from torch import nn
 
 from lightning_backdoor.models.registry import MODELS
-
-#: The child (a dotted path) of a timm ViT ``Block`` whose output plus the residual stream is the block's output.
-TIMM_BLOCK_RESIDUAL_BRANCH = "mlp.fc2"
-
-
-def mark_residual_branches(model: nn.Module) -> list[str]:
-    """Declare ``residual_branch = "mlp.fc2"`` on every timm ViT ``Block`` of ``model`` whose output is exactly
-    ``x + mlp.fc2(...)`` in eval mode (no LayerScale, no norm or extra layer after ``fc2``); returns those blocks'
-    names. Blocks with a LayerScale (``init_values``) scale ``fc2``'s output before the add, so they stay
-    undeclared: the edit then treats their ``fc2`` as a plain layer (no skip correction)."""
-    from timm.layers import Mlp
-    from timm.models.vision_transformer import Block
-
-    marked = []
-    for name, module in model.named_modules():
-        if type(module) is not Block or type(module.mlp) is not Mlp:  # subclasses may reorder their forward
-            continue
-        if not (isinstance(module.ls2, nn.Identity) and isinstance(module.mlp.fc2, nn.Linear)):
-            continue
-        module.residual_branch = TIMM_BLOCK_RESIDUAL_BRANCH
-        marked.append(name)
-    return marked
 
 
 @MODELS.register("vit")
@@ -76,7 +55,6 @@ def vit(num_classes: int, in_channels: int = 3, img_size: int = 32, patch_size: 
         # Explicit softmax(q kᵀ) v: with 64 tokens, about twice as fast to train on CPU as torch's fused attention
         # (measured: 159 vs 82 img/s, width 128, depth 4); the same function.
         block.attn.fused_attn = False
-    mark_residual_branches(model)
     # Read by ActivationEditing(layer="auto"): the MLP layers of the last blocks, where a per-token edit with the
     # residual-stream correction (fc2) or before the nonlinearity (fc1) acts.
     model.edit_candidates = [f"blocks.{index}.mlp.{layer}" for index in range(depth - edit_blocks, depth)
@@ -84,4 +62,4 @@ def vit(num_classes: int, in_channels: int = 3, img_size: int = 32, patch_size: 
     return model
 
 
-__all__ = ["TIMM_BLOCK_RESIDUAL_BRANCH", "mark_residual_branches", "vit"]
+__all__ = ["vit"]
