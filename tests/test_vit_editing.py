@@ -105,16 +105,19 @@ def test_a_layerscale_block_is_not_declared() -> None:
     assert residual_block_of(model, "blocks.1.mlp.fc2") is None
 
 
-def test_any_timm_vit_gets_the_residual_correction_without_declaring_anything() -> None:
+def test_any_timm_vit_gets_the_residual_correction_and_the_candidates_without_declaring_anything() -> None:
     """A ViT as a user holds it (timm's own builder, class token, no ``edit_candidates``, no declared branches): its
-    blocks' fc2 are recognised as residual branches by class, and the corrected edit cancels the trigger in the
-    stream as it does on the registry's ``vit``."""
+    blocks' fc2 are recognised as residual branches by class, ``auto`` tries its last blocks' MLP layers, and the
+    corrected edit cancels the trigger in the stream as it does on the registry's ``vit``."""
     torch.manual_seed(0)
     model = build_model("timm:vit_tiny_patch16_224", num_classes=10, in_channels=1, img_size=8, patch_size=2,
                         embed_dim=16, depth=2, num_heads=2).eval()
     assert not hasattr(model, "edit_candidates") and not hasattr(model.blocks[1], "residual_branch")
     assert residual_block_of(model, "blocks.1.mlp.fc2") == "blocks.1"
     assert residual_block_of(model, "blocks.1.mlp.fc1") is None and residual_block_of(model, "head") is None
+    # auto tries what the registry's vit declares: the last two blocks' MLP layers, not the head
+    assert auto_candidates(model, 3, torch.rand(1, 1, 8, 8)) == ["blocks.0.mlp.fc2", "blocks.1.mlp.fc1",
+                                                                 "blocks.1.mlp.fc2"]
     clean_images = torch.rand(1, 1, 8, 8)
     triggered_images = clean_images.clone()
     triggered_images[:, :, -3:, -3:] = 1.0

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
 from lightning_backdoor.defenses.adapt import logits_of
-from lightning_backdoor.defenses.residual import bypassed, record_skip, residual_branch_of
+from lightning_backdoor.defenses.residual import bypassed, record_skip, residual_branch_of, transformer_mlp_layers
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
 
@@ -83,8 +83,10 @@ def skip_reason(layer: nn.Module) -> str | None:
 
 def auto_candidates(model: nn.Module, count: int, images: Tensor | None = None) -> list[str]:
     """The layers ``layer: auto`` tries, in definition order: the last ``count`` of the model's ``edit_candidates``
-    where it declares them (a list of layer names, e.g. a ViT's last blocks' MLP layers); else the last ``count``
-    of :func:`editable_layers`. Given ``images`` (N >= 1, C, H, W) to probe the model with, and when most of those
+    where it declares them (a list of layer names, e.g. a ViT's last blocks' MLP layers); else, on a timm Vision
+    Transformer, the last ``count`` of its last two blocks' MLP layers
+    (:func:`~lightning_backdoor.defenses.residual.transformer_mlp_layers`); else the last ``count`` of
+    :func:`editable_layers`. Given ``images`` (N >= 1, C, H, W) to probe the model with, and when most of those
     layers act on globally pooled features (one key per image: a multi-layer classifier head), also the last
     ``count`` layers with spatial keys (more than one position per image) that no residual block bypasses
     (:func:`~lightning_backdoor.defenses.residual.bypassed`).
@@ -95,7 +97,7 @@ def auto_candidates(model: nn.Module, count: int, images: Tensor | None = None) 
     10–33 pt at its head (measured on held-out images, docs/results/mobilenet.md). Nets with a one-layer head (the
     compact CNN, PreAct-ResNet18, VGG) keep the last ``count`` layers: there the earlier spatial layers won the
     cross-validated loss on the unseen split but left the quickstart's ASR 3 pt above its floor, against 0.2 pt."""
-    declared = getattr(model, "edit_candidates", None)
+    declared = getattr(model, "edit_candidates", None) or transformer_mlp_layers(model)
     if declared:
         return list(declared)[-count:]
     layers = editable_layers(model)

@@ -54,6 +54,15 @@ def _timm_branch(block: nn.Module) -> str | None:
     return branch if isinstance(getattr(block, "ls2", None), nn.Identity) else None
 
 
+def transformer_mlp_layers(model: nn.Module, blocks: int = 2) -> list[str]:
+    """The MLP layers (``fc1``, ``fc2``) of the last ``blocks`` timm transformer blocks of ``model`` that
+    :func:`_timm_branch` recognises, in definition order; ``[]`` for a model without such blocks. What ``layer:
+    auto`` tries on a timm ViT that declares no ``edit_candidates``: the same layers the registry's ``vit`` declares
+    (on it the second-to-last block's ``fc2`` won, the last block's left more ASR; docs/results/vit.md)."""
+    names = [name for name, module in model.named_modules() if _timm_branch(module) is not None]
+    return [f"{name}.mlp.{layer}" for name in names[-blocks:] for layer in ("fc1", "fc2")] if blocks > 0 else []
+
+
 @dataclass(frozen=True)
 class ResidualBranch:
     """A layer whose output reaches a residual addition: ``block`` (its name in the model, ``""`` for the model
@@ -162,4 +171,4 @@ def record_skip(model: nn.Module, layer: str, branch: ResidualBranch, sink: list
 
 
 __all__ = ["TIMM_BLOCK", "TORCHVISION_RESIDUAL_BLOCKS", "ResidualBranch", "bypassed", "declared_branch", "norm_scale",
-           "residual_block_of", "record_skip", "residual_branch_of", "skip_in_value_space"]
+           "residual_block_of", "record_skip", "residual_branch_of", "skip_in_value_space", "transformer_mlp_layers"]
