@@ -343,13 +343,16 @@ def tables(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Edit seconds and the floor against N, and edit seconds against key width, as one PNG."""
+    """Edit seconds and the floor against N, and (where part 2's rows exist) edit seconds against key width, as one
+    PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    rows = sorted(result["width"], key=lambda row: row["key_width"])
+    figure, axes = plt.subplots(1, 2 if rows else 1, figsize=(11 if rows else 5.5, 4), squeeze=False)
+    left = axes[0][0]
     counts = [row["images"] for row in result["images"]]
     for name, style in (("float32", "-"), ("bf16", "--")):
         left.plot(counts, [row[name]["seconds"] for row in result["images"]], "o" + style, label=f"edit, {name}")
@@ -358,7 +361,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
     left.set(xscale="log", yscale="log", xlabel="unseen images", ylabel="seconds",
              title="edit vs its floor (compact, blocks.2.conv2)")
     left.legend(fontsize=8)
-    rows = sorted(result["width"], key=lambda row: row["key_width"])
+    if rows:  # part 2's rows, where --out holds them
+        draw_widths(axes[0][1], rows)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def draw_widths(right: Any, rows: list[dict[str, Any]]) -> None:
+    """Edit seconds against the key width, one point per part 2 row, on the axes ``right``."""
     for name, style in (("float32", "o-"), ("bf16", "o--")):
         right.plot([row["key_width"] for row in rows], [row[name]["seconds"] for row in rows], style, label=name)
     for row in rows:
@@ -366,8 +376,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
                        fontsize=7)
     right.set(xlabel="key width d", ylabel="seconds", title=f"edit vs key width ({rows[0]['images']} images)")
     right.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
 
 
 def main() -> None:
@@ -413,7 +421,7 @@ def main() -> None:
             width_part(args, save, result["width"])
     result = json.loads(out.read_text())
     print(tables(result))
-    if result["images"] and result["width"]:
+    if result["images"]:
         plot(result, out.with_suffix(".png"))
         print(f"plot: {out.with_suffix('.png')}")
     print(f"rows: {out}")
