@@ -5,8 +5,11 @@ the same layers are cross-validated whatever their values (a repair that fires o
 
     python benchmarks/defense_seconds.py --model preact_resnet18 --out runs/bench/defense-seconds/preact_resnet18.json
 
-Unseen images come from the run of ``--run`` (its data module's unseen split, seed 0). Median of ``--repeats`` runs
-after one warm-up; needs an otherwise idle machine.
+Unseen images come from the run of ``--run`` (its data module's unseen split, seed 0). The defense and its floor are
+timed in alternating pairs (``edit_cost.paired_seconds``: medians of ``--repeats`` pairs after a warm-up, the ratio
+the median of the pairs'); each defense gets a copy of the network made before the clock starts. With one image per
+class the defense reads 4 views of each (``min_images`` 40) where the floor reads the 10 images once. Needs an
+otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import copy
 from pathlib import Path
 
 import torch
-from edit_cost import forward_floor, median_seconds
+from edit_cost import forward_floor, paired_seconds
 
 from lightning_backdoor.data.poisoning import apply_trigger, to_float
 from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
@@ -31,7 +34,7 @@ def main() -> None:
     parser.add_argument("--run", default="runs/cifar10-badnets-u250", help="a CIFAR-10 BadNets run (its unseen split)")
     parser.add_argument("--unseen_per_class", type=int, default=250, help="the run's unseen split per class")
     parser.add_argument("--budgets", nargs="+", type=int, default=[1, 10])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/bench/defense-seconds/preact_resnet18.json")
     args = parser.parse_args()
@@ -47,12 +50,12 @@ def main() -> None:
         unseen_set = data.unseen_set(budget, 0)
         unseen = UnseenData(to_float(unseen_set.images), unseen_set.labels)
         triggered = to_float(apply_trigger(data.trigger, unseen_set.images))
-        defend = lambda: ActivationEditing(layer="auto", seed=0).defend(copy.deepcopy(network), unseen,  # noqa: E731
-                                                                         knowledge)
-        seconds = median_seconds(defend, args.repeats)
-        floor = median_seconds(lambda: forward_floor(network, unseen.images, triggered, False), args.repeats)
+        copies = iter([copy.deepcopy(network) for _ in range(args.repeats + 2)])  # one per call, made beforehand
+        defend = lambda: ActivationEditing(layer="auto", seed=0).defend(next(copies), unseen, knowledge)  # noqa: E731
+        timing = paired_seconds(defend, lambda: forward_floor(network, unseen.images, triggered, False), args.repeats)
         details = defend().details
-        row = {"unseen_per_class": budget, "seconds": seconds, "floor_seconds": floor, "views": details["views"],
+        seconds, floor = timing["seconds"], timing["floor_seconds"]
+        row = {"unseen_per_class": budget, **timing, "views": details["views"],
                "system": details["system"],
                "candidates": [option.split(" ")[0]
                               for option in details["selection"]["cross_validated_loss_on_unseen"]]}

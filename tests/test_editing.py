@@ -288,11 +288,15 @@ def test_the_cgroup_headroom_reads_a_container_limit_of_either_cgroup_version(tm
     (v1 / "memory.limit_in_bytes").write_text("1073741824\n")  # cgroup v1: 1 GiB, 256 MiB used
     (v1 / "memory.usage_in_bytes").write_text("268435456\n")
     assert cgroup_headroom(tmp_path) == 768 * 2**20
+    (v1 / "memory.stat").write_text("cache 200000000\ntotal_inactive_file 134217728\n")  # 128 MiB reclaimable
+    assert cgroup_headroom(tmp_path) == 896 * 2**20
     (tmp_path / "memory.max").write_text("max\n")  # cgroup v2 takes precedence: no limit
     (tmp_path / "memory.current").write_text("5000\n")
     assert cgroup_headroom(tmp_path) is None
     (tmp_path / "memory.max").write_text("4000\n")  # over its limit: nothing left, never negative
     assert cgroup_headroom(tmp_path) == 0
+    (tmp_path / "memory.stat").write_text("anon 1000\ninactive_file 3000\n")  # 5000 used, 3000 of it reclaimable
+    assert cgroup_headroom(tmp_path) == 2000
 
 
 def test_a_layer_whose_moments_would_not_fit_in_memory_is_skipped_by_auto_and_refused_by_name(monkeypatch):

@@ -105,6 +105,20 @@ def test_a_layerscale_block_is_not_declared() -> None:
     assert residual_block_of(model, "blocks.1.mlp.fc2") is None
 
 
+@pytest.mark.parametrize("block_fn", ["ResPostBlock", "ParallelScalingBlock", "ParallelThingsBlock"])
+def test_other_timm_transformer_blocks_are_not_taken_for_a_plain_block(block_fn: str) -> None:
+    """Blocks that normalise after the addition (post-norm) or run attention and MLP in parallel have no
+    ``x + fc2(·)`` output: neither the correction nor the MLP candidates apply to them."""
+    from timm.models import vision_transformer
+
+    from lightning_backdoor.defenses.residual import transformer_mlp_layers
+
+    model = vision_transformer.VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=3, embed_dim=16,
+                                                 depth=2, num_heads=2, block_fn=getattr(vision_transformer, block_fn))
+    assert transformer_mlp_layers(model) == []
+    assert all(residual_block_of(model, name) is None for name in editable_layers(model))
+
+
 def test_any_timm_vit_gets_the_residual_correction_and_the_candidates_without_declaring_anything() -> None:
     """A ViT as a user holds it (timm's own builder, class token, no ``edit_candidates``, no declared branches): its
     blocks' fc2 are recognised as residual branches by class, ``auto`` tries its last blocks' MLP layers, and the

@@ -44,16 +44,25 @@ TRIGGERED_SUMS = ("triggered_moment", "residual_moment", "residual_energy", "tar
 def cgroup_headroom(root: Path = Path("/sys/fs/cgroup")) -> int | None:
     """Bytes the memory cgroup mounted at ``root`` allows beyond what it uses now: cgroup v2's ``memory.max`` −
     ``memory.current``, else cgroup v1's ``memory/memory.limit_in_bytes`` − ``memory/memory.usage_in_bytes`` (v1
-    writes no limit as a huge number); ``None`` where neither is readable or v2 says ``max`` (no limit)."""
-    for limit, usage in (("memory.max", "memory.current"),
-                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+    writes no limit as a huge number); the usage less the inactive page cache (``memory.stat``'s ``inactive_file``,
+    v1 ``total_inactive_file``), which the kernel reclaims before it refuses memory (as ``docker stats`` counts it).
+    ``None`` where neither is readable or v2 says ``max`` (no limit)."""
+    for limit, usage, stat, cache in (("memory.max", "memory.current", "memory.stat", "inactive_file"),
+                                      ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes",
+                                       "memory/memory.stat", "total_inactive_file")):
         try:
             ceiling = (root / limit).read_text(encoding="ascii").strip()
             if ceiling == "max":
                 return None
-            return max(0, int(ceiling) - int((root / usage).read_text(encoding="ascii")))
+            used = int((root / usage).read_text(encoding="ascii"))
         except (OSError, ValueError):
             continue
+        try:
+            counts = dict(line.split() for line in (root / stat).read_text(encoding="ascii").splitlines())
+            used -= min(used, int(counts.get(cache, 0)))
+        except (OSError, ValueError):
+            pass
+        return max(0, int(ceiling) - used)
     return None
 
 
@@ -317,7 +326,8 @@ class ActivationEditing(Defense):
     Args:
         layer: the layer to edit (e.g. ``blocks.2.conv1``), or ``auto``: try the last ``candidates`` editable
             layers (of the model's ``edit_candidates`` where it declares them, e.g. the ``vit``'s last blocks' MLP
-            layers; of the last two blocks' MLP layers on any timm ViT) and keep the one with the lowest cross-validated loss on the unseen split.
+            layers; of the last blocks' MLP layers on a timm ViT without LayerScale) and keep the one with the
+            lowest cross-validated loss on the unseen split.
         method: ``closed_form`` (multi-key least squares) or ``rank_r`` (constrained low-rank edit).
         strength: λ, the weight of keeping clean keys' values against mapping triggered keys to clean values;
             ``None`` picks it from 0.3 … 100 by the same cross-validation on U as ``layer: auto``.
@@ -386,8 +396,8 @@ class ActivationEditing(Defense):
         if batchnorm_prior is not None and (isinstance(batchnorm_prior, bool)
                                             or not isinstance(batchnorm_prior, (int, float))
                                             or not 0 <= batchnorm_prior <= 1):
-            raise ValueError(f"batchnorm_prior={batchnorm_prior!r} must be a weight in [0, 1] (0: no prior) or None/null "
-                             f"(chosen on the unseen split)")
+            raise ValueError(f"batchnorm_prior={batchnorm_prior!r} must be a weight in [0, 1] (0: no prior) or "
+                             f"None/null (chosen on the unseen split)")
         self.batchnorm_prior = None if batchnorm_prior is None else float(batchnorm_prior)
         self.candidates, self.seed, self.bf16, self.chunk_size = candidates, seed, bf16, chunk_size
 

@@ -84,7 +84,8 @@ def skip_reason(layer: nn.Module) -> str | None:
 def auto_candidates(model: nn.Module, count: int, images: Tensor | None = None) -> list[str]:
     """The layers ``layer: auto`` tries, in definition order: the last ``count`` of the model's ``edit_candidates``
     where it declares them (a list of layer names, e.g. a ViT's last blocks' MLP layers); else, on a timm Vision
-    Transformer, the last ``count`` of its last two blocks' MLP layers
+    Transformer without LayerScale, the last ``count`` of the MLP layers of its last two blocks (more for ``count`` >
+    4)
     (:func:`~lightning_backdoor.defenses.residual.transformer_mlp_layers`); else the last ``count`` of
     :func:`editable_layers`. Given ``images`` (N >= 1, C, H, W) to probe the model with, and when most of those
     layers act on globally pooled features (one key per image: a multi-layer classifier head), also the last
@@ -97,7 +98,7 @@ def auto_candidates(model: nn.Module, count: int, images: Tensor | None = None) 
     10–33 pt at its head (measured on held-out images, docs/results/mobilenet.md). Nets with a one-layer head (the
     compact CNN, PreAct-ResNet18, VGG) keep the last ``count`` layers: there the earlier spatial layers won the
     cross-validated loss on the unseen split but left the quickstart's ASR 3 pt above its floor, against 0.2 pt."""
-    declared = getattr(model, "edit_candidates", None) or transformer_mlp_layers(model)
+    declared = getattr(model, "edit_candidates", None) or transformer_mlp_layers(model, max(2, -(-count // 2)))
     if declared:
         return list(declared)[-count:]
     layers = editable_layers(model)
@@ -148,7 +149,9 @@ def to_keys(layer: nn.Module, inputs: Tensor) -> Tensor:
 
 def to_values(outputs: Tensor) -> Tensor:
     """Layer outputs (N, c_out, H', W') or (N, c_out) -> (N, L, c_out)."""
-    return outputs.flatten(2).transpose(1, 2) if outputs.ndim == 4 else outputs.reshape(outputs.shape[0], -1, outputs.shape[-1])
+    if outputs.ndim == 4:
+        return outputs.flatten(2).transpose(1, 2)
+    return outputs.reshape(outputs.shape[0], -1, outputs.shape[-1])
 
 
 @torch.no_grad()

@@ -30,9 +30,9 @@ TORCHVISION_RESIDUAL_BLOCKS = {
 }
 
 
-#: timm's transformer block (``x = x + attn(norm1(x)); x = x + mlp(norm2(x))``, each through a LayerScale and a
-#: stochastic depth that are identities in eval without ``init_values``) and its MLP class: the class names, read
-#: without importing timm, and the branch layer whose output the block adds to its residual stream.
+#: timm's transformer block (``x = x + attn(norm1(x)); x = x + mlp(norm2(x))``, each through a LayerScale, the
+#: identity without ``init_values``, and a stochastic depth, the identity in eval) and its MLP class: the class names,
+#: read without importing timm, and the branch layer whose output the block adds to its residual stream.
 TIMM_BLOCK = ("timm.models.vision_transformer.Block", "timm.layers.mlp.Mlp", "mlp.fc2")
 
 
@@ -56,9 +56,10 @@ def _timm_branch(block: nn.Module) -> str | None:
 
 def transformer_mlp_layers(model: nn.Module, blocks: int = 2) -> list[str]:
     """The MLP layers (``fc1``, ``fc2``) of the last ``blocks`` timm transformer blocks of ``model`` that
-    :func:`_timm_branch` recognises, in definition order; ``[]`` for a model without such blocks. What ``layer:
-    auto`` tries on a timm ViT that declares no ``edit_candidates``: the same layers the registry's ``vit`` declares
-    (on it the second-to-last block's ``fc2`` won, the last block's left more ASR; docs/results/vit.md)."""
+    :func:`_timm_branch` recognises, in definition order; ``[]`` for a model without such blocks (a LayerScale ViT's
+    blocks are not recognised). What ``layer: auto`` tries on a timm ViT that declares no ``edit_candidates``: the
+    same layers the registry's ``vit`` declares (on it the second-to-last block's ``fc2`` won, the last block's left
+    more ASR; docs/results/vit.md)."""
     names = [name for name, module in model.named_modules() if _timm_branch(module) is not None]
     return [f"{name}.mlp.{layer}" for name in names[-blocks:] for layer in ("fc1", "fc2")] if blocks > 0 else []
 
