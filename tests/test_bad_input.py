@@ -84,7 +84,7 @@ CASES = [
     ("unknown_defense", "defend", ["--checkpoint={ckpt}", "--defense=lightning_backdoor.defenses.Nope"],
      "defense: no class named 'Nope'; known: ANP, ActivationEditing, EstimateFirst"),
     ("unseen_per_class_zero", "defend", ["--checkpoint={ckpt}", "--unseen_per_class=0"],
-     "got no unseen clean images; use unseen_per_class >= 1"),
+     "got no unseen clean images; give a folder of your own"),
     ("unseen_per_class_more_than_split", "defend", ["--checkpoint={ckpt}", "--unseen_per_class=11"],
      "asked for 11 unseen images per class but the split holds 10"),
     ("normalize_wrong_length", "defend", ["--checkpoint={ckpt}", "--model.init_args.normalize={{mean: [0.1, 0.2], std: [0.3, 0.3]}}"],

@@ -102,7 +102,8 @@ REFUSALS = [
      "--unseen_root {without_7} has no images of class '7'; the defense needs >= 1 clean image of every class "
      "(10 classes)"),
     ("folder_not_a_class", ["--unseen_root={named}"],
-     "{named}/ has class folder 'eight' that is not one of the 10 classes ('0', '1', '2', '3', '4', ... (5 more))"),
+     "{named}/ has class folder 'eight' that is not one of the 10 classes ('0', '1', '2', '3', '4', '5', '6', '7', "
+     "'8', '9')"),
     ("classes_of_another_length", ["--unseen_root={unseen}", "--classes=[a, b, c]"],
      "--classes lists 3 classes but the model has 10; list its class names in label order"),
     ("more_per_class_than_the_folder_holds", ["--unseen_root={unseen}", "--unseen_per_class=3"],

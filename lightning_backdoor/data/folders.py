@@ -122,7 +122,7 @@ def list_image_folder(folder: str | os.PathLike) -> FolderListing:
     if skipped:
         from lightning.pytorch.utilities import rank_zero_info  # imported here: reading images needs no Lightning
 
-        examples = ", ".join(repr(path.name) for path in skipped[:3])
+        examples = ", ".join(repr(name) for name in list(dict.fromkeys(path.name for path in skipped))[:3])
         rank_zero_info(f"data: {folder}/: skipped {len(skipped)} hidden or non-image files (e.g. {examples})")
     return FolderListing(folder, tuple(classes), tuple(files), tuple(skipped))
 
@@ -354,7 +354,7 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES)
 
 
-def _few(names: Sequence[str], shown: int = 5) -> str:
+def _few(names: Sequence[str], shown: int = 10) -> str:
     listed = ", ".join(repr(name) for name in names[:shown])
     return listed + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")
 

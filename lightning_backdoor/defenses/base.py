@@ -41,7 +41,8 @@ class UnseenData:
 
     def __post_init__(self) -> None:
         if len(self.images) == 0:
-            raise ValueError("the defense got no unseen clean images; use unseen_per_class >= 1")
+            raise ValueError("the defense got no unseen clean images; give a folder of your own (defend --unseen_root "
+                             "DIR) or draw them from the data (data.init_args.unseen_per_class >= 1)")
         if len(self.images) != len(self.labels):
             raise ValueError(f"unseen data has {len(self.images)} images but {len(self.labels)} labels")
 

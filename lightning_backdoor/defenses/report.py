@@ -184,12 +184,13 @@ class DefenseReport:
                          if key not in ("estimated_trigger", "report")}
 
     def summary_line(self) -> str:
-        """``ASR a -> b, CA c -> d``; without a test trigger, the estimated trigger's ASR and a note that the true ASR
-        was not measured."""
+        """``ASR a -> b (floor f), CA c -> d`` (f: the defended model's ASR floor, what b is to be read against);
+        without a test trigger, the estimated trigger's ASR and a note that the true ASR was not measured."""
         before, after = self.before, self.after
         clean = f"CA {before['clean_acc']:.4f} -> {after['clean_acc']:.4f}"
         if self.true_asr_measured:
-            return f"ASR {before['asr']:.4f} -> {after['asr']:.4f}, {clean}"
+            floor = f" (floor {after['asr_floor']:.4f})" if "asr_floor" in after else ""
+            return f"ASR {before['asr']:.4f} -> {after['asr']:.4f}{floor}, {clean}"
         if "estimated_asr" in before:
             return (f"true ASR not measured (no trigger for the test images); estimated trigger toward class "
                     f"{self.estimated_target}: ASR {before['estimated_asr']:.4f} -> {after['estimated_asr']:.4f}, "
