@@ -84,10 +84,9 @@ def skip_reason(layer: nn.Module) -> str | None:
 def auto_candidates(model: nn.Module, count: int, images: Tensor | None = None) -> list[str]:
     """The layers ``layer: auto`` tries, in definition order: the last ``count`` of the model's ``edit_candidates``
     where it declares them (a list of layer names, e.g. a ViT's last blocks' MLP layers); else, on a timm Vision
-    Transformer without LayerScale, the last ``count`` of the MLP layers of its last two blocks (more for ``count`` >
-    4)
-    (:func:`~lightning_backdoor.defenses.residual.transformer_mlp_layers`); else the last ``count`` of
-    :func:`editable_layers`. Given ``images`` (N >= 1, C, H, W) to probe the model with, and when most of those
+    Transformer without LayerScale, the last ``count`` of the MLP layers of its last two blocks, or of more blocks
+    where ``count`` exceeds 4 (:func:`~lightning_backdoor.defenses.residual.transformer_mlp_layers`); else the last
+    ``count`` of :func:`editable_layers`. Given ``images`` (N >= 1, C, H, W) to probe the model with, and when most of those
     layers act on globally pooled features (one key per image: a multi-layer classifier head), also the last
     ``count`` layers with spatial keys (more than one position per image) that no residual block bypasses
     (:func:`~lightning_backdoor.defenses.residual.bypassed`).
