@@ -21,7 +21,7 @@ from lightning_backdoor import DefenseCallback
 from lightning_backdoor.dashboard import summary_rows
 from lightning_backdoor.defenses import ActivationEditing, EstimateFirst, UnseenData
 from lightning_backdoor.defenses.estimation import BackdoorEstimate, TriggerEstimator
-from lightning_backdoor.defenses.report import near_chance
+from lightning_backdoor.defenses.report import backdoor_left, near_chance
 from lightning_backdoor.defenses.report_plot import plot_report
 from lightning_backdoor.models.input_transform import InputTransform, input_transform_of
 from lightning_backdoor.triggers import BadNets, Trigger
@@ -167,6 +167,16 @@ def test_a_model_trained_on_normalised_batches_is_defended_in_pixel_space(argume
 ])
 def test_near_chance(correct: int, total: int, classes: int, near: bool) -> None:
     assert near_chance(correct, total, classes) is near
+
+
+def test_a_backdoor_left_far_above_its_floor_is_said_to_be_reduced_not_removed() -> None:
+    backdoored = {"asr": 0.9547, "asr_floor": 0.0596}
+    assert backdoor_left(backdoored, {"asr": 0.2734, "asr_floor": 0.0527}) == (
+        "the backdoor is reduced, not removed: ASR 27.3 % is 22.1 pt above its floor (5.3 %) on the test images; more "
+        "unseen images, layer auto or strength null (chosen on the unseen split) may remove more")
+    assert backdoor_left(backdoored, {"asr": 0.0568, "asr_floor": 0.0496}) is None  # within 5 pt: removed
+    assert backdoor_left({"asr": 0.06, "asr_floor": 0.05}, {"asr": 0.30, "asr_floor": 0.05}) is None  # no backdoor
+    assert backdoor_left(backdoored, {"asr": 0.30}) is None  # no floor measured
 
 
 def test_wrong_class_order_is_refused_unless_accepted(tmp_path: Path) -> None:

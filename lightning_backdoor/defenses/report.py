@@ -99,6 +99,25 @@ def near_chance(correct: int, total: int, num_classes: int) -> bool:
     return tail.logsumexp(0).exp().item() > CHANCE_P_VALUE
 
 
+#: ASR above its floor, a fraction, past which a defended model's backdoor counts as reduced rather than removed: the
+#: goals of the field's tables sit within 1-2 pt of the floor (docs/method.md)
+ASR_LEFT_WARNING = 0.05
+
+
+def backdoor_left(before: dict[str, float], after: dict[str, float]) -> str | None:
+    """A warning when the defended model's ASR stays more than :data:`ASR_LEFT_WARNING` above its ASR floor, on a
+    model whose backdoor worked (ASR above its floor by as much before); ``None`` otherwise. ``before``/``after``: the
+    test split's metrics (fractions) with ``asr`` and ``asr_floor``."""
+    if "asr_floor" not in after or "asr_floor" not in before:
+        return None
+    left, worked = after["asr"] - after["asr_floor"], before["asr"] - before["asr_floor"]
+    if left <= ASR_LEFT_WARNING or worked <= ASR_LEFT_WARNING:
+        return None
+    return (f"the backdoor is reduced, not removed: ASR {100 * after['asr']:.1f} % is {100 * left:.1f} pt above its "
+            f"floor ({100 * after['asr_floor']:.1f} %) on the test images; more unseen images, layer auto or "
+            f"strength null (chosen on the unseen split) may remove more")
+
+
 def chance_line(accuracy: float, total: int, num_classes: int, what: str) -> str:
     """``the model is right on 9 % of the 50 unseen images (chance 10 %)``-style text; ``accuracy`` a fraction."""
     return f"right on {100 * accuracy:.0f} % of the {total} {what} images (chance {100 / num_classes:.0f} %)"
@@ -225,6 +244,9 @@ def run_defense(model: nn.Module, defense: Defense, unseen: UnseenData, knowledg
                             "after": after}, result, len(unseen.labels))
     if report.true_asr_measured:
         report.der = defense_effectiveness_rating(before["asr"], after["asr"], before["clean_acc"], after["clean_acc"])
+        left = backdoor_left(before, after)
+        if left is not None:
+            report.warnings.append(left)
     elif original is not None and result.estimated is not None:
         report.estimated_target = result.estimated.target_class
         for stage, network in (("before", original), ("after_edit", edited), ("after", model)):
