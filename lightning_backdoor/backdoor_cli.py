@@ -323,7 +323,8 @@ def _plain(value: Any) -> Any:
 
 def check_settings(checkpoint: dict[str, Any], model: nn.Module, datamodule: Any, path: str | Path) -> None:
     """Raise a one-line ``ValueError`` naming the first data setting, else model hyperparameter, that ``checkpoint``
-    was trained with and the config changes: its numbers (classes, target, attack) would mean something else.
+    was trained with and the config changes: its numbers (classes, target, attack) would mean something else. Another
+    architecture (the ``model`` hyperparameter) is named before anything else: no other setting could mend it.
 
     Data settings are the data module's ``settings()``, stored by Lightning under the data module's class name;
     model hyperparameters are ``model.hparams``. What the checkpoint does not store is not compared.
@@ -334,7 +335,10 @@ def check_settings(checkpoint: dict[str, Any], model: nn.Module, datamodule: Any
     saved_hparams = {k: v for k, v in saved_hparams.items() if not k.startswith("_")} if isinstance(
         saved_hparams, dict) else {}
     hparams = {key: _plain(value) for key, value in getattr(model, "hparams", {}).items() if not key.startswith("_")}
-    for kind, saved, current in (("data", stored.get("settings") if isinstance(stored, dict) else None, settings),
+    architecture = ({"model": saved_hparams["model"]}, {"model": hparams["model"]}) if (
+        "model" in saved_hparams and "model" in hparams) else ({}, {})
+    for kind, saved, current in (("model", *architecture),
+                                 ("data", stored.get("settings") if isinstance(stored, dict) else None, settings),
                                  ("model", saved_hparams, hparams)):
         difference = differing_setting(saved, current)
         if difference is not None:
