@@ -28,6 +28,7 @@ from lightning_backdoor.data.datamodule import differing_setting
 from lightning_backdoor.defenses import Defense
 from lightning_backdoor.io import load_tensors
 from lightning_backdoor.models.sync_batchnorm import SyncBatchNormPlugin
+from lightning_backdoor.precision import trainer_precision
 from lightning_backdoor.weights import load_weights, map_weights
 
 #: jsonargparse raises instead of printing usage and exiting, so ``main`` can print its error on one line.
@@ -210,7 +211,8 @@ class BackdoorCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Check ``--ckpt_path`` (:meth:`_read_ckpt_path`), then keep a run in one folder: checkpoints, logs and the
-        W&B run go under ``trainer.default_root_dir``."""
+        W&B run go under ``trainer.default_root_dir``. A bfloat16 ``trainer.precision`` on a CPU without native
+        bfloat16 becomes ``32-true``, said in one line (:func:`~lightning_backdoor.precision.trainer_precision`)."""
         self._read_ckpt_path()
         config = self.config[self.subcommand] if self.subcommand else self.config
         if self.defend_mode and config.get("ckpt_path") is not None:
@@ -221,6 +223,13 @@ class BackdoorCLI(LightningCLI):
         if self.subcommand == "fit" and used is not None:
             raise ValueError(f"{root} already holds a run ({used.relative_to(root)}); choose a new "
                              f"--trainer.default_root_dir (nothing is overwritten)")
+        accelerator = config.trainer.get("accelerator")
+        precision = trainer_precision(config.trainer.get("precision"), accelerator if isinstance(accelerator, str)
+                                      else "")
+        if precision != config.trainer.get("precision"):
+            rank_zero_info(f"trainer: precision {config.trainer.precision} -> {precision}: this CPU computes bfloat16 "
+                           f"only by emulation, several times slower than float32 (lightning_backdoor.precision)")
+            config.trainer.precision = precision
         if self.subcommand == "fit":
             check_writable(root, "run folder")
         else:  # validate/test/predict often run in the fit's folder: its config.yaml is the fit's, keep it

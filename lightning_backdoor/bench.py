@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from lightning_backdoor.defenses.report import near_chance
 from lightning_backdoor.evaluation import evaluate
 from lightning_backdoor.io import atomic_write
 from lightning_backdoor.metrics import defense_effectiveness_rating
+from lightning_backdoor.precision import use_bf16
 from lightning_backdoor.registry import Registry
 from lightning_backdoor.runs import config_key, find_existing_run, instantiate_run, run_checkpoint, training_config
 
@@ -86,8 +87,10 @@ class BenchSettings:
         output_dir: where results.csv, results.md, results.png and the W&B run go.
         threads: torch threads (default: torch's).
         test_images: score on a fixed random N of the test images (default: all), the same for every run.
-        bf16: score under bfloat16 autocast (about twice as fast on CPU; on the CIFAR-10 models it moved CA by
-            0.03 pt and ASR by 0.1 pt against float32, docs/results/cifar10.md); false scores in float32.
+        bf16: score under bfloat16 autocast (about twice as fast on a CPU that computes bfloat16 natively; on the
+            CIFAR-10 models it moved CA by 0.03 pt and ASR by 0.1 pt against float32, docs/results/cifar10.md); false
+            scores in float32; ``None`` (default): bfloat16 where the CPU or GPU computes it natively
+            (:func:`~lightning_backdoor.precision.native_bf16`).
         report_only: run nothing; tabulate and plot the grid's finished runs from the CSV.
         wandb: log the table to W&B (offline).
         wandb_project: the W&B project.
@@ -104,7 +107,7 @@ class BenchSettings:
     output_dir: str = "runs/bench/results"
     threads: int | None = None
     test_images: int | None = None
-    bf16: bool = True
+    bf16: bool | None = None
     report_only: bool = False
     wandb: bool = True
     wandb_project: str = "lightning-backdoor"
@@ -144,6 +147,7 @@ class Bench:
     def __init__(self, settings: BenchSettings, fit: Callable[[list[str], list[str], Path], None] | None = None,
                  log: Callable[[str], None] = print) -> None:
         settings.check()
+        settings = replace(settings, bf16=use_bf16(settings.bf16))  # auto resolved: the rows say what ran
         self.settings, self.fit, self.log, self.fits = settings, fit or fit_run, log, 0
         self.output_dir = Path(settings.output_dir)
 

@@ -294,3 +294,38 @@ def test_a_feature_trigger_edits_its_layer_or_a_later_one() -> None:
     assert result.layer == "head" and "selection" not in result.details  # nothing after it: the stamped layer itself
     with pytest.raises(ValueError, match=r"act at several layers \['blocks.2.conv1', 'head'\]; one edit needs them"):
         ActivationEditing(layer="auto").defend(copy.deepcopy(model), unseen, knows([trigger, last]))
+
+
+def test_the_feature_inversion_acts_before_every_auto_candidate() -> None:
+    """Where ``auto`` adds candidates before the convolution the feature inversion would use (a MobileNet's corrected
+    project convs behind its pooled head), the inversion moves before all of them, to a convolution whose output no
+    skip path bypasses and that reads more than one position; elsewhere it stays one convolution below the last."""
+    from lightning_backdoor.defenses.activations import auto_candidates
+    from lightning_backdoor.models.registry import build_model
+
+    images = torch.rand(1, 3, 32, 32)
+    mobilenet = build_model("torchvision:mobilenet_v3_small", 10, stem_stride=1).eval()
+    candidates = auto_candidates(mobilenet, 3, images)
+    assert candidates[:2] == ["features.10.block.3.0", "features.11.block.3.0"]
+    assert feature_layer(mobilenet) == "features.11.block.3.0"  # after the first candidate: it would miss it
+    assert feature_layer(mobilenet, "auto", candidates, images) == "features.9.block.3.0"  # block 9 has no skip path
+    assert feature_layer(mobilenet, "features.12.0", candidates, images) == "features.11.block.3.0"  # a named layer
+    compact = CompactNet(num_classes=10, in_channels=3).eval()
+    assert feature_layer(compact, "auto", auto_candidates(compact, 3, images), images) == feature_layer(compact)
+    pooled = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1),
+                           nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1), nn.Flatten(), nn.Linear(4, 10)).eval()
+    assert feature_layer(pooled) == "4"
+    assert feature_layer(pooled, "auto", ["3", "5", "7"]) == "2"  # unprobed: the last convolution before "3"
+    assert feature_layer(pooled, "auto", ["3", "5", "7"], images) == "0"  # "2" reads one pooled position
+    seen = {}
+
+    class Recording(TriggerEstimator):
+        def estimate(self, model, unseen, layer="auto", candidates=None):
+            seen.update(layer=layer, candidates=candidates)
+            return BackdoorEstimate(None, None, None, 0.0, {})
+
+    unseen = UnseenData(torch.rand(20, 3, 32, 32), torch.arange(10).repeat(2))
+    EstimateFirst(ActivationEditing(), Recording()).defend(mobilenet, unseen, None)
+    assert seen == {"layer": "auto", "candidates": candidates}  # the layers the edit will choose from
+    EstimateFirst(ActivationEditing(layer="features.12.0"), Recording()).defend(mobilenet, unseen, None)
+    assert seen == {"layer": "features.12.0", "candidates": None}

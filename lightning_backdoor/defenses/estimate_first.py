@@ -39,9 +39,13 @@ class EstimateFirst(Defense):
 
     def defend(self, model: nn.Module, unseen: UnseenData, knowledge: BackdoorKnowledge | None) -> DefenseResult:
         """Estimate, then defend ``model`` in place with the estimate (``knowledge`` is ignored); what the defense
-        refuses on this model (:meth:`check_model`) is refused before the estimation."""
+        refuses on this model (:meth:`check_model`) is refused before the estimation. A defense that chooses its
+        layer (``layer: auto``) among ``candidate_layers`` has the feature inversion placed before all of them."""
         self.check_model(model, unseen.images[:2])
-        estimate = self.estimator.estimate(model, unseen, getattr(self.defense, "layer", "auto"))
+        layer = getattr(self.defense, "layer", "auto")
+        choices = getattr(self.defense, "candidate_layers", None)
+        candidates = choices(model, unseen.images[:2].float()) if layer == "auto" and choices is not None else None
+        estimate = self.estimator.estimate(model, unseen, layer, candidates)
         details = {"trigger_known": False, "estimation": estimate.report(), "estimation_seconds": estimate.seconds}
         if estimate.target_class is None or estimate.trigger is None:
             return DefenseResult(method=f"{self.defense.name}/no_backdoor_found", seconds=estimate.seconds,
