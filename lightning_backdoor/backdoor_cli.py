@@ -211,8 +211,7 @@ class BackdoorCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Check ``--ckpt_path`` (:meth:`_read_ckpt_path`), then keep a run in one folder: checkpoints, logs and the
-        W&B run go under ``trainer.default_root_dir``. A bfloat16 ``trainer.precision`` on a CPU without native
-        bfloat16 becomes ``32-true``, said in one line (:func:`~lightning_backdoor.precision.trainer_precision`)."""
+        W&B run go under ``trainer.default_root_dir``."""
         self._read_ckpt_path()
         config = self.config[self.subcommand] if self.subcommand else self.config
         if self.defend_mode and config.get("ckpt_path") is not None:
@@ -223,13 +222,6 @@ class BackdoorCLI(LightningCLI):
         if self.subcommand == "fit" and used is not None:
             raise ValueError(f"{root} already holds a run ({used.relative_to(root)}); choose a new "
                              f"--trainer.default_root_dir (nothing is overwritten)")
-        accelerator = config.trainer.get("accelerator")
-        precision = trainer_precision(config.trainer.get("precision"), accelerator if isinstance(accelerator, str)
-                                      else "")
-        if precision != config.trainer.get("precision"):
-            rank_zero_info(f"trainer: precision {config.trainer.precision} -> {precision}: this CPU computes bfloat16 "
-                           f"only by emulation, several times slower than float32 (lightning_backdoor.precision)")
-            config.trainer.precision = precision
         if self.subcommand == "fit":
             check_writable(root, "run folder")
         else:  # validate/test/predict often run in the fit's folder: its config.yaml is the fit's, keep it
@@ -249,8 +241,17 @@ class BackdoorCLI(LightningCLI):
             choose_mode(logger.init_args, root)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The configured Trainer; ``sync_batchnorm`` uses :class:`SyncBatchNormPlugin`, which also syncs on CPU."""
+        """The configured Trainer; ``sync_batchnorm`` uses :class:`SyncBatchNormPlugin`, which also syncs on CPU. A
+        bfloat16 ``precision`` on a CPU run (``accelerator`` ``cpu`` or ``auto``) whose CPU has no native bfloat16
+        runs as ``32-true``, said in one line (:func:`~lightning_backdoor.precision.trainer_precision`): the config
+        keeps the recipe, the run's ``environment.json`` records the precision that ran."""
         config = self.config_init.get(str(self.subcommand), self.config_init).get("trainer", {})
+        accelerator = config.get("accelerator")
+        precision = trainer_precision(config.get("precision"), accelerator if isinstance(accelerator, str) else "")
+        if "precision" not in kwargs and precision != config.get("precision"):
+            rank_zero_info(f"trainer: precision {config.get('precision')} -> {precision}: this CPU computes bfloat16 "
+                           f"only by emulation, several times slower than float32 (lightning_backdoor.precision)")
+            kwargs["precision"] = precision
         plugins = config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if config.get("sync_batchnorm") and not any(isinstance(plugin, LayerSync) for plugin in plugins):

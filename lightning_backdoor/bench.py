@@ -59,10 +59,10 @@ def defense_settings(defense: Defense) -> str:
 
 def _settings_of(value: Any) -> Any:
     """An object's public attributes, nested objects (a composed defense, an estimator) by their own; a memory
-    address never enters."""
+    address never enters; a ``bf16`` setting as it runs here (``None``, auto, resolved: :func:`use_bf16`)."""
     if hasattr(value, "__dict__") and not isinstance(value, type) and not callable(value):
-        return {"class": type(value).__name__} | {key: _settings_of(item) for key, item in vars(value).items()
-                                                   if not key.startswith("_")}
+        return {"class": type(value).__name__} | {key: use_bf16(item) if key == "bf16" else _settings_of(item)
+                                                   for key, item in vars(value).items() if not key.startswith("_")}
     if isinstance(value, (list, tuple)):
         return [_settings_of(item) for item in value]
     if isinstance(value, dict):
@@ -89,8 +89,8 @@ class BenchSettings:
         test_images: score on a fixed random N of the test images (default: all), the same for every run.
         bf16: score under bfloat16 autocast (about twice as fast on a CPU that computes bfloat16 natively; on the
             CIFAR-10 models it moved CA by 0.03 pt and ASR by 0.1 pt against float32, docs/results/cifar10.md); false
-            scores in float32; ``None`` (default): bfloat16 where the CPU or GPU computes it natively
-            (:func:`~lightning_backdoor.precision.native_bf16`).
+            scores in float32; ``None`` (default): bfloat16 where the CPU computes it natively (the bench scores on
+            the CPU; :func:`~lightning_backdoor.precision.native_bf16`).
         report_only: run nothing; tabulate and plot the grid's finished runs from the CSV.
         wandb: log the table to W&B (offline).
         wandb_project: the W&B project.

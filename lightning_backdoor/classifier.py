@@ -73,7 +73,7 @@ class PoisonedClassifier(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer"])
         transform = model_input_transform(normalize, input_size, in_channels)  # checked before building the model
         self.net = build_model(model, num_classes=num_classes, in_channels=in_channels, **(model_kwargs or {}))
-        self.net.to(memory_format=torch.channels_last)  # with bf16 autocast, about twice as fast on CPU
+        self.net.to(memory_format=torch.channels_last)  # with bf16 autocast, ~2x as fast on a CPU with native bf16
         if transform is not None:
             transform.attach(self.net)
         self.optimizer_factory = optimizer

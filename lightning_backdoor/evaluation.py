@@ -48,8 +48,9 @@ def evaluate_batches(model: nn.Module, batches: Iterable[EvalBatch], num_classes
     one at a time: memory held does not grow with the number of images). ASR, ASR floor and RA only when the
     batches carry the triggered half; TA only with a ``target_class``.
 
-    ``bf16`` runs the forward passes under bfloat16 autocast with channels-last inputs, about twice as fast on CPU;
-    a prediction whose two largest logits are within bf16's rounding can flip (on the CIFAR-10 models 0-0.1 % of
+    ``bf16`` runs the forward passes under bfloat16 autocast with channels-last inputs, about twice as fast on a CPU
+    with native bfloat16 (several times slower where it is emulated: :mod:`lightning_backdoor.precision`); a
+    prediction whose two largest logits are within bf16's rounding can flip (on the CIFAR-10 models 0-0.1 % of
     the test images, docs/results/cifar10.md), so the default stays float32.
     """
     values = _metrics(model, batches, num_classes, target_class, bf16)

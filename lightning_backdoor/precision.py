@@ -2,8 +2,8 @@
 
 bfloat16 autocast with channels-last inputs about halves the time of a CPU training step or forward pass where the
 CPU computes bfloat16 natively (x86 with AVX-512 BF16 or AMX, Arm with the BF16 extension). Elsewhere it is
-emulated: on an AVX2-only x86 CPU a compact CNN's training step took 16x, its forward pass 7x and a key Gram matrix
-11x the float32 time (docs/development.md#bfloat16-on-the-cpu). The settings that default to bfloat16 (the trigger
+emulated: on an AVX2-only x86 CPU a compact CNN's training step took 11x, its forward pass 8x and a key Gram matrix
+9x the float32 time (docs/development.md#bfloat16-on-the-cpu). The settings that default to bfloat16 (the trigger
 estimation, the bench's scoring, the configs' ``trainer.precision: bf16-mixed``) therefore use it only where it is
 native; the choice is recorded in ``environment.json`` (``native_bf16``).
 """
@@ -39,8 +39,8 @@ def native_bf16(device: torch.device | str = "cpu") -> bool:
     AMX tiles (as torch detects them), an Arm CPU with the BF16 extension (``bf16`` among its Linux features).
     Other devices and platforms: ``False``."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # emulated bfloat16 (e.g. on a V100 or T4) does not count
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type != "cpu":
         return False
     if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):

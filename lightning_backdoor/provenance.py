@@ -50,7 +50,8 @@ def git_commit(package: Path = Path(__file__).resolve().parent) -> dict[str, Any
 
 def environment() -> dict[str, Any]:
     """Python, package versions, this package's git commit, torch's intra-op thread count, the platform, whether
-    its CPU computes bfloat16 natively (:func:`~lightning_backdoor.precision.native_bf16`) and the accelerator (CUDA version and device name when one is visible) as a JSON-ready dict."""
+    its CPU computes bfloat16 natively (:func:`~lightning_backdoor.precision.native_bf16`) and the accelerator
+    (CUDA version and device name when one is visible) as a JSON-ready dict."""
     record: dict[str, Any] = {"python": platform.python_version(), "executable": sys.executable,
                               # torch's own string keeps the build tag (+cpu, +cu130): the kernels differ
                               "packages": package_versions() | {"torch": torch.__version__}, "git": git_commit(),

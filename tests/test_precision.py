@@ -11,6 +11,7 @@ from lightning_backdoor import precision
 from lightning_backdoor.backdoor_cli import BackdoorCLI
 from lightning_backdoor.precision import native_bf16, trainer_precision, use_bf16
 from lightning_backdoor.provenance import environment
+from lightning_backdoor.runs import training_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,10 @@ def test_the_cli_trains_the_configs_bf16_in_float32_where_it_is_emulated(native,
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cli = BackdoorCLI(args=["--config", str(ROOT / "configs" / "quickstart.yaml"), "--trainer.logger=false",
                             f"--trainer.default_root_dir={tmp_path / 'run'}"], run=False)
-    assert cli.config.trainer.precision == ("bf16-mixed" if native else "32-true")  # what config.yaml records
+    assert cli.config.trainer.precision == "bf16-mixed"  # config.yaml keeps the recipe (environment.json: what ran)
     assert cli.trainer.precision == ("bf16-mixed" if native else "32-true")
-    assert ("precision bf16-mixed -> 32-true: this CPU computes bfloat16 only by emulation" in caplog.text) is not native
+    # a training config's hash (the bench's cache key) does not depend on the machine
+    assert training_config([ROOT / "configs" / "quickstart.yaml"], [])["trainer"]["precision"] == "bf16-mixed"
+    said = "precision bf16-mixed -> 32-true: this CPU computes bfloat16 only by emulation" in caplog.text
+    assert said is not native
     assert not (tmp_path / "run").exists()  # nothing written by setting up

@@ -73,6 +73,8 @@ def test_fit_writes_its_environment_next_to_its_config(quickstart_run):
     assert (quickstart_run / "config.yaml").is_file()
     recorded = json.loads((quickstart_run / "environment.json").read_text())
     assert recorded["packages"] == environment()["packages"] and recorded["torch_threads"] >= 1
+    # the quickstart config says bf16-mixed: it runs so only where the CPU computes bfloat16 natively
+    assert recorded["trainer_precision"] == ("bf16-mixed" if recorded["native_bf16"] else "32-true")
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")

@@ -88,8 +88,9 @@ def main() -> None:
     parser.add_argument("--stem_stride", type=int, default=None, help="stride of the first conv (default: the model's)")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--lr", type=float, default=0.1, help="peak one-cycle learning rate of SGD")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
-                        help="bf16 autocast or float32 (faster for depthwise convs on some CPUs)")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="bf16 autocast, float32 (faster for depthwise convs on some CPUs) or auto: bf16 where "
+                             "the CPU computes it natively (AVX-512 BF16 or AMX)")
     parser.add_argument("--unseen_per_class", type=int, default=5)
     parser.add_argument("--heldout_per_class", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
@@ -97,7 +98,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=False)
     torch.manual_seed(args.seed)
-    bf16 = args.precision == "bf16"
+    native = any(getattr(torch.cpu, check, lambda: False)() for check in ("_is_avx512_bf16_supported",
+                                                                           "_is_amx_tile_supported"))  # x86 only
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and native)
     files, images, labels, classes = read_folder(Path(args.data) / "train")
     _, test_images, test_labels, test_classes = read_folder(Path(args.data) / "test")
     assert classes == test_classes
@@ -158,7 +161,7 @@ def main() -> None:
               "train_seconds": time.perf_counter() - start, "epochs": args.epochs, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "unseen_per_class": args.unseen_per_class,
               "heldout_per_class": args.heldout_per_class, "model": args.model, "stem_stride": args.stem_stride,
-              "lr": args.lr, "precision": args.precision}
+              "lr": args.lr, "precision": "bf16" if bf16 else "fp32"}
     torch.save(model.state_dict(), out / "weights.pt")  # keys "module.*", as nn.DataParallel saves them
     (out / "own_evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

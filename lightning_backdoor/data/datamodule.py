@@ -316,13 +316,14 @@ class PoisonedDataModule(L.LightningDataModule):
                                  f"seed, or changed {self.source} data); use the run's settings")
 
     def train_dataloader(self) -> DataLoader:
-        """Training batches; the first call writes the run's ``splits.json`` and ``environment.json`` (rank 0). The
+        """Training batches; the first call writes the run's ``splits.json`` and ``environment.json`` (rank 0; with
+        the precision the trainer runs in, which on a CPU without native bfloat16 is not the config's). The
         fit loop asks for them after every setup hook passed, so a run refused at setup writes nothing."""
         train = self._datasets["train"]
         if self.trainer is not None and self.trainer.is_global_zero:  # a test run never asks: it writes nothing
             root = Path(self.trainer.default_root_dir)
             self.save_splits(root / "splits.json")
-            atomic_json(environment(), root / "environment.json")
+            atomic_json(environment() | {"trainer_precision": str(self.trainer.precision)}, root / "environment.json")
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
         sampler = GlobalBatchSampler(train, self.batch_size, num_replicas=world, rank=rank)
         return DataLoader(train, batch_size=self.batch_size, sampler=sampler, drop_last=True,

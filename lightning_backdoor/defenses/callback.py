@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -263,9 +263,9 @@ class DefenseCallback(L.Callback):
             rank_zero_info(f"defense: BatchNorm prior weight {prior['weight']:g} at {report.result.layer} "
                            f"({'chosen on the unseen split' if prior['chosen_on_unseen'] else 'as set'})")
         for name, reason in report.result.details.get("skipped_layers", {}).items():
-            rank_zero_warn(f"defense: layer {name} not tried: {reason}")
-        for line in report.warnings:
-            rank_zero_warn(f"defense: {line}")
+            rank_zero_info(f"defense: layer {name} not tried: {reason}")
+        for line in report.warnings:  # a plain line, as the others (a Python warning would prefix this file's path)
+            rank_zero_info(f"defense: warning: {line}")
         return report
 
     # --- checks ----------------------------------------------------------------------------------------------------

@@ -45,7 +45,8 @@ class EstimateFirst(Defense):
         layer = getattr(self.defense, "layer", "auto")
         choices = getattr(self.defense, "candidate_layers", None)
         candidates = choices(model, unseen.images[:2].float()) if layer == "auto" and choices is not None else None
-        estimate = self.estimator.estimate(model, unseen, layer, candidates)
+        given = {} if candidates is None else {"candidates": candidates}  # an estimator of the older signature
+        estimate = self.estimator.estimate(model, unseen, layer, **given)
         details = {"trigger_known": False, "estimation": estimate.report(), "estimation_seconds": estimate.seconds}
         if estimate.target_class is None or estimate.trigger is None:
             return DefenseResult(method=f"{self.defense.name}/no_backdoor_found", seconds=estimate.seconds,

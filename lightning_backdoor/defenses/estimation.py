@@ -468,10 +468,10 @@ def feature_layer(model: nn.Module, edited: str = "auto", candidates: list[str] 
     get_layer(model, edited)  # a wrong name fails with the list of valid ones
     earlier = [name for name in convolutions if layers.index(name) < layers.index(edited)]
     chosen = earlier[-1] if earlier else edited
-    if not (auto and candidates) or layers.index(candidates[0]) >= layers.index(chosen):
+    earliest = min((layers.index(name) for name in candidates or () if name in layers), default=len(layers))
+    if not auto or earliest >= layers.index(chosen):
         return chosen
-    before = [name for name in convolutions
-              if layers.index(name) < layers.index(candidates[0]) and not bypassed(model, name)]
+    before = [name for name in convolutions if layers.index(name) < earliest and not bypassed(model, name)]
     if images is not None and before:
         positions = key_positions(model, before, images[:1])
         before = [name for name in before if positions[name] > 1]

@@ -413,7 +413,8 @@ class InversionRun:
             description: str = "trigger estimation") -> None:
         """Up to ``steps`` more steps of every live class on ``batch_size`` unseen images drawn by ``generator``;
         ``images`` float (N, C, H, W) in [0, 1], ``labels`` (N,); the model is frozen (no weight gradients);
-        ``bf16`` runs the forward pass under bfloat16 autocast (about 2x faster on CPU)."""
+        ``bf16`` runs the forward pass under bfloat16 autocast (about 2x faster on a CPU with native bfloat16,
+        slower where it is emulated)."""
         requires_grad = [parameter.requires_grad for parameter in model.parameters()]
         model.requires_grad_(False)
         bar = tqdm(total=steps, desc=description, disable=not progress, leave=False)
@@ -514,7 +515,8 @@ def invert(model: nn.Module, images: Tensor, labels: Tensor, inversion: Inversio
     every class) and measure each best candidate's success rate.
 
     ``images`` float (N, C, H, W) in [0, 1], ``labels`` (N,); the model is frozen (no weight gradients).
-    ``bf16`` runs the forward pass under bfloat16 autocast (about 2x faster on CPU).
+    ``bf16`` runs the forward pass under bfloat16 autocast (about 2x faster on a CPU with native bfloat16, slower
+    where it is emulated).
     """
     run = InversionRun(inversion, lr=lr, init_cost=init_cost, success_rate=success_rate, patience=patience,
                        early_stop=early_stop)
