@@ -18,6 +18,8 @@ import torch
 
 #: Lightning precisions that compute in bfloat16 (mixed or throughout)
 BF16_PRECISIONS = ("bf16-mixed", "bf16", "bf16-true")
+#: Lightning precisions that run as ``bf16-mixed`` on a CPU (float16 autocast is not supported there)
+CPU_AS_BF16 = ("16-mixed", "16")
 
 
 @cache
@@ -55,10 +57,11 @@ def use_bf16(bf16: bool | None, device: torch.device | str = "cpu") -> bool:
 
 
 def trainer_precision(precision: str | int | None, accelerator: str | None) -> str | int | None:
-    """The Lightning precision to train with: ``precision``, except a bfloat16 one (:data:`BF16_PRECISIONS`) on a
-    CPU run (``accelerator`` ``cpu``, or ``auto``/``None`` with no CUDA device) whose CPU has no native bfloat16,
-    which becomes ``"32-true"`` (emulated bfloat16 is several times slower, not faster)."""
-    if str(precision) not in BF16_PRECISIONS:
-        return precision
+    """The Lightning precision to train with: ``precision``, except a bfloat16 one (:data:`BF16_PRECISIONS`, and
+    ``16-mixed``, which Lightning runs as ``bf16-mixed`` on a CPU) on a CPU run (``accelerator`` ``cpu``, or
+    ``auto``/``None`` with no CUDA device) whose CPU has no native bfloat16, which becomes ``"32-true"`` (emulated
+    bfloat16 is several times slower, not faster)."""
     on_cpu = accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available())
+    if str(precision) not in (*BF16_PRECISIONS, *(CPU_AS_BF16 if on_cpu else ())):
+        return precision
     return "32-true" if on_cpu and not native_bf16("cpu") else precision

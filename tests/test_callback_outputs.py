@@ -21,7 +21,7 @@ from lightning_backdoor import DefenseCallback
 from lightning_backdoor.dashboard import summary_rows
 from lightning_backdoor.defenses import ActivationEditing, EstimateFirst, UnseenData
 from lightning_backdoor.defenses.estimation import BackdoorEstimate, TriggerEstimator
-from lightning_backdoor.defenses.report import backdoor_left, near_chance
+from lightning_backdoor.defenses.report import backdoor_left, estimation_line, near_chance
 from lightning_backdoor.defenses.report_plot import plot_report
 from lightning_backdoor.models.input_transform import InputTransform, input_transform_of
 from lightning_backdoor.triggers import BadNets, Trigger
@@ -174,9 +174,31 @@ def test_a_backdoor_left_far_above_its_floor_is_said_to_be_reduced_not_removed()
     assert backdoor_left(backdoored, {"asr": 0.2734, "asr_floor": 0.0527}) == (
         "the backdoor is reduced, not removed: ASR 27.3 % is 22.1 pt above its floor (5.3 %) on the test images; more "
         "unseen images, layer auto or strength null (chosen on the unseen split) may remove more")
+    # the advice names only what was not tried: auto chose among layers here, at one strength
+    chosen = {"selection": {"cross_validated_loss_on_unseen": {"blocks.2.fc2 λ=10.0": 1.2, "head λ=10.0": 1.5}}}
+    assert backdoor_left(backdoored, {"asr": 0.2734, "asr_floor": 0.0527}, chosen).endswith(
+        "; more unseen images or strength null (chosen on the unseen split) may remove more")
+    both = {"selection": {"cross_validated_loss_on_unseen": {"a λ=1.0": 1.2, "b λ=3.0": 1.5}}, "trigger_known": False}
+    assert backdoor_left(backdoored, {"asr": 0.2734, "asr_floor": 0.0527}, both).endswith(
+        "; more unseen images may remove more; the trigger was estimated, and an estimate may remove less than the "
+        "true trigger: defend with the trigger known if you have it")
+    assert backdoor_left(backdoored, {"asr": 0.2734, "asr_floor": 0.0527}, {}, "FineTuning").endswith(
+        "; more unseen images may remove more")  # a baseline has no layer or strength to choose
     assert backdoor_left(backdoored, {"asr": 0.0568, "asr_floor": 0.0496}) is None  # within 5 pt: removed
     assert backdoor_left({"asr": 0.06, "asr_floor": 0.05}, {"asr": 0.30, "asr_floor": 0.05}) is None  # no backdoor
     assert backdoor_left(backdoored, {"asr": 0.30}) is None  # no floor measured
+
+
+def test_the_estimation_verdict_is_one_console_line() -> None:
+    found = {"estimation": {"backdoor_found": True, "target_class": 0, "flagged_by": ["neural_cleanse"],
+                            "anomaly_index": {"neural_cleanse": [9.02, 0.1], "feature": [3.85, -0.2]},
+                            "size_ratio": {"neural_cleanse": [0.156, 1.0], "feature": [0.354, 1.1]}, "seconds": 76.2}}
+    assert estimation_line(found) == ("trigger estimation: backdoor found, target class 0, flagged by neural_cleanse "
+                                      "(anomaly index 9.02, size ratio 0.16), 76.2 s")
+    clean = {"estimation": {"backdoor_found": False, "target_class": None, "flagged_by": [],
+                            "anomaly_index": {"neural_cleanse": [1.5, 0.3], "blend": [0.2, 1.9]}, "seconds": 30.0}}
+    assert estimation_line(clean).startswith("trigger estimation: no backdoor found (largest anomaly index 1.90;")
+    assert estimation_line({"layer": "fc"}) is None  # trigger known: no estimation
 
 
 def test_wrong_class_order_is_refused_unless_accepted(tmp_path: Path) -> None:

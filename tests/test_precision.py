@@ -24,8 +24,11 @@ def test_a_bf16_trainer_precision_runs_in_float32_on_a_cpu_without_native_bf16(n
         assert trainer_precision("bf16-mixed", accelerator) == ("bf16-mixed" if native else "32-true")
         assert trainer_precision("bf16-true", accelerator) == ("bf16-true" if native else "32-true")
         assert trainer_precision("32-true", accelerator) == "32-true"  # only bfloat16 is replaced
-        assert trainer_precision("16-mixed", accelerator) == "16-mixed"
+        # Lightning runs 16-mixed as bf16-mixed on a CPU; 16-true is float16 throughout, not bfloat16
+        assert trainer_precision("16-mixed", accelerator) == ("16-mixed" if native else "32-true")
+        assert trainer_precision("16-true", accelerator) == "16-true"
     assert trainer_precision("bf16-mixed", "gpu") == "bf16-mixed"  # a GPU run is not the CPU's business
+    assert trainer_precision("16-mixed", "gpu") == "16-mixed"
     assert use_bf16(None) is native and use_bf16(True) is True and use_bf16(False) is False
 
 

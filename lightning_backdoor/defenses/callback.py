@@ -18,7 +18,8 @@ from lightning_backdoor.defenses.adapt import as_pixels, defendable, existing_tr
 from lightning_backdoor.defenses.base import BackdoorKnowledge, Defense, UnseenData
 from lightning_backdoor.defenses.estimate_first import without_knowledge
 from lightning_backdoor.defenses.outputs import write_outputs
-from lightning_backdoor.defenses.report import DefenseReport, TestData, chance_line, near_chance, run_defense
+from lightning_backdoor.defenses.report import (DefenseReport, TestData, chance_line, estimation_line, near_chance,
+                                                 run_defense)
 from lightning_backdoor.evaluation import evaluate
 from lightning_backdoor.io import first_line, state_digest
 from lightning_backdoor.models.input_transform import InputTransform
@@ -256,6 +257,9 @@ class DefenseCallback(L.Callback):
         self.report_path = write_outputs(report, pl_module.state_dict(), output_dir)
         self.checkpoint_path = report.files["checkpoint"]
         self.report = report
+        verdict = estimation_line(report.result.details)
+        if verdict is not None:
+            rank_zero_info(f"defense: {verdict}")
         rank_zero_info(f"defense: {report.summary_line()} in {report.result.seconds:.2f} s; report: "
                        f"{self.report_path}")
         prior = report.result.details.get("batchnorm_prior")

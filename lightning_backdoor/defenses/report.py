@@ -104,18 +104,51 @@ def near_chance(correct: int, total: int, num_classes: int) -> bool:
 ASR_LEFT_WARNING = 0.05
 
 
-def backdoor_left(before: dict[str, float], after: dict[str, float]) -> str | None:
+def backdoor_left(before: dict[str, float], after: dict[str, float], details: dict[str, Any] | None = None,
+                  method: str = "editing") -> str | None:
     """A warning when the defended model's ASR stays more than :data:`ASR_LEFT_WARNING` above its ASR floor, on a
     model whose backdoor worked (ASR above its floor by as much before); ``None`` otherwise. ``before``/``after``: the
-    test split's metrics (fractions) with ``asr`` and ``asr_floor``."""
+    test split's metrics (fractions) with ``asr`` and ``asr_floor``; ``details`` (the defense result's) and
+    ``method`` say what was tried, so that the advice names only what was not: for the edit, ``layer auto`` unless
+    it chose among layers, ``strength null`` unless it chose among strengths; with the trigger unknown, that the
+    estimated trigger may be the limit."""
     if "asr_floor" not in after or "asr_floor" not in before:
         return None
     left, worked = after["asr"] - after["asr_floor"], before["asr"] - before["asr_floor"]
     if left <= ASR_LEFT_WARNING or worked <= ASR_LEFT_WARNING:
         return None
+    details = details or {}
+    options = ["more unseen images"]
+    if method.startswith("editing"):
+        scored = [key.split(" λ=") for key in details.get("selection", {}).get("cross_validated_loss_on_unseen", {})]
+        if len({pair[0] for pair in scored}) < 2:
+            options.append("layer auto")
+        if len({pair[-1].split()[0] for pair in scored if len(pair) == 2}) < 2:
+            options.append("strength null (chosen on the unseen split)")
+    advice = options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"
+    unknown = ("; the trigger was estimated, and an estimate may remove less than the true trigger: defend with the "
+               "trigger known if you have it") if details.get("trigger_known") is False else ""
     return (f"the backdoor is reduced, not removed: ASR {100 * after['asr']:.1f} % is {100 * left:.1f} pt above its "
-            f"floor ({100 * after['asr_floor']:.1f} %) on the test images; more unseen images, layer auto or "
-            f"strength null (chosen on the unseen split) may remove more")
+            f"floor ({100 * after['asr_floor']:.1f} %) on the test images; {advice} may remove more{unknown}")
+
+
+def estimation_line(details: dict[str, Any]) -> str | None:
+    """The trigger estimation's verdict in one line (``None`` without one), from a defense result's ``details``:
+    the target found, the estimators that flagged it with their anomaly index and size ratio, and the seconds; or
+    "no backdoor found" with the largest index."""
+    estimation = details.get("estimation")
+    if not estimation:
+        return None
+    seconds = f"{estimation.get('seconds', 0.0):.1f} s"
+    index, ratio = estimation.get("anomaly_index", {}), estimation.get("size_ratio", {})
+    if not estimation.get("backdoor_found"):
+        largest = max((max(values) for values in index.values() if values), default=float("nan"))
+        return (f"trigger estimation: no backdoor found (largest anomaly index {largest:.2f}; a class is flagged "
+                f"above 2 at <= 0.3 of the median size), model left unchanged, {seconds}")
+    label = estimation["target_class"]
+    flagged = ", ".join(f"{name} (anomaly index {index[name][label]:.2f}, size ratio {ratio[name][label]:.2f})"
+                        for name in estimation.get("flagged_by", []) if name in index)
+    return f"trigger estimation: backdoor found, target class {label}, flagged by {flagged}, {seconds}"
 
 
 def chance_line(accuracy: float, total: int, num_classes: int, what: str) -> str:
@@ -244,7 +277,7 @@ def run_defense(model: nn.Module, defense: Defense, unseen: UnseenData, knowledg
                             "after": after}, result, len(unseen.labels))
     if report.true_asr_measured:
         report.der = defense_effectiveness_rating(before["asr"], after["asr"], before["clean_acc"], after["clean_acc"])
-        left = backdoor_left(before, after)
+        left = backdoor_left(before, after, result.details, result.method)
         if left is not None:
             report.warnings.append(left)
     elif original is not None and result.estimated is not None:
