@@ -197,7 +197,8 @@ def test_the_estimation_verdict_is_one_console_line() -> None:
                                       "(anomaly index 9.02, size ratio 0.16), 76.2 s")
     clean = {"estimation": {"backdoor_found": False, "target_class": None, "flagged_by": [],
                             "anomaly_index": {"neural_cleanse": [1.5, 0.3], "blend": [0.2, 1.9]}, "seconds": 30.0}}
-    assert estimation_line(clean).startswith("trigger estimation: no backdoor found (largest anomaly index 1.90;")
+    assert estimation_line(clean) == ("trigger estimation: no backdoor found (no class's trigger both anomalous and "
+                                      "small enough; largest anomaly index 1.90), model left unchanged, 30.0 s")
     assert estimation_line({"layer": "fc"}) is None  # trigger known: no estimation
 
 

@@ -143,8 +143,8 @@ def estimation_line(details: dict[str, Any]) -> str | None:
     index, ratio = estimation.get("anomaly_index", {}), estimation.get("size_ratio", {})
     if not estimation.get("backdoor_found"):
         largest = max((max(values) for values in index.values() if values), default=float("nan"))
-        return (f"trigger estimation: no backdoor found (largest anomaly index {largest:.2f}; a class is flagged "
-                f"above 2 at <= 0.3 of the median size), model left unchanged, {seconds}")
+        return (f"trigger estimation: no backdoor found (no class's trigger both anomalous and small enough; largest "
+                f"anomaly index {largest:.2f}), model left unchanged, {seconds}")
     label = estimation["target_class"]
     flagged = ", ".join(f"{name} (anomaly index {index[name][label]:.2f}, size ratio {ratio[name][label]:.2f})"
                         for name in estimation.get("flagged_by", []) if name in index)
