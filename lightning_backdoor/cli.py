@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from jsonargparse import DefaultHelpFormatter
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_backdoor.backdoor_cli import PARSER_KWARGS, BackdoorCLI, check_writable
@@ -171,7 +172,7 @@ def main(args: list[str] | None = None) -> None:
             run_bench(argv[1:])
             return
         BackdoorCLI(parser_kwargs=main_parser_kwargs(), args=args)
-    except (ValueError, ArgumentError, pickle.UnpicklingError) as error:
+    except (ValueError, ArgumentError, pickle.UnpicklingError, MisconfigurationException) as error:
         print(f"lightning-backdoor: error: {one_line(error)}", file=sys.stderr)
         raise SystemExit(2) from None
 

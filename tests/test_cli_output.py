@@ -75,6 +75,18 @@ def test_a_fit_refused_while_the_trainer_sets_up_prints_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("lightning-backdoor: error: ") and "all_to_all" in lines[0], lines
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_an_accelerator_the_machine_lacks_is_refused_in_one_line(tmp_path):
+    """Lightning's own setup error (no GPU for ``accelerator: gpu``) is one line and exit 2, not a traceback."""
+    result = run_cli("fit", "--config", CONFIG, "--trainer.accelerator=gpu",
+                     f"--trainer.default_root_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1].startswith("lightning-backdoor: error: ") and "gpu" in lines[-1], lines
+    assert "Traceback" not in result.stdout
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("output", ["defended.ckpt", "defended-v2.ckpt", "defended.safetensors",
                                     "defense_report.json", "defense_report-v1.json", "splits.json",
                                     "checkpoints/poisoned.ckpt", "config.yaml"])
