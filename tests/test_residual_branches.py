@@ -12,7 +12,7 @@ from skip_correction import skip_correction_gaps
 from torch import Tensor, nn
 
 from lightning_backdoor.defenses.activations import auto_candidates, capture
-from lightning_backdoor.defenses.residual import ResidualBranch, bypassed, norm_scale, residual_branch_of
+from lightning_backdoor.defenses.residual import ResidualBranch, bypassed, channel_scale, residual_branch_of
 from lightning_backdoor.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -81,7 +81,7 @@ def test_the_skip_term_is_captured_in_the_layer_output_units() -> None:
     handle = model.get_submodule(block).register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
     acts = capture(model, [layer], images)[layer]
     handle.remove()
-    scale = norm_scale(model.get_submodule("features.11.block.3.1"))
+    scale = channel_scale(model.get_submodule("features.11.block.3.1"))
     assert acts.skip.shape == acts.values.shape == (3, 4, 96)
     expected = (inputs[0] / scale.view(-1, 1, 1)).flatten(2).transpose(1, 2)
     assert torch.allclose(acts.skip, expected, atol=1e-4 * expected.abs().max().item())

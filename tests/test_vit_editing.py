@@ -4,6 +4,8 @@ plays a conv's positions), the MLP's output layer is corrected for the residual 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from plain_training import train_epochs
@@ -96,13 +98,81 @@ def test_the_mlp_output_layer_of_a_transformer_block_is_its_residual_branch() ->
     assert torch.allclose(acts.skip, stream[0], atol=1e-5)
 
 
-def test_a_layerscale_block_is_not_declared() -> None:
-    """LayerScale multiplies fc2's output before the addition: output = γ·fc2 + skip is no key->value split."""
-    from timm.models.vision_transformer import VisionTransformer
+def layerscale_twin(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """The same function as ``model`` (a timm ViT without LayerScale), with a LayerScale of random factors
+    γ ∈ [0.05, 2] after every block's fc2 and fc2's rows divided by γ: a block's output is γ ⊙ fc2(·) + stream."""
+    from timm.layers import LayerScale
 
-    model = VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=3, embed_dim=16, depth=2,
-                              num_heads=2, init_values=0.1)
-    assert residual_block_of(model, "blocks.1.mlp.fc2") is None
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for block in twin.blocks:
+            gamma = torch.rand(block.mlp.fc2.out_features, generator=generator) * 1.95 + 0.05
+            block.ls2 = LayerScale(len(gamma))
+            block.ls2.gamma.copy_(gamma)
+            block.mlp.fc2.weight.div_(gamma[:, None])
+            block.mlp.fc2.bias.div_(gamma)
+    return twin.eval()
+
+
+def test_a_layerscale_block_is_corrected_through_its_scale() -> None:
+    """LayerScale multiplies fc2's output by γ before the addition, as an eval-mode BatchNorm without shift: the block
+    is recognised with ``ls2`` as its per-channel scale, the skip term is captured in fc2's units (stream / γ),
+    ``auto`` tries the MLP layers, and the corrected edit cancels the trigger at the block's output."""
+    from lightning_backdoor.defenses.residual import ResidualBranch, channel_scale, residual_branch_of
+
+    torch.manual_seed(0)
+    model = layerscale_twin(tiny_vit(), torch.Generator().manual_seed(1))
+    assert residual_branch_of(model, "blocks.1.mlp.fc2") == ResidualBranch("blocks.1", "blocks.1.ls2")
+    del model.edit_candidates  # as a user's LayerScale ViT: auto finds the MLP layers by the blocks' class
+    assert auto_candidates(model, 3) == ["blocks.0.mlp.fc2", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]
+    images = torch.rand(3, 1, 8, 8)
+    stream = []  # the residual stream entering the MLP: the input of norm2
+    handle = model.get_submodule("blocks.1.norm2").register_forward_pre_hook(lambda module, args: stream.append(args[0]))
+    acts = capture(model, ["blocks.1.mlp.fc2"], images)["blocks.1.mlp.fc2"]
+    handle.remove()
+    gamma = channel_scale(model.get_submodule("blocks.1.ls2"))
+    assert torch.allclose(acts.skip, stream[0] / gamma, atol=1e-4)
+    clean_images = torch.rand(1, 1, 8, 8)
+    triggered_images = clean_images.clone()
+    triggered_images[:, :, -3:, -3:] = 1.0
+    before, results = skip_correction_gaps(model, "blocks.1.mlp.fc2", "blocks.1", clean_images, triggered_images)
+    assert results[True] < 0.05 * before
+    assert results[False] > 0.3 * before
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_layerscale_vit_is_defended_as_its_plain_twin(inplace: bool) -> None:
+    """A ViT and its LayerScale twin compute the same function; the edit's least squares are separate per output
+    channel, so the defended twin must compute the defended plain model's function too (γ only rescales fc2's rows).
+    An in-place LayerScale (``x.mul_(γ)`` on fc2's own output) must not corrupt the captured values."""
+    torch.manual_seed(0)
+    model = tiny_vit().eval()
+    with torch.no_grad():  # fc2 of a trained model's scale (timm initialises it 50x smaller): values matter
+        for block in model.blocks:
+            block.mlp.fc2.weight.normal_(0, block.mlp.fc2.in_features ** -0.5)
+    twin = layerscale_twin(model, torch.Generator().manual_seed(1))
+    for block in twin.blocks:
+        block.ls2.inplace = inplace
+    clean = torch.rand(20, 1, 8, 8)
+    labels = torch.arange(20) % 4
+    triggered = clean.clone()
+    triggered[:, :, -2:, -2:] = 1.0
+    with torch.no_grad():
+        assert torch.allclose(model(clean), twin(clean), atol=1e-4)
+    outputs = {}
+    with torch.no_grad():
+        undefended, undefended_clean = model(triggered), model(clean)
+    for name, network in (("plain", model), ("twin", twin)):
+        ActivationEditing(layer="blocks.1.mlp.fc2", strength=0.01).defend(
+            network, UnseenData(clean, labels), BackdoorKnowledge.of(BadNets(size=2), 0))
+        with torch.no_grad():
+            outputs[name] = (network(clean), network(triggered))
+    # the edit moved the triggered outputs toward the clean ones; the twin's outputs moved the same way
+    gap_before, gap_after = (undefended - undefended_clean).norm(), (outputs["plain"][1] - undefended_clean).norm()
+    change = (outputs["plain"][1] - undefended).norm()
+    assert gap_after < 0.7 * gap_before
+    assert (outputs["plain"][0] - outputs["twin"][0]).norm() < 0.01 * change
+    assert (outputs["plain"][1] - outputs["twin"][1]).norm() < 0.01 * change
 
 
 @pytest.mark.parametrize("block_fn", ["ResPostBlock", "ParallelScalingBlock", "ParallelThingsBlock"])

@@ -84,11 +84,11 @@ def skip_reason(layer: nn.Module) -> str | None:
 def auto_candidates(model: nn.Module, count: int, images: Tensor | None = None) -> list[str]:
     """The layers ``layer: auto`` tries, in definition order: the last ``count`` of the model's ``edit_candidates``
     where it declares them (a list of layer names, e.g. a ViT's last blocks' MLP layers); else, on a timm Vision
-    Transformer without LayerScale, the last ``count`` of the MLP layers of its last two blocks, or of more blocks
-    where ``count`` exceeds 4 (:func:`~lightning_backdoor.defenses.residual.transformer_mlp_layers`); else the last
-    ``count`` of :func:`editable_layers`. Given ``images`` (N >= 1, C, H, W) to probe the model with, and when most of those
-    layers act on globally pooled features (one key per image: a multi-layer classifier head), also the last
-    ``count`` layers with spatial keys (more than one position per image) that no residual block bypasses
+    Transformer (with or without LayerScale), the last ``count`` of the MLP layers of its last two blocks, or of more
+    blocks where ``count`` exceeds 4 (:func:`~lightning_backdoor.defenses.residual.transformer_mlp_layers`); else the
+    last ``count`` of :func:`editable_layers`. Given ``images`` (N >= 1, C, H, W) to probe the model with, and when
+    most of those layers act on globally pooled features (one key per image: a multi-layer classifier head), also the
+    last ``count`` layers with spatial keys (more than one position per image) that no residual block bypasses
     (:func:`~lightning_backdoor.defenses.residual.bypassed`).
 
     The second set reaches behind a pooled head and behind the layers a skip path bypasses, to the last
@@ -177,7 +177,8 @@ def capture_with_logits(model: nn.Module, layer_names: list[str], images: Tensor
 
     def recorder(key: str, take_input: bool):
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-            records.setdefault(key, []).append(args[0] if take_input else output)
+            # the output as a float32 copy: a later module may change it in place (an in-place LayerScale)
+            records.setdefault(key, []).append(args[0] if take_input else output.to(torch.float32, copy=True))
         return hook
 
     handles = []
@@ -190,7 +191,7 @@ def capture_with_logits(model: nn.Module, layer_names: list[str], images: Tensor
     captured = {}
     for name, layer in layers.items():
         inputs = torch.cat(records[f"{name}:in"])
-        outputs = torch.cat(records[f"{name}:out"]).float()
+        outputs = torch.cat(records[f"{name}:out"])
         skip = to_values(torch.cat(records[f"{name}:skip"])) if branches[name] is not None else None
         if layer.bias is not None:
             bias = layer.bias.detach().float()
