@@ -183,6 +183,9 @@ def one_line(error: BaseException) -> str:
         return with_suggestion(parser_error_line(str(error)))
     if isinstance(error, pickle.UnpicklingError):  # Lightning's own weights-only load (`--ckpt_path best`/`hpc`)
         return f"refusing to load the checkpoint: not a plain tensor file ({first_line(error)})"
+    if isinstance(error, MisconfigurationException) and "No supported gpu backend" in str(error):
+        return (f"trainer.accelerator: {first_line(error)} (neither CUDA nor MPS); use --trainer.accelerator=auto "
+                f"or cpu")
     chain = [error]
     while (underlying := _shown_below(chain[-1])) is not None:
         chain.append(underlying)
@@ -227,9 +230,12 @@ def with_suggestion(line: str) -> str:
     'ActivationEditting'; did you mean ActivationEditing?``. A path into another package keeps its own error. An
     option a class of this package does not take gets its closest arguments (:func:`_option_suggestion`), an
     unrecognised option spelt with hyphens its underscore spelling (``--output-dir``: ``did you mean
-    --output_dir?``), and a value ``auto`` or ``None`` where a type was expected the spelling of None (``null``)."""
+    --output_dir?``), a value ``auto`` or ``None`` where a type was expected the spelling of None (``null``), and a
+    missing required argument its option (``missing --checkpoint``)."""
     if (suggestion := _option_suggestion(line)) is not None:
         return f"{line}; {suggestion}"
+    if required := re.fullmatch(r"the following arguments are required: ([\w., ]+)", line):  # named as options
+        return "missing " + ", ".join(f"--{name.strip()}" for name in required.group(1).split(","))
     if hyphenated := re.match(r"unrecognized arguments: --([\w.]*-[\w.-]*)", line):
         return f"{line}; options are spelt with underscores: did you mean --{hyphenated.group(1).replace('-', '_')}?"
     if re.search(r", got '(?:auto|None|none|NONE)'$", line):  # Python's and the benchmarks' names for null

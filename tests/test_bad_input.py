@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from lightning_backdoor.cli import main
@@ -101,6 +102,9 @@ CASES = [
      "lacks class 'b' that"),
     ("unwritable_output_folder", "defend", ["--checkpoint={ckpt}", "--output_dir=/sys/lightning-backdoor-out"],
      "output folder /sys/lightning-backdoor-out is not writable"),
+    ("checkpoint_not_given", "defend", [], "missing --checkpoint"),
+    ("accelerator_not_on_this_machine", "fit", ["--trainer.accelerator=gpu"],
+     "trainer.accelerator: No supported gpu backend found! (neither CUDA nor MPS); use --trainer.accelerator=auto"),
 ]
 
 
@@ -149,6 +153,8 @@ def check_one_line(err: str, message: str) -> None:
 @pytest.mark.parametrize("subcommand, arguments, message", [case[1:] for case in CASES],
                          ids=[case[0] for case in CASES])
 def test_bad_input(workspace, tmp_path, quickstart_run, capsys, subcommand, arguments, message):
+    if "--trainer.accelerator=gpu" in arguments and (torch.cuda.is_available() or torch.backends.mps.is_available()):
+        pytest.skip("this machine has a GPU: accelerator gpu is no bad input here")
     run = tmp_path / "run"
     arguments = [argument.format(**workspace) for argument in arguments]
     before = snapshot(tmp_path, quickstart_run)

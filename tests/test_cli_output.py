@@ -120,6 +120,7 @@ def test_fit_refuses_a_folder_holding_outputs(tmp_path, capsys, output):
     (["fit", "--data.init_args.trigger.init_args.sise=3"],
      "data.trigger: class_path 'lightning_backdoor.triggers.BadNets': Option 'sise' is not accepted; did you mean "
      "size?"),
+    (["defend"], "missing --checkpoint"),  # a required argument is named as the option it is given by
     (["fit", "--trainer.max-epochs=3"],
      "unrecognized arguments: --trainer.max-epochs=3; options are spelt with underscores: did you mean "
      "--trainer.max_epochs?"),
