@@ -51,6 +51,7 @@ from lightning_backdoor.defenses import UnseenData
 from lightning_backdoor.defenses.estimation import TriggerEstimator
 from lightning_backdoor.io import atomic_json
 from lightning_backdoor.models import CompactNet
+from lightning_backdoor.precision import use_bf16
 from lightning_backdoor.runs import instantiate_run
 from lightning_backdoor.triggers import BadNets
 
@@ -69,7 +70,8 @@ def train_rotation_model(train_images: Tensor, train_labels: Tensor, steps: int,
                          poison_rate: float = 0.1) -> CompactNet:
     """A 40-class compact CNN trained ``steps`` batches of 128 on rotated CIFAR-10 (uint8 (N, 3, 32, 32)), a
     ``poison_rate`` fraction of each batch stamped with a 3x3 white patch and relabelled to 0 (SGD, one-cycle, bf16
-    autocast; no flips: a flipped turn looks like the opposite turn)."""
+    autocast where the CPU computes it natively, else float32; no flips: a flipped turn looks like the opposite
+    turn)."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = CompactNet(num_classes=10 * ROTATIONS, widths=(64, 128, 256)).to(memory_format=torch.channels_last)
@@ -84,7 +86,7 @@ def train_rotation_model(train_images: Tensor, train_labels: Tensor, steps: int,
         poisoned = torch.rand(batch, generator=generator) < poison_rate
         images = torch.where(poisoned[:, None, None, None], trigger(images), images)
         labels = torch.where(poisoned, torch.zeros_like(labels), labels)
-        with torch.autocast("cpu", torch.bfloat16):
+        with torch.autocast("cpu", torch.bfloat16, enabled=use_bf16(None)):  # where the CPU computes it natively
             loss = F.cross_entropy(model(images.contiguous(memory_format=torch.channels_last)).float(), labels,
                                    label_smoothing=0.2)
         optimizer.zero_grad(set_to_none=True)

@@ -24,6 +24,7 @@ from lightning_backdoor.classifier import PoisonedClassifier
 from lightning_backdoor.data import PoisonedDataModule
 from lightning_backdoor.data.augment import random_crop, random_flip
 from lightning_backdoor.data.poisoning import to_float
+from lightning_backdoor.precision import trainer_precision, use_bf16
 
 
 class StepTimer(L.Callback):
@@ -47,7 +48,7 @@ def plain_loop(data: PoisonedDataModule, steps: int, args: argparse.Namespace) -
     start = None
     for step, (images, labels) in enumerate(data.train_dataloader()):
         images = random_flip(random_crop(to_float(images), data.crop_padding))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16(None)):  # where the CPU computes it natively
             loss = F.cross_entropy(model(images.contiguous(memory_format=torch.channels_last)), labels,
                                    label_smoothing=args.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
@@ -63,7 +64,8 @@ def plain_loop(data: PoisonedDataModule, steps: int, args: argparse.Namespace) -
 def lightning_loop(data: PoisonedDataModule, steps: int, args: argparse.Namespace) -> float:
     timer = StepTimer()
     module = classifier(args)
-    trainer = L.Trainer(max_steps=steps + 1, precision="bf16-mixed", accelerator="cpu", devices=1, logger=False,
+    trainer = L.Trainer(max_steps=steps + 1, precision=trainer_precision("bf16-mixed", "cpu"), accelerator="cpu",
+                        devices=1, logger=False,
                         default_root_dir=tempfile.mkdtemp(prefix="loop_overhead-"),  # the run files go there
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, callbacks=[timer])
