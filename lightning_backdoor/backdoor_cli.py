@@ -16,6 +16,7 @@ from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins import LayerSync
 from lightning.pytorch.utilities import rank_zero_info
@@ -242,12 +243,14 @@ class BackdoorCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The configured Trainer; ``sync_batchnorm`` uses :class:`SyncBatchNormPlugin`, which also syncs on CPU. A
-        bfloat16 ``precision`` on a CPU run (``accelerator`` ``cpu`` or ``auto``) whose CPU has no native bfloat16
-        runs as ``32-true``, said in one line (:func:`~lightning_backdoor.precision.trainer_precision`): the config
+        bfloat16 ``precision`` on a CPU run (``accelerator`` ``cpu``, ``auto`` or a ``CPUAccelerator``) whose CPU has
+        no native bfloat16 runs as ``32-true``, said in one line (:func:`~lightning_backdoor.precision.trainer_precision`): the config
         keeps the recipe, the run's ``environment.json`` records the precision that ran."""
         config = self.config_init.get(str(self.subcommand), self.config_init).get("trainer", {})
         accelerator = config.get("accelerator")
-        precision = trainer_precision(config.get("precision"), accelerator if isinstance(accelerator, str) else "")
+        if not isinstance(accelerator, str):  # an Accelerator object (a class_path in the config): only the CPU's
+            accelerator = "cpu" if isinstance(accelerator, CPUAccelerator) else ""
+        precision = trainer_precision(config.get("precision"), accelerator)
         if "precision" not in kwargs and precision != config.get("precision"):
             rank_zero_info(f"trainer: precision {config.get('precision')} -> {precision}: this CPU computes bfloat16 "
                            f"only by emulation, several times slower than float32 (lightning_backdoor.precision)")

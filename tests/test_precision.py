@@ -60,3 +60,8 @@ def test_the_cli_trains_the_configs_bf16_in_float32_where_it_is_emulated(native,
     said = "precision bf16-mixed -> 32-true: this CPU computes bfloat16 only by emulation" in caplog.text
     assert said is not native
     assert not (tmp_path / "run").exists()  # nothing written by setting up
+    # the CPU given as an Accelerator object (a class_path) is the CPU too
+    cli = BackdoorCLI(args=["--config", str(ROOT / "configs" / "quickstart.yaml"), "--trainer.logger=false",
+                            "--trainer.accelerator={class_path: lightning.pytorch.accelerators.CPUAccelerator}",
+                            f"--trainer.default_root_dir={tmp_path / 'run'}"], run=False)
+    assert cli.trainer.precision == ("bf16-mixed" if native else "32-true")
