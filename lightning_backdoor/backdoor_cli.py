@@ -154,6 +154,9 @@ class BackdoorCLI(LightningCLI):
                  subclass_mode_model: bool = True, subclass_mode_data: bool = True,
                  auto_configure_optimizers: bool = False, **kwargs: Any) -> None:
         self.defend_mode = defend
+        #: no subcommand (``run=False``, e.g. :func:`~lightning_backdoor.runs.instantiate_run`): the parser takes a
+        #: fit's saved config.yaml too, as ``defend`` does
+        self.parse_only = not kwargs.get("run", True)
         #: the ``--ckpt_path`` file as loaded (tensors and plain values), kept until its settings are compared
         self.checkpoint: dict[str, Any] | None = None
         self.checkpoint_path: str | None = None
@@ -202,6 +205,7 @@ class BackdoorCLI(LightningCLI):
             parser.add_argument("--accept_low_accuracy", type=bool, default=False,
                                 help="defend even when the model's accuracy on the unseen images is near chance "
                                      "(usually wrong preprocessing or class order)")
+        if self.defend_mode or self.parse_only:
             # a fit's saved config.yaml (``--config runs/<run>/config.yaml``) holds fit's own two keys: null there
             parser.add_argument("--ckpt_path", type=str | None, default=None,
                                 help="fit/test's option, accepted so that a run's config.yaml can be passed; must "

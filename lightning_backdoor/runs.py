@@ -61,7 +61,8 @@ def instantiate_run(configs: list[str | Path], checkpoint: str | Path, overrides
     """A run's model, holding ``checkpoint``'s weights, and its data module, from the run's config files.
 
     Args:
-        configs: the CLI config files of the run, in the order ``fit`` got them.
+        configs: the CLI config files of the run, in the order ``fit`` got them, or the ``config.yaml`` that
+            ``fit`` saved in the run's folder.
         checkpoint: the weights: a Lightning checkpoint (its settings are checked), a state_dict file or
             ``.safetensors``; loaded without running code, key layouts mapped as ``defend`` maps them.
         overrides: ``--key=value`` flags applied after the configs, as on the command line.

@@ -149,6 +149,9 @@ def test_loading_a_run_in_python_compares_its_settings_too(tiny_run):
     model, data = instantiate_run([config], checkpoint)
     saved = load_tensors(checkpoint)["state_dict"]
     assert data.target_class == 0 and all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
+    # the run's own saved config.yaml (with fit's ckpt_path and weights_only keys) loads it as well
+    model, data = instantiate_run([checkpoint.parent.parent / "config.yaml"], checkpoint)
+    assert data.target_class == 0 and all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
 
 
 def test_the_checkpoint_stores_the_data_settings_as_plain_values(tiny_run):
