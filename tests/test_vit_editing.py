@@ -98,6 +98,17 @@ def test_the_mlp_output_layer_of_a_transformer_block_is_its_residual_branch() ->
     assert torch.allclose(acts.skip, stream[0], atol=1e-5)
 
 
+def assert_the_correction_cancels_a_patch(model: nn.Module) -> None:
+    """The corrected edit of ``blocks.1.mlp.fc2`` (one image, a 3x3 white patch) brings the block's output on the
+    triggered image to the clean one (< 5 % of the gap left); the edit blind to the stream leaves > 30 %."""
+    clean_images = torch.rand(1, 1, 8, 8)
+    triggered_images = clean_images.clone()
+    triggered_images[:, :, -3:, -3:] = 1.0
+    before, results = skip_correction_gaps(model, "blocks.1.mlp.fc2", "blocks.1", clean_images, triggered_images)
+    assert results[True] < 0.05 * before
+    assert results[False] > 0.3 * before
+
+
 def layerscale_twin(model: nn.Module, generator: torch.Generator) -> nn.Module:
     """The same function as ``model`` (a timm ViT without LayerScale), with a LayerScale of random factors
     γ ∈ [0.05, 2] after every block's fc2 and fc2's rows divided by γ: a block's output is γ ⊙ fc2(·) + stream."""
@@ -127,17 +138,13 @@ def test_a_layerscale_block_is_corrected_through_its_scale() -> None:
     assert auto_candidates(model, 3) == ["blocks.0.mlp.fc2", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]
     images = torch.rand(3, 1, 8, 8)
     stream = []  # the residual stream entering the MLP: the input of norm2
-    handle = model.get_submodule("blocks.1.norm2").register_forward_pre_hook(lambda module, args: stream.append(args[0]))
+    norm2 = model.get_submodule("blocks.1.norm2")
+    handle = norm2.register_forward_pre_hook(lambda module, args: stream.append(args[0]))
     acts = capture(model, ["blocks.1.mlp.fc2"], images)["blocks.1.mlp.fc2"]
     handle.remove()
     gamma = channel_scale(model.get_submodule("blocks.1.ls2"))
     assert torch.allclose(acts.skip, stream[0] / gamma, atol=1e-4)
-    clean_images = torch.rand(1, 1, 8, 8)
-    triggered_images = clean_images.clone()
-    triggered_images[:, :, -3:, -3:] = 1.0
-    before, results = skip_correction_gaps(model, "blocks.1.mlp.fc2", "blocks.1", clean_images, triggered_images)
-    assert results[True] < 0.05 * before
-    assert results[False] > 0.3 * before
+    assert_the_correction_cancels_a_patch(model)
 
 
 @pytest.mark.parametrize("inplace", [False, True])
@@ -202,12 +209,7 @@ def test_any_timm_vit_gets_the_residual_correction_and_the_candidates_without_de
     # auto tries what the registry's vit declares: the last two blocks' MLP layers, not the head
     assert auto_candidates(model, 3, torch.rand(1, 1, 8, 8)) == ["blocks.0.mlp.fc2", "blocks.1.mlp.fc1",
                                                                  "blocks.1.mlp.fc2"]
-    clean_images = torch.rand(1, 1, 8, 8)
-    triggered_images = clean_images.clone()
-    triggered_images[:, :, -3:, -3:] = 1.0
-    before, results = skip_correction_gaps(model, "blocks.1.mlp.fc2", "blocks.1", clean_images, triggered_images)
-    assert results[True] < 0.05 * before
-    assert results[False] > 0.3 * before
+    assert_the_correction_cancels_a_patch(model)
 
 
 def test_the_residual_correction_makes_the_block_output_on_triggered_tokens_match_the_clean_one() -> None:
@@ -215,14 +217,7 @@ def test_the_residual_correction_makes_the_block_output_on_triggered_tokens_matc
     correction (target = clean value + clean skip − triggered skip) cancels it at the block's output. One image: its
     16 token keys in fc2's 64 input dimensions, so an exact edit exists (attention mixes the tokens: all 16 move)."""
     torch.manual_seed(0)
-    model = tiny_vit().eval()
-    clean_images = torch.rand(1, 1, 8, 8)
-    triggered_images = clean_images.clone()
-    triggered_images[:, :, -3:, -3:] = 1.0
-    layer, block = "blocks.1.mlp.fc2", "blocks.1"
-    before, results = skip_correction_gaps(model, layer, block, clean_images, triggered_images)
-    assert results[True] < 0.05 * before
-    assert results[False] > 0.3 * before
+    assert_the_correction_cancels_a_patch(tiny_vit().eval())
 
 
 def test_auto_tries_the_last_blocks_mlp_layers() -> None:
