@@ -248,8 +248,9 @@ class BackdoorCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The configured Trainer; ``sync_batchnorm`` uses :class:`SyncBatchNormPlugin`, which also syncs on CPU. A
         bfloat16 ``precision`` on a CPU run (``accelerator`` ``cpu``, ``auto`` or a ``CPUAccelerator``) whose CPU has
-        no native bfloat16 runs as ``32-true``, said in one line (:func:`~lightning_backdoor.precision.trainer_precision`): the config
-        keeps the recipe, the run's ``environment.json`` records the precision that ran."""
+        no native bfloat16 runs as ``32-true``, said in one line
+        (:func:`~lightning_backdoor.precision.trainer_precision`): the config keeps the recipe, the run's
+        ``environment.json`` records the precision that ran."""
         config = self.config_init.get(str(self.subcommand), self.config_init).get("trainer", {})
         accelerator = config.get("accelerator")
         if not isinstance(accelerator, str):  # an Accelerator object (a class_path in the config): only the CPU's

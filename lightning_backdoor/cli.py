@@ -235,7 +235,8 @@ def with_suggestion(line: str) -> str:
     if (suggestion := _option_suggestion(line)) is not None:
         return f"{line}; {suggestion}"
     if required := re.fullmatch(r"the following arguments are required: ([\w., ]+)", line):  # named as options
-        return "missing " + ", ".join(f"--{name.strip()}" for name in required.group(1).split(","))
+        names = [re.sub(r"^(fit|validate|test|predict)\.", "", name.strip()) for name in required.group(1).split(",")]
+        return "missing " + ", ".join(f"--{name}" for name in names)
     if hyphenated := re.match(r"unrecognized arguments: --([\w.]*-[\w.-]*)", line):
         return f"{line}; options are spelt with underscores: did you mean --{hyphenated.group(1).replace('-', '_')}?"
     if re.search(r", got '(?:auto|None|none|NONE)'$", line):  # Python's and the benchmarks' names for null

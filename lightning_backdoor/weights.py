@@ -15,6 +15,7 @@ model's value. They are step counters, not weights: only ``momentum=None`` Batch
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -81,7 +82,11 @@ def map_weights(expected: dict[str, Tensor], state_dict: dict[str, Tensor]) -> t
                f"shape {tuple(mapped[key].shape)} in the checkpoint vs {tuple(expected[key].shape)} in the model")
         common = len(set(expected) & set(mapped))
         if best is None or common > best[0]:
-            best = (common, strip, f"first mismatching key {strip + key!r} ({why})")
+            hint = ""
+            if re.search(r"\bls[12]\.gamma$", key):  # a timm ViT's LayerScale on one side only
+                hint = ("; the weights have LayerScale: add init_values (e.g. 1.0e-4) to model_kwargs" if extra else
+                        "; the weights have no LayerScale: drop init_values from model_kwargs")
+            best = (common, strip, f"first mismatching key {strip + key!r} ({why}){hint}")
     assert best is not None
     raise ValueError(f"checkpoint does not match the model spec: {best[2]}")
 

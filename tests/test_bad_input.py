@@ -64,7 +64,7 @@ CASES = [
     ("ckpt_path_other_model", "test", ["--ckpt_path={ckpt}", "--model.init_args.model_kwargs.widths=[16,64,128]"],
      "was trained with model model_kwargs={'widths': [32, 64, 128]} but the config says"),
     ("checkpoint_missing", "defend", ["--checkpoint={tmp}/none.ckpt"], "none.ckpt does not exist"),
-    ("checkpoint_not_given", "defend", [], "checkpoint"),
+    ("checkpoint_not_given", "defend", [], "missing --checkpoint"),
     ("ckpt_path_in_defend", "defend", ["--checkpoint={ckpt}", "--ckpt_path={ckpt}"],
      "defend reads its weights from --checkpoint, not --ckpt_path"),
     ("checkpoint_model_mismatch", "defend", ["--checkpoint={weights}", "--model.init_args.model_kwargs.widths=[16,64,128]"],
@@ -102,7 +102,6 @@ CASES = [
      "lacks class 'b' that"),
     ("unwritable_output_folder", "defend", ["--checkpoint={ckpt}", "--output_dir=/sys/lightning-backdoor-out"],
      "output folder /sys/lightning-backdoor-out is not writable"),
-    ("checkpoint_not_given", "defend", [], "missing --checkpoint"),
     ("accelerator_not_on_this_machine", "fit", ["--trainer.accelerator=gpu"],
      "trainer.accelerator: No supported gpu backend found! (neither CUDA nor MPS); use --trainer.accelerator=auto"),
 ]

@@ -164,3 +164,18 @@ def test_map_weights_is_pure() -> None:
     strip, mapped = map_weights(network.state_dict(), state_dict)
     assert strip == "module." and set(mapped) == set(network.state_dict())
     assert all(key.startswith("module.") for key in state_dict)  # the input is not renamed in place
+
+
+@pytest.mark.parametrize("weights_have_layerscale", [True, False])
+def test_layerscale_on_one_side_only_is_refused_with_what_to_change(weights_have_layerscale: bool) -> None:
+    """A timm ViT's weights with LayerScale (``ls1.gamma``/``ls2.gamma``) and a model built without it, or the
+    reverse: the one line says which ``init_values`` to add or drop."""
+    pytest.importorskip("timm")
+    settings = {"num_classes": 3, "in_channels": 1, "img_size": 8, "patch_size": 2, "embed_dim": 16, "depth": 1,
+                "num_heads": 2, "edit_blocks": 1}
+    with_scale, without = build_model("vit", init_values=1e-4, **settings), build_model("vit", **settings)
+    weights, model = (with_scale, without) if weights_have_layerscale else (without, with_scale)
+    hint = ("the weights have LayerScale: add init_values" if weights_have_layerscale else
+            "the weights have no LayerScale: drop init_values")
+    with pytest.raises(ValueError, match=f"first mismatching key 'blocks.0.ls[12].gamma' .*; {hint}"):
+        map_weights(model.state_dict(), weights.state_dict())

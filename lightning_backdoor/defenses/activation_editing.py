@@ -326,7 +326,7 @@ class ActivationEditing(Defense):
     Args:
         layer: the layer to edit (e.g. ``blocks.2.conv1``), or ``auto``: try the last ``candidates`` editable
             layers (of the model's ``edit_candidates`` where it declares them, e.g. the ``vit``'s last blocks' MLP
-            layers; of the last blocks' MLP layers on any timm ViT) and keep the one with the
+            layers; of the last blocks' MLP layers on a timm ViT, with or without LayerScale) and keep the one with the
             lowest cross-validated loss on the unseen split.
         method: ``closed_form`` (multi-key least squares) or ``rank_r`` (constrained low-rank edit).
         strength: λ, the weight of keeping clean keys' values against mapping triggered keys to clean values;

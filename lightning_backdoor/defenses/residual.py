@@ -38,9 +38,9 @@ TORCHVISION_RESIDUAL_BLOCKS = {
 TIMM_BLOCK = ("timm.models.vision_transformer.Block", "timm.layers.mlp.Mlp", "mlp.fc2")
 
 #: timm's LayerScale (``x * gamma``, ``gamma`` of shape (C,) on the last dim; ``init_values`` of a ViT, e.g. DeiT-III):
-#: the class, read without importing timm. Between ``fc2`` and the addition it is a per-channel scale, as an eval-mode
-#: BatchNorm without shift.
-TIMM_LAYER_SCALE = "timm.layers.layer_scale.LayerScale"
+#: its class paths (where timm defines it now, and where earlier versions did), read without importing timm. Between
+#: ``fc2`` and the addition it is a per-channel scale, as an eval-mode BatchNorm without shift.
+TIMM_LAYER_SCALE = ("timm.layers.layer_scale.LayerScale", "timm.models.vision_transformer.LayerScale")
 
 
 def _class_path(module: nn.Module) -> str:
@@ -61,7 +61,7 @@ def _timm_branch(block: nn.Module) -> tuple[str, str | None] | None:
     layer_scale = getattr(block, "ls2", None)
     if isinstance(layer_scale, nn.Identity):
         return branch, None
-    if layer_scale is not None and _class_path(layer_scale) == TIMM_LAYER_SCALE and _per_channel(layer_scale):
+    if layer_scale is not None and _class_path(layer_scale) in TIMM_LAYER_SCALE and _per_channel(layer_scale):
         return branch, "ls2"
     return None
 
@@ -157,14 +157,16 @@ def channel_scale(module: nn.Module) -> Tensor:
     eval-mode ``BatchNorm2d``, ``gamma`` for a timm ``LayerScale``.
 
     Raises:
-        TypeError: for any other module (it is no known per-channel scale).
+        ValueError: (one line) for any other module (it is no known per-channel scale).
     """
     if isinstance(module, nn.BatchNorm2d):
         scale = (module.running_var.detach().float() + module.eps).rsqrt()
         return scale if module.weight is None else scale * module.weight.detach().float()
-    if _class_path(module) == TIMM_LAYER_SCALE and _per_channel(module):
+    if _class_path(module) in TIMM_LAYER_SCALE and _per_channel(module):
         return module.gamma.detach().float()
-    raise TypeError(f"{type(module).__name__} is neither a BatchNorm2d nor a timm LayerScale: no per-channel scale")
+    raise ValueError(f"{_class_path(module)} between a residual branch and its add is no per-channel scale the edit "
+                     f"knows (an eval-mode BatchNorm2d, or a timm LayerScale with gamma of shape (C,)); declare "
+                     f"residual_norm only for those")
 
 
 def skip_in_value_space(block_output: Tensor, branch_output: Tensor, scaler: nn.Module | None) -> Tensor:
