@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_backdoor import DefenseCallback
 from lightning_backdoor.dashboard import summary_rows
-from lightning_backdoor.defenses import ActivationEditing, EstimateFirst, UnseenData
+from lightning_backdoor.defenses import ActivationEditing, DefenseResult, EstimateFirst, UnseenData
 from lightning_backdoor.defenses.estimation import BackdoorEstimate, TriggerEstimator
-from lightning_backdoor.defenses.report import backdoor_left, estimation_line, near_chance
+from lightning_backdoor.defenses.report import DefenseReport, backdoor_left, estimation_line, near_chance
 from lightning_backdoor.defenses.report_plot import plot_report
 from lightning_backdoor.models.input_transform import InputTransform, input_transform_of
 from lightning_backdoor.triggers import BadNets, Trigger
@@ -258,6 +258,7 @@ def test_without_a_test_trigger_the_report_holds_the_estimated_triggers_asr(foun
     # the stand-in estimate is the true patch: its ASR is the backdoor's (97 %); the edit removes it (a quarter)
     assert report["estimated_target"] == 0 and before >= 0.8 and after <= before / 4, report
     assert f"estimated trigger toward class 0: ASR {before:.4f} -> {after:.4f}" in printed
+    assert "; edited fc in " in printed  # the layer the edit chose, on the console
     assert "estimated trigger's ASR" in [label.get_text() for label in plot_report(report).axes[0].get_xticklabels()]
     assert summary_rows(report)[0][-1] == round(100 * before, 2)  # the W&B summary table's last column
 
@@ -283,3 +284,12 @@ def test_trigger_estimated_on_the_quickstart_model_without_a_test_trigger(quicks
     # inversion) and few after the edit that maps it to clean values
     assert before >= 0.5 and after <= before / 4, (before, after)
     assert report["after"]["clean_acc"] >= report["before"]["clean_acc"] - 0.02
+
+
+def test_the_console_line_gives_asr_against_its_floor_ca_and_ta() -> None:
+    before = {"clean_acc": 0.9, "asr": 0.95, "asr_floor": 0.05, "target_acc": 0.8}
+    after = {"clean_acc": 0.89, "asr": 0.06, "asr_floor": 0.04, "target_acc": 0.75}
+    report = DefenseReport({"before": before, "after": after}, DefenseResult("editing/closed_form", 1.0), 100)
+    assert report.summary_line() == "ASR 0.9500 -> 0.0600 (floor 0.0400), CA 0.9000 -> 0.8900, TA 0.8000 -> 0.7500"
+    del before["target_acc"], after["target_acc"]  # all-to-all: no target class
+    assert report.summary_line() == "ASR 0.9500 -> 0.0600 (floor 0.0400), CA 0.9000 -> 0.8900"

@@ -260,7 +260,9 @@ class DefenseCallback(L.Callback):
         verdict = estimation_line(report.result.details)
         if verdict is not None:
             rank_zero_info(f"defense: {verdict}")
-        rank_zero_info(f"defense: {report.summary_line()} in {report.result.seconds:.2f} s; report: "
+        edited = "" if report.result.layer is None else (
+            f"; edited {report.result.layer}{' and repaired' if report.result.repaired else ''}")
+        rank_zero_info(f"defense: {report.summary_line()}{edited} in {report.result.seconds:.2f} s; report: "
                        f"{self.report_path}")
         prior = report.result.details.get("batchnorm_prior")
         if prior is not None:

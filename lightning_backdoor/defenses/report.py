@@ -236,10 +236,13 @@ class DefenseReport:
                          if key not in ("estimated_trigger", "report")}
 
     def summary_line(self) -> str:
-        """``ASR a -> b (floor f), CA c -> d`` (f: the defended model's ASR floor, what b is to be read against);
-        without a test trigger, the estimated trigger's ASR and a note that the true ASR was not measured."""
+        """``ASR a -> b (floor f), CA c -> d, TA e -> g`` (fractions; f: the defended model's ASR floor, what b is to
+        be read against; TA where the target class is known); without a test trigger, the estimated trigger's ASR
+        and a note that the true ASR was not measured."""
         before, after = self.before, self.after
         clean = f"CA {before['clean_acc']:.4f} -> {after['clean_acc']:.4f}"
+        if "target_acc" in before and "target_acc" in after:
+            clean += f", TA {before['target_acc']:.4f} -> {after['target_acc']:.4f}"
         if self.true_asr_measured:
             floor = f" (floor {after['asr_floor']:.4f})" if "asr_floor" in after else ""
             return f"ASR {before['asr']:.4f} -> {after['asr']:.4f}{floor}, {clean}"
