@@ -11,6 +11,7 @@ import torchvision
 from skip_correction import skip_correction_gaps
 from torch import Tensor, nn
 
+from lightning_backdoor.defenses import ActivationEditing
 from lightning_backdoor.defenses.activations import auto_candidates, capture
 from lightning_backdoor.defenses.residual import ResidualBranch, bypassed, channel_scale, residual_branch_of
 from lightning_backdoor.models import build_model
@@ -136,3 +137,23 @@ def test_auto_reaches_behind_pooled_layers_to_the_last_spatial_layers_no_skip_by
     # behind a one-layer head (the compact CNN: two spatial layers and the head), the probe adds nothing either
     compact = build_model("compact", num_classes=10, in_channels=1, widths=[8, 8, 8]).eval()
     assert auto_candidates(compact, 3, torch.rand(1, 1, 28, 28)) == ["blocks.2.conv1", "blocks.2.conv2", "head"]
+
+
+def test_a_declared_norm_that_is_no_per_channel_scale_is_refused_before_any_work() -> None:
+    """A block declaring a LayerNorm as its ``residual_norm`` (not an affine map per channel): the edit cannot read
+    the skip term through it, so the setup check refuses the layer in one line, before any capture."""
+
+    class Block(nn.Module):
+        residual_branch, residual_norm = "fc", "norm"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.norm = nn.Linear(8, 8), nn.LayerNorm(8)
+
+        def forward(self, tokens: Tensor) -> Tensor:
+            return tokens + self.norm(self.fc(tokens))
+
+    model = nn.Sequential(nn.Linear(8, 8), Block())
+    with pytest.raises(ValueError, match=r"^torch\.nn\.modules\.normalization\.LayerNorm between a residual branch "
+                                         r"and its add is no per-channel scale the edit knows"):
+        ActivationEditing(layer="1.fc").check_model(model, torch.rand(2, 4, 8))

@@ -25,6 +25,7 @@ from lightning_backdoor.defenses.editing import (KeyRows, closed_form_edit, key_
                                                 moment, protected_edit, rank_r_edit, shrinkage)
 from lightning_backdoor.defenses.inversion import FeatureTrigger
 from lightning_backdoor.defenses.prior import batchnorm_key_prior, feeding_batchnorm
+from lightning_backdoor.defenses.residual import residual_branch_of
 from lightning_backdoor.triggers import Trigger
 
 REPAIR_WEIGHTS = (1.0, 4.0, 16.0, 64.0, 256.0)
@@ -457,12 +458,14 @@ class ActivationEditing(Defense):
         drops the others). ``images``: a few unseen images (N, C, H, W).
 
         Raises:
-            ValueError: (one line) an unknown or unsupported layer; with a ``batchnorm_prior`` weight > 0, a named
+            ValueError: (one line) an unknown or unsupported layer, a declared ``residual_norm`` that is no
+                per-channel scale; with a ``batchnorm_prior`` weight > 0, a named
                 layer no BatchNorm feeds alone, or no such ``auto`` candidate (``None`` refuses neither).
         """
         layers = auto_candidates(model, self.candidates, images[:1]) if self.layer == "auto" else [self.layer]
         for name in layers:
             get_layer(model, name)  # a wrong name or type fails before any work
+            residual_branch_of(model, name)  # so does a declared residual_norm the correction cannot read
         if not self.batchnorm_prior:  # 0: no prior; None: chosen per layer, w = 0 where no BatchNorm feeds it
             return layers
         usable = []

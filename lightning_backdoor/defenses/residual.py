@@ -122,14 +122,21 @@ def residual_branch_of(model: nn.Module, name: str) -> ResidualBranch | None:
     """The residual block of layer ``name``: the nearest ancestor whose :func:`declared_branch` is the layer's path
     below it (``"conv2"`` in a PreAct-ResNet block, ``"mlp.fc2"`` in a transformer block, ``"block.3.0"`` in a
     torchvision MobileNetV3 block), with the per-channel scale in between; ``None`` when no ancestor adds the layer's
-    output to a skip path."""
+    output to a skip path.
+
+    Raises:
+        ValueError: (one line) the block declares a ``residual_norm`` that is no per-channel scale
+            (:func:`channel_scale`).
+    """
     parts = name.split(".")
     for depth in range(len(parts) - 1, -1, -1):
         block_name = ".".join(parts[:depth])
         branch = declared_branch(model.get_submodule(block_name) if block_name else model)
         if branch is not None and branch[0] == ".".join(parts[depth:]):
-            scale = branch[1]
-            return ResidualBranch(block_name, None if scale is None else ".".join(filter(None, (block_name, scale))))
+            scale = None if branch[1] is None else ".".join(filter(None, (block_name, branch[1])))
+            if scale is not None:
+                channel_scale(model.get_submodule(scale))  # a module that is no per-channel scale: refused here
+            return ResidualBranch(block_name, scale)
     return None
 
 
