@@ -160,3 +160,38 @@ def test_a_repair_that_does_not_restore_the_target_class_is_not_applied() -> Non
     assert result.details["repair_signal"]["drop"] > 0.02 and repair["setting"] is None and not repair["restored"]
     assert repair["drop_with_repair"]["0"] > 0.02 and not result.repaired
     assert torch.equal(useless[1].weight, without[1].weight)
+
+
+
+class BlendTarget(Trigger):
+    """Blends a fixed target-class image into every image: triggered keys lean towards the target class's own."""
+
+    def __init__(self, image: Tensor, alpha: float) -> None:
+        super().__init__()
+        self.image, self.alpha = image, alpha
+
+    def apply(self, images: Tensor) -> Tensor:
+        return (1 - self.alpha) * images + self.alpha * self.image
+
+
+def test_a_repair_that_gives_the_trigger_back_is_refused() -> None:
+    # the trigger blends a target-class image: removing it hurts the target class (the signal fires), and the pins
+    # that restore the held-out target images also raise the held-out triggered images' target confidence by more
+    # than the tolerance; the guard leaves the edit unrepaired
+    model, _, draw = world(shared=0.0)
+    trigger = BlendTarget(draw(1, TARGET, seed=7)[0], alpha=0.5)
+    unseen = unseen_set(draw, 4, seed=0)
+    unrepaired, _ = defend(model, trigger, unseen, repair=False)
+    guarded, result = defend(model, trigger, unseen)
+    repair = result.details["repair"]
+    assert result.details["repair_signal"]["drop"] > 0.1, result.details["repair_signal"]
+    restoring = [weight for weight, drop in repair["drop_with_repair"].items() if drop <= 0.02]
+    assert restoring, repair  # some pin does restore the held-out target images ...
+    assert all(repair["triggered_rise_with_repair"][weight] > 0.02 for weight in restoring), repair  # ... not alone
+    assert repair["setting"] is None and not result.repaired
+    assert torch.equal(guarded[1].weight, unrepaired[1].weight)
+    # the rise the guard measured on U's held-out folds is real: applied anyway, that pin raises the target
+    # confidence of triggered images the defense never saw
+    attacked = trigger(torch.cat([draw(100, label, 50 + label) for label in range(1, CLASSES)]))
+    given_back, _ = defend(model, trigger, unseen, repair_weights=(float(restoring[0]),), repair_tolerance=-1)
+    assert target_confidence(given_back, attacked) > target_confidence(unrepaired, attacked) + 0.02

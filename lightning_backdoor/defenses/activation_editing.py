@@ -303,8 +303,9 @@ class EditFit:
     """The edit fitted on U, before any weight changes: the chosen layer and strength, the key statistics of both
     folds of U (``fold_problems``) and their sum (``problem``), the (augmented) unseen images with labels and fold
     of each, the target class, the facts so far (``info``), the folds of the repair's signal with their
-    statistics (the same folds, except the views of a target class's single image: they alternate), and the
-    unedited model's target-class probability on each target-class image (in image order)."""
+    statistics (the same folds, except the views of a target class's single image: they alternate), the
+    unedited model's target-class probability on each target-class image (in image order), and each trigger with
+    its triggered images (in image order)."""
 
     layer: str
     strength: float
@@ -318,6 +319,7 @@ class EditFit:
     signal_folds: Tensor
     signal_problems: list[EditProblem]
     target_probability: Tensor
+    triggered: list[tuple[Trigger, Tensor]]
 
 
 @DEFENSES.register("editing")
@@ -345,8 +347,10 @@ class ActivationEditing(Defense):
         repair_tolerance: the signal's drop above which the repair fires (a negative value always repairs).
         repair_method: ``pin``: add the target class's keys to the preserved ones with a weight (the first of
             ``repair_weights`` whose cross-fitted drop is within the tolerance); ``protect``: keep the edit out of
-            the subspace holding ``repair_energies`` of the target keys' energy (the first within tolerance). When
-            no setting brings the drop within the tolerance, the edit stays unrepaired (the report says so).
+            the subspace holding ``repair_energies`` of the target keys' energy (the first within tolerance). A
+            setting must also pass a guard: the cross-fitted target confidence of U's triggered images may rise by
+            at most the tolerance and by no more than the repair won back (:meth:`choose_repair`). When no setting
+            qualifies, the edit stays unrepaired (the report says so).
         repair_weights: the pin weights the repair tries, in order.
         repair_energies: the energy fractions ``protect`` tries, in order.
         candidates: how many of the last editable layers ``auto`` tries.
@@ -565,7 +569,7 @@ class ActivationEditing(Defense):
         target_probability = torch.cat(logits)[labels == target_class].softmax(-1)[:, target_class]
         return EditFit(layer, strength, functools.reduce(operator.add, pieces.values()), fold_problems[layer, weight],
                        images, labels, folds, target_class, info, signal_folds, self._fold_sums(pieces, 1),
-                       target_probability)
+                       target_probability, triggered)
 
     def target_drop(self, model: nn.Module, fit: EditFit, setting: float | None = None) -> dict[str, Any]:
         """The repair's signal, cross-fitted on U: for each fold holding target-class images, the edit fitted on the
@@ -580,10 +584,8 @@ class ActivationEditing(Defense):
             check = (fit.signal_folds == held_out) & target
             if not check.any():
                 continue
-            problem = fit.signal_problems[1 - held_out]
-            arguments = {} if setting is None else self._repair_arguments(problem, setting)
-            validated = validated and (setting is None or problem.target_count.item() > 0)
-            delta = problem.solve(self.method, fit.strength, self.rank, **arguments)
+            delta, fitted_with_target = self._fold_edit(fit, held_out, setting)
+            validated = validated and fitted_with_target
             before.append(fit.target_probability[fit.signal_folds[target] == held_out])  # computed once, in fit
             held.append(check.nonzero().flatten())
             with trial_edit(model, fit.layer, delta):
@@ -597,22 +599,58 @@ class ActivationEditing(Defense):
                 "drop": mean_before - mean_after, "held_out_target_images": (views % count).unique().numel(),
                 "held_out_target_views": len(views), "validated": validated}
 
+    def triggered_confidence(self, model: nn.Module, fit: EditFit, setting: float | None = None) -> float:
+        """The repair's guard, cross-fitted as :meth:`target_drop`: the mean target-class probability of the
+        held-out fold's triggered non-target images (every trigger of the knowledge, averaged) under the edit fitted
+        on the other fold (repaired with ``setting`` when given). A repair that raises it gives the backdoor back
+        (the triggered keys of a backdoored model resemble the target class's, which the repair preserves).
+        ``model`` is left unchanged."""
+        total, count = 0.0, 0
+        for held_out in (0, 1):
+            attacked = (fit.signal_folds == held_out) & (fit.labels != fit.target_class)
+            if not attacked.any():
+                continue
+            delta, _ = self._fold_edit(fit, held_out, setting)
+            with trial_edit(model, fit.layer, delta):
+                for trigger, trigger_images in fit.triggered:
+                    with trigger.attached(model):
+                        logits = predict_logits(model, trigger_images[attacked], bf16=self.bf16)
+                    total += logits.softmax(-1)[:, fit.target_class].sum().item() / len(fit.triggered)
+            count += int(attacked.sum())
+        return total / max(count, 1)
+
+    def _fold_edit(self, fit: EditFit, held_out: int, setting: float | None) -> tuple[Tensor, bool]:
+        """The edit fitted on the signal fold other than ``held_out`` (repaired with ``setting`` when given), and
+        whether that fold held target keys to repair with."""
+        problem = fit.signal_problems[1 - held_out]
+        arguments = {} if setting is None else self._repair_arguments(problem, setting)
+        return (problem.solve(self.method, fit.strength, self.rank, **arguments),
+                setting is None or problem.target_count.item() > 0)
+
     def choose_repair(self, model: nn.Module, fit: EditFit) -> dict[str, Any]:
         """Try the repair's settings in order (pin weights or protected energies) until one brings the cross-fitted
-        drop (:meth:`target_drop`) within the tolerance; ``setting`` is that one, or ``None`` when none does (the
-        edit is then left unrepaired: a repair that does not restore the held-out target images only trades the
-        edit's strength away). A negative tolerance forces the last setting. Also returns each setting's drop."""
+        drop (:meth:`target_drop`) within the tolerance without raising the triggered images' target confidence
+        (:meth:`triggered_confidence`) by more than the tolerance; ``setting`` is that one, or ``None`` when none
+        does (the edit is then left unrepaired: a repair that does not restore the held-out target images only
+        trades the edit's strength away, and one that restores them with the trigger's effect gives the backdoor
+        back). A negative tolerance forces the last setting. Also returns each setting's drop and rise."""
         settings = self.repair_weights if self.repair_method == "pin" else self.repair_energies
-        tried, chosen = {}, None
+        tried, rises, chosen = {}, {}, None
+        drop, unrepaired = self.target_drop(model, fit)["drop"], self.triggered_confidence(model, fit)
         for setting in settings:
             tried[setting] = self.target_drop(model, fit, setting)
-            if tried[setting]["drop"] <= self.repair_tolerance:
+            if tried[setting]["drop"] > self.repair_tolerance:
+                continue
+            rises[setting] = self.triggered_confidence(model, fit, setting) - unrepaired
+            if rises[setting] <= min(self.repair_tolerance, drop - tried[setting]["drop"]):
                 chosen = setting
                 break
         if self.repair_tolerance < 0:
             chosen = settings[-1]
         return {"method": self.repair_method, "setting": chosen, "restored": chosen is not None,
                 "drop_with_repair": {f"{setting:g}": round(value["drop"], 4) for setting, value in tried.items()},
+                "triggered_confidence_without_repair": round(unrepaired, 4),
+                "triggered_rise_with_repair": {f"{setting:g}": round(rise, 4) for setting, rise in rises.items()},
                 "validated": all(value["validated"] for value in tried.values())}
 
     def _repair_arguments(self, problem: EditProblem, setting: float) -> dict[str, Any]:
