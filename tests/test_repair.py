@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
 from lightning_backdoor.defenses.activation_editing import predict_logits
 from lightning_backdoor.defenses.editing import key_subspace, protected_edit
+from lightning_backdoor.defenses.report import repair_withheld
 from lightning_backdoor.triggers import Trigger
 
 SIDE, CLASSES, TARGET = 4, 3, 0
@@ -82,6 +83,7 @@ def test_the_signal_sees_a_hurt_target_class_and_the_repair_restores_it(method: 
     views = result.details["views"]  # every view of the 4 unseen target images is held out by one fold
     assert signal["held_out_target_images"] == 4 and signal["held_out_target_views"] == 4 * views, (signal, views)
     assert target_confidence(repaired, fresh) > target_confidence(unrepaired, fresh) + 0.05
+    assert repair_withheld(result.details) is None  # repaired: no warning
     # the backdoor stays removed: triggered non-target images are not sent to the target
     attacked = trigger(torch.cat([draw(100, label, 50 + label) for label in range(1, CLASSES)]))
     assert (predict_logits(repaired, attacked).argmax(-1) == TARGET).float().mean() < 0.2
@@ -160,6 +162,8 @@ def test_a_repair_that_does_not_restore_the_target_class_is_not_applied() -> Non
     assert result.details["repair_signal"]["drop"] > 0.02 and repair["setting"] is None and not repair["restored"]
     assert repair["drop_with_repair"]["0"] > 0.02 and not result.repaired
     assert torch.equal(useless[1].weight, without[1].weight)
+    warning = repair_withheld(result.details)  # the user is told, with the signal's drop
+    assert "no repair setting restored them" in warning and f"{result.details['repair_signal']['drop']:.3f}" in warning
 
 
 
@@ -190,6 +194,7 @@ def test_a_repair_that_gives_the_trigger_back_is_refused() -> None:
     assert all(repair["triggered_rise_with_repair"][weight] > 0.02 for weight in restoring), repair  # ... not alone
     assert repair["setting"] is None and not result.repaired
     assert torch.equal(guarded[1].weight, unrepaired[1].weight)
+    assert "would give the backdoor back" in repair_withheld(result.details)
     # the rise the guard measured on U's held-out folds is real: applied anyway, that pin raises the target
     # confidence of triggered images the defense never saw
     attacked = trigger(torch.cat([draw(100, label, 50 + label) for label in range(1, CLASSES)]))

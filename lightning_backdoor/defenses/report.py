@@ -132,6 +132,22 @@ def backdoor_left(before: dict[str, float], after: dict[str, float], details: di
             f"floor ({100 * after['asr_floor']:.1f} %) on the test images; {advice} may remove more{unknown}")
 
 
+def repair_withheld(details: dict[str, Any]) -> str | None:
+    """A warning when the repair's signal saw the edit hurt the target class but no repair setting was applied (none
+    restored the held-out target images, or each that did gave the trigger back: ``details["repair"]`` of
+    :class:`~lightning_backdoor.defenses.activation_editing.ActivationEditing`); ``None`` otherwise."""
+    repair, signal = details.get("repair"), details.get("repair_signal", {})
+    if not repair or repair.get("setting") is not None or "drop" not in signal:
+        return None
+    restoring = [setting for setting, drop in repair.get("drop_with_repair", {}).items()
+                 if setting in repair.get("triggered_rise_with_repair", {})]
+    why = ("each setting that restored them raised the triggered images' target confidence too (the repair would "
+           "give the backdoor back)" if restoring else "no repair setting restored them")
+    return (f"the edit lowered the mean target-class probability of held-out unseen target images by "
+            f"{signal['drop']:.3f} and {why}: the edit is kept unrepaired, and the target class may have lost "
+            f"accuracy (see TA)")
+
+
 def estimation_line(details: dict[str, Any]) -> str | None:
     """The trigger estimation's verdict in one line (``None`` without one), from a defense result's ``details``:
     the target found, the estimators that flagged it with their anomaly index and size ratio, and the seconds; or
@@ -288,6 +304,9 @@ def run_defense(model: nn.Module, defense: Defense, unseen: UnseenData, knowledg
         for stage, network in (("before", original), ("after_edit", edited), ("after", model)):
             report.stages[stage]["estimated_asr"] = trigger_success_rate(
                 network, result.estimated.trigger, result.estimated.target_class, test.batches)
+    withheld = repair_withheld(result.details)
+    if withheld is not None:
+        report.warnings.append(withheld)
     total = test.num_images
     if near_chance(round(after["clean_acc"] * total), total, test.num_classes):
         accuracy = chance_line(after["clean_acc"], total, test.num_classes, "test")
