@@ -430,7 +430,7 @@ class ActivationEditing(Defense):
                 signal = self.target_drop(model, fit)
                 info["repair_signal"] = signal
                 if signal["drop"] > self.repair_tolerance:
-                    info["repair"] = self.choose_repair(model, fit)
+                    info["repair"] = self.choose_repair(model, fit, signal["drop"])
                     repair = info["repair"] if info["repair"]["setting"] is not None else None
             add_delta(model, layer, delta)
             info["edit_seconds"] = time.perf_counter() - start
@@ -627,16 +627,18 @@ class ActivationEditing(Defense):
         return (problem.solve(self.method, fit.strength, self.rank, **arguments),
                 setting is None or problem.target_count.item() > 0)
 
-    def choose_repair(self, model: nn.Module, fit: EditFit) -> dict[str, Any]:
+    def choose_repair(self, model: nn.Module, fit: EditFit, drop: float | None = None) -> dict[str, Any]:
         """Try the repair's settings in order (pin weights or protected energies) until one brings the cross-fitted
-        drop (:meth:`target_drop`) within the tolerance without raising the triggered images' target confidence
-        (:meth:`triggered_confidence`) by more than the tolerance; ``setting`` is that one, or ``None`` when none
-        does (the edit is then left unrepaired: a repair that does not restore the held-out target images only
+        drop (:meth:`target_drop`) within the tolerance and raises the triggered images' target confidence
+        (:meth:`triggered_confidence`) by at most the tolerance and by no more than it won back (``drop``, the
+        unrepaired edit's signal, computed when not given, minus its own); ``setting`` is that one, or ``None`` when
+        none does (the edit is then left unrepaired: a repair that does not restore the held-out target images only
         trades the edit's strength away, and one that restores them with the trigger's effect gives the backdoor
         back). A negative tolerance forces the last setting. Also returns each setting's drop and rise."""
         settings = self.repair_weights if self.repair_method == "pin" else self.repair_energies
         tried, rises, chosen = {}, {}, None
-        drop, unrepaired = self.target_drop(model, fit)["drop"], self.triggered_confidence(model, fit)
+        drop = self.target_drop(model, fit)["drop"] if drop is None else drop
+        unrepaired = self.triggered_confidence(model, fit)
         for setting in settings:
             tried[setting] = self.target_drop(model, fit, setting)
             if tried[setting]["drop"] > self.repair_tolerance:
