@@ -201,6 +201,7 @@ def main() -> None:
                                     "setting": repair.get("setting"),
                                     "prior_weight": result.details.get("batchnorm_prior", {}).get("weight"),
                                     "repair_signals": repair.get("drop_with_repair"),
+                                    "triggered_rises": repair.get("triggered_rise_with_repair"),
                                     "validated": repair.get("validated"),
                                     "delta_ca": 100 * (after["clean_acc"] - before[seed]["clean_acc"]),
                                     "delta_ta": 100 * (after["target_acc"] - before[seed]["target_acc"]),
@@ -221,7 +222,9 @@ def main() -> None:
                           *(statistics.mean(row[key] for row in results)
                             for key in ("target_logit_shift", "others_logit_shift"))) if layer == "head" else "")
                       + (f"; applied {sum(row['repaired'] for row in results)}/{len(results)}, settings "
-                         f"{[row['setting'] for row in results]}" if repairs else ""), flush=True)
+                         f"{[row['setting'] for row in results]}" if repairs else "")
+                      + (f"; guard's triggered rises {[row['triggered_rises'] for row in results]}"
+                         if any(row["triggered_rises"] for row in results) else ""), flush=True)
     if args.out:
         atomic_json({"rows": rows, "threads": torch.get_num_threads()}, args.out)
 
