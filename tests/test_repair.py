@@ -99,6 +99,7 @@ def test_where_the_edit_does_no_harm_the_repair_changes_nothing() -> None:
     with_repair, result = defend(model, trigger, unseen)
     assert result.details["repair_signal"]["drop"] <= 0.02 and not result.repaired and not result.stages
     assert torch.equal(with_repair[1].weight, without[1].weight)  # bit-identical
+    assert "repair" not in result.details and repair_withheld(result.details) is None  # not tried: no warning
 
 
 def test_a_single_target_image_splits_its_views_between_the_signal_folds() -> None:
@@ -166,7 +167,6 @@ def test_a_repair_that_does_not_restore_the_target_class_is_not_applied() -> Non
     assert "no repair setting restored them" in warning and f"{result.details['repair_signal']['drop']:.3f}" in warning
 
 
-
 class BlendTarget(Trigger):
     """Blends a fixed target-class image into every image: triggered keys lean towards the target class's own."""
 
@@ -200,3 +200,26 @@ def test_a_repair_that_gives_the_trigger_back_is_refused() -> None:
     attacked = trigger(torch.cat([draw(100, label, 50 + label) for label in range(1, CLASSES)]))
     given_back, _ = defend(model, trigger, unseen, repair_weights=(float(restoring[0]),), repair_tolerance=-1)
     assert target_confidence(given_back, attacked) > target_confidence(unrepaired, attacked) + 0.02
+
+
+@pytest.mark.parametrize(("signal", "drops", "rises", "chosen"), [
+    (0.025, {1.0: 0.015}, {1.0: 0.012}, None),  # rise within τ but above what it won back (0.010): refused
+    (0.025, {1.0: 0.015, 4.0: 0.001}, {1.0: 0.012, 4.0: 0.015}, 4.0),  # pin 4 wins back 0.024 > its rise
+    (0.1, {1.0: 0.001}, {1.0: 0.030}, None),  # won back 0.099, but the rise is above τ: refused
+    (0.1, {1.0: 0.030, 4.0: 0.010}, {4.0: 0.0}, 4.0),  # pin 1 does not restore (no rise measured), pin 4 passes
+])
+def test_the_guard_accepts_a_rise_up_to_the_tolerance_and_to_what_the_repair_won_back(
+        signal: float, drops: dict[float, float], rises: dict[float, float], chosen: float | None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # the rule alone, with the two cross-fitted measurements stubbed (τ = 0.02)
+    defense = ActivationEditing(repair_weights=tuple(drops), repair_tolerance=0.02)
+    monkeypatch.setattr(defense, "target_drop", lambda model, fit, setting=None: {
+        "drop": signal if setting is None else drops[setting], "validated": True})
+    monkeypatch.setattr(defense, "triggered_confidence", lambda model, fit, setting=None: (
+        0.1 if setting is None else 0.1 + rises[setting]))
+    repair = defense.choose_repair(nn.Identity(), None)
+    assert repair["setting"] == chosen and repair["restored"] == (chosen is not None), repair
+    assert set(repair["triggered_rise_with_repair"]) == {f"{setting:g}" for setting in rises}, repair
+    warning = repair_withheld({"repair": repair, "repair_signal": {"drop": signal}})
+    assert (warning is None) == (chosen is not None)
+    assert warning is None or "would give the backdoor back" in warning

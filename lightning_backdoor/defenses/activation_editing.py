@@ -348,8 +348,9 @@ class ActivationEditing(Defense):
         repair_method: ``pin``: add the target class's keys to the preserved ones with a weight (the first of
             ``repair_weights`` whose cross-fitted drop is within the tolerance); ``protect``: keep the edit out of
             the subspace holding ``repair_energies`` of the target keys' energy (the first within tolerance). A
-            setting must also pass a guard: the cross-fitted target confidence of U's triggered images may rise by
-            at most the tolerance and by no more than the repair won back (:meth:`choose_repair`). When no setting
+            setting must also pass a guard: the cross-fitted target confidence of the held-out folds' triggered
+            non-target images may rise by at most the tolerance and by no more than the repair won back
+            (:meth:`choose_repair`). When no setting
             qualifies, the edit stays unrepaired (the report says so).
         repair_weights: the pin weights the repair tries, in order.
         repair_energies: the energy fractions ``protect`` tries, in order.
@@ -629,29 +630,31 @@ class ActivationEditing(Defense):
 
     def choose_repair(self, model: nn.Module, fit: EditFit, drop: float | None = None) -> dict[str, Any]:
         """Try the repair's settings in order (pin weights or protected energies) until one brings the cross-fitted
-        drop (:meth:`target_drop`) within the tolerance and raises the triggered images' target confidence
+        drop (:meth:`target_drop`) within the tolerance and raises the held-out triggered images' target confidence
         (:meth:`triggered_confidence`) by at most the tolerance and by no more than it won back (``drop``, the
         unrepaired edit's signal, computed when not given, minus its own); ``setting`` is that one, or ``None`` when
         none does (the edit is then left unrepaired: a repair that does not restore the held-out target images only
         trades the edit's strength away, and one that restores them with the trigger's effect gives the backdoor
-        back). A negative tolerance forces the last setting. Also returns each setting's drop and rise."""
+        back). A negative tolerance forces the last setting. Also returns the drop of each setting tried and the
+        rise of each whose drop was within the tolerance (and of the forced one)."""
         settings = self.repair_weights if self.repair_method == "pin" else self.repair_energies
         tried, rises, chosen = {}, {}, None
         drop = self.target_drop(model, fit)["drop"] if drop is None else drop
-        unrepaired = self.triggered_confidence(model, fit)
-        for setting in settings:
+        unrepaired = None  # the guard's baseline, measured once a setting restores the target images
+        for setting in settings if self.repair_tolerance >= 0 else settings[-1:]:
             tried[setting] = self.target_drop(model, fit, setting)
-            if tried[setting]["drop"] > self.repair_tolerance:
+            if tried[setting]["drop"] > self.repair_tolerance and self.repair_tolerance >= 0:
                 continue
+            if unrepaired is None:
+                unrepaired = self.triggered_confidence(model, fit)
             rises[setting] = self.triggered_confidence(model, fit, setting) - unrepaired
-            if rises[setting] <= min(self.repair_tolerance, drop - tried[setting]["drop"]):
+            if self.repair_tolerance < 0 or rises[setting] <= min(self.repair_tolerance,
+                                                                   drop - tried[setting]["drop"]):
                 chosen = setting
                 break
-        if self.repair_tolerance < 0:
-            chosen = settings[-1]
         return {"method": self.repair_method, "setting": chosen, "restored": chosen is not None,
                 "drop_with_repair": {f"{setting:g}": round(value["drop"], 4) for setting, value in tried.items()},
-                "triggered_confidence_without_repair": round(unrepaired, 4),
+                "triggered_confidence_without_repair": None if unrepaired is None else round(unrepaired, 4),
                 "triggered_rise_with_repair": {f"{setting:g}": round(rise, 4) for setting, rise in rises.items()},
                 "validated": all(value["validated"] for value in tried.values())}
 

@@ -139,8 +139,7 @@ def repair_withheld(details: dict[str, Any]) -> str | None:
     repair, signal = details.get("repair"), details.get("repair_signal", {})
     if not repair or repair.get("setting") is not None or "drop" not in signal:
         return None
-    restoring = [setting for setting, drop in repair.get("drop_with_repair", {}).items()
-                 if setting in repair.get("triggered_rise_with_repair", {})]
+    restoring = bool(repair.get("triggered_rise_with_repair"))  # rises are measured for restoring settings only
     why = ("each setting that restored them raised the triggered images' target confidence too (the repair would "
            "give the backdoor back)" if restoring else "no repair setting restored them")
     return (f"the edit lowered the mean target-class probability of held-out unseen target images by "
