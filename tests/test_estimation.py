@@ -255,6 +255,28 @@ def test_the_edit_also_maps_patch_candidates_moved_each_way() -> None:
         TriggerEstimator(shift=-1)
 
 
+def test_moved_patch_candidates_the_model_does_not_react_to_are_left_out() -> None:
+    mask = torch.zeros(1, 32, 32)
+    mask[0, 30, 18] = 0.5
+    patch = MaskPatternTrigger(mask, torch.rand(3, 32, 32))
+    estimate = BackdoorEstimate(0, patch, "neural_cleanse", 1.0, candidates={"neural_cleanse": patch},
+                                strengths=(1.0, 1.5), shift=8)
+    # a stand-in success: the candidate in place sends 80 % of U to the target (90 % at x1.5), moved right 60 %,
+    # moved elsewhere 10 %
+    def success(trigger: MaskPatternTrigger) -> float:
+        row, column = divmod(int(trigger._mask.argmax()), 32)
+        place = 0.8 if (row, column) == (30, 18) else 0.6 if (row, column) == (30, 26) else 0.1
+        return place + (0.1 if trigger._mask.max() > 0.5 else 0.0)
+
+    def places(triggers: list) -> list[tuple[int, int]]:
+        return [divmod(int(trigger._mask.argmax()), 32) for trigger in triggers]
+
+    assert places(estimate.edit_triggers(success, keep=0.5)) == [(30, 18), (30, 26)] * 2  # 0.6 >= 0.4, 0.7 >= 0.45
+    # keep 0.76: at x1 the move sends 0.6 < 0.608 (left out), at x1.5 0.7 >= 0.684 (kept)
+    assert places(estimate.edit_triggers(success, keep=0.76)) == [(30, 18), (30, 18), (30, 26)]
+    assert len(estimate.edit_triggers(success, keep=0.0)) == len(estimate.edit_triggers()) == 10
+
+
 def test_editing_with_a_repeated_trigger_equals_editing_with_it_once(quickstart_run: Path) -> None:
     module, data = instantiate_run([QUICKSTART], quickstart_run / "checkpoints" / "poisoned.ckpt")
     unseen_set = data.unseen_set(5, 0)

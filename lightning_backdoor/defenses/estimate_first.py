@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 from lightning_backdoor.defenses.base import BackdoorKnowledge, Defense, DefenseResult, UnseenData
 from lightning_backdoor.defenses.estimation import TriggerEstimator
+from lightning_backdoor.triggers import Trigger
 
 
 class EstimateFirst(Defense):
@@ -25,13 +28,17 @@ class EstimateFirst(Defense):
         every_candidate: hand the defense every candidate of the estimate (each flagging estimator's trigger at
             every strength, patch triggers also moved: :meth:`BackdoorEstimate.edit_triggers`), or only the main
             trigger (the flagged estimator's, as estimated).
+        keep: a moved patch candidate is handed over only where it sends at least this fraction as many of the
+            unseen non-target images to the target class as the candidate at its own place (0: all are).
     """
 
     def __init__(self, defense: Defense, estimator: TriggerEstimator | None = None,
-                 every_candidate: bool = True) -> None:
+                 every_candidate: bool = True, keep: float = 0.5) -> None:
+        if not 0 <= keep <= 1:
+            raise ValueError(f"keep={keep} must be in [0, 1] (0: every moved placement is kept)")
         self.defense = defense
         self.estimator = estimator if estimator is not None else TriggerEstimator()
-        self.every_candidate = every_candidate
+        self.every_candidate, self.keep = every_candidate, keep
 
     def check_model(self, model: nn.Module, images: Tensor) -> None:
         """The wrapped defense's :meth:`~lightning_backdoor.defenses.base.Defense.check_model`."""
@@ -51,7 +58,12 @@ class EstimateFirst(Defense):
         if estimate.target_class is None or estimate.trigger is None:
             return DefenseResult(method=f"{self.defense.name}/no_backdoor_found", seconds=estimate.seconds,
                                  details=details | {"editing_seconds": 0.0})
-        triggers = estimate.edit_triggers() if self.every_candidate else [estimate.trigger]
+        if self.every_candidate:
+            every = estimate.edit_triggers()
+            triggers = estimate.edit_triggers(success_on(model, unseen, estimate.target_class), self.keep)
+            details["estimation"]["placements"] = f"{len(triggers)} of {len(every)} kept"
+        else:
+            triggers = [estimate.trigger]
         started = time.perf_counter()
         result = self.defense.defend(model, unseen, BackdoorKnowledge.of(triggers, estimate.target_class))
         seconds = time.perf_counter() - started
@@ -60,6 +72,28 @@ class EstimateFirst(Defense):
         result.estimated = BackdoorKnowledge.of(estimate.trigger, estimate.target_class)
         result.picture = estimate.picture
         return result
+
+
+@torch.no_grad()
+def success_on(model: nn.Module, unseen: UnseenData, target_class: int, batch_size: int = 500
+               ) -> Callable[[Trigger], float]:
+    """``trigger -> fraction`` of ``unseen``'s images not of ``target_class`` that ``model`` (in eval mode for the
+    call, its mode restored) assigns to ``target_class`` once ``trigger`` is applied."""
+    others = unseen.images[unseen.labels != target_class].float()
+
+    @torch.no_grad()
+    def success(trigger: Trigger) -> float:
+        was_training = model.training
+        model.eval()
+        try:
+            with trigger.attached(model):
+                hits = sum(int((model(trigger(batch)).argmax(-1) == target_class).sum())
+                           for batch in others.split(batch_size))
+        finally:
+            model.train(was_training)
+        return hits / max(len(others), 1)
+
+    return success
 
 
 def without_knowledge(defense: Defense, seed: int | None = None) -> Defense:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -79,14 +80,23 @@ class BackdoorEstimate:
     every_candidate: dict[str, EstimatedTrigger] = field(default_factory=dict)
     shift: int = 0
 
-    def edit_triggers(self) -> list[EstimatedTrigger]:
+    def edit_triggers(self, success: Callable[[EstimatedTrigger], float] | None = None,
+                      keep: float = 0.5) -> list[EstimatedTrigger]:
         """Every candidate at every strength, and each patch candidate also moved ``shift`` pixels up, down, left and
-        right: the triggers the edit maps to clean values."""
+        right: the triggers the edit maps to clean values. With ``success`` (the fraction of the unseen non-target
+        images a trigger sends to the target class), a moved candidate is kept only where it sends at least
+        ``keep`` times as many as the candidate at its own place: a placement the model does not react to asks
+        the edit to keep that pattern's outputs as they are, and dilutes the edit of the placements that do act
+        (docs/results/vit.md, "A ViT with LayerScale")."""
         triggers = []
         for name, trigger in self.candidates.items():
             for strength in self.strengths:
                 stronger = trigger.strengthened(strength)
-                triggers += [stronger, *(stronger.moved(*move) for move in self._moves(name))]
+                moved = [stronger.moved(*move) for move in self._moves(name)]
+                if success is not None and moved:
+                    least = keep * success(stronger)
+                    moved = [placement for placement in moved if success(placement) >= least]
+                triggers += [stronger, *moved]
         return triggers
 
     def _moves(self, name: str) -> list[tuple[int, int]]:
