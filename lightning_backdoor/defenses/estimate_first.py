@@ -74,7 +74,6 @@ class EstimateFirst(Defense):
         return result
 
 
-@torch.no_grad()
 def success_on(model: nn.Module, unseen: UnseenData, target_class: int, batch_size: int = 500
                ) -> Callable[[Trigger], float]:
     """``trigger -> fraction`` of ``unseen``'s images not of ``target_class`` that ``model`` (in eval mode for the
