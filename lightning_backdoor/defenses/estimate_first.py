@@ -34,8 +34,8 @@ class EstimateFirst(Defense):
 
     def __init__(self, defense: Defense, estimator: TriggerEstimator | None = None,
                  every_candidate: bool = True, keep: float = 0.5) -> None:
-        if not 0 <= keep <= 1:
-            raise ValueError(f"keep={keep} must be in [0, 1] (0: every moved placement is kept)")
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 <= keep <= 1:
+            raise ValueError(f"keep={keep!r} must be a number in [0, 1] (0: every moved placement is kept)")
         self.defense = defense
         self.estimator = estimator if estimator is not None else TriggerEstimator()
         self.every_candidate, self.keep = every_candidate, keep
@@ -61,7 +61,9 @@ class EstimateFirst(Defense):
         if self.every_candidate:
             every = estimate.edit_triggers()
             triggers = estimate.edit_triggers(success_on(model, unseen, estimate.target_class), self.keep)
-            details["estimation"]["placements"] = f"{len(triggers)} of {len(every)} kept"
+            in_place = len(estimate.candidates) * len(estimate.strengths)
+            details["estimation"]["placements"] = (f"{len(triggers) - in_place} of {len(every) - in_place} moved "
+                                                   f"placements act and were kept")
         else:
             triggers = [estimate.trigger]
         started = time.perf_counter()

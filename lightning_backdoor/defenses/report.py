@@ -144,7 +144,7 @@ def repair_withheld(details: dict[str, Any]) -> str | None:
            "give the backdoor back)" if restoring else "no repair setting restored them")
     return (f"the edit lowered the mean target-class probability of held-out unseen target images by "
             f"{signal['drop']:.3f} and {why}: the edit is kept unrepaired, and the target class may have lost "
-            f"accuracy (see TA)")
+            f"accuracy (see TA; without a test trigger, check target-class images you kept out of the unseen ones)")
 
 
 def estimation_line(details: dict[str, Any]) -> str | None:
