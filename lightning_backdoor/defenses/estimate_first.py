@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import torch
 from torch import Tensor, nn
 
 from lightning_backdoor.defenses.base import BackdoorKnowledge, Defense, DefenseResult, UnseenData
 from lightning_backdoor.defenses.estimation import TriggerEstimator
+from lightning_backdoor.defenses.report import trigger_success_rate
+from lightning_backdoor.evaluation import in_batches
 from lightning_backdoor.triggers import Trigger
 
 
@@ -76,25 +77,12 @@ class EstimateFirst(Defense):
         return result
 
 
-def success_on(model: nn.Module, unseen: UnseenData, target_class: int, batch_size: int = 500
-               ) -> Callable[[Trigger], float]:
-    """``trigger -> fraction`` of ``unseen``'s images not of ``target_class`` that ``model`` (in eval mode for the
-    call, its mode restored) assigns to ``target_class`` once ``trigger`` is applied."""
-    others = unseen.images[unseen.labels != target_class].float()
-
-    @torch.no_grad()
-    def success(trigger: Trigger) -> float:
-        was_training = model.training
-        model.eval()
-        try:
-            with trigger.attached(model):
-                hits = sum(int((model(trigger(batch)).argmax(-1) == target_class).sum())
-                           for batch in others.split(batch_size))
-        finally:
-            model.train(was_training)
-        return hits / max(len(others), 1)
-
-    return success
+def success_on(model: nn.Module, unseen: UnseenData, target_class: int) -> Callable[[Trigger], float]:
+    """``trigger -> fraction`` of ``unseen``'s images not of ``target_class`` that ``model`` assigns to
+    ``target_class`` once ``trigger`` is applied (:func:`~lightning_backdoor.defenses.report.trigger_success_rate`,
+    the estimated ASR of the report, on U)."""
+    batches = in_batches(unseen.images.float(), unseen.labels)
+    return lambda trigger: trigger_success_rate(model, trigger, target_class, batches)
 
 
 def without_knowledge(defense: Defense, seed: int | None = None) -> Defense:
