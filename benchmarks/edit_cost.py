@@ -177,7 +177,7 @@ def images_part(args: argparse.Namespace, save: Callable[[], None], rows: list[d
             (model, details), memory = peak_memory(lambda: edit(network, args.layer, unseen, knowledge, bf16,
                                                                 args.seed))
             row[name] = {**timing, "peak_memory_mib": memory / 2**20, "system": details["system"],
-                         "repaired": details.get("repair", {}).get("restored", False)}
+                         "repaired": details.get("repair", {}).get("setting") is not None}
             if test is not None:
                 row[name]["test"] = evaluate(model, *test, data.num_classes, data.target_class, bf16=True)
         row["bf16_errors"] = moment_errors(network, args.layer, unseen, knowledge, args.seed)

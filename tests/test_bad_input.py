@@ -82,6 +82,8 @@ CASES = [
      "defense.batchnorm_prior: expected float, got 'auto'; where an option accepts None, write null"),
     ("batchnorm_prior_out_of_range", "defend", ["--checkpoint={ckpt}", "--defense.init_args.batchnorm_prior=2"],
      "batchnorm_prior=2.0 must be a weight in [0, 1] (0: no prior) or None/null (chosen on the unseen split)"),
+    ("repair_weight_negative", "defend", ["--checkpoint={ckpt}", "--defense.init_args.repair_weights=[1, -4]"],
+     "repair_weights=(1.0, -4.0) must be one or more numbers >= 0 (pin weights)"),
     ("unknown_defense", "defend", ["--checkpoint={ckpt}", "--defense=lightning_backdoor.defenses.Nope"],
      "defense: no class named 'Nope'; known: ANP, ActivationEditing, EstimateFirst"),
     ("unseen_per_class_zero", "defend", ["--checkpoint={ckpt}", "--unseen_per_class=0"],

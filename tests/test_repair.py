@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
 from lightning_backdoor.defenses.activation_editing import predict_logits
 from lightning_backdoor.defenses.editing import key_subspace, protected_edit
-from lightning_backdoor.defenses.report import repair_withheld
+from lightning_backdoor.defenses.report import repair_warning
 from lightning_backdoor.triggers import Trigger
 
 SIDE, CLASSES, TARGET = 4, 3, 0
@@ -83,7 +83,7 @@ def test_the_signal_sees_a_hurt_target_class_and_the_repair_restores_it(method: 
     views = result.details["views"]  # every view of the 4 unseen target images is held out by one fold
     assert signal["held_out_target_images"] == 4 and signal["held_out_target_views"] == 4 * views, (signal, views)
     assert target_confidence(repaired, fresh) > target_confidence(unrepaired, fresh) + 0.05
-    assert repair_withheld(result.details) is None  # repaired: no warning
+    assert repair_warning(result.details) is None  # repaired: no warning
     # the backdoor stays removed: triggered non-target images are not sent to the target
     attacked = trigger(torch.cat([draw(100, label, 50 + label) for label in range(1, CLASSES)]))
     assert (predict_logits(repaired, attacked).argmax(-1) == TARGET).float().mean() < 0.2
@@ -99,7 +99,7 @@ def test_where_the_edit_does_no_harm_the_repair_changes_nothing() -> None:
     with_repair, result = defend(model, trigger, unseen)
     assert result.details["repair_signal"]["drop"] <= 0.02 and not result.repaired and not result.stages
     assert torch.equal(with_repair[1].weight, without[1].weight)  # bit-identical
-    assert "repair" not in result.details and repair_withheld(result.details) is None  # not tried: no warning
+    assert "repair" not in result.details and repair_warning(result.details) is None  # not tried: no warning
 
 
 def test_a_single_target_image_splits_its_views_between_the_signal_folds() -> None:
@@ -163,7 +163,7 @@ def test_a_repair_that_does_not_restore_the_target_class_is_not_applied() -> Non
     assert result.details["repair_signal"]["drop"] > 0.02 and repair["setting"] is None and not repair["restored"]
     assert repair["drop_with_repair"]["0"] > 0.02 and not result.repaired
     assert torch.equal(useless[1].weight, without[1].weight)
-    warning = repair_withheld(result.details)  # the user is told, with the signal's drop
+    warning = repair_warning(result.details)  # the user is told, with the signal's drop
     assert "no repair setting restored them" in warning and f"{result.details['repair_signal']['drop']:.3f}" in warning
 
 
@@ -194,12 +194,14 @@ def test_a_repair_that_gives_the_trigger_back_is_refused() -> None:
     assert all(repair["triggered_rise_with_repair"][weight] > 0.02 for weight in restoring), repair  # ... not alone
     assert repair["setting"] is None and not result.repaired
     assert torch.equal(guarded[1].weight, unrepaired[1].weight)
-    assert "would give the backdoor back" in repair_withheld(result.details)
+    assert "would give the backdoor back" in repair_warning(result.details)
     # the rise the guard measured on U's held-out folds is real: applied anyway, that pin raises the target
     # confidence of triggered images the defense never saw
     attacked = trigger(torch.cat([draw(100, label, 50 + label) for label in range(1, CLASSES)]))
-    given_back, _ = defend(model, trigger, unseen, repair_weights=(float(restoring[0]),), repair_tolerance=-1)
+    given_back, forced = defend(model, trigger, unseen, repair_weights=(float(restoring[0]),), repair_tolerance=-1)
     assert target_confidence(given_back, attacked) > target_confidence(unrepaired, attacked) + 0.02
+    assert forced.repaired and forced.details["repair"]["forced"] and forced.details["repair"]["restored"] is None
+    assert "the forced repair (pin" in repair_warning(forced.details)  # the user is told what the guard would see
 
 
 @pytest.mark.parametrize(("signal", "drops", "rises", "chosen"), [
@@ -220,6 +222,37 @@ def test_the_guard_accepts_a_rise_up_to_the_tolerance_and_to_what_the_repair_won
     repair = defense.choose_repair(nn.Identity(), None)
     assert repair["setting"] == chosen and repair["restored"] == (chosen is not None), repair
     assert set(repair["triggered_rise_with_repair"]) == {f"{setting:g}" for setting in rises}, repair
-    warning = repair_withheld({"repair": repair, "repair_signal": {"drop": signal}})
+    warning = repair_warning({"repair": repair, "repair_signal": {"drop": signal}})
     assert (warning is None) == (chosen is not None)
     assert warning is None or "would give the backdoor back" in warning
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    ({"repair_weights": ()}, "repair_weights=\\(\\) must be one or more numbers >= 0"),
+    ({"repair_weights": (1.0, float("inf"))}, "repair_weights=.* must be one or more numbers >= 0"),
+    ({"repair_energies": (0.5, 1.5)}, "repair_energies=.* must be one or more fractions in \\(0, 1\\]"),
+    ({"repair_tolerance": float("nan")}, "repair_tolerance=nan must be a finite number"),
+    ({"candidates": 0}, "candidates=0 must be an integer >= 1"),  # [-0:] would silently try every layer
+    ({"rank": 0}, "rank=0 must be an integer >= 1"),
+    ({"min_images": -1}, "min_images=-1 must be an integer >= 0"),
+    ({"strength": float("nan")}, "strength=nan must be a positive number"),
+])
+def test_settings_the_edit_cannot_use_are_refused_when_it_is_built(arguments: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ActivationEditing(**arguments)
+
+
+@pytest.mark.parametrize(("rise", "warned"), [(0.004, False), (0.006, True)])
+def test_a_forced_repair_is_reported_unjudged_and_warned_about_when_it_gives_more_than_it_won_back(
+        rise: float, warned: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # τ < 0 applies the last setting whatever it measures (stubbed: signal 0.010, drop with the pin 0.005)
+    defense = ActivationEditing(repair_weights=(1.0, 4.0), repair_tolerance=-1.0)
+    monkeypatch.setattr(defense, "target_drop", lambda model, fit, setting=None: {
+        "drop": 0.010 if setting is None else 0.005, "validated": True})
+    monkeypatch.setattr(defense, "triggered_confidence", lambda model, fit, setting=None: (
+        0.1 if setting is None else 0.1 + rise))
+    repair = defense.choose_repair(nn.Identity(), None, 0.010)
+    assert repair["setting"] == 4.0 and repair["forced"] and repair["restored"] is None, repair
+    warning = repair_warning({"repair": repair, "repair_signal": {"drop": 0.010}})
+    assert (warning is not None) == warned, warning
+    assert warning is None or "while winning back 0.005 for the held-out target images" in warning

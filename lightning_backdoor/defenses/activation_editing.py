@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import operator
 import time
 from collections.abc import Iterator
@@ -29,6 +30,8 @@ from lightning_backdoor.defenses.residual import residual_branch_of
 from lightning_backdoor.triggers import Trigger
 
 REPAIR_WEIGHTS = (1.0, 4.0, 16.0, 64.0, 256.0)
+#: the default tolerance τ of the repair's signal and guard (the guard's, too, when a negative one forces the repair)
+REPAIR_TOLERANCE = 0.02
 REPAIR_ENERGIES = (0.5, 0.9, 0.99)
 STRENGTHS = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 PRIOR_WEIGHTS = (0.0, 0.25, 0.5)
@@ -40,6 +43,11 @@ KEY_SPACE_RATIO = 1.0
 #: skipped by ``layer: auto`` and refused by name
 MOMENT_COPIES = 12
 TRIGGERED_SUMS = ("triggered_moment", "residual_moment", "residual_energy", "target_energy", "triggered_count")
+
+
+def _positive(value: object) -> bool:
+    """Whether ``value`` is a finite number > 0 (not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
 def cgroup_headroom(root: Path = Path("/sys/fs/cgroup")) -> int | None:
@@ -382,12 +390,27 @@ class ActivationEditing(Defense):
     def __init__(self, layer: str = "auto", method: Literal["closed_form", "rank_r"] = "closed_form",
                  strength: float | None = 10.0, rank: int = 16, min_images: int = 40,
                  spatial_weight: Literal["uniform", "mask"] = "uniform", repair: bool = True,
-                 repair_tolerance: float = 0.02, repair_method: Literal["pin", "protect"] = "pin",
+                 repair_tolerance: float = REPAIR_TOLERANCE, repair_method: Literal["pin", "protect"] = "pin",
                  repair_weights: tuple[float, ...] = REPAIR_WEIGHTS,
                  repair_energies: tuple[float, ...] = REPAIR_ENERGIES, candidates: int = 3, seed: int = 0,
                  bf16: bool = False, chunk_size: int = 500, batchnorm_prior: float | None = 0.0) -> None:
-        if strength is not None and strength <= 0:
-            raise ValueError(f"strength={strength} must be positive")
+        if strength is not None and not _positive(strength):
+            raise ValueError(f"strength={strength!r} must be a positive number, or None/null (chosen on the unseen "
+                             f"split)")
+        for name, value in (("rank", rank), ("candidates", candidates)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if isinstance(min_images, bool) or not isinstance(min_images, int) or min_images < 0:
+            raise ValueError(f"min_images={min_images!r} must be an integer >= 0")
+        if isinstance(repair_tolerance, bool) or not isinstance(repair_tolerance, (int, float)) \
+                or not math.isfinite(repair_tolerance):
+            raise ValueError(f"repair_tolerance={repair_tolerance!r} must be a finite number (a negative value "
+                             f"always repairs)")
+        if not repair_weights or not all(_positive(weight) or weight == 0 for weight in repair_weights):
+            raise ValueError(f"repair_weights={repair_weights!r} must be one or more numbers >= 0 (pin weights)")
+        if not repair_energies or not all(_positive(energy) and energy <= 1 for energy in repair_energies):
+            raise ValueError(f"repair_energies={repair_energies!r} must be one or more fractions in (0, 1] (of the "
+                             f"target keys' energy)")
         self.layer, self.method, self.strength, self.rank, self.min_images = layer, method, strength, rank, min_images
         self.spatial_weight, self.repair, self.repair_tolerance = spatial_weight, repair, repair_tolerance
         if repair_method not in ("pin", "protect"):
@@ -429,7 +452,7 @@ class ActivationEditing(Defense):
             repair = None
             if self.repair:
                 signal = self.target_drop(model, fit)
-                info["repair_signal"] = signal
+                info["repair_signal"] = {**signal, "drop": round(signal["drop"], 4)}
                 if signal["drop"] > self.repair_tolerance:
                     info["repair"] = self.choose_repair(model, fit, signal["drop"])
                     repair = info["repair"] if info["repair"]["setting"] is not None else None
@@ -635,12 +658,15 @@ class ActivationEditing(Defense):
         unrepaired edit's signal, computed when not given, minus its own); ``setting`` is that one, or ``None`` when
         none does (the edit is then left unrepaired: a repair that does not restore the held-out target images only
         trades the edit's strength away, and one that restores them with the trigger's effect gives the backdoor
-        back). A negative tolerance forces the last setting. Also returns the drop of each setting tried and the
+        back). A negative tolerance forces the last setting (``forced``; ``restored`` is then ``None``: the setting is
+        applied unjudged, and ``guard_passed`` says whether the guard, with the default tolerance, would have let it
+        pass). Also returns the drop of each setting tried and the
         rise of each whose drop was within the tolerance (and of the forced one)."""
         settings = self.repair_weights if self.repair_method == "pin" else self.repair_energies
         tried, rises, chosen = {}, {}, None
         drop = self.target_drop(model, fit)["drop"] if drop is None else drop
         unrepaired = None  # the guard's baseline, measured once a setting restores the target images
+        tolerance = self.repair_tolerance if self.repair_tolerance >= 0 else REPAIR_TOLERANCE  # the guard's
         for setting in settings if self.repair_tolerance >= 0 else settings[-1:]:
             tried[setting] = self.target_drop(model, fit, setting)
             if tried[setting]["drop"] > self.repair_tolerance and self.repair_tolerance >= 0:
@@ -648,11 +674,13 @@ class ActivationEditing(Defense):
             if unrepaired is None:
                 unrepaired = self.triggered_confidence(model, fit)
             rises[setting] = self.triggered_confidence(model, fit, setting) - unrepaired
-            if self.repair_tolerance < 0 or rises[setting] <= min(self.repair_tolerance,
-                                                                   drop - tried[setting]["drop"]):
+            passed = rises[setting] <= min(tolerance, drop - tried[setting]["drop"])
+            if self.repair_tolerance < 0 or passed:
                 chosen = setting
                 break
-        return {"method": self.repair_method, "setting": chosen, "restored": chosen is not None,
+        forced = self.repair_tolerance < 0
+        return {"method": self.repair_method, "setting": chosen, "forced": forced,
+                "restored": None if forced else chosen is not None, **({"guard_passed": passed} if forced else {}),
                 "drop_with_repair": {f"{setting:g}": round(value["drop"], 4) for setting, value in tried.items()},
                 "triggered_confidence_without_repair": None if unrepaired is None else round(unrepaired, 4),
                 "triggered_rise_with_repair": {f"{setting:g}": round(rise, 4) for setting, rise in rises.items()},

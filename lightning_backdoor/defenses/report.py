@@ -132,12 +132,26 @@ def backdoor_left(before: dict[str, float], after: dict[str, float], details: di
             f"floor ({100 * after['asr_floor']:.1f} %) on the test images; {advice} may remove more{unknown}")
 
 
-def repair_withheld(details: dict[str, Any]) -> str | None:
-    """A warning when the repair's signal saw the edit hurt the target class but no repair setting was applied (none
-    restored the held-out target images, or each that did gave the trigger back: ``details["repair"]`` of
-    :class:`~lightning_backdoor.defenses.activation_editing.ActivationEditing`); ``None`` otherwise."""
+def repair_warning(details: dict[str, Any]) -> str | None:
+    """A warning about the repair step (``details["repair"]`` of
+    :class:`~lightning_backdoor.defenses.activation_editing.ActivationEditing`), ``None`` when there is none to give:
+    the signal saw the edit hurt the target class but no setting was applied (none restored the held-out target
+    images, or each that did gave the trigger back); or a forced repair (``repair_tolerance`` < 0, applied unjudged)
+    failed the guard (its ``guard_passed``: the held-out triggered images' target confidence rose by more than the
+    default tolerance or than it won back for the target images)."""
     repair, signal = details.get("repair"), details.get("repair_signal", {})
-    if not repair or repair.get("setting") is not None or "drop" not in signal:
+    if not repair or "drop" not in signal:
+        return None
+    if repair.get("forced"):
+        if repair.get("guard_passed", True):
+            return None
+        setting = f"{repair['setting']:g}"
+        return (f"the forced repair ({repair['method']} {setting}, repair_tolerance < 0) raised the target-class "
+                f"probability of held-out triggered unseen images by {repair['triggered_rise_with_repair'][setting]:.3f} "
+                f"while winning back {signal['drop'] - repair['drop_with_repair'][setting]:.3f} for the held-out "
+                f"target images: it may give the backdoor back (see ASR), and the default repair_tolerance would not "
+                f"apply it")
+    if repair.get("setting") is not None:
         return None
     restoring = bool(repair.get("triggered_rise_with_repair"))  # rises are measured for restoring settings only
     why = ("each setting that restored them raised the triggered images' target confidence too (the repair would "
@@ -303,9 +317,9 @@ def run_defense(model: nn.Module, defense: Defense, unseen: UnseenData, knowledg
         for stage, network in (("before", original), ("after_edit", edited), ("after", model)):
             report.stages[stage]["estimated_asr"] = trigger_success_rate(
                 network, result.estimated.trigger, result.estimated.target_class, test.batches)
-    withheld = repair_withheld(result.details)
-    if withheld is not None:
-        report.warnings.append(withheld)
+    repair = repair_warning(result.details)
+    if repair is not None:
+        report.warnings.append(repair)
     total = test.num_images
     if near_chance(round(after["clean_acc"] * total), total, test.num_classes):
         accuracy = chance_line(after["clean_acc"], total, test.num_classes, "test")
