@@ -28,7 +28,7 @@ from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 from torch import nn
 
 from lightning_backdoor.backdoor_cli import PARSER_KWARGS, BackdoorCLI
-from lightning_backdoor.defenses.base import DEFENSES, BackdoorKnowledge, Defense, UnseenData
+from lightning_backdoor.defenses.base import DEFENSES, BackdoorKnowledge, Defense, UnseenData, defense_name
 from lightning_backdoor.defenses.report import near_chance
 from lightning_backdoor.evaluation import evaluate
 from lightning_backdoor.io import atomic_write
@@ -44,11 +44,6 @@ COLUMNS = ("attack", "defense", "unseen_per_class", "seed", "num_unseen", "clean
 COMPLETE = "bench_complete.json"
 #: Below this ASR before any defense a poisoned model has no backdoor to remove: the bench says so.
 MIN_ASR = 0.5
-
-
-def defense_name(defense: Defense) -> str:
-    """The name a defense's rows carry: its registered name (``editing``, ``ft``...), else its class name."""
-    return defense.name or type(defense).__name__
 
 
 def defense_settings(defense: Defense) -> str:

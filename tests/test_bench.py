@@ -5,7 +5,8 @@ import csv
 
 import pytest
 
-from lightning_backdoor.bench import Bench, BenchSettings, defense_name, fit_run, parser
+from lightning_backdoor.bench import Bench, BenchSettings, fit_run, parser
+from lightning_backdoor.defenses.base import defense_name
 from lightning_backdoor.cli import main
 from lightning_backdoor.defenses import DEFENSES, ActivationEditing, FineTuning
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -70,10 +71,13 @@ def test_a_wide_upper_side_does_not_hide_a_small_trigger() -> None:
     assert flaggable_index(sizes, 0.3, log_scale=False).max() < 2
 
 
-def test_estimation_finds_the_target_and_removes_the_backdoor(quickstart_run: Path, tmp_path: Path) -> None:
+def test_estimation_finds_the_target_and_removes_the_backdoor(quickstart_run: Path, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
     module, data = instantiate_run([QUICKSTART], quickstart_run / "checkpoints" / "poisoned.ckpt")
     callback = DefenseCallback(trigger_known=False)
-    report = callback.defend(module, data, [], tmp_path).to_json()
+    with caplog.at_level(logging.INFO):
+        report = callback.defend(module, data, [], tmp_path).to_json()
+    assert "defense: estimating the trigger, then editing on 100 unseen images" in caplog.text
     estimation = report["defense"]["estimation"]
     assert estimation["backdoor_found"] and estimation["target_class"] == data.target_class == 0
     indices = estimation["anomaly_index"][estimation["estimator"]]

@@ -136,16 +136,22 @@ class Defense(ABC):
         ``self.check_settings(epochs=epochs >= 1)``; called by constructors before anything runs."""
         for setting, holds in conditions.items():
             if not holds:
-                raise ValueError(f"{self.name or type(self).__name__}: {setting}={getattr(self, setting, '?')!r} is "
+                raise ValueError(f"{defense_name(self)}: {setting}={getattr(self, setting, '?')!r} is "
                                  f"out of range")
 
     def require(self, knowledge: BackdoorKnowledge | None) -> BackdoorKnowledge:
         """``knowledge``, or a one-line ``ValueError`` when it is ``None``."""
         if knowledge is None:
-            raise ValueError(f"the {self.name or type(self).__name__} defense needs the trigger and target class; "
+            raise ValueError(f"the {defense_name(self)} defense needs the trigger and target class; "
                              f"without them, compose it with a trigger estimator (EstimateFirst, or "
                              f"trigger_known=false)")
         return knowledge
+
+
+def defense_name(defense: Defense) -> str:
+    """A defense's name in messages and bench rows: its registered name (``editing``, ``ft``...), else its class
+    name."""
+    return defense.name or type(defense).__name__
 
 
 def build_defense(name: str, **kwargs: Any) -> Defense:

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 
 from lightning_backdoor.defenses.activation_editing import ActivationEditing
 from lightning_backdoor.defenses.adapt import as_pixels, defendable, existing_transform, same_transform
-from lightning_backdoor.defenses.base import BackdoorKnowledge, Defense, UnseenData
-from lightning_backdoor.defenses.estimate_first import without_knowledge
+from lightning_backdoor.defenses.base import BackdoorKnowledge, Defense, UnseenData, defense_name
+from lightning_backdoor.defenses.estimate_first import EstimateFirst, without_knowledge
 from lightning_backdoor.defenses.outputs import write_outputs
 from lightning_backdoor.defenses.report import (DefenseReport, TestData, chance_line, estimation_line, near_chance,
                                                  run_defense)
@@ -243,9 +243,12 @@ class DefenseCallback(L.Callback):
             test = self._test(datamodule, trigger, target, num_classes, effective)
             unseen = UnseenData(unseen.images.to(device), unseen.labels.to(device))
             warnings = self._check_accuracy(network, unseen, num_classes)
-            rank_zero_info(f"defense: {self.defense.name or type(self.defense).__name__} on {len(unseen.labels)} "
-                           f"unseen images, evaluated on {test.num_images} test images before and after...")
             defense = self.defense if trigger_known else without_knowledge(self.defense)
+            name = defense_name(defense.defense if isinstance(defense, EstimateFirst) else defense)
+            if isinstance(defense, EstimateFirst):
+                name = f"estimating the trigger, then {name}"
+            rank_zero_info(f"defense: {name} on {len(unseen.labels)} unseen images, evaluated on {test.num_images} "
+                           f"test images before and after...")
             knowledge = BackdoorKnowledge.of(trigger, target) if trigger_known else None
             report = run_defense(network, defense, unseen, knowledge, test, after_defense=round_to_stored)
         report.warnings[:0] = warnings
