@@ -175,6 +175,12 @@ def main(args: list[str] | None = None) -> None:
     except (ValueError, ArgumentError, pickle.UnpicklingError, MisconfigurationException) as error:
         print(f"lightning-backdoor: error: {one_line(error)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except ModuleNotFoundError as error:  # an accelerator whose package is missing (tpu: torch_xla)
+        if not _raised_in(error, "accelerators"):
+            raise
+        print(f"lightning-backdoor: error: trainer.accelerator: {first_line(error)}; use --trainer.accelerator=auto "
+              f"or cpu", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def one_line(error: BaseException) -> str:
@@ -213,10 +219,15 @@ def _shown_below(error: BaseException) -> BaseException | None:
 
 def _raised_by_us(error: BaseException) -> bool:
     """Whether ``error`` was raised in this package's code (the innermost frame of its traceback)."""
+    return _raised_in(error, "lightning_backdoor")
+
+
+def _raised_in(error: BaseException, folder: str) -> bool:
+    """Whether the innermost frame of ``error``'s traceback is in a file under a folder named ``folder``."""
     trace = error.__traceback__
     while trace is not None and trace.tb_next is not None:
         trace = trace.tb_next
-    return trace is not None and "lightning_backdoor" in trace.tb_frame.f_code.co_filename
+    return trace is not None and folder in Path(trace.tb_frame.f_code.co_filename).parts
 
 
 #: the package and base class of each argument that takes a class by name (``--defense ActivationEditing``)

@@ -104,6 +104,8 @@ CASES = [
      "lacks class 'b' that"),
     ("unwritable_output_folder", "defend", ["--checkpoint={ckpt}", "--output_dir=/sys/lightning-backdoor-out"],
      "output folder /sys/lightning-backdoor-out is not writable"),
+    ("accelerator_package_missing", "fit", ["--trainer.accelerator=tpu"],
+     "trainer.accelerator: Requirement 'torch_xla"),
     ("accelerator_not_on_this_machine", "fit", ["--trainer.accelerator=gpu"],
      "trainer.accelerator: No supported gpu backend found! (neither CUDA nor MPS); use --trainer.accelerator=auto"),
 ]
