@@ -97,7 +97,7 @@ def run_defend(args: list[str]) -> None:
         print("defense: the --defense options replace the config's defense; not repeated, so back to the defaults: "
               + ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in replaced.items()),
               file=sys.stderr)  # a warning, beside the defense's other progress lines
-    callback.defend(cli.model, cli.datamodule, [], output_dir)
+    callback.defend(cli.model, cli.datamodule, [], output_dir, weights_source=str(checkpoint.resolve()))
     print(f"defended weights: {callback.checkpoint_path}")
     print(f"defense report: {callback.report_path}")
 

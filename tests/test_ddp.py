@@ -89,6 +89,6 @@ def test_two_process_ddp_fit_and_defense_match_one_process(quickstart_run, tmp_p
     assert before["asr"] >= 0.9 and after["asr"] <= after["asr_floor"] + 0.02, (before, after)
     assert after["clean_acc"] >= before["clean_acc"] - 0.01, (before, after)
 
-    agreed = re.findall(r"defense: (\d+) process\(es\) hold the defended weights, sha256 ([0-9a-f]{64})", printed)
+    agreed = re.findall(r"defense: all (\d+) processes' defended weights: sha256 ([0-9a-f]{64})", printed)
     assert len(agreed) == 1 and agreed[0][0] == "2", printed[-4000:]  # rank 0 compared all ranks' digests
-    assert agreed[0][1] == state_digest(load_file(ddp["safetensors"]))
+    assert agreed[0][1] == state_digest(load_file(ddp["safetensors"])) == ddp["weights"]["sha256_after"]

@@ -5,9 +5,10 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from lightning_backdoor.cli import main
+from lightning_backdoor.io import state_digest
 
 CONFIG = "configs/quickstart.yaml"
 
@@ -34,9 +35,17 @@ def test_defend_round_trip_keeps_the_original_and_never_overwrites(quickstart_ru
     assert report["defense"]["num_unseen"] == 50
     assert report["after"]["asr"] < 0.5 * report["before"]["asr"]
     assert sha256(checkpoint) == digest
+    # the report names the weights it defended, and digests them before and after as the written files hold them
+    weights = report["weights"]
+    assert weights["source"] == str(checkpoint.resolve())
+    assert weights["sha256_before"] == state_digest(torch.load(checkpoint, weights_only=True)["state_dict"])
+    assert weights["sha256_after"] == state_digest(load_file(tmp_path / "defended.safetensors"))
+    assert weights["sha256_after"] != weights["sha256_before"]
     # the defended weights load back as plain tensors, and a second run writes new files
     defended = torch.load(tmp_path / "defended.ckpt", weights_only=True)["state_dict"]
     defend(f"--checkpoint={tmp_path / 'defended.safetensors'}", f"--output_dir={tmp_path}")
+    again = json.loads((tmp_path / "defense_report-v1.json").read_text())["weights"]
+    assert again["sha256_before"] == weights["sha256_after"]  # the chain of custody holds across runs
     assert (tmp_path / "defended-v1.ckpt").exists() and (tmp_path / "defense_report-v1.json").exists()
     assert torch.equal(torch.load(tmp_path / "defended.ckpt", weights_only=True)["state_dict"]["net.head.weight"],
                        defended["net.head.weight"])

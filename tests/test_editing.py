@@ -73,6 +73,10 @@ def test_unknown_or_unsupported_layer_names_list_the_valid_ones():
         get_layer(model, "blocks.9")
     with pytest.raises(ValueError, match="is a BatchNorm2d; supported: nn.Linear and nn.Conv2d"):
         get_layer(model, "blocks.0.norm1")
+    with pytest.raises(ValueError, match=r"unknown layer ''; editable layers: stem\.conv"):  # not "is a CompactNet"
+        get_layer(model, "")
+    linear = nn.Linear(3, 2)
+    assert get_layer(linear, "") is linear  # a model that is itself one editable layer
 
 
 def test_residual_edit_makes_the_block_output_on_triggered_inputs_match_the_clean_one():
@@ -124,8 +128,9 @@ def test_forced_repair_pins_target_keys_and_says_so():
     unseen = UnseenData(torch.rand(12, 1, 16, 16), torch.tensor([0, 1, 2] * 4))
     change = {}
     for weight in (0.0, 1.0, 1e4):
-        result = ActivationEditing(layer="head", repair=weight > 0, repair_tolerance=-1.0, repair_weights=(weight,)
-                                   ).defend(copy.deepcopy(model), unseen, BackdoorKnowledge.of(BadNets(), 0))
+        forced = {"repair_tolerance": -1.0, "repair_weights": (weight,)} if weight > 0 else {"repair": False}
+        result = ActivationEditing(layer="head", **forced).defend(copy.deepcopy(model), unseen,
+                                                                  BackdoorKnowledge.of(BadNets(), 0))
         assert result.repaired == (weight > 0) and ("after_edit" in result.stages) == (weight > 0)
         info = result.details
         change[weight] = info["diagnostics_after_repair" if weight else "diagnostics"]["clean_output_change"]

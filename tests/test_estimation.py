@@ -90,7 +90,7 @@ def test_estimation_finds_the_target_and_removes_the_backdoor(quickstart_run: Pa
                 and estimation["size_ratio"][name][0] <= 0.3]
     flagging.sort(key=lambda name: -estimation["anomaly_index"][name][0])
     assert estimation["flagged_by"] == flagging and flagging[0] == estimation["estimator"]
-    moved = {"neural_cleanse": " (and moved 8 px each way, where it acts)"}
+    moved = {"neural_cleanse": " (and moved 8 px each way where that acts: see placements)"}
     assert estimation["edited_with"] == [f"{name} x{strength}{moved.get(name, '')}" for name in flagging
                                          for strength in ("1", "1.5")]
     written = json.loads(callback.report_path.read_text())
@@ -250,8 +250,8 @@ def test_the_edit_also_maps_patch_candidates_moved_each_way() -> None:
     assert peaks[:5] == [((30, 18), 0.5), ((30, 26), 0.5), ((30, 10), 0.5), ((6, 18), 0.5), ((22, 18), 0.5)]
     assert [peak for peak, _ in peaks[5:]] == [peak for peak, _ in peaks[:5]] and peaks[5][1] == 0.75
     assert torch.equal(triggers[10]._delta, delta) and torch.allclose(triggers[11]._delta, 1.5 * delta)
-    assert estimate.report()["edited_with"] == ["neural_cleanse x1 (and moved 8 px each way, where it acts)",
-                                                "neural_cleanse x1.5 (and moved 8 px each way, where it acts)",
+    moved = " (and moved 8 px each way where that acts: see placements)"
+    assert estimate.report()["edited_with"] == [f"neural_cleanse x1{moved}", f"neural_cleanse x1.5{moved}",
                                                 "perturbation x1", "perturbation x1.5"]
     assert len(BackdoorEstimate(0, patch, "neural_cleanse", 1.0, candidates={"neural_cleanse": patch},
                                 shift=0).edit_triggers()) == 1

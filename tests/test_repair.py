@@ -201,7 +201,8 @@ def test_a_repair_that_gives_the_trigger_back_is_refused() -> None:
     given_back, forced = defend(model, trigger, unseen, repair_weights=(float(restoring[0]),), repair_tolerance=-1)
     assert target_confidence(given_back, attacked) > target_confidence(unrepaired, attacked) + 0.02
     assert forced.repaired and forced.details["repair"]["forced"] and forced.details["repair"]["restored"] is None
-    assert "the forced repair (pin" in repair_warning(forced.details)  # the user is told what the guard would see
+    warning = repair_warning(forced.details)  # the user is told what the guard would have done
+    assert "the forced repair (pin" in warning and "the guard refuses it" in warning
 
 
 @pytest.mark.parametrize(("signal", "drops", "rises", "chosen"), [
@@ -236,6 +237,8 @@ def test_the_guard_accepts_a_rise_up_to_the_tolerance_and_to_what_the_repair_won
     ({"rank": 0}, "rank=0 must be an integer >= 1"),
     ({"min_images": -1}, "min_images=-1 must be an integer >= 0"),
     ({"strength": float("nan")}, "strength=nan must be a positive number"),
+    ({"repair": False, "repair_tolerance": -1.0}, "repair=false, but repair_tolerance=-1.0 is set: repair settings do "
+                                                  "nothing without the repair"),
 ])
 def test_settings_the_edit_cannot_use_are_refused_when_it_is_built(arguments: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -255,4 +258,5 @@ def test_a_forced_repair_is_reported_unjudged_and_warned_about_when_it_gives_mor
     assert repair["setting"] == 4.0 and repair["forced"] and repair["restored"] is None, repair
     warning = repair_warning({"repair": repair, "repair_signal": {"drop": 0.010}})
     assert (warning is not None) == warned, warning
-    assert warning is None or "while winning back 0.005 for the held-out target images" in warning
+    assert warning is None or ("while winning back 0.005 for the held-out target images" in warning
+                               and "the signal's drop is within the default repair_tolerance (0.02)" in warning)

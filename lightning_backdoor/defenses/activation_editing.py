@@ -411,6 +411,14 @@ class ActivationEditing(Defense):
         if not repair_energies or not all(_positive(energy) and energy <= 1 for energy in repair_energies):
             raise ValueError(f"repair_energies={repair_energies!r} must be one or more fractions in (0, 1] (of the "
                              f"target keys' energy)")
+        unused = {name: value for name, value, default in (
+            ("repair_tolerance", repair_tolerance, REPAIR_TOLERANCE), ("repair_method", repair_method, "pin"),
+            ("repair_weights", tuple(repair_weights), REPAIR_WEIGHTS),
+            ("repair_energies", tuple(repair_energies), REPAIR_ENERGIES)) if value != default}
+        if not repair and unused:
+            settings = ", ".join(f"{name}={value!r}" for name, value in unused.items())
+            raise ValueError(f"repair=false, but {settings} is set: repair settings do nothing without the repair; "
+                             f"drop them or set repair=true")
         self.layer, self.method, self.strength, self.rank, self.min_images = layer, method, strength, rank, min_images
         self.spatial_weight, self.repair, self.repair_tolerance = spatial_weight, repair, repair_tolerance
         if repair_method not in ("pin", "protect"):

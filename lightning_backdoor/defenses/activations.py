@@ -31,7 +31,7 @@ class LayerActivations:
 def get_layer(model: nn.Module, name: str) -> nn.Module:
     """The editable submodule ``name``; a one-line error lists the valid names if it is missing or unsupported."""
     modules = dict(model.named_modules())
-    if name not in modules:
+    if name not in modules or (not name and not isinstance(model, SUPPORTED_LAYERS)):  # '' names the whole model
         raise ValueError(f"unknown layer {name!r}; editable layers: {', '.join(editable_layers(model))}")
     layer = modules[name]
     if not isinstance(layer, SUPPORTED_LAYERS):

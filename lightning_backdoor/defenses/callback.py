@@ -55,7 +55,8 @@ def check_ranks_agree(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
     gathered = trainer.strategy.all_gather(mine).reshape(-1, mine.numel())
     if not bool((gathered == gathered[0]).all()):
         raise RuntimeError("defense: the ranks hold different weights after the broadcast of the defended model")
-    rank_zero_info(f"defense: {len(gathered)} process(es) hold the defended weights, sha256 {digest}")
+    holders = "the defended weights" if len(gathered) == 1 else f"all {len(gathered)} processes' defended weights"
+    rank_zero_info(f"defense: {holders}: sha256 {digest}")
     return digest
 
 
@@ -220,15 +221,19 @@ class DefenseCallback(L.Callback):
         with defendable(network, self._transform_to_attach(network, unseen.images.shape[1])):
             return self._probe(network, unseen, datamodule, parameter.device)
 
-    def defend(self, pl_module: nn.Module, datamodule: Any, loggers: list[Any], output_dir: Path) -> DefenseReport:
+    def defend(self, pl_module: nn.Module, datamodule: Any, loggers: list[Any], output_dir: Path,
+               weights_source: str | None = None) -> DefenseReport:
         """Defend ``pl_module`` in place (no Trainer needed), log its scalars to ``loggers``, write the report and
-        weights (``report.files``).
+        weights (``report.files``). The report's ``weights`` name ``weights_source`` (the file the weights were
+        read from, if any) and the SHA-256 of the module's state before and after (:func:`state_digest`; the
+        second equals that of the written ``defended.safetensors``).
 
         Raises:
             ValueError: (one line) what :meth:`check` refuses, test images that are not pixels, or a model near
                 chance on the unseen images (unless ``accept_low_accuracy``).
         """
         self._check_target(datamodule)
+        digest_before = state_digest(pl_module.state_dict())
         trigger = self.trigger if self.trigger is not None else getattr(datamodule, "trigger", None)
         target = self.target_class if self.target_class is not None else getattr(datamodule, "target_class", None)
         network = defended_network(pl_module)
@@ -257,6 +262,8 @@ class DefenseCallback(L.Callback):
                                 for name, value in metrics.items() if isinstance(value, float)})
             if report.der is not None:
                 logger.log_metrics({"defense/der": report.der, "defense/seconds": report.result.seconds})
+        report.weights = {"source": weights_source, "sha256_before": digest_before,
+                          "sha256_after": state_digest(pl_module.state_dict())}
         self.report_path = write_outputs(report, pl_module.state_dict(), output_dir)
         self.checkpoint_path = report.files["checkpoint"]
         self.report = report
@@ -265,8 +272,11 @@ class DefenseCallback(L.Callback):
             rank_zero_info(f"defense: {verdict}")
         edited = "" if report.result.layer is None else (
             f"; edited {report.result.layer}{' and repaired' if report.result.repaired else ''}")
-        rank_zero_info(f"defense: {report.summary_line()}{edited} in {report.result.seconds:.2f} s; report: "
-                       f"{self.report_path}")
+        seconds, details = f"{report.result.seconds:.2f} s", report.result.details
+        if "estimation_seconds" in details:  # the estimate's and the defense's own, which the total sums
+            seconds += (f" (trigger estimation {details['estimation_seconds']:.2f} s, then "
+                        f"{details.get('editing_seconds', 0.0):.2f} s)")
+        rank_zero_info(f"defense: {report.summary_line()}{edited} in {seconds}; report: {self.report_path}")
         prior = report.result.details.get("batchnorm_prior")
         if prior is not None:
             rank_zero_info(f"defense: BatchNorm prior weight {prior['weight']:g} at {report.result.layer} "

@@ -19,8 +19,9 @@ class EstimateFirst(Defense):
     :class:`BackdoorKnowledge`; leave the model unchanged when no class is flagged.
 
     What the defense is told is ignored: it always estimates (the protocol of defending without backdoor knowledge,
-    METHOD.md §3). The result's ``details`` hold the estimation summary (``estimation``), its and the inner
-    defense's seconds; ``estimated`` holds the flagged target with its main trigger and ``picture`` the trigger's
+    METHOD.md §3). The result's ``details`` hold the estimation summary (``estimation``), its seconds
+    (``estimation_seconds``) and those of what follows it (``editing_seconds``: the moved placements' check and the
+    inner defense), which the result's ``seconds`` sums; ``estimated`` holds the flagged target with its main trigger and ``picture`` the trigger's
     image.
 
     Args:
@@ -59,6 +60,7 @@ class EstimateFirst(Defense):
         if estimate.target_class is None or estimate.trigger is None:
             return DefenseResult(method=f"{self.defense.name}/no_backdoor_found", seconds=estimate.seconds,
                                  details=details | {"editing_seconds": 0.0})
+        started = time.perf_counter()  # the placements' check counts with the edit: both come after the estimate
         if self.every_candidate:
             every = estimate.edit_triggers()
             triggers = estimate.edit_triggers(success_on(model, unseen, estimate.target_class), self.keep)
@@ -67,7 +69,6 @@ class EstimateFirst(Defense):
                                                    f"placements act and were kept")
         else:
             triggers = [estimate.trigger]
-        started = time.perf_counter()
         result = self.defense.defend(model, unseen, BackdoorKnowledge.of(triggers, estimate.target_class))
         seconds = time.perf_counter() - started
         result.details = result.details | details | {"editing_seconds": seconds}

@@ -106,7 +106,7 @@ class BackdoorEstimate:
 
     def report(self) -> dict[str, Any]:
         """JSON-able summary for the defense report."""
-        moved = f" (and moved {self.shift} px each way, where it acts)"
+        moved = f" (and moved {self.shift} px each way where that acts: see placements)"
         edited_with = [f"{name} x{strength:g}" + (moved if self._moves(name) else "")
                        for name in self.candidates for strength in self.strengths]
         return {"backdoor_found": self.target_class is not None, "target_class": self.target_class,

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_backdoor.data.poisoning import attack_labels as make_attack_labels
+from lightning_backdoor.defenses.activation_editing import REPAIR_TOLERANCE
 from lightning_backdoor.defenses.base import BackdoorKnowledge, Defense, DefenseResult, UnseenData
 from lightning_backdoor.evaluation import EVAL_BATCH_SIZE, EvalBatch, evaluate_batches, in_batches
 from lightning_backdoor.metrics import AttackSuccessRate, defense_effectiveness_rating
@@ -146,11 +147,13 @@ def repair_warning(details: dict[str, Any]) -> str | None:
         if repair.get("guard_passed", True):
             return None
         setting = f"{repair['setting']:g}"
+        default = (f"the signal's drop is within the default repair_tolerance ({REPAIR_TOLERANCE:g}), where no repair "
+                   f"is tried" if signal["drop"] <= REPAIR_TOLERANCE else
+                   f"at the default repair_tolerance ({REPAIR_TOLERANCE:g}) the guard refuses it")
         return (f"the forced repair ({repair['method']} {setting}, repair_tolerance < 0) raised the target-class "
                 f"probability of held-out triggered unseen images by {repair['triggered_rise_with_repair'][setting]:.3f} "
                 f"while winning back {signal['drop'] - repair['drop_with_repair'][setting]:.3f} for the held-out "
-                f"target images: it may give the backdoor back (see ASR), and the default repair_tolerance would not "
-                f"apply it")
+                f"target images: it may give the backdoor back (see ASR); {default}")
     if repair.get("setting") is not None:
         return None
     restoring = bool(repair.get("triggered_rise_with_repair"))  # rises are measured for restoring settings only
@@ -220,6 +223,9 @@ class DefenseReport:
         estimated_target: the target the defense estimated, when its trigger's ASR was measured instead.
         warnings: one line per doubt about the result.
         environment: versions, threads and device the figures were made with.
+        weights: which weights were defended: ``source`` (the file they were read from, or None), ``sha256_before``
+            and ``sha256_after`` of the model's state (``lightning_backdoor.io.state_digest``); empty until the
+            writer sets them.
         files: what the writer wrote, by key (``checkpoint``, ``safetensors``, ``plot``, ``estimated_trigger``,
             ``report``); empty until then.
     """
@@ -231,6 +237,7 @@ class DefenseReport:
     estimated_target: int | None = None
     warnings: list[str] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, Any] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
 
     @property
@@ -249,7 +256,7 @@ class DefenseReport:
     def to_json(self) -> dict[str, Any]:
         """The ``defense_report.json`` layout: the stages, ``defense`` (method, layer, num_unseen, seconds,
         repaired and the result's details), ``true_asr_measured``, ``der`` / ``estimated_target`` when measured,
-        ``warnings``, ``environment``, and the written files' paths."""
+        ``warnings``, ``environment``, ``weights`` (when set), and the written files' paths."""
         result = self.result
         defense = {"method": result.method, "layer": result.layer, "num_unseen": self.num_unseen,
                    "seconds": result.seconds, "repaired": result.repaired} | result.details
@@ -261,6 +268,8 @@ class DefenseReport:
         if self.estimated_target is not None:
             report["estimated_target"] = self.estimated_target
         report |= {"warnings": list(self.warnings), "environment": self.environment}
+        if self.weights:
+            report["weights"] = self.weights
         return report | {key: str(path) for key, path in self.files.items()
                          if key not in ("estimated_trigger", "report")}
 
