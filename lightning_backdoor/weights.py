@@ -88,7 +88,11 @@ def map_weights(expected: dict[str, Tensor], state_dict: dict[str, Tensor]) -> t
                         "; the weights have no LayerScale: drop init_values from model_kwargs")
             best = (common, strip, f"first mismatching key {strip + key!r} ({why}){hint}")
     assert best is not None
-    raise ValueError(f"checkpoint does not match the model spec: {best[2]}")
+    mixed = next(((prefix, count) for prefix in ("module.", "_orig_mod.")  # wrappers' names only, never a layer's
+                  if 0 < (count := sum(key.startswith(prefix) for key in relevant)) < len(relevant)), None)
+    hint = (f"; {mixed[1]} of its {len(relevant)} keys start with {mixed[0]!r} and the others do not (weights saved "
+            f"from a wrapped and an unwrapped model mixed?)" if mixed else "")
+    raise ValueError(f"checkpoint does not match the model spec: {best[2]}{hint}")
 
 
 def _tolerated(key: str) -> bool:

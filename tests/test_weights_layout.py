@@ -137,7 +137,8 @@ def without(state_dict: dict[str, Tensor], key: str) -> dict[str, Tensor]:
                                                                  "(shape (3, 32) in the checkpoint vs (10, 32)"),
     # No prefix is shared by every key: only the keys as named are tried, and 'head.weight' alone matches.
     (lambda sd: {key.removeprefix("module.") if "head" in key else key: value for key, value in sd.items()},
-     "first mismatching key 'blocks.0.conv1.weight' (missing from the checkpoint)"),
+     "first mismatching key 'blocks.0.conv1.weight' (missing from the checkpoint); 42 of its 43 keys start with "
+     "'module.' and the others do not"),
     (lambda sd: {}, "checkpoint holds no weights"),
 ], ids=["missing", "extra", "shape", "mixed_prefixes", "empty"])
 def test_a_mismatch_is_refused_naming_the_first_key(corrupt, message: str) -> None:
