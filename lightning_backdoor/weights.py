@@ -37,12 +37,15 @@ class WeightsMapping:
         loaded: number of tensors loaded.
         target: what they were loaded into (``"net"`` for a PoisonedClassifier's network, else the class name).
         absent_counters: BatchNorm ``num_batches_tracked`` counters missing from the file, left unchanged.
+        converted: ``(file dtype, model dtype)`` pairs of floating-point tensors cast on loading (e.g. float16
+            weights into a float32 model: the defended weights are written in the model's dtype).
     """
 
     stripped: str
     loaded: int
     target: str
     absent_counters: int = 0
+    converted: tuple[tuple[str, str], ...] = ()
 
     def describe(self) -> str:
         """One line, e.g. ``weights: stripped 'module.' from 62 keys and loaded them into net``."""
@@ -51,6 +54,8 @@ class WeightsMapping:
         if self.absent_counters:
             line += (f"; {self.absent_counters} BatchNorm num_batches_tracked counters are absent from the file and "
                      f"were left unchanged")
+        if self.converted:
+            line += "; cast " + ", ".join(f"{source} to {target}" for source, target in self.converted)
         return line
 
 
@@ -111,8 +116,11 @@ def load_weights(module: nn.Module, state_dict: dict[str, Tensor]) -> WeightsMap
     expected = target.state_dict()
     strip, mapped = map_weights(expected, state_dict)
     target.load_state_dict(mapped, strict=False)  # map_weights checked every key but absent counters
+    converted = sorted({(str(value.dtype).removeprefix("torch."), str(expected[key].dtype).removeprefix("torch."))
+                        for key, value in mapped.items()
+                        if value.is_floating_point() and value.dtype != expected[key].dtype})
     mapping = WeightsMapping(strip, len(mapped), "net" if has_net else type(module).__name__,
-                             sum(1 for key in expected if key not in mapped))
+                             sum(1 for key in expected if key not in mapped), tuple(converted))
     print(mapping.describe())
     return mapping
 

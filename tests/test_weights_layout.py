@@ -180,3 +180,14 @@ def test_layerscale_on_one_side_only_is_refused_with_what_to_change(weights_have
             "the weights have no LayerScale: drop init_values")
     with pytest.raises(ValueError, match=f"first mismatching key 'blocks.0.ls[12].gamma' .*; {hint}"):
         map_weights(model.state_dict(), weights.state_dict())
+
+
+def test_weights_of_another_float_dtype_are_cast_and_said(capsys: pytest.CaptureFixture[str]) -> None:
+    network = trained_network()
+    half = {key: value.half() if value.is_floating_point() else value for key, value in network.state_dict().items()}
+    module = fresh_classifier()
+    mapping = load_weights(module, half)
+    assert mapping.converted == (("float16", "float32"),)
+    assert "; cast float16 to float32" in capsys.readouterr().out
+    assert all(value.dtype != torch.float16 for value in module.net.state_dict().values())
+    assert load_weights(fresh_classifier(), network.state_dict()).converted == ()  # same dtype: nothing said
