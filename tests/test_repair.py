@@ -165,6 +165,8 @@ def test_a_repair_that_does_not_restore_the_target_class_is_not_applied() -> Non
     assert torch.equal(useless[1].weight, without[1].weight)
     warning = repair_warning(result.details)  # the user is told, with the signal's drop
     assert "no repair setting restored them" in warning and f"{result.details['repair_signal']['drop']:.3f}" in warning
+    images = result.details["repair_signal"]["held_out_target_images"]
+    assert f"(measured on {images} image" in warning and ("so few make this check noisy" in warning) == (images < 10)
 
 
 class BlendTarget(Trigger):

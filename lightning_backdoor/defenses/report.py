@@ -159,8 +159,11 @@ def repair_warning(details: dict[str, Any]) -> str | None:
     restoring = bool(repair.get("triggered_rise_with_repair"))  # rises are measured for restoring settings only
     why = ("each setting that restored them raised the triggered images' target confidence too (the repair would "
            "give the backdoor back)" if restoring else "no repair setting restored them")
+    images = signal.get("held_out_target_images")
+    measured = "" if not images else f" (measured on {images} image{'s' if images != 1 else ''}" + (
+        ": so few make this check noisy)" if images < 10 else ")")
     return (f"the edit lowered the mean target-class probability of held-out unseen target images by "
-            f"{signal['drop']:.3f} and {why}: the edit is kept unrepaired, and the target class may have lost "
+            f"{signal['drop']:.3f}{measured} and {why}: the edit is kept unrepaired, and the target class may have lost "
             f"accuracy (see TA; without a test trigger, check target-class images you kept out of the unseen ones)")
 
 
