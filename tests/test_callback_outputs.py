@@ -184,6 +184,11 @@ def test_a_backdoor_left_far_above_its_floor_is_said_to_be_reduced_not_removed()
         "true trigger: defend with the trigger known if you have it")
     assert backdoor_left(backdoored, {"asr": 0.2734, "asr_floor": 0.0527}, {}, "FineTuning").endswith(
         "; more unseen images may remove more")  # a baseline has no layer or strength to choose
+    # the estimation found nothing and the model is unchanged: not "reduced", but missed
+    assert backdoor_left(backdoored, backdoored, {"trigger_known": False}, "editing/no_backdoor_found") == (
+        "the trigger estimation found no backdoor and left the model unchanged, but the test trigger still succeeds: "
+        "ASR 95.5 % against a floor of 6.0 % on the test images: the backdoor was missed; defend with the trigger "
+        "known if you have it")
     assert backdoor_left(backdoored, {"asr": 0.0568, "asr_floor": 0.0496}) is None  # within 5 pt: removed
     assert backdoor_left({"asr": 0.06, "asr_floor": 0.05}, {"asr": 0.30, "asr_floor": 0.05}) is None  # no backdoor
     assert backdoor_left(backdoored, {"asr": 0.30}) is None  # no floor measured

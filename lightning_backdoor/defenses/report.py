@@ -118,6 +118,10 @@ def backdoor_left(before: dict[str, float], after: dict[str, float], details: di
     left, worked = after["asr"] - after["asr_floor"], before["asr"] - before["asr_floor"]
     if left <= ASR_LEFT_WARNING or worked <= ASR_LEFT_WARNING:
         return None
+    if method.endswith("/no_backdoor_found"):  # EstimateFirst left the model as it was
+        return (f"the trigger estimation found no backdoor and left the model unchanged, but the test trigger still "
+                f"succeeds: ASR {100 * after['asr']:.1f} % against a floor of {100 * after['asr_floor']:.1f} % on the "
+                f"test images: the backdoor was missed; defend with the trigger known if you have it")
     details = details or {}
     options = ["more unseen images"]
     if method.startswith("editing"):
