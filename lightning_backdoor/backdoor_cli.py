@@ -8,13 +8,17 @@ bench's models) and :mod:`lightning_backdoor.cli` (the ``lightning-backdoor`` co
 
 from __future__ import annotations
 
+import difflib
 import logging
+import re
+import sys
 import tempfile
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import Namespace
+from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -171,7 +175,11 @@ class BackdoorCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse ``args`` as Lightning does, without its warning that ``sys.argv`` is set too: ``main`` passes the
         arguments it took from ``sys.argv`` itself."""
-        self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
+        try:
+            self.config = (parser.parse_object(args) if isinstance(args, (dict, Namespace))
+                           else parser.parse_args(args))
+        except ArgumentError as error:
+            raise with_closest_option(error, parser, args) from None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # the data module's attribute, not its argument: None under all_to_all (no target-class accuracy)
@@ -380,3 +388,25 @@ def check_writable(folder: Path, what: str) -> None:
     except OSError as error:
         raise ValueError(f"{what} {folder} is not writable ({error.strerror}); choose a writable folder") from None
 
+
+
+def with_closest_option(error: ArgumentError, parser: ArgumentParser, args: Any) -> ArgumentError:
+    """``error`` with the parser's closest option when it is an unrecognised one (``unrecognized arguments:
+    --trainer.max_epoch 3`` gets ``; did you mean --trainer.max_epochs?``), looked up among the options of the
+    subcommand named in ``args`` (``fit``, ``test``...) or of ``parser`` itself; ``error`` unchanged otherwise, and
+    for a name spelt with hyphens (``main`` suggests its underscore spelling)."""
+    found = re.match(r"unrecognized arguments: --([\w.]+)(?=[\s=]|$)", str(error))
+    if found is None:
+        return error
+    options = parser
+    subcommands = getattr(parser, "_subcommands_action", None)
+    if subcommands is not None and not isinstance(args, (dict, Namespace)):
+        named = [arg for arg in (sys.argv[1:] if args is None else args) if arg in subcommands._name_parser_map]
+        if named:
+            options = subcommands._name_parser_map[named[0]]
+    known = [option[2:] for action in options._actions for option in action.option_strings
+             if option.startswith("--") and not option.endswith((".help", "+"))]
+    close = difflib.get_close_matches(found.group(1), known, n=1, cutoff=0.75)
+    if not close:
+        return error
+    return ArgumentError(None, f"{error}; did you mean --{close[0]}?")

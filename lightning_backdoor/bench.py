@@ -27,7 +27,7 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 from torch import nn
 
-from lightning_backdoor.backdoor_cli import PARSER_KWARGS, BackdoorCLI
+from lightning_backdoor.backdoor_cli import PARSER_KWARGS, BackdoorCLI, with_closest_option
 from lightning_backdoor.defenses.base import DEFENSES, BackdoorKnowledge, Defense, UnseenData, defense_name
 from lightning_backdoor.defenses.report import near_chance
 from lightning_backdoor.evaluation import evaluate
@@ -436,7 +436,7 @@ def run_bench(args: list[str]) -> list[dict[str, Any]]:
         suggestion = unknown_defense(error)
         if suggestion is not None:
             raise suggestion from None
-        raise
+        raise with_closest_option(error, arguments, args) from None
     config = arguments.instantiate(parsed)
     values = {key: value for key, value in vars(config).items() if key != "config"}
     return Bench(BenchSettings(**values)).run()

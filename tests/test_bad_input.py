@@ -106,6 +106,8 @@ CASES = [
      "output folder /sys/lightning-backdoor-out is not writable"),
     ("accelerator_package_missing", "fit", ["--trainer.accelerator=tpu"],
      "trainer.accelerator: Requirement 'torch_xla"),
+    ("option_misspelt", "fit", ["--trainer.max_epoch=3"],
+     "unrecognized arguments: --trainer.max_epoch=3; did you mean --trainer.max_epochs?"),
     ("accelerator_not_on_this_machine", "fit", ["--trainer.accelerator=gpu"],
      "trainer.accelerator: No supported gpu backend found! (neither CUDA nor MPS); use --trainer.accelerator=auto"),
 ]

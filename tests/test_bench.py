@@ -122,6 +122,7 @@ def test_every_registered_defense_is_a_bench_row_under_its_name(name):
      ["unknown defense class 'ActivationEditting' (did you mean 'ActivationEditing'?)"]),
     (["--defenses=[{class_path: ft}]"], ["defenses: 'ft' is the row name of class_path 'FineTuning'"]),
     (["--defenses=[{class_path: nomodule.Defense}]"], ["defenses: class_path 'nomodule.Defense': No module named"]),
+    (["--seds=[0]"], ["unrecognized arguments: --seds=[0]; did you mean --seeds?"]),
 ])
 def test_bad_bench_input_is_one_line_exit_2(tmp_path, capsys, flags, messages):
     with pytest.raises(SystemExit) as exit_info:

@@ -124,12 +124,18 @@ def test_fit_refuses_a_folder_holding_outputs(tmp_path, capsys, output):
     (["fit", "--trainer.max-epochs=3"],
      "unrecognized arguments: --trainer.max-epochs=3; options are spelt with underscores: did you mean "
      "--trainer.max_epochs?"),
+    (["fit", "--trainer.max_epoch=3"],  # a subcommand's own option, misspelt
+     "unrecognized arguments: --trainer.max_epoch=3; did you mean --trainer.max_epochs?"),
+    (["test", "--ckpt_pth=x.ckpt"], "unrecognized arguments: --ckpt_pth=x.ckpt; did you mean --ckpt_path?"),
+    (["defend", "--checkpoint=none.ckpt", "--unseen_per_clas=3"],
+     "unrecognized arguments: --unseen_per_clas=3; did you mean --unseen_per_class?"),
+    (["fit", "--zzzqq=3"], "unrecognized arguments: --zzzqq=3"),  # nothing close: no guess
 ])
 def test_a_misspelt_class_or_option_is_refused_with_the_closest_names(tmp_path, capsys, arguments, line):
     command, *rest = arguments
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--config", CONFIG, *rest, f"--trainer.default_root_dir={tmp_path / 'run'}"]
-             if command == "fit" else [command, "--config", CONFIG, *rest, f"--output_dir={tmp_path / 'out'}"])
+             if command in ("fit", "test") else [command, "--config", CONFIG, *rest, f"--output_dir={tmp_path / 'out'}"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == f"lightning-backdoor: error: {line}"
     assert not any(tmp_path.iterdir())
