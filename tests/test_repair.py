@@ -102,6 +102,16 @@ def test_where_the_edit_does_no_harm_the_repair_changes_nothing() -> None:
     assert "repair" not in result.details and repair_warning(result.details) is None  # not tried: no warning
 
 
+def test_a_negative_tolerance_repairs_even_where_the_signal_saw_the_target_gain(monkeypatch) -> None:
+    model, trigger, draw = world(shared=0.0)
+    unseen = unseen_set(draw, 4, seed=0)
+    defense = ActivationEditing(layer="1", strength=0.3, min_images=1, repair_tolerance=-0.01)
+    monkeypatch.setattr(ActivationEditing, "target_drop", lambda self, model, fit, setting=None: {
+        "drop": -0.05, "validated": True})  # the edit raised the held-out target confidence: more than |τ|
+    result = defense.defend(copy.deepcopy(model), unseen, BackdoorKnowledge.of(trigger, TARGET))
+    assert result.details["repair"]["forced"] and result.repaired, result.details.get("repair")
+
+
 def test_a_single_target_image_splits_its_views_between_the_signal_folds() -> None:
     labels = torch.arange(CLASSES).repeat(4)  # 1 image per class, 4 views
     folds = ActivationEditing._folds(labels, 4)

@@ -37,11 +37,9 @@ VARIABLE = {"environment.packages": "<name>", "defense.selection.cross_validated
 SAME_KEYS = {"defense.diagnostics_after_repair": "defense.diagnostics"}
 #: keys the page documents from the code that the reports below do not hold: rarer branches (a layer skipped for
 #: memory, a close call confirmed, an estimator that cannot act, moved placements, a BatchNorm feeding the layer)
-#: and what depends on the machine (a GPU, a git checkout); ``held_out_passes``: written by the held-out passes'
-#: shortcut (lightning_backdoor/defenses/suffix.py), which was being written with this page (remove it from here once
-#: the reports above hold it)
+#: and what depends on the machine (a GPU, a git checkout)
 DOCUMENTED_FROM_CODE = {
-    "defense.held_out_passes", "defense.skipped_layers.<layer>", "defense.batchnorm_prior.norms.<layer>",
+    "defense.skipped_layers.<layer>", "defense.batchnorm_prior.norms.<layer>",
     "defense.estimation.placements", "defense.estimation.confirmed.<estimator>",
     "defense.estimation.confirmed.<estimator>.class", "defense.estimation.confirmed.<estimator>.prescreened_ratio",
     "defense.estimation.confirmed.<estimator>.exhaustive_ratio", "defense.estimation.not_applicable.<estimator>",

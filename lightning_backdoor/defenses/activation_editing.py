@@ -27,6 +27,8 @@ from lightning_backdoor.defenses.editing import (KeyRows, closed_form_edit, key_
 from lightning_backdoor.defenses.inversion import FeatureTrigger
 from lightning_backdoor.defenses.prior import batchnorm_key_prior, feeding_batchnorm
 from lightning_backdoor.defenses.residual import residual_branch_of
+from lightning_backdoor.defenses.suffix import MEMORY_FRACTION as SUFFIX_MEMORY_FRACTION
+from lightning_backdoor.defenses.suffix import SuffixPasses
 from lightning_backdoor.triggers import Trigger
 
 REPAIR_WEIGHTS = (1.0, 4.0, 16.0, 64.0, 256.0)
@@ -312,8 +314,8 @@ class EditFit:
     folds of U (``fold_problems``) and their sum (``problem``), the (augmented) unseen images with labels and fold
     of each, the target class, the facts so far (``info``), the folds of the repair's signal with their
     statistics (the same folds, except the views of a target class's single image: they alternate), the
-    unedited model's target-class probability on each target-class image (in image order), and each trigger with
-    its triggered images (in image order)."""
+    unedited model's target-class probability on each target-class image (in image order), each trigger with
+    its triggered images (in image order), and the held-out passes' shortcut (:class:`SuffixPasses`) when built."""
 
     layer: str
     strength: float
@@ -328,6 +330,7 @@ class EditFit:
     signal_problems: list[EditProblem]
     target_probability: Tensor
     triggered: list[tuple[Trigger, Tensor]]
+    passes: SuffixPasses | None = None
 
 
 @DEFENSES.register("editing")
@@ -461,7 +464,7 @@ class ActivationEditing(Defense):
             if self.repair:
                 signal = self.target_drop(model, fit)
                 info["repair_signal"] = {**signal, "drop": round(signal["drop"], 4)}
-                if signal["drop"] > self.repair_tolerance:
+                if signal["drop"] > self.repair_tolerance or self.repair_tolerance < 0:  # < 0: forced, whatever it is
                     info["repair"] = self.choose_repair(model, fit, signal["drop"])
                     repair = info["repair"] if info["repair"]["setting"] is not None else None
             add_delta(model, layer, delta)
@@ -580,10 +583,13 @@ class ActivationEditing(Defense):
         fold_problems = {option: self._fold_sums(pieces, 0) for option, pieces in pieces_of.items()}  # once: every
         # strength reuses them (and the key space's Gram matrix each caches)
         choice = options[0]
-        if len(options) > 1:
+        passes = None
+        if len(options) > 1:  # each option runs U through the model: record what the layers' suffixes read, once
+            passes = self._suffix_passes(model, layers, images, triggered)
+            info["held_out_passes"] = "suffix" if passes.active else f"whole ({passes.reason})"
             scores = {(name, weight, strength): self._cross_validate(
-                model, name, fold_problems[name, weight], strength, images, triggered, labels, folds, target_class)
-                for name, weight, strength in options}
+                model, name, fold_problems[name, weight], strength, images, triggered, labels, folds, target_class,
+                passes) for name, weight, strength in options}
             choice = min(scores, key=scores.get)
             label = lambda name, weight, strength: (f"{name} λ={strength}"  # noqa: E731
                                                     + (f" w={weight:g}" if self.batchnorm_prior is None else ""))
@@ -601,7 +607,7 @@ class ActivationEditing(Defense):
         target_probability = torch.cat(logits)[labels == target_class].softmax(-1)[:, target_class]
         return EditFit(layer, strength, functools.reduce(operator.add, pieces.values()), fold_problems[layer, weight],
                        images, labels, folds, target_class, info, signal_folds, self._fold_sums(pieces, 1),
-                       target_probability, triggered)
+                       target_probability, triggered, passes)
 
     def target_drop(self, model: nn.Module, fit: EditFit, setting: float | None = None) -> dict[str, Any]:
         """The repair's signal, cross-fitted on U: for each fold holding target-class images, the edit fitted on the
@@ -621,7 +627,8 @@ class ActivationEditing(Defense):
             before.append(fit.target_probability[fit.signal_folds[target] == held_out])  # computed once, in fit
             held.append(check.nonzero().flatten())
             with trial_edit(model, fit.layer, delta):
-                after.append(predict_logits(model, fit.images[check], bf16=self.bf16).softmax(-1)[:, fit.target_class])
+                logits = self._held_out(model, fit.passes, fit.layer, "clean", fit.images, check)
+                after.append(logits.softmax(-1)[:, fit.target_class])
         if not before:
             return {"drop": 0.0, "held_out_target_images": 0, "held_out_target_views": 0, "validated": False}
         mean_before, mean_after = torch.cat(before).mean().item(), torch.cat(after).mean().item()
@@ -644,9 +651,10 @@ class ActivationEditing(Defense):
                 continue
             delta, _ = self._fold_edit(fit, held_out, setting)
             with trial_edit(model, fit.layer, delta):
-                for trigger, trigger_images in fit.triggered:
+                for index, (trigger, trigger_images) in enumerate(fit.triggered):
                     with trigger.attached(model):
-                        logits = predict_logits(model, trigger_images[attacked], bf16=self.bf16)
+                        logits = self._held_out(model, fit.passes, fit.layer, f"trigger {index}", trigger_images,
+                                                attacked)
                     total += logits.softmax(-1)[:, fit.target_class].sum().item() / len(fit.triggered)
             count += int(attacked.sum())
         return total / max(count, 1)
@@ -841,7 +849,7 @@ class ActivationEditing(Defense):
 
     def _cross_validate(self, model: nn.Module, layer: str, fold_problems: list[EditProblem], strength: float,
                         images: Tensor, triggered: list[tuple[Trigger, Tensor]], labels: Tensor, folds: Tensor,
-                        target_class: int) -> float:
+                        target_class: int, passes: SuffixPasses | None = None) -> float:
         """Two-fold loss on U of editing ``layer``: fit on one fold, then CE of the other fold's triggered
         non-target images (averaged over the (trigger, triggered images) pairs) plus CE of its clean images; averaged
         over both directions."""
@@ -851,10 +859,31 @@ class ActivationEditing(Defense):
             check = folds == held_out
             attacked = check & (labels != target_class)
             with trial_edit(model, layer, delta):
-                for trigger, trigger_images in triggered:
+                for index, (trigger, trigger_images) in enumerate(triggered):
                     with trigger.attached(model):
-                        logits = predict_logits(model, trigger_images[attacked], bf16=self.bf16)
+                        logits = self._held_out(model, passes, layer, f"trigger {index}", trigger_images, attacked)
                     total += F.cross_entropy(logits, labels[attacked]).item() / len(triggered)
-                total += F.cross_entropy(predict_logits(model, images[check], bf16=self.bf16),
+                total += F.cross_entropy(self._held_out(model, passes, layer, "clean", images, check),
                                          labels[check]).item()
         return total / 2
+
+    def _suffix_passes(self, model: nn.Module, layers: list[str], images: Tensor,
+                       triggered: list[tuple[Trigger, Tensor]]) -> SuffixPasses:
+        """The held-out passes' shortcut for ``layers``, with U's clean images and those of each image-space trigger
+        recorded (a feature-space trigger acts through a hook inside the model: its passes stay whole)."""
+        available = available_memory()
+        passes = SuffixPasses(model, layers, self.bf16, memory=None if available is None
+                              else int(available * SUFFIX_MEMORY_FRACTION))
+        passes.record("clean", images)
+        for index, (trigger, trigger_images) in enumerate(triggered):
+            if type(trigger).attached is Trigger.attached:
+                passes.record(f"trigger {index}", trigger_images)
+        return passes
+
+    def _held_out(self, model: nn.Module, passes: SuffixPasses | None, layer: str, name: str, images: Tensor,
+                  rows: Tensor) -> Tensor:
+        """Logits of ``images[rows]`` through ``model`` as it is now, ``layer`` edited: by ``passes`` when given
+        (only the graph after ``layer``, where it recorded ``name``), else a whole pass."""
+        if passes is not None:
+            return passes.logits(layer, name, images, rows)
+        return predict_logits(model, images[rows], bf16=self.bf16)

@@ -1,0 +1,205 @@
+"""Held-out passes of an edited model that recompute only what the edited layer changes.
+
+The edit's layer choice, strength choice and repair checks run the unseen images U through the model once per
+trial edit, each time with one layer's weights changed. Everything upstream of that layer, and every value the rest
+of the network reads from upstream (a residual block's skip input), is the same in every trial.
+:class:`SuffixPasses` traces the model once with ``torch.fx``, records those values for U's images in one pass, and
+then runs only the part of the graph downstream of the edited layer.
+
+Where the model cannot be traced, where a hook would be bypassed by the traced graph (a hook on a module the trace
+goes through, a forward hook on the model itself), where a recorded value is not one tensor row per image, where
+the records would not fit in memory, or where the split graph does not reproduce the model's own logits on the
+first images, every pass is a whole pass instead (``reason`` says why), so no result depends on the shortcut beyond
+float rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+
+from lightning_backdoor.defenses.adapt import logits_of
+
+#: the most the recorded values may take, as a fraction of the memory available (and at most 2 GiB without a figure)
+MEMORY_FRACTION = 0.25
+DEFAULT_MEMORY = 2 << 30
+#: how close the split graph's logits must be to the model's own on the first images (relative to their scale)
+TOLERANCE = 1e-4
+
+
+class SuffixPasses:
+    """Logits of ``model`` with one of ``layers`` edited, recomputing only the graph downstream of that layer.
+
+    Args:
+        model: the network, in eval mode while used; its weights may change between calls (trial edits), its
+            structure may not.
+        layers: the names of the layers that may be edited (leaf modules: ``nn.Linear`` or ``nn.Conv2d``).
+        bf16: run the passes under bfloat16 autocast (as the whole passes would).
+        batch_size: images per pass.
+        memory: bytes the records may take; ``None``: :data:`DEFAULT_MEMORY`.
+
+    ``reason`` is ``None`` while the shortcut is in use and says why whole passes are used otherwise.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[str], bf16: bool = False, batch_size: int = 500,
+                 memory: int | None = None) -> None:
+        self.model, self.bf16, self.batch_size = model, bf16, batch_size
+        self.memory = DEFAULT_MEMORY if memory is None else memory
+        self.records: dict[str, list[Tensor]] = {}  # image set -> the recorded values, in `self.recorded` order
+        self.suffixes: dict[str, tuple[fx.GraphModule, list[int]]] = {}  # layer -> its graph, its records' indices
+        self.reason: str | None = None
+        try:
+            self._build(layers)
+        except Exception as error:  # noqa: BLE001 - whatever keeps a model from tracing means whole passes
+            self.reason = f"the model does not trace with torch.fx ({type(error).__name__}: {str(error)[:120]})"
+
+    def _build(self, layers: list[str]) -> None:
+        model = self.model
+        if model._forward_hooks or getattr(model, "_forward_pre_hooks_with_kwargs", None) \
+                or getattr(model, "_forward_hooks_with_kwargs", None):
+            self.reason = "the model has a forward hook the traced graph would bypass"
+            return
+        traced = fx.symbolic_trace(model)
+        nodes = list(traced.graph.nodes)
+        called = {node.target for node in nodes if node.op == "call_module"}
+        for name, module in model.named_modules():
+            if name and name not in called and (module._forward_hooks or module._forward_pre_hooks):
+                self.reason = f"module {name!r} has a hook the traced graph would bypass"
+                return
+        output = next(node for node in nodes if node.op == "output")
+        downstream: dict[str, set[fx.Node]] = {}
+        for layer in layers:
+            reached: set[fx.Node] = set()
+            for node in nodes:  # topological order: a node is downstream when it is the layer or reads one
+                if (node.op == "call_module" and node.target == layer) or any(
+                        source in reached for source in node.all_input_nodes):
+                    reached.add(node)
+            if output not in reached:
+                self.reason = f"layer {layer!r} is not called in the traced graph"
+                return
+            downstream[layer] = reached
+        frontier = {layer: [node for node in nodes if node not in reached and node.op != "get_attr"
+                            and any(user in reached for user in node.users)]
+                    for layer, reached in downstream.items()}
+        self.recorded = [node for node in nodes if any(node in kept for kept in frontier.values())]
+        self.recorder = fx.GraphModule(traced, _graph_with_outputs(traced.graph, self.recorded))
+        for layer, reached in downstream.items():
+            graph, env = fx.Graph(), {}
+            for index, node in enumerate(frontier[layer]):
+                env[node] = graph.placeholder(f"recorded_{index}")
+            for node in nodes:
+                if node in reached and node is not output:
+                    env[node] = graph.node_copy(node, lambda source: _value(graph, env, source))
+            graph.output(fx.map_arg(output.args[0], lambda source: _value(graph, env, source)))
+            self.suffixes[layer] = (fx.GraphModule(traced, graph),
+                                    [self.recorded.index(node) for node in frontier[layer]])
+
+    @property
+    def active(self) -> bool:
+        return self.reason is None
+
+    @torch.no_grad()
+    def record(self, name: str, images: Tensor) -> None:
+        """One whole pass of ``images`` (N, C, H, W) through the traced graph, keeping the values the suffixes read,
+        under ``name`` (e.g. ``"clean"``); checks on the first images that the split graph reproduces the model's
+        own logits, and that the records fit in memory (else whole passes from now on)."""
+        if not self.active:
+            return
+        recorded: list[list[Tensor]] = [[] for _ in self.recorded]
+        logits = []
+        with torch.autocast("cpu", torch.bfloat16, enabled=self.bf16):
+            for chunk in images.split(self.batch_size):
+                output, values = self.recorder(*self._root_inputs(chunk))
+                logits.append(logits_of(output).float())
+                for kept, value in zip(recorded, values):
+                    if value is None or isinstance(value, bool):  # a mask left out, a flag: the same for all
+                        if kept and kept[0] is not value:
+                            self._stop("a flag the layers' suffixes read differs between images")
+                            return
+                        kept.append(value)
+                        continue
+                    if not isinstance(value, Tensor) or value.dim() == 0 or value.shape[0] != len(chunk):
+                        self._stop(f"a value the layers' suffixes read is not one row per image "
+                                   f"({type(value).__name__})")
+                        return
+                    kept.append(value)
+        self.records[name] = [parts[0] if parts[0] is None or isinstance(parts[0], bool) else torch.cat(parts)
+                              for parts in recorded]
+        if sum(value.numel() * value.element_size() for values in self.records.values() for value in values
+               if isinstance(value, Tensor)) > self.memory:
+            self._stop(f"the recorded values would exceed {self.memory / 2**30:.2f} GiB")
+            return
+        first = torch.arange(min(4, len(images)))
+        with torch.autocast("cpu", torch.bfloat16, enabled=self.bf16):
+            reference = logits_of(self.model(images[first])).float()
+        scale = reference.abs().max().clamp(min=1.0)
+        mismatch = (torch.cat(logits)[first] - reference).abs().max() > TOLERANCE * scale
+        for layer in self.suffixes:
+            if mismatch:
+                break
+            mismatch = (self._suffix(layer, name, first) - reference).abs().max() > TOLERANCE * scale
+        if mismatch:
+            self._stop("the traced graph does not reproduce the model's logits")
+
+    def ready(self, name: str) -> bool:
+        """Whether images recorded under ``name`` are served by the suffixes."""
+        return self.active and name in self.records
+
+    @torch.no_grad()
+    def logits(self, layer: str, name: str, images: Tensor, rows: Tensor) -> Tensor:
+        """Logits (n, K), float32, of ``images[rows]`` through the model as it is now (``layer`` edited): the suffix
+        of ``layer`` over the values recorded under ``name`` for ``images``, or a whole pass when not recorded.
+        ``rows``: a boolean mask or indices into ``images``."""
+        if not self.ready(name):
+            return self._whole(images[rows])
+        return self._suffix(layer, name, rows)
+
+    def _suffix(self, layer: str, name: str, rows: Tensor) -> Tensor:
+        graph, indices = self.suffixes[layer]
+        values = [value[rows] if isinstance(value := self.records[name][index], Tensor) else value
+                  for index in indices]
+        count = next(len(value) for value in values if isinstance(value, Tensor))
+        with torch.autocast("cpu", torch.bfloat16, enabled=self.bf16):
+            return torch.cat([logits_of(graph(*[value[start:start + self.batch_size] if isinstance(value, Tensor)
+                                                else value for value in values])).float()
+                              for start in range(0, count, self.batch_size)])
+
+    def _whole(self, images: Tensor) -> Tensor:
+        with torch.autocast("cpu", torch.bfloat16, enabled=self.bf16):
+            return torch.cat([logits_of(self.model(chunk)).float() for chunk in images.split(self.batch_size)])
+
+    def _root_inputs(self, images: Tensor) -> tuple[Any, ...]:
+        """The model's forward pre-hooks applied, as ``model(images)`` applies them (an input transform)."""
+        arguments: tuple[Any, ...] = (images,)
+        for hook in self.model._forward_pre_hooks.values():
+            result = hook(self.model, arguments)
+            if result is not None:
+                arguments = result if isinstance(result, tuple) else (result,)
+        return arguments
+
+    def _stop(self, reason: str) -> None:
+        self.reason, self.records = reason, {}
+
+
+def _value(graph: fx.Graph, env: dict[fx.Node, fx.Node], source: fx.Node) -> fx.Node:
+    """``source``'s node in ``graph``: mapped already, or (a parameter or buffer read) copied on first use."""
+    if source not in env:
+        env[source] = graph.node_copy(source, lambda inner: _value(graph, env, inner))
+    return env[source]
+
+
+def _graph_with_outputs(graph: fx.Graph, extra: list[fx.Node]) -> fx.Graph:
+    """A copy of ``graph`` that returns ``(its output, (the values of extra...))``."""
+    copied, env = fx.Graph(), {}
+    for node in graph.nodes:
+        if node.op == "output":
+            result = fx.map_arg(node.args[0], env.__getitem__)
+            copied.output((result, tuple(env[source] for source in extra)))
+        else:
+            env[node] = copied.node_copy(node, env.__getitem__)
+    return copied
+
+
+__all__ = ["SuffixPasses"]
