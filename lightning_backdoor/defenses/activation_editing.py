@@ -145,6 +145,22 @@ def trial_edit(model: nn.Module, layer_name: str, delta: Tensor) -> Iterator[Non
             weight.copy_(original)
 
 
+@contextmanager
+def recording(passes: SuffixPasses | None, name: str | None) -> Iterator[None]:
+    """``passes.recording(name)``; nothing without ``passes`` or ``name``."""
+    if passes is None or name is None:
+        yield
+        return
+    with passes.recording(name):
+        yield
+
+
+def _image_space(trigger: Trigger, index: int) -> str | None:
+    """The held-out passes' name for the images of the ``index``-th trigger, or None for a feature-space trigger
+    (it acts through a hook inside the model, which the shortcut's records would bypass: its passes stay whole)."""
+    return f"trigger {index}" if type(trigger).attached is Trigger.attached else None
+
+
 @dataclass
 class EditProblem:
     """Sufficient statistics of one layer's edit, additive over images (so folds combine by ``+``).
@@ -559,11 +575,15 @@ class ActivationEditing(Defense):
                  for member in triggers]
         problems: dict[str, list[EditProblem]] = {}
         logits = []
+        # several options to score on U: the held-out passes' shortcut records what it needs during these passes
+        scored = len(layers) > 1 or self.strength is None or self.batchnorm_prior is None
+        passes = self._suffix_passes(model, layers, available) if scored else None
         for chunk in torch.arange(len(images)).split(self.chunk_size):  # keys of one chunk at a time: flat memory
-            clean_acts, chunk_logits = capture_with_logits(model, layers, images[chunk], bf16=self.bf16)
+            with recording(passes, "clean"):
+                clean_acts, chunk_logits = capture_with_logits(model, layers, images[chunk], bf16=self.bf16)
             logits.append(chunk_logits)
             for index, ((member, member_images), mask) in enumerate(zip(triggered, masks)):
-                with member.attached(model):
+                with member.attached(model), recording(passes, _image_space(member, index)):
                     triggered_acts = capture(model, layers, member_images[chunk], bf16=self.bf16)
                 for name in layers:
                     pieces = [self._problem(model, name, clean_acts[name], triggered_acts[name], labels[chunk],
@@ -583,10 +603,13 @@ class ActivationEditing(Defense):
         fold_problems = {option: self._fold_sums(pieces, 0) for option, pieces in pieces_of.items()}  # once: every
         # strength reuses them (and the key space's Gram matrix each caches)
         choice = options[0]
-        passes = None
-        if len(options) > 1:  # each option runs U through the model: record what the layers' suffixes read, once
-            passes = self._suffix_passes(model, layers, images, triggered)
+        if passes is not None:
+            passes.finish("clean", images, torch.cat(logits))
+            for index, (member, member_images) in enumerate(triggered):
+                if _image_space(member, index) is not None:
+                    passes.finish(_image_space(member, index), member_images)
             info["held_out_passes"] = "suffix" if passes.active else f"whole ({passes.reason})"
+        if len(options) > 1:
             scores = {(name, weight, strength): self._cross_validate(
                 model, name, fold_problems[name, weight], strength, images, triggered, labels, folds, target_class,
                 passes) for name, weight, strength in options}
@@ -867,18 +890,10 @@ class ActivationEditing(Defense):
                                          labels[check]).item()
         return total / 2
 
-    def _suffix_passes(self, model: nn.Module, layers: list[str], images: Tensor,
-                       triggered: list[tuple[Trigger, Tensor]]) -> SuffixPasses:
-        """The held-out passes' shortcut for ``layers``, with U's clean images and those of each image-space trigger
-        recorded (a feature-space trigger acts through a hook inside the model: its passes stay whole)."""
-        available = available_memory()
-        passes = SuffixPasses(model, layers, self.bf16, memory=None if available is None
-                              else int(available * SUFFIX_MEMORY_FRACTION))
-        passes.record("clean", images)
-        for index, (trigger, trigger_images) in enumerate(triggered):
-            if type(trigger).attached is Trigger.attached:
-                passes.record(f"trigger {index}", trigger_images)
-        return passes
+    def _suffix_passes(self, model: nn.Module, layers: list[str], available: int | None) -> SuffixPasses:
+        """The held-out passes' shortcut for ``layers``, its records within a share of the ``available`` memory."""
+        return SuffixPasses(model, layers, self.bf16, memory=None if available is None
+                            else int(available * SUFFIX_MEMORY_FRACTION))
 
     def _held_out(self, model: nn.Module, passes: SuffixPasses | None, layer: str, name: str, images: Tensor,
                   rows: Tensor) -> Tensor:

@@ -3,8 +3,10 @@
 The edit's layer choice, strength choice and repair checks run the unseen images U through the model once per
 trial edit, each time with one layer's weights changed. Everything upstream of that layer, and every value the rest
 of the network reads from upstream (a residual block's skip input), is the same in every trial.
-:class:`SuffixPasses` traces the model once with ``torch.fx``, records those values for U's images in one pass, and
-then runs only the part of the graph downstream of the edited layer.
+:class:`SuffixPasses` traces the model once with ``torch.fx``, records those values for U's images, and then runs
+only the part of the graph downstream of the edited layer. The values are recorded by hooks during the pass that
+captures the layers' keys anyway (:meth:`SuffixPasses.recording`) where each is the input or output of a module
+called once; otherwise by one more pass through the traced graph (:meth:`SuffixPasses.record`).
 
 Where the model cannot be traced, where a hook would be bypassed by the traced graph (a hook on a module the trace
 goes through, a forward hook on the model itself), where a recorded value is not one tensor row per image, where
@@ -15,6 +17,9 @@ float rounding.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -40,15 +45,21 @@ class SuffixPasses:
         batch_size: images per pass.
         memory: bytes the records may take; ``None``: :data:`DEFAULT_MEMORY`.
 
-    ``reason`` is ``None`` while the shortcut is in use and says why whole passes are used otherwise.
+    Record each image set under a name, during passes the caller makes anyway (``with passes.recording(name):``,
+    then :meth:`finish`) or in a pass of its own (:meth:`record`); then :meth:`logits`. ``reason`` is ``None`` while
+    the shortcut is in use and says why whole passes are used otherwise.
     """
 
     def __init__(self, model: nn.Module, layers: list[str], bf16: bool = False, batch_size: int = 500,
                  memory: int | None = None) -> None:
         self.model, self.bf16, self.batch_size = model, bf16, batch_size
         self.memory = DEFAULT_MEMORY if memory is None else memory
-        self.records: dict[str, list[Tensor]] = {}  # image set -> the recorded values, in `self.recorded` order
+        self.records: dict[str, list[Any]] = {}  # image set -> the recorded values, in `self.recorded` order
+        self.pending: dict[str, list[list[Any]]] = {}  # image set -> each value's recorded chunks, not yet checked
         self.suffixes: dict[str, tuple[fx.GraphModule, list[int]]] = {}  # layer -> its graph, its records' indices
+        #: where hooks find each recorded value: (module name, "in" and the argument's position, or "out"); None
+        #: where one cannot be found so (then :meth:`recording` records nothing and :meth:`finish` makes a pass)
+        self.locators: list[tuple[str, str, int]] | None = None
         self.reason: str | None = None
         try:
             self._build(layers)
@@ -63,7 +74,7 @@ class SuffixPasses:
             return
         traced = fx.symbolic_trace(model)
         nodes = list(traced.graph.nodes)
-        called = {node.target for node in nodes if node.op == "call_module"}
+        called = Counter(node.target for node in nodes if node.op == "call_module")
         for name, module in model.named_modules():
             if name and name not in called and (module._forward_hooks or module._forward_pre_hooks):
                 self.reason = f"module {name!r} has a hook the traced graph would bypass"
@@ -95,53 +106,102 @@ class SuffixPasses:
             graph.output(fx.map_arg(output.args[0], lambda source: _value(graph, env, source)))
             self.suffixes[layer] = (fx.GraphModule(traced, graph),
                                     [self.recorded.index(node) for node in frontier[layer]])
+        locators = [_locator(node, called, nodes) for node in self.recorded]
+        self.locators = None if None in locators else locators
 
     @property
     def active(self) -> bool:
         return self.reason is None
 
+    @contextmanager
+    def recording(self, name: str) -> Iterator[None]:
+        """While inside, each forward pass of the model also records, under ``name``, the values the suffixes read
+        (hooks on the modules that take or return them); :meth:`finish` checks and keeps them. Records nothing
+        where the values cannot all be found so."""
+        if not self.active or self.locators is None:
+            yield
+            return
+        pending = self.pending.setdefault(name, [[] for _ in self.recorded])
+        modules = dict(self.model.named_modules())
+        handles = []
+        for sink, (module, kind, index) in zip(pending, self.locators):
+            if kind == "in":  # a pre-hook on the model itself comes after its input transform: it sees what the
+                # traced graph is given
+                handles.append(modules[module].register_forward_pre_hook(
+                    lambda _, args, sink=sink, index=index: sink.append(args[index])))
+            else:
+                handles.append(modules[module].register_forward_hook(
+                    lambda _, args, output, sink=sink: sink.append(output)))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     @torch.no_grad()
-    def record(self, name: str, images: Tensor) -> None:
-        """One whole pass of ``images`` (N, C, H, W) through the traced graph, keeping the values the suffixes read,
-        under ``name`` (e.g. ``"clean"``); checks on the first images that the split graph reproduces the model's
-        own logits, and that the records fit in memory (else whole passes from now on)."""
+    def finish(self, name: str, images: Tensor, logits: Tensor | None = None) -> None:
+        """Keep what :meth:`recording` recorded under ``name`` for ``images`` (N, C, H, W), or record them with
+        :meth:`record` where it could not; checks the records as :meth:`record` does, against ``logits`` (N, K),
+        the model's own on ``images`` from the recorded passes, when given."""
         if not self.active:
             return
-        recorded: list[list[Tensor]] = [[] for _ in self.recorded]
+        if self.locators is None:
+            self.record(name, images)
+            return
+        self._keep(name, self.pending.pop(name, [[] for _ in self.recorded]), len(images))
+        self._check(name, images, logits)
+
+    @torch.no_grad()
+    def record(self, name: str, images: Tensor) -> None:
+        """One whole pass of ``images`` (N, C, H, W) through the traced graph, keeping the values the suffixes read
+        under ``name`` (e.g. ``"clean"``); then checks on the first images that the split graph reproduces the
+        model's own logits, and that all records fit in memory (else whole passes from now on)."""
+        if not self.active:
+            return
+        chunks: list[list[Any]] = [[] for _ in self.recorded]
         logits = []
         with torch.autocast("cpu", torch.bfloat16, enabled=self.bf16):
             for chunk in images.split(self.batch_size):
                 output, values = self.recorder(*self._root_inputs(chunk))
                 logits.append(logits_of(output).float())
-                for kept, value in zip(recorded, values):
-                    if value is None or isinstance(value, bool):  # a mask left out, a flag: the same for all
-                        if kept and kept[0] is not value:
-                            self._stop("a flag the layers' suffixes read differs between images")
-                            return
-                        kept.append(value)
-                        continue
-                    if not isinstance(value, Tensor) or value.dim() == 0 or value.shape[0] != len(chunk):
-                        self._stop(f"a value the layers' suffixes read is not one row per image "
-                                   f"({type(value).__name__})")
-                        return
+                for kept, value in zip(chunks, values):
                     kept.append(value)
-        self.records[name] = [parts[0] if parts[0] is None or isinstance(parts[0], bool) else torch.cat(parts)
-                              for parts in recorded]
+        self._keep(name, chunks, len(images))
+        self._check(name, images, torch.cat(logits))
+
+    def _keep(self, name: str, chunks: list[list[Any]], count: int) -> None:
+        """Each value's chunks joined (one row per image, ``count`` in all; a ``None`` or a flag kept as it is)."""
+        values = []
+        for parts in chunks:
+            if parts and all(part is None or isinstance(part, bool) for part in parts):  # a mask left out, a flag
+                if any(part is not parts[0] for part in parts):
+                    self._stop("a flag the layers' suffixes read differs between images")
+                    return
+                values.append(parts[0])
+            elif parts and all(isinstance(part, Tensor) and part.dim() > 0 for part in parts) \
+                    and sum(len(part) for part in parts) == count:
+                values.append(torch.cat(parts))
+            else:
+                self._stop("a value the layers' suffixes read is not one row per image")
+                return
+        self.records[name] = values
         if sum(value.numel() * value.element_size() for values in self.records.values() for value in values
                if isinstance(value, Tensor)) > self.memory:
             self._stop(f"the recorded values would exceed {self.memory / 2**30:.2f} GiB")
+
+    def _check(self, name: str, images: Tensor, logits: Tensor | None) -> None:
+        """Whole passes from now on unless every suffix, unedited, gives the model's own logits on the first
+        images (``logits``, or computed here)."""
+        if not self.active:
             return
         first = torch.arange(min(4, len(images)))
         with torch.autocast("cpu", torch.bfloat16, enabled=self.bf16):
-            reference = logits_of(self.model(images[first])).float()
+            reference = logits_of(self.model(images[first])).float() if logits is None else logits[first].float()
         scale = reference.abs().max().clamp(min=1.0)
-        mismatch = (torch.cat(logits)[first] - reference).abs().max() > TOLERANCE * scale
         for layer in self.suffixes:
-            if mismatch:
-                break
-            mismatch = (self._suffix(layer, name, first) - reference).abs().max() > TOLERANCE * scale
-        if mismatch:
-            self._stop("the traced graph does not reproduce the model's logits")
+            if (self._suffix(layer, name, first) - reference).abs().max() > TOLERANCE * scale:
+                self._stop("the traced graph does not reproduce the model's logits")
+                return
 
     def ready(self, name: str) -> bool:
         """Whether images recorded under ``name`` are served by the suffixes."""
@@ -180,7 +240,21 @@ class SuffixPasses:
         return arguments
 
     def _stop(self, reason: str) -> None:
-        self.reason, self.records = reason, {}
+        self.reason, self.records, self.pending = reason, {}, {}
+
+
+def _locator(node: fx.Node, called: Counter, nodes: list[fx.Node]) -> tuple[str, str, int] | None:
+    """Where a hook finds ``node``'s value in an eager pass: the output of a module called once, an argument of
+    one, or the model's input (a pre-hook on the model itself); None otherwise."""
+    if node.op == "call_module" and called[node.target] == 1:
+        return str(node.target), "out", 0
+    if node.op == "placeholder":  # the images; a later argument keeps its default, which no hook sees
+        placeholders = [source for source in nodes if source.op == "placeholder"]
+        return ("", "in", 0) if node is placeholders[0] else None
+    for user in node.users:
+        if user.op == "call_module" and called[user.target] == 1 and node in user.args:
+            return str(user.target), "in", user.args.index(node)
+    return None
 
 
 def _value(graph: fx.Graph, env: dict[fx.Node, fx.Node], source: fx.Node) -> fx.Node:
