@@ -261,6 +261,27 @@ def test_the_edit_solved_in_the_span_of_its_keys_is_the_moment_solve(strength):
         keys.solve("rank_r", strength, 4)
 
 
+def test_the_sum_of_two_solved_problems_reuses_their_gram_matrices():
+    """The final edit (both folds) joins the folds' Gram matrices with the products across them: the same keys,
+    Gram matrix and edit as computed afresh."""
+    model, unseen, knowledge = _wide_linear_problem()
+    layer = get_layer(model, "3")
+    clean = capture(model, ["3"], unseen.images)["3"]
+    triggered = capture(model, ["3"], knowledge.triggers[0](unseen.images))["3"]
+    halves = [EditProblem.build(layer, clean, triggered, unseen.labels, 0, None, unseen.labels % 3 == 0, True),
+              EditProblem.build(layer, clean, triggered, unseen.labels, 0, None, unseen.labels % 3 != 0, True)]
+    fresh = halves[0] + halves[1]  # no Gram matrix known yet: computed when first solved
+    for half in halves:
+        half.solve("closed_form", 10.0, 4)  # as the cross-validation does
+    joined = halves[0] + halves[1]
+    assert "_key_space" in vars(joined) and "_key_space" not in vars(fresh)
+    (keys, gram), (fresh_keys, fresh_gram) = joined._key_space, fresh._key_space
+    assert torch.equal(keys, fresh_keys)
+    torch.testing.assert_close(gram, fresh_gram, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(joined.solve("closed_form", 10.0, 4, 4.0), fresh.solve("closed_form", 10.0, 4, 4.0),
+                               rtol=1e-5, atol=1e-7)
+
+
 def test_the_defense_solves_in_the_span_of_the_keys_only_where_they_are_fewer_than_the_width(monkeypatch):
     from lightning_backdoor.defenses import activation_editing
 

@@ -229,8 +229,29 @@ class EditProblem:
                    target_moment, torch.tensor(float(len(target_keys))))
 
     def __add__(self, other: EditProblem) -> EditProblem:
-        return replace(self, **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)
-                                if f.name not in ("weight", "prior", "prior_weight")})
+        total = replace(self, **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)
+                                 if f.name not in ("weight", "prior", "prior_weight")})
+        if "_key_space" in vars(self) and "_key_space" in vars(other):  # both Gram matrices known (the two
+            # cross-validation folds, then the final edit on both): only the products across them are new
+            vars(total)["_key_space"] = self._joined_key_space(other)
+        return total
+
+    def _joined_key_space(self, other: EditProblem) -> tuple[Tensor, Tensor]:
+        """The stacked keys and Gram matrix of ``self + other`` from those of each: their blocks and the products
+        across them, reordered as the sum stacks its rows (A's of both, then C's, then T's)."""
+        (keys, gram), (other_keys, other_gram) = self._key_space, other._key_space
+        size, other_size = len(keys), len(other_keys)
+        block = torch.empty(size + other_size, size + other_size, dtype=torch.float64)
+        block[:size, :size], block[size:, size:] = gram, other_gram
+        block[:size, size:] = keys.double() @ other_keys.double().T
+        block[size:, :size] = block[:size, size:].T
+        order, start, other_start = [], 0, size
+        for mine, theirs in ((self.triggered_moment, other.triggered_moment), (self.clean_moment, other.clean_moment),
+                             (self.target_moment, other.target_moment)):
+            order += [torch.arange(start, start + len(mine)), torch.arange(other_start, other_start + len(theirs))]
+            start, other_start = start + len(mine), other_start + len(theirs)
+        order = torch.cat(order)
+        return torch.cat([keys, other_keys])[order], block[order][:, order]
 
     def with_trigger(self, other: EditProblem) -> EditProblem:
         """Add ``other``'s triggered keys, built on the same clean keys with another trigger (clean sums once)."""
