@@ -117,6 +117,7 @@ class Clamping(nn.Module):
     (lambda: Plain(mutate=True), "conv", "does not reproduce the model's logits"),
     ("hooked", "conv", "module 'block' has a hook"),
     ("tight", "conv", "would exceed"),
+    ("tight, recorded by hooks", "conv", "would exceed"),  # stopped while recording, not after
     (Clamping, "conv", "does not reproduce the model's logits"),
 ])
 def test_whole_passes_where_the_shortcut_cannot_hold(make, layer, reason):
@@ -125,11 +126,14 @@ def test_whole_passes_where_the_shortcut_cannot_hold(make, layer, reason):
     if make == "hooked":  # a hook on a module the trace goes through would not run in the traced graph
         net.block.register_forward_hook(lambda module, args, output: output * 1.5)
     images = torch.rand(6, 3, 8, 8)
-    passes = SuffixPasses(net, [layer], memory=1 if make == "tight" else None)
-    if make is Clamping:  # recorded by hooks: the conv's input, kept by a pre-hook, is changed in place later
+    passes = SuffixPasses(net, [layer], memory=1 if str(make).startswith("tight") else None)
+    if make is Clamping or make == "tight, recorded by hooks":  # Clamping: the conv's input, kept by a pre-hook,
+        # is changed in place later
         assert passes.locators is not None
         with passes.recording("clean"):
-            logits = predict_logits(net, images)
+            logits = predict_logits(net, images, batch_size=2)
+            if make != Clamping:
+                assert not passes.active and not passes.pending  # nothing more is kept once over the limit
         passes.finish("clean", images, logits)
     else:
         passes.record("clean", images)

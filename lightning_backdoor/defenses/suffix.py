@@ -60,6 +60,7 @@ class SuffixPasses:
         #: where hooks find each recorded value: (module name, "in" and the argument's position, or "out"); None
         #: where one cannot be found so (then :meth:`recording` records nothing and :meth:`finish` makes a pass)
         self.locators: list[tuple[str, str, int]] | None = None
+        self._held = 0  # bytes recorded by hooks so far
         self.reason: str | None = None
         try:
             self._build(layers)
@@ -123,15 +124,24 @@ class SuffixPasses:
             return
         pending = self.pending.setdefault(name, [[] for _ in self.recorded])
         modules = dict(self.model.named_modules())
+
+        def keep(sink: list[Any], value: Any) -> None:
+            if not self.active:
+                return
+            sink.append(value)
+            self._held += value.numel() * value.element_size() if isinstance(value, Tensor) else 0
+            if self._held > self.memory:  # checked as it grows: the captures run in chunks to keep memory flat
+                self._stop(f"the recorded values would exceed {self.memory / 2**30:.2f} GiB")
+
         handles = []
         for sink, (module, kind, index) in zip(pending, self.locators):
             if kind == "in":  # a pre-hook on the model itself comes after its input transform: it sees what the
                 # traced graph is given
                 handles.append(modules[module].register_forward_pre_hook(
-                    lambda _, args, sink=sink, index=index: sink.append(args[index])))
+                    lambda _, args, sink=sink, index=index: keep(sink, args[index])))
             else:
                 handles.append(modules[module].register_forward_hook(
-                    lambda _, args, output, sink=sink: sink.append(output)))
+                    lambda _, args, output, sink=sink: keep(sink, output)))
         try:
             yield
         finally:
@@ -240,7 +250,7 @@ class SuffixPasses:
         return arguments
 
     def _stop(self, reason: str) -> None:
-        self.reason, self.records, self.pending = reason, {}, {}
+        self.reason, self.records, self.pending, self._held = reason, {}, {}, 0
 
 
 def _locator(node: fx.Node, called: Counter, nodes: list[fx.Node]) -> tuple[str, str, int] | None:
