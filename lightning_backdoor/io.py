@@ -112,7 +112,13 @@ def first_line(error: BaseException) -> str:
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
-    reasons = [line for line in lines if "Unsupported global" in line or "WeightsUnpickler error" in line]
+    for index, line in enumerate(lines):  # torch's unpickler gives its reason after this, or on the next line
+        if "WeightsUnpickler error:" in line:
+            reason = line.split("WeightsUnpickler error:", 1)[1].strip() or next(iter(lines[index + 1:]), "")
+            if reason.startswith("Unsupported operand"):  # the first byte is no pickle opcode: e.g. a text file
+                return f"not written by torch.save: {reason}"
+            return f"WeightsUnpickler error: {reason}".split(" Please use")[0][:200]
+    reasons = [line for line in lines if "Unsupported global" in line]
     return (reasons or lines)[0].split(" Please use")[0][:200]  # not torch's advice on how to load it anyway
 
 

@@ -88,6 +88,10 @@ CASES = [
      "defense: no class named 'Nope'; known: ANP, ActivationEditing, EstimateFirst"),
     ("unseen_per_class_zero", "defend", ["--checkpoint={ckpt}", "--unseen_per_class=0"],
      "got no unseen clean images; give a folder of your own"),
+    ("checkpoint_not_a_torch_file", "defend", ["--checkpoint={tmp}/notes.json"],
+     "notes.json: not a plain tensor file (not written by torch.save: Unsupported operand 123)"),
+    ("defend_unseen_per_class_negative", "defend", ["--checkpoint={ckpt}", "--unseen_per_class=-1"],
+     "unseen_per_class=-1 is negative or not an integer"),
     ("unseen_per_class_more_than_split", "defend", ["--checkpoint={ckpt}", "--unseen_per_class=11"],
      "asked for 11 unseen images per class but the split holds 10"),
     ("normalize_wrong_length", "defend", ["--checkpoint={ckpt}", "--model.init_args.normalize={{mean: [0.1, 0.2], std: [0.3, 0.3]}}"],
@@ -132,6 +136,7 @@ def workspace(tmp_path: Path, quickstart_run: Path) -> dict[str, str]:
     (tmp_path / "old_run").mkdir()
     (tmp_path / "old_run" / "config.yaml").write_text("seed_everything: 0\n")
     (tmp_path / "broken.yaml").write_text("trainer: [unclosed\n")
+    (tmp_path / "notes.json").write_text('{"not": "weights"}\n')
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "defended.safetensors").write_bytes(b"not read: its name marks the folder as used")
     (tmp_path / "truncated_run" / "checkpoints").mkdir(parents=True)

@@ -298,3 +298,13 @@ def test_the_console_line_gives_asr_against_its_floor_ca_and_ta() -> None:
     assert report.summary_line() == "ASR 0.9500 -> 0.0600 (floor 0.0400), CA 0.9000 -> 0.8900, TA 0.8000 -> 0.7500"
     del before["target_acc"], after["target_acc"]  # all-to-all: no target class
     assert report.summary_line() == "ASR 0.9500 -> 0.0600 (floor 0.0400), CA 0.9000 -> 0.8900"
+
+
+def test_the_chart_says_when_no_repair_was_applied():
+    """Without a repair the last stage holds the edited weights: its bars are not called 'after repair'."""
+    stage = {"clean_acc": 0.9, "asr": 0.5, "asr_floor": 0.01, "robust_acc": 0.4, "target_acc": 0.9}
+    report = {"before": stage, "after_edit": stage, "after": stage, "defense": {"method": "editing/closed_form"}}
+    for repaired, title in ((False, "after (no repair applied)"), (True, "after repair")):
+        report["defense"]["repaired"] = repaired
+        legend = [text.get_text() for text in plot_report(report).axes[0].get_legend().get_texts()]
+        assert legend == ["before", "after edit", title]

@@ -10,6 +10,7 @@ from torch import nn
 
 from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
 from lightning_backdoor.defenses.activation_editing import get_layer, predict_logits, trial_edit
+from lightning_backdoor.defenses.adapt import returning_logits
 from lightning_backdoor.defenses.activations import auto_candidates
 from lightning_backdoor.defenses.suffix import SuffixPasses
 from lightning_backdoor.models import build_model
@@ -140,6 +141,20 @@ def test_whole_passes_where_the_shortcut_cannot_hold(make, layer, reason):
     assert not passes.active and reason in passes.reason
     shortcut, whole = edited_logits(net, passes, layer, images, torch.arange(3))
     torch.testing.assert_close(shortcut, whole, atol=0, rtol=0)
+
+
+def test_the_defenses_own_logits_hook_keeps_the_shortcut():
+    """The callback and ``defend`` run the defense inside :func:`returning_logits` (a forward hook on the model that
+    takes the logits from a tuple or dict output): the shortcut does the same to the graph's output."""
+    torch.manual_seed(0)
+    net = Plain().eval()
+    images = torch.rand(6, 3, 8, 8)
+    with returning_logits(net):
+        passes = SuffixPasses(net, ["conv"])
+        passes.record("clean", images)
+        assert passes.active, passes.reason
+        shortcut, whole = edited_logits(net, passes, "conv", images, torch.arange(3))
+    torch.testing.assert_close(shortcut, whole, atol=1e-6, rtol=1e-6)
 
 
 def test_the_defense_chooses_and_edits_the_same_with_and_without_the_shortcut(monkeypatch):

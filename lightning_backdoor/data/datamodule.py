@@ -157,6 +157,8 @@ class PoisonedDataModule(L.LightningDataModule):
         """``per_class`` (default: all) unseen clean images of every class, as uint8: the first ones, or a random
         draw from the unseen split when ``seed`` is given (for repeated trials at a fixed budget)."""
         count = self.unseen_per_class if per_class is None else per_class
+        if count < 0:
+            raise ValueError(f"asked for {count} unseen images per class: a count must not be negative")
         if count > self.unseen_per_class:
             raise ValueError(f"asked for {count} unseen images per class but the split holds {self.unseen_per_class}")
         grid = self.plan.unseen.view(self.unseen_per_class, self.num_classes)  # row i: the i-th image of each class

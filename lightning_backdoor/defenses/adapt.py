@@ -44,13 +44,15 @@ def logits_of(output: Any) -> Tensor:
                      f"logits first, or a dict with them under {LOGITS_KEY!r}")
 
 
+def logits_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Tensor | None:
+    """A forward hook that makes a model return :func:`logits_of` its output (nothing to do for a tensor)."""
+    return None if isinstance(output, Tensor) else logits_of(output)
+
+
 @contextmanager
 def returning_logits(model: nn.Module) -> Iterator[None]:
-    """While inside, ``model(x)`` returns :func:`logits_of` its output (a forward hook, removed afterwards)."""
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Tensor | None:
-        return None if isinstance(output, Tensor) else logits_of(output)
-
-    handle = model.register_forward_hook(hook)
+    """While inside, ``model(x)`` returns :func:`logits_of` its output (:func:`logits_hook`, removed afterwards)."""
+    handle = model.register_forward_hook(logits_hook)
     try:
         yield
     finally:

@@ -89,7 +89,8 @@ class DefenseCallback(L.Callback):
         defense: the defense to run (default: activation-guided editing with repair).
         trigger: the backdoor trigger, acting on pixels (default: the data module's).
         target_class: the attack's target class (default: the data module's).
-        unseen_per_class: use the first k unseen images per class (default: all the data module holds).
+        unseen_per_class: use the first k unseen images per class (default: all the data module holds); a
+            negative k is refused (``ValueError``, one line) when the callback is built.
         unseen_dataloader: clean data the model never saw, yielding ``(images, labels)`` (pixels; see
             ``normalize``).
         test_dataloader: clean test data for the before/after evaluation (default: the data module's test split).
@@ -114,6 +115,10 @@ class DefenseCallback(L.Callback):
                  output_dir: str | None = None, on_fit_end: bool = True, trigger_known: bool = True,
                  normalize: dict[str, list[float]] | None = None, input_size: int | None = None,
                  accept_low_accuracy: bool = False) -> None:
+        if unseen_per_class is not None and (isinstance(unseen_per_class, bool) or not isinstance(unseen_per_class, int)
+                                             or unseen_per_class < 0):
+            raise ValueError(f"unseen_per_class={unseen_per_class!r} is negative or not an integer: give a count "
+                             f"of images per class, or null for all the unseen images")
         self.defense = defense if defense is not None else ActivationEditing()
         self.trigger, self.target_class, self.unseen_per_class = trigger, target_class, unseen_per_class
         self.unseen_dataloader, self.test_dataloader = unseen_dataloader, test_dataloader

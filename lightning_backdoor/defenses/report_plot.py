@@ -30,7 +30,10 @@ def plot_report(report: Mapping[str, Any]) -> Figure:
     for offset, stage in enumerate(stages):
         values = [100 * report[stage][name] for name in metrics]
         positions = [index + (offset - (len(stages) - 1) / 2) * width for index in range(len(metrics))]
-        bars = axes.bar(positions, values, width, label=STAGE_TITLES[stage], color=COLOURS[stage])
+        title = STAGE_TITLES[stage]
+        if stage == "after" and report.get("defense", {}).get("repaired") is False:
+            title = "after (no repair applied)"  # the same weights as after the edit
+        bars = axes.bar(positions, values, width, label=title, color=COLOURS[stage])
         axes.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
     axes.set_xticks(range(len(metrics)), [METRIC_TITLES[name] for name in metrics])
     axes.set_ylabel("%")

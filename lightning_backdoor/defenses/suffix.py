@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from lightning_backdoor.defenses.adapt import logits_of
+from lightning_backdoor.defenses.adapt import logits_hook, logits_of
 
 #: the most the recorded values may take, as a fraction of the memory available (and at most 2 GiB without a figure)
 MEMORY_FRACTION = 0.25
@@ -69,7 +69,9 @@ class SuffixPasses:
 
     def _build(self, layers: list[str]) -> None:
         model = self.model
-        if model._forward_hooks or getattr(model, "_forward_pre_hooks_with_kwargs", None) \
+        # the defense's own logits_hook does what the passes do to the graph's output anyway (logits_of)
+        if any(hook is not logits_hook for hook in model._forward_hooks.values()) \
+                or getattr(model, "_forward_pre_hooks_with_kwargs", None) \
                 or getattr(model, "_forward_hooks_with_kwargs", None):
             self.reason = "the model has a forward hook the traced graph would bypass"
             return
