@@ -49,8 +49,12 @@ class WeightsMapping:
 
     def describe(self) -> str:
         """One line, e.g. ``weights: stripped 'module.' from 62 keys and loaded them into net``."""
-        line = (f"weights: stripped {self.stripped!r} from {self.loaded} keys and loaded them into {self.target}"
-                if self.stripped else f"weights: loaded {self.loaded} keys into {self.target} as named")
+        if self.stripped == "net." and self.target == "net":  # the layout this project writes: nothing was fixed up
+            line = f"weights: loaded {self.loaded} keys into net (keys net.*, as lightning-backdoor saves them)"
+        elif self.stripped:
+            line = f"weights: stripped {self.stripped!r} from {self.loaded} keys and loaded them into {self.target}"
+        else:
+            line = f"weights: loaded {self.loaded} keys into {self.target} as named"
         if self.absent_counters:
             line += (f"; {self.absent_counters} BatchNorm num_batches_tracked counters are absent from the file and "
                      f"were left unchanged")

@@ -77,7 +77,9 @@ def test_every_wrapper_layout_loads_exactly_and_says_so(wrapper: str, capsys: py
     assert_loaded(module, network)
     count = len(network.state_dict())
     assert mapping == WeightsMapping(prefix, count, "net")
-    expected = (f"weights: stripped {prefix!r} from {count} keys and loaded them into net" if prefix else
+    expected = (f"weights: loaded {count} keys into net (keys net.*, as lightning-backdoor saves them)"
+                if prefix == "net." else
+                f"weights: stripped {prefix!r} from {count} keys and loaded them into net" if prefix else
                 f"weights: loaded {count} keys into net as named")
     assert capsys.readouterr().out.strip().splitlines() == [expected]
 
