@@ -1,5 +1,5 @@
-"""Residual blocks with a norm between the edited layer and the addition: torchvision's inverted-residual blocks are
-recognised (their project conv's BatchNorm is an affine map per channel in eval mode), the skip term is captured in
+"""Residual blocks with a norm between the edited layer and the addition: torchvision's inverted-residual and ResNet
+blocks are recognised (their project conv's BatchNorm is an affine map per channel in eval mode), the skip term is captured in
 the layer's output units, and the corrected edit cancels the trigger at the block's output where the uncorrected
 one cannot; ``layer: auto`` reaches those project convs."""
 
@@ -54,8 +54,54 @@ def test_torchvision_inverted_residual_blocks_declare_their_project_conv_and_its
     efficientnet = torchvision.models.efficientnet_b0(num_classes=10)
     assert residual_branch_of(efficientnet, "features.2.1.block.3.0") == ResidualBranch(
         "features.2.1", "features.2.1.block.3.1")
-    # torchvision's ResNet block applies a ReLU after its addition: its output is no sum, so it stays undeclared
-    assert residual_branch_of(torchvision.models.resnet18(num_classes=10), "layer4.1.conv2") is None
+
+
+def test_torchvision_resnet_blocks_declare_their_last_conv_and_read_the_skip_where_it_comes_from() -> None:
+    """torchvision's BasicBlock and Bottleneck output relu(bn(conv(·)) + shortcut): the last conv is the branch,
+    its BatchNorm the scale, and the skip term is read at the block's input or its downsample path's output."""
+    resnet18 = torchvision.models.resnet18(num_classes=10)
+    assert residual_branch_of(resnet18, "layer4.1.conv2") == ResidualBranch("layer4.1", "layer4.1.bn2", True, None)
+    assert residual_branch_of(resnet18, "layer4.0.conv2") == ResidualBranch("layer4.0", "layer4.0.bn2", True,
+                                                                             "layer4.0.downsample")
+    assert residual_branch_of(resnet18, "layer4.0.conv1") is None and bypassed(resnet18, "layer4.0.conv1")
+    assert bypassed(resnet18, "layer4.0.downsample.0") and not bypassed(resnet18, "layer4.0.conv2")
+    resnet50 = torchvision.models.resnet50(num_classes=10)
+    assert residual_branch_of(resnet50, "layer1.1.conv3") == ResidualBranch("layer1.1", "layer1.1.bn3", True, None)
+    assert residual_branch_of(resnet50, "layer1.1.conv2") is None
+
+
+@pytest.mark.parametrize("block", ["layer4.0", "layer4.1"])
+def test_the_skip_term_of_a_torchvision_resnet_block_is_its_shortcut_in_the_layer_output_units(block: str) -> None:
+    """The captured skip of a block's conv2 is its shortcut (the input, or downsample(input) in layer4.0) divided
+    by bn2's scale, per channel: not the block's output minus the branch's, which the ReLU after the sum distorts."""
+    model = randomised_norms(torchvision.models.resnet18(num_classes=10))
+    module = model.get_submodule(block)
+    inputs = []
+    handle = module.register_forward_pre_hook(lambda m, args: inputs.append(args[0].clone()))
+    acts = capture(model, [f"{block}.conv2"], torch.rand(2, 3, 64, 64))[f"{block}.conv2"]
+    handle.remove()
+    with torch.no_grad():
+        shortcut = inputs[0] if module.downsample is None else module.downsample(inputs[0])
+    expected = (shortcut / channel_scale(module.bn2).view(-1, 1, 1)).flatten(2).transpose(1, 2)
+    assert acts.skip.shape == acts.values.shape == expected.shape
+    assert torch.allclose(acts.skip, expected, atol=1e-4 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("block", ["layer4.0", "layer4.1"])
+def test_the_corrected_edit_cancels_the_trigger_at_a_torchvision_resnet_block_output(block: str) -> None:
+    """A torchvision ResNet block alone (with and without its downsample path), a trigger added to one position of
+    its input: the corrected edit of conv2 maps the triggered sum onto the clean one, so the output after the ReLU
+    is the clean output; the uncorrected edit leaves the trigger that the shortcut carries."""
+    model = nn.Sequential(randomised_norms(torchvision.models.resnet18(num_classes=10)).get_submodule(block)).eval()
+    channels = model[0].conv1.in_channels
+    generator = torch.Generator().manual_seed(1)
+    clean_inputs = torch.randn(1, channels, 4, 4, generator=generator).relu()
+    triggered_inputs = clean_inputs.clone()
+    triggered_inputs[..., 2, 2] += 3 * torch.rand(channels, generator=generator)  # a position the stride-2 1x1
+    # downsample conv of layer4.0 reads
+    before, results = skip_correction_gaps(model, "0.conv2", "0", clean_inputs, triggered_inputs)
+    assert results[True] < 0.05 * before
+    assert results[False] > 0.3 * before
 
 
 def test_a_block_can_declare_the_norm_between_its_branch_and_the_addition() -> None:

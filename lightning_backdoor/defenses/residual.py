@@ -9,8 +9,9 @@ convolution and its ``BatchNorm2d``; they are recognised by their class (:data:`
 is timm's Vision Transformer ``Block`` (ViT, DeiT, DeiT-III and the other ``vision_transformer`` models), whose output
 is the residual stream plus ``mlp.fc2``'s output, through its second ``LayerScale`` where it has one (``ls2``,
 :data:`TIMM_BLOCK`, :data:`TIMM_LAYER_SCALE`).
-torchvision's ResNet blocks apply a ReLU after their addition, so their output is no such sum: they stay
-undeclared and their layers are edited without the correction.
+torchvision's ResNet blocks (``BasicBlock``, ``Bottleneck``: :data:`TORCHVISION_RESNET_BLOCKS`) apply a ReLU to
+that sum: the edit maps the sum of a triggered image onto its clean sum, and with it the block's output; their skip
+term is read where it comes from (the block's input, or its ``downsample`` path's output), not as output − branch.
 """
 
 from __future__ import annotations
@@ -29,6 +30,15 @@ TORCHVISION_RESIDUAL_BLOCKS = {
     "torchvision.models.efficientnet.MBConv": ("block", "use_res_connect"),
     "torchvision.models.efficientnet.FusedMBConv": ("block", "use_res_connect"),
     "torchvision.models.mnasnet._InvertedResidual": ("layers", "apply_residual"),
+}
+
+
+#: torchvision's ResNet blocks, ``relu(norm(layer(·)) + shortcut)`` in eval mode with ``shortcut`` the block's input
+#: or its ``downsample`` path's output: class (module and qualified name) -> (the branch layer, its BatchNorm). The ReLU
+#: acts on the sum, so a triggered image whose sum is mapped onto its clean sum gets its clean output.
+TORCHVISION_RESNET_BLOCKS = {
+    "torchvision.models.resnet.BasicBlock": ("conv2", "bn2"),
+    "torchvision.models.resnet.Bottleneck": ("conv3", "bn3"),
 }
 
 
@@ -84,26 +94,34 @@ def transformer_mlp_layers(model: nn.Module, blocks: int = 2) -> list[str]:
 @dataclass(frozen=True)
 class ResidualBranch:
     """A layer whose output reaches a residual addition: ``block`` (its name in the model, ``""`` for the model
-    itself) outputs ``scale(layer(·)) + skip``; ``scale`` is the full name of the per-channel affine module in
-    between (an eval-mode ``BatchNorm2d`` or a timm ``LayerScale``, :func:`channel_scale`), or ``None`` when the
-    layer's output is added as it is."""
+    itself) outputs ``scale(layer(·)) + skip``, or with ``activated`` an activation of that sum (torchvision's ResNet
+    blocks); ``scale`` is the full name of the per-channel affine module in between (an eval-mode ``BatchNorm2d`` or a
+    timm ``LayerScale``, :func:`channel_scale`), or ``None`` when the layer's output is added as it is. The skip term
+    is the block's output minus the branch's, or with ``activated`` the output of ``shortcut`` (the full name of a
+    downsampling path) or, where that is ``None``, the block's input."""
 
     block: str
     scale: str | None = None
+    activated: bool = False
+    shortcut: str | None = None
 
 
 def declared_branch(block: nn.Module) -> tuple[str, str | None] | None:
     """``(layer path, scale path or None)`` below ``block`` for the layer whose output the block adds to its skip
     path: as the block declares it (``residual_branch``, ``residual_norm``); for a timm transformer ``Block``,
     ``mlp.fc2`` and its LayerScale ``ls2`` or ``None`` (:func:`_timm_branch`); for a torchvision inverted-residual
-    block with its residual connection on, its body's last convolution and the ``BatchNorm2d`` after it; ``None`` for
-    any other block."""
+    block with its residual connection on, its body's last convolution and the ``BatchNorm2d`` after it; for a
+    torchvision ResNet block, its last convolution and BatchNorm (:func:`_resnet_branch`); ``None`` for any other
+    block."""
     declared = getattr(block, "residual_branch", None)
     if declared:
         return declared, getattr(block, "residual_norm", None)
     timm_branch = _timm_branch(block)
     if timm_branch is not None:
         return timm_branch
+    resnet_branch = _resnet_branch(block)
+    if resnet_branch is not None:
+        return resnet_branch
     kind = TORCHVISION_RESIDUAL_BLOCKS.get(_class_path(block))
     if kind is None or not getattr(block, kind[1], False):
         return None
@@ -118,11 +136,24 @@ def declared_branch(block: nn.Module) -> tuple[str, str | None] | None:
     return f"{body}.{layer_name}", f"{body}.{norm_name}"
 
 
+def _resnet_branch(block: nn.Module) -> tuple[str, str] | None:
+    """``(layer, norm)`` for a torchvision ResNet block (exactly that class: a subclass may change its forward) whose
+    branch is a ``Conv2d`` followed by an eval-mode ``BatchNorm2d`` (:data:`TORCHVISION_RESNET_BLOCKS`), else
+    ``None``."""
+    kind = TORCHVISION_RESNET_BLOCKS.get(_class_path(block))
+    if kind is None:
+        return None
+    layer, norm = (getattr(block, name, None) for name in kind)
+    if not (isinstance(layer, nn.Conv2d) and type(norm) is nn.BatchNorm2d and norm.track_running_stats):
+        return None
+    return kind
+
+
 def residual_branch_of(model: nn.Module, name: str) -> ResidualBranch | None:
     """The residual block of layer ``name``: the nearest ancestor whose :func:`declared_branch` is the layer's path
-    below it (``"conv2"`` in a PreAct-ResNet block, ``"mlp.fc2"`` in a transformer block, ``"block.3.0"`` in a
-    torchvision MobileNetV3 block), with the per-channel scale in between; ``None`` when no ancestor adds the layer's
-    output to a skip path.
+    below it (``"conv2"`` in a PreAct-ResNet or torchvision ResNet block, ``"mlp.fc2"`` in a transformer block,
+    ``"block.3.0"`` in a torchvision MobileNetV3 block), with the per-channel scale in between (and for a torchvision
+    ResNet block, where its skip term is read); ``None`` when no ancestor adds the layer's output to a skip path.
 
     Raises:
         ValueError: (one line) the block declares a ``residual_norm`` that is no per-channel scale
@@ -136,7 +167,11 @@ def residual_branch_of(model: nn.Module, name: str) -> ResidualBranch | None:
             scale = None if branch[1] is None else ".".join(filter(None, (block_name, branch[1])))
             if scale is not None:
                 channel_scale(model.get_submodule(scale))  # a module that is no per-channel scale: refused here
-            return ResidualBranch(block_name, scale)
+            block = model.get_submodule(block_name) if block_name else model
+            if _resnet_branch(block) is None or getattr(block, "residual_branch", None):
+                return ResidualBranch(block_name, scale)
+            shortcut = None if block.downsample is None else ".".join(filter(None, (block_name, "downsample")))
+            return ResidualBranch(block_name, scale, activated=True, shortcut=shortcut)
     return None
 
 
@@ -176,12 +211,11 @@ def channel_scale(module: nn.Module) -> Tensor:
                      f"residual_norm only for those")
 
 
-def skip_in_value_space(block_output: Tensor, branch_output: Tensor, scaler: nn.Module | None) -> Tensor:
-    """The skip term ``block_output − branch_output`` (N, C, H, W) or (N, ..., C), expressed in the edited layer's
-    output units: divided by the per-channel scale of ``scaler`` (:func:`channel_scale`) when one sits between the
-    layer and the addition (``branch_output`` is then its output), so that a change ``δ`` of the layer's output moves
-    the block's output by ``scale · δ``. Channels scaled by 0 cannot be reached by the layer: their term is 0."""
-    skip = block_output - branch_output
+def skip_in_value_space(skip: Tensor, scaler: nn.Module | None) -> Tensor:
+    """The skip term ``skip`` (N, C, H, W) or (N, ..., C) expressed in the edited layer's output units: divided by
+    the per-channel scale of ``scaler`` (:func:`channel_scale`) when one sits between the layer and the addition, so
+    that a change ``δ`` of the layer's output moves the block's sum by ``scale · δ``. Channels scaled by 0 cannot be
+    reached by the layer: their term is 0."""
     if scaler is None:
         return skip
     scale = channel_scale(scaler)
@@ -194,6 +228,16 @@ def record_skip(model: nn.Module, layer: str, branch: ResidualBranch, sink: list
     (N, C, H, W) or (N, ..., C) float32, in the layer's output units (:func:`skip_in_value_space`). Returns the
     hooks' handles (remove them when done)."""
     scaler = None if branch.scale is None else model.get_submodule(branch.scale)
+    if branch.activated:  # the block outputs act(sum): read the skip term where it comes from
+        def keep_shortcut(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+            sink.append(skip_in_value_space(output.detach().to(torch.float32, copy=True), scaler))
+
+        def keep_input(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            sink.append(skip_in_value_space(args[0].detach().to(torch.float32, copy=True), scaler))
+
+        if branch.shortcut is not None:
+            return [model.get_submodule(branch.shortcut).register_forward_hook(keep_shortcut)]
+        return [model.get_submodule(branch.block).register_forward_pre_hook(keep_input)]
     pending: list[Tensor] = []
 
     def keep_branch_output(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
@@ -202,12 +246,12 @@ def record_skip(model: nn.Module, layer: str, branch: ResidualBranch, sink: list
         pending.append(output.detach().to(torch.float32, copy=True))
 
     def keep_skip(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-        sink.append(skip_in_value_space(output.detach().float(), pending.pop(), scaler))
+        sink.append(skip_in_value_space(output.detach().float() - pending.pop(), scaler))
 
     return [model.get_submodule(layer if scaler is None else branch.scale).register_forward_hook(keep_branch_output),
             model.get_submodule(branch.block).register_forward_hook(keep_skip)]
 
 
-__all__ = ["TIMM_BLOCK", "TIMM_LAYER_SCALE", "TORCHVISION_RESIDUAL_BLOCKS", "ResidualBranch", "bypassed",
+__all__ = ["TIMM_BLOCK", "TIMM_LAYER_SCALE", "TORCHVISION_RESIDUAL_BLOCKS", "TORCHVISION_RESNET_BLOCKS", "ResidualBranch", "bypassed",
            "channel_scale", "declared_branch", "residual_block_of", "record_skip", "residual_branch_of",
            "skip_in_value_space", "transformer_mlp_layers"]
