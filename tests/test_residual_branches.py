@@ -6,6 +6,7 @@ one cannot; ``layer: auto`` reaches those project convs."""
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 import torchvision
 from skip_correction import skip_correction_gaps
@@ -68,6 +69,10 @@ def test_torchvision_resnet_blocks_declare_their_last_conv_and_read_the_skip_whe
     resnet50 = torchvision.models.resnet50(num_classes=10)
     assert residual_branch_of(resnet50, "layer1.1.conv3") == ResidualBranch("layer1.1", "layer1.1.bn3", True, None)
     assert residual_branch_of(resnet50, "layer1.1.conv2") is None
+    # timm's blocks alike, except with squeeze-excitation between the norm and the add (a gate, not a sum)
+    assert residual_branch_of(timm.create_model("resnet50d", num_classes=10), "layer2.0.conv3") == ResidualBranch(
+        "layer2.0", "layer2.0.bn3", True, "layer2.0.downsample")
+    assert residual_branch_of(timm.create_model("seresnet18", num_classes=10), "layer2.1.conv2") is None
 
 
 @pytest.mark.parametrize("block", ["layer4.0", "layer4.1"])
@@ -87,12 +92,17 @@ def test_the_skip_term_of_a_torchvision_resnet_block_is_its_shortcut_in_the_laye
     assert torch.allclose(acts.skip, expected, atol=1e-4 * expected.abs().max().item())
 
 
-@pytest.mark.parametrize("block", ["layer4.0", "layer4.1"])
-def test_the_corrected_edit_cancels_the_trigger_at_a_torchvision_resnet_block_output(block: str) -> None:
-    """A torchvision ResNet block alone (with and without its downsample path), a trigger added to one position of
-    its input: the corrected edit of conv2 maps the triggered sum onto the clean one, so the output after the ReLU
-    is the clean output; the uncorrected edit leaves the trigger that the shortcut carries."""
-    model = nn.Sequential(randomised_norms(torchvision.models.resnet18(num_classes=10)).get_submodule(block)).eval()
+@pytest.mark.parametrize(("library", "block"), [("torchvision", "layer4.0"), ("torchvision", "layer4.1"),
+                                                 ("timm", "layer4.0")])
+def test_the_corrected_edit_cancels_the_trigger_at_a_resnet_block_output(library: str, block: str) -> None:
+    """A torchvision or timm ResNet-18 block alone (with and without its downsample path), a trigger added to one
+    position of its input: the corrected edit of conv2 maps the triggered sum onto the clean one, so the output after
+    the ReLU is the clean output; the uncorrected edit leaves the trigger that the shortcut carries."""
+    torch.manual_seed(0)
+    resnet = (torchvision.models.resnet18(num_classes=10) if library == "torchvision"
+              else timm.create_model("resnet18", num_classes=10))
+    model = nn.Sequential(randomised_norms(resnet).get_submodule(block)).eval()
+    assert residual_branch_of(model, "0.conv2") is not None
     channels = model[0].conv1.in_channels
     generator = torch.Generator().manual_seed(1)
     clean_inputs = torch.randn(1, channels, 4, 4, generator=generator).relu()

@@ -9,9 +9,10 @@ convolution and its ``BatchNorm2d``; they are recognised by their class (:data:`
 is timm's Vision Transformer ``Block`` (ViT, DeiT, DeiT-III and the other ``vision_transformer`` models), whose output
 is the residual stream plus ``mlp.fc2``'s output, through its second ``LayerScale`` where it has one (``ls2``,
 :data:`TIMM_BLOCK`, :data:`TIMM_LAYER_SCALE`).
-torchvision's ResNet blocks (``BasicBlock``, ``Bottleneck``: :data:`TORCHVISION_RESNET_BLOCKS`) apply a ReLU to
-that sum: the edit maps the sum of a triggered image onto its clean sum, and with it the block's output; their skip
-term is read where it comes from (the block's input, or its ``downsample`` path's output), not as output − branch.
+torchvision's and timm's ResNet blocks (``BasicBlock``, ``Bottleneck``: :data:`TORCHVISION_RESNET_BLOCKS`) apply a
+ReLU to that sum: the edit maps the sum of a triggered image onto its clean sum, and with it the block's output;
+their skip term is read where it comes from (the block's input, or its ``downsample`` path's output), not as
+output − branch.
 """
 
 from __future__ import annotations
@@ -33,12 +34,16 @@ TORCHVISION_RESIDUAL_BLOCKS = {
 }
 
 
-#: torchvision's ResNet blocks, ``relu(norm(layer(·)) + shortcut)`` in eval mode with ``shortcut`` the block's input
-#: or its ``downsample`` path's output: class (module and qualified name) -> (the branch layer, its BatchNorm). The ReLU
-#: acts on the sum, so a triggered image whose sum is mapped onto its clean sum gets its clean output.
+#: torchvision's and timm's ResNet blocks, ``act(norm(layer(·)) + shortcut)`` in eval mode with ``shortcut`` the
+#: block's input or its ``downsample`` path's output: class (module and qualified name) -> (the branch layer, its
+#: BatchNorm). The activation acts on the sum, so a triggered image whose sum is mapped onto its clean sum gets its
+#: clean output. timm's blocks qualify without squeeze-excitation (``se`` is ``None``); their stochastic depth is the
+#: identity in eval.
 TORCHVISION_RESNET_BLOCKS = {
     "torchvision.models.resnet.BasicBlock": ("conv2", "bn2"),
     "torchvision.models.resnet.Bottleneck": ("conv3", "bn3"),
+    "timm.models.resnet.BasicBlock": ("conv2", "bn2"),
+    "timm.models.resnet.Bottleneck": ("conv3", "bn3"),
 }
 
 
@@ -137,11 +142,11 @@ def declared_branch(block: nn.Module) -> tuple[str, str | None] | None:
 
 
 def _resnet_branch(block: nn.Module) -> tuple[str, str] | None:
-    """``(layer, norm)`` for a torchvision ResNet block (exactly that class: a subclass may change its forward) whose
-    branch is a ``Conv2d`` followed by an eval-mode ``BatchNorm2d`` (:data:`TORCHVISION_RESNET_BLOCKS`), else
-    ``None``."""
+    """``(layer, norm)`` for a torchvision or timm ResNet block (exactly that class: a subclass may change its
+    forward) whose branch is a ``Conv2d`` followed by an eval-mode ``BatchNorm2d`` and nothing else before the add
+    (no squeeze-excitation: :data:`TORCHVISION_RESNET_BLOCKS`), else ``None``."""
     kind = TORCHVISION_RESNET_BLOCKS.get(_class_path(block))
-    if kind is None:
+    if kind is None or getattr(block, "se", None) is not None:
         return None
     layer, norm = (getattr(block, name, None) for name in kind)
     if not (isinstance(layer, nn.Conv2d) and type(norm) is nn.BatchNorm2d and norm.track_running_stats):
