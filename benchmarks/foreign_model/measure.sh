@@ -3,7 +3,8 @@
 # command, timed whole (its report has the defense's own seconds).
 #   bash benchmarks/foreign_model/measure.sh RUN [CONFIG [ROW ...]]
 # Rows: known (trigger known, the config's defaults), known_1 (1 image per class), known_cv (λ chosen on U),
-# unknown (--trigger_known false), no_normalize and no_normalize_forced (without the model's normalisation).
+# unknown (--trigger_known false), unknown_cv (and λ chosen on U), unknown_image_space (the image-space estimators
+# only), no_normalize and no_normalize_forced (without the model's normalisation).
 # Default: the ResNet-18 config and the rows known unknown no_normalize no_normalize_forced.
 #   python benchmarks/foreign_model/train_foreign.py --out runs/foreign --epochs 10
 #   bash benchmarks/foreign_model/measure.sh runs/foreign
@@ -24,6 +25,9 @@ for row in "${ROWS[@]}"; do
     known_1) timed known_1 --unseen_per_class 1 ;;
     known_cv) timed known_cv --defense.init_args.strength=null ;;
     unknown) timed unknown --trigger_known false ;;
+    unknown_cv) timed unknown_cv --trigger_known false --defense.init_args.strength=null ;;
+    unknown_image_space) timed unknown_image_space --defense=EstimateFirst --defense.defense=ActivationEditing \
+      --defense.estimator=TriggerEstimator '--defense.estimator.estimators=[neural_cleanse,blend,perturbation,warp]' ;;
     no_normalize) timed no_normalize --model.init_args.normalize null ;;
     no_normalize_forced) timed no_normalize_forced --model.init_args.normalize null --accept_low_accuracy true ;;
     *) echo "unknown row $row" >&2; exit 2 ;;
