@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+import torchvision
 from plain_training import train_epochs
 from skip_correction import skip_correction_gaps
 from torch import Tensor, nn
@@ -98,13 +99,14 @@ def test_the_mlp_output_layer_of_a_transformer_block_is_its_residual_branch() ->
     assert torch.allclose(acts.skip, stream[0], atol=1e-5)
 
 
-def assert_the_correction_cancels_a_patch(model: nn.Module) -> None:
-    """The corrected edit of ``blocks.1.mlp.fc2`` (one image, a 3x3 white patch) brings the block's output on the
+def assert_the_correction_cancels_a_patch(model: nn.Module, block: str = "blocks.1", layer: str = "mlp.fc2",
+                                          channels: int = 1) -> None:
+    """The corrected edit of ``layer`` in ``block`` (one image, a 3x3 white patch) brings the block's output on the
     triggered image to the clean one (< 5 % of the gap left); the edit blind to the stream leaves > 30 %."""
-    clean_images = torch.rand(1, 1, 8, 8)
+    clean_images = torch.rand(1, channels, 8, 8)
     triggered_images = clean_images.clone()
     triggered_images[:, :, -3:, -3:] = 1.0
-    before, results = skip_correction_gaps(model, "blocks.1.mlp.fc2", "blocks.1", clean_images, triggered_images)
+    before, results = skip_correction_gaps(model, f"{block}.{layer}", block, clean_images, triggered_images)
     assert results[True] < 0.05 * before
     assert results[False] > 0.3 * before
 
@@ -210,6 +212,21 @@ def test_any_timm_vit_gets_the_residual_correction_and_the_candidates_without_de
     assert auto_candidates(model, 3, torch.rand(1, 1, 8, 8)) == ["blocks.0.mlp.fc2", "blocks.1.mlp.fc1",
                                                                  "blocks.1.mlp.fc2"]
     assert_the_correction_cancels_a_patch(model)
+
+
+def test_a_torchvision_vit_gets_the_residual_correction_and_the_candidates_too() -> None:
+    """torchvision's ViT (``EncoderBlock``, its MLP ``mlp.0`` / ``mlp.3``): ``mlp.3`` is recognised as the residual
+    branch by class, ``auto`` tries the last two blocks' MLP layers, and the corrected edit cancels the trigger in the
+    stream (17 token keys, class token included, in ``mlp.3``'s 64 input dimensions: an exact edit exists)."""
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=8, patch_size=2, num_layers=2, num_heads=2,
+                                                 hidden_dim=16, mlp_dim=64, num_classes=10).eval()
+    blocks = "encoder.layers.encoder_layer_"
+    assert residual_block_of(model, f"{blocks}1.mlp.3") == f"{blocks}1"
+    assert residual_block_of(model, f"{blocks}1.mlp.0") is None and residual_block_of(model, "heads.head") is None
+    assert auto_candidates(model, 3, torch.rand(1, 3, 8, 8)) == [f"{blocks}0.mlp.3", f"{blocks}1.mlp.0",
+                                                                 f"{blocks}1.mlp.3"]
+    assert_the_correction_cancels_a_patch(model, f"{blocks}1", "mlp.3", channels=3)
 
 
 def test_the_residual_correction_makes_the_block_output_on_triggered_tokens_match_the_clean_one() -> None:

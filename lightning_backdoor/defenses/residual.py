@@ -8,7 +8,8 @@ block). torchvision's inverted-residual blocks (MobileNetV2/V3, EfficientNet's
 convolution and its ``BatchNorm2d``; they are recognised by their class (:data:`TORCHVISION_RESIDUAL_BLOCKS`). So
 is timm's Vision Transformer ``Block`` (ViT, DeiT, DeiT-III and the other ``vision_transformer`` models), whose output
 is the residual stream plus ``mlp.fc2``'s output, through its second ``LayerScale`` where it has one (``ls2``,
-:data:`TIMM_BLOCK`, :data:`TIMM_LAYER_SCALE`).
+:data:`TIMM_BLOCK`, :data:`TIMM_LAYER_SCALE`), and torchvision's ``EncoderBlock`` (its ``vit_*`` models), whose
+output is the stream plus ``mlp.3``'s (:data:`TORCHVISION_VIT_BLOCK`).
 torchvision's and timm's ResNet blocks (``BasicBlock``, ``Bottleneck``: :data:`TORCHVISION_RESNET_BLOCKS`) apply a
 ReLU to that sum: the edit maps the sum of a triggered image onto its clean sum, and with it the block's output;
 their skip term is read where it comes from (the block's input, or its ``downsample`` path's output), not as
@@ -52,6 +53,12 @@ TORCHVISION_RESNET_BLOCKS = {
 #: read without importing timm, and the branch layer whose output the block adds to its residual stream.
 TIMM_BLOCK = ("timm.models.vision_transformer.Block", "timm.layers.mlp.Mlp", "mlp.fc2")
 
+#: torchvision's Vision Transformer block (``x = x + attention(ln_1(·)); x + mlp(ln_2(x))``, dropout the identity in
+#: eval) and its MLP class (``Linear, activation, Dropout, Linear, Dropout``): the class names, and the MLP's two
+#: Linear layers, the second the branch whose output the block adds to its residual stream.
+TORCHVISION_VIT_BLOCK = ("torchvision.models.vision_transformer.EncoderBlock",
+                         "torchvision.models.vision_transformer.MLPBlock", ("mlp.0", "mlp.3"))
+
 #: timm's LayerScale (``x * gamma``, ``gamma`` of shape (C,) on the last dim; ``init_values`` of a ViT, e.g. DeiT-III):
 #: its class paths (where timm defines it now, and where earlier versions did), read without importing timm. Between
 #: ``fc2`` and the addition it is a per-channel scale, as an eval-mode BatchNorm without shift.
@@ -81,19 +88,39 @@ def _timm_branch(block: nn.Module) -> tuple[str, str | None] | None:
     return None
 
 
+def _torchvision_vit_branch(block: nn.Module) -> tuple[str, None] | None:
+    """``("mlp.3", None)`` for a torchvision ``EncoderBlock`` (exactly that class) whose MLP is torchvision's
+    ``MLPBlock`` of a Linear, an activation, a Dropout, a Linear and a Dropout; else ``None``."""
+    block_class, mlp_class, (_, branch) = TORCHVISION_VIT_BLOCK
+    mlp = getattr(block, "mlp", None)
+    if _class_path(block) != block_class or mlp is None or _class_path(mlp) != mlp_class or len(mlp) != 5:
+        return None
+    if not (isinstance(mlp[0], nn.Linear) and isinstance(mlp[3], nn.Linear) and isinstance(mlp[4], nn.Dropout)):
+        return None
+    return branch, None
+
+
+def _mlp_layers(block: nn.Module) -> tuple[str, str] | None:
+    """The two Linear layers of a recognised transformer block's MLP (timm's ``mlp.fc1``/``mlp.fc2``, torchvision's
+    ``mlp.0``/``mlp.3``), or ``None`` for any other module."""
+    if _timm_branch(block) is not None:
+        return "mlp.fc1", "mlp.fc2"
+    return TORCHVISION_VIT_BLOCK[2] if _torchvision_vit_branch(block) is not None else None
+
+
 def _per_channel(layer_scale: nn.Module) -> bool:
     gamma = getattr(layer_scale, "gamma", None)
     return isinstance(gamma, Tensor) and gamma.ndim == 1
 
 
 def transformer_mlp_layers(model: nn.Module, blocks: int = 2) -> list[str]:
-    """The MLP layers (``fc1``, ``fc2``) of the last ``blocks`` timm transformer blocks of ``model`` that
-    :func:`_timm_branch` recognises (with or without LayerScale), in definition order; ``[]`` for a model without
-    such blocks. What ``layer: auto`` tries on a timm ViT that declares no ``edit_candidates``: the
-    same layers the registry's ``vit`` declares (on it the second-to-last block's ``fc2`` won, the last block's left
-    more ASR; docs/results/vit.md)."""
-    names = [name for name, module in model.named_modules() if _timm_branch(module) is not None]
-    return [f"{name}.mlp.{layer}" for name in names[-blocks:] for layer in ("fc1", "fc2")] if blocks > 0 else []
+    """The MLP layers (``fc1``, ``fc2``; torchvision's ``mlp.0``, ``mlp.3``) of the last ``blocks`` transformer
+    blocks of ``model`` that :func:`_timm_branch` (with or without LayerScale) or :func:`_torchvision_vit_branch`
+    recognise, in definition order; ``[]`` for a model without such blocks. What ``layer: auto`` tries on a timm or
+    torchvision ViT that declares no ``edit_candidates``: the same layers the registry's ``vit`` declares (on it the
+    second-to-last block's ``fc2`` won, the last block's left more ASR; docs/results/vit.md)."""
+    found = [(name, layers) for name, module in model.named_modules() if (layers := _mlp_layers(module)) is not None]
+    return [f"{name}.{layer}" for name, layers in found[-blocks:] for layer in layers] if blocks > 0 else []
 
 
 @dataclass(frozen=True)
@@ -114,16 +141,17 @@ class ResidualBranch:
 def declared_branch(block: nn.Module) -> tuple[str, str | None] | None:
     """``(layer path, scale path or None)`` below ``block`` for the layer whose output the block adds to its skip
     path: as the block declares it (``residual_branch``, ``residual_norm``); for a timm transformer ``Block``,
-    ``mlp.fc2`` and its LayerScale ``ls2`` or ``None`` (:func:`_timm_branch`); for a torchvision inverted-residual
+    ``mlp.fc2`` and its LayerScale ``ls2`` or ``None`` (:func:`_timm_branch`); for a torchvision ``EncoderBlock``,
+    ``mlp.3`` (:func:`_torchvision_vit_branch`); for a torchvision inverted-residual
     block with its residual connection on, its body's last convolution and the ``BatchNorm2d`` after it; for a
     torchvision ResNet block, its last convolution and BatchNorm (:func:`_resnet_branch`); ``None`` for any other
     block."""
     declared = getattr(block, "residual_branch", None)
     if declared:
         return declared, getattr(block, "residual_norm", None)
-    timm_branch = _timm_branch(block)
-    if timm_branch is not None:
-        return timm_branch
+    transformer_branch = _timm_branch(block) or _torchvision_vit_branch(block)
+    if transformer_branch is not None:
+        return transformer_branch
     resnet_branch = _resnet_branch(block)
     if resnet_branch is not None:
         return resnet_branch
@@ -257,6 +285,7 @@ def record_skip(model: nn.Module, layer: str, branch: ResidualBranch, sink: list
             model.get_submodule(branch.block).register_forward_hook(keep_skip)]
 
 
-__all__ = ["TIMM_BLOCK", "TIMM_LAYER_SCALE", "TORCHVISION_RESIDUAL_BLOCKS", "TORCHVISION_RESNET_BLOCKS", "ResidualBranch", "bypassed",
+__all__ = ["TIMM_BLOCK", "TIMM_LAYER_SCALE", "TORCHVISION_RESIDUAL_BLOCKS", "TORCHVISION_RESNET_BLOCKS",
+           "TORCHVISION_VIT_BLOCK", "ResidualBranch", "bypassed",
            "channel_scale", "declared_branch", "residual_block_of", "record_skip", "residual_branch_of",
            "skip_in_value_space", "transformer_mlp_layers"]
