@@ -13,7 +13,7 @@ from skip_correction import skip_correction_gaps
 from torch import Tensor, nn
 
 from lightning_backdoor.defenses import ActivationEditing
-from lightning_backdoor.defenses.activations import auto_candidates, capture
+from lightning_backdoor.defenses.activations import auto_candidates, capture, check_residual_sums
 from lightning_backdoor.defenses.residual import ResidualBranch, bypassed, channel_scale, residual_branch_of
 from lightning_backdoor.models import build_model
 
@@ -213,3 +213,62 @@ def test_a_declared_norm_that_is_no_per_channel_scale_is_refused_before_any_work
     with pytest.raises(ValueError, match=r"^torch\.nn\.modules\.normalization\.LayerNorm between a residual branch "
                                          r"and its add is no per-channel scale the edit knows"):
         ActivationEditing(layer="1.fc").check_model(model, torch.rand(2, 4, 8))
+
+
+class CifarBlock(nn.Module):
+    """The basic block of the CIFAR ResNets common in backdoor research code: ``relu(bn2(conv2(·)) + shortcut(x))``,
+    ``shortcut`` an empty ``nn.Sequential`` (the identity) or a strided 1x1 conv and its BatchNorm. Declared as a user
+    would for a class they hold: the branch, its norm and where the skip term comes from."""
+
+    residual_branch, residual_norm, residual_shortcut = "conv2", "bn2", "shortcut"
+
+    def __init__(self, channels: int, out_channels: int, stride: int = 1, shortcut_scale: float = 1.0) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or channels != out_channels:
+            self.shortcut = nn.Sequential(nn.Conv2d(channels, out_channels, 1, stride, bias=False),
+                                          nn.BatchNorm2d(out_channels))
+        self.shortcut_scale = shortcut_scale  # 1: as declared; else the forward differs from its declaration
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.shortcut_scale * self.shortcut(x)
+        return torch.relu(out)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_block_that_applies_relu_to_its_sum_can_declare_where_its_skip_comes_from(stride: int) -> None:
+    """A CIFAR ResNet block of the user's own class declaring ``residual_shortcut``: recognised with its skip read
+    at the shortcut's output, checked against its forward, and the corrected edit cancels the trigger at its output
+    where the uncorrected one cannot."""
+    model = randomised_norms(nn.Sequential(CifarBlock(8, 8 * stride, stride)))
+    shortcut = "0.shortcut"
+    assert residual_branch_of(model, "0.conv2") == ResidualBranch("0", "0.bn2", True, shortcut)
+    assert bypassed(model, "0.conv1")
+    generator = torch.Generator().manual_seed(1)
+    clean_inputs = torch.randn(1, 8, 4, 4, generator=generator).relu()
+    triggered_inputs = clean_inputs.clone()
+    triggered_inputs[..., 2, 2] += 3 * torch.rand(8, generator=generator)
+    check_residual_sums(model, ["0.conv2"], clean_inputs)
+    before, results = skip_correction_gaps(model, "0.conv2", "0", clean_inputs, triggered_inputs)
+    assert results[True] < 0.05 * before
+    assert results[False] > 0.3 * before
+
+
+def test_a_residual_declaration_that_does_not_describe_the_forward_is_refused_before_any_work() -> None:
+    """A block whose forward adds twice its shortcut, or names no shortcut module, is refused in one line by the
+    setup check: the correction would target the wrong sums."""
+    wrong = randomised_norms(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), CifarBlock(8, 8, shortcut_scale=2.0)))
+    with pytest.raises(ValueError, match=r"^layer 1\.conv2: its block '1' does not output an activation of the "
+                                         r"branch's output plus its skip term"):
+        ActivationEditing(layer="1.conv2").check_model(wrong, torch.rand(2, 3, 8, 8))
+    ActivationEditing(layer="1.conv1").check_model(wrong, torch.rand(2, 3, 8, 8))  # not the branch: nothing to check
+    missing = randomised_norms(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), CifarBlock(8, 8)))
+    missing[1].residual_shortcut = "skip"
+    with pytest.raises(ValueError, match=r"declares residual_shortcut='skip', which is no submodule of it"):
+        ActivationEditing(layer="1.conv2").check_model(missing, torch.rand(2, 3, 8, 8))

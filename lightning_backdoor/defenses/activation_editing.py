@@ -18,8 +18,8 @@ from torch.nn import functional as F
 
 from lightning_backdoor.data.augment import random_crop, random_flip
 from lightning_backdoor.defenses.activations import (LayerActivations, auto_candidates, capture, capture_with_logits,
-                                                     editable_layers, get_layer, key_positions, layer_weight_matrix,
-                                                     run_with_hooks)
+                                                     check_residual_sums, editable_layers, get_layer, key_positions,
+                                                     layer_weight_matrix, run_with_hooks)
 from lightning_backdoor.defenses.base import (DEFENSES, BackdoorKnowledge, Defense, DefenseResult, UnseenData,
                                              check_seed)
 from lightning_backdoor.defenses.editing import (KeyRows, closed_form_edit, key_space_edit, key_subspace, ledoit_wolf,
@@ -535,13 +535,16 @@ class ActivationEditing(Defense):
 
         Raises:
             ValueError: (one line) an unknown or unsupported layer, a declared ``residual_norm`` that is no
-                per-channel scale; with a ``batchnorm_prior`` weight > 0, a named
+                per-channel scale, a block whose output is not the activated sum its residual declaration says
+                (:func:`~lightning_backdoor.defenses.activations.check_residual_sums`); with a ``batchnorm_prior``
+                weight > 0, a named
                 layer no BatchNorm feeds alone, or no such ``auto`` candidate (``None`` refuses neither).
         """
         layers = auto_candidates(model, self.candidates, images[:1]) if self.layer == "auto" else [self.layer]
         for name in layers:
             get_layer(model, name)  # a wrong name or type fails before any work
             residual_branch_of(model, name)  # so does a declared residual_norm the correction cannot read
+        check_residual_sums(model, layers, images[:2])  # and a block whose skip term is not where it says
         if not self.batchnorm_prior:  # 0: no prior; None: chosen per layer, w = 0 where no BatchNorm feeds it
             return layers
         usable = []

@@ -201,6 +201,53 @@ def capture_with_logits(model: nn.Module, layer_names: list[str], images: Tensor
     return captured, logits
 
 
+#: the elementwise activations a block may apply to its residual sum (:func:`check_residual_sums`): the edit maps a
+#: triggered sum onto its clean sum, which holds for any of them.
+SUM_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"none": lambda x: x, "relu": F.relu, "gelu": F.gelu,
+                                                          "silu": F.silu}
+
+
+@torch.no_grad()
+def check_residual_sums(model: nn.Module, layer_names: list[str], images: Tensor) -> None:
+    """Check, on ``images`` (N >= 1, C, H, W), that the residual block of every layer in ``layer_names`` whose skip
+    term is read at its source (a torchvision or timm ResNet block, or a block declaring ``residual_shortcut``:
+    :func:`~lightning_backdoor.defenses.residual.residual_branch_of`) outputs an elementwise activation
+    (:data:`SUM_ACTIVATIONS`) of its branch's output (through the norm) plus that skip term, as the correction
+    assumes. One forward pass in eval mode.
+
+    Raises:
+        ValueError: (one line) a block whose output is no such function: its declaration does not describe its
+            forward.
+    """
+    branches = {name: branch for name in layer_names
+                if (branch := residual_branch_of(model, name)) is not None and branch.activated}
+    records: dict[str, dict[str, list[Tensor]]] = {name: {"branch": [], "skip": [], "output": []} for name in branches}
+
+    def keep(sink: list[Tensor], take_input: bool = False):
+        def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor | None = None) -> None:
+            sink.append((args[0] if take_input else output).detach().to(torch.float32, copy=True))
+        return hook
+
+    handles = []
+    for name, branch in branches.items():
+        record, block = records[name], model.get_submodule(branch.block)
+        handles.append(model.get_submodule(branch.scale or name).register_forward_hook(keep(record["branch"])))
+        handles.append(model.get_submodule(branch.shortcut).register_forward_hook(keep(record["skip"]))
+                       if branch.shortcut else block.register_forward_pre_hook(keep(record["skip"], True)))
+        handles.append(block.register_forward_hook(keep(record["output"])))
+    run_with_hooks(model, images, handles, len(images))
+    for name, record in records.items():
+        total = torch.cat(record["branch"]) + torch.cat(record["skip"])
+        output = torch.cat(record["output"])
+        tolerance = 1e-4 * output.abs().max().item() + 1e-6
+        gaps = {kind: (output - activation(total)).abs().max().item() for kind, activation in SUM_ACTIVATIONS.items()}
+        if min(gaps.values()) > tolerance:
+            raise ValueError(f"layer {name}: its block {branches[name].block!r} does not output an activation of "
+                             f"the branch's output plus its skip term on these images (smallest largest difference "
+                             f"{min(gaps.values()):.3g}): the block's residual declaration does not describe its "
+                             f"forward")
+
+
 @torch.no_grad()
 def layer_input(model: nn.Module, name: str, images: Tensor, batch_size: int = 500) -> Tensor:
     """The input of layer ``name`` for ``images`` (eval mode, float32), e.g. (N, C, H, W) for a conv."""

@@ -140,7 +140,8 @@ class ResidualBranch:
 
 def declared_branch(block: nn.Module) -> tuple[str, str | None] | None:
     """``(layer path, scale path or None)`` below ``block`` for the layer whose output the block adds to its skip
-    path: as the block declares it (``residual_branch``, ``residual_norm``); for a timm transformer ``Block``,
+    path: as the block declares it (``residual_branch``, ``residual_norm``; a block that applies an activation to the
+    sum also declares ``residual_shortcut``, see :func:`residual_branch_of`); for a timm transformer ``Block``,
     ``mlp.fc2`` and its LayerScale ``ls2`` or ``None`` (:func:`_timm_branch`); for a torchvision ``EncoderBlock``,
     ``mlp.3`` (:func:`_torchvision_vit_branch`); for a torchvision inverted-residual
     block with its residual connection on, its body's last convolution and the ``BatchNorm2d`` after it; for a
@@ -185,12 +186,13 @@ def _resnet_branch(block: nn.Module) -> tuple[str, str] | None:
 def residual_branch_of(model: nn.Module, name: str) -> ResidualBranch | None:
     """The residual block of layer ``name``: the nearest ancestor whose :func:`declared_branch` is the layer's path
     below it (``"conv2"`` in a PreAct-ResNet or torchvision ResNet block, ``"mlp.fc2"`` in a transformer block,
-    ``"block.3.0"`` in a torchvision MobileNetV3 block), with the per-channel scale in between (and for a torchvision
-    ResNet block, where its skip term is read); ``None`` when no ancestor adds the layer's output to a skip path.
+    ``"block.3.0"`` in a torchvision MobileNetV3 block), with the per-channel scale in between and, for a block that
+    applies an activation to its sum (a torchvision or timm ResNet block, or one declaring ``residual_shortcut``),
+    where its skip term is read; ``None`` when no ancestor adds the layer's output to a skip path.
 
     Raises:
         ValueError: (one line) the block declares a ``residual_norm`` that is no per-channel scale
-            (:func:`channel_scale`).
+            (:func:`channel_scale`), or a ``residual_shortcut`` that is no submodule of it.
     """
     parts = name.split(".")
     for depth in range(len(parts) - 1, -1, -1):
@@ -201,11 +203,33 @@ def residual_branch_of(model: nn.Module, name: str) -> ResidualBranch | None:
             if scale is not None:
                 channel_scale(model.get_submodule(scale))  # a module that is no per-channel scale: refused here
             block = model.get_submodule(block_name) if block_name else model
-            if _resnet_branch(block) is None or getattr(block, "residual_branch", None):
-                return ResidualBranch(block_name, scale)
-            shortcut = None if block.downsample is None else ".".join(filter(None, (block_name, "downsample")))
-            return ResidualBranch(block_name, scale, activated=True, shortcut=shortcut)
+            return ResidualBranch(block_name, scale, *_shortcut(model, block, block_name))
     return None
+
+
+def _shortcut(model: nn.Module, block: nn.Module, block_name: str) -> tuple[bool, str | None]:
+    """``(activated, shortcut)`` of :class:`ResidualBranch` for ``block``: from its ``residual_shortcut``
+    declaration (a child path whose output is the skip term, ``""`` for the block's input) where it declares its
+    branch, from its ``downsample`` for a torchvision or timm ResNet block, else ``(False, None)``.
+
+    Raises:
+        ValueError: (one line) a declared ``residual_shortcut`` that names no submodule of the block.
+    """
+    if getattr(block, "residual_branch", None):
+        declared = getattr(block, "residual_shortcut", None)
+        if declared is None:
+            return False, None
+        if declared == "":
+            return True, None
+        try:
+            block.get_submodule(declared)
+        except AttributeError:
+            raise ValueError(f"{_class_path(block)} declares residual_shortcut={declared!r}, which is no submodule "
+                             f"of it; name the child whose output the block adds (\"\" for the block's input)") from None
+        return True, ".".join(filter(None, (block_name, declared)))
+    if _resnet_branch(block) is None:
+        return False, None
+    return True, None if block.downsample is None else ".".join(filter(None, (block_name, "downsample")))
 
 
 def bypassed(model: nn.Module, name: str) -> bool:
