@@ -5,6 +5,8 @@ one cannot; ``layer: auto`` reaches those project convs."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -222,7 +224,7 @@ class CifarBlock(nn.Module):
 
     residual_branch, residual_norm, residual_shortcut = "conv2", "bn2", "shortcut"
 
-    def __init__(self, channels: int, out_channels: int, stride: int = 1, shortcut_scale: float = 1.0) -> None:
+    def __init__(self, channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(channels, out_channels, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_channels)
@@ -232,13 +234,25 @@ class CifarBlock(nn.Module):
         if stride != 1 or channels != out_channels:
             self.shortcut = nn.Sequential(nn.Conv2d(channels, out_channels, 1, stride, bias=False),
                                           nn.BatchNorm2d(out_channels))
-        self.shortcut_scale = shortcut_scale  # 1: as declared; else the forward differs from its declaration
 
     def forward(self, x: Tensor) -> Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        out += self.shortcut_scale * self.shortcut(x)
+        out += self.shortcut(x)
         return torch.relu(out)
+
+
+class DoubledShortcut(CifarBlock):
+    """Declared as :class:`CifarBlock`, but its forward adds twice the shortcut: the declaration is wrong."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + 2 * self.shortcut(x))
+
+
+class Undeclared(CifarBlock):
+    """:class:`CifarBlock` as the CIFAR ResNets of backdoor code have it: nothing declared."""
+
+    residual_branch = residual_norm = residual_shortcut = None
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -263,7 +277,7 @@ def test_a_block_that_applies_relu_to_its_sum_can_declare_where_its_skip_comes_f
 def test_a_residual_declaration_that_does_not_describe_the_forward_is_refused_before_any_work() -> None:
     """A block whose forward adds twice its shortcut, or names no shortcut module, is refused in one line by the
     setup check: the correction would target the wrong sums."""
-    wrong = randomised_norms(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), CifarBlock(8, 8, shortcut_scale=2.0)))
+    wrong = randomised_norms(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), DoubledShortcut(8, 8)))
     with pytest.raises(ValueError, match=r"^layer 1\.conv2: its block '1' does not output an activation of the "
                                          r"branch's output plus its skip term"):
         ActivationEditing(layer="1.conv2").check_model(wrong, torch.rand(2, 3, 8, 8))
@@ -272,3 +286,61 @@ def test_a_residual_declaration_that_does_not_describe_the_forward_is_refused_be
     missing[1].residual_shortcut = "skip"
     with pytest.raises(ValueError, match=r"declares residual_shortcut='skip', which is no submodule of it"):
         ActivationEditing(layer="1.conv2").check_model(missing, torch.rand(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_residual_block_of_an_unknown_class_is_found_from_its_traced_forward(stride: int) -> None:
+    """The same block with nothing declared: its traced forward shows relu(bn2(conv2(·)) + shortcut(x)), so it is
+    recognised as the declared one is (the skip read at the shortcut's last module, or the block's input where the
+    shortcut is an empty ``nn.Sequential``), and the corrected edit cancels the trigger at its output."""
+    model = randomised_norms(nn.Sequential(Undeclared(8, 8 * stride, stride)))
+    shortcut = "0.shortcut.1" if stride == 2 else None
+    assert residual_branch_of(model, "0.conv2") == ResidualBranch("0", "0.bn2", True, shortcut)
+    assert bypassed(model, "0.conv1") and residual_branch_of(model, "0.conv1") is None
+    generator = torch.Generator().manual_seed(1)
+    clean_inputs = torch.randn(1, 8, 4, 4, generator=generator).relu()
+    triggered_inputs = clean_inputs.clone()
+    triggered_inputs[..., 2, 2] += 3 * torch.rand(8, generator=generator)
+    before, results = skip_correction_gaps(model, "0.conv2", "0", clean_inputs, triggered_inputs)
+    assert results[True] < 0.05 * before
+    assert results[False] > 0.3 * before
+
+
+def test_a_torchvision_block_of_another_class_is_traced_to_the_same_branch_and_skip() -> None:
+    """A subclass of torchvision's BasicBlock (not recognised by class) is found by tracing: the same branch and
+    norm, and the same captured skip term as the class recognition gives."""
+
+    class Subclass(torchvision.models.resnet.BasicBlock):
+        pass
+
+    known = randomised_norms(torchvision.models.resnet18(num_classes=10))
+    traced = copy.deepcopy(known)
+    for module in traced.modules():
+        if type(module) is torchvision.models.resnet.BasicBlock:
+            module.__class__ = Subclass
+    images = torch.rand(2, 3, 64, 64)
+    for block in ("layer3.0", "layer3.1"):
+        by_class, by_trace = residual_branch_of(known, f"{block}.conv2"), residual_branch_of(traced, f"{block}.conv2")
+        assert (by_class.block, by_class.scale, by_class.activated) == (by_trace.block, by_trace.scale, True)
+        assert by_trace.shortcut == (f"{block}.downsample.1" if block == "layer3.0" else None)
+        expected = capture(known, [f"{block}.conv2"], images)[f"{block}.conv2"].skip
+        assert torch.equal(capture(traced, [f"{block}.conv2"], images)[f"{block}.conv2"].skip, expected)
+
+
+class NotASum(nn.Module):
+    """Blocks the trace must not take for a residual branch: a scaled branch, a branch module called twice."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, self.conv, self.bn = kind, nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "scaled":
+            return x + 0.5 * self.bn(self.conv(x))
+        return self.bn(self.conv(self.conv(x))) + x  # the conv runs twice: no single branch to hook
+
+
+@pytest.mark.parametrize("kind", ["scaled", "twice"])
+def test_a_block_whose_trace_is_no_plain_residual_sum_is_not_recognised(kind: str) -> None:
+    model = nn.Sequential(NotASum(kind)).eval()
+    assert residual_branch_of(model, "0.conv") is None and not bypassed(model, "0.conv")

@@ -18,10 +18,14 @@ output − branch.
 
 from __future__ import annotations
 
+import operator
+import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
+from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
 #: torchvision's residual blocks whose output is ``x + body(x)`` in eval mode when the flag is true: class (module
@@ -145,8 +149,8 @@ def declared_branch(block: nn.Module) -> tuple[str, str | None] | None:
     ``mlp.fc2`` and its LayerScale ``ls2`` or ``None`` (:func:`_timm_branch`); for a torchvision ``EncoderBlock``,
     ``mlp.3`` (:func:`_torchvision_vit_branch`); for a torchvision inverted-residual
     block with its residual connection on, its body's last convolution and the ``BatchNorm2d`` after it; for a
-    torchvision ResNet block, its last convolution and BatchNorm (:func:`_resnet_branch`); ``None`` for any other
-    block."""
+    torchvision ResNet block, its last convolution and BatchNorm (:func:`_resnet_branch`); for a block of any other
+    class, what its traced forward shows (:func:`_traced_branch`); else ``None``."""
     declared = getattr(block, "residual_branch", None)
     if declared:
         return declared, getattr(block, "residual_norm", None)
@@ -157,7 +161,10 @@ def declared_branch(block: nn.Module) -> tuple[str, str | None] | None:
     if resnet_branch is not None:
         return resnet_branch
     kind = TORCHVISION_RESIDUAL_BLOCKS.get(_class_path(block))
-    if kind is None or not getattr(block, kind[1], False):
+    if kind is None:
+        traced = _traced_branch(block)
+        return None if traced is None else traced[:2]
+    if not getattr(block, kind[1], False):
         return None
     body = kind[0]
     leaves = [(name, module) for name, module in block.get_submodule(body).named_modules()
@@ -168,6 +175,72 @@ def declared_branch(block: nn.Module) -> tuple[str, str | None] | None:
     if not (isinstance(layer, nn.Conv2d) and type(norm) is nn.BatchNorm2d and norm.track_running_stats):
         return None  # e.g. a body ending in an activation: its output is no affine map of the conv's
     return f"{body}.{layer_name}", f"{body}.{norm_name}"
+
+
+#: what may follow a traced block's residual add (:func:`_traced_branch`): elementwise activations, as modules,
+#: functions or tensor methods; :func:`~lightning_backdoor.defenses.activations.check_residual_sums` checks the
+#: block's output numerically before any edit.
+_ACTIVATION_MODULES = (nn.ReLU, nn.GELU, nn.SiLU)
+_ACTIVATION_FUNCTIONS = (F.relu, torch.relu, F.gelu, F.silu)
+_ADDS = (operator.add, operator.iadd, torch.add)
+_TRACED: weakref.WeakKeyDictionary[nn.Module, tuple[str, str | None, str | None] | None] = (
+    weakref.WeakKeyDictionary())
+
+
+def _traced_branch(block: nn.Module) -> tuple[str, str | None, str | None] | None:
+    """``(layer, scale, shortcut)`` below ``block`` where its traced forward (``torch.fx``) ends in
+    ``[activation](scale(layer(·)) + skip)``: ``layer`` a ``Conv2d`` or ``Linear``, ``scale`` an eval-mode
+    ``BatchNorm2d`` or ``None``, ``skip`` the block's input (``shortcut`` ``None``) or the output of a module
+    (``shortcut`` its path), each of these modules called once; else ``None`` (also for a block that does not trace,
+    a container, a module without children). How a residual block of a class the edit does not know is found
+    (the CIFAR ResNets of backdoor code); cached per module."""
+    if block in _TRACED:
+        return _TRACED[block]
+    found = None
+    if next(block.children(), None) is not None and not isinstance(block, (nn.Sequential, nn.ModuleList,
+                                                                               nn.ModuleDict)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                graph = fx.symbolic_trace(block).graph
+        except Exception:  # noqa: BLE001 - any forward fx cannot trace: not recognised, as before
+            graph = None
+        found = None if graph is None else _branch_in_graph(block, graph)
+    _TRACED[block] = found
+    return found
+
+
+def _branch_in_graph(block: nn.Module, graph: fx.Graph) -> tuple[str, str | None, str | None] | None:
+    """:func:`_traced_branch`'s pattern in ``graph``, the traced forward of ``block``."""
+    nodes = list(graph.nodes)
+    calls = [node.target for node in nodes if node.op == "call_module"]
+    module = lambda node, kinds: (node.op == "call_module"  # noqa: E731
+                                  and isinstance(block.get_submodule(node.target), kinds)
+                                  and calls.count(node.target) == 1)
+    (result,) = next(node for node in nodes if node.op == "output").args
+    if not isinstance(result, fx.Node):
+        return None
+    if (result.op == "call_module" and isinstance(block.get_submodule(result.target), _ACTIVATION_MODULES)
+            or result.op == "call_function" and result.target in _ACTIVATION_FUNCTIONS
+            or result.op == "call_method" and result.target == "relu"):
+        result = result.args[0]
+    if not (isinstance(result, fx.Node) and len(result.args) == 2 and not result.kwargs
+            and (result.op == "call_function" and result.target in _ADDS
+                 or result.op == "call_method" and result.target in ("add", "add_"))):
+        return None
+    for branch, skip in (result.args, result.args[::-1]):
+        if not (isinstance(branch, fx.Node) and isinstance(skip, fx.Node)):
+            continue
+        scale = None
+        if module(branch, nn.BatchNorm2d) and len(branch.users) == 1:
+            scale, branch = branch.target, branch.args[0]
+        if not (isinstance(branch, fx.Node) and module(branch, (nn.Conv2d, nn.Linear))):
+            continue
+        if skip.op == "placeholder" and skip is nodes[0]:
+            return branch.target, scale, None
+        if skip.op == "call_module" and calls.count(skip.target) == 1:
+            return branch.target, scale, skip.target
+    return None
 
 
 def _resnet_branch(block: nn.Module) -> tuple[str, str] | None:
@@ -227,9 +300,15 @@ def _shortcut(model: nn.Module, block: nn.Module, block_name: str) -> tuple[bool
             raise ValueError(f"{_class_path(block)} declares residual_shortcut={declared!r}, which is no submodule "
                              f"of it; name the child whose output the block adds (\"\" for the block's input)") from None
         return True, ".".join(filter(None, (block_name, declared)))
-    if _resnet_branch(block) is None:
+    if _resnet_branch(block) is not None:
+        return True, None if block.downsample is None else ".".join(filter(None, (block_name, "downsample")))
+    if (_timm_branch(block) or _torchvision_vit_branch(block)
+            or _class_path(block) in TORCHVISION_RESIDUAL_BLOCKS):  # a sum: output − branch
         return False, None
-    return True, None if block.downsample is None else ".".join(filter(None, (block_name, "downsample")))
+    traced = _traced_branch(block)
+    if traced is None:
+        return False, None
+    return True, None if traced[2] is None else ".".join(filter(None, (block_name, traced[2])))
 
 
 def bypassed(model: nn.Module, name: str) -> bool:
