@@ -31,6 +31,7 @@ from lightning_backdoor.dashboard import choose_mode
 from lightning_backdoor.data import PoisonedDataModule
 from lightning_backdoor.data.datamodule import differing_setting
 from lightning_backdoor.defenses import Defense
+from lightning_backdoor.defenses.callback import DefenseCallback
 from lightning_backdoor.io import load_tensors
 from lightning_backdoor.models.sync_batchnorm import SyncBatchNormPlugin
 from lightning_backdoor.precision import trainer_precision
@@ -322,13 +323,17 @@ class BackdoorCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         """Before a subcommand runs: the held-back Lightning lines print once the data and every callback are set
-        up (their checks passed: the command was accepted); checkpoints load as weights only (``last``/``best``
-        too); a fit from a weights-only checkpoint's weights resumes nothing."""
+        up (their checks passed: the command was accepted); a fit's :class:`DefenseCallback` checks run now, before
+        the Trainer starts its loggers (:meth:`DefenseCallback.check_before_fit`); checkpoints load as weights only
+        (``last``/``best`` too); a fit from a weights-only checkpoint's weights resumes nothing."""
         if self.subcommand is None:
             return
         self.trainer.callbacks.append(ReleaseHeldLines(self.held))
         if self.subcommand == "fit":
             self.trainer.callbacks.append(ClearFailedStart(Path(self.trainer.default_root_dir)))
+            for callback in self.trainer.callbacks:  # before the Trainer starts W&B: a refusal writes nothing
+                if isinstance(callback, DefenseCallback):
+                    callback.check_before_fit(self.model, self.datamodule)
         arguments = self.config_init[self.subcommand]  # what Lightning passes to the Trainer's method
         if "weights_only" in arguments:
             arguments["weights_only"] = True

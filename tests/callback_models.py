@@ -131,3 +131,31 @@ def trained(output: str = "tensor", normalised: bool = False) -> UserClassifier:
     model = UserClassifier(output=output, lr=0.0)
     model.load_state_dict(backdoored_state(normalised), strict=False)
     return model
+
+
+class DoubledShortcutBlock(nn.Module):
+    """A residual block declaring ``relu(bn2(conv2(·)) + shortcut(x))`` whose forward adds twice the shortcut: a
+    declaration that does not describe the forward."""
+
+    residual_branch, residual_norm, residual_shortcut = "conv2", "bn2", "shortcut"
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+        self.conv2, self.bn2 = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+        self.shortcut = nn.Sequential()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + 2 * self.shortcut(x))
+
+
+class WronglyDeclaredResidualNet(nn.Module):
+    """A stem conv, one :class:`DoubledShortcutBlock` and a pooled head: the edit's setup check refuses its block."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.stem, self.block = nn.Conv2d(in_channels, 8, 3, padding=1), DoubledShortcutBlock(8)
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.block(F.relu(self.stem(images))).mean((2, 3)))

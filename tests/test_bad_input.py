@@ -39,6 +39,9 @@ CASES = [
     ("data_folder_not_given", "fit", [f"{DATA}.source=imagefolder"], "source 'imagefolder' needs root="),
     ("unknown_source", "fit", [f"{DATA}.source=nope"], "unknown data source 'nope'; known sources: cifar10"),
     ("unknown_model", "fit", ["--model.init_args.model=nope"], "unknown model 'nope'; known models: compact"),
+    ("residual_declaration_wrong", "fit", ["--model.init_args.model=callback_models.WronglyDeclaredResidualNet",
+                                           "--model.init_args.model_kwargs={{}}"],
+     "layer block.conv2: its block 'block' does not output an activation of the branch's output plus its skip term"),
     ("unknown_trigger", "fit", [f"{DATA}.trigger=lightning_backdoor.triggers.Nope"],
      "data.trigger: no class named 'Nope'; known: AdaptiveBlend, Additive, BadNets"),
     ("config_missing", "fit", ["--config={tmp}/none.yaml"], "File does not exist: '"),
@@ -189,6 +192,17 @@ def test_bad_input_through_the_console_script(workspace, tmp_path, case):
     assert result.returncode == 2
     check_one_line(result.stderr, message)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_fit_its_defense_callback_refuses_writes_no_wandb_run(tmp_path):
+    """Lightning creates its loggers' runs (W&B's, offline here) before any callback's ``setup``; the command line
+    runs the DefenseCallback's checks before the Trainer starts, so a refusal there leaves no run folder, W&B
+    files included (with the check only in ``setup``, ``RUN/wandb/`` was written)."""
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", CONFIG, f"--trainer.default_root_dir={run}", f"{DATA}.all_to_all=true"])
+    assert exit_info.value.code == 2
+    assert not run.exists()
 
 
 def test_the_docs_table_lists_every_case():

@@ -147,6 +147,18 @@ class DefenseCallback(L.Callback):
         if stage == "fit" and self.run_on_fit_end:
             self.check(pl_module, datamodule)
 
+    def check_before_fit(self, pl_module: L.LightningModule, datamodule: Any) -> None:
+        """What :meth:`setup` checks for a fit, callable before the Trainer starts: Lightning creates its loggers'
+        runs (a W&B run) before any callback's ``setup``, so a command line that checks here first refuses with
+        nothing written, W&B included. Nothing for a callback that does not run at the end of fit.
+
+        Raises:
+            ValueError: (one line) what :meth:`setup` refuses.
+        """
+        self._check_target(datamodule)
+        if self.run_on_fit_end:
+            self.check(pl_module, datamodule)
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.run_on_fit_end:
             return
