@@ -4,6 +4,8 @@ in-place changes, memory) it says why and runs whole passes, with the same logit
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -12,6 +14,7 @@ from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, Un
 from lightning_backdoor.defenses.activation_editing import get_layer, predict_logits, trial_edit
 from lightning_backdoor.defenses.adapt import returning_logits
 from lightning_backdoor.defenses.activations import auto_candidates
+from lightning_backdoor.defenses.residual import residual_branch_of
 from lightning_backdoor.defenses.suffix import SuffixPasses
 from lightning_backdoor.models import build_model
 from lightning_backdoor.models.input_transform import InputTransform
@@ -180,3 +183,30 @@ def test_the_defense_chooses_and_edits_the_same_with_and_without_the_shortcut(mo
     assert result.details["selection"] == reference.details["selection"]
     for name, value in fast.state_dict().items():
         torch.testing.assert_close(value, slow.state_dict()[name], atol=1e-6, rtol=1e-5)
+
+
+class Keeping(nn.Module):
+    """Keeps its features on itself in ``forward``, as models read by Grad-CAM-like tools do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block, self.head = Block(), nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.features = self.block(x)
+        return self.head(self.features.mean((2, 3)))
+
+
+def test_tracing_leaves_nothing_of_the_trace_on_the_model() -> None:
+    """The shortcut and the residual-block search trace the model with torch.fx, which runs its forward on proxies:
+    an attribute the forward sets keeps what the last real pass set, and the model still deep-copies."""
+    torch.manual_seed(0)
+    model = Keeping().eval()
+    with torch.no_grad():
+        model(torch.rand(1, 3, 8, 8))
+    kept = model.features
+    assert residual_branch_of(model, "block.conv") is not None  # traced the model and its block
+    passes = SuffixPasses(model, ["block.conv", "head"])
+    assert passes.reason is None
+    assert model.features is kept
+    copy.deepcopy(model)

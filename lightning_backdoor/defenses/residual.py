@@ -19,7 +19,6 @@ output − branch.
 from __future__ import annotations
 
 import operator
-import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -27,6 +26,8 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
+
+from lightning_backdoor.defenses.tracing import symbolic_trace
 
 #: torchvision's residual blocks whose output is ``x + body(x)`` in eval mode when the flag is true: class (module
 #: and qualified name) -> (the body's attribute, the flag's attribute). Their stochastic depth is the identity in eval.
@@ -200,9 +201,7 @@ def _traced_branch(block: nn.Module) -> tuple[str, str | None, str | None] | Non
     if next(block.children(), None) is not None and not isinstance(block, (nn.Sequential, nn.ModuleList,
                                                                                nn.ModuleDict)):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                graph = fx.symbolic_trace(block).graph
+            graph = symbolic_trace(block).graph
         except Exception:  # noqa: BLE001 - any forward fx cannot trace: not recognised, as before
             graph = None
         found = None if graph is None else _branch_in_graph(block, graph)

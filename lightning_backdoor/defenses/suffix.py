@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from lightning_backdoor.defenses.adapt import logits_hook, logits_of
+from lightning_backdoor.defenses.tracing import symbolic_trace
 
 #: the most the recorded values may take, as a fraction of the memory available (and at most 2 GiB without a figure)
 MEMORY_FRACTION = 0.25
@@ -75,7 +76,7 @@ class SuffixPasses:
                 or getattr(model, "_forward_hooks_with_kwargs", None):
             self.reason = "the model has a forward hook the traced graph would bypass"
             return
-        traced = fx.symbolic_trace(model)
+        traced = symbolic_trace(model)
         nodes = list(traced.graph.nodes)
         called = Counter(node.target for node in nodes if node.op == "call_module")
         for name, module in model.named_modules():
