@@ -21,7 +21,8 @@ from lightning_backdoor import DefenseCallback
 from lightning_backdoor.dashboard import summary_rows
 from lightning_backdoor.defenses import ActivationEditing, DefenseResult, EstimateFirst, UnseenData
 from lightning_backdoor.defenses.estimation import BackdoorEstimate, TriggerEstimator
-from lightning_backdoor.defenses.report import DefenseReport, backdoor_left, estimation_line, near_chance
+from lightning_backdoor.defenses.report import (DefenseReport, backdoor_left, estimation_line, near_chance,
+                                                trigger_inactive)
 from lightning_backdoor.defenses.report_plot import plot_report
 from lightning_backdoor.models.input_transform import InputTransform, input_transform_of
 from lightning_backdoor.triggers import BadNets, Trigger
@@ -167,6 +168,20 @@ def test_a_model_trained_on_normalised_batches_is_defended_in_pixel_space(argume
 ])
 def test_near_chance(correct: int, total: int, classes: int, near: bool) -> None:
     assert near_chance(correct, total, classes) is near
+
+
+def test_a_test_trigger_that_barely_works_before_the_defense_is_said_to_be_so() -> None:
+    """A trigger or target_class that is not the model's, or a model without that backdoor: ASR at its floor before
+    the defense. The report says so, since the ASR after it then says nothing about a backdoor."""
+    assert trigger_inactive({"asr": 0.1304, "asr_floor": 0.1276}) == (
+        "the test trigger barely works before the defense: ASR 13.0 % against a floor of 12.8 % on the test images; "
+        "check the trigger and target_class (position, size, colour), or the model holds no such backdoor; the model "
+        "was defended all the same, and the ASR after it says nothing about a backdoor")
+    assert "the model was left unchanged" in trigger_inactive({"asr": 0.02, "asr_floor": 0.02},
+                                                               "editing/no_backdoor_found")
+    assert trigger_inactive({"asr": 0.9479, "asr_floor": 0.0211}) is None  # a working backdoor
+    assert trigger_inactive({"asr": 0.0800, "asr_floor": 0.0211}) is None  # 5.9 pt above its floor: it works a little
+    assert trigger_inactive({"asr": 0.9479}) is None  # no floor: nothing to compare with
 
 
 def test_a_backdoor_left_far_above_its_floor_is_said_to_be_reduced_not_removed() -> None:

@@ -137,6 +137,22 @@ def backdoor_left(before: dict[str, float], after: dict[str, float], details: di
             f"floor ({100 * after['asr_floor']:.1f} %) on the test images; {advice} may remove more{unknown}")
 
 
+def trigger_inactive(before: dict[str, float], method: str = "editing") -> str | None:
+    """A warning when the test trigger barely works on the model before the defense: its ASR within
+    :data:`ASR_LEFT_WARNING` of its floor (``before``: the test split's metrics, fractions). Then the trigger or
+    ``target_class`` is not the model's (a position, size or colour off), or the model holds no such backdoor, and
+    the ASR after the defense says nothing about one; ``None`` otherwise (or without a test trigger). ``method``:
+    what the defense did (the model was left unchanged when it ends in ``/no_backdoor_found``)."""
+    if "asr_floor" not in before or before["asr"] - before["asr_floor"] > ASR_LEFT_WARNING:
+        return None
+    done = ("the model was left unchanged" if method.endswith("/no_backdoor_found")
+            else "the model was defended all the same")
+    return (f"the test trigger barely works before the defense: ASR {100 * before['asr']:.1f} % against a floor of "
+            f"{100 * before['asr_floor']:.1f} % on the test images; check the trigger and target_class (position, "
+            f"size, colour), or the model holds no such backdoor; {done}, and the ASR after it says nothing about a "
+            f"backdoor")
+
+
 def repair_warning(details: dict[str, Any]) -> str | None:
     """A warning about the repair step (``details["repair"]`` of
     :class:`~lightning_backdoor.defenses.activation_editing.ActivationEditing`), ``None`` when there is none to give:
@@ -325,9 +341,10 @@ def run_defense(model: nn.Module, defense: Defense, unseen: UnseenData, knowledg
                             "after": after}, result, len(unseen.labels))
     if report.true_asr_measured:
         report.der = defense_effectiveness_rating(before["asr"], after["asr"], before["clean_acc"], after["clean_acc"])
-        left = backdoor_left(before, after, result.details, result.method)
-        if left is not None:
-            report.warnings.append(left)
+        for warning in (trigger_inactive(before, result.method),
+                        backdoor_left(before, after, result.details, result.method)):
+            if warning is not None:
+                report.warnings.append(warning)
     elif original is not None and result.estimated is not None:
         report.estimated_target = result.estimated.target_class
         for stage, network in (("before", original), ("after_edit", edited), ("after", model)):
