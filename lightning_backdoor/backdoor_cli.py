@@ -33,6 +33,7 @@ from lightning_backdoor.data.datamodule import differing_setting
 from lightning_backdoor.defenses import Defense
 from lightning_backdoor.defenses.callback import DefenseCallback
 from lightning_backdoor.io import load_tensors
+from lightning_backdoor.models.registry import check_model_name
 from lightning_backdoor.models.sync_batchnorm import SyncBatchNormPlugin
 from lightning_backdoor.precision import trainer_precision
 from lightning_backdoor.weights import load_weights, map_weights
@@ -224,10 +225,14 @@ class BackdoorCLI(LightningCLI):
                                      "checkpoints always load as weights only")
 
     def before_instantiate_classes(self) -> None:
-        """Check ``--ckpt_path`` (:meth:`_read_ckpt_path`), then keep a run in one folder: checkpoints, logs and the
-        W&B run go under ``trainer.default_root_dir``."""
+        """Check ``--ckpt_path`` (:meth:`_read_ckpt_path`) and the model's name (a class path imports:
+        :func:`~lightning_backdoor.models.registry.check_model_name`, before any data is decoded), then keep a run in
+        one folder: checkpoints, logs and the W&B run go under ``trainer.default_root_dir``."""
         self._read_ckpt_path()
         config = self.config[self.subcommand] if self.subcommand else self.config
+        model_name = (config.get("model") or {}).get("init_args", {}).get("model")
+        if isinstance(model_name, str):  # before the data module decodes a data set to give the model its classes
+            check_model_name(model_name)
         if self.defend_mode and config.get("ckpt_path") is not None:
             raise ValueError(f"defend reads its weights from --checkpoint, not --ckpt_path ({config.ckpt_path!r}); "
                              f"add --ckpt_path=null (or set ckpt_path: null in the config)")

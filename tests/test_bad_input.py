@@ -39,6 +39,8 @@ CASES = [
     ("data_folder_not_given", "fit", [f"{DATA}.source=imagefolder"], "source 'imagefolder' needs root="),
     ("unknown_source", "fit", [f"{DATA}.source=nope"], "unknown data source 'nope'; known sources: cifar10"),
     ("unknown_model", "fit", ["--model.init_args.model=nope"], "unknown model 'nope'; known models: compact"),
+    ("model_class_not_importable", "fit", ["--model.init_args.model=nowhere.Net", f"{DATA}.cache_dir={{tmp}}/cache"],
+     "cannot import model class 'nowhere.Net': No module named 'nowhere'"),
     ("residual_declaration_wrong", "fit", ["--model.init_args.model=callback_models.WronglyDeclaredResidualNet",
                                            "--model.init_args.model_kwargs={{}}"],
      "layer block.conv2: its block 'block' does not output an activation of the branch's output plus its skip term"),

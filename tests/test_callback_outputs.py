@@ -225,17 +225,20 @@ def test_the_estimation_verdict_is_one_console_line() -> None:
 def test_wrong_class_order_is_refused_unless_accepted(tmp_path: Path) -> None:
     callback = DefenseCallback(defense=ActivationEditing(layer="fc"))
     with pytest.raises(ValueError, match=r"^the model is right on \d % of the 100 unseen images \(chance 10 %\): "
-                                         r"wrong preprocessing \(normalize\?\) or class order\? to defend anyway "
-                                         r"pass accept_low_accuracy=True \(defend: --accept_low_accuracy true\)$"):
+                                         r"wrong preprocessing \(normalize\?\), class order or architecture "
+                                         r"\(e\.g\. a stem stride\)\? to defend anyway pass accept_low_accuracy=True "
+                                         r"\(defend: --accept_low_accuracy true\)$"):
         quiet_trainer(tmp_path / "refused", [callback], max_steps=1).fit(trained("rolled"), datamodule=digits())
     assert defense_outputs(tmp_path) == []
     accepting = DefenseCallback(defense=ActivationEditing(layer="fc"), accept_low_accuracy=True)
     quiet_trainer(tmp_path / "accepted", [accepting], max_steps=1).fit(trained("rolled"), datamodule=digits())
     warnings = json.loads(accepting.report_path.read_text())["warnings"]
-    assert len(warnings) == 2, warnings
+    assert len(warnings) == 3, warnings
     assert warnings[0].endswith("defended anyway (accept_low_accuracy)")
+    # read in another class order, the trigger's target is another class: the trigger seems not to work either
+    assert warnings[1].startswith("the test trigger barely works before the defense")
     assert re.fullmatch(r"after the defense the model is right on \d+ % of the 300 test images \(chance 10 %\): "
-                        r"near chance", warnings[1])
+                        r"near chance", warnings[2])
 
 
 # --- 6. trigger unknown, no trigger for the test images ----------------------------------------------------------

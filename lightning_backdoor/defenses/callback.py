@@ -380,7 +380,7 @@ class DefenseCallback(L.Callback):
         if not near_chance(round(accuracy * total), total, num_classes):
             return []
         line = f"the model is {chance_line(accuracy, total, num_classes, 'unseen')}: wrong preprocessing " \
-               f"(normalize?) or class order?"
+               f"(normalize?), class order or architecture (e.g. a stem stride)?"
         if not self.accept_low_accuracy:
             raise ValueError(f"{line} to defend anyway pass accept_low_accuracy=True (defend: --accept_low_accuracy true)")
         return [f"{line} defended anyway (accept_low_accuracy)"]

@@ -129,8 +129,28 @@ def _build_timm(name: str, num_classes: int, in_channels: int, **kwargs: object)
         raise ValueError(f"timm model {name!r} refused model_kwargs {sorted(kwargs)}: {error}") from None
 
 
-def _build_class_path(path: str, num_classes: int, in_channels: int, **kwargs: object) -> nn.Module:
-    """``package.module.Class(**kwargs)``, with ``num_classes``/``in_channels`` if its ``__init__`` names them."""
+def check_model_name(name: str) -> None:
+    """What :func:`build_model` checks of ``name`` without building anything: a registered name exists, a class
+    path imports and names an ``nn.Module`` subclass (``torchvision:``/``timm:`` names are checked when built). Cheap:
+    a command line calls it before it decodes any data.
+
+    Raises:
+        ValueError: (one line) as :func:`build_model` would for these.
+    """
+    if name.startswith((TORCHVISION_PREFIX, TIMM_PREFIX)):
+        return
+    if name not in MODELS and "." in name.strip("."):
+        _model_class(name)
+    else:
+        MODELS.lookup(name)
+
+
+def _model_class(path: str) -> type[nn.Module]:
+    """The ``nn.Module`` subclass at ``package.module.Class``.
+
+    Raises:
+        ValueError: (one line) it does not import, or is no ``nn.Module`` subclass.
+    """
     module_name, _, class_name = path.rpartition(".")
     try:
         model_class = getattr(importlib.import_module(module_name), class_name)
@@ -140,6 +160,12 @@ def _build_class_path(path: str, num_classes: int, in_channels: int, **kwargs: o
         raise ValueError(f"cannot import model class {path!r}: module {module_name!r} has no {class_name!r}") from None
     if not (inspect.isclass(model_class) and issubclass(model_class, nn.Module)):
         raise ValueError(f"model class {path!r} is not an nn.Module subclass ({type(model_class).__name__})")
+    return model_class
+
+
+def _build_class_path(path: str, num_classes: int, in_channels: int, **kwargs: object) -> nn.Module:
+    """``package.module.Class(**kwargs)``, with ``num_classes``/``in_channels`` if its ``__init__`` names them."""
+    model_class = _model_class(path)
     signature = inspect.signature(model_class)
     linked = {key: value for key, value in (("num_classes", num_classes), ("in_channels", in_channels))
               if key in signature.parameters and signature.parameters[key].kind is not inspect.Parameter.VAR_KEYWORD}
@@ -178,5 +204,5 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: obj
     return MODELS.build(name, num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
-__all__ = ["MODELS", "TIMM_PREFIX", "TORCHVISION_PREFIX", "ModelRegistry", "build_model", "replace_first_conv",
-           "set_stem_stride"]
+__all__ = ["MODELS", "TIMM_PREFIX", "TORCHVISION_PREFIX", "ModelRegistry", "build_model", "check_model_name",
+           "replace_first_conv", "set_stem_stride"]
