@@ -13,7 +13,9 @@ output is the stream plus ``mlp.3``'s (:data:`TORCHVISION_VIT_BLOCK`).
 torchvision's and timm's ResNet blocks (``BasicBlock``, ``Bottleneck``: :data:`TORCHVISION_RESNET_BLOCKS`) apply a
 ReLU to that sum: the edit maps the sum of a triggered image onto its clean sum, and with it the block's output;
 their skip term is read where it comes from (the block's input, or its ``downsample`` path's output), not as
-output − branch.
+output − branch. A block of any other class is recognised from its forward traced with ``torch.fx``
+(:func:`_traced_branch`: ``[activation](bn(conv(·)) + skip)``), or by its ``residual_branch``/``residual_norm``/
+``residual_shortcut`` declaration.
 """
 
 from __future__ import annotations
@@ -131,11 +133,12 @@ def transformer_mlp_layers(model: nn.Module, blocks: int = 2) -> list[str]:
 @dataclass(frozen=True)
 class ResidualBranch:
     """A layer whose output reaches a residual addition: ``block`` (its name in the model, ``""`` for the model
-    itself) outputs ``scale(layer(·)) + skip``, or with ``activated`` an activation of that sum (torchvision's ResNet
-    blocks); ``scale`` is the full name of the per-channel affine module in between (an eval-mode ``BatchNorm2d`` or a
-    timm ``LayerScale``, :func:`channel_scale`), or ``None`` when the layer's output is added as it is. The skip term
-    is the block's output minus the branch's, or with ``activated`` the output of ``shortcut`` (the full name of a
-    downsampling path) or, where that is ``None``, the block's input."""
+    itself) outputs ``scale(layer(·)) + skip``, or with ``activated`` possibly an activation of that sum (torchvision's
+    and timm's ResNet blocks, blocks found by tracing or declaring ``residual_shortcut``); ``scale`` is the full name
+    of the per-channel affine module in between (an eval-mode ``BatchNorm2d`` or a timm ``LayerScale``,
+    :func:`channel_scale`), or ``None`` when the layer's output is added as it is. The skip term is the block's output
+    minus the branch's, or with ``activated`` the output of ``shortcut`` (the full name of the module whose output it
+    is, e.g. a downsampling path) or, where that is ``None``, the block's input."""
 
     block: str
     scale: str | None = None
