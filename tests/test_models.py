@@ -200,3 +200,14 @@ def test_vgg16_bn_matches_torchvision_features_and_has_small_head() -> None:
     assert isinstance(model.avgpool, nn.AdaptiveAvgPool2d)
     assert isinstance(model.classifier, nn.Linear)
     assert (model.classifier.in_features, model.classifier.out_features) == (512, 10)
+
+
+def test_a_timm_stem_stride_keeps_every_weight() -> None:
+    """``stem_stride: 1`` on a timm ResNet-18 (the usual CIFAR version keeps its max-pool): the same parameter names
+    and shapes as timm's model, so its weights load, and twice the resolution after the stem."""
+    default = build_model("timm:resnet18", num_classes=10).eval()
+    adapted = build_model("timm:resnet18", num_classes=10, stem_stride=1).eval()
+    assert adapted.conv1.stride == (1, 1) and default.conv1.stride == (2, 2)
+    assert {k: v.shape for k, v in adapted.state_dict().items()} == {k: v.shape for k, v in default.state_dict().items()}
+    images = torch.rand(1, 3, 32, 32)
+    assert adapted.forward_features(images).shape[-1] == 2 * default.forward_features(images).shape[-1]

@@ -111,7 +111,8 @@ def _build_torchvision(name: str, num_classes: int, in_channels: int, stem_strid
     return model
 
 
-def _build_timm(name: str, num_classes: int, in_channels: int, **kwargs: object) -> nn.Module:
+def _build_timm(name: str, num_classes: int, in_channels: int, stem_stride: int | None = None,
+                **kwargs: object) -> nn.Module:
     # Imported here: timm is large and most runs use the registry's own models.
     import timm
 
@@ -124,9 +125,10 @@ def _build_timm(name: str, num_classes: int, in_channels: int, **kwargs: object)
                          f"`defend --checkpoint` instead")
     kwargs.pop("pretrained", None)
     try:  # in_chans: timm adapts the stem itself
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
     except TypeError as error:  # a model_kwargs key the architecture does not take
         raise ValueError(f"timm model {name!r} refused model_kwargs {sorted(kwargs)}: {error}") from None
+    return model if stem_stride is None else set_stem_stride(model, stem_stride)
 
 
 def check_model_name(name: str) -> None:
@@ -185,7 +187,7 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: obj
     The model takes float images ``(N, in_channels, H, W)`` and returns logits ``(N, num_classes)``; a model trained
     on normalised inputs gets its normalisation from :class:`~lightning_backdoor.models.input_transform.InputTransform`.
     Extra ``kwargs`` go to the builder (e.g. ``widths`` for ``compact``, ``width`` for ``preact_resnet18``,
-    ``img_size`` for a timm ViT); a torchvision model also takes ``stem_stride`` (:func:`set_stem_stride`).
+    ``img_size`` for a timm ViT); a torchvision or timm model also takes ``stem_stride`` (:func:`set_stem_stride`).
 
     Raises:
         ValueError: (one line) an unknown name (with close and known ones, or close timm matches), a class path that
