@@ -155,19 +155,28 @@ def declared_branch(block: nn.Module) -> tuple[str, str | None] | None:
     block with its residual connection on, its body's last convolution and the ``BatchNorm2d`` after it; for a
     torchvision ResNet block, its last convolution and BatchNorm (:func:`_resnet_branch`); for a block of any other
     class, what its traced forward shows (:func:`_traced_branch`); else ``None``."""
+    branch = _block_branch(block)
+    return None if branch is None else (branch[0], branch[1])
+
+
+def _block_branch(block: nn.Module) -> tuple[str, str | None, bool, str | None] | None:
+    """:func:`declared_branch`'s ``(layer, scale)`` with how the skip term is read: ``(layer, scale, activated,
+    shortcut)``, all paths below ``block``; ``activated`` (the block may apply an activation to its sum, so the skip
+    is read at its source): ``shortcut`` is the module whose output is the skip, ``None`` for the block's input."""
     declared = getattr(block, "residual_branch", None)
     if declared:
-        return declared, getattr(block, "residual_norm", None)
+        shortcut = getattr(block, "residual_shortcut", None)
+        return declared, getattr(block, "residual_norm", None), shortcut is not None, shortcut or None
     transformer_branch = _timm_branch(block) or _torchvision_vit_branch(block)
     if transformer_branch is not None:
-        return transformer_branch
+        return *transformer_branch, False, None
     resnet_branch = _resnet_branch(block)
     if resnet_branch is not None:
-        return resnet_branch
+        return *resnet_branch, True, None if block.downsample is None else "downsample"
     kind = TORCHVISION_RESIDUAL_BLOCKS.get(_class_path(block))
     if kind is None:
         traced = _traced_branch(block)
-        return None if traced is None else traced[:2]
+        return None if traced is None else (*traced[:2], True, traced[2])
     if not getattr(block, kind[1], False):
         return None
     body = kind[0]
@@ -178,7 +187,7 @@ def declared_branch(block: nn.Module) -> tuple[str, str | None] | None:
     (layer_name, layer), (norm_name, norm) = leaves[-2:]
     if not (isinstance(layer, nn.Conv2d) and type(norm) is nn.BatchNorm2d and norm.track_running_stats):
         return None  # e.g. a body ending in an activation: its output is no affine map of the conv's
-    return f"{body}.{layer_name}", f"{body}.{norm_name}"
+    return f"{body}.{layer_name}", f"{body}.{norm_name}", False, None
 
 
 #: what may follow a traced block's residual add (:func:`_traced_branch`): elementwise activations, as modules,
@@ -272,45 +281,24 @@ def residual_branch_of(model: nn.Module, name: str) -> ResidualBranch | None:
     parts = name.split(".")
     for depth in range(len(parts) - 1, -1, -1):
         block_name = ".".join(parts[:depth])
-        branch = declared_branch(model.get_submodule(block_name) if block_name else model)
-        if branch is not None and branch[0] == ".".join(parts[depth:]):
-            scale = None if branch[1] is None else ".".join(filter(None, (block_name, branch[1])))
-            if scale is not None:
-                channel_scale(model.get_submodule(scale))  # a module that is no per-channel scale: refused here
-            block = model.get_submodule(block_name) if block_name else model
-            return ResidualBranch(block_name, scale, *_shortcut(model, block, block_name))
+        block = model.get_submodule(block_name) if block_name else model
+        branch = _block_branch(block)
+        if branch is None or branch[0] != ".".join(parts[depth:]):
+            continue
+        layer, scale, activated, shortcut = branch
+        scale = None if scale is None else ".".join(filter(None, (block_name, scale)))
+        if scale is not None:
+            channel_scale(model.get_submodule(scale))  # a module that is no per-channel scale: refused here
+        if shortcut is not None:
+            try:
+                block.get_submodule(shortcut)
+            except AttributeError:
+                raise ValueError(f"{_class_path(block)} declares residual_shortcut={shortcut!r}, which is no "
+                                 f"submodule of it; name the child whose output the block adds (\"\" for the "
+                                 f"block's input)") from None
+            shortcut = ".".join(filter(None, (block_name, shortcut)))
+        return ResidualBranch(block_name, scale, activated, shortcut)
     return None
-
-
-def _shortcut(model: nn.Module, block: nn.Module, block_name: str) -> tuple[bool, str | None]:
-    """``(activated, shortcut)`` of :class:`ResidualBranch` for ``block``: from its ``residual_shortcut``
-    declaration (a child path whose output is the skip term, ``""`` for the block's input) where it declares its
-    branch, from its ``downsample`` for a torchvision or timm ResNet block, else ``(False, None)``.
-
-    Raises:
-        ValueError: (one line) a declared ``residual_shortcut`` that names no submodule of the block.
-    """
-    if getattr(block, "residual_branch", None):
-        declared = getattr(block, "residual_shortcut", None)
-        if declared is None:
-            return False, None
-        if declared == "":
-            return True, None
-        try:
-            block.get_submodule(declared)
-        except AttributeError:
-            raise ValueError(f"{_class_path(block)} declares residual_shortcut={declared!r}, which is no submodule "
-                             f"of it; name the child whose output the block adds (\"\" for the block's input)") from None
-        return True, ".".join(filter(None, (block_name, declared)))
-    if _resnet_branch(block) is not None:
-        return True, None if block.downsample is None else ".".join(filter(None, (block_name, "downsample")))
-    if (_timm_branch(block) or _torchvision_vit_branch(block)
-            or _class_path(block) in TORCHVISION_RESIDUAL_BLOCKS):  # a sum: output − branch
-        return False, None
-    traced = _traced_branch(block)
-    if traced is None:
-        return False, None
-    return True, None if traced[2] is None else ".".join(filter(None, (block_name, traced[2])))
 
 
 def bypassed(model: nn.Module, name: str) -> bool:
