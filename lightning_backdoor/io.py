@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -85,11 +86,24 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by its text (``"inf"``, ``"-inf"``, ``"nan"``; ``float()`` reads
+    them back), so that the JSON written is valid for every parser: Python's ``json`` writes ``Infinity``, which
+    strict parsers (JavaScript's, jq's, most databases') refuse. Dicts, lists and tuples are walked."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {key: strict_json(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(value) for value in obj]
+    return obj
+
+
 def atomic_json(obj: Any, path: str | Path) -> Path:
-    """Write JSON atomically, indented."""
+    """Write JSON atomically, indented; non-finite floats as text (:func:`strict_json`)."""
     def write(tmp: str) -> None:
         with open(tmp, "w") as handle:
-            json.dump(obj, handle, indent=2)
+            json.dump(strict_json(obj), handle, indent=2, allow_nan=False)
             handle.write("\n")
     return atomic_write(path, write)
 

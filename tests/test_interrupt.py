@@ -4,6 +4,8 @@ folder as they were, with no partial or temporary file; a killed ``fit`` resumes
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import shutil
 import signal
@@ -110,6 +112,18 @@ def test_atomic_writes_without_o_tmpfile_fall_back_to_rename(tmp_path, monkeypat
     assert listing(tmp_path) == ["a.ckpt", "a.json"]
     assert torch.equal(torch.load(tmp_path / "a.ckpt", weights_only=True)["weight"], torch.ones(2))
     assert '"clean_acc": 0.5' in (tmp_path / "a.json").read_text()
+
+
+def test_atomic_json_writes_non_finite_numbers_as_text_strict_parsers_accept(tmp_path):
+    """An anomaly index is infinite where the MAD is 0: Python's json would write ``Infinity``, which strict
+    parsers refuse; the report holds it as text that ``float()`` reads back."""
+    atomic_json({"anomaly_index": {"blend": [math.inf, -math.inf, 0.5]}, "loss": (math.nan,)}, tmp_path / "r.json")
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+    report = json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse)
+    assert report == {"anomaly_index": {"blend": ["inf", "-inf", 0.5]}, "loss": ["nan"]}
+    assert [float(value) for value in report["anomaly_index"]["blend"]] == [math.inf, -math.inf, 0.5]
 
 
 def short_config(tmp_path: Path) -> Path:
