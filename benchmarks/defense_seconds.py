@@ -14,6 +14,8 @@ otherwise idle machine.
 ``--compare_whole`` also times the same defense with whole held-out passes (the shortcut of
 :mod:`lightning_backdoor.defenses.suffix` turned off), in alternating pairs with it on, and checks that both edit
 the same layer with the same weights. ``--strength null`` chooses λ on U as well (18 options instead of 3).
+``--bf16`` times the defense and its floor under bfloat16 autocast (fast only where the CPU computes it natively:
+``environment.native_bf16`` in the output).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, Un
 from lightning_backdoor.defenses.suffix import SuffixPasses
 from lightning_backdoor.io import atomic_json
 from lightning_backdoor.models import build_model
+from lightning_backdoor.provenance import environment
 from lightning_backdoor.runs import instantiate_run, run_checkpoint
 
 
@@ -44,6 +47,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--strength", type=lambda text: None if text == "null" else float(text), default=10.0,
                         help="λ, or null: chosen on U")
+    parser.add_argument("--bf16", action="store_true",
+                        help="the defense and its floor under bfloat16 autocast (ActivationEditing(bf16=True))")
     parser.add_argument("--compare_whole", action="store_true",
                         help="also time the defense with whole held-out passes, paired with the shortcut on")
     parser.add_argument("--out", default="runs/bench/defense-seconds/preact_resnet18.json")
@@ -61,12 +66,12 @@ def main() -> None:
         unseen = UnseenData(to_float(unseen_set.images), unseen_set.labels)
         triggered = to_float(apply_trigger(data.trigger, unseen_set.images))
         copies = iter([copy.deepcopy(network) for _ in range(3 * args.repeats + 6)])  # one per call, made beforehand
-        defense = ActivationEditing(layer="auto", strength=args.strength, seed=0)
+        defense = ActivationEditing(layer="auto", strength=args.strength, seed=0, bf16=args.bf16)
         defend = lambda: defense.defend(next(copies), unseen, knowledge)  # noqa: E731
-        timing = paired_seconds(defend, lambda: forward_floor(network, unseen.images, triggered, False), args.repeats)
+        timing = paired_seconds(defend, lambda: forward_floor(network, unseen.images, triggered, args.bf16), args.repeats)
         details = defend().details
         seconds, floor = timing["seconds"], timing["floor_seconds"]
-        row = {"unseen_per_class": budget, "strength": args.strength, **timing, "views": details["views"],
+        row = {"unseen_per_class": budget, "strength": args.strength, "bf16": args.bf16, **timing, "views": details["views"],
                "system": details["system"], "held_out_passes": details["held_out_passes"],
                "candidates": sorted({option.split(" ")[0]
                                      for option in details["selection"]["cross_validated_loss_on_unseen"]})}
@@ -84,8 +89,7 @@ def main() -> None:
         rows.append(row)
         print(f"{line}; held-out passes: {row['held_out_passes']}, candidates {row['candidates']}, {row['system']}",
               flush=True)
-    atomic_json({"model": args.model, "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows},
-                Path(args.out))
+    atomic_json({"model": args.model, "environment": environment(), "rows": rows}, Path(args.out))
 
 
 @contextmanager

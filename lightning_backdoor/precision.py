@@ -23,17 +23,28 @@ CPU_AS_BF16 = ("16-mixed", "16")
 
 
 @cache
-def _cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux lists them (``flags`` on x86, ``Features`` on Arm); empty elsewhere."""
+def _cpuinfo(*keys: str) -> str:
+    """The first value of any of ``keys`` in Linux's ``/proc/cpuinfo``; empty elsewhere."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return frozenset()
+        return ""
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
+        if key.strip() in keys:
+            return value.strip()
+    return ""
+
+
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (``flags`` on x86, ``Features`` on Arm); empty elsewhere."""
+    return frozenset(_cpuinfo("flags", "Features").split())
+
+
+def cpu_name() -> str:
+    """The CPU's model name as Linux lists it (e.g. ``AMD EPYC 7B13``), else the platform's processor string: seconds
+    measured on one CPU do not carry to another."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def native_bf16(device: torch.device | str = "cpu") -> bool:

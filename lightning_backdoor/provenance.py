@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lightning_backdoor.precision import native_bf16
+from lightning_backdoor.precision import cpu_name, native_bf16
 
 #: Distributions whose versions change a run's numbers (timm only when installed).
 PACKAGES = ("torch", "torchvision", "lightning", "torchmetrics", "timm", "lightning-backdoor")
@@ -49,14 +49,14 @@ def git_commit(package: Path = Path(__file__).resolve().parent) -> dict[str, Any
 
 
 def environment() -> dict[str, Any]:
-    """Python, package versions, this package's git commit, torch's intra-op thread count, the platform, whether
-    its CPU computes bfloat16 natively (:func:`~lightning_backdoor.precision.native_bf16`) and the accelerator
-    (CUDA version and device name when one is visible) as a JSON-ready dict."""
+    """Python, package versions, this package's git commit, torch's intra-op thread count, the platform, the CPU's
+    model name, whether it computes bfloat16 natively (:func:`~lightning_backdoor.precision.native_bf16`) and the
+    accelerator (CUDA version and device name when one is visible) as a JSON-ready dict."""
     record: dict[str, Any] = {"python": platform.python_version(), "executable": sys.executable,
                               # torch's own string keeps the build tag (+cpu, +cu130): the kernels differ
                               "packages": package_versions() | {"torch": torch.__version__}, "git": git_commit(),
                               "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-                              "machine": platform.machine(), "native_bf16": native_bf16("cpu")}
+                              "machine": platform.machine(), "cpu": cpu_name(), "native_bf16": native_bf16("cpu")}
     if torch.cuda.is_available():
         record["cuda"] = {"version": torch.version.cuda, "device": torch.cuda.get_device_name()}
     return record

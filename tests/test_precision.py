@@ -46,6 +46,20 @@ def test_native_bf16_reads_the_cpu_features(monkeypatch) -> None:
     assert environment()["native_bf16"] in (True, False)  # recorded with every run
 
 
+def test_the_cpu_model_and_its_flags_are_read_from_cpuinfo(monkeypatch, tmp_path) -> None:
+    """Seconds depend on the CPU: every run records its model name beside whether it computes bfloat16 natively."""
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 fma\n\n"
+                                      "processor\t: 1\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 fma\n")
+    monkeypatch.setattr(precision, "Path", lambda path: tmp_path / "cpuinfo")
+    precision._cpuinfo.cache_clear()
+    try:
+        assert precision.cpu_name() == "AMD EPYC 7B13"
+        assert precision._cpu_flags() == {"fpu", "avx2", "fma"}
+        assert environment()["cpu"] == "AMD EPYC 7B13"
+    finally:
+        precision._cpuinfo.cache_clear()
+
+
 @pytest.mark.parametrize("native", [False, True])
 def test_the_cli_trains_the_configs_bf16_in_float32_where_it_is_emulated(native, monkeypatch, caplog,
                                                                          tmp_path: Path) -> None:
