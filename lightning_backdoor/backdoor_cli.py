@@ -233,6 +233,10 @@ class BackdoorCLI(LightningCLI):
         model_name = (config.get("model") or {}).get("init_args", {}).get("model")
         if isinstance(model_name, str):  # before the data module decodes a data set to give the model its classes
             check_model_name(model_name)
+        if self.defend_mode and config.get("trigger_known") and not names_a_trigger(config):
+            raise ValueError("the data config names no trigger (data.init_args.trigger), so the defense cannot use it "
+                             "as known: describe the attack's trigger (docs/getting-started.md, 'Your own trigger'), "
+                             "or pass --trigger_known false to estimate it")
         if self.defend_mode and config.get("ckpt_path") is not None:
             raise ValueError(f"defend reads its weights from --checkpoint, not --ckpt_path ({config.ckpt_path!r}); "
                              f"add --ckpt_path=null (or set ckpt_path: null in the config)")
@@ -344,6 +348,16 @@ class BackdoorCLI(LightningCLI):
             arguments["weights_only"] = True
         if self.fresh_fit:  # the weights are in the model already; Lightning would look for optimizer states
             arguments["ckpt_path"] = None
+
+
+def names_a_trigger(config: Namespace) -> bool:
+    """Whether a command's ``config`` names the trigger its data carries: always, unless its data module is a
+    :class:`~lightning_backdoor.data.PoisonedDataModule` given no ``trigger`` (it then holds its default BadNets
+    patch, which ``fit`` poisons with but which says nothing about a model that ``defend`` is handed)."""
+    data = config.get("data") or {}
+    if not str(data.get("class_path", "")).endswith("PoisonedDataModule"):
+        return True
+    return (data.get("init_args") or {}).get("trigger") is not None
 
 
 def _plain(value: Any) -> Any:

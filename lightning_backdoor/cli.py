@@ -22,7 +22,7 @@ from jsonargparse import DefaultHelpFormatter
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_backdoor.backdoor_cli import PARSER_KWARGS, BackdoorCLI, check_writable
+from lightning_backdoor.backdoor_cli import PARSER_KWARGS, BackdoorCLI, check_writable, names_a_trigger
 from lightning_backdoor.bench import run_bench
 from lightning_backdoor.data import PoisonedDataModule
 from lightning_backdoor.data.folders import read_image_folder
@@ -90,7 +90,10 @@ def run_defend(args: list[str]) -> None:
         test_loader = float_loader(own_images(config.test_root, classes, cli.datamodule, "test"))
     callback = DefenseCallback(defense=defense, unseen_per_class=unseen_per_class, trigger_known=config.trigger_known,
                                unseen_dataloader=unseen_loader, test_dataloader=test_loader,
-                               accept_low_accuracy=config.accept_low_accuracy)
+                               accept_low_accuracy=config.accept_low_accuracy, test_trigger=names_a_trigger(config))
+    if not callback.test_trigger:
+        print("defense: the data config names no trigger: the test images are evaluated clean, the true ASR is not "
+              "measured", file=sys.stderr)
     callback.check(cli.model, cli.datamodule)  # the setup checks (on the model's structure) before any line is printed
     load_weights(cli.model, state_dict)  # after every check of the inputs: it prints how the keys were mapped
     if replaced:

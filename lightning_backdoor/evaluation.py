@@ -8,9 +8,11 @@ decodes each batch, or :func:`in_batches` slices of tensors held in memory); :fu
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from lightning_backdoor.metrics import BackdoorMetrics
 
@@ -43,19 +45,22 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, triggered: Tensor
 
 
 def evaluate_batches(model: nn.Module, batches: Iterable[EvalBatch], num_classes: int, target_class: int | None,
-                     bf16: bool = False) -> dict[str, float | list[float]]:
+                     bf16: bool = False, confusion: bool = False) -> dict[str, Any]:
     """CA, ASR, ASR floor, RA, TA (fractions) and per-class accuracy over ``batches`` (:data:`EvalBatch`, read once,
     one at a time: memory held does not grow with the number of images). ASR, ASR floor and RA only when the
-    batches carry the triggered half; TA only with a ``target_class``.
+    batches carry the triggered half; TA only with a ``target_class``. ``confusion``: also ``confusion``, the clean
+    images' (K, K) counts as nested lists, rows the labels, columns the predictions.
 
     ``bf16`` runs the forward passes under bfloat16 autocast with channels-last inputs, about twice as fast on a CPU
     with native bfloat16 (several times slower where it is emulated: :mod:`lightning_backdoor.precision`); a
     prediction whose two largest logits are within bf16's rounding can flip (on the CIFAR-10 models 0-0.1 % of
     the test images, docs/results/cifar10.md), so the default stays float32.
     """
-    values = _metrics(model, batches, num_classes, target_class, bf16)
-    out: dict[str, float | list[float]] = {name: values[name].item() for name in METRIC_NAMES if name in values}
+    values = _metrics(model, batches, num_classes, target_class, bf16, confusion)
+    out: dict[str, Any] = {name: values[name].item() for name in METRIC_NAMES if name in values}
     out["per_class_acc"] = values["per_class_acc"].tolist()
+    if confusion:
+        out["confusion"] = values["confusion"].tolist()
     return out
 
 
@@ -67,10 +72,12 @@ def clean_accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size:
 
 @torch.no_grad()
 def _metrics(model: nn.Module, batches: Iterable[EvalBatch], num_classes: int | None, target_class: int | None,
-             bf16: bool = False) -> dict[str, Tensor]:
-    """:class:`BackdoorMetrics` over ``batches``, in eval mode; ``num_classes=None``: the width of the logits."""
+             bf16: bool = False, confusion: bool = False) -> dict[str, Tensor]:
+    """:class:`BackdoorMetrics` over ``batches``, in eval mode; ``num_classes=None``: the width of the logits;
+    ``confusion``: also the clean images' confusion matrix (K, K)."""
     # Local: under DDP only rank 0 defends and evaluates, so a synchronising compute would wait for the others.
     metrics = BackdoorMetrics(num_classes, target_class, sync_on_compute=False) if num_classes is not None else None
+    matrix = None
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -85,11 +92,15 @@ def _metrics(model: nn.Module, batches: Iterable[EvalBatch], num_classes: int | 
                 metrics = BackdoorMetrics(logits.shape[-1], target_class, sync_on_compute=False)
             metrics.update(logits, labels.cpu(), trig_logits,
                            attack_labels.cpu() if attack_labels is not None else None)
+            if confusion:
+                if matrix is None:
+                    matrix = MulticlassConfusionMatrix(logits.shape[-1], sync_on_compute=False)
+                matrix.update(logits, labels.cpu())
     finally:
         model.train(was_training)
     if metrics is None:
         raise ValueError("no images to evaluate")
-    return metrics.compute()
+    return metrics.compute() | ({"confusion": matrix.compute()} if matrix is not None else {})
 
 
 def _as_float(batch: Tensor, device: torch.device, channels_last: bool = False) -> Tensor:

@@ -70,6 +70,8 @@ CASES = [
      "was trained with model model_kwargs={'widths': [32, 64, 128]} but the config says"),
     ("checkpoint_missing", "defend", ["--checkpoint={tmp}/none.ckpt"], "none.ckpt does not exist"),
     ("checkpoint_not_given", "defend", [], "missing --checkpoint"),
+    ("defend_known_trigger_not_named", "defend", ["--checkpoint={ckpt}", f"{DATA}.trigger=null"],
+     "the data config names no trigger (data.init_args.trigger), so the defense cannot use it as known"),
     ("ckpt_path_in_defend", "defend", ["--checkpoint={ckpt}", "--ckpt_path={ckpt}"],
      "defend reads its weights from --checkpoint, not --ckpt_path"),
     ("checkpoint_model_mismatch", "defend", ["--checkpoint={weights}", "--model.init_args.model_kwargs.widths=[16,64,128]"],

@@ -21,8 +21,8 @@ from lightning_backdoor import DefenseCallback
 from lightning_backdoor.dashboard import summary_rows
 from lightning_backdoor.defenses import ActivationEditing, DefenseResult, EstimateFirst, UnseenData
 from lightning_backdoor.defenses.estimation import BackdoorEstimate, TriggerEstimator
-from lightning_backdoor.defenses.report import (DefenseReport, backdoor_left, estimation_line, near_chance,
-                                                trigger_inactive)
+from lightning_backdoor.defenses.report import (DefenseReport, backdoor_left, class_order_line, estimation_line,
+                                                near_chance, trigger_inactive)
 from lightning_backdoor.defenses.report_plot import plot_report
 from lightning_backdoor.models.input_transform import InputTransform, input_transform_of
 from lightning_backdoor.triggers import BadNets, Trigger
@@ -180,8 +180,37 @@ def test_a_test_trigger_that_barely_works_before_the_defense_is_said_to_be_so() 
     assert "the model was left unchanged" in trigger_inactive({"asr": 0.02, "asr_floor": 0.02},
                                                                "editing/no_backdoor_found")
     assert trigger_inactive({"asr": 0.9479, "asr_floor": 0.0211}) is None  # a working backdoor
-    assert trigger_inactive({"asr": 0.0800, "asr_floor": 0.0211}) is None  # 5.9 pt above its floor: it works a little
+    assert trigger_inactive({"asr": 0.5000, "asr_floor": 0.0211}) is None  # half the images: no approximation said
     assert trigger_inactive({"asr": 0.9479}) is None  # no floor: nothing to compare with
+
+
+def test_labels_in_another_order_than_the_models_are_said_to_be_so() -> None:
+    """Two class folders swapped (a new user's cat and dog, 500 test images a class): each is predicted as the
+    other more often than as itself, significantly, while the accuracy over all classes (56 %) stays far from
+    chance. A model's own confusion of a few images, or of one class alone, is not flagged."""
+    confusion = torch.diag(torch.full((10,), 300))
+    confusion[0, 7] = 150  # class 0 loses a third to class 7: a confusion, its own count stays larger
+    confusion[3, 3], confusion[3, 5], confusion[5, 5], confusion[5, 3] = 110, 235, 100, 225
+    assert class_order_line(confusion) == (
+        "test images are predicted as another class more often than as their own: label 3 as 5 (235 images, 110 as "
+        "3), label 5 as 3 (225 images, 100 as 5); are the class folders or names (--classes) in the model's label "
+        "order? Every accuracy here is computed with these labels")
+    confusion[5, 5], confusion[5, 3] = 225, 100  # one label alone: a model's confusion
+    assert class_order_line(confusion) is None
+    few = torch.diag(torch.full((10,), 10))  # 10 images a class: 5 against 3 and 5 against 2 are not evidence
+    few[3, 3], few[3, 5], few[5, 5], few[5, 3] = 3, 5, 2, 5
+    assert class_order_line(few) is None
+
+
+@pytest.mark.parametrize("asr, floor", [(0.1893, 0.0504), (0.0800, 0.0211), (0.4999, 0.0211)])
+def test_a_test_trigger_that_works_on_part_of_the_images_only_is_said_to_be_so(asr, floor) -> None:
+    """A white square described for a coloured one (a new user's model): ASR 18.9 % before, 8.6 % after, while the
+    attacker's trigger still worked on 96 % of the images. More than 5 pt above its floor, so not "barely works"; a
+    learned backdoor reaches about 90 % or more."""
+    warning = trigger_inactive({"asr": asr, "asr_floor": floor})
+    assert warning.startswith(f"the test trigger works on part of the images only before the defense: ASR "
+                              f"{100 * asr:.1f} % against a floor of {100 * floor:.1f} %")
+    assert "describe it exactly" in warning
 
 
 def test_a_backdoor_left_far_above_its_floor_is_said_to_be_reduced_not_removed() -> None:
@@ -233,12 +262,15 @@ def test_wrong_class_order_is_refused_unless_accepted(tmp_path: Path) -> None:
     accepting = DefenseCallback(defense=ActivationEditing(layer="fc"), accept_low_accuracy=True)
     quiet_trainer(tmp_path / "accepted", [accepting], max_steps=1).fit(trained("rolled"), datamodule=digits())
     warnings = json.loads(accepting.report_path.read_text())["warnings"]
-    assert len(warnings) == 3, warnings
+    assert len(warnings) == 4, warnings
     assert warnings[0].endswith("defended anyway (accept_low_accuracy)")
+    # the test images say which: each label is predicted as its neighbour's
+    assert warnings[1].startswith("test images are predicted as another class more often than as their own: label 0 "
+                                  "as ")
     # read in another class order, the trigger's target is another class: the trigger seems not to work either
-    assert warnings[1].startswith("the test trigger barely works before the defense")
+    assert warnings[2].startswith("the test trigger barely works before the defense")
     assert re.fullmatch(r"after the defense the model is right on \d+ % of the 300 test images \(chance 10 %\): "
-                        r"near chance", warnings[2])
+                        r"near chance", warnings[3])
 
 
 # --- 6. trigger unknown, no trigger for the test images ----------------------------------------------------------
@@ -286,10 +318,13 @@ def test_without_a_test_trigger_the_report_holds_the_estimated_triggers_asr(foun
     assert summary_rows(report)[0][-1] == round(100 * before, 2)  # the W&B summary table's last column
 
 
-def test_trigger_estimated_on_the_quickstart_model_without_a_test_trigger(quickstart_run: Path,
-                                                                          tmp_path: Path) -> None:
+@pytest.mark.parametrize("clean_tests", ["test_dataloader", "test_trigger_false"])
+def test_trigger_estimated_on_the_quickstart_model_without_a_test_trigger(quickstart_run: Path, tmp_path: Path,
+                                                                          clean_tests: str) -> None:
     """End to end with the real estimation (the quickstart model: BadNets 3x3 toward 0, found by
-    tests/test_estimation.py with all five inversions), its test images given without their trigger. The two
+    tests/test_estimation.py with all five inversions), its test images given without their trigger: as a loader
+    of clean images, or as the data module's test split with ``test_trigger=False`` (what ``defend`` does when the
+    data config names no trigger: the module's default BadNets patch must not be taken for the model's). The two
     inversions that flag this patch (tests/test_prescreen.py) suffice here: the others only add seconds."""
     from lightning_backdoor.runs import instantiate_run
 
@@ -297,11 +332,18 @@ def test_trigger_estimated_on_the_quickstart_model_without_a_test_trigger(quicks
                                    quickstart_run / "checkpoints" / "poisoned.ckpt")
     unseen, test = data.unseen_set(), data.test_dataset().tensors
     defense = EstimateFirst(ActivationEditing(), TriggerEstimator(estimators=("neural_cleanse", "perturbation")))
-    callback = DefenseCallback(defense=defense, trigger_known=False,
-                               unseen_dataloader=pixel_loader(unseen.images, unseen.labels),
-                               test_dataloader=pixel_loader(test[0], test[1]))
-    report = callback.defend(module, None, [], tmp_path).to_json()
+    if clean_tests == "test_dataloader":
+        callback = DefenseCallback(defense=defense, trigger_known=False,
+                                   unseen_dataloader=pixel_loader(unseen.images, unseen.labels),
+                                   test_dataloader=pixel_loader(test[0], test[1]))
+        report = callback.defend(module, None, [], tmp_path).to_json()
+    else:
+        with pytest.raises(ValueError, match="test_trigger=False .* needs trigger_known=false"):
+            DefenseCallback(defense=defense, test_trigger=False)
+        callback = DefenseCallback(defense=defense, trigger_known=False, test_trigger=False)
+        report = callback.defend(module, data, [], tmp_path).to_json()
     assert report["true_asr_measured"] is False and report["estimated_target"] == 0
+    assert "asr" not in report["before"] and "asr_floor" not in report["after"]
     before, after = report["before"]["estimated_asr"], report["after"]["estimated_asr"]
     # the estimate sends most test images to 0 before (it is a trigger that works, by construction of the
     # inversion) and few after the edit that maps it to clean values

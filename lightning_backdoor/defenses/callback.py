@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,18 @@ def _yields_triggered_tests(datamodule: Any) -> bool:
     """Whether ``datamodule``'s ``test_dataloader()`` yields pixel batches ``(images, labels, triggered images,
     attack labels)`` and works without a Trainer, as a ``PoisonedDataModule``'s does (it has ``test_dataset()``)."""
     return hasattr(datamodule, "test_dataset")
+
+
+class CleanHalf:
+    """The clean ``(images, labels)`` of a loader's ``(images, labels, triggered images, attack labels)`` batches;
+    re-iterable as the loader is."""
+
+    def __init__(self, loader: Iterable[list[Tensor]]) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for images, labels, *_ in self.loader:
+            yield images, labels
 
 
 def defended_network(pl_module: nn.Module) -> nn.Module:
@@ -100,6 +113,10 @@ class DefenseCallback(L.Callback):
             trigger estimator (``EstimateFirst``); the known trigger and target (if any) only serve the before/after
             evaluation. Without them the report holds
             the estimated trigger's success before and after (``estimated_asr``), the true ASR unmeasured.
+        test_trigger: ``False``: no trigger is known to act on the test images, whatever the data module's (a
+            ``PoisonedDataModule`` built without one holds its default BadNets patch; ``defend`` passes ``False`` when
+            the data config names none): they are evaluated clean, the true ASR unmeasured. Needs
+            ``trigger_known=False``.
         normalize: ``{"mean": [...], "std": [...]}`` in pixel units ([0, 1]), one value or one per channel: the
             normalisation the model was trained with, for a LightningModule whose data loaders normalise. ``None``:
             the model reads pixels (or carries its own input transform, as ``PoisonedClassifier(normalize=...)``).
@@ -114,7 +131,7 @@ class DefenseCallback(L.Callback):
                  unseen_dataloader: DataLoader | None = None, test_dataloader: DataLoader | None = None,
                  output_dir: str | None = None, on_fit_end: bool = True, trigger_known: bool = True,
                  normalize: dict[str, list[float]] | None = None, input_size: int | None = None,
-                 accept_low_accuracy: bool = False) -> None:
+                 accept_low_accuracy: bool = False, test_trigger: bool = True) -> None:
         if unseen_per_class is not None and (isinstance(unseen_per_class, bool) or not isinstance(unseen_per_class, int)
                                              or unseen_per_class < 0):
             raise ValueError(f"unseen_per_class={unseen_per_class!r} is negative or not an integer: give a count "
@@ -123,7 +140,10 @@ class DefenseCallback(L.Callback):
         self.trigger, self.target_class, self.unseen_per_class = trigger, target_class, unseen_per_class
         self.unseen_dataloader, self.test_dataloader = unseen_dataloader, test_dataloader
         self.output_dir, self.run_on_fit_end, self.trigger_known = output_dir, on_fit_end, trigger_known
-        self.accept_low_accuracy = accept_low_accuracy
+        self.accept_low_accuracy, self.test_trigger = accept_low_accuracy, test_trigger
+        if not test_trigger and trigger_known:
+            raise ValueError("test_trigger=False (no trigger known to act on the test images) needs trigger_known=false: "
+                             "the defense cannot use a trigger it does not have")
         self.transform = self._build_transform(normalize, input_size)
         self.report: DefenseReport | None = None
         self.report_path: Path | None = None
@@ -251,7 +271,8 @@ class DefenseCallback(L.Callback):
         """
         self._check_target(datamodule)
         digest_before = state_digest(pl_module.state_dict())
-        trigger = self.trigger if self.trigger is not None else getattr(datamodule, "trigger", None)
+        trigger = (None if not self.test_trigger else self.trigger if self.trigger is not None
+                   else getattr(datamodule, "trigger", None))
         target = self.target_class if self.target_class is not None else getattr(datamodule, "target_class", None)
         network = defended_network(pl_module)
         effective = self._effective_transform(network)
@@ -415,7 +436,10 @@ class DefenseCallback(L.Callback):
         ``test_dataloader=`` or of another data module's loader are collected, un-normalised if need be, and
         triggered with the known ``trigger``."""
         if self.test_dataloader is None and _yields_triggered_tests(datamodule):
-            return TestData.from_loader(datamodule.test_dataloader(), num_classes, target)
+            loader = datamodule.test_dataloader()
+            if trigger is None:  # the data module's triggered half is none of this model's business
+                return TestData(CleanHalf(loader), len(loader.dataset), num_classes, target)  # type: ignore[arg-type]
+            return TestData.from_loader(loader, num_classes, target)
         loader = self.test_dataloader if self.test_dataloader is not None else datamodule.test_dataloader()
         images, labels = _collect(loader)
         pixels, undone = as_pixels(images, transform, "test")

@@ -103,6 +103,9 @@ def near_chance(correct: int, total: int, num_classes: int) -> bool:
 #: ASR above its floor, a fraction, past which a defended model's backdoor counts as reduced rather than removed: the
 #: goals of the field's tables sit within 1-2 pt of the floor (docs/method.md)
 ASR_LEFT_WARNING = 0.05
+#: ASR before the defense, a fraction, below which the test trigger counts as working on part of the images only:
+#: the learned backdoors of docs/results reach 88-100 %
+PARTIAL_ASR_WARNING = 0.5
 
 
 def backdoor_left(before: dict[str, float], after: dict[str, float], details: dict[str, Any] | None = None,
@@ -141,16 +144,26 @@ def trigger_inactive(before: dict[str, float], method: str = "editing") -> str |
     """A warning when the test trigger barely works on the model before the defense: its ASR within
     :data:`ASR_LEFT_WARNING` of its floor (``before``: the test split's metrics, fractions). Then the trigger or
     ``target_class`` is not the model's (a position, size or colour off), or the model holds no such backdoor, and
-    the ASR after the defense says nothing about one; ``None`` otherwise (or without a test trigger). ``method``:
-    what the defense did (the model was left unchanged when it ends in ``/no_backdoor_found``)."""
-    if "asr_floor" not in before or before["asr"] - before["asr_floor"] > ASR_LEFT_WARNING:
+    the ASR after the defense says nothing about one. Above that but below :data:`PARTIAL_ASR_WARNING`, the trigger
+    works on part of the images only: an approximation of the attacker's (a white square for a coloured one left the
+    real trigger at 96 % while this one fell from 19 to 9 %), or a backdoor learned weakly. ``None`` otherwise (or
+    without a test trigger). ``method``: what the defense did (the model was left unchanged when it ends in
+    ``/no_backdoor_found``)."""
+    if "asr_floor" not in before:
         return None
+    measured = (f"ASR {100 * before['asr']:.1f} % against a floor of {100 * before['asr_floor']:.1f} % on the test "
+                f"images")
+    if before["asr"] - before["asr_floor"] > ASR_LEFT_WARNING:
+        if before["asr"] >= PARTIAL_ASR_WARNING:
+            return None
+        return (f"the test trigger works on part of the images only before the defense: {measured} (learned "
+                f"backdoors reach about 90 % or more); if it approximates the attacker's trigger, the defense removed "
+                f"what it describes and the attacker's may still work: describe it exactly (pattern, mask, position)")
     done = ("the model was left unchanged" if method.endswith("/no_backdoor_found")
             else "the model was defended all the same")
-    return (f"the test trigger barely works before the defense: ASR {100 * before['asr']:.1f} % against a floor of "
-            f"{100 * before['asr_floor']:.1f} % on the test images; check the trigger and target_class (position, "
-            f"size, colour), or the model holds no such backdoor; {done}, and the ASR after it says nothing about a "
-            f"backdoor")
+    return (f"the test trigger barely works before the defense: {measured}; check the trigger and target_class "
+            f"(position, size, colour), or the model holds no such backdoor; {done}, and the ASR after it says "
+            f"nothing about a backdoor")
 
 
 def repair_warning(details: dict[str, Any]) -> str | None:
@@ -209,6 +222,37 @@ def estimation_line(details: dict[str, Any]) -> str | None:
 def chance_line(accuracy: float, total: int, num_classes: int, what: str) -> str:
     """``the model is right on 9 % of the 50 unseen images (chance 10 %)``-style text; ``accuracy`` a fraction."""
     return f"right on {100 * accuracy:.0f} % of the {total} {what} images (chance {100 / num_classes:.0f} %)"
+
+
+def class_order_line(confusion: Tensor) -> str | None:
+    """A warning when, for two labels or more, the test images of the label are predicted as one *other* class
+    more often than as their own, significantly so (one-sided sign test, p < :data:`CHANCE_P_VALUE`): the labels
+    are then likely not in the model's class order (swapped class folders or names in ``--classes`` move two labels
+    at least), and every accuracy computed with them is wrong, while the overall accuracy can stay far from chance
+    (a new user's cat/dog swap: 56 % on 10 classes, the two classes at 20 and 22 %). ``confusion`` (K, K): counts,
+    rows the labels, columns the predictions. ``None`` otherwise. On a handful of images a weak model's own
+    confusion of two classes looks the same (measured on 10 unseen images a class of a 62 %-accurate model: cat
+    and dog predicted as each other more than as themselves in the right order too), so the test is what decides."""
+    moved = []
+    for label, row in enumerate(confusion.long()):
+        own = int(row[label])
+        others = row.clone()
+        others[label] = 0
+        other = int(others.argmax())
+        count = int(others[other])
+        if count > own and _sign_test(count, count + own) < CHANCE_P_VALUE:
+            moved.append(f"label {label} as {other} ({count} images, {own} as {label})")
+    if len(moved) < 2:
+        return None
+    return (f"test images are predicted as another class more often than as their own: {', '.join(moved)}; are the "
+            f"class folders or names (--classes) in the model's label order? Every accuracy here is computed with "
+            f"these labels")
+
+
+def _sign_test(larger: int, total: int) -> float:
+    """P(X >= ``larger``) for X ~ Binomial(``total``, 1/2)."""
+    hits = torch.arange(larger, total + 1, dtype=torch.float64)
+    return torch.distributions.Binomial(total, torch.tensor(0.5, dtype=torch.float64)).log_prob(hits).logsumexp(0).exp().item()
 
 
 @torch.no_grad()
@@ -324,10 +368,11 @@ def run_defense(model: nn.Module, defense: Defense, unseen: UnseenData, knowledg
     estimated one. ``after_defense`` runs right after the defense, before the evaluation after it (e.g. rounding
     the weights to the dtype the model stores them in).
     """
-    def scores(network: nn.Module) -> dict[str, Any]:
-        return evaluate_batches(network, test.batches, test.num_classes, test.target_class)
+    def scores(network: nn.Module, confusion: bool = False) -> dict[str, Any]:
+        return evaluate_batches(network, test.batches, test.num_classes, test.target_class, confusion=confusion)
 
-    before = scores(model)
+    before = scores(model, confusion=True)
+    order = class_order_line(torch.tensor(before.pop("confusion")))
     original = copy.deepcopy(model) if "asr" not in before else None  # no test trigger: the estimated one's ASR
     result = defense.defend(model, unseen, knowledge)
     if after_defense is not None:
@@ -339,6 +384,8 @@ def run_defense(model: nn.Module, defense: Defense, unseen: UnseenData, knowledg
         edited.load_state_dict(result.stages["after_edit"], strict=False)
     report = DefenseReport({"before": before, "after_edit": scores(edited) if edited is not model else after,
                             "after": after}, result, len(unseen.labels))
+    if order is not None:
+        report.warnings.append(order)
     if report.true_asr_measured:
         report.der = defense_effectiveness_rating(before["asr"], after["asr"], before["clean_acc"], after["clean_acc"])
         for warning in (trigger_inactive(before, result.method),
