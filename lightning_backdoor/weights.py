@@ -4,8 +4,9 @@ Networks trained elsewhere are saved as ``torch.save(model.state_dict())`` of wh
 (``conv1.weight``), ``nn.DataParallel``/DDP (``module.conv1.weight``), ``torch.compile`` (``_orig_mod.``), a
 wrapper with a ``model``/``net`` attribute (``model.``, ``net.``; a Lightning checkpoint of
 :class:`~lightning_backdoor.classifier.PoisonedClassifier` is ``net.``), or several of these in turn
-(``module._orig_mod.``). :func:`map_weights` tries stripping each chain of these prefixes shared by every key and
-accepts only a mapping that matches the network exactly: same keys, same shapes. Nested files
+(``module._orig_mod.``), or one attribute of another name holding the whole network (``backbone.``).
+:func:`map_weights` tries stripping each chain of these prefixes shared by every key, then the one name every key
+still begins with, and accepts only a mapping that matches the network exactly: same keys, same shapes. Nested files
 (``{"state_dict": ...}``, ``{"model": ...}``) are unpacked by :func:`lightning_backdoor.io.load_state_dict`.
 
 One tolerance, said in the printed line: BatchNorm ``num_batches_tracked`` counters absent from the file keep the
@@ -16,6 +17,7 @@ model's value. They are step counters, not weights: only ``momentum=None`` Batch
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -78,6 +80,9 @@ def map_weights(expected: dict[str, Tensor], state_dict: dict[str, Tensor]) -> t
     while prefix := next((p for p in WRAPPER_PREFIXES
                           if all(key.startswith(candidates[-1] + p) for key in relevant)), None):
         candidates.append(candidates[-1] + prefix)
+    shared = {_first_name(key[len(candidates[-1]):]) for key in relevant}
+    if len(shared) == 1 and None not in shared:  # one attribute of any name holds every weight ('backbone.')
+        candidates.append(candidates[-1] + shared.pop() + ".")
     best: tuple[int, str, str] | None = None  # (keys in common, strip, first mismatch)
     for strip in candidates:
         mapped = {key[len(strip):]: value for key, value in relevant.items()}
@@ -100,8 +105,25 @@ def map_weights(expected: dict[str, Tensor], state_dict: dict[str, Tensor]) -> t
     mixed = next(((prefix, count) for prefix in ("module.", "_orig_mod.")  # wrappers' names only, never a layer's
                   if 0 < (count := sum(key.startswith(prefix) for key in relevant)) < len(relevant)), None)
     hint = (f"; {mixed[1]} of its {len(relevant)} keys start with {mixed[0]!r} and the others do not (weights saved "
-            f"from a wrapped and an unwrapped model mixed?)" if mixed else "")
+            f"from a wrapped and an unwrapped model mixed?)" if mixed else
+            f"; the checkpoint's {len(relevant)} keys begin with {_first_names(relevant, candidates[-1])}, the model's "
+            f"{len(expected)} with {_first_names(expected)}")
     raise ValueError(f"checkpoint does not match the model spec: {best[2]}{hint}")
+
+
+def _first_name(key: str) -> str | None:
+    """The first component of a dotted key (``backbone`` of ``backbone.0.weight``); ``None`` for a bare name."""
+    head, dot, _ = key.partition(".")
+    return head if dot else None
+
+
+def _first_names(keys: dict[str, Tensor], strip: str = "", shown: int = 3) -> str:
+    """``'backbone.' (28), 'head.' (2)``: the first components of ``keys`` once ``strip`` is removed (said after
+    them), most frequent first, at most ``shown``."""
+    counts = Counter(_first_name(key[len(strip):]) or key[len(strip):] for key in keys)
+    names = ", ".join(f"{name + '.'!r} ({count})" for name, count in counts.most_common(shown))
+    return (names + (f" and {len(counts) - shown} more" if len(counts) > shown else "")
+            + (f" after {strip!r}" if strip else ""))
 
 
 def _tolerated(key: str) -> bool:

@@ -245,9 +245,13 @@ def test_the_estimation_verdict_is_one_console_line() -> None:
     assert estimation_line(found) == ("trigger estimation: backdoor found, target class 0, flagged by neural_cleanse "
                                       "(anomaly index 9.02, size ratio 0.16), 76.2 s")
     clean = {"estimation": {"backdoor_found": False, "target_class": None, "flagged_by": [],
-                            "anomaly_index": {"neural_cleanse": [1.5, 0.3], "blend": [0.2, 1.9]}, "seconds": 30.0}}
+                            "anomaly_index": {"neural_cleanse": [1.5, 0.3], "blend": [0.2, 1.9]},
+                            "size_ratio": {"neural_cleanse": [0.4, 1.0], "blend": [1.2, 0.62]}, "seconds": 30.0}}
     assert estimation_line(clean) == ("trigger estimation: no backdoor found (no class's trigger both anomalous and "
-                                      "small enough; largest anomaly index 1.90), model left unchanged, 30.0 s")
+                                      "small enough; largest anomaly index 1.90: blend, class 1, size ratio 0.62), "
+                                      "model left unchanged, 30.0 s")
+    clean["estimation"]["anomaly_index"]["blend"] = ["inf", "-inf"]  # as a report read back from its file holds it
+    assert "largest anomaly index inf: blend, class 0, size ratio 1.20" in estimation_line(clean)
     assert estimation_line({"layer": "fc"}) is None  # trigger known: no estimation
 
 

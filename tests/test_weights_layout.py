@@ -63,6 +63,10 @@ WRAPPERS: dict[str, tuple[Callable[[nn.Module], dict[str, Tensor]], str]] = {
     "compiled_data_parallel_of_lightning_module": (
         lambda network: torch.compile(nn.DataParallel(Holder("net", network))).state_dict(),
         "_orig_mod.module.net."),
+    # any other single attribute (a new user's file saved from a wrapper holding its net as ``backbone``)
+    "backbone_attribute": (lambda network: Holder("backbone", network).state_dict(), "backbone."),
+    "data_parallel_of_backbone": (lambda network: nn.DataParallel(Holder("backbone", network)).state_dict(),
+                                  "module.backbone."),
 }
 
 
@@ -142,7 +146,13 @@ def without(state_dict: dict[str, Tensor], key: str) -> dict[str, Tensor]:
      "first mismatching key 'blocks.0.conv1.weight' (missing from the checkpoint); 42 of its 43 keys start with "
      "'module.' and the others do not"),
     (lambda sd: {}, "checkpoint holds no weights"),
-], ids=["missing", "extra", "shape", "mixed_prefixes", "empty"])
+    # the file's keys and the model's begin with other names: both said (another architecture, or a split model)
+    (lambda sd: {("module.encoder." if "blocks" in key else "module.classifier.") + key.partition(".")[2].partition(
+        ".")[2]: value for key, value in sd.items()},
+     "first mismatching key 'blocks.0.conv1.weight' (missing from the checkpoint); the checkpoint's 43 keys "
+     "begin with 'encoder.' (36), 'classifier.' (7) after 'module.', the model's 43 with 'blocks.' (36), 'stem.' "
+     "(6), 'head.' (1)"),
+], ids=["missing", "extra", "shape", "mixed_prefixes", "empty", "other_names"])
 def test_a_mismatch_is_refused_naming_the_first_key(corrupt, message: str) -> None:
     network = trained_network()
     module = fresh_classifier()

@@ -210,9 +210,15 @@ def estimation_line(details: dict[str, Any]) -> str | None:
     seconds = f"{estimation.get('seconds', 0.0):.1f} s"
     index, ratio = estimation.get("anomaly_index", {}), estimation.get("size_ratio", {})
     if not estimation.get("backdoor_found"):
-        largest = max((max(values) for values in index.values() if values), default=float("nan"))
-        return (f"trigger estimation: no backdoor found (no class's trigger both anomalous and small enough; largest "
-                f"anomaly index {largest:.2f}), model left unchanged, {seconds}")
+        candidates = [(float(value), name, label) for name, values in index.items()
+                      for label, value in enumerate(values or [])]
+        largest = "no anomaly index"
+        if candidates:
+            value, name, label = max(candidates)
+            ratio_text = (f", size ratio {float(ratio[name][label]):.2f}" if ratio.get(name) else "")
+            largest = f"largest anomaly index {value:.2f}: {name}, class {label}{ratio_text}"
+        return (f"trigger estimation: no backdoor found (no class's trigger both anomalous and small enough; "
+                f"{largest}), model left unchanged, {seconds}")
     label = estimation["target_class"]
     flagged = ", ".join(f"{name} (anomaly index {index[name][label]:.2f}, size ratio {ratio[name][label]:.2f})"
                         for name in estimation.get("flagged_by", []) if name in index)
