@@ -48,6 +48,7 @@ from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, Un
 from lightning_backdoor.evaluation import evaluate
 from lightning_backdoor.io import atomic_json
 from lightning_backdoor.models import build_model
+from lightning_backdoor.provenance import environment
 from lightning_backdoor.runs import instantiate_run, run_checkpoint
 
 PRECISIONS = {"float32": False, "bf16": True}
@@ -402,7 +403,8 @@ def main() -> None:
     if not args.table_only:
         torch.set_num_threads(args.threads)
         result: dict[str, Any] = {"settings": vars(args), "torch": torch.__version__,
-                                  "threads": torch.get_num_threads(), "images": [], "width": []}
+                                  "threads": torch.get_num_threads(), "environment": environment(), "images": [],
+                                  "width": []}
         kept = json.loads(out.read_text()) if out.is_file() else {}
         save = lambda: atomic_json(result, out)  # noqa: E731
         result["forms"] = kept.get("forms", [])
