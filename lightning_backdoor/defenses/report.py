@@ -95,9 +95,15 @@ def near_chance(correct: int, total: int, num_classes: int) -> bool:
     chance = 1 / num_classes
     if correct / total < chance + CHANCE_MARGIN * (1 - chance):
         return True
-    hits = torch.arange(correct, total + 1, dtype=torch.float64)
-    tail = torch.distributions.Binomial(total, torch.tensor(chance, dtype=torch.float64)).log_prob(hits)
-    return tail.logsumexp(0).exp().item() > CHANCE_P_VALUE
+    return binomial_tail(correct, total, chance) > CHANCE_P_VALUE
+
+
+def binomial_tail(hits: int, total: int, probability: float) -> float:
+    """P(X >= ``hits``) for X ~ Binomial(``total``, ``probability``), exact (summed in log space)."""
+    counts = torch.arange(hits, total + 1, dtype=torch.float64)
+    log_probabilities = torch.distributions.Binomial(total, torch.tensor(probability, dtype=torch.float64)).log_prob(
+        counts)
+    return log_probabilities.logsumexp(0).exp().item()
 
 
 #: ASR above its floor, a fraction, past which a defended model's backdoor counts as reduced rather than removed: the
@@ -157,8 +163,9 @@ def trigger_inactive(before: dict[str, float], method: str = "editing") -> str |
         if before["asr"] >= PARTIAL_ASR_WARNING:
             return None
         return (f"the test trigger works on part of the images only before the defense: {measured} (learned "
-                f"backdoors reach about 90 % or more); if it approximates the attacker's trigger, the defense removed "
-                f"what it describes and the attacker's may still work: describe it exactly (pattern, mask, position)")
+                f"backdoors reach about 90 % or more): a backdoor learned weakly, or a trigger that approximates the "
+                f"attacker's; then the defense removed what it describes and the attacker's may still work: describe "
+                f"it exactly (pattern, mask, position)")
     done = ("the model was left unchanged" if method.endswith("/no_backdoor_found")
             else "the model was defended all the same")
     return (f"the test trigger barely works before the defense: {measured}; check the trigger and target_class "
@@ -246,19 +253,13 @@ def class_order_line(confusion: Tensor) -> str | None:
         others[label] = 0
         other = int(others.argmax())
         count = int(others[other])
-        if count > own and _sign_test(count, count + own) < CHANCE_P_VALUE:
+        if count > own and binomial_tail(count, count + own, 0.5) < CHANCE_P_VALUE:  # a sign test
             moved.append(f"label {label} as {other} ({count} images, {own} as {label})")
     if len(moved) < 2:
         return None
     return (f"test images are predicted as another class more often than as their own: {', '.join(moved)}; are the "
             f"class folders or names (--classes) in the model's label order? Every accuracy here is computed with "
             f"these labels")
-
-
-def _sign_test(larger: int, total: int) -> float:
-    """P(X >= ``larger``) for X ~ Binomial(``total``, 1/2)."""
-    hits = torch.arange(larger, total + 1, dtype=torch.float64)
-    return torch.distributions.Binomial(total, torch.tensor(0.5, dtype=torch.float64)).log_prob(hits).logsumexp(0).exp().item()
 
 
 @torch.no_grad()
