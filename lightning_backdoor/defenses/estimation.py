@@ -221,7 +221,7 @@ class TriggerEstimator:
             bfloat16 natively, several times slower on one that emulates it); ``None``: where the images' device
             computes it natively (:func:`~lightning_backdoor.precision.native_bf16`).
         min_per_class: fewest unseen images of every class the estimation accepts.
-        progress: show a progress bar.
+        progress: show a progress bar (on a terminal; never into a redirected log).
         seed: an integer in [0, 2**63); fixes the initial candidates and the batches. Each inversion draws from
             its own stream, seeded by ``seed`` and its place in the registry (Neural Cleanse, the first, by ``seed``
             itself): its result does not depend on which other estimators ran before it, and no two inversions draw

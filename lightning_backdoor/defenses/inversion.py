@@ -417,7 +417,8 @@ class InversionRun:
         slower where it is emulated)."""
         requires_grad = [parameter.requires_grad for parameter in model.parameters()]
         model.requires_grad_(False)
-        bar = tqdm(total=steps, desc=description, disable=not progress, leave=False)
+        bar = tqdm(total=steps, desc=description, disable=None if progress else True, leave=False)  # None: off when
+        # the output is no terminal (a log file would collect every redraw)
         try:
             for _ in range(steps):
                 if self.done:
