@@ -247,9 +247,13 @@ def test_the_estimation_verdict_is_one_console_line() -> None:
     clean = {"estimation": {"backdoor_found": False, "target_class": None, "flagged_by": [],
                             "anomaly_index": {"neural_cleanse": [1.5, 0.3], "blend": [0.2, 1.9]},
                             "size_ratio": {"neural_cleanse": [0.4, 1.0], "blend": [1.2, 0.62]}, "seconds": 30.0}}
-    assert estimation_line(clean) == ("trigger estimation: no backdoor found (no class's trigger both anomalous and "
-                                      "small enough; largest anomaly index 1.90: blend, class 1, size ratio 0.62), "
-                                      "model left unchanged, 30.0 s")
+    assert estimation_line(clean) == ("trigger estimation: no backdoor found (no class's trigger has a flagging "
+                                      "anomaly index and size ratio; largest anomaly index 1.90: blend, class 1, size ratio 0.62; "
+                                      "smallest size ratio 0.40: neural_cleanse, class 0, anomaly index 1.50), model "
+                                      "left unchanged, 30.0 s")
+    clean["estimation"] |= {"threshold": 2.0, "max_size_ratio": 0.3}  # the rule, as the estimation records it
+    assert estimation_line(clean).startswith("trigger estimation: no backdoor found (no class's trigger has anomaly "
+                                             "index above 2 with size ratio at most 0.3; largest")
     clean["estimation"]["anomaly_index"]["blend"] = ["inf", "-inf"]  # as a report read back from its file holds it
     assert "largest anomaly index inf: blend, class 0, size ratio 1.20" in estimation_line(clean)
     assert estimation_line({"layer": "fc"}) is None  # trigger known: no estimation
@@ -312,7 +316,12 @@ def test_without_a_test_trigger_the_report_holds_the_estimated_triggers_asr(foun
     assert "true ASR not measured" in printed
     if not found:
         assert "estimated_asr" not in report["before"] and "none estimated" in printed
+        # nothing found and nothing to test with: the verdict is no evidence of a clean model, and says so
+        assert report["warnings"][-1].startswith("the trigger estimation found no backdoor and left the model "
+                                                 "unchanged; with no trigger to test the images with, this is no "
+                                                 "evidence that the model is clean")
         return
+    assert not any("no evidence" in warning for warning in report["warnings"])
     before, after = report["before"]["estimated_asr"], report["after"]["estimated_asr"]
     # the stand-in estimate is the true patch: its ASR is the backdoor's (97 %); the edit removes it (a quarter)
     assert report["estimated_target"] == 0 and before >= 0.8 and after <= before / 4, report

@@ -254,8 +254,11 @@ def test_a_folder_given_as_a_trigger_file_is_named_as_a_folder(tmp_path: Path, n
         build_trigger(name, **{argument: str(tmp_path)})
     message = str(error.value)
     assert "is a folder, not a file" in message and "does not exist" not in message and "\n" not in message
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ValueError, match=r"does not exist$"):  # an absolute path: nothing to add
         build_trigger(name, **{argument: str(tmp_path / "missing.png")})
+    with pytest.raises(ValueError, match=r"'missing\.png' does not exist \(relative paths are read from the current "
+                                         r"folder /"):  # a new user's pattern path, relative to their config's folder
+        build_trigger(name, **{argument: "missing.png"})
 
 
 #: The CIFAR-10 configs that set a trigger (the others hold shared or model settings)

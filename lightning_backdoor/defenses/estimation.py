@@ -310,6 +310,7 @@ class TriggerEstimator:
         prescreened = self.prescreens(num_classes)
         details: dict[str, Any] = {"feature_layer": layer, "prescreen_steps": self.prescreen_steps if prescreened
                                    else None, "bf16": use_bf16(self.bf16, images.device),
+                                   "threshold": self.threshold, "max_size_ratio": self.max_size_ratio,
                                    "anomaly_index": {}, "trigger_size": {}, "size_ratio": {},
                                    "inversion_success": {}, "steps": {}, "estimator_seconds": {},
                                    "fully_inverted": {}, "screened_out": {}, "prescreen_size": {},

@@ -165,7 +165,7 @@ def trigger_inactive(before: dict[str, float], method: str = "editing") -> str |
         return (f"the test trigger works on part of the images only before the defense: {measured} (learned "
                 f"backdoors reach about 90 % or more): a backdoor learned weakly, or a trigger that approximates the "
                 f"attacker's; then the defense removed what it describes and the attacker's may still work: describe "
-                f"it exactly (pattern, mask, position)")
+                f"it exactly (pattern, mask, position), or estimate it (trigger_known=false)")
     done = ("the model was left unchanged" if method.endswith("/no_backdoor_found")
             else "the model was defended all the same")
     return (f"the test trigger barely works before the defense: {measured}; check the trigger and target_class "
@@ -217,15 +217,25 @@ def estimation_line(details: dict[str, Any]) -> str | None:
     seconds = f"{estimation.get('seconds', 0.0):.1f} s"
     index, ratio = estimation.get("anomaly_index", {}), estimation.get("size_ratio", {})
     if not estimation.get("backdoor_found"):
+        rule = (f"anomaly index above {estimation['threshold']:g} with size ratio at most "
+                f"{estimation['max_size_ratio']:g}" if "threshold" in estimation and "max_size_ratio" in estimation
+                else "a flagging anomaly index and size ratio")
         candidates = [(float(value), name, label) for name, values in index.items()
                       for label, value in enumerate(values or [])]
-        largest = "no anomaly index"
+        closest = ""
         if candidates:
             value, name, label = max(candidates)
-            ratio_text = (f", size ratio {float(ratio[name][label]):.2f}" if ratio.get(name) else "")
-            largest = f"largest anomaly index {value:.2f}: {name}, class {label}{ratio_text}"
-        return (f"trigger estimation: no backdoor found (no class's trigger both anomalous and small enough; "
-                f"{largest}), model left unchanged, {seconds}")
+            closest = f"; largest anomaly index {value:.2f}: {name}, class {label}"
+            if ratio.get(name):
+                closest += f", size ratio {float(ratio[name][label]):.2f}"
+            ratios = [(float(value), name, label) for name, values in ratio.items() if name in index
+                      for label, value in enumerate(values or [])]
+            if ratios:
+                value, name, label = min(ratios)
+                closest += (f"; smallest size ratio {value:.2f}: {name}, class {label}, anomaly index "
+                            f"{float(index[name][label]):.2f}")
+        return (f"trigger estimation: no backdoor found (no class's trigger has {rule}{closest}), model left "
+                f"unchanged, {seconds}")
     label = estimation["target_class"]
     flagged = ", ".join(f"{name} (anomaly index {index[name][label]:.2f}, size ratio {ratio[name][label]:.2f})"
                         for name in estimation.get("flagged_by", []) if name in index)
@@ -399,6 +409,10 @@ def run_defense(model: nn.Module, defense: Defense, unseen: UnseenData, knowledg
                         backdoor_left(before, after, result.details, result.method)):
             if warning is not None:
                 report.warnings.append(warning)
+    elif result.method.endswith("/no_backdoor_found"):
+        report.warnings.append("the trigger estimation found no backdoor and left the model unchanged; with no "
+                               "trigger to test the images with, this is no evidence that the model is clean (it has "
+                               "missed BadNets on PreAct-ResNet18: docs/results/preact-resnet18.md)")
     elif original is not None and result.estimated is not None:
         report.estimated_target = result.estimated.target_class
         for stage, network in (("before", original), ("after_edit", edited), ("after", model)):

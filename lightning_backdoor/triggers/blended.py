@@ -18,7 +18,8 @@ def check_file(path: str, what: str) -> None:
     if os.path.isdir(path):
         raise ValueError(f"{what} {str(path)!r} is a folder, not a file; give the file's path")
     if not os.path.isfile(path):
-        raise ValueError(f"{what} file {str(path)!r} does not exist")
+        where = "" if os.path.isabs(path) else f" (relative paths are read from the current folder {os.getcwd()})"
+        raise ValueError(f"{what} file {str(path)!r} does not exist{where}")
 
 
 def load_image(path: str, image_shape: tuple[int, int, int], mode: str = "bilinear") -> Tensor:
