@@ -22,7 +22,7 @@ from lightning_backdoor.dashboard import summary_rows
 from lightning_backdoor.defenses import ActivationEditing, DefenseResult, EstimateFirst, UnseenData
 from lightning_backdoor.defenses.estimation import BackdoorEstimate, TriggerEstimator
 from lightning_backdoor.defenses.report import (DefenseReport, backdoor_left, class_order_line, estimation_line,
-                                                near_chance, trigger_inactive)
+                                                greyscale_line, near_chance, trigger_inactive)
 from lightning_backdoor.defenses.report_plot import plot_report
 from lightning_backdoor.models.input_transform import InputTransform, input_transform_of
 from lightning_backdoor.triggers import BadNets, Trigger
@@ -182,6 +182,23 @@ def test_a_test_trigger_that_barely_works_before_the_defense_is_said_to_be_so() 
     assert trigger_inactive({"asr": 0.9479, "asr_floor": 0.0211}) is None  # a working backdoor
     assert trigger_inactive({"asr": 0.5000, "asr_floor": 0.0211}) is None  # half the images: no approximation said
     assert trigger_inactive({"asr": 0.9479}) is None  # no floor: nothing to compare with
+
+
+def test_greyscale_unseen_images_for_a_colour_model_are_said_to_be_so() -> None:
+    """A new user's greyscale copies of their unseen images, for an RGB model: the defense lost 16 pt of the target
+    class that its repair check, run on those images, did not see. A colour set holding a few colourless pictures
+    (CIFAR-10's test split: 1 %), or a greyscale model, says nothing."""
+    generator = torch.Generator().manual_seed(0)
+    colour = torch.rand(10, 3, 8, 8, generator=generator)
+    grey = colour.clone()
+    grey[:6] = colour[:6, :1].expand(6, 3, 8, 8)
+    assert greyscale_line(grey) == (
+        "6 of the 10 unseen images are greyscale, repeated into the model's 3 channels: a model trained on colour "
+        "images may answer them otherwise, and the repair's check runs on them (a new user's lost 16 pt of "
+        "target-class accuracy unseen); use colour images if you have them, and check target_acc")
+    grey[5] = colour[5]  # half, not most
+    assert greyscale_line(grey) is None and greyscale_line(colour) is None
+    assert greyscale_line(colour[:, :1]) is None  # a greyscale model reads greyscale images
 
 
 def test_labels_in_another_order_than_the_models_are_said_to_be_so() -> None:

@@ -146,27 +146,3 @@ def test_own_images_are_resized_and_cropped_as_the_data_config_says(tmp_path, im
     assert own.images.shape[1:] == (3, center_crop, center_crop)
     assert torch.equal(own.images, trained_on.images) and torch.equal(own.labels, trained_on.labels)
 
-
-def test_greyscale_images_for_a_colour_model_are_said_to_be_so(tmp_path, capsys) -> None:
-    """A new user's greyscale copies of their unseen images, for an RGB model: the defense lost 16 pt of the target
-    class that its repair check, run on those images, did not see. Read as the model's channels, with one line that
-    says so; a colour folder holding a few colourless pictures (CIFAR-10's test split: 1 %) says nothing."""
-    from types import SimpleNamespace
-
-    from lightning_backdoor.cli import own_images
-
-    colour = SimpleNamespace(image_shape=(3, 8, 8), image_size=None, center_crop=None)
-    generator = torch.Generator().manual_seed(0)
-    for name, grey in (("greys", 3), ("mostly_colour", 1)):
-        for index in range(4):
-            pixels = torch.randint(0, 256, (8, 8, 3), dtype=torch.uint8, generator=generator)
-            if index < grey:
-                pixels = pixels[..., :1].expand(8, 8, 3).contiguous()
-            folder = tmp_path / name / ("a" if index % 2 else "b")
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels.numpy()).convert("L" if index < grey else "RGB").save(folder / f"{index}.png")
-        images = own_images(str(tmp_path / name), ("a", "b"), colour, "unseen")
-        assert images.images.shape == (4, 3, 8, 8)
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"data: --unseen_root {tmp_path / 'greys'}: 3 of 4 images are "
-                                                   f"greyscale, repeated into the model's 3 channels")

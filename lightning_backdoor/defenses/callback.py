@@ -19,8 +19,8 @@ from lightning_backdoor.defenses.adapt import as_pixels, defendable, existing_tr
 from lightning_backdoor.defenses.base import BackdoorKnowledge, Defense, UnseenData, defense_name
 from lightning_backdoor.defenses.estimate_first import EstimateFirst, without_knowledge
 from lightning_backdoor.defenses.outputs import write_outputs
-from lightning_backdoor.defenses.report import (DefenseReport, TestData, chance_line, estimation_line, near_chance,
-                                                 run_defense)
+from lightning_backdoor.defenses.report import (DefenseReport, TestData, chance_line, estimation_line,
+                                                greyscale_line, near_chance, run_defense)
 from lightning_backdoor.evaluation import evaluate
 from lightning_backdoor.io import first_line, state_digest
 from lightning_backdoor.models.input_transform import InputTransform
@@ -286,6 +286,7 @@ class DefenseCallback(L.Callback):
             test = self._test(datamodule, trigger, target, num_classes, effective)
             unseen = UnseenData(unseen.images.to(device), unseen.labels.to(device))
             warnings = self._check_accuracy(network, unseen, num_classes)
+            warnings += [line for line in (greyscale_line(unseen.images),) if line is not None]
             defense = self.defense if trigger_known else without_knowledge(self.defense)
             name = defense_name(defense.defense if isinstance(defense, EstimateFirst) else defense)
             if isinstance(defense, EstimateFirst):

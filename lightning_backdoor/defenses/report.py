@@ -247,6 +247,23 @@ def chance_line(accuracy: float, total: int, num_classes: int, what: str) -> str
     return f"right on {100 * accuracy:.0f} % of the {total} {what} images (chance {100 / num_classes:.0f} %)"
 
 
+def greyscale_line(images: Tensor) -> str | None:
+    """A warning when most of the unseen ``images`` (N, C, H, W), C > 1, are greyscale (every pixel's channels
+    equal: greyscale files repeated into the model's channels): a model trained on colour images may answer them
+    otherwise, and the repair's check, which runs on them, did not see a 16-pt loss of target-class accuracy on a
+    new user's colour test images. ``None`` otherwise (a colour folder holds a few colourless pictures: 1 % of
+    CIFAR-10's test split)."""
+    if images.shape[1] < 2 or len(images) == 0:
+        return None
+    grey = int(images.diff(dim=1).flatten(1).eq(0).all(1).sum())
+    if 2 * grey <= len(images):
+        return None
+    return (f"{grey} of the {len(images)} unseen images are greyscale, repeated into the model's {images.shape[1]} "
+            f"channels: a model trained on colour images may answer them otherwise, and the repair's check runs on "
+            f"them (a new user's lost 16 pt of target-class accuracy unseen); use colour images if you have them, "
+            f"and check target_acc")
+
+
 def class_order_line(confusion: Tensor) -> str | None:
     """A warning when, for two labels or more, the test images of the label are predicted as one *other* class
     more often than as their own, significantly so (one-sided sign test, p < :data:`CHANCE_P_VALUE`): the labels
