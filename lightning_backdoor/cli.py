@@ -90,7 +90,8 @@ def run_defend(args: list[str]) -> None:
         test_loader = float_loader(own_images(config.test_root, classes, cli.datamodule, "test"))
     callback = DefenseCallback(defense=defense, unseen_per_class=unseen_per_class, trigger_known=config.trigger_known,
                                unseen_dataloader=unseen_loader, test_dataloader=test_loader,
-                               accept_low_accuracy=config.accept_low_accuracy, test_trigger=names_a_trigger(config))
+                               accept_low_accuracy=config.accept_low_accuracy, test_trigger=names_a_trigger(config),
+                               class_names=classes)
     if not callback.test_trigger:
         print("defense: the data config names no trigger: the test images are evaluated clean, the true ASR is not "
               "measured", file=sys.stderr)

@@ -7,7 +7,7 @@ decodes each batch, or :func:`in_batches` slices of tensors held in memory); :fu
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -45,18 +45,21 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, triggered: Tensor
 
 
 def evaluate_batches(model: nn.Module, batches: Iterable[EvalBatch], num_classes: int, target_class: int | None,
-                     bf16: bool = False, confusion: bool = False) -> dict[str, Any]:
+                     bf16: bool = False, confusion: bool = False,
+                     inspect: Callable[[Tensor], None] | None = None) -> dict[str, Any]:
     """CA, ASR, ASR floor, RA, TA (fractions) and per-class accuracy over ``batches`` (:data:`EvalBatch`, read once,
     one at a time: memory held does not grow with the number of images). ASR, ASR floor and RA only when the
     batches carry the triggered half; TA only with a ``target_class``. ``confusion``: also ``confusion``, the clean
-    images' (K, K) counts as nested lists, rows the labels, columns the predictions.
+    images' (K, K) counts as nested lists, rows the labels, columns the predictions. ``inspect`` is called with
+    each batch's clean images as read (e.g. to look for images the defense was fitted on), before the model sees
+    them.
 
     ``bf16`` runs the forward passes under bfloat16 autocast with channels-last inputs, about twice as fast on a CPU
     with native bfloat16 (several times slower where it is emulated: :mod:`lightning_backdoor.precision`); a
     prediction whose two largest logits are within bf16's rounding can flip (on the CIFAR-10 models 0-0.1 % of
     the test images, docs/results/cifar10.md), so the default stays float32.
     """
-    values = _metrics(model, batches, num_classes, target_class, bf16, confusion)
+    values = _metrics(model, batches, num_classes, target_class, bf16, confusion, inspect)
     out: dict[str, Any] = {name: values[name].item() for name in METRIC_NAMES if name in values}
     out["per_class_acc"] = values["per_class_acc"].tolist()
     if confusion:
@@ -72,9 +75,10 @@ def clean_accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size:
 
 @torch.no_grad()
 def _metrics(model: nn.Module, batches: Iterable[EvalBatch], num_classes: int | None, target_class: int | None,
-             bf16: bool = False, confusion: bool = False) -> dict[str, Tensor]:
+             bf16: bool = False, confusion: bool = False, inspect: Callable[[Tensor], None] | None = None
+             ) -> dict[str, Tensor]:
     """:class:`BackdoorMetrics` over ``batches``, in eval mode; ``num_classes=None``: the width of the logits;
-    ``confusion``: also the clean images' confusion matrix (K, K)."""
+    ``confusion``: also the clean images' confusion matrix (K, K); ``inspect``: called with each batch's images."""
     # Local: under DDP only rank 0 defends and evaluates, so a synchronising compute would wait for the others.
     metrics = BackdoorMetrics(num_classes, target_class, sync_on_compute=False) if num_classes is not None else None
     matrix = None
@@ -84,6 +88,8 @@ def _metrics(model: nn.Module, batches: Iterable[EvalBatch], num_classes: int | 
     try:
         for images, labels, *attack in batches:
             triggered, attack_labels = attack if attack else (None, None)
+            if inspect is not None:
+                inspect(images)
             with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                 logits = model(_as_float(images, device, bf16)).float().cpu()
                 trig_logits = (model(_as_float(triggered, device, bf16)).float().cpu()

@@ -21,8 +21,8 @@ from lightning_backdoor import DefenseCallback
 from lightning_backdoor.dashboard import summary_rows
 from lightning_backdoor.defenses import ActivationEditing, DefenseResult, EstimateFirst, UnseenData
 from lightning_backdoor.defenses.estimation import BackdoorEstimate, TriggerEstimator
-from lightning_backdoor.defenses.report import (DefenseReport, backdoor_left, class_order_line, estimation_line,
-                                                greyscale_line, near_chance, trigger_inactive)
+from lightning_backdoor.defenses.report import (DefenseReport, SharedImages, backdoor_left, class_order_line,
+                                                estimation_line, greyscale_line, near_chance, trigger_inactive)
 from lightning_backdoor.defenses.report_plot import plot_report
 from lightning_backdoor.models.input_transform import InputTransform, input_transform_of
 from lightning_backdoor.triggers import BadNets, Trigger
@@ -217,6 +217,50 @@ def test_labels_in_another_order_than_the_models_are_said_to_be_so() -> None:
     few = torch.diag(torch.full((10,), 10))  # 10 images a class: 5 against 3 and 5 against 2 are not evidence
     few[3, 3], few[3, 5], few[5, 5], few[5, 3] = 3, 5, 2, 5
     assert class_order_line(few) is None
+    # with the labels' names (those that are not their index)
+    confusion[5, 5], confusion[5, 3] = 100, 225
+    names = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+    assert "label 3 (cat) as 5 (dog) (235 images, 110 as 3), label 5 (dog) as 3 (cat)" in class_order_line(confusion,
+                                                                                                          names)
+    assert "label 3 as 5 (235" in class_order_line(confusion, tuple(map(str, range(10))))
+
+
+def test_unseen_images_among_the_test_images_are_counted() -> None:
+    """A defender's own clean images taken from the test split: the defense is fitted on test images. Found by
+    their 8-bit pixels, whether given as uint8 or as floats (un-normalised floats carry rounding error); one pixel
+    off is another image."""
+    generator = torch.Generator().manual_seed(0)
+    test = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8, generator=generator)
+    unseen = torch.cat([test[[3, 17, 17]].float() / 255 + 1e-4, torch.rand(5, 3, 8, 8, generator=generator)])
+    shared = SharedImages(unseen)
+    for start in range(0, 50, 20):  # batch by batch, as the evaluation reads them
+        shared(test[start:start + 20])
+    assert shared.line() == (
+        "2 of the 7 distinct unseen images are also among the 50 test images (identical pixels): the defense was "
+        "fitted on test images, so the test figures after it are partly measured on its own data; take the unseen "
+        "images from outside the test split")
+    moved = test.clone()
+    moved[3, 0, 0, 0] ^= 1
+    moved[17, 2, 7, 7] ^= 1
+    fresh = SharedImages(unseen)
+    fresh(moved)
+    assert fresh.line() is None
+
+
+def test_a_defense_fitted_on_test_images_says_so_in_its_report(tmp_path: Path) -> None:
+    """End to end: the unseen loader holds 30 of the test loader's images; the report's warning counts them, and
+    a defense whose unseen images are the data module's own split warns of nothing of the kind."""
+    data = digits()
+    unseen, (images, labels) = data.unseen_set(), data.test_dataset().tensors[:2]
+    mixed = torch.cat([unseen.images[:70], images[:30]]), torch.cat([unseen.labels[:70], labels[:30]])
+    callback = DefenseCallback(defense=ActivationEditing(layer="fc"), unseen_dataloader=pixel_loader(*mixed))
+    callback.defend(trained(), data, [], tmp_path / "mixed")
+    warnings = json.loads(callback.report_path.read_text())["warnings"]
+    assert any(line.startswith(f"30 of the {len(set(SharedImages.digests(mixed[0])))} distinct unseen images are "
+                               f"also among the {len(labels)} test images") for line in warnings), warnings
+    own = DefenseCallback(defense=ActivationEditing(layer="fc"))
+    own.defend(trained(), data, [], tmp_path / "own")
+    assert not any("also among" in line for line in json.loads(own.report_path.read_text())["warnings"])
 
 
 @pytest.mark.parametrize("asr, floor", [(0.1893, 0.0504), (0.0800, 0.0211), (0.4999, 0.0211)])

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import dataclasses
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,8 @@ class DefenseCallback(L.Callback):
             defense); with ``normalize``.
         accept_low_accuracy: defend even when the model is near chance on the unseen images (otherwise refused:
             wrong preprocessing or class order is likelier than a backdoor).
+        class_names: the labels' names in label order, shown in the report's warnings (default: the data module's
+            ``classes``, when it has as many as the model has logits).
     """
 
     def __init__(self, defense: Defense | None = None, trigger: Trigger | None = None,
@@ -131,7 +134,8 @@ class DefenseCallback(L.Callback):
                  unseen_dataloader: DataLoader | None = None, test_dataloader: DataLoader | None = None,
                  output_dir: str | None = None, on_fit_end: bool = True, trigger_known: bool = True,
                  normalize: dict[str, list[float]] | None = None, input_size: int | None = None,
-                 accept_low_accuracy: bool = False, test_trigger: bool = True) -> None:
+                 accept_low_accuracy: bool = False, test_trigger: bool = True,
+                 class_names: Sequence[str] | None = None) -> None:
         if unseen_per_class is not None and (isinstance(unseen_per_class, bool) or not isinstance(unseen_per_class, int)
                                              or unseen_per_class < 0):
             raise ValueError(f"unseen_per_class={unseen_per_class!r} is negative or not an integer: give a count "
@@ -141,6 +145,7 @@ class DefenseCallback(L.Callback):
         self.unseen_dataloader, self.test_dataloader = unseen_dataloader, test_dataloader
         self.output_dir, self.run_on_fit_end, self.trigger_known = output_dir, on_fit_end, trigger_known
         self.accept_low_accuracy, self.test_trigger = accept_low_accuracy, test_trigger
+        self.class_names = tuple(class_names) if class_names is not None else None
         if not test_trigger and trigger_known:
             raise ValueError("test_trigger=False (no trigger known to act on the test images) needs trigger_known=false: "
                              "the defense cannot use a trigger it does not have")
@@ -284,6 +289,9 @@ class DefenseCallback(L.Callback):
         with defendable(network, self._transform_to_attach(network, unseen.images.shape[1])) as round_to_stored:
             num_classes = self._probe(network, unseen, datamodule, device)
             test = self._test(datamodule, trigger, target, num_classes, effective)
+            names = self.class_names if self.class_names is not None else getattr(datamodule, "classes", None)
+            if names is not None and len(names) == num_classes:
+                test = dataclasses.replace(test, classes=tuple(names))
             unseen = UnseenData(unseen.images.to(device), unseen.labels.to(device))
             warnings = self._check_accuracy(network, unseen, num_classes)
             warnings += [line for line in (greyscale_line(unseen.images),) if line is not None]

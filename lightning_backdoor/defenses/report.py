@@ -4,7 +4,8 @@ whose files ``lightning_backdoor.defenses.outputs`` writes."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,12 +46,14 @@ class TestData:
         num_images: N, the images in one pass.
         num_classes: K.
         target_class: the true target class (``None``: all-to-all or unknown; then no target-class accuracy).
+        classes: the K labels' names, in label order, for the warnings (``None``: labels by index only).
     """
 
     batches: Iterable[EvalBatch]
     num_images: int
     num_classes: int
     target_class: int | None = None
+    classes: Sequence[str] | None = None
 
     @classmethod
     def from_tensors(cls, images: Tensor, labels: Tensor, triggered: Tensor | None, attack_labels: Tensor | None,
@@ -264,7 +267,7 @@ def greyscale_line(images: Tensor) -> str | None:
             f"and check target_acc")
 
 
-def class_order_line(confusion: Tensor) -> str | None:
+def class_order_line(confusion: Tensor, classes: Sequence[str] | None = None) -> str | None:
     """A warning when, for two labels or more, the test images of the label are predicted as one *other* class
     more often than as their own, significantly so (one-sided sign test, p < :data:`CHANCE_P_VALUE`): the labels
     are then likely not in the model's class order (swapped class folders or names in ``--classes`` move two labels
@@ -272,7 +275,12 @@ def class_order_line(confusion: Tensor) -> str | None:
     (a new user's cat/dog swap: 56 % on 10 classes, the two classes at 20 and 22 %). ``confusion`` (K, K): counts,
     rows the labels, columns the predictions. ``None`` otherwise. On a handful of images a weak model's own
     confusion of two classes looks the same (measured on 10 unseen images a class of a 62 %-accurate model: cat
-    and dog predicted as each other more than as themselves in the right order too), so the test is what decides."""
+    and dog predicted as each other more than as themselves in the right order too), so the test is what decides.
+    ``classes``: the labels' names, shown beside their indices."""
+    def named(label: int) -> str:
+        name = classes[label] if classes is not None and len(classes) == len(confusion) else str(label)
+        return f"{label} ({name})" if name != str(label) else str(label)
+
     moved = []
     for label, row in enumerate(confusion.long()):
         own = int(row[label])
@@ -281,12 +289,48 @@ def class_order_line(confusion: Tensor) -> str | None:
         other = int(others.argmax())
         count = int(others[other])
         if count > own and binomial_tail(count, count + own, 0.5) < CHANCE_P_VALUE:  # a sign test
-            moved.append(f"label {label} as {other} ({count} images, {own} as {label})")
+            moved.append(f"label {named(label)} as {named(other)} ({count} images, {own} as {label})")
     if len(moved) < 2:
         return None
     return (f"test images are predicted as another class more often than as their own: {', '.join(moved)}; are the "
             f"class folders or names (--classes) in the model's label order? Every accuracy here is computed with "
             f"these labels")
+
+
+class SharedImages:
+    """Counts the unseen images that are also test images (identical 8-bit pixels), fed the test images batch by
+    batch (e.g. as ``evaluate_batches``' ``inspect``): a defense fitted on test images makes the test figures after
+    it partly measured on its own training data.
+
+    Args:
+        unseen: the unseen images (N, C, H, W), uint8 or float pixels in [0, 1] (rounded to 8 bits to compare).
+    """
+
+    def __init__(self, unseen: Tensor) -> None:
+        self.unseen = set(self.digests(unseen))
+        self.found: set[bytes] = set()
+        self.test_images = 0
+
+    @staticmethod
+    def digests(images: Tensor) -> list[bytes]:
+        """One 16-byte digest per image of (N, C, H, W) pixels, uint8 or float in [0, 1], of its 8-bit values."""
+        if images.dtype != torch.uint8:
+            images = images.detach().float().mul(255).round().clamp(0, 255).to(torch.uint8)
+        flat = images.cpu().contiguous().flatten(1).numpy()
+        return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in flat]
+
+    def __call__(self, test_images: Tensor) -> None:
+        self.test_images += len(test_images)
+        self.found.update(digest for digest in self.digests(test_images) if digest in self.unseen)
+
+    def line(self) -> str | None:
+        """The warning when any unseen image was among the test images, else ``None``."""
+        if not self.found:
+            return None
+        return (f"{len(self.found)} of the {len(self.unseen)} distinct unseen images are also among the "
+                f"{self.test_images} test images (identical pixels): the defense was fitted on test images, so the "
+                f"test figures after it are partly measured on its own data; take the unseen images from outside "
+                f"the test split")
 
 
 @torch.no_grad()
@@ -402,11 +446,14 @@ def run_defense(model: nn.Module, defense: Defense, unseen: UnseenData, knowledg
     estimated one. ``after_defense`` runs right after the defense, before the evaluation after it (e.g. rounding
     the weights to the dtype the model stores them in).
     """
-    def scores(network: nn.Module, confusion: bool = False) -> dict[str, Any]:
-        return evaluate_batches(network, test.batches, test.num_classes, test.target_class, confusion=confusion)
+    def scores(network: nn.Module, confusion: bool = False,
+               inspect: Callable[[Tensor], None] | None = None) -> dict[str, Any]:
+        return evaluate_batches(network, test.batches, test.num_classes, test.target_class, confusion=confusion,
+                                inspect=inspect)
 
-    before = scores(model, confusion=True)
-    order = class_order_line(torch.tensor(before.pop("confusion")))
+    shared = SharedImages(unseen.images)
+    before = scores(model, confusion=True, inspect=shared)
+    order = class_order_line(torch.tensor(before.pop("confusion")), test.classes)
     original = copy.deepcopy(model) if "asr" not in before else None  # no test trigger: the estimated one's ASR
     result = defense.defend(model, unseen, knowledge)
     if after_defense is not None:
@@ -418,8 +465,9 @@ def run_defense(model: nn.Module, defense: Defense, unseen: UnseenData, knowledg
         edited.load_state_dict(result.stages["after_edit"], strict=False)
     report = DefenseReport({"before": before, "after_edit": scores(edited) if edited is not model else after,
                             "after": after}, result, len(unseen.labels))
-    if order is not None:
-        report.warnings.append(order)
+    for line in (shared.line(), order):
+        if line is not None:
+            report.warnings.append(line)
     if report.true_asr_measured:
         report.der = defense_effectiveness_rating(before["asr"], after["asr"], before["clean_acc"], after["clean_acc"])
         for warning in (trigger_inactive(before, result.method),
