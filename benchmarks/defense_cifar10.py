@@ -3,8 +3,9 @@
 For every attack, unseen budget (images per class) and seed: draw the unseen images with that seed from the run's
 unseen split, defend a copy of the poisoned model, and evaluate on the test split. Also reports, for choosing
 settings without touching the test set, the same metrics on the *held-out* unseen images (the unseen split minus
-the ones the defense used); ``--selection`` evaluates on those alone and never loads the test set. Prints a
-markdown table of mean ± std and writes every row as JSON.
+the ones the defense used); ``--selection`` evaluates on those alone and never loads the test set. Every
+evaluation also measures the ASR of the trigger's mirror image (``mirrored_asr``: models trained with random flips
+learn it). Prints a markdown table of mean ± std and writes every row as JSON.
 
     python benchmarks/defense_cifar10.py --attacks badnets blended --budgets 1 5 10 --seeds 0 1 2
 """
@@ -25,6 +26,7 @@ from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, Un
 from lightning_backdoor.evaluation import evaluate
 from lightning_backdoor.io import atomic_json
 from lightning_backdoor.runs import instantiate_run
+from lightning_backdoor.triggers import Mirrored
 
 
 def forward_floor_seconds(model: torch.nn.Module, images: torch.Tensor, triggered: torch.Tensor) -> float:
@@ -47,9 +49,18 @@ def run(args: argparse.Namespace) -> list[dict]:
         module, data = instantiate_run(configs, Path(args.runs) / args.run_name.format(attack) / "checkpoints" / "poisoned.ckpt",
                                        overrides or None)
         network = module.net.float().eval()
+        mirrored = Mirrored(data.trigger)
+
+        def scores(model: torch.nn.Module, split: tuple[torch.Tensor, ...]) -> dict:
+            """The metrics on ``split`` (images, labels, triggered images, attack labels) and the mirror image's
+            ASR on the same images."""
+            values = evaluate(model, *split, data.num_classes, data.target_class, bf16=args.bf16)
+            mirror_split = (split[0], split[1], apply_trigger(mirrored, split[0]), split[3])
+            return values | {"mirrored_asr": evaluate(model, *mirror_split, data.num_classes, data.target_class,
+                                                      bf16=args.bf16)["asr"]}
+
         test = None if args.selection else data.test_dataset().tensors
-        test_before = None if args.selection else evaluate(network, *test, data.num_classes, data.target_class,
-                                                            bf16=args.bf16)
+        test_before = None if args.selection else scores(network, test)
         for budget in args.budgets:
             for seed in args.seeds:
                 unseen = data.unseen_set(budget, seed)
@@ -59,22 +70,21 @@ def run(args: argparse.Namespace) -> list[dict]:
                 defense = ActivationEditing(layer=args.layer, method=args.method, strength=args.strength or None,
                                             rank=args.rank, min_images=args.min_images, repair=not args.no_repair,
                                             spatial_weight=args.spatial_weight, seed=seed,
-                                            batchnorm_prior=args.batchnorm_prior)
+                                            batchnorm_prior=args.batchnorm_prior, mirror=args.mirror)
                 torch.manual_seed(seed)
                 result = defense.defend(model, UnseenData(images, unseen.labels),
                                         BackdoorKnowledge.of(data.trigger, data.target_class))
                 floor = forward_floor_seconds(network, images, data.trigger(images))
                 held = (held_out.images, held_out.labels, apply_trigger(data.trigger, held_out.images),
                         data.attack_labels(held_out.labels))
-                validation = evaluate(model, *held, data.num_classes, data.target_class, bf16=args.bf16)
-                before = (evaluate(network, *held, data.num_classes, data.target_class, bf16=args.bf16)
-                          if args.selection else test_before)
-                after = (validation if args.selection
-                         else evaluate(model, *test, data.num_classes, data.target_class, bf16=args.bf16))
+                validation = scores(model, held)
+                before = scores(network, held) if args.selection else test_before
+                after = validation if args.selection else scores(model, test)
                 rows.append({"attack": attack, "budget": budget, "seed": seed, "layer": result.layer,
                              "strength": result.details["strength"],
                              "prior_weight": result.details.get("batchnorm_prior", {}).get("weight", 0.0),
                              "views": result.details["views"],
+                             "mirrored_triggers": result.details.get("mirrored_triggers"),
                              "repaired": result.repaired, "seconds": result.seconds, "forward_floor": floor,
                              "before": before, "after": after, "held_out_unseen": validation,
                              "settings": vars(args) | {"seeds": None}})
@@ -83,6 +93,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                       f"repaired={result.repaired} {result.seconds:.2f}s  "
                       f"CA {before['clean_acc']:.4f}->{after['clean_acc']:.4f} "
                       f"ASR {before['asr']:.4f}->{after['asr']:.4f} (floor {after['asr_floor']:.4f}) "
+                      f"mirrored ASR {before['mirrored_asr']:.4f}->{after['mirrored_asr']:.4f} "
                       f"TA {before['target_acc']:.4f}->{after['target_acc']:.4f} | held-out U: "
                       f"ASR {validation['asr']:.4f} CA {validation['clean_acc']:.4f}", flush=True)
     return rows
@@ -95,8 +106,9 @@ def table(rows: list[dict]) -> str:
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
 
-    lines = ["| attack | unseen/class | CA before | CA after | ASR before | ASR after | ASR floor | RA after | "
-             "TA before | TA after | repaired | defense s | 2 fwd passes s | ratio |", "|" + " --- |" * 14]
+    lines = ["| attack | unseen/class | CA before | CA after | ASR before | ASR after | ASR floor | mirrored ASR before "
+             "| mirrored ASR after | RA after | TA before | TA after | repaired | defense s | 2 fwd passes s | ratio |",
+             "|" + " --- |" * 16]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["attack"], row["budget"]), []).append(row)
@@ -104,7 +116,8 @@ def table(rows: list[dict]) -> str:
         pick = lambda stage, name: [row[stage][name] for row in group]  # noqa: E731
         lines.append(f"| {attack} | {budget} | {cell(pick('before', 'clean_acc'))} | {cell(pick('after', 'clean_acc'))} "
                      f"| {cell(pick('before', 'asr'))} | {cell(pick('after', 'asr'))} | "
-                     f"{cell(pick('after', 'asr_floor'))} | {cell(pick('after', 'robust_acc'))} | "
+                     f"{cell(pick('after', 'asr_floor'))} | {cell(pick('before', 'mirrored_asr'))} | "
+                     f"{cell(pick('after', 'mirrored_asr'))} | {cell(pick('after', 'robust_acc'))} | "
                      f"{cell(pick('before', 'target_acc'))} | {cell(pick('after', 'target_acc'))} | "
                      f"{sum(r['repaired'] for r in group)}/{len(group)} | "
                      f"{cell([r['seconds'] for r in group], 1, 3)} | {cell([r['forward_floor'] for r in group], 1, 3)} "
@@ -125,6 +138,8 @@ def main() -> None:
     parser.add_argument("--min_images", type=int, default=ActivationEditing().min_images)
     parser.add_argument("--spatial_weight", default="uniform", choices=["uniform", "mask"])
     parser.add_argument("--no_repair", action="store_true")
+    parser.add_argument("--mirror", type=lambda text: {"auto": None, "true": True, "false": False}[text], default=None,
+                        help="auto (default: the mirrored trigger when it works on U), true or false")
     parser.add_argument("--batchnorm_prior", type=lambda text: None if text == "auto" else float(text), default=0.0,
                         help="weight of the BatchNorm prior in the preserved key moment (0: Ledoit-Wolf, the default; "
                              "auto: chosen by cross-validation on the unseen split)")

@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_backdoor.defenses.report import METRIC_TITLES, STAGE_TITLES, DefenseReport
+from lightning_backdoor.defenses.report import EXTRA_METRICS, METRIC_TITLES, STAGE_TITLES, DefenseReport
 from lightning_backdoor.evaluation import METRIC_NAMES
 from lightning_backdoor.triggers import Trigger
 
@@ -166,10 +166,10 @@ def log_samples(loggers: list[WandbLogger], datamodule: Any, num_images: int) ->
 # --- the defense report ------------------------------------------------------------------------------------------
 
 def summary_metrics(report: Mapping[str, Any]) -> tuple[str, ...]:
-    """``METRIC_NAMES``, plus ``estimated_asr`` when the report holds it (the trigger unknown and the true ASR not
-    measurable: the estimated trigger's success)."""
-    estimated = any("estimated_asr" in report[stage] for stage in STAGES if stage in report)
-    return (*METRIC_NAMES, "estimated_asr") if estimated else METRIC_NAMES
+    """``METRIC_NAMES``, plus those of ``EXTRA_METRICS`` the report holds (the mirrored trigger's ASR; the estimated
+    trigger's success when the trigger was unknown and the true ASR not measurable)."""
+    extras = [name for name in EXTRA_METRICS if any(name in report[stage] for stage in STAGES if stage in report)]
+    return (*METRIC_NAMES, *extras)
 
 
 def summary_rows(report: Mapping[str, Any]) -> list[list[Any]]:
@@ -183,9 +183,9 @@ def summary_rows(report: Mapping[str, Any]) -> list[list[Any]]:
 
 
 def defense_tables(report: Mapping[str, Any], class_names: list[str] | None = None) -> dict[str, Any]:
-    """``defense/summary`` (CA, ASR, ASR floor, RA, TA, and the estimated trigger's ASR when measured, in % per
-    stage), ``defense/chart`` (the same as bars) and ``defense/per_class_acc`` (per-class accuracy in % per stage),
-    as W&B objects."""
+    """``defense/summary`` (CA, ASR, ASR floor, RA, TA, and the mirrored and estimated triggers' ASR when measured,
+    in % per stage), ``defense/chart`` (the same as bars) and ``defense/per_class_acc`` (per-class accuracy in % per
+    stage), as W&B objects."""
     import wandb
 
     columns = ["stage"] + [METRIC_TITLES[name] for name in summary_metrics(report)]

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_backdoor import PoisonedDataModule
+from lightning_backdoor.data.augment import random_flip
 from lightning_backdoor.metrics import BackdoorMetrics
 from lightning_backdoor.triggers import BadNets
 
@@ -107,10 +108,12 @@ class CountSteps(L.Callback):
 
 
 @functools.cache
-def backdoored_state(normalised: bool = False) -> dict[str, Tensor]:
+def backdoored_state(normalised: bool = False, flips: bool = False) -> dict[str, Tensor]:
     """The weights of a :class:`UserClassifier` trained 12 epochs on poisoned ``digits`` (pixels, or normalised
-    batches), in a plain loop (no augmentation: a Trainer's per-step overhead would dominate); trained once per test
-    process. The backdoor takes (ASR 97 % on the 300 test images) and clean accuracy reaches 93 %."""
+    batches), in a plain loop (a Trainer's per-step overhead would dominate); trained once per test process. The
+    backdoor takes (ASR 97 % on the 300 test images) and clean accuracy reaches 93 %. No augmentation, or with
+    ``flips`` random horizontal flips of the poisoned batches (as CIFAR-10 training does): the model then learns the
+    trigger's mirror image too."""
     torch.manual_seed(0)
     model = UserClassifier()
     data = digits(NormalisingDigits if normalised else PoisonedDataModule)
@@ -119,6 +122,8 @@ def backdoored_state(normalised: bool = False) -> dict[str, Tensor]:
     for _ in range(12):
         for batch in data.train_dataloader():
             images, labels = data.on_after_batch_transfer(list(batch), 0)
+            if flips:
+                images = random_flip(images)
             loss = F.cross_entropy(model.logits(images), labels)
             optimizer.zero_grad()
             loss.backward()
@@ -126,10 +131,11 @@ def backdoored_state(normalised: bool = False) -> dict[str, Tensor]:
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
 
 
-def trained(output: str = "tensor", normalised: bool = False) -> UserClassifier:
-    """A backdoored :class:`UserClassifier` returning ``output``, with ``lr=0`` (a fit leaves its weights alone)."""
+def trained(output: str = "tensor", normalised: bool = False, flips: bool = False) -> UserClassifier:
+    """A backdoored :class:`UserClassifier` returning ``output``, with ``lr=0`` (a fit leaves its weights alone);
+    ``flips``: trained with random horizontal flips."""
     model = UserClassifier(output=output, lr=0.0)
-    model.load_state_dict(backdoored_state(normalised), strict=False)
+    model.load_state_dict(backdoored_state(normalised, flips), strict=False)
     return model
 
 

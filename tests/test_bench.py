@@ -50,6 +50,10 @@ def test_bench_trains_once_then_resumes_from_its_cache(tmp_path):
     for name in ("results.md", "results.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     assert "| badnets | 2 | 20 | editing |" in (tmp_path / "out" / "results.md").read_text()
+    # the trigger's mirror image (a model trained with flips learns it) is measured before and after each defense
+    assert all(0 <= float(row["mirrored_asr"]) <= 1 and 0 <= float(row["mirrored_asr_before"]) <= 1
+               for row in rows(tmp_path))
+    assert "| ASR floor % | mirrored ASR % |" in (tmp_path / "out" / "results.md").read_text()
     assert list((tmp_path / "out" / "wandb").glob("offline-run-*"))
     # a second bench with one more seed: no training, only the new seed's two runs are added
     logged = []

@@ -107,6 +107,11 @@ def test_summary_rows_are_percent_per_stage():
     rows = summary_rows(small_report().to_json())
     assert [row[0] for row in rows] == ["before", "after edit", "after repair"]
     assert rows[0][1:] == [98.0, 50.0, 1.0, 40.0, 100.0]
+    mirrored = small_report().to_json()
+    for stage, value in (("before", 0.45), ("after_edit", 0.02), ("after", 0.02)):
+        mirrored[stage] = mirrored[stage] | {"mirrored_asr": value}
+    assert [row[1:] for row in summary_rows(mirrored)] == [[98.0, 50.0, 1.0, 40.0, 100.0, 45.0]] + 2 * [
+        [98.0, 1.0, 1.0, 97.0, 100.0, 2.0]]  # a column more, where measured
 
 
 def test_quickstart_run_logs_samples_trigger_tables_and_artifacts(quickstart_run):

@@ -291,7 +291,7 @@ def test_the_defense_solves_in_the_span_of_the_keys_only_where_they_are_fewer_th
         monkeypatch.setattr(activation_editing, "KEY_SPACE_RATIO", ratio)
         for layer in ("3", "0"):
             copy_ = copy.deepcopy(model)
-            result = ActivationEditing(layer=layer, repair_tolerance=-1.0).defend(copy_, unseen, knowledge)
+            result = ActivationEditing(layer=layer, repair_tolerance=-1.0, mirror=False).defend(copy_, unseen, knowledge)
             edited[ratio, layer] = get_layer(copy_, layer).weight.detach()
             system = result.details["system"]
             if ratio and layer == "3":  # 40 images: 30 triggered, 40 clean, 10 target keys against 512 values
@@ -384,10 +384,12 @@ def test_a_prior_is_left_out_or_its_layer_refused_where_its_moments_would_not_fi
                           nn.Linear(8 * 64, 6), nn.ReLU(), nn.Linear(6, 4)).eval()
     unseen = UnseenData(torch.rand(40, 3, 8, 8), torch.arange(40) % 4)
     knowledge = BackdoorKnowledge.of(BadNets(size=2), 0)
-    chosen = ActivationEditing(layer="4", batchnorm_prior=None).defend(copy.deepcopy(model), unseen, knowledge)
+    chosen = ActivationEditing(layer="4", batchnorm_prior=None, mirror=False).defend(copy.deepcopy(model), unseen,
+                                                                                    knowledge)
     assert chosen.details["system"]["form"] == "moments" and "4" in chosen.details["batchnorm_prior"]["norms"]
     monkeypatch.setattr(activation_editing, "available_memory", lambda: 1_000_000)  # 512 x 512 moments: 12.6 MB
-    tight = ActivationEditing(layer="4", batchnorm_prior=None).defend(copy.deepcopy(model), unseen, knowledge)
+    tight = ActivationEditing(layer="4", batchnorm_prior=None, mirror=False).defend(copy.deepcopy(model), unseen,
+                                                                                   knowledge)
     assert tight.details["system"] == {"form": "key_space", "size": 80}
     assert tight.details["batchnorm_prior"]["weight"] == 0 and tight.details["batchnorm_prior"]["norms"] == {}
     # a fixed weight: the named layer's moments do not fit, so it is refused in one line before its d x d prior is

@@ -448,7 +448,7 @@ class DefenseCallback(L.Callback):
             loader = datamodule.test_dataloader()
             if trigger is None:  # the data module's triggered half is none of this model's business
                 return TestData(CleanHalf(loader), len(loader.dataset), num_classes, target)  # type: ignore[arg-type]
-            return TestData.from_loader(loader, num_classes, target)
+            return TestData.from_loader(loader, num_classes, target, getattr(datamodule, "trigger", None))
         loader = self.test_dataloader if self.test_dataloader is not None else datamodule.test_dataloader()
         images, labels = _collect(loader)
         pixels, undone = as_pixels(images, transform, "test")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from lightning_backdoor.defenses.base import BackdoorKnowledge, Defense, Defense
 from lightning_backdoor.evaluation import EVAL_BATCH_SIZE, EvalBatch, evaluate_batches, in_batches
 from lightning_backdoor.metrics import AttackSuccessRate, defense_effectiveness_rating
 from lightning_backdoor.provenance import environment
-from lightning_backdoor.triggers import Trigger
+from lightning_backdoor.triggers import Mirrored, Trigger, acts_on_pixels
 
 #: A model whose accuracy is this likely (or likelier) under guessing is not told apart from chance.
 CHANCE_P_VALUE = 0.01
@@ -30,7 +30,10 @@ CHANCE_MARGIN = 0.1
 STAGE_TITLES = {"before": "before", "after_edit": "after edit", "after": "after repair"}
 #: Titles of the report's metrics in tables and plots.
 METRIC_TITLES = {"clean_acc": "CA", "asr": "ASR", "asr_floor": "ASR floor", "robust_acc": "RA", "target_acc": "TA",
-                 "estimated_asr": "estimated trigger's ASR"}
+                 "mirrored_asr": "mirrored ASR", "estimated_asr": "estimated trigger's ASR"}
+#: Stage metrics besides ``METRIC_NAMES``, each where it was measured: the test trigger's mirror image's ASR, and the
+#: estimated trigger's when the true ASR could not be measured.
+EXTRA_METRICS = ("mirrored_asr", "estimated_asr")
 
 
 @dataclass
@@ -47,6 +50,8 @@ class TestData:
         num_classes: K.
         target_class: the true target class (``None``: all-to-all or unknown; then no target-class accuracy).
         classes: the K labels' names, in label order, for the warnings (``None``: labels by index only).
+        trigger: the trigger the triggered half carries, when known: the ASR of its mirror image is measured too
+            (``mirrored_asr``; a model trained with random flips learns it, see ``triggers.Mirrored``).
     """
 
     batches: Iterable[EvalBatch]
@@ -54,6 +59,7 @@ class TestData:
     num_classes: int
     target_class: int | None = None
     classes: Sequence[str] | None = None
+    trigger: Trigger | None = None
 
     @classmethod
     def from_tensors(cls, images: Tensor, labels: Tensor, triggered: Tensor | None, attack_labels: Tensor | None,
@@ -72,14 +78,16 @@ class TestData:
         if trigger is None or target_class is None:
             return cls.from_tensors(images, labels, None, None, num_classes, target_class)
         floats = images.float() / 255 if images.dtype == torch.uint8 else images
-        return cls.from_tensors(images, labels, trigger(floats),
-                                make_attack_labels(labels, target_class, False, num_classes), num_classes, target_class)
+        return replace(cls.from_tensors(images, labels, trigger(floats),
+                                        make_attack_labels(labels, target_class, False, num_classes), num_classes,
+                                        target_class), trigger=trigger)
 
     @classmethod
-    def from_loader(cls, loader: DataLoader, num_classes: int, target_class: int | None) -> TestData:
+    def from_loader(cls, loader: DataLoader, num_classes: int, target_class: int | None,
+                    trigger: Trigger | None = None) -> TestData:
         """A DataLoader over a sized dataset yielding the batches described above (e.g. ``PoisonedDataModule``'s
-        ``test_dataloader()``, which decodes each batch when streaming)."""
-        return cls(loader, len(loader.dataset), num_classes, target_class)  # type: ignore[arg-type]
+        ``test_dataloader()``, which decodes each batch when streaming), and the trigger of its triggered half."""
+        return cls(loader, len(loader.dataset), num_classes, target_class, trigger=trigger)  # type: ignore[arg-type]
 
 
 def near_chance(correct: int, total: int, num_classes: int) -> bool:
@@ -147,6 +155,31 @@ def backdoor_left(before: dict[str, float], after: dict[str, float], details: di
                "trigger known if you have it") if details.get("trigger_known") is False else ""
     return (f"the backdoor is reduced, not removed: ASR {100 * after['asr']:.1f} % is {100 * left:.1f} pt above its "
             f"floor ({100 * after['asr_floor']:.1f} %) on the test images; {advice} may remove more{unknown}")
+
+
+def mirror_left(after: dict[str, float], details: dict[str, Any] | None = None) -> str | None:
+    """A warning when the test trigger's mirror image still succeeds after the defense (more than
+    :data:`ASR_LEFT_WARNING` above the floor): the model learnt it from training with random flips, and an attacker
+    can use it as well as the trigger. The advice depends on whether the edit included it (``details``'
+    ``mirrored_triggers``). ``None`` otherwise, or when it was not measured."""
+    if "mirrored_asr" not in after or "asr_floor" not in after:
+        return None
+    left, floor = after["mirrored_asr"], after["asr_floor"]
+    if left <= floor + ASR_LEFT_WARNING:
+        return None
+    line = (f"the test trigger's mirror image (flipped left-right) still succeeds on {100 * left:.1f} % of the test "
+            f"images after the defense (floor {100 * floor:.1f} %): a model trained with random flips learns it too, "
+            f"and an attacker can use it; ")
+    facts = (details or {}).get("mirrored_triggers", [])
+    if any(fact["included"] for fact in facts):
+        return line + "the edit mapped it to clean values too, and reduced it only: more unseen images may remove more"
+    if facts:
+        measured = ", ".join(f"{100 * fact['success_on_unseen']:.0f} %" for fact in facts
+                             if fact["success_on_unseen"] is not None)
+        return line + (f"it was left out of the edit, as it worked on {measured} of the unseen images only (below "
+                       f"50 %): edit with mirror: true")
+    return line + "edit with mirror: true (ActivationEditing; its default, null, adds it when it works on the " \
+                  "unseen images)"
 
 
 def trigger_inactive(before: dict[str, float], method: str = "editing") -> str | None:
@@ -420,7 +453,8 @@ class DefenseReport:
 
     def summary_line(self) -> str:
         """``ASR a -> b (floor f), CA c -> d, TA e -> g`` (fractions; f: the defended model's ASR floor, what b is to
-        be read against; TA where the target class is known); without a test trigger, the estimated trigger's ASR
+        be read against; the mirrored trigger's ASR after the floor where measured; TA where the target class is
+        known); without a test trigger, the estimated trigger's ASR
         and a note that the true ASR was not measured."""
         before, after = self.before, self.after
         clean = f"CA {before['clean_acc']:.4f} -> {after['clean_acc']:.4f}"
@@ -428,12 +462,30 @@ class DefenseReport:
             clean += f", TA {before['target_acc']:.4f} -> {after['target_acc']:.4f}"
         if self.true_asr_measured:
             floor = f" (floor {after['asr_floor']:.4f})" if "asr_floor" in after else ""
-            return f"ASR {before['asr']:.4f} -> {after['asr']:.4f}{floor}, {clean}"
+            mirrored = (f", mirrored ASR {before['mirrored_asr']:.4f} -> {after['mirrored_asr']:.4f}"
+                        if "mirrored_asr" in before and "mirrored_asr" in after else "")
+            return f"ASR {before['asr']:.4f} -> {after['asr']:.4f}{floor}{mirrored}, {clean}"
         if "estimated_asr" in before:
             return (f"true ASR not measured (no trigger for the test images); estimated trigger toward class "
                     f"{self.estimated_target}: ASR {before['estimated_asr']:.4f} -> {after['estimated_asr']:.4f}, "
                     f"{clean}")
         return f"true ASR not measured (no trigger for the test images; none estimated), {clean}"
+
+
+def _mirror_to_measure(test: TestData) -> Trigger | None:
+    """The test trigger's mirror image, when the batches carry the triggered half (the true ASR is measured) toward
+    one target, with a trigger that acts on pixels and is not its own mirror image (compared on the first test
+    images); else ``None``."""
+    trigger = test.trigger
+    if trigger is None or test.target_class is None or not acts_on_pixels(trigger):
+        return None
+    first = next(iter(test.batches))
+    if len(first) < 4:
+        return None
+    images = first[0][:2]
+    images = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    mirrored = Mirrored(trigger)
+    return None if torch.equal(mirrored(images), trigger(images)) else mirrored
 
 
 def run_defense(model: nn.Module, defense: Defense, unseen: UnseenData, knowledge: BackdoorKnowledge | None,
@@ -443,13 +495,19 @@ def run_defense(model: nn.Module, defense: Defense, unseen: UnseenData, knowledg
 
     Without a test trigger (no triggered half in ``test.batches``) the true ASR cannot be measured: each stage then
     holds ``estimated_asr``, the success of the trigger the defense *estimated* toward its estimated target, when it
-    estimated one. ``after_defense`` runs right after the defense, before the evaluation after it (e.g. rounding
-    the weights to the dtype the model stores them in).
+    estimated one. With the test trigger known (``test.trigger``), each stage also holds ``mirrored_asr``, its
+    mirror image's ASR (a model trained with random flips learns it too). ``after_defense`` runs right after the
+    defense, before the evaluation after it (e.g. rounding the weights to the dtype the model stores them in).
     """
+    mirror = _mirror_to_measure(test)
+
     def scores(network: nn.Module, confusion: bool = False,
                inspect: Callable[[Tensor], None] | None = None) -> dict[str, Any]:
-        return evaluate_batches(network, test.batches, test.num_classes, test.target_class, confusion=confusion,
-                                inspect=inspect)
+        values = evaluate_batches(network, test.batches, test.num_classes, test.target_class, confusion=confusion,
+                                  inspect=inspect)
+        if mirror is not None:
+            values["mirrored_asr"] = trigger_success_rate(network, mirror, test.target_class, test.batches)
+        return values
 
     shared = SharedImages(unseen.images)
     before = scores(model, confusion=True, inspect=shared)
@@ -471,7 +529,8 @@ def run_defense(model: nn.Module, defense: Defense, unseen: UnseenData, knowledg
     if report.true_asr_measured:
         report.der = defense_effectiveness_rating(before["asr"], after["asr"], before["clean_acc"], after["clean_acc"])
         for warning in (trigger_inactive(before, result.method),
-                        backdoor_left(before, after, result.details, result.method)):
+                        backdoor_left(before, after, result.details, result.method),
+                        mirror_left(after, result.details)):
             if warning is not None:
                 report.warnings.append(warning)
     elif result.method.endswith("/no_backdoor_found"):

@@ -8,11 +8,12 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from lightning_backdoor.defenses.report import METRIC_TITLES, STAGE_TITLES
+from lightning_backdoor.defenses.report import EXTRA_METRICS, METRIC_TITLES, STAGE_TITLES
 from lightning_backdoor.evaluation import METRIC_NAMES
 
-#: Plotted when present: the report's metrics, then the estimated trigger's success (the true ASR unmeasured).
-PLOTTED = (*METRIC_NAMES, "estimated_asr")
+#: Plotted when present: the report's metrics, then the mirrored trigger's ASR and the estimated trigger's success
+#: (the true ASR unmeasured).
+PLOTTED = (*METRIC_NAMES, *EXTRA_METRICS)
 COLOURS = {"before": "#c0392b", "after_edit": "#f0ad4e", "after": "#2e86c1"}
 
 

@@ -206,6 +206,12 @@ class PreparedTrigger(Trigger):
         return self._prepared[name]
 
 
+def acts_on_pixels(trigger: Trigger) -> bool:
+    """Whether ``trigger`` acts on the images in :meth:`~Trigger.apply`, not through a hook inside the model (a
+    feature-space trigger, estimated at a layer, overrides :meth:`~Trigger.attached`)."""
+    return type(trigger).attached is Trigger.attached
+
+
 def build_trigger(name: str, **kwargs: object) -> Trigger:
     """Instantiate a registered trigger by name, e.g. ``build_trigger("badnets", size=3)``.
 
