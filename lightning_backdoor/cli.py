@@ -70,7 +70,10 @@ def run_defend(args: list[str]) -> None:
     given = [arg for arg in args if arg.startswith("--defense")]
     replaced = {}
     if configured is None or given:
-        defense, unseen_per_class = cli.config_init.defense, config.unseen_per_class
+        defense = cli.config_init.defense
+        # the budget is the run's, whatever the defense: --defense options do not reset it to the data's whole split
+        unseen_per_class = (config.unseen_per_class if config.unseen_per_class is not None or configured is None
+                            else configured.unseen_per_class)
         if configured is not None:  # the settings of the config's defense that the options do not repeat
             replaced = {name: pair for name, pair in replaced_settings(configured.defense, defense).items()
                         if not any(re.search(rf"[.-]{name}\b", arg) for arg in given)}
@@ -154,7 +157,9 @@ def first_per_class(images: ImageSet, count: int | None, folder: str) -> ImageSe
     for label, name in enumerate(images.classes):
         members = torch.nonzero(images.labels == label).flatten()
         if len(members) < count:
-            raise ValueError(f"asked for {count} unseen images per class but {folder}/{name} holds {len(members)}")
+            raise ValueError(f"asked for {count} unseen images per class (--unseen_per_class, else the config's "
+                             f"DefenseCallback) but {folder}/{name} holds {len(members)}: pass --unseen_per_class "
+                             f"{len(members)} or fewer, or add images")
         kept.append(members[:count])
     return images.subset(torch.cat(kept))
 

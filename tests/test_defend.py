@@ -85,3 +85,23 @@ def test_defense_options_name_the_config_settings_they_drop(quickstart_run, tmp_
     defend(f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'both'}", "--defense.init_args.layer=head",
            "--defense.init_args.strength=null")
     assert "not repeated" not in capsys.readouterr().err
+
+
+def test_defense_options_keep_the_configs_unseen_budget(quickstart_run, tmp_path):
+    """A config whose DefenseCallback uses 5 of the data's 10 unseen images per class: ``--defense…`` options build
+    another defense but keep that budget (a new user's mirror on/off comparison ran on 100 and then 500 images)."""
+    import yaml
+
+    config = yaml.safe_load((quickstart_run / "config.yaml").read_text())
+    callback = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("DefenseCallback"))
+    callback.setdefault("init_args", {})["unseen_per_class"] = 5
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    checkpoint = quickstart_run / "checkpoints" / "poisoned.ckpt"
+    for name, options in (("config", []), ("options", ["--defense.init_args.mirror=false"]),
+                          ("given", ["--defense.init_args.mirror=false", "--unseen_per_class=3"])):
+        main(["defend", "--config", str(path), "--trainer.logger=false", f"--checkpoint={checkpoint}",
+              f"--output_dir={tmp_path / name}", *options])
+    reports = {name: json.loads((tmp_path / name / "defense_report.json").read_text()) for name in
+               ("config", "options", "given")}
+    assert [reports[name]["defense"]["num_unseen"] for name in ("config", "options", "given")] == [50, 50, 30]

@@ -107,7 +107,8 @@ REFUSALS = [
     ("classes_of_another_length", ["--unseen_root={unseen}", "--classes=[a, b, c]"],
      "--classes lists 3 classes but the model has 10; list its class names in label order"),
     ("more_per_class_than_the_folder_holds", ["--unseen_root={unseen}", "--unseen_per_class=3"],
-     "asked for 3 unseen images per class but {unseen}/0 holds 2"),
+     "asked for 3 unseen images per class (--unseen_per_class, else the config's DefenseCallback) but {unseen}/0 "
+     "holds 2: pass --unseen_per_class 2 or fewer, or add images"),
     ("test_folder_missing", ["--test_root={tmp}/nowhere"],
      "data folder {tmp}/nowhere does not exist; expected {tmp}/nowhere/<class>/<image files>"),
 ]

@@ -46,6 +46,7 @@ def test_the_edit_removes_the_mirror_image_a_model_trained_with_flips_learnt(tmp
     assert before["asr"] >= 0.8 and before["mirrored_asr"] >= 0.8, before  # both learnt
     facts = report["defense"]["mirrored_triggers"]
     assert len(facts) == 1 and facts[0]["included"] and facts[0]["success_on_unseen"] >= 0.5, facts
+    assert facts[0]["trigger"] == 0  # the index of the trigger it mirrors
     for name in ("asr", "mirrored_asr"):
         assert after[name] <= after["asr_floor"] + 0.1, after
     alone = defended(tmp_path, flips=True, mirror=False)
@@ -55,9 +56,10 @@ def test_the_edit_removes_the_mirror_image_a_model_trained_with_flips_learnt(tmp
     assert "mirrored_triggers" not in alone["defense"]
     warning = next(line for line in alone["warnings"] if "mirror image" in line)
     assert warning.startswith(f"the test trigger's mirror image (flipped left-right) still succeeds on "
-                              f"{100 * alone['after']['mirrored_asr']:.1f} % of the test images after the defense")
-    assert warning.endswith("edit with mirror: true (ActivationEditing; its default, null, adds it when it works on "
-                            "the unseen images)")
+                              f"{100 * alone['after']['mirrored_asr']:.1f} % of the test images not of the target class "
+                              f"after the defense")
+    assert warning.endswith("edit with mirror: true (ActivationEditing; defend: --defense.mirror true; its default, "
+                            "null, adds it when it works on the unseen images)")
 
 
 def test_a_mirror_image_the_model_did_not_learn_is_measured_and_left_out(tmp_path: Path) -> None:
@@ -78,6 +80,6 @@ def test_the_warning_says_whether_the_edit_included_the_mirror_image() -> None:
                                                  "unseen images may remove more")
     left_out = {"mirrored_triggers": [{"success_on_unseen": 0.3, "included": False}]}
     assert mirror_left(after, left_out).endswith("it was left out of the edit, as it worked on 30 % of the unseen "
-                                                 "images only (below 50 %): edit with mirror: true")
+                                                 "images only (below 50 %): edit with mirror: true (defend: --defense.mirror true)")
     assert mirror_left({"mirrored_asr": 0.06, "asr_floor": 0.02}, included) is None  # within 5 pt of the floor
     assert mirror_left({"asr_floor": 0.02}) is None  # not measured

@@ -678,13 +678,13 @@ class ActivationEditing(Defense):
     def _with_mirrors(self, model: nn.Module, triggers: list[Trigger], unseen: UnseenData, target_class: int
                       ) -> tuple[list[Trigger], list[dict[str, Any]]]:
         """``triggers`` and the mirror images ``mirror`` adds to them; per trigger that can be mirrored, what was
-        measured and done: ``success_on_unseen`` (the fraction of U's non-target images the mirror image sends to
+        measured and done: ``trigger`` (its index in ``triggers``: the knowledge's order), ``success_on_unseen`` (the fraction of U's non-target images the mirror image sends to
         ``target_class`` before the edit; ``None`` when ``mirror`` decides without it) and ``included``."""
         if self.mirror is False:
             return triggers, []
         attacked = unseen.images[unseen.labels != target_class].float()
         added, facts = [], []
-        for trigger in triggers:
+        for index, trigger in enumerate(triggers):
             if not acts_on_pixels(trigger) or len(attacked) == 0:
                 continue
             mirrored = Mirrored(trigger)
@@ -697,7 +697,8 @@ class ActivationEditing(Defense):
                                for batch in attacked.split(self.chunk_size))
                 success = hits / len(attacked)
             included = success is None or success >= MIRROR_SUCCESS
-            facts.append({"success_on_unseen": None if success is None else round(success, 4), "included": included})
+            facts.append({"trigger": index, "success_on_unseen": None if success is None else round(success, 4),
+                          "included": included})
             if included:
                 added.append(mirrored)
         return triggers + added, facts

@@ -168,7 +168,7 @@ def mirror_left(after: dict[str, float], details: dict[str, Any] | None = None) 
     if left <= floor + ASR_LEFT_WARNING:
         return None
     line = (f"the test trigger's mirror image (flipped left-right) still succeeds on {100 * left:.1f} % of the test "
-            f"images after the defense (floor {100 * floor:.1f} %): a model trained with random flips learns it too, "
+            f"images not of the target class after the defense (floor {100 * floor:.1f} %): a model trained with random flips learns it too, "
             f"and an attacker can use it; ")
     facts = (details or {}).get("mirrored_triggers", [])
     if any(fact["included"] for fact in facts):
@@ -177,9 +177,9 @@ def mirror_left(after: dict[str, float], details: dict[str, Any] | None = None) 
         measured = ", ".join(f"{100 * fact['success_on_unseen']:.0f} %" for fact in facts
                              if fact["success_on_unseen"] is not None)
         return line + (f"it was left out of the edit, as it worked on {measured} of the unseen images only (below "
-                       f"50 %): edit with mirror: true")
-    return line + "edit with mirror: true (ActivationEditing; its default, null, adds it when it works on the " \
-                  "unseen images)"
+                       f"50 %): edit with mirror: true (defend: --defense.mirror true)")
+    return line + "edit with mirror: true (ActivationEditing; defend: --defense.mirror true; its default, null, " \
+                  "adds it when it works on the unseen images)"
 
 
 def trigger_inactive(before: dict[str, float], method: str = "editing") -> str | None:
