@@ -678,8 +678,9 @@ class ActivationEditing(Defense):
     def _with_mirrors(self, model: nn.Module, triggers: list[Trigger], unseen: UnseenData, target_class: int
                       ) -> tuple[list[Trigger], list[dict[str, Any]]]:
         """``triggers`` and the mirror images ``mirror`` adds to them; per trigger that can be mirrored, what was
-        measured and done: ``trigger`` (its index in ``triggers``: the knowledge's order), ``success_on_unseen`` (the fraction of U's non-target images the mirror image sends to
-        ``target_class`` before the edit; ``None`` when ``mirror`` decides without it) and ``included``."""
+        measured and done: ``trigger`` (its index in ``triggers``: the knowledge's order), ``success_on_unseen``
+        (the fraction of U's non-target images the mirror image sends to ``target_class`` before the edit; ``None``
+        when ``mirror`` decides without it) and ``included``."""
         if self.mirror is False:
             return triggers, []
         attacked = unseen.images[unseen.labels != target_class].float()
