@@ -472,18 +472,14 @@ class DefenseReport:
         return f"true ASR not measured (no trigger for the test images; none estimated), {clean}"
 
 
-def _mirror_to_measure(test: TestData) -> Trigger | None:
-    """The test trigger's mirror image, when the batches carry the triggered half (the true ASR is measured) toward
-    one target, with a trigger that acts on pixels and is not its own mirror image (compared on the first test
-    images); else ``None``."""
+def _mirror_to_measure(test: TestData, unseen: Tensor) -> Trigger | None:
+    """The test trigger's mirror image, when the test trigger is known toward one target, acts on pixels and is not
+    its own mirror image (compared on two of the ``unseen`` images, so the test loader is not read for it); else
+    ``None``. It is measured only where the batches carry the triggered half (the true ASR is measured)."""
     trigger = test.trigger
     if trigger is None or test.target_class is None or not acts_on_pixels(trigger):
         return None
-    first = next(iter(test.batches))
-    if len(first) < 4:
-        return None
-    images = first[0][:2]
-    images = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    images = unseen[:2].float()
     mirrored = Mirrored(trigger)
     return None if torch.equal(mirrored(images), trigger(images)) else mirrored
 
@@ -499,13 +495,13 @@ def run_defense(model: nn.Module, defense: Defense, unseen: UnseenData, knowledg
     mirror image's ASR (a model trained with random flips learns it too). ``after_defense`` runs right after the
     defense, before the evaluation after it (e.g. rounding the weights to the dtype the model stores them in).
     """
-    mirror = _mirror_to_measure(test)
+    mirror = _mirror_to_measure(test, unseen.images)
 
     def scores(network: nn.Module, confusion: bool = False,
                inspect: Callable[[Tensor], None] | None = None) -> dict[str, Any]:
         values = evaluate_batches(network, test.batches, test.num_classes, test.target_class, confusion=confusion,
                                   inspect=inspect)
-        if mirror is not None:
+        if mirror is not None and "asr" in values:
             values["mirrored_asr"] = trigger_success_rate(network, mirror, test.target_class, test.batches)
         return values
 
