@@ -23,10 +23,11 @@ import torch
 
 from lightning_backdoor.data.poisoning import apply_trigger, to_float
 from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
-from lightning_backdoor.evaluation import evaluate
+from lightning_backdoor.defenses.report import trigger_success_rate
+from lightning_backdoor.evaluation import evaluate, in_batches
 from lightning_backdoor.io import atomic_json
 from lightning_backdoor.runs import instantiate_run
-from lightning_backdoor.triggers import Mirrored
+from lightning_backdoor.triggers import distinct_mirror
 
 
 def forward_floor_seconds(model: torch.nn.Module, images: torch.Tensor, triggered: torch.Tensor) -> float:
@@ -49,15 +50,16 @@ def run(args: argparse.Namespace) -> list[dict]:
         module, data = instantiate_run(configs, Path(args.runs) / args.run_name.format(attack) / "checkpoints" / "poisoned.ckpt",
                                        overrides or None)
         network = module.net.float().eval()
-        mirrored = Mirrored(data.trigger)
+        mirrored = distinct_mirror(data.trigger, to_float(data.unseen_set(1, 0).images))
 
         def scores(model: torch.nn.Module, split: tuple[torch.Tensor, ...]) -> dict:
             """The metrics on ``split`` (images, labels, triggered images, attack labels) and the mirror image's
-            ASR on the same images."""
+            ASR on the same images (when it differs from the trigger)."""
             values = evaluate(model, *split, data.num_classes, data.target_class, bf16=args.bf16)
-            mirror_split = (split[0], split[1], apply_trigger(mirrored, split[0]), split[3])
-            return values | {"mirrored_asr": evaluate(model, *mirror_split, data.num_classes, data.target_class,
-                                                      bf16=args.bf16)["asr"]}
+            if mirrored is None:
+                return values
+            return values | {"mirrored_asr": trigger_success_rate(model, mirrored, data.target_class,
+                                                                  in_batches(split[0], split[1]))}
 
         test = None if args.selection else data.test_dataset().tensors
         test_before = None if args.selection else scores(network, test)
@@ -93,7 +95,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                       f"repaired={result.repaired} {result.seconds:.2f}s  "
                       f"CA {before['clean_acc']:.4f}->{after['clean_acc']:.4f} "
                       f"ASR {before['asr']:.4f}->{after['asr']:.4f} (floor {after['asr_floor']:.4f}) "
-                      f"mirrored ASR {before['mirrored_asr']:.4f}->{after['mirrored_asr']:.4f} "
+                      + (f"mirrored ASR {before['mirrored_asr']:.4f}->{after['mirrored_asr']:.4f} "
+                         if "mirrored_asr" in before else "its own mirror image ") +
                       f"TA {before['target_acc']:.4f}->{after['target_acc']:.4f} | held-out U: "
                       f"ASR {validation['asr']:.4f} CA {validation['clean_acc']:.4f}", flush=True)
     return rows
@@ -102,6 +105,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 def table(rows: list[dict]) -> str:
     """Markdown: mean ± std over seeds, in percent; time in seconds."""
     def cell(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+        if not values:
+            return "–"
         values = [v * scale for v in values]
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
@@ -113,7 +118,7 @@ def table(rows: list[dict]) -> str:
     for row in rows:
         groups.setdefault((row["attack"], row["budget"]), []).append(row)
     for (attack, budget), group in groups.items():
-        pick = lambda stage, name: [row[stage][name] for row in group]  # noqa: E731
+        pick = lambda stage, name: [row[stage][name] for row in group if name in row[stage]]  # noqa: E731
         lines.append(f"| {attack} | {budget} | {cell(pick('before', 'clean_acc'))} | {cell(pick('after', 'clean_acc'))} "
                      f"| {cell(pick('before', 'asr'))} | {cell(pick('after', 'asr'))} | "
                      f"{cell(pick('after', 'asr_floor'))} | {cell(pick('before', 'mirrored_asr'))} | "

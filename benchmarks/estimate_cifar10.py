@@ -3,8 +3,9 @@ the clean model with ``EPOCHS=8 bash benchmarks/train_cifar10.sh clean``).
 
 For every run: draw ``--budget`` unseen images per class (seeded), let ActivationEditing estimate the trigger and
 target (no backdoor knowledge) and edit with the estimate, then evaluate on the test split with the real trigger.
-Prints a markdown table (target found, ASR after vs floor, CA drop, seconds of estimation / editing / total) and
-writes every row as JSON.
+Also measures the ASR of the trigger's mirror image (``mirrored_asr``: models trained with random flips learn it)
+where it differs from the trigger. Prints a markdown table (target found, ASR after vs floor, CA drop, seconds of
+estimation / editing / total) and writes every row as JSON.
 
     python benchmarks/estimate_cifar10.py --runs badnets blended wanet sig clean --budget 10
 """
@@ -23,9 +24,11 @@ from lightning_backdoor.data.poisoning import to_float
 from lightning_backdoor.defenses import ActivationEditing, EstimateFirst, UnseenData
 from lightning_backdoor.defenses.estimation import TriggerEstimator, size_ratio
 from lightning_backdoor.defenses.outputs import save_image
-from lightning_backdoor.evaluation import evaluate
+from lightning_backdoor.defenses.report import trigger_success_rate
+from lightning_backdoor.evaluation import evaluate, in_batches
 from lightning_backdoor.io import atomic_json
 from lightning_backdoor.runs import instantiate_run
+from lightning_backdoor.triggers import distinct_mirror
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -36,8 +39,18 @@ def run(args: argparse.Namespace) -> list[dict]:
                                        [f"--data.init_args.root={args.data_root}"] if args.data_root else None)
         network = module.net.float().eval()
         test = data.test_dataset().tensors
-        before = evaluate(network, *test, data.num_classes, data.target_class, bf16=args.bf16)
         unseen = data.unseen_set(args.budget, args.seed)
+        mirrored = distinct_mirror(data.trigger, to_float(unseen.images)) if data.poison_rate > 0 else None
+
+        def scores(model: torch.nn.Module) -> dict:
+            """The test metrics, with the mirror image's ASR where the trigger has a distinct one."""
+            values = evaluate(model, *test, data.num_classes, data.target_class, bf16=args.bf16)
+            if mirrored is None:
+                return values
+            return values | {"mirrored_asr": trigger_success_rate(model, mirrored, data.target_class,
+                                                                  in_batches(test[0], test[1]))}
+
+        before = scores(network)
         model = copy.deepcopy(network)
         estimator = TriggerEstimator(estimators=tuple(args.estimators), strengths=tuple(args.edit_strengths),
                                      max_steps=args.max_steps, batch_size=args.batch_size,
@@ -46,7 +59,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         start = time.perf_counter()
         result = defense.defend(model, UnseenData(to_float(unseen.images), unseen.labels), None)
         total = time.perf_counter() - start
-        after = evaluate(model, *test, data.num_classes, data.target_class, bf16=args.bf16)
+        after = scores(model)
         info = result.details
         estimation = info["estimation"]
         if result.picture is not None:
@@ -57,12 +70,15 @@ def run(args: argparse.Namespace) -> list[dict]:
                "flagged_by": estimation["flagged_by"],
                "anomaly_index": estimation["anomaly_index"], "trigger_size": estimation["trigger_size"],
                "steps": estimation["steps"], "estimation_seconds": info["estimation_seconds"],
+               "mirrored_triggers": info.get("mirrored_triggers"),
                "editing_seconds": info["editing_seconds"], "total_seconds": total, "before": before,
                "after": after, "settings": vars(args)}
         rows.append(row)
         print(f"{name}: estimated target {row['estimated_target']} ({row['estimator']}), anomaly indices "
               f"{estimation['anomaly_index']}; CA {before['clean_acc']:.4f}->{after['clean_acc']:.4f} "
               f"ASR {before['asr']:.4f}->{after['asr']:.4f} (floor {after['asr_floor']:.4f}) "
+              + (f"mirrored ASR {before['mirrored_asr']:.4f}->{after['mirrored_asr']:.4f} " if "mirrored_asr" in after
+                 else "") +
               f"in {info['estimation_seconds']:.1f} + {info['editing_seconds']:.1f} s", flush=True)
     return rows
 
@@ -80,11 +96,20 @@ def evidence(row: dict) -> str:
     return f"none ({name} class {label}: {row['anomaly_index'][name][label]:.2f}, {ratios[name][label]:.2f})"
 
 
+def mirror_cell(before: dict, after: dict) -> str:
+    """The mirror image's ASR before → after in percent; "–" where it was not measured (no trigger, or one that is
+    its own mirror image)."""
+    if "mirrored_asr" not in after:
+        return "–"
+    return f"{100 * before['mirrored_asr']:.2f} → {100 * after['mirrored_asr']:.2f}"
+
+
 def table(rows: list[dict]) -> str:
     """Markdown, percentages and seconds."""
     lines = ["| model | target found | flagged by: log index, size ratio (else the largest index) | CA before | "
-             "CA after | ASR before | ASR after | ASR floor | TA after | estimation s | edit s | total s |",
-             "|" + " --- |" * 12]
+             "CA after | ASR before | ASR after | ASR floor | mirrored ASR before → after | TA after | estimation s | "
+             "edit s | total s |",
+             "|" + " --- |" * 13]
     for row in rows:
         before, after = row["before"], row["after"]
         if row["poisoned"]:
@@ -94,7 +119,7 @@ def table(rows: list[dict]) -> str:
                      else f"false alarm ({row['estimated_target']})")
         lines.append(f"| {row['run']} | {found} | {evidence(row)} | {100 * before['clean_acc']:.2f} | "
                      f"{100 * after['clean_acc']:.2f} | {100 * before['asr']:.2f} | {100 * after['asr']:.2f} | "
-                     f"{100 * after['asr_floor']:.2f} | {100 * after['target_acc']:.2f} | "
+                     f"{100 * after['asr_floor']:.2f} | {mirror_cell(before, after)} | {100 * after['target_acc']:.2f} | "
                      f"{row['estimation_seconds']:.1f} | {row['editing_seconds']:.1f} | {row['total_seconds']:.1f} |")
     return "\n".join(lines)
 

@@ -14,7 +14,8 @@ from callback_models import digits, trained
 from lightning_backdoor import DefenseCallback
 from lightning_backdoor.defenses import ActivationEditing
 from lightning_backdoor.defenses.report import mirror_left
-from lightning_backdoor.triggers import SIG, BadNets, Blended, Mirrored
+from lightning_backdoor.defenses.inversion import FeatureTrigger
+from lightning_backdoor.triggers import SIG, BadNets, Blended, Mirrored, distinct_mirror
 
 
 @pytest.mark.parametrize("trigger", [BadNets(size=3), Blended(alpha=0.2), SIG()], ids=["badnets", "blended", "sig"])
@@ -28,6 +29,14 @@ def test_a_mirrored_trigger_is_the_trigger_on_the_flipped_image_flipped_back(tri
     if mask is not None:  # a local trigger's mask moves with it: the bottom-left corner for the bottom-right one
         assert torch.equal(mirrored.mask((3, 16, 16)), mask.flip(-1))
         assert mirrored.mask((3, 16, 16))[0, -1, 0] == 1 and mirrored.mask((3, 16, 16))[0, -1, -1] == 0
+
+
+def test_only_a_pixel_trigger_with_a_distinct_mirror_image_has_one_to_measure() -> None:
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    assert isinstance(distinct_mirror(BadNets(size=3), images), Mirrored)  # bottom-right: the mirror is bottom-left
+    assert distinct_mirror(BadNets(size=4, position=(6, 6)), images) is None  # centred columns 6-9 of 16: symmetric
+    assert distinct_mirror(FeatureTrigger("fc", torch.ones(4), torch.ones(4)), images) is None  # not on pixels
+    assert distinct_mirror(BadNets(size=3), images[:0]) is None  # nothing to compare on
 
 
 def defended(tmp_path: Path, flips: bool, mirror: bool | None) -> dict:

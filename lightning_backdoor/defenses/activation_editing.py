@@ -30,7 +30,7 @@ from lightning_backdoor.defenses.prior import batchnorm_key_prior, feeding_batch
 from lightning_backdoor.defenses.residual import residual_branch_of
 from lightning_backdoor.defenses.suffix import MEMORY_FRACTION as SUFFIX_MEMORY_FRACTION
 from lightning_backdoor.defenses.suffix import SuffixPasses
-from lightning_backdoor.triggers import Mirrored, Trigger, acts_on_pixels
+from lightning_backdoor.triggers import Trigger, acts_on_pixels, distinct_mirror
 
 REPAIR_WEIGHTS = (1.0, 4.0, 16.0, 64.0, 256.0)
 #: the default tolerance τ of the repair's signal and guard (the guard's, too, when a negative one forces the repair)
@@ -686,11 +686,9 @@ class ActivationEditing(Defense):
         attacked = unseen.images[unseen.labels != target_class].float()
         added, facts = [], []
         for index, trigger in enumerate(triggers):
-            if not acts_on_pixels(trigger) or len(attacked) == 0:
-                continue
-            mirrored = Mirrored(trigger)
-            if torch.equal(mirrored(attacked[:2]), trigger(attacked[:2])):
-                continue  # its own mirror image
+            mirrored = distinct_mirror(trigger, attacked)
+            if mirrored is None:
+                continue  # a feature-space trigger, or its own mirror image
             success = None
             if self.mirror is None:
                 with torch.autocast(attacked.device.type, torch.bfloat16, enabled=self.bf16):

@@ -20,7 +20,7 @@ from lightning_backdoor.defenses.base import BackdoorKnowledge, Defense, Defense
 from lightning_backdoor.evaluation import EVAL_BATCH_SIZE, EvalBatch, evaluate_batches, in_batches
 from lightning_backdoor.metrics import AttackSuccessRate, defense_effectiveness_rating
 from lightning_backdoor.provenance import environment
-from lightning_backdoor.triggers import Mirrored, Trigger, acts_on_pixels
+from lightning_backdoor.triggers import Trigger, distinct_mirror
 
 #: A model whose accuracy is this likely (or likelier) under guessing is not told apart from chance.
 CHANCE_P_VALUE = 0.01
@@ -476,12 +476,9 @@ def _mirror_to_measure(test: TestData, unseen: Tensor) -> Trigger | None:
     """The test trigger's mirror image, when the test trigger is known toward one target, acts on pixels and is not
     its own mirror image (compared on two of the ``unseen`` images, so the test loader is not read for it); else
     ``None``. It is measured only where the batches carry the triggered half (the true ASR is measured)."""
-    trigger = test.trigger
-    if trigger is None or test.target_class is None or not acts_on_pixels(trigger):
+    if test.trigger is None or test.target_class is None:
         return None
-    images = unseen[:2].float()
-    mirrored = Mirrored(trigger)
-    return None if torch.equal(mirrored(images), trigger(images)) else mirrored
+    return distinct_mirror(test.trigger, unseen)
 
 
 def run_defense(model: nn.Module, defense: Defense, unseen: UnseenData, knowledge: BackdoorKnowledge | None,

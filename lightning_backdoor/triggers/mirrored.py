@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from lightning_backdoor.triggers.base import Trigger
+from lightning_backdoor.triggers.base import Trigger, acts_on_pixels
 
 
 class Mirrored(Trigger):
@@ -36,3 +37,14 @@ class Mirrored(Trigger):
     def check(self, image_shape: tuple[int, int, int]) -> None:
         self.trigger.check(image_shape)
 
+
+
+def distinct_mirror(trigger: Trigger, images: Tensor) -> Mirrored | None:
+    """``Mirrored(trigger)`` when ``trigger`` acts on pixels and its mirror image differs from it on the first two of
+    ``images`` ((N, C, H, W) in [0, 1], N >= 1); ``None`` for a feature-space trigger or one that is its own mirror
+    image (e.g. a pattern symmetric about the vertical axis), which need no measuring or editing of their own."""
+    if not acts_on_pixels(trigger) or len(images) == 0:
+        return None
+    images = images[:2].float()
+    mirrored = Mirrored(trigger)
+    return None if torch.equal(mirrored(images), trigger(images)) else mirrored
