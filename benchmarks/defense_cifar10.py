@@ -5,7 +5,7 @@ unseen split, defend a copy of the poisoned model, and evaluate on the test spli
 settings without touching the test set, the same metrics on the *held-out* unseen images (the unseen split minus
 the ones the defense used); ``--selection`` evaluates on those alone and never loads the test set. Every
 evaluation also measures the ASR of the trigger's mirror image (``mirrored_asr``: models trained with random flips
-learn it). Prints a markdown table of mean ± std and writes every row as JSON.
+learn it) and, with ``--moves``, of the trigger moved as a random crop moves it (``moved_asr``). Prints a markdown table of mean ± std and writes every row as JSON.
 
     python benchmarks/defense_cifar10.py --attacks badnets blended --budgets 1 5 10 --seeds 0 1 2
 """
@@ -27,7 +27,10 @@ from lightning_backdoor.defenses.report import trigger_success_rate
 from lightning_backdoor.evaluation import evaluate, in_batches
 from lightning_backdoor.io import atomic_json
 from lightning_backdoor.runs import instantiate_run
-from lightning_backdoor.triggers import distinct_mirror
+from lightning_backdoor.triggers import distinct_mirror, distinct_shifts
+
+#: pixels the random crop of the CIFAR configs' training moves a trigger by at most (its padding)
+MEASURED_SHIFT = 4
 
 
 def forward_floor_seconds(model: torch.nn.Module, images: torch.Tensor, triggered: torch.Tensor) -> float:
@@ -50,16 +53,23 @@ def run(args: argparse.Namespace) -> list[dict]:
         module, data = instantiate_run(configs, Path(args.runs) / args.run_name.format(attack) / "checkpoints" / "poisoned.ckpt",
                                        overrides or None)
         network = module.net.float().eval()
-        mirrored = distinct_mirror(data.trigger, to_float(data.unseen_set(1, 0).images))
+        probe = to_float(data.unseen_set(1, 0).images)
+        mirrored = distinct_mirror(data.trigger, probe)
+        moves = [move for trigger in (data.trigger, mirrored) if trigger is not None
+                 for move in distinct_shifts(trigger, MEASURED_SHIFT, probe)]
 
         def scores(model: torch.nn.Module, split: tuple[torch.Tensor, ...]) -> dict:
-            """The metrics on ``split`` (images, labels, triggered images, attack labels) and the mirror image's
-            ASR on the same images (when it differs from the trigger)."""
+            """The metrics on ``split`` (images, labels, triggered images, attack labels), the mirror image's ASR on
+            the same images (when it differs from the trigger) and, with ``--moves``, the largest ASR of the
+            trigger and its mirror image moved by 4 px (local triggers)."""
             values = evaluate(model, *split, data.num_classes, data.target_class, bf16=args.bf16)
-            if mirrored is None:
-                return values
-            return values | {"mirrored_asr": trigger_success_rate(model, mirrored, data.target_class,
-                                                                  in_batches(split[0], split[1]))}
+            if mirrored is not None:
+                values["mirrored_asr"] = trigger_success_rate(model, mirrored, data.target_class,
+                                                              in_batches(split[0], split[1]))
+            if moves and args.moves:
+                values["moved_asr"] = max(trigger_success_rate(model, move, data.target_class,
+                                                               in_batches(split[0], split[1])) for move in moves)
+            return values
 
         test = None if args.selection else data.test_dataset().tensors
         test_before = None if args.selection else scores(network, test)
@@ -72,7 +82,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 defense = ActivationEditing(layer=args.layer, method=args.method, strength=args.strength or None,
                                             rank=args.rank, min_images=args.min_images, repair=not args.no_repair,
                                             spatial_weight=args.spatial_weight, seed=seed,
-                                            batchnorm_prior=args.batchnorm_prior, mirror=args.mirror)
+                                            batchnorm_prior=args.batchnorm_prior, mirror=args.mirror,
+                                            shift=args.shift)
                 torch.manual_seed(seed)
                 result = defense.defend(model, UnseenData(images, unseen.labels),
                                         BackdoorKnowledge.of(data.trigger, data.target_class))
@@ -87,6 +98,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                              "prior_weight": result.details.get("batchnorm_prior", {}).get("weight", 0.0),
                              "views": result.details["views"],
                              "mirrored_triggers": result.details.get("mirrored_triggers"),
+                             "shifted_triggers": result.details.get("shifted_triggers"),
                              "repaired": result.repaired, "seconds": result.seconds, "forward_floor": floor,
                              "before": before, "after": after, "held_out_unseen": validation,
                              "settings": vars(args) | {"seeds": None}})
@@ -97,6 +109,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                       f"ASR {before['asr']:.4f}->{after['asr']:.4f} (floor {after['asr_floor']:.4f}) "
                       + (f"mirrored ASR {before['mirrored_asr']:.4f}->{after['mirrored_asr']:.4f} "
                          if "mirrored_asr" in before else "its own mirror image ") +
+                      (f"moved ASR {before['moved_asr']:.4f}->{after['moved_asr']:.4f} " if "moved_asr" in after
+                       else "") +
                       f"TA {before['target_acc']:.4f}->{after['target_acc']:.4f} | held-out U: "
                       f"ASR {validation['asr']:.4f} CA {validation['clean_acc']:.4f}", flush=True)
     return rows
@@ -112,8 +126,8 @@ def table(rows: list[dict]) -> str:
         return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
 
     lines = ["| attack | unseen/class | CA before | CA after | ASR before | ASR after | ASR floor | mirrored ASR before "
-             "| mirrored ASR after | RA after | TA before | TA after | repaired | defense s | 2 fwd passes s | ratio |",
-             "|" + " --- |" * 16]
+             "| mirrored ASR after | moved ASR before | moved ASR after | RA after | TA before | TA after | repaired | defense s | 2 fwd passes s | ratio |",
+             "|" + " --- |" * 18]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["attack"], row["budget"]), []).append(row)
@@ -122,7 +136,8 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {attack} | {budget} | {cell(pick('before', 'clean_acc'))} | {cell(pick('after', 'clean_acc'))} "
                      f"| {cell(pick('before', 'asr'))} | {cell(pick('after', 'asr'))} | "
                      f"{cell(pick('after', 'asr_floor'))} | {cell(pick('before', 'mirrored_asr'))} | "
-                     f"{cell(pick('after', 'mirrored_asr'))} | {cell(pick('after', 'robust_acc'))} | "
+                     f"{cell(pick('after', 'mirrored_asr'))} | {cell(pick('before', 'moved_asr'))} | "
+                     f"{cell(pick('after', 'moved_asr'))} | {cell(pick('after', 'robust_acc'))} | "
                      f"{cell(pick('before', 'target_acc'))} | {cell(pick('after', 'target_acc'))} | "
                      f"{sum(r['repaired'] for r in group)}/{len(group)} | "
                      f"{cell([r['seconds'] for r in group], 1, 3)} | {cell([r['forward_floor'] for r in group], 1, 3)} "
@@ -145,6 +160,10 @@ def main() -> None:
     parser.add_argument("--no_repair", action="store_true")
     parser.add_argument("--mirror", type=lambda text: {"auto": None, "true": True, "false": False}[text], default=None,
                         help="auto (default: the mirrored trigger when it works on U), true or false")
+    parser.add_argument("--shift", type=int, default=4, help="ActivationEditing's shift in pixels (0: no moves)")
+    parser.add_argument("--moves", action="store_true",
+                        help=f"also measure moved_asr: the largest ASR of the trigger and its mirror image moved by "
+                             f"{MEASURED_SHIFT} px along each axis and both (local triggers; one pass per move)")
     parser.add_argument("--batchnorm_prior", type=lambda text: None if text == "auto" else float(text), default=0.0,
                         help="weight of the BatchNorm prior in the preserved key moment (0: Ledoit-Wolf, the default; "
                              "auto: chosen by cross-validation on the unseen split)")

@@ -28,7 +28,7 @@ from lightning_backdoor.defenses.report import trigger_success_rate
 from lightning_backdoor.evaluation import evaluate, in_batches
 from lightning_backdoor.io import atomic_json
 from lightning_backdoor.runs import instantiate_run
-from lightning_backdoor.triggers import distinct_mirror
+from lightning_backdoor.triggers import distinct_mirror, distinct_shifts
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -41,21 +41,28 @@ def run(args: argparse.Namespace) -> list[dict]:
         test = data.test_dataset().tensors
         unseen = data.unseen_set(args.budget, args.seed)
         mirrored = distinct_mirror(data.trigger, to_float(unseen.images)) if data.poison_rate > 0 else None
+        moves = [move for trigger in (data.trigger, mirrored) if trigger is not None and args.moves
+                 and data.poison_rate > 0 for move in distinct_shifts(trigger, 4, to_float(unseen.images))]
 
         def scores(model: torch.nn.Module) -> dict:
-            """The test metrics, with the mirror image's ASR where the trigger has a distinct one."""
+            """The test metrics, with the mirror image's ASR where the trigger has a distinct one and, with
+            ``--moves``, the largest ASR of the trigger and its mirror image moved by 4 px (local triggers)."""
             values = evaluate(model, *test, data.num_classes, data.target_class, bf16=args.bf16)
-            if mirrored is None:
-                return values
-            return values | {"mirrored_asr": trigger_success_rate(model, mirrored, data.target_class,
-                                                                  in_batches(test[0], test[1]))}
+            if mirrored is not None:
+                values["mirrored_asr"] = trigger_success_rate(model, mirrored, data.target_class,
+                                                              in_batches(test[0], test[1]))
+            if moves:
+                values["moved_asr"] = max(trigger_success_rate(model, move, data.target_class,
+                                                               in_batches(test[0], test[1])) for move in moves)
+            return values
 
         before = scores(network)
         model = copy.deepcopy(network)
         estimator = TriggerEstimator(estimators=tuple(args.estimators), strengths=tuple(args.edit_strengths),
                                      max_steps=args.max_steps, batch_size=args.batch_size,
                                      progress=not args.no_progress, seed=args.seed)
-        defense = EstimateFirst(ActivationEditing(layer=args.layer, strength=args.strength, seed=args.seed), estimator)
+        defense = EstimateFirst(ActivationEditing(layer=args.layer, strength=args.strength, seed=args.seed,
+                                                  shift=args.shift), estimator)
         start = time.perf_counter()
         result = defense.defend(model, UnseenData(to_float(unseen.images), unseen.labels), None)
         total = time.perf_counter() - start
@@ -70,7 +77,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                "flagged_by": estimation["flagged_by"],
                "anomaly_index": estimation["anomaly_index"], "trigger_size": estimation["trigger_size"],
                "steps": estimation["steps"], "estimation_seconds": info["estimation_seconds"],
-               "mirrored_triggers": info.get("mirrored_triggers"),
+               "mirrored_triggers": info.get("mirrored_triggers"), "shifted_triggers": info.get("shifted_triggers"),
                "editing_seconds": info["editing_seconds"], "total_seconds": total, "before": before,
                "after": after, "settings": vars(args)}
         rows.append(row)
@@ -79,6 +86,7 @@ def run(args: argparse.Namespace) -> list[dict]:
               f"ASR {before['asr']:.4f}->{after['asr']:.4f} (floor {after['asr_floor']:.4f}) "
               + (f"mirrored ASR {before['mirrored_asr']:.4f}->{after['mirrored_asr']:.4f} " if "mirrored_asr" in after
                  else "") +
+              (f"moved ASR {before['moved_asr']:.4f}->{after['moved_asr']:.4f} " if "moved_asr" in after else "") +
               f"in {info['estimation_seconds']:.1f} + {info['editing_seconds']:.1f} s", flush=True)
     return rows
 
@@ -97,11 +105,13 @@ def evidence(row: dict) -> str:
 
 
 def mirror_cell(before: dict, after: dict) -> str:
-    """The mirror image's ASR before → after in percent; "–" where it was not measured (no trigger, or one that is
-    its own mirror image)."""
-    if "mirrored_asr" not in after:
-        return "–"
-    return f"{100 * before['mirrored_asr']:.2f} → {100 * after['mirrored_asr']:.2f}"
+    """The mirror image's ASR before → after in percent ("–" where it was not measured: no trigger, or one that is
+    its own mirror image), and the moved trigger's where measured (``--moves``)."""
+    cell = (f"{100 * before['mirrored_asr']:.2f} → {100 * after['mirrored_asr']:.2f}" if "mirrored_asr" in after
+            else "–")
+    if "moved_asr" in after:
+        cell += f"; moved {100 * before['moved_asr']:.2f} → {100 * after['moved_asr']:.2f}"
+    return cell
 
 
 def table(rows: list[dict]) -> str:
@@ -137,6 +147,11 @@ def main() -> None:
     parser.add_argument("--layer", default="blocks.2.conv2")
     parser.add_argument("--strength", type=lambda value: None if value == "cv" else float(value), default=10.0,
                         help="λ of the edit, or cv: chosen by cross-validation on the unseen split")
+    parser.add_argument("--shift", type=lambda text: None if text == "auto" else int(text), default=None,
+                        help="ActivationEditing's shift in pixels (auto, the default: 1/8 of the side; 0: no moves)")
+    parser.add_argument("--moves", action="store_true",
+                        help="also measure moved_asr: the largest ASR of the trigger and its mirror image moved by 4 px "
+                             "along each axis and both (local triggers; one test pass per move)")
     parser.add_argument("--bf16", action="store_true",
                         help="evaluate under bf16 autocast (about twice as fast on CPU; a prediction within bf16's "
                              "rounding can flip, lightning_backdoor.evaluation.evaluate)")

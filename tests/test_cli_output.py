@@ -113,7 +113,7 @@ def test_fit_refuses_a_folder_holding_outputs(tmp_path, capsys, output):
      "data.trigger: class_path 'mypackage.MyTrigger': No module named 'mypackage'"),
     (["fit", "--data.init_args.trigger=Zzzqq"],
      "data.trigger: no class named 'Zzzqq'; known: AdaptiveBlend, Additive, BadNets, Blended, BppAttack, "
-     "CustomTrigger, FTrojan, InputAware, LabelConsistent, LowFrequency, Mirrored, SIG, TrojanNN, WaNet"),
+     "CustomTrigger, FTrojan, InputAware, LabelConsistent, LowFrequency, Mirrored, SIG, Shifted, TrojanNN, WaNet"),
     (["defend", "--checkpoint=none.ckpt", "--defense.init_args.strenght=null"],
      "defense: class_path 'lightning_backdoor.defenses.ActivationEditing': Option 'strenght' is not accepted; "
      "did you mean strength?"),

@@ -290,7 +290,9 @@ def test_editing_with_a_repeated_trigger_equals_editing_with_it_once(quickstart_
         model = module.net.float().eval()
         model.load_state_dict(module.net.state_dict())
         edited = copy.deepcopy(model)
-        ActivationEditing(layer="blocks.2.conv1").defend(edited, unseen, BackdoorKnowledge.of(triggers, data.target_class))
+        # shift=0: the moves of each copy would join in another order, changing the sums' rounding (4e-6)
+        ActivationEditing(layer="blocks.2.conv1", shift=0).defend(edited, unseen,
+                                                                  BackdoorKnowledge.of(triggers, data.target_class))
         edits.append(edited.blocks[2].conv1.weight - model.blocks[2].conv1.weight)
     assert edits[0].abs().max() > 0
     torch.testing.assert_close(edits[1], edits[0], rtol=1e-4, atol=1e-6)  # the key statistics add, then normalise

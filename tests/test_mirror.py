@@ -1,21 +1,26 @@
-"""The trigger's mirror image: a model trained with random horizontal flips learns it besides the trigger (measured
-on the CIFAR-10 BadNets model: 95 % ASR, 94 % left after an edit with the given trigger alone). The edit adds it
-when it works on the unseen images, and every report measures it on the test split."""
+"""The trigger as a training augmentation shows it. A model trained with random horizontal flips learns the trigger's
+mirror image (measured on the CIFAR-10 BadNets model: 95 % ASR, 94 % left after an edit with the given trigger
+alone); the edit adds it when it works on the unseen images, and every report measures it on the test split. Random
+crops move a local trigger, and the edit adds the moves that work on the unseen images."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from callback_models import digits, trained
+from torch import nn
 
 from lightning_backdoor import DefenseCallback
-from lightning_backdoor.defenses import ActivationEditing
-from lightning_backdoor.defenses.report import mirror_left
+from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
+from lightning_backdoor.defenses.report import mirror_left, trigger_success_rate
+from lightning_backdoor.evaluation import in_batches
 from lightning_backdoor.defenses.inversion import FeatureTrigger
-from lightning_backdoor.triggers import SIG, BadNets, Blended, Mirrored, distinct_mirror
+from lightning_backdoor.triggers import (SIG, BadNets, Blended, Mirrored, Shifted, Trigger, distinct_mirror,
+                                        distinct_shifts)
 
 
 @pytest.mark.parametrize("trigger", [BadNets(size=3), Blended(alpha=0.2), SIG()], ids=["badnets", "blended", "sig"])
@@ -40,7 +45,9 @@ def test_only_a_pixel_trigger_with_a_distinct_mirror_image_has_one_to_measure() 
 
 
 def defended(tmp_path: Path, flips: bool, mirror: bool | None) -> dict:
-    callback = DefenseCallback(defense=ActivationEditing(layer="fc", mirror=mirror))
+    """The mirror image alone: no moves (this max-pooled model takes the patch moved by 1 px as the patch, and the
+    moves, 16 triggers more, would share the edit's triggered term with it)."""
+    callback = DefenseCallback(defense=ActivationEditing(layer="fc", mirror=mirror, shift=0))
     callback.defend(trained(flips=flips), digits(), [], tmp_path / f"{flips}-{mirror}")
     return json.loads(callback.report_path.read_text())
 
@@ -92,3 +99,61 @@ def test_the_warning_says_whether_the_edit_included_the_mirror_image() -> None:
                                                  "images only (below 50 %): edit with mirror: true (defend: --defense.mirror true)")
     assert mirror_left({"mirrored_asr": 0.06, "asr_floor": 0.02}, included) is None  # within 5 pt of the floor
     assert mirror_left({"asr_floor": 0.02}) is None  # not measured
+
+
+def test_a_moved_trigger_is_the_trigger_elsewhere_with_nothing_wrapped_across_the_border() -> None:
+    images = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    corner = BadNets(size=3)  # rows and columns 9-11
+    torch.testing.assert_close(Shifted(corner, (-4, -2))(images), BadNets(size=3, position=(5, 7))(images))
+    assert torch.equal(Shifted(corner, (-4, -2)).mask((3, 12, 12)), BadNets(size=3, position=(5, 7)).mask((3, 12, 12)))
+    partly_out = Shifted(corner, (2, 0))  # rows 11-13: one row left in the image, none wrapped to the top
+    changed = (partly_out(images) != images).any(1)
+    assert changed[:, 11, 9:].all() and changed.sum() == 2 * 3, changed
+    assert torch.equal(partly_out.mask((3, 12, 12))[0].nonzero()[:, 0].unique(), torch.tensor([11]))
+    blended = Blended(alpha=0.2)
+    moved = Shifted(blended, (0, 3))(images)
+    assert moved.min() >= 0 and moved.max() <= 1 and torch.equal(moved[..., :3], images[..., :3])
+    with pytest.raises(ValueError, match="smaller than the image"):
+        Shifted(corner, (0, 12)).check((3, 12, 12))
+
+
+def test_the_moves_kept_are_those_that_change_the_image_and_the_trigger() -> None:
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    assert {tuple(move.shift) for move in distinct_shifts(BadNets(size=3), 4, images)} == {(-4, -4), (-4, 0), (0, -4)}
+    assert distinct_shifts(BadNets(size=3), 0, images) == []
+    assert distinct_shifts(Blended(alpha=0.2), 4, images) == []  # global: moved by 4 px, nearly itself
+
+
+def moved_edit(shift: int, trigger: Trigger | None = None) -> tuple[dict, nn.Module, nn.Module]:
+    """The digits model edited at its second conv (keys per position, so a moved patch has keys of its own) with
+    ``shift`` and ``trigger`` (the 3x3 patch it was trained with); the details, the model before and after."""
+    data = digits()
+    data.setup("fit")
+    unseen = data.unseen_set(10, 0)
+    model = trained().eval()
+    edited = copy.deepcopy(model)
+    result = ActivationEditing(layer="features.2", shift=shift).defend(
+        edited, UnseenData(unseen.images.float() / 255, unseen.labels), BackdoorKnowledge.of(trigger or BadNets(size=3), 0))
+    return result.details, model, edited
+
+
+def test_the_edit_adds_the_moves_that_work_on_the_unseen_images() -> None:
+    """Each local move is measured on U; those sending at least half of its non-target images to the target join
+    the edit and end at the floor on the test images; a global trigger is not moved; shift 0 measures nothing."""
+    details, model, edited = moved_edit(shift=2)
+    facts = details["shifted_triggers"]
+    assert {tuple(fact["shift"]) for fact in facts} <= {(dy, dx) for dy in (-2, 0, 2) for dx in (-2, 0, 2)}
+    assert all(fact["included"] == (fact["success_on_unseen"] >= 0.5) for fact in facts), facts
+    included = [tuple(fact["shift"]) for fact in facts if fact["included"]]
+    assert included, facts  # on this model the patch moved up two rows works as the patch does
+    data = digits()
+    data.setup("test")
+    images, labels = data.test_dataset().tensors[:2]
+    with torch.no_grad():
+        floor = (edited(images[labels != 0].float() / 255).argmax(-1) == 0).float().mean().item()
+    for move in included:
+        trigger = Shifted(BadNets(size=3), move)
+        assert trigger_success_rate(model, trigger, 0, in_batches(images, labels)) >= 0.5
+        assert trigger_success_rate(edited, trigger, 0, in_batches(images, labels)) <= floor + 0.05
+    assert "shifted_triggers" not in moved_edit(shift=0)[0]
+    assert "shifted_triggers" not in moved_edit(shift=2, trigger=Blended(alpha=0.2))[0]  # global: not moved
