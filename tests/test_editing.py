@@ -291,7 +291,8 @@ def test_the_defense_solves_in_the_span_of_the_keys_only_where_they_are_fewer_th
         monkeypatch.setattr(activation_editing, "KEY_SPACE_RATIO", ratio)
         for layer in ("3", "0"):
             copy_ = copy.deepcopy(model)
-            result = ActivationEditing(layer=layer, repair_tolerance=-1.0, mirror=False).defend(copy_, unseen, knowledge)
+            result = ActivationEditing(layer=layer, repair_tolerance=-1.0, mirror=False, shift=0).defend(
+                copy_, unseen, knowledge)
             edited[ratio, layer] = get_layer(copy_, layer).weight.detach()
             system = result.details["system"]
             if ratio and layer == "3":  # 40 images: 30 triggered, 40 clean, 10 target keys against 512 values
@@ -332,7 +333,8 @@ def test_a_layer_whose_moments_would_not_fit_in_memory_is_skipped_by_auto_and_re
     # 10 kB free: the conv "0" (27 values, 64 keys per image: moments of 35 kB) does not fit; the Linear "3" (512
     # values, 80 keys from U) is solved in the span of its keys and "5" (6 values) needs 2 kB
     monkeypatch.setattr(activation_editing, "available_memory", lambda: 10_000)
-    result = ActivationEditing(layer="auto", strength=None).defend(copy.deepcopy(model), unseen, knowledge)
+    result = ActivationEditing(layer="auto", strength=None, shift=0).defend(copy.deepcopy(model), unseen,
+                                                                             knowledge)
     assert list(result.details["skipped_layers"]) == ["0"] and "GiB is available" in result.details["skipped_layers"]["0"]
     assert result.layer in ("3", "5")
     assert not any(name.startswith("0 ") for name in result.details["selection"]["cross_validated_loss_on_unseen"])
@@ -340,13 +342,13 @@ def test_a_layer_whose_moments_would_not_fit_in_memory_is_skipped_by_auto_and_re
     before = get_layer(model, "3").weight.detach().clone()
     with pytest.raises(ValueError, match=r"layer '3': its 512 x 512 moments need .*method=closed_form, "
                                          r"repair_method=pin and batchnorm_prior=0"):
-        ActivationEditing(layer="3", method="rank_r").defend(model, unseen, knowledge)
+        ActivationEditing(layer="3", method="rank_r", shift=0).defend(model, unseen, knowledge)
     assert torch.equal(get_layer(model, "3").weight, before)
-    assert ActivationEditing(layer="3").defend(copy.deepcopy(model), unseen, knowledge).details["system"]["form"] == \
-        "key_space"
+    result = ActivationEditing(layer="3", shift=0).defend(copy.deepcopy(model), unseen, knowledge)
+    assert result.details["system"]["form"] == "key_space"
     monkeypatch.setattr(activation_editing, "available_memory", lambda: 100)
     with pytest.raises(ValueError, match="no auto candidate's d x d moments fit in memory"):
-        ActivationEditing(layer="auto", method="rank_r").defend(copy.deepcopy(model), unseen, knowledge)
+        ActivationEditing(layer="auto", method="rank_r", shift=0).defend(copy.deepcopy(model), unseen, knowledge)
 
 
 def test_a_conv_with_two_triggers_and_mask_weights_edits_alike_in_both_forms_and_builds_no_moment(monkeypatch):
@@ -384,12 +386,11 @@ def test_a_prior_is_left_out_or_its_layer_refused_where_its_moments_would_not_fi
                           nn.Linear(8 * 64, 6), nn.ReLU(), nn.Linear(6, 4)).eval()
     unseen = UnseenData(torch.rand(40, 3, 8, 8), torch.arange(40) % 4)
     knowledge = BackdoorKnowledge.of(BadNets(size=2), 0)
-    chosen = ActivationEditing(layer="4", batchnorm_prior=None, mirror=False).defend(copy.deepcopy(model), unseen,
-                                                                                    knowledge)
+    defense = ActivationEditing(layer="4", batchnorm_prior=None, mirror=False, shift=0)
+    chosen = defense.defend(copy.deepcopy(model), unseen, knowledge)
     assert chosen.details["system"]["form"] == "moments" and "4" in chosen.details["batchnorm_prior"]["norms"]
     monkeypatch.setattr(activation_editing, "available_memory", lambda: 1_000_000)  # 512 x 512 moments: 12.6 MB
-    tight = ActivationEditing(layer="4", batchnorm_prior=None, mirror=False).defend(copy.deepcopy(model), unseen,
-                                                                                   knowledge)
+    tight = defense.defend(copy.deepcopy(model), unseen, knowledge)
     assert tight.details["system"] == {"form": "key_space", "size": 80}
     assert tight.details["batchnorm_prior"]["weight"] == 0 and tight.details["batchnorm_prior"]["norms"] == {}
     # a fixed weight: the named layer's moments do not fit, so it is refused in one line before its d x d prior is
@@ -398,7 +399,7 @@ def test_a_prior_is_left_out_or_its_layer_refused_where_its_moments_would_not_fi
                         lambda *args, **kwargs: pytest.fail("the prior of a layer that does not fit was computed"))
     before = get_layer(model, "4").weight.detach().clone()
     with pytest.raises(ValueError, match=r"layer '4': its 512 x 512 moments need"):
-        ActivationEditing(layer="4", batchnorm_prior=0.5).defend(model, unseen, knowledge)
+        ActivationEditing(layer="4", batchnorm_prior=0.5, shift=0).defend(model, unseen, knowledge)
     assert torch.equal(get_layer(model, "4").weight, before)
 
 

@@ -132,8 +132,9 @@ def moved_edit(shift: int, trigger: Trigger | None = None) -> tuple[dict, nn.Mod
     unseen = data.unseen_set(10, 0)
     model = trained().eval()
     edited = copy.deepcopy(model)
+    knowledge = BackdoorKnowledge.of(trigger or BadNets(size=3), 0)
     result = ActivationEditing(layer="features.2", shift=shift).defend(
-        edited, UnseenData(unseen.images.float() / 255, unseen.labels), BackdoorKnowledge.of(trigger or BadNets(size=3), 0))
+        edited, UnseenData(unseen.images.float() / 255, unseen.labels), knowledge)
     return result.details, model, edited
 
 

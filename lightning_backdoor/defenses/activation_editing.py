@@ -432,14 +432,15 @@ class ActivationEditing(Defense):
             the target class (the report's ``mirrored_triggers`` says what it measured and did); ``True``: always;
             ``False``: never. Feature-space triggers and triggers that are their own mirror image are not mirrored.
         shift: pixels a random crop of the model's training may have moved the trigger by; ``None``: 1/8 of the
-            image's side, at least 1 (4 px on 32 x 32, the padding of the field's CIFAR crop). The edit also maps each trigger, and each mirror image it adds, moved by this many pixels
-            along each axis and both (:class:`~lightning_backdoor.triggers.Shifted`; up to 8 moves, those that
-            leave it unchanged or move it wholly out of the image skipped; local triggers only, whose mask averages
-            at most :data:`~lightning_backdoor.triggers.augmented.LOCAL_TRIGGER` over the image) where, before the edit, the move sends at
-            least :data:`MIRROR_SUCCESS` of U's non-target images to the target class (the report's
-            ``shifted_triggers``). On the CIFAR-10 BadNets model the patch moved 4 px inward succeeded on 84 % of the
-            held-out unseen images, and an edit without the moves left it at 9 % (floor 2 %); moves of 4 px also
-            removed those of 2 (docs/results/cifar10.md). ``0``: no moves.
+            image's side, at least 1 (4 px on 32 x 32, the padding of the field's CIFAR crop). The edit also maps
+            each local trigger (its mask averages at most
+            :data:`~lightning_backdoor.triggers.augmented.LOCAL_TRIGGER` over the image), and each mirror image it
+            adds, moved by this many pixels along each axis and both (:class:`~lightning_backdoor.triggers.Shifted`;
+            up to 8 moves, those that leave it unchanged or move it wholly out of the image skipped) where, before
+            the edit, the move sends at least :data:`MIRROR_SUCCESS` of U's non-target images to the target class
+            (the report's ``shifted_triggers``). On the CIFAR-10 BadNets model an edit without the moves left the
+            patch moved 4 px inward at 9 % ASR (floor 2 %); moves of 4 px also removed those of 2
+            (docs/results/cifar10.md). ``0``: no moves.
 
     Needs the trigger and target (:class:`BackdoorKnowledge`); without them, compose it with a trigger estimator:
     ``EstimateFirst(ActivationEditing(), TriggerEstimator())`` (what ``trigger_known=false`` does).
