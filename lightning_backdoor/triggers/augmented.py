@@ -53,9 +53,9 @@ class Shifted(Trigger):
 
     Training with random crops (padding 4 px, the field's CIFAR augmentation) after poisoning moves the trigger by
     up to 4 px in each direction, so the model learns it at those places. Measured on the CIFAR-10 BadNets model of
-    ``configs/cifar10``: the patch moved 4 px up and left succeeded on 84 % of the held-out unseen images, and the
-    edit with the trigger and its mirror image alone left it at 9 % (floor 2 %) (docs/results/cifar10.md). Not
-    registered by name: it wraps another trigger, which must act on pixels.
+    ``configs/cifar10``: the patch moved 4 px inward succeeded on 93 % of the test images, and an edit with the
+    trigger and its mirror image alone left it at 8.6 % (floor 1.9 %; docs/results/cifar10.md). Not registered by
+    name: it wraps another trigger, which must act on pixels.
 
     Args:
         trigger: the trigger to move (images (N, C, H, W) in [0, 1]).
