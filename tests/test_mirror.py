@@ -124,7 +124,7 @@ def test_the_moves_kept_are_those_that_change_the_image_and_the_trigger() -> Non
     assert distinct_shifts(Blended(alpha=0.2), 4, images) == []  # global: moved by 4 px, nearly itself
 
 
-def moved_edit(shift: int, trigger: Trigger | None = None) -> tuple[dict, nn.Module, nn.Module]:
+def moved_edit(shift: int, trigger: Trigger | list[Trigger] | None = None) -> tuple[dict, nn.Module, nn.Module]:
     """The digits model edited at its second conv (keys per position, so a moved patch has keys of its own) with
     ``shift`` and ``trigger`` (the 3x3 patch it was trained with); the details, the model before and after."""
     data = digits()
@@ -140,7 +140,8 @@ def moved_edit(shift: int, trigger: Trigger | None = None) -> tuple[dict, nn.Mod
 
 def test_the_edit_adds_the_moves_that_work_on_the_unseen_images() -> None:
     """Each local move is measured on U; those sending at least half of its non-target images to the target join
-    the edit and end at the floor on the test images; a global trigger is not moved; shift 0 measures nothing."""
+    the edit and end at the floor on the test images; a global trigger, and the several candidates of an estimate,
+    are not moved; shift 0 measures nothing."""
     details, model, edited = moved_edit(shift=2)
     facts = details["shifted_triggers"]
     assert {tuple(fact["shift"]) for fact in facts} <= {(dy, dx) for dy in (-2, 0, 2) for dx in (-2, 0, 2)}
@@ -158,3 +159,5 @@ def test_the_edit_adds_the_moves_that_work_on_the_unseen_images() -> None:
         assert trigger_success_rate(edited, trigger, 0, in_batches(images, labels)) <= floor + 0.05
     assert "shifted_triggers" not in moved_edit(shift=0)[0]
     assert "shifted_triggers" not in moved_edit(shift=2, trigger=Blended(alpha=0.2))[0]  # global: not moved
+    candidates = [BadNets(size=3), BadNets(size=2)]  # several (an estimate's candidates): not moved, at any shift
+    assert "shifted_triggers" not in moved_edit(shift=2, trigger=candidates)[0]

@@ -440,7 +440,9 @@ class ActivationEditing(Defense):
             the edit, the move sends at least :data:`MIRROR_SUCCESS` of U's non-target images to the target class
             (the report's ``shifted_triggers``). On the CIFAR-10 BadNets model an edit without the moves left the
             patch moved 4 px inward at 9 % ASR (floor 2 %); moves of 4 px also removed those of 2
-            (docs/results/cifar10.md). ``0``: no moves.
+            (docs/results/cifar10.md). Only a single given trigger is moved, not the several candidates of an
+            estimate: on that model their moves took the edit from seconds to 101 s (beside other jobs).
+            ``0``: no moves.
 
     Needs the trigger and target (:class:`BackdoorKnowledge`); without them, compose it with a trigger estimator:
     ``EstimateFirst(ActivationEditing(), TriggerEstimator())`` (what ``trigger_known=false`` does).
@@ -713,6 +715,8 @@ class ActivationEditing(Defense):
                 mirrored_from.append(index)
         shifts, moved = [], []
         distance = max(1, attacked.shape[-1] // 8) if self.shift is None else self.shift
+        if len(triggers) > 1:  # estimated candidates: their moves would multiply the edit's triggers (and seconds)
+            distance = 0
         origins = [(index, False) for index in range(len(triggers))] + [(index, True) for index in mirrored_from]
         for (index, is_mirror), trigger in zip(origins, triggers + added):
             for shifted in distinct_shifts(trigger, distance, attacked):
