@@ -46,7 +46,7 @@ def test_only_a_pixel_trigger_with_a_distinct_mirror_image_has_one_to_measure() 
 
 def defended(tmp_path: Path, flips: bool, mirror: bool | None) -> dict:
     """The mirror image alone: no moves (this max-pooled model takes the patch moved by 1 px as the patch, and the
-    moves, 16 triggers more, would share the edit's triggered term with it)."""
+    moves, 7 triggers more, would share the edit's triggered term with it)."""
     callback = DefenseCallback(defense=ActivationEditing(layer="fc", mirror=mirror, shift=0))
     callback.defend(trained(flips=flips), digits(), [], tmp_path / f"{flips}-{mirror}")
     return json.loads(callback.report_path.read_text())
