@@ -115,12 +115,24 @@ def test_a_moved_trigger_is_the_trigger_elsewhere_with_nothing_wrapped_across_th
     assert moved.min() >= 0 and moved.max() <= 1 and torch.equal(moved[..., :3], images[..., :3])
     with pytest.raises(ValueError, match="smaller than the image"):
         Shifted(corner, (0, 12)).check((3, 12, 12))
+    with pytest.raises(ValueError, match="smaller than the image"):
+        Shifted(corner, (0, 12))(images)  # nothing would be left of it
+    for shift in ((1.5, 0), (1, 2, 3), 4, (True, 0)):
+        with pytest.raises(ValueError, match="must be two integers"):
+            Shifted(corner, shift)
+    torch.testing.assert_close(Shifted(corner, (-1, -1))(images[0]), Shifted(corner, (-1, -1))(images)[0])  # (C, H, W)
 
 
 def test_the_moves_kept_are_those_that_change_the_image_and_the_trigger() -> None:
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     assert {tuple(move.shift) for move in distinct_shifts(BadNets(size=3), 4, images)} == {(-4, -4), (-4, 0), (0, -4)}
     assert distinct_shifts(BadNets(size=3), 0, images) == []
+    for distance, message in ((-4, "integer number of pixels"), (2.5, "integer number of pixels"),
+                              (32, "smaller than the images")):
+        with pytest.raises(ValueError, match=message):
+            distinct_shifts(BadNets(size=3), distance, images)
+    with pytest.raises(ValueError, match="a batch"):
+        distinct_shifts(BadNets(size=3), 4, images[0])
     assert distinct_shifts(Blended(alpha=0.2), 4, images) == []  # global: moved by 4 px, nearly itself
 
 
@@ -158,6 +170,11 @@ def test_the_edit_adds_the_moves_that_work_on_the_unseen_images() -> None:
         assert trigger_success_rate(model, trigger, 0, in_batches(images, labels)) >= 0.5
         assert trigger_success_rate(edited, trigger, 0, in_batches(images, labels)) <= floor + 0.05
     assert "shifted_triggers" not in moved_edit(shift=0)[0]
+    with pytest.raises(ValueError, match="shift=8 must be smaller than the unseen images' 8x8 pixels"):
+        moved_edit(shift=8)
+    for shift in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="must be an integer number of pixels"):
+            ActivationEditing(shift=shift)
     assert "shifted_triggers" not in moved_edit(shift=2, trigger=Blended(alpha=0.2))[0]  # global: not moved
     candidates = [BadNets(size=3), BadNets(size=2)]  # several (an estimate's candidates): not moved, at any shift
     assert "shifted_triggers" not in moved_edit(shift=2, trigger=candidates)[0]

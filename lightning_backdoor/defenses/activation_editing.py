@@ -431,8 +431,8 @@ class ActivationEditing(Defense):
             ``None``: when, before the edit, it sends at least :data:`MIRROR_SUCCESS` of U's non-target images to
             the target class (the report's ``mirrored_triggers`` says what it measured and did); ``True``: always;
             ``False``: never. Feature-space triggers and triggers that are their own mirror image are not mirrored.
-        shift: pixels a random crop of the model's training may have moved the trigger by; ``None``: 1/8 of the
-            image's side, at least 1 (4 px on 32 x 32, the padding of the field's CIFAR crop). The edit also maps
+        shift: pixels a random crop of the model's training may have moved the trigger by, smaller than the image;
+            ``None``: 1/8 of the image's width, at least 1 (4 px on 32 x 32, the padding of the field's CIFAR crop). The edit also maps
             each local trigger (its mask averages at most
             :data:`~lightning_backdoor.triggers.augmented.LOCAL_TRIGGER` over the image), and each mirror image it
             adds, moved by this many pixels along each axis and both (:class:`~lightning_backdoor.triggers.Shifted`;
@@ -505,8 +505,8 @@ class ActivationEditing(Defense):
             raise ValueError(f"mirror={mirror!r} must be true, false or null (when it works on the unseen split)")
         self.mirror = mirror
         if shift is not None and (isinstance(shift, bool) or not isinstance(shift, int) or shift < 0):
-            raise ValueError(f"shift={shift!r} must be a number of pixels >= 0 (0: the trigger is not moved) or "
-                             f"None/null (1/8 of the image's side)")
+            raise ValueError(f"shift={shift!r} must be an integer number of pixels >= 0 (0: the trigger is not "
+                             f"moved) or None/null (1/8 of the image's width)")
         self.shift = shift
 
     def defend(self, model: nn.Module, unseen: UnseenData, knowledge: BackdoorKnowledge | None) -> DefenseResult:
@@ -715,6 +715,9 @@ class ActivationEditing(Defense):
                 mirrored_from.append(index)
         shifts, moved = [], []
         distance = max(1, attacked.shape[-1] // 8) if self.shift is None else self.shift
+        if distance >= min(unseen.images.shape[-2:]):
+            raise ValueError(f"shift={distance} must be smaller than the unseen images' "
+                             f"{unseen.images.shape[-2]}x{unseen.images.shape[-1]} pixels")
         if len(triggers) > 1:  # estimated candidates: their moves would multiply the edit's triggers (and seconds)
             distance = 0
         origins = [(index, False) for index in range(len(triggers))] + [(index, True) for index in mirrored_from]

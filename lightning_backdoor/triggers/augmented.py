@@ -58,16 +58,23 @@ class Shifted(Trigger):
     name: it wraps another trigger, which must act on pixels.
 
     Args:
-        trigger: the trigger to move (images (N, C, H, W) in [0, 1]).
-        shift: (dy, dx) in pixels, each smaller than the image's side.
+        trigger: the trigger to move (images (N, C, H, W) or one (C, H, W), in [0, 1]).
+        shift: (dy, dx), two integers in pixels, each smaller in size than the image's height and width.
+
+    Raises:
+        ValueError: ``shift`` not two integers; on applying, a move as large as the image (nothing would be left).
     """
 
     def __init__(self, trigger: Trigger, shift: tuple[int, int]) -> None:
         super().__init__(trigger.seed)
+        if (not isinstance(shift, (tuple, list)) or len(shift) != 2
+                or not all(isinstance(value, int) and not isinstance(value, bool) for value in shift)):
+            raise ValueError(f"shift={shift!r} must be two integers (dy, dx) in pixels")
         self.trigger = trigger
-        self.shift = (int(shift[0]), int(shift[1]))
+        self.shift = (shift[0], shift[1])
 
     def apply(self, images: Tensor) -> Tensor:
+        self._check_size(images.shape[-2:])
         dy, dx = self.shift
         moved = images.roll((-dy, -dx), dims=(-2, -1))
         change = (self.trigger(moved) - moved).roll((dy, dx), dims=(-2, -1))
@@ -81,9 +88,11 @@ class Shifted(Trigger):
 
     def check(self, image_shape: tuple[int, int, int]) -> None:
         self.trigger.check(image_shape)
-        if abs(self.shift[0]) >= image_shape[1] or abs(self.shift[1]) >= image_shape[2]:
-            raise ValueError(f"shift {self.shift} must be smaller than the image's {image_shape[1]}x{image_shape[2]} "
-                             f"pixels")
+        self._check_size(image_shape[1:])
+
+    def _check_size(self, size: tuple[int, ...]) -> None:
+        if abs(self.shift[0]) >= size[0] or abs(self.shift[1]) >= size[1]:
+            raise ValueError(f"shift {self.shift} must be smaller than the image's {size[0]}x{size[1]} pixels")
 
     def _inside(self, size: torch.Size, device: torch.device, dtype: torch.dtype) -> Tensor:
         """(H, W): 1 where the moved change came from inside the image, 0 on the band it wrapped across."""
@@ -106,9 +115,20 @@ def distinct_shifts(trigger: Trigger, distance: int, images: Tensor) -> list[Shi
     moves: (±d, 0), (0, ±d), (±d, ±d)), each kept when it differs, on the first two of ``images`` ((N, C, H, W) in
     [0, 1]), both from the trigger (a pattern constant along that axis) and from the images untouched (a patch moved
     wholly out of the image); ``[]`` for ``distance`` 0, a global trigger (no mask, or a wide one) or a feature-space
-    trigger."""
-    if distance <= 0 or len(images) == 0:
+    trigger.
+
+    Raises:
+        ValueError: ``distance`` not an integer >= 0, or not smaller than the images; ``images`` not (N, C, H, W).
+    """
+    if isinstance(distance, bool) or not isinstance(distance, int) or distance < 0:
+        raise ValueError(f"distance={distance!r} must be an integer number of pixels >= 0")
+    if images.dim() != 4:
+        raise ValueError(f"images must be a batch (N, C, H, W); got shape {tuple(images.shape)}")
+    if distance == 0 or len(images) == 0:
         return []
+    if distance >= min(images.shape[-2:]):
+        raise ValueError(f"distance={distance} must be smaller than the images' {images.shape[-2]}x{images.shape[-1]} "
+                         f"pixels (every move would leave the image)")
     mask = trigger.mask(tuple(images.shape[1:]))
     if mask is None or float(mask.float().mean()) > LOCAL_TRIGGER:
         return []
