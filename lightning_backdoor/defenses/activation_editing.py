@@ -432,8 +432,8 @@ class ActivationEditing(Defense):
             the target class (the report's ``mirrored_triggers`` says what it measured and did); ``True``: always;
             ``False``: never. Feature-space triggers and triggers that are their own mirror image are not mirrored.
         shift: pixels a random crop of the model's training may have moved the trigger by, smaller than the image;
-            ``None``: 1/8 of the image's width, at least 1 (4 px on 32 x 32, the padding of the field's CIFAR crop). The edit also maps
-            each local trigger (its mask averages at most
+            ``None``: 1/8 of the image's width, at least 1 (4 px on 32 x 32, the padding of the field's CIFAR
+            crop). The edit also maps each local trigger (its mask averages at most
             :data:`~lightning_backdoor.triggers.augmented.LOCAL_TRIGGER` over the image), and each mirror image it
             adds, moved by this many pixels along each axis and both (:class:`~lightning_backdoor.triggers.Shifted`;
             up to 8 moves, those that leave it unchanged or move it wholly out of the image skipped) where, before
@@ -714,12 +714,14 @@ class ActivationEditing(Defense):
                 added.append(mirrored)
                 mirrored_from.append(index)
         shifts, moved = [], []
-        distance = max(1, attacked.shape[-1] // 8) if self.shift is None else self.shift
-        if distance >= min(unseen.images.shape[-2:]):
-            raise ValueError(f"shift={distance} must be smaller than the unseen images' "
+        images = unseen.images.dim() == 4
+        side = min(unseen.images.shape[-2:]) if images else 0
+        if self.shift is not None and images and self.shift >= side:
+            raise ValueError(f"shift={self.shift} must be smaller than the unseen images' "
                              f"{unseen.images.shape[-2]}x{unseen.images.shape[-1]} pixels")
-        if len(triggers) > 1:  # estimated candidates: their moves would multiply the edit's triggers (and seconds)
-            distance = 0
+        distance = max(1, unseen.images.shape[-1] // 8) if self.shift is None and images else self.shift or 0
+        if distance >= side or len(triggers) > 1:  # no room (or not images); or an estimate's candidates,
+            distance = 0  # whose moves would multiply the edit's triggers and seconds
         origins = [(index, False) for index in range(len(triggers))] + [(index, True) for index in mirrored_from]
         for (index, is_mirror), trigger in zip(origins, triggers + added):
             for shifted in distinct_shifts(trigger, distance, attacked):
