@@ -5,7 +5,8 @@ unseen split, defend a copy of the poisoned model, and evaluate on the test spli
 settings without touching the test set, the same metrics on the *held-out* unseen images (the unseen split minus
 the ones the defense used); ``--selection`` evaluates on those alone and never loads the test set. Every
 evaluation also measures the ASR of the trigger's mirror image (``mirrored_asr``: models trained with random flips
-learn it) and, with ``--moves``, of the trigger moved as a random crop moves it (``moved_asr``). Prints a markdown table of mean ± std and writes every row as JSON.
+learn it) and, with ``--moves``, of the trigger moved as a random crop moves it (``moved_asr``). Prints a markdown
+table of mean ± std and writes every row as JSON.
 
     python benchmarks/defense_cifar10.py --attacks badnets blended --budgets 1 5 10 --seeds 0 1 2
 """
@@ -23,14 +24,11 @@ import torch
 
 from lightning_backdoor.data.poisoning import apply_trigger, to_float
 from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
-from lightning_backdoor.defenses.report import trigger_success_rate
-from lightning_backdoor.evaluation import evaluate, in_batches
+from lightning_backdoor.defenses.report import augmented_asr
+from lightning_backdoor.evaluation import evaluate
 from lightning_backdoor.io import atomic_json
 from lightning_backdoor.runs import instantiate_run
-from lightning_backdoor.triggers import distinct_mirror, distinct_shifts
-
-#: pixels the random crop of the CIFAR configs' training moves a trigger by at most (its padding)
-MEASURED_SHIFT = 4
+from lightning_backdoor.triggers import augmentation_images
 
 
 def forward_floor_seconds(model: torch.nn.Module, images: torch.Tensor, triggered: torch.Tensor) -> float:
@@ -53,23 +51,14 @@ def run(args: argparse.Namespace) -> list[dict]:
         module, data = instantiate_run(configs, Path(args.runs) / args.run_name.format(attack) / "checkpoints" / "poisoned.ckpt",
                                        overrides or None)
         network = module.net.float().eval()
-        probe = to_float(data.unseen_set(1, 0).images)
-        mirrored = distinct_mirror(data.trigger, probe)
-        moves = [move for trigger in (data.trigger, mirrored) if trigger is not None
-                 for move in distinct_shifts(trigger, MEASURED_SHIFT, probe)]
+        mirrored, moves = augmentation_images(data.trigger, to_float(data.unseen_set(1, 0).images))
 
         def scores(model: torch.nn.Module, split: tuple[torch.Tensor, ...]) -> dict:
             """The metrics on ``split`` (images, labels, triggered images, attack labels), the mirror image's ASR on
             the same images (when it differs from the trigger) and, with ``--moves``, the largest ASR of the
             trigger and its mirror image moved by 4 px (local triggers)."""
             values = evaluate(model, *split, data.num_classes, data.target_class, bf16=args.bf16)
-            if mirrored is not None:
-                values["mirrored_asr"] = trigger_success_rate(model, mirrored, data.target_class,
-                                                              in_batches(split[0], split[1]))
-            if moves and args.moves:
-                values["moved_asr"] = max(trigger_success_rate(model, move, data.target_class,
-                                                               in_batches(split[0], split[1])) for move in moves)
-            return values
+            return values | augmented_asr(model, mirrored, moves if args.moves else [], data.target_class, *split[:2])
 
         test = None if args.selection else data.test_dataset().tensors
         test_before = None if args.selection else scores(network, test)
@@ -126,7 +115,8 @@ def table(rows: list[dict]) -> str:
         return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
 
     lines = ["| attack | unseen/class | CA before | CA after | ASR before | ASR after | ASR floor | mirrored ASR before "
-             "| mirrored ASR after | moved ASR before | moved ASR after | RA after | TA before | TA after | repaired | defense s | 2 fwd passes s | ratio |",
+             "| mirrored ASR after | moved ASR before | moved ASR after | RA after | TA before | TA after | repaired | "
+             "defense s | 2 fwd passes s | ratio |",
              "|" + " --- |" * 18]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -160,10 +150,11 @@ def main() -> None:
     parser.add_argument("--no_repair", action="store_true")
     parser.add_argument("--mirror", type=lambda text: {"auto": None, "true": True, "false": False}[text], default=None,
                         help="auto (default: the mirrored trigger when it works on U), true or false")
-    parser.add_argument("--shift", type=int, default=4, help="ActivationEditing's shift in pixels (0: no moves)")
+    parser.add_argument("--shift", type=lambda text: None if text == "auto" else int(text), default=None,
+                        help="ActivationEditing's shift in pixels (auto, the default: 1/8 of the width; 0: no moves)")
     parser.add_argument("--moves", action="store_true",
-                        help=f"also measure moved_asr: the largest ASR of the trigger and its mirror image moved by "
-                             f"{MEASURED_SHIFT} px along each axis and both (local triggers; one pass per move)")
+                        help="also measure moved_asr: the largest ASR of the trigger and its mirror image moved by "
+                             "4 px along each axis and both (local triggers; one pass per move)")
     parser.add_argument("--batchnorm_prior", type=lambda text: None if text == "auto" else float(text), default=0.0,
                         help="weight of the BatchNorm prior in the preserved key moment (0: Ledoit-Wolf, the default; "
                              "auto: chosen by cross-validation on the unseen split)")

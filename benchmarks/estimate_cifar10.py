@@ -24,11 +24,11 @@ from lightning_backdoor.data.poisoning import to_float
 from lightning_backdoor.defenses import ActivationEditing, EstimateFirst, UnseenData
 from lightning_backdoor.defenses.estimation import TriggerEstimator, size_ratio
 from lightning_backdoor.defenses.outputs import save_image
-from lightning_backdoor.defenses.report import trigger_success_rate
-from lightning_backdoor.evaluation import evaluate, in_batches
+from lightning_backdoor.defenses.report import augmented_asr
+from lightning_backdoor.evaluation import evaluate
 from lightning_backdoor.io import atomic_json
 from lightning_backdoor.runs import instantiate_run
-from lightning_backdoor.triggers import distinct_mirror, distinct_shifts
+from lightning_backdoor.triggers import augmentation_images
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -40,21 +40,14 @@ def run(args: argparse.Namespace) -> list[dict]:
         network = module.net.float().eval()
         test = data.test_dataset().tensors
         unseen = data.unseen_set(args.budget, args.seed)
-        mirrored = distinct_mirror(data.trigger, to_float(unseen.images)) if data.poison_rate > 0 else None
-        moves = [move for trigger in (data.trigger, mirrored) if trigger is not None and args.moves
-                 and data.poison_rate > 0 for move in distinct_shifts(trigger, 4, to_float(unseen.images))]
+        mirrored, moves = (augmentation_images(data.trigger, to_float(unseen.images))
+                           if data.poison_rate > 0 else (None, []))
 
         def scores(model: torch.nn.Module) -> dict:
             """The test metrics, with the mirror image's ASR where the trigger has a distinct one and, with
             ``--moves``, the largest ASR of the trigger and its mirror image moved by 4 px (local triggers)."""
             values = evaluate(model, *test, data.num_classes, data.target_class, bf16=args.bf16)
-            if mirrored is not None:
-                values["mirrored_asr"] = trigger_success_rate(model, mirrored, data.target_class,
-                                                              in_batches(test[0], test[1]))
-            if moves:
-                values["moved_asr"] = max(trigger_success_rate(model, move, data.target_class,
-                                                               in_batches(test[0], test[1])) for move in moves)
-            return values
+            return values | augmented_asr(model, mirrored, moves if args.moves else [], data.target_class, *test[:2])
 
         before = scores(network)
         model = copy.deepcopy(network)
@@ -148,10 +141,10 @@ def main() -> None:
     parser.add_argument("--strength", type=lambda value: None if value == "cv" else float(value), default=10.0,
                         help="λ of the edit, or cv: chosen by cross-validation on the unseen split")
     parser.add_argument("--shift", type=lambda text: None if text == "auto" else int(text), default=None,
-                        help="ActivationEditing's shift in pixels (auto, the default: 1/8 of the side; 0: no moves)")
+                        help="ActivationEditing's shift in pixels (auto, the default: 1/8 of the width; 0: no moves)")
     parser.add_argument("--moves", action="store_true",
-                        help="also measure moved_asr: the largest ASR of the trigger and its mirror image moved by 4 px "
-                             "along each axis and both (local triggers; one test pass per move)")
+                        help="also measure moved_asr: the largest ASR of the trigger and its mirror image moved by "
+                             "4 px along each axis and both (local triggers; one test pass per move)")
     parser.add_argument("--bf16", action="store_true",
                         help="evaluate under bf16 autocast (about twice as fast on CPU; a prediction within bf16's "
                              "rounding can flip, lightning_backdoor.evaluation.evaluate)")

@@ -16,11 +16,11 @@ from torch import nn
 
 from lightning_backdoor import DefenseCallback
 from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
-from lightning_backdoor.defenses.report import mirror_left, trigger_success_rate
+from lightning_backdoor.defenses.report import augmented_asr, mirror_left, trigger_success_rate
 from lightning_backdoor.evaluation import in_batches
 from lightning_backdoor.defenses.inversion import FeatureTrigger
-from lightning_backdoor.triggers import (SIG, BadNets, Blended, Mirrored, Shifted, Trigger, distinct_mirror,
-                                        distinct_shifts)
+from lightning_backdoor.triggers import (SIG, BadNets, Blended, Mirrored, Shifted, Trigger, augmentation_images,
+                                        distinct_mirror, distinct_shifts)
 
 
 @pytest.mark.parametrize("trigger", [BadNets(size=3), Blended(alpha=0.2), SIG()], ids=["badnets", "blended", "sig"])
@@ -178,3 +178,21 @@ def test_the_edit_adds_the_moves_that_work_on_the_unseen_images() -> None:
     assert "shifted_triggers" not in moved_edit(shift=2, trigger=Blended(alpha=0.2))[0]  # global: not moved
     candidates = [BadNets(size=3), BadNets(size=2)]  # several (an estimate's candidates): not moved, at any shift
     assert "shifted_triggers" not in moved_edit(shift=2, trigger=candidates)[0]
+
+
+def test_the_benchmarks_measure_the_mirror_image_and_the_worst_move() -> None:
+    """A corner patch's mirror image and the 3 inward moves of each; the measured ASR of the worst move."""
+    mirrored, moves = augmentation_images(BadNets(size=3), torch.rand(2, 3, 32, 32))
+    assert isinstance(mirrored, Mirrored) and len(moves) == 6
+    assert {tuple(move.shift) for move in moves[3:]} == {(-4, 0), (-4, 4), (0, 4)}  # the mirror image's inward moves
+    assert augmentation_images(Blended(alpha=0.2), torch.rand(2, 3, 32, 32))[1] == []
+    data = digits()
+    data.setup("test")
+    images, labels = data.test_dataset().tensors[:2]
+    model = trained(flips=True).eval()
+    mirrored, moves = augmentation_images(BadNets(size=3), images[:2].float() / 255, distance=1)
+    values = augmented_asr(model, mirrored, moves, 0, images, labels)
+    each = [trigger_success_rate(model, move, 0, in_batches(images, labels)) for move in moves]
+    assert values == {"mirrored_asr": trigger_success_rate(model, mirrored, 0, in_batches(images, labels)),
+                      "moved_asr": max(each)}
+    assert augmented_asr(model, None, [], 0, images, labels) == {}

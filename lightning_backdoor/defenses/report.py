@@ -387,6 +387,20 @@ def trigger_success_rate(model: nn.Module, trigger: Trigger, target_class: int, 
     return metric.compute().item()
 
 
+def augmented_asr(model: nn.Module, mirrored: Trigger | None, moves: Sequence[Trigger], target_class: int,
+                  images: Tensor, labels: Tensor) -> dict[str, float]:
+    """``mirrored_asr`` (the mirror image's ASR, when given) and ``moved_asr`` (the largest ASR over ``moves``, when
+    any) on ``images`` (N, C, H, W), uint8 or in [0, 1], and their ``labels``, by :func:`trigger_success_rate`: one
+    pass per trigger (:func:`~lightning_backdoor.triggers.augmentation_images` makes them)."""
+    values = {}
+    if mirrored is not None:
+        values["mirrored_asr"] = trigger_success_rate(model, mirrored, target_class, in_batches(images, labels))
+    if moves:
+        values["moved_asr"] = max(trigger_success_rate(model, move, target_class, in_batches(images, labels))
+                                  for move in moves)
+    return values
+
+
 @dataclass
 class DefenseReport:
     """A defense run between two evaluations on the test split (no I/O): metrics as fractions in [0, 1].

@@ -147,3 +147,14 @@ def _distinct(trigger: Trigger, variant: Trigger, images: Tensor) -> Trigger | N
         return None
     images = images[:2].float()
     return None if torch.equal(variant(images), trigger(images)) else variant
+
+
+def augmentation_images(trigger: Trigger, images: Tensor, distance: int = 4) -> tuple[Mirrored | None, list[Shifted]]:
+    """What a flip and a crop of ``distance`` pixels (4: the padding of the field's CIFAR crop) make of ``trigger``,
+    to measure: its mirror image
+    (:func:`distinct_mirror`) and the moves of the trigger and of that mirror image (:func:`distinct_shifts`), decided
+    on the first two of ``images`` ((N, C, H, W) in [0, 1])."""
+    mirrored = distinct_mirror(trigger, images)
+    moves = [move for each in (trigger, mirrored) if each is not None
+             for move in distinct_shifts(each, distance, images)]
+    return mirrored, moves
