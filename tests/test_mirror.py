@@ -172,6 +172,8 @@ def test_the_edit_adds_the_moves_that_work_on_the_unseen_images() -> None:
     assert "shifted_triggers" not in moved_edit(shift=0)[0]
     with pytest.raises(ValueError, match="shift=8 must be smaller than the unseen images' 8x8 pixels"):
         moved_edit(shift=8)
+    with pytest.raises(ValueError, match="shift=8 must be smaller"):  # refused at setup, before any work
+        ActivationEditing(shift=8).check_model(model, torch.rand(2, 1, 8, 8))
     for shift in (-1, 2.5, True):
         with pytest.raises(ValueError, match="must be an integer number of pixels"):
             ActivationEditing(shift=shift)

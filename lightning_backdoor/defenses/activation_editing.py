@@ -551,12 +551,14 @@ class ActivationEditing(Defense):
             model.train(was_training)
 
     def check_model(self, model: nn.Module, images: Tensor) -> None:
-        """The layer (a name of ``model``'s editable layers, or the ``auto`` candidates) and, with a
-        ``batchnorm_prior`` weight > 0, a BatchNorm feeding it alone (:meth:`candidate_layers`).
+        """The layer (a name of ``model``'s editable layers, or the ``auto`` candidates), with a
+        ``batchnorm_prior`` weight > 0 a BatchNorm feeding it alone (:meth:`candidate_layers`), and a ``shift``
+        smaller than the images.
 
         Raises:
-            ValueError: (one line) as :meth:`candidate_layers` refuses.
+            ValueError: (one line) as :meth:`candidate_layers` refuses, or a ``shift`` as large as the images.
         """
+        self._shift_distance(images)
         self.candidate_layers(model, images.float())
 
     def candidate_layers(self, model: nn.Module, images: Tensor) -> list[str]:
@@ -714,14 +716,8 @@ class ActivationEditing(Defense):
                 added.append(mirrored)
                 mirrored_from.append(index)
         shifts, moved = [], []
-        images = unseen.images.dim() == 4
-        side = min(unseen.images.shape[-2:]) if images else 0
-        if self.shift is not None and images and self.shift >= side:
-            raise ValueError(f"shift={self.shift} must be smaller than the unseen images' "
-                             f"{unseen.images.shape[-2]}x{unseen.images.shape[-1]} pixels")
-        distance = max(1, unseen.images.shape[-1] // 8) if self.shift is None and images else self.shift or 0
-        if distance >= side or len(triggers) > 1:  # no room (or not images); or an estimate's candidates,
-            distance = 0  # whose moves would multiply the edit's triggers and seconds
+        # an estimate's candidates are not moved: their moves would multiply the edit's triggers and seconds
+        distance = self._shift_distance(unseen.images) if len(triggers) == 1 else 0
         origins = [(index, False) for index in range(len(triggers))] + [(index, True) for index in mirrored_from]
         for (index, is_mirror), trigger in zip(origins, triggers + added):
             for shifted in distinct_shifts(trigger, distance, attacked):
@@ -732,6 +728,22 @@ class ActivationEditing(Defense):
                 if included:
                     moved.append(shifted)
         return triggers + added + moved, mirrors, shifts
+
+    def _shift_distance(self, images: Tensor) -> int:
+        """The pixels ``shift`` moves a trigger by on ``images`` (N, C, H, W): 0 where there is no room (or the
+        inputs are not images).
+
+        Raises:
+            ValueError: a ``shift`` not smaller than the images.
+        """
+        if images.dim() != 4:
+            return 0
+        side = min(images.shape[-2:])
+        if self.shift is not None and self.shift >= side:
+            raise ValueError(f"shift={self.shift} must be smaller than the unseen images' "
+                             f"{images.shape[-2]}x{images.shape[-1]} pixels")
+        distance = max(1, images.shape[-1] // 8) if self.shift is None else self.shift
+        return distance if distance < side else 0
 
     @torch.no_grad()
     def _success(self, model: nn.Module, trigger: Trigger, attacked: Tensor, target_class: int) -> float:
