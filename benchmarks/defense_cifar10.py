@@ -25,7 +25,7 @@ import torch
 from lightning_backdoor.data.poisoning import apply_trigger, to_float
 from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
 from lightning_backdoor.defenses.report import augmented_asr
-from lightning_backdoor.evaluation import evaluate
+from lightning_backdoor.evaluation import evaluate, in_batches
 from lightning_backdoor.io import atomic_json
 from lightning_backdoor.runs import instantiate_run
 from lightning_backdoor.triggers import augmentation_images
@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             the same images (when it differs from the trigger) and, with ``--moves``, the largest ASR of the
             trigger and its mirror image moved by 4 px (local triggers)."""
             values = evaluate(model, *split, data.num_classes, data.target_class, bf16=args.bf16)
-            return values | augmented_asr(model, mirrored, moves if args.moves else [], data.target_class, *split[:2])
+            return values | augmented_asr(model, mirrored, moves if args.moves else [], data.target_class,
+                                          in_batches(*split[:2]))
 
         test = None if args.selection else data.test_dataset().tensors
         test_before = None if args.selection else scores(network, test)

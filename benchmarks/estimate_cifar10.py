@@ -25,7 +25,7 @@ from lightning_backdoor.defenses import ActivationEditing, EstimateFirst, Unseen
 from lightning_backdoor.defenses.estimation import TriggerEstimator, size_ratio
 from lightning_backdoor.defenses.outputs import save_image
 from lightning_backdoor.defenses.report import augmented_asr
-from lightning_backdoor.evaluation import evaluate
+from lightning_backdoor.evaluation import evaluate, in_batches
 from lightning_backdoor.io import atomic_json
 from lightning_backdoor.runs import instantiate_run
 from lightning_backdoor.triggers import augmentation_images
@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             """The test metrics, with the mirror image's ASR where the trigger has a distinct one and, with
             ``--moves``, the largest ASR of the trigger and its mirror image moved by 4 px (local triggers)."""
             values = evaluate(model, *test, data.num_classes, data.target_class, bf16=args.bf16)
-            return values | augmented_asr(model, mirrored, moves if args.moves else [], data.target_class, *test[:2])
+            return values | augmented_asr(model, mirrored, moves if args.moves else [], data.target_class,
+                                          in_batches(*test[:2]))
 
         before = scores(network)
         model = copy.deepcopy(network)

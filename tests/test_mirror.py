@@ -16,7 +16,8 @@ from torch import nn
 
 from lightning_backdoor import DefenseCallback
 from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
-from lightning_backdoor.defenses.report import augmented_asr, mirror_left, trigger_success_rate
+from lightning_backdoor.defenses.report import (TestData, augmented_asr, mirror_left, moved_left, run_defense,
+                                                trigger_success_rate)
 from lightning_backdoor.evaluation import in_batches
 from lightning_backdoor.defenses.inversion import FeatureTrigger
 from lightning_backdoor.triggers import (SIG, BadNets, Blended, Mirrored, Shifted, Trigger, augmentation_images,
@@ -193,8 +194,66 @@ def test_the_benchmarks_measure_the_mirror_image_and_the_worst_move() -> None:
     images, labels = data.test_dataset().tensors[:2]
     model = trained(flips=True).eval()
     mirrored, moves = augmentation_images(BadNets(size=3), images[:2].float() / 255, distance=1)
-    values = augmented_asr(model, mirrored, moves, 0, images, labels)
+    values = augmented_asr(model, mirrored, moves, 0, in_batches(images, labels))
     each = [trigger_success_rate(model, move, 0, in_batches(images, labels)) for move in moves]
     assert values == {"mirrored_asr": trigger_success_rate(model, mirrored, 0, in_batches(images, labels)),
                       "moved_asr": max(each)}
-    assert augmented_asr(model, None, [], 0, images, labels) == {}
+    assert augmented_asr(model, None, [], 0, in_batches(images, labels)) == {}
+
+
+def reported(defense: ActivationEditing, trigger: Trigger) -> tuple[dict, dict, nn.Module, Trigger | None, list]:
+    """``run_defense`` of the digits model with ``defense``, the test split triggered with ``trigger``: the report's
+    stages and details, the defended model, and the mirror image and moves the report measures (1 px on 8x8)."""
+    data = digits()
+    data.setup("fit")
+    data.setup("test")
+    unseen = data.unseen_set(10, 0)
+    images, labels = data.test_dataset().tensors[:2]
+    model = trained().eval()
+    test = TestData.from_clean(images, labels, trigger, 0, 10)
+    pixels = unseen.images.float() / 255
+    report = run_defense(model, defense, UnseenData(pixels, unseen.labels), BackdoorKnowledge.of(trigger, 0), test)
+    return report.stages, report.to_json(), model, *augmentation_images(trigger, pixels)
+
+
+def test_the_report_measures_the_worst_move_of_a_local_trigger_on_the_test_split() -> None:
+    """``moved_asr`` at each stage is the largest test ASR over the moves of the trigger and of its mirror image by
+    a crop's 1/8 of the width, as ``augmented_asr`` measures them on the defended model; the summary line shows it,
+    and the warning appears exactly when it stays 5 pt above the floor; a global trigger has no moves."""
+    stages, report, model, mirrored, moves = reported(ActivationEditing(layer="fc", shift=0), BadNets(size=3))
+    assert isinstance(mirrored, Mirrored) and {tuple(move.shift) for move in moves} >= {(-1, 0), (0, -1), (-1, -1)}
+    data = digits()
+    data.setup("test")
+    images, labels = data.test_dataset().tensors[:2]
+    measured = augmented_asr(model, mirrored, moves, 0, in_batches(images, labels))
+    assert stages["after"]["moved_asr"] == pytest.approx(measured["moved_asr"], abs=1e-6)
+    assert stages["after"]["mirrored_asr"] == pytest.approx(measured["mirrored_asr"], abs=1e-6)
+    assert stages["before"]["moved_asr"] >= 0.5, stages["before"]  # the patch moved by 1 px works on this model
+    warned = [line for line in report["warnings"] if line.startswith("the test trigger moved by 1 px")]
+    assert bool(warned) == (stages["after"]["moved_asr"] > stages["after"]["asr_floor"] + 0.05), (warned, stages)
+    assert not any("moved" in line for line in report["warnings"] if line not in warned)
+    stages, report, *_ = reported(ActivationEditing(layer="fc", shift=0), Blended(alpha=0.2))
+    assert "moved_asr" not in stages["before"] and "moved_asr" not in stages["after"]
+
+
+def test_the_warning_about_moves_says_what_the_edit_did_with_them() -> None:
+    after = {"moved_asr": 0.12, "asr_floor": 0.01}
+    start = ("the test trigger moved by 4 px (as a random crop of the training images moves it) still succeeds on "
+             "12.0 % of the test images not of the target class after the defense (floor 1.0 %)")
+    assert moved_left(after, 4).startswith(start)
+    assert moved_left(after, 4).endswith("edit with the moves: ActivationEditing's shift (defend: --defense.shift N; "
+                                         "its default, null, moves a local trigger by 1/8 of the image width; 0 turns "
+                                         "the moves off)")
+    included = {"shifted_triggers": [{"success_on_unseen": 0.9, "included": True},
+                                     {"success_on_unseen": 0.2, "included": False}]}
+    assert moved_left(after, 4, included).endswith("reduced it only: more unseen images may remove more")
+    left_out = {"shifted_triggers": [{"success_on_unseen": 0.3, "included": False},
+                                     {"success_on_unseen": 0.42, "included": False}]}
+    assert moved_left(after, 4, left_out).endswith("none worked on 50 % of the unseen images (largest 42 %)")
+    assert moved_left(after, 4, {"trigger_known": False}).endswith(
+        "an estimate's several candidates are not moved: defend with the trigger known if you have it")
+    assert moved_left(after, 4, {}, "FineTuning").endswith("this defense did not remove it")
+    assert mirror_left({"mirrored_asr": 0.3, "asr_floor": 0.0}, {}, "FinePruning").endswith(
+        "this defense did not remove it")
+    assert moved_left({"moved_asr": 0.06, "asr_floor": 0.01}, 4) is None  # within 5 pt of the floor
+    assert moved_left({"asr_floor": 0.01}, 4) is None  # not measured

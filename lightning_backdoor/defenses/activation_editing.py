@@ -30,7 +30,7 @@ from lightning_backdoor.defenses.prior import batchnorm_key_prior, feeding_batch
 from lightning_backdoor.defenses.residual import residual_branch_of
 from lightning_backdoor.defenses.suffix import MEMORY_FRACTION as SUFFIX_MEMORY_FRACTION
 from lightning_backdoor.defenses.suffix import SuffixPasses
-from lightning_backdoor.triggers import Trigger, acts_on_pixels, distinct_mirror, distinct_shifts
+from lightning_backdoor.triggers import Trigger, acts_on_pixels, crop_distance, distinct_mirror, distinct_shifts
 
 REPAIR_WEIGHTS = (1.0, 4.0, 16.0, 64.0, 256.0)
 #: the default tolerance τ of the repair's signal and guard (the guard's, too, when a negative one forces the repair)
@@ -730,20 +730,18 @@ class ActivationEditing(Defense):
         return triggers + added + moved, mirrors, shifts
 
     def _shift_distance(self, images: Tensor) -> int:
-        """The pixels ``shift`` moves a trigger by on ``images`` (N, C, H, W): 0 where there is no room (or the
-        inputs are not images).
+        """The pixels ``shift`` moves a trigger by on ``images`` (N, C, H, W); for ``shift=None``
+        :func:`~lightning_backdoor.triggers.crop_distance` (0 where there is no room, or the inputs are not images).
 
         Raises:
             ValueError: a ``shift`` not smaller than the images.
         """
-        if images.dim() != 4:
-            return 0
-        side = min(images.shape[-2:])
-        if self.shift is not None and self.shift >= side:
+        if self.shift is None or images.dim() != 4:
+            return crop_distance(images)
+        if self.shift >= min(images.shape[-2:]):
             raise ValueError(f"shift={self.shift} must be smaller than the unseen images' "
                              f"{images.shape[-2]}x{images.shape[-1]} pixels")
-        distance = max(1, images.shape[-1] // 8) if self.shift is None else self.shift
-        return distance if distance < side else 0
+        return self.shift
 
     @torch.no_grad()
     def _success(self, model: nn.Module, trigger: Trigger, attacked: Tensor, target_class: int) -> float:

@@ -20,7 +20,7 @@ from lightning_backdoor.defenses.base import BackdoorKnowledge, Defense, Defense
 from lightning_backdoor.evaluation import EVAL_BATCH_SIZE, EvalBatch, evaluate_batches, in_batches
 from lightning_backdoor.metrics import AttackSuccessRate, defense_effectiveness_rating
 from lightning_backdoor.provenance import environment
-from lightning_backdoor.triggers import Trigger, distinct_mirror
+from lightning_backdoor.triggers import Trigger, augmentation_images, crop_distance
 
 #: A model whose accuracy is this likely (or likelier) under guessing is not told apart from chance.
 CHANCE_P_VALUE = 0.01
@@ -30,10 +30,10 @@ CHANCE_MARGIN = 0.1
 STAGE_TITLES = {"before": "before", "after_edit": "after edit", "after": "after repair"}
 #: Titles of the report's metrics in tables and plots.
 METRIC_TITLES = {"clean_acc": "CA", "asr": "ASR", "asr_floor": "ASR floor", "robust_acc": "RA", "target_acc": "TA",
-                 "mirrored_asr": "mirrored ASR", "estimated_asr": "estimated trigger's ASR"}
-#: Stage metrics besides ``METRIC_NAMES``, each where it was measured: the test trigger's mirror image's ASR, and the
-#: estimated trigger's when the true ASR could not be measured.
-EXTRA_METRICS = ("mirrored_asr", "estimated_asr")
+                 "mirrored_asr": "mirrored ASR", "moved_asr": "moved ASR", "estimated_asr": "estimated trigger's ASR"}
+#: Stage metrics besides ``METRIC_NAMES``, each where it was measured: the test trigger's mirror image's ASR, the
+#: largest ASR of its moves by a crop, and the estimated trigger's when the true ASR could not be measured.
+EXTRA_METRICS = ("mirrored_asr", "moved_asr", "estimated_asr")
 
 
 @dataclass
@@ -51,7 +51,9 @@ class TestData:
         target_class: the true target class (``None``: all-to-all or unknown; then no target-class accuracy).
         classes: the K labels' names, in label order, for the warnings (``None``: labels by index only).
         trigger: the trigger the triggered half carries, when known: the ASR of its mirror image is measured too
-            (``mirrored_asr``; a model trained with random flips learns it, see ``triggers.Mirrored``).
+            (``mirrored_asr``; a model trained with random flips learns it, see ``triggers.Mirrored``), and for a
+            local trigger the largest ASR of it and its mirror image moved by a crop (``moved_asr``; moves of
+            :func:`~lightning_backdoor.triggers.crop_distance` pixels, see ``triggers.Shifted``).
     """
 
     batches: Iterable[EvalBatch]
@@ -157,19 +159,21 @@ def backdoor_left(before: dict[str, float], after: dict[str, float], details: di
             f"floor ({100 * after['asr_floor']:.1f} %) on the test images; {advice} may remove more{unknown}")
 
 
-def mirror_left(after: dict[str, float], details: dict[str, Any] | None = None) -> str | None:
+def mirror_left(after: dict[str, float], details: dict[str, Any] | None = None, method: str = "editing"
+                ) -> str | None:
     """A warning when the test trigger's mirror image still succeeds after the defense (more than
     :data:`ASR_LEFT_WARNING` above the floor): the model learnt it from training with random flips, and an attacker
     can use it as well as the trigger. The advice depends on whether the edit included it (``details``'
-    ``mirrored_triggers``). ``None`` otherwise, or when it was not measured."""
+    ``mirrored_triggers``; ``method``: the defense's, whose advice names the edit's options only when it is the
+    edit). ``None`` otherwise, or when it was not measured."""
     if "mirrored_asr" not in after or "asr_floor" not in after:
         return None
     left, floor = after["mirrored_asr"], after["asr_floor"]
     if left <= floor + ASR_LEFT_WARNING:
         return None
     line = (f"the test trigger's mirror image (flipped left-right) still succeeds on {100 * left:.1f} % of the test "
-            f"images not of the target class after the defense (floor {100 * floor:.1f} %): a model trained with random flips learns it too, "
-            f"and an attacker can use it; ")
+            f"images not of the target class after the defense (floor {100 * floor:.1f} %): a model trained with "
+            f"random flips learns it too, and an attacker can use it; ")
     facts = (details or {}).get("mirrored_triggers", [])
     if any(fact["included"] for fact in facts):
         return line + "the edit mapped it to clean values too, and reduced it only: more unseen images may remove more"
@@ -178,8 +182,43 @@ def mirror_left(after: dict[str, float], details: dict[str, Any] | None = None) 
                              if fact["success_on_unseen"] is not None)
         return line + (f"it was left out of the edit, as it worked on {measured} of the unseen images only (below "
                        f"50 %): edit with mirror: true (defend: --defense.mirror true)")
+    if not method.startswith("editing"):
+        return line + "this defense did not remove it"
     return line + "edit with mirror: true (ActivationEditing; defend: --defense.mirror true; its default, null, " \
                   "adds it when it works on the unseen images)"
+
+
+def moved_left(after: dict[str, float], distance: int, details: dict[str, Any] | None = None,
+               method: str = "editing") -> str | None:
+    """A warning when the test trigger (or its mirror image) moved by ``distance`` pixels, as a random crop of the
+    training images moves it, still succeeds after the defense: ``moved_asr``, the largest over the moves, more than
+    :data:`ASR_LEFT_WARNING` above the floor. The advice depends on what the edit did with the moves (``details``'
+    ``shifted_triggers``; ``method`` as for :func:`mirror_left`). ``None`` otherwise, or when it was not measured."""
+    if "moved_asr" not in after or "asr_floor" not in after:
+        return None
+    left, floor = after["moved_asr"], after["asr_floor"]
+    if left <= floor + ASR_LEFT_WARNING:
+        return None
+    line = (f"the test trigger moved by {distance} px (as a random crop of the training images moves it) still "
+            f"succeeds on {100 * left:.1f} % of the test images not of the target class after the defense (floor "
+            f"{100 * floor:.1f} %): a model trained with random crops learns it there too, and an attacker can use "
+            f"it; ")
+    details = details or {}
+    facts = details.get("shifted_triggers", [])
+    if any(fact["included"] for fact in facts):
+        return line + ("the edit mapped the moves that worked on the unseen images to clean values too, and reduced "
+                       "it only: more unseen images may remove more")
+    if facts:
+        largest = max(fact["success_on_unseen"] for fact in facts)
+        return line + (f"the edit left the moves out, as none worked on 50 % of the unseen images (largest "
+                       f"{100 * largest:.0f} %)")
+    if not method.startswith("editing"):
+        return line + "this defense did not remove it"
+    if details.get("trigger_known") is False:
+        return line + ("the trigger was estimated, and an estimate's several candidates are not moved: defend with "
+                       "the trigger known if you have it")
+    return line + ("edit with the moves: ActivationEditing's shift (defend: --defense.shift N; its default, null, "
+                   "moves a local trigger by 1/8 of the image width; 0 turns the moves off)")
 
 
 def trigger_inactive(before: dict[str, float], method: str = "editing") -> str | None:
@@ -370,7 +409,7 @@ class SharedImages:
 def trigger_success_rate(model: nn.Module, trigger: Trigger, target_class: int, batches: Iterable[EvalBatch]) -> float:
     """The fraction of the images in ``batches`` (:class:`TestData`'s; the clean images and labels are read) not of
     ``target_class`` that ``model`` assigns to ``target_class`` once ``trigger`` is applied (attached to the model
-    for a feature-space trigger)."""
+    for a feature-space trigger); 0 when every image is of ``target_class``."""
     metric = AttackSuccessRate(sync_on_compute=False)
     device = next(model.parameters()).device
     was_training = model.training
@@ -378,26 +417,28 @@ def trigger_success_rate(model: nn.Module, trigger: Trigger, target_class: int, 
     try:
         with trigger.attached(model):
             for images, labels, *_ in batches:
-                attack = torch.where(labels == target_class, torch.full_like(labels, -1),
-                                     torch.full_like(labels, target_class))
+                attacked = labels != target_class  # only these count: the target class's images are not run
+                if not attacked.any():
+                    continue
+                images = images[attacked]
                 pixels = (images.float() / 255 if images.dtype == torch.uint8 else images.float()).to(device)
-                metric.update(model(trigger(pixels)).float().cpu(), attack.cpu())
+                metric.update(model(trigger(pixels)).float().cpu(), torch.full_like(labels[attacked], target_class))
     finally:
         model.train(was_training)
     return metric.compute().item()
 
 
 def augmented_asr(model: nn.Module, mirrored: Trigger | None, moves: Sequence[Trigger], target_class: int,
-                  images: Tensor, labels: Tensor) -> dict[str, float]:
+                  batches: Iterable[EvalBatch]) -> dict[str, float]:
     """``mirrored_asr`` (the mirror image's ASR, when given) and ``moved_asr`` (the largest ASR over ``moves``, when
-    any) on ``images`` (N, C, H, W), uint8 or in [0, 1], and their ``labels``, by :func:`trigger_success_rate`: one
-    pass per trigger (:func:`~lightning_backdoor.triggers.augmentation_images` makes them)."""
+    any) on re-iterable ``batches`` (:class:`TestData`'s, or :func:`~lightning_backdoor.evaluation.in_batches` of
+    images (N, C, H, W), uint8 or in [0, 1], and labels), by :func:`trigger_success_rate`: one pass per trigger
+    (:func:`~lightning_backdoor.triggers.augmentation_images` makes them)."""
     values = {}
     if mirrored is not None:
-        values["mirrored_asr"] = trigger_success_rate(model, mirrored, target_class, in_batches(images, labels))
+        values["mirrored_asr"] = trigger_success_rate(model, mirrored, target_class, batches)
     if moves:
-        values["moved_asr"] = max(trigger_success_rate(model, move, target_class, in_batches(images, labels))
-                                  for move in moves)
+        values["moved_asr"] = max(trigger_success_rate(model, move, target_class, batches) for move in moves)
     return values
 
 
@@ -467,9 +508,9 @@ class DefenseReport:
 
     def summary_line(self) -> str:
         """``ASR a -> b (floor f), CA c -> d, TA e -> g`` (fractions; f: the defended model's ASR floor, what b is to
-        be read against; the mirrored trigger's ASR after the floor where measured; TA where the target class is
-        known); without a test trigger, the estimated trigger's ASR
-        and a note that the true ASR was not measured."""
+        be read against; the mirrored and the moved trigger's ASR after the floor where measured; TA where the target
+        class is known); without a test trigger, the estimated trigger's ASR and a note that the true ASR was not
+        measured."""
         before, after = self.before, self.after
         clean = f"CA {before['clean_acc']:.4f} -> {after['clean_acc']:.4f}"
         if "target_acc" in before and "target_acc" in after:
@@ -478,7 +519,9 @@ class DefenseReport:
             floor = f" (floor {after['asr_floor']:.4f})" if "asr_floor" in after else ""
             mirrored = (f", mirrored ASR {before['mirrored_asr']:.4f} -> {after['mirrored_asr']:.4f}"
                         if "mirrored_asr" in before and "mirrored_asr" in after else "")
-            return f"ASR {before['asr']:.4f} -> {after['asr']:.4f}{floor}{mirrored}, {clean}"
+            moved = (f", moved ASR {before['moved_asr']:.4f} -> {after['moved_asr']:.4f}"
+                     if "moved_asr" in before and "moved_asr" in after else "")
+            return f"ASR {before['asr']:.4f} -> {after['asr']:.4f}{floor}{mirrored}{moved}, {clean}"
         if "estimated_asr" in before:
             return (f"true ASR not measured (no trigger for the test images); estimated trigger toward class "
                     f"{self.estimated_target}: ASR {before['estimated_asr']:.4f} -> {after['estimated_asr']:.4f}, "
@@ -486,13 +529,16 @@ class DefenseReport:
         return f"true ASR not measured (no trigger for the test images; none estimated), {clean}"
 
 
-def _mirror_to_measure(test: TestData, unseen: Tensor) -> Trigger | None:
-    """The test trigger's mirror image, when the test trigger is known toward one target, acts on pixels and is not
-    its own mirror image (compared on two of the ``unseen`` images, so the test loader is not read for it); else
-    ``None``. It is measured only where the batches carry the triggered half (the true ASR is measured)."""
+def _augmentations_to_measure(test: TestData, unseen: Tensor) -> tuple[Trigger | None, list[Trigger], int]:
+    """The test trigger's mirror image and the moves of both by :func:`~lightning_backdoor.triggers.crop_distance`
+    pixels (:func:`~lightning_backdoor.triggers.augmentation_images`, decided on two of the ``unseen`` images, so the
+    test loader is not read for it) and that distance, when the test trigger is known toward one target; else
+    ``(None, [], 0)``. They are measured only where the batches carry the triggered half (the true ASR is
+    measured)."""
     if test.trigger is None or test.target_class is None:
-        return None
-    return distinct_mirror(test.trigger, unseen)
+        return None, [], 0
+    distance = crop_distance(unseen)
+    return *augmentation_images(test.trigger, unseen, distance), distance
 
 
 def run_defense(model: nn.Module, defense: Defense, unseen: UnseenData, knowledge: BackdoorKnowledge | None,
@@ -503,17 +549,19 @@ def run_defense(model: nn.Module, defense: Defense, unseen: UnseenData, knowledg
     Without a test trigger (no triggered half in ``test.batches``) the true ASR cannot be measured: each stage then
     holds ``estimated_asr``, the success of the trigger the defense *estimated* toward its estimated target, when it
     estimated one. With the test trigger known (``test.trigger``), each stage also holds ``mirrored_asr``, its
-    mirror image's ASR (a model trained with random flips learns it too). ``after_defense`` runs right after the
+    mirror image's ASR (a model trained with random flips learns it too) and, for a local trigger, ``moved_asr``:
+    the largest ASR of it and its mirror image moved by a random crop's few pixels (learnt the same way; one test
+    pass per move, up to 16). ``after_defense`` runs right after the
     defense, before the evaluation after it (e.g. rounding the weights to the dtype the model stores them in).
     """
-    mirror = _mirror_to_measure(test, unseen.images)
+    mirror, moves, distance = _augmentations_to_measure(test, unseen.images)
 
     def scores(network: nn.Module, confusion: bool = False,
                inspect: Callable[[Tensor], None] | None = None) -> dict[str, Any]:
         values = evaluate_batches(network, test.batches, test.num_classes, test.target_class, confusion=confusion,
                                   inspect=inspect)
-        if mirror is not None and "asr" in values:
-            values["mirrored_asr"] = trigger_success_rate(network, mirror, test.target_class, test.batches)
+        if "asr" in values and test.target_class is not None:
+            values |= augmented_asr(network, mirror, moves, test.target_class, test.batches)
         return values
 
     shared = SharedImages(unseen.images)
@@ -537,7 +585,8 @@ def run_defense(model: nn.Module, defense: Defense, unseen: UnseenData, knowledg
         report.der = defense_effectiveness_rating(before["asr"], after["asr"], before["clean_acc"], after["clean_acc"])
         for warning in (trigger_inactive(before, result.method),
                         backdoor_left(before, after, result.details, result.method),
-                        mirror_left(after, result.details)):
+                        mirror_left(after, result.details, result.method),
+                        moved_left(after, distance, result.details, result.method)):
             if warning is not None:
                 report.warnings.append(warning)
     elif result.method.endswith("/no_backdoor_found"):

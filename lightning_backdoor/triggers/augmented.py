@@ -149,11 +149,21 @@ def _distinct(trigger: Trigger, variant: Trigger, images: Tensor) -> Trigger | N
     return None if torch.equal(variant(images), trigger(images)) else variant
 
 
-def augmentation_images(trigger: Trigger, images: Tensor, distance: int = 4) -> tuple[Mirrored | None, list[Shifted]]:
-    """What a flip and a crop of ``distance`` pixels (4: the padding of the field's CIFAR crop) make of ``trigger``,
-    to measure: its mirror image
-    (:func:`distinct_mirror`) and the moves of the trigger and of that mirror image (:func:`distinct_shifts`), decided
-    on the first two of ``images`` ((N, C, H, W) in [0, 1])."""
+def crop_distance(images: Tensor) -> int:
+    """The pixels the field's random crop moves ``images`` (N, C, H, W) by: 1/8 of their width, at least 1 (4 px on
+    32x32: CIFAR's padding of 4); 0 where that is not smaller than the images, or for inputs that are not images."""
+    if images.dim() != 4:
+        return 0
+    distance = max(1, images.shape[-1] // 8)
+    return distance if distance < min(images.shape[-2:]) else 0
+
+
+def augmentation_images(trigger: Trigger, images: Tensor, distance: int | None = None
+                        ) -> tuple[Mirrored | None, list[Shifted]]:
+    """What a flip and a crop of ``distance`` pixels (``None``: :func:`crop_distance`) make of ``trigger``, to
+    measure: its mirror image (:func:`distinct_mirror`) and the moves of the trigger and of that mirror image
+    (:func:`distinct_shifts`), decided on the first two of ``images`` ((N, C, H, W) in [0, 1])."""
+    distance = crop_distance(images) if distance is None else distance
     mirrored = distinct_mirror(trigger, images)
     moves = [move for each in (trigger, mirrored) if each is not None
              for move in distinct_shifts(each, distance, images)]
