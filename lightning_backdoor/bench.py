@@ -28,20 +28,19 @@ from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 from torch import nn
 
 from lightning_backdoor.backdoor_cli import PARSER_KWARGS, BackdoorCLI, with_closest_option
-from lightning_backdoor.data.poisoning import apply_trigger
 from lightning_backdoor.defenses.base import DEFENSES, BackdoorKnowledge, Defense, UnseenData, defense_name
-from lightning_backdoor.defenses.report import near_chance
-from lightning_backdoor.evaluation import evaluate
+from lightning_backdoor.defenses.report import augmented_asr, near_chance
+from lightning_backdoor.evaluation import evaluate, in_batches
 from lightning_backdoor.io import atomic_write
 from lightning_backdoor.metrics import defense_effectiveness_rating
 from lightning_backdoor.precision import use_bf16
 from lightning_backdoor.registry import Registry
 from lightning_backdoor.runs import config_key, find_existing_run, instantiate_run, run_checkpoint, training_config
-from lightning_backdoor.triggers import Mirrored
+from lightning_backdoor.triggers import augmentation_images
 
 COLUMNS = ("attack", "defense", "unseen_per_class", "seed", "num_unseen", "clean_acc", "asr", "asr_floor",
-           "robust_acc", "target_acc", "mirrored_asr", "der", "seconds", "clean_acc_before", "asr_before",
-           "target_acc_before", "mirrored_asr_before", "run", "test_images", "test_precision", "settings")
+           "robust_acc", "target_acc", "mirrored_asr", "moved_asr", "der", "seconds", "clean_acc_before", "asr_before",
+           "target_acc_before", "mirrored_asr_before", "moved_asr_before", "run", "test_images", "test_precision", "settings")
 #: written into a model's cache folder once its training has finished
 COMPLETE = "bench_complete.json"
 #: Below this ASR before any defense a poisoned model has no backdoor to remove: the bench says so.
@@ -180,9 +179,9 @@ class Bench:
         return run_dir, configs
 
     def load(self, attack: str) -> tuple[Path, nn.Module, Any, tuple, tuple, dict[str, Any]]:
-        """``attack``'s run folder, poisoned network (float, eval), data module, test tensors, the same with the
-        trigger's mirror image (:class:`~lightning_backdoor.triggers.Mirrored`) for the triggered half, and the
-        metrics (with ``mirrored_asr``)."""
+        """``attack``'s run folder, poisoned network (float, eval), data module, test tensors, the trigger's mirror
+        image and moves (:func:`~lightning_backdoor.triggers.augmentation_images`) and the metrics (with
+        ``mirrored_asr`` and ``moved_asr`` where the trigger has them)."""
         run_dir, configs = self.model_run(attack)
         module, data = instantiate_run(configs, run_checkpoint(run_dir), self.settings.overrides)
         network = module.net.float().eval()
@@ -191,12 +190,13 @@ class Bench:
             order = torch.randperm(len(test[0]), generator=torch.Generator().manual_seed(0))
             subset = order[:self.settings.test_images]
             test = tuple(tensor[subset] for tensor in test)
-        mirrored = (test[0], test[1], apply_trigger(Mirrored(data.trigger), test[0]), test[3])
-        before = evaluate(network, *test, data.num_classes, data.target_class, bf16=self.settings.bf16)
-        before["mirrored_asr"] = evaluate(network, *mirrored, data.num_classes, data.target_class,
-                                          bf16=self.settings.bf16)["asr"]
-        self.log(f"[bench] {attack}: before any defense CA {before['clean_acc']:.4f} ASR {before['asr']:.4f} "
-                 f"(mirrored trigger {before['mirrored_asr']:.4f}) on {len(test[0])} test images "
+        augmented = augmentation_images(data.trigger, test[0][:2].float() / 255)
+        before = self.scores(network, data, test, augmented)
+        extra = "".join(f", {title} {before[name]:.4f}" for name, title in (("mirrored_asr", "mirrored trigger"),
+                                                                           ("moved_asr", "worst move"))
+                        if name in before)
+        self.log(f"[bench] {attack}: before any defense CA {before['clean_acc']:.4f} ASR {before['asr']:.4f}"
+                 f"{extra} on {len(test[0])} test images "
                  f"({'bf16' if self.settings.bf16 else 'float32'})")
         total = len(test[0])
         if near_chance(round(before["clean_acc"] * total), total, data.num_classes):
@@ -205,7 +205,14 @@ class Bench:
         elif before["asr"] < MIN_ASR:
             self.log(f"[bench] warning: {attack}'s poisoned model has no working backdoor (ASR {before['asr']:.4f} "
                      f"before any defense): its rows measure nothing; train it longer")
-        return run_dir, network, data, test, mirrored, before
+        return run_dir, network, data, test, augmented, before
+
+    def scores(self, model: nn.Module, data: Any, test: tuple, augmented: tuple) -> dict[str, Any]:
+        """The test metrics of ``model`` and, where the trigger has them (``augmented``:
+        :func:`~lightning_backdoor.triggers.augmentation_images`'), ``mirrored_asr`` and ``moved_asr``."""
+        values = evaluate(model, *test, data.num_classes, data.target_class, bf16=self.settings.bf16)
+        return values | augmented_asr(model, *augmented, data.target_class, in_batches(*test[:2]),
+                                      bf16=self.settings.bf16)
 
     def run(self) -> list[dict[str, Any]]:
         """Run every missing grid cell, append it to the CSV, then write the table, plot and W&B log."""
@@ -233,7 +240,7 @@ class Bench:
         for attack, name, budget, seed in todo:
             if attack not in loaded:
                 loaded[attack] = self.load(attack)
-            run_dir, network, data, test, mirrored, before = loaded[attack]
+            run_dir, network, data, test, augmented, before = loaded[attack]
             if budget > data.unseen_per_class:
                 self.log(f"[bench] skipped {attack}/{name} at {budget}/class: the run's unseen split "
                          f"holds {data.unseen_per_class} per class (train with unseen_per_class >= {budget})")
@@ -246,9 +253,7 @@ class Bench:
             started = time.perf_counter()
             defense.defend(model, images, BackdoorKnowledge.of(data.trigger, data.target_class))
             seconds = time.perf_counter() - started
-            after = evaluate(model, *test, data.num_classes, data.target_class, bf16=settings.bf16)
-            after["mirrored_asr"] = evaluate(model, *mirrored, data.num_classes, data.target_class,
-                                             bf16=settings.bf16)["asr"]
+            after = self.scores(model, data, test, augmented)
             row = {"attack": attack, "defense": name, "unseen_per_class": budget, "seed": seed,
                    "num_unseen": len(unseen.labels), "seconds": seconds, "run": str(run_dir),
                    "test_images": len(test[0]), "test_precision": "bf16" if settings.bf16 else "float32",
@@ -256,15 +261,19 @@ class Bench:
                    "der": defense_effectiveness_rating(before["asr"], after["asr"], before["clean_acc"],
                                                        after["clean_acc"]),
                    "clean_acc_before": before["clean_acc"], "asr_before": before["asr"],
-                   "target_acc_before": before["target_acc"], "mirrored_asr_before": before["mirrored_asr"]}
+                   "target_acc_before": before["target_acc"]}
+            row |= {f"{metric}_before": before[metric] for metric in ("mirrored_asr", "moved_asr") if metric in before}
             row |= {metric: after[metric] for metric in ("clean_acc", "asr", "asr_floor", "robust_acc", "target_acc",
-                                                         "mirrored_asr")}
+                                                         "mirrored_asr", "moved_asr") if metric in after}
             append_row(csv_path, row)
             rows.append(row)
             done.add((attack, name, budget, seed))
             self.log(f"[bench] {len(done)}/{len(cells)} {attack} {name} {budget}/class seed {seed}: "
-                     f"CA {after['clean_acc']:.4f} ASR {after['asr']:.4f} mirrored {after['mirrored_asr']:.4f} "
-                     f"TA {after['target_acc']:.4f} "
+                     f"CA {after['clean_acc']:.4f} ASR {after['asr']:.4f} "
+                     + "".join(f"{title} {after[name]:.4f} " for name, title in (("mirrored_asr", "mirrored"),
+                                                                                 ("moved_asr", "moved"))
+                               if name in after)
+                     + f"TA {after['target_acc']:.4f} "
                      f"DER {row['der']:.3f} in {seconds:.2f} s")
         grid = set(cells)
         rows = [row for row in read_rows(csv_path)
@@ -283,7 +292,8 @@ class Bench:
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The CSV's rows with numbers parsed (empty if there is no CSV yet)."""
+    """The CSV's rows with numbers parsed, ``None`` where a cell is empty (a metric not measured: the mirror image of a
+    symmetric trigger, the moves of a global one); empty if there is no CSV yet."""
     if not path.is_file():
         return []
     with open(path, newline="") as handle:
@@ -291,7 +301,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     for row in rows:
         for key, value in row.items():
             if key not in ("attack", "defense", "run", "test_precision", "settings"):
-                row[key] = float(value)
+                row[key] = float(value) if value != "" else None
     return rows
 
 
@@ -325,30 +335,31 @@ def _cell(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown, mean ± std over seeds: CA, ASR, ASR floor, the mirrored trigger's ASR (blank for rows of a CSV
-    written before it was measured), RA, TA in %, DER, seconds and the ratio of the mean seconds to the ``editing``
-    row's of the same attack and budget (blank without one); one "none" row per attack."""
-    lines = ["| attack | unseen/class | unseen images | defense | CA % | ASR % | ASR floor % | mirrored ASR % | RA % | "
-             "TA % | DER | seconds | × editing | seeds |", "|" + " --- |" * 14]
+    """Markdown, mean ± std over seeds: CA, ASR, ASR floor, the mirrored trigger's ASR and the worst move's
+    (:func:`~lightning_backdoor.triggers.augmentation_images`; blank where the trigger has none, or for rows of a CSV
+    written before they were measured), RA, TA in %, DER, seconds and the ratio of the mean seconds to the
+    ``editing`` row's of the same attack and budget (blank without one); one "none" row per attack."""
+    lines = ["| attack | unseen/class | unseen images | defense | CA % | ASR % | ASR floor % | mirrored ASR % | "
+             "moved ASR % | RA % | TA % | DER | seconds | × editing | seeds |", "|" + " --- |" * 15]
     groups = _groups(rows)
     shown_none: set[tuple[str, int]] = set()
     for (attack, budget, defense), group in sorted(groups.items()):
         if (attack, budget) not in shown_none:
             shown_none.add((attack, budget))
             first = group[0]
-            mirrored_before = (f"{first['mirrored_asr_before'] * 100:.2f}"
-                               if isinstance(first.get("mirrored_asr_before"), float) else "")
+            augmented = " | ".join(f"{first[name] * 100:.2f}" if isinstance(first.get(name), float) else ""
+                                   for name in ("mirrored_asr_before", "moved_asr_before"))
             lines.append(f"| {attack} | {budget} | – | none | {first['clean_acc_before'] * 100:.2f} | "
-                         f"{first['asr_before'] * 100:.2f} | | {mirrored_before} | | "
+                         f"{first['asr_before'] * 100:.2f} | | {augmented} | | "
                          f"{first['target_acc_before'] * 100:.2f} | | | | |")
         pick = lambda name: [row[name] for row in group]  # noqa: E731
-        mirrored = (_cell(pick("mirrored_asr")) if all(isinstance(row.get("mirrored_asr"), float) for row in group)
-                    else "")
+        augmented = " | ".join(_cell(pick(name)) if all(isinstance(row.get(name), float) for row in group) else ""
+                               for name in ("mirrored_asr", "moved_asr"))
         editing = groups.get((attack, budget, "editing"))
         ratio = (f"{statistics.mean(pick('seconds')) / statistics.mean(row['seconds'] for row in editing):.1f}"
                  if editing else "")
         lines.append(f"| {attack} | {budget} | {int(group[0]['num_unseen'])} | {defense} | {_cell(pick('clean_acc'))} "
-                     f"| {_cell(pick('asr'))} | {_cell(pick('asr_floor'))} | {mirrored} | "
+                     f"| {_cell(pick('asr'))} | {_cell(pick('asr_floor'))} | {augmented} | "
                      f"{_cell(pick('robust_acc'))} | {_cell(pick('target_acc'))} | {_cell(pick('der'), 1, 3)} | {_cell(pick('seconds'), 1, 2)} | "
                      f"{ratio} | {len(group)} |")
     return "\n".join(lines)
@@ -395,7 +406,7 @@ def log_wandb(rows: list[dict[str, Any]], markdown: str, output_dir: Path, proje
     output_dir.mkdir(parents=True, exist_ok=True)
     run = wandb.init(project=project, name="bench", dir=str(output_dir), mode="offline", job_type="bench")
     try:
-        run.log({"bench/runs": wandb.Table(columns=list(COLUMNS), data=[[row[key] for key in COLUMNS] for row in rows]),
+        run.log({"bench/runs": wandb.Table(columns=list(COLUMNS), data=[[row.get(key) for key in COLUMNS] for row in rows]),
                  "bench/summary": wandb.Html(f"<pre>{markdown}</pre>")})
     finally:
         run.finish()

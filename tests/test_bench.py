@@ -5,7 +5,7 @@ import csv
 
 import pytest
 
-from lightning_backdoor.bench import Bench, BenchSettings, fit_run, parser
+from lightning_backdoor.bench import Bench, BenchSettings, append_row, fit_run, parser, read_rows, table
 from lightning_backdoor.defenses.base import defense_name
 from lightning_backdoor.cli import main
 from lightning_backdoor.defenses import DEFENSES, ActivationEditing, FineTuning
@@ -53,7 +53,10 @@ def test_bench_trains_once_then_resumes_from_its_cache(tmp_path):
     # the trigger's mirror image (a model trained with flips learns it) is measured before and after each defense
     assert all(0 <= float(row["mirrored_asr"]) <= 1 and 0 <= float(row["mirrored_asr_before"]) <= 1
                for row in rows(tmp_path))
-    assert "| ASR floor % | mirrored ASR % |" in (tmp_path / "out" / "results.md").read_text()
+    # and so is the worst of its moves (and the mirror image's) by a crop's 1/8 of the width (3 px on 28x28)
+    assert all(0 <= float(row["moved_asr"]) <= 1 and 0 <= float(row["moved_asr_before"]) <= 1
+               for row in rows(tmp_path))
+    assert "| ASR floor % | mirrored ASR % | moved ASR % |" in (tmp_path / "out" / "results.md").read_text()
     assert list((tmp_path / "out" / "wandb").glob("offline-run-*"))
     # a second bench with one more seed: no training, only the new seed's two runs are added
     logged = []
@@ -159,3 +162,20 @@ def test_a_composed_defense_has_the_same_settings_in_every_instance():
     first, second = defense_settings(NeuralCleanseUnlearning()), defense_settings(NeuralCleanseUnlearning())
     assert first == second and "0x" not in first and '"max_steps": 300' in first
     assert first != defense_settings(NeuralCleanseUnlearning(max_steps=100))
+
+
+def test_a_metric_the_trigger_does_not_have_is_a_blank_cell_not_an_error(tmp_path):
+    """A global trigger has no moves: its rows keep ``moved_asr`` empty in the CSV, read back as ``None``, and the
+    table leaves the cell blank while the measured mirror image's is filled."""
+    row = {"attack": "blended", "defense": "editing", "unseen_per_class": 1, "seed": 0, "num_unseen": 10,
+           "seconds": 1.0, "run": "r", "test_images": 100, "test_precision": "float32", "settings": "{}", "der": 0.9,
+           "clean_acc_before": 0.9, "asr_before": 0.99, "target_acc_before": 0.9, "mirrored_asr_before": 0.98,
+           "clean_acc": 0.9, "asr": 0.02, "asr_floor": 0.01, "robust_acc": 0.8, "target_acc": 0.9,
+           "mirrored_asr": 0.03}
+    path = tmp_path / "results.csv"
+    append_row(path, row)
+    (read,) = read_rows(path)
+    assert read["moved_asr"] is None and read["moved_asr_before"] is None and read["mirrored_asr"] == 0.03
+    lines = table([read]).splitlines()
+    assert lines[2] == "| blended | 1 | – | none | 90.00 | 99.00 | | 98.00 |  | | 90.00 | | | | |"
+    assert "| 1.00 | 3.00 |  | 80.00 |" in lines[3]

@@ -406,10 +406,12 @@ class SharedImages:
 
 
 @torch.no_grad()
-def trigger_success_rate(model: nn.Module, trigger: Trigger, target_class: int, batches: Iterable[EvalBatch]) -> float:
+def trigger_success_rate(model: nn.Module, trigger: Trigger, target_class: int, batches: Iterable[EvalBatch],
+                         bf16: bool = False) -> float:
     """The fraction of the images in ``batches`` (:class:`TestData`'s; the clean images and labels are read) not of
     ``target_class`` that ``model`` assigns to ``target_class`` once ``trigger`` is applied (attached to the model
-    for a feature-space trigger); 0 when every image is of ``target_class``."""
+    for a feature-space trigger); 0 when every image is of ``target_class``. ``bf16``: the forward passes under
+    bfloat16 autocast with channels-last inputs, as :func:`~lightning_backdoor.evaluation.evaluate_batches`'."""
     metric = AttackSuccessRate(sync_on_compute=False)
     device = next(model.parameters()).device
     was_training = model.training
@@ -422,23 +424,29 @@ def trigger_success_rate(model: nn.Module, trigger: Trigger, target_class: int, 
                     continue
                 images = images[attacked]
                 pixels = (images.float() / 255 if images.dtype == torch.uint8 else images.float()).to(device)
-                metric.update(model(trigger(pixels)).float().cpu(), torch.full_like(labels[attacked], target_class))
+                triggered = trigger(pixels)
+                if bf16 and triggered.dim() == 4:
+                    triggered = triggered.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                    logits = model(triggered).float().cpu()
+                metric.update(logits, torch.full_like(labels[attacked], target_class))
     finally:
         model.train(was_training)
     return metric.compute().item()
 
 
 def augmented_asr(model: nn.Module, mirrored: Trigger | None, moves: Sequence[Trigger], target_class: int,
-                  batches: Iterable[EvalBatch]) -> dict[str, float]:
+                  batches: Iterable[EvalBatch], bf16: bool = False) -> dict[str, float]:
     """``mirrored_asr`` (the mirror image's ASR, when given) and ``moved_asr`` (the largest ASR over ``moves``, when
     any) on re-iterable ``batches`` (:class:`TestData`'s, or :func:`~lightning_backdoor.evaluation.in_batches` of
     images (N, C, H, W), uint8 or in [0, 1], and labels), by :func:`trigger_success_rate`: one pass per trigger
-    (:func:`~lightning_backdoor.triggers.augmentation_images` makes them)."""
+    (:func:`~lightning_backdoor.triggers.augmentation_images` makes them); ``bf16`` as for
+    :func:`trigger_success_rate`."""
     values = {}
     if mirrored is not None:
-        values["mirrored_asr"] = trigger_success_rate(model, mirrored, target_class, batches)
+        values["mirrored_asr"] = trigger_success_rate(model, mirrored, target_class, batches, bf16)
     if moves:
-        values["moved_asr"] = max(trigger_success_rate(model, move, target_class, batches) for move in moves)
+        values["moved_asr"] = max(trigger_success_rate(model, move, target_class, batches, bf16) for move in moves)
     return values
 
 
