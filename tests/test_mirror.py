@@ -153,8 +153,8 @@ def moved_edit(shift: int, trigger: Trigger | list[Trigger] | None = None) -> tu
 
 def test_the_edit_adds_the_moves_that_work_on_the_unseen_images() -> None:
     """Each local move is measured on U; those sending at least half of its non-target images to the target join
-    the edit and end at the floor on the test images; a global trigger, and the several candidates of an estimate,
-    are not moved; shift 0 measures nothing."""
+    the edit and end at the floor on the test images; a global trigger is not moved, and of several candidates (an
+    estimate's) only the first; shift 0 measures nothing."""
     details, model, edited = moved_edit(shift=2)
     facts = details["shifted_triggers"]
     assert {tuple(fact["shift"]) for fact in facts} <= {(dy, dx) for dy in (-2, 0, 2) for dx in (-2, 0, 2)}
@@ -179,8 +179,10 @@ def test_the_edit_adds_the_moves_that_work_on_the_unseen_images() -> None:
         with pytest.raises(ValueError, match="must be an integer number of pixels"):
             ActivationEditing(shift=shift)
     assert "shifted_triggers" not in moved_edit(shift=2, trigger=Blended(alpha=0.2))[0]  # global: not moved
-    candidates = [BadNets(size=3), BadNets(size=2)]  # several (an estimate's candidates): not moved, at any shift
-    assert "shifted_triggers" not in moved_edit(shift=2, trigger=candidates)[0]
+    candidates = [BadNets(size=3), BadNets(size=2)]  # several (an estimate's): the first one alone is moved
+    moved = moved_edit(shift=2, trigger=candidates)[0]["shifted_triggers"]
+    assert {fact["trigger"] for fact in moved} == {0}
+    assert [fact["shift"] for fact in moved] == [fact["shift"] for fact in facts]  # as when it is given alone
 
 
 def test_the_benchmarks_measure_the_mirror_image_and_the_worst_move() -> None:
@@ -251,7 +253,7 @@ def test_the_warning_about_moves_says_what_the_edit_did_with_them() -> None:
                                      {"success_on_unseen": 0.42, "included": False}]}
     assert moved_left(after, 4, left_out).endswith("none worked on 50 % of the unseen images (largest 42 %)")
     assert moved_left(after, 4, {"trigger_known": False}).endswith(
-        "an estimate's several candidates are not moved: defend with the trigger known if you have it")
+        "its main candidate is no local patch the edit could move: defend with the trigger known if you have it")
     assert moved_left(after, 4, {}, "FineTuning").endswith("this defense did not remove it")
     assert mirror_left({"mirrored_asr": 0.3, "asr_floor": 0.0}, {}, "FinePruning").endswith(
         "this defense did not remove it")

@@ -215,8 +215,8 @@ def moved_left(after: dict[str, float], distance: int, details: dict[str, Any] |
     if not method.startswith("editing"):
         return line + "this defense did not remove it"
     if details.get("trigger_known") is False:
-        return line + ("the trigger was estimated, and an estimate's several candidates are not moved: defend with "
-                       "the trigger known if you have it")
+        return line + ("the trigger was estimated, and its main candidate is no local patch the edit could move: "
+                       "defend with the trigger known if you have it")
     return line + ("edit with the moves: ActivationEditing's shift (defend: --defense.shift N; its default, null, "
                    "moves a local trigger by 1/8 of the image width; 0 turns the moves off)")
 
