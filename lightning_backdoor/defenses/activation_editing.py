@@ -441,8 +441,8 @@ class ActivationEditing(Defense):
             (the report's ``shifted_triggers``). On the CIFAR-10 BadNets model an edit without the moves left the
             patch moved 4 px inward at 9 % ASR (floor 2 %); moves of 4 px also removed those of 2
             (docs/results/cifar10.md). Of several triggers (an estimate's candidates) only the first, the main
-            candidate, is moved: on that model, trigger unknown, its moves took the patch moved 4 px from 2.7-6.1 %
-            to 2.7-3.0 % (floor 1.9 %) for 1.2-2.4 s more, where moving all of them took 101 s. ``0``: no moves.
+            candidate, is moved: on that model, trigger unknown, its moves took the patch moved 4 px from 2.6-6.0 %
+            to 2.6-2.9 % (floor 1.9 %) for 1.6-2.2 s more, where moving all of them took 101 s. ``0``: no moves.
 
     Needs the trigger and target (:class:`BackdoorKnowledge`); without them, compose it with a trigger estimator:
     ``EstimateFirst(ActivationEditing(), TriggerEstimator())`` (what ``trigger_known=false`` does).
