@@ -159,6 +159,18 @@ def backdoor_left(before: dict[str, float], after: dict[str, float], details: di
             f"floor ({100 * after['asr_floor']:.1f} %) on the test images; {advice} may remove more{unknown}")
 
 
+def _still_succeeds(after: dict[str, float], metric: str, what: str, why: str) -> str | None:
+    """The start of a warning that ``what`` still succeeds after the defense: ``after[metric]`` more than
+    :data:`ASR_LEFT_WARNING` above the floor; ``None`` when it is not, or either was not measured."""
+    if metric not in after or "asr_floor" not in after:
+        return None
+    left, floor = after[metric], after["asr_floor"]
+    if left <= floor + ASR_LEFT_WARNING:
+        return None
+    return (f"{what} still succeeds on {100 * left:.1f} % of the test images not of the target class after the "
+            f"defense (floor {100 * floor:.1f} %): {why}, and an attacker can use it; ")
+
+
 def mirror_left(after: dict[str, float], details: dict[str, Any] | None = None, method: str = "editing"
                 ) -> str | None:
     """A warning when the test trigger's mirror image still succeeds after the defense (more than
@@ -166,14 +178,10 @@ def mirror_left(after: dict[str, float], details: dict[str, Any] | None = None, 
     can use it as well as the trigger. The advice depends on whether the edit included it (``details``'
     ``mirrored_triggers``; ``method``: the defense's, whose advice names the edit's options only when it is the
     edit). ``None`` otherwise, or when it was not measured."""
-    if "mirrored_asr" not in after or "asr_floor" not in after:
+    line = _still_succeeds(after, "mirrored_asr", "the test trigger's mirror image (flipped left-right)",
+                           "a model trained with random flips learns it too")
+    if line is None:
         return None
-    left, floor = after["mirrored_asr"], after["asr_floor"]
-    if left <= floor + ASR_LEFT_WARNING:
-        return None
-    line = (f"the test trigger's mirror image (flipped left-right) still succeeds on {100 * left:.1f} % of the test "
-            f"images not of the target class after the defense (floor {100 * floor:.1f} %): a model trained with "
-            f"random flips learns it too, and an attacker can use it; ")
     facts = (details or {}).get("mirrored_triggers", [])
     if any(fact["included"] for fact in facts):
         return line + "the edit mapped it to clean values too, and reduced it only: more unseen images may remove more"
@@ -194,15 +202,10 @@ def moved_left(after: dict[str, float], distance: int, details: dict[str, Any] |
     training images moves it, still succeeds after the defense: ``moved_asr``, the largest over the moves, more than
     :data:`ASR_LEFT_WARNING` above the floor. The advice depends on what the edit did with the moves (``details``'
     ``shifted_triggers``; ``method`` as for :func:`mirror_left`). ``None`` otherwise, or when it was not measured."""
-    if "moved_asr" not in after or "asr_floor" not in after:
+    line = _still_succeeds(after, "moved_asr", f"the test trigger moved by {distance} px (as a random crop of the "
+                           f"training images moves it)", "a model trained with random crops learns it there too")
+    if line is None:
         return None
-    left, floor = after["moved_asr"], after["asr_floor"]
-    if left <= floor + ASR_LEFT_WARNING:
-        return None
-    line = (f"the test trigger moved by {distance} px (as a random crop of the training images moves it) still "
-            f"succeeds on {100 * left:.1f} % of the test images not of the target class after the defense (floor "
-            f"{100 * floor:.1f} %): a model trained with random crops learns it there too, and an attacker can use "
-            f"it; ")
     details = details or {}
     facts = details.get("shifted_triggers", [])
     if any(fact["included"] for fact in facts):
