@@ -21,7 +21,7 @@ from lightning_backdoor.defenses.report import (TestData, augmented_asr, mirror_
 from lightning_backdoor.evaluation import in_batches
 from lightning_backdoor.defenses.inversion import FeatureTrigger
 from lightning_backdoor.triggers import (SIG, BadNets, Blended, Mirrored, Shifted, Trigger, augmentation_images,
-                                        distinct_mirror, distinct_shifts)
+                                        crop_distance, distinct_mirror, distinct_shifts)
 
 
 @pytest.mark.parametrize("trigger", [BadNets(size=3), Blended(alpha=0.2), SIG()], ids=["badnets", "blended", "sig"])
@@ -135,6 +135,9 @@ def test_the_moves_kept_are_those_that_change_the_image_and_the_trigger() -> Non
     with pytest.raises(ValueError, match="a batch"):
         distinct_shifts(BadNets(size=3), 4, images[0])
     assert distinct_shifts(Blended(alpha=0.2), 4, images) == []  # global: moved by 4 px, nearly itself
+    # the crop's distance: 1/8 of the width, at least 1, 0 without room or for inputs that are no image batch
+    assert [crop_distance(torch.zeros(1, 3, side, side)) for side in (32, 28, 8, 2, 1)] == [4, 3, 1, 1, 0]
+    assert crop_distance(torch.zeros(1, 3, 4, 64)) == 0 and crop_distance(torch.zeros(3, 32, 32)) == 0
 
 
 def moved_edit(shift: int, trigger: Trigger | list[Trigger] | None = None) -> tuple[dict, nn.Module, nn.Module]:

@@ -20,5 +20,4 @@ from lightning_backdoor.triggers.wanet import WaNet
 __all__ = ["TRIGGERS", "AdaptiveBlend", "Additive", "BadNets", "Blended", "BppAttack", "CustomTrigger", "FTrojan",
            "InputAware", "LabelConsistent", "LowFrequency", "Mirrored", "PreparedTrigger", "SIG", "Shifted", "Trigger",
            "TrojanNN", "WaNet", "acts_on_pixels", "augmentation_images", "build_trigger", "crop_distance",
-           "distinct_mirror",
-           "distinct_shifts"]
+           "distinct_mirror", "distinct_shifts"]
