@@ -698,11 +698,11 @@ class ActivationEditing(Defense):
     def _augmented(self, model: nn.Module, triggers: list[Trigger], unseen: UnseenData, target_class: int
                    ) -> tuple[list[Trigger], list[dict[str, Any]], list[dict[str, Any]]]:
         """``triggers`` and the images of them a training augmentation shows that ``mirror`` and ``shift`` add: the
-        mirror images, then the moves of every trigger so far. What was measured and done, per mirror image:
-        ``trigger`` (its index in ``triggers``: the knowledge's order), ``success_on_unseen`` (the fraction of U's
-        non-target images it sends to ``target_class`` before the edit; ``None`` when ``mirror`` decides without it)
-        and ``included``; per move the same, with ``mirrored`` (whether it moves the trigger's mirror image) and
-        ``shift`` ([dy, dx] in pixels)."""
+        mirror images, then the moves of the first trigger and of its mirror image. What was measured and done, per
+        mirror image: ``trigger`` (its index in ``triggers``: the knowledge's order), ``success_on_unseen`` (the
+        fraction of U's non-target images it sends to ``target_class`` before the edit; ``None`` when ``mirror``
+        decides without it) and ``included``; per move the same, with ``mirrored`` (whether it moves the trigger's
+        mirror image) and ``shift`` ([dy, dx] in pixels)."""
         attacked = unseen.images[unseen.labels != target_class].float()
         mirrors, added, mirrored_from = [], [], []
         for index, trigger in enumerate(triggers):
@@ -716,17 +716,15 @@ class ActivationEditing(Defense):
                 added.append(mirrored)
                 mirrored_from.append(index)
         shifts, moved = [], []
-        # only the first trigger (an estimate's main candidate) and its mirror image are moved: the moves of every
-        # candidate would multiply the edit's triggers and seconds
+        # only the first trigger (an estimate's main candidate) and its mirror image, when added, are moved: the
+        # moves of every candidate would multiply the edit's triggers and seconds
         distance = self._shift_distance(unseen.images)
-        origins = [(index, False) for index in range(len(triggers))] + [(index, True) for index in mirrored_from]
-        for (index, is_mirror), trigger in zip(origins, triggers + added):
-            if index > 0:
-                continue
+        first = [(False, triggers[0])] + [(True, mirror) for index, mirror in zip(mirrored_from, added) if index == 0]
+        for is_mirror, trigger in first:
             for shifted in distinct_shifts(trigger, distance, attacked):
                 success = self._success(model, shifted, attacked, target_class)
                 included = success >= MIRROR_SUCCESS
-                shifts.append({"trigger": index, "mirrored": is_mirror, "shift": list(shifted.shift),
+                shifts.append({"trigger": 0, "mirrored": is_mirror, "shift": list(shifted.shift),
                                "success_on_unseen": success, "included": included})
                 if included:
                     moved.append(shifted)
