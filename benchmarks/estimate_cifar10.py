@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                "anomaly_index": estimation["anomaly_index"], "trigger_size": estimation["trigger_size"],
                "steps": estimation["steps"], "estimation_seconds": info["estimation_seconds"],
                "mirrored_triggers": info.get("mirrored_triggers"), "shifted_triggers": info.get("shifted_triggers"),
+               "layer": result.layer, "strength": info.get("strength"), "selection": info.get("selection"),
                "editing_seconds": info["editing_seconds"], "total_seconds": total, "before": before,
                "after": after, "settings": vars(args)}
         rows.append(row)

@@ -423,3 +423,43 @@ def test_a_fixed_prior_under_auto_skips_a_layer_that_does_not_fit_before_computi
     assert computed == ["3"] and list(result.details["skipped_layers"]) == ["7"]
     assert result.layer == "3" and result.details["batchnorm_prior"]["weight"] == 0.5
     assert result.details["system"]["form"] == "moments"  # the prior's layer is never solved without it
+
+
+def test_the_deepest_layer_within_one_standard_error_of_the_lowest_loss_is_chosen_at_its_own_best_strength():
+    from lightning_backdoor.defenses.activation_editing import one_standard_error_choice
+
+    layers = ["conv1", "conv2", "head"]
+    scores = {("conv1", 0.0, 1.0): (1.10, 0.05), ("conv1", 0.0, 10.0): (1.12, 0.05),
+              ("conv2", 0.0, 1.0): (1.18, 0.05), ("conv2", 0.0, 10.0): (1.14, 0.05),
+              ("head", 0.0, 10.0): (1.149, 0.05)}
+    # conv2 (1.14) and the head (1.149) are within 1.10 + 0.05; the head is the deepest
+    assert one_standard_error_choice(scores, layers) == (("head", 0.0, 10.0), ["conv1", "conv2", "head"])
+    scores[("head", 0.0, 10.0)] = (1.149, 0.01)  # its own error does not count: only the lowest's bound
+    assert one_standard_error_choice(scores, layers)[0] == ("head", 0.0, 10.0)
+    scores[("head", 0.0, 10.0)] = (1.1501, 0.05)  # now outside: conv2 at its own lowest loss (λ = 10, not 1)
+    assert one_standard_error_choice(scores, layers) == (("conv2", 0.0, 10.0), ["conv1", "conv2"])
+    alone = {("conv2", 0.0, 1.0): (1.18, 0.5), ("conv2", 0.0, 10.0): (1.14, 0.5)}  # one layer: simply the lowest
+    assert one_standard_error_choice(alone, layers) == (("conv2", 0.0, 10.0), ["conv2"])
+
+
+def test_auto_reports_the_rule_and_its_choice_follows_from_the_reported_losses():
+    """``layer: auto`` on a small conv net: the report holds every option's loss, the lowest, its standard error
+    and the layers within it, and the edited layer is the last of those, at its lowest loss's strength."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    unseen = UnseenData(torch.rand(60, 3, 32, 32), torch.arange(10).repeat(6))
+    result = ActivationEditing(layer="auto", strength=None, shift=0, repair=False).defend(
+        model, unseen, BackdoorKnowledge.of(BadNets(size=3), 0))
+    selection = result.details["selection"]
+    losses = selection["cross_validated_loss_on_unseen"]
+    assert losses[selection["lowest"]] == min(losses.values()) and selection["standard_error"] > 0
+    bound = losses[selection["lowest"]] + selection["standard_error"]
+    best = {name: min(value for key, value in losses.items() if key.startswith(f"{name} "))
+            for name in dict.fromkeys(key.split(" λ=")[0] for key in losses)}
+    within = selection["layers_within_one_standard_error"]  # the report's losses are rounded to 4 places
+    assert {name for name, loss in best.items() if loss <= bound - 1e-4} <= set(within)
+    assert set(within) <= {name for name, loss in best.items() if loss <= bound + 1e-4}
+    assert within == [name for name in best if name in within] and result.layer == within[-1]
+    own = {key: value for key, value in losses.items() if key.startswith(f"{result.layer} ")}
+    assert own[f"{result.layer} λ={result.details['strength']}"] == min(own.values())
