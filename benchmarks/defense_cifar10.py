@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                              "views": result.details["views"],
                              "mirrored_triggers": result.details.get("mirrored_triggers"),
                              "shifted_triggers": result.details.get("shifted_triggers"),
+                             "selection": result.details.get("selection"),
                              "repaired": result.repaired, "seconds": result.seconds, "forward_floor": floor,
                              "before": before, "after": after, "held_out_unseen": validation,
                              "settings": vars(args) | {"seeds": None}})
