@@ -122,11 +122,27 @@ def paired_seconds(work: Callable[[], Any], floor: Callable[[], Any], repeats: i
 
 
 @torch.no_grad()
-def forward_floor(network: nn.Module, images: Tensor, triggered: Tensor, bf16: bool) -> None:
-    """One clean and one triggered forward pass over the images, in chunks of 500, as the edit's captures run."""
+def forward_floor(network: nn.Module, images: Tensor, triggered: Tensor, bf16: bool,
+                  more: list[Tensor] | tuple[Tensor, ...] = ()) -> None:
+    """One clean and one triggered forward pass over the images, in chunks of 500, as the edit's captures run;
+    one more pass per tensor of ``more`` (the other triggers' images)."""
     with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-        for batch in (*images.split(500), *triggered.split(500)):
+        for batch in (*images.split(500), *triggered.split(500), *(chunk for extra in more
+                                                                   for chunk in extra.split(500))):
             network(batch)
+
+
+def mapped_triggers(knowledge: BackdoorKnowledge, details: dict[str, Any]) -> list[Any]:
+    """The triggers an edit mapped to clean values, from its report: the knowledge's, then the mirror images and
+    the moves it added (``mirrored_triggers`` / ``shifted_triggers`` marked ``included``), in that order."""
+    from lightning_backdoor.triggers import Mirrored, Shifted
+
+    triggers = list(knowledge.triggers)
+    mirrors = [Mirrored(triggers[entry["trigger"]]) for entry in details.get("mirrored_triggers", [])
+               if entry["included"]]
+    moves = [Shifted(Mirrored(triggers[0]) if entry["mirrored"] else triggers[0], tuple(entry["shift"]))
+             for entry in details.get("shifted_triggers", []) if entry["included"]]
+    return triggers + mirrors + moves
 
 
 def edit(network: nn.Module, layer: str, unseen: UnseenData, knowledge: BackdoorKnowledge, bf16: bool,
@@ -177,8 +193,13 @@ def images_part(args: argparse.Namespace, save: Callable[[], None], rows: list[d
                                     args.repeats)
             (model, details), memory = peak_memory(lambda: edit(network, args.layer, unseen, knowledge, bf16,
                                                                 args.seed))
+            mapped = mapped_triggers(knowledge, details)
+            mapped_images = [to_float(apply_trigger(trigger, unseen_set.images)) for trigger in mapped[1:]]
+            mapped_floor = median_seconds(lambda: forward_floor(network, unseen.images, to_float(triggered), bf16,
+                                                                mapped_images), args.repeats)
             row[name] = {**timing, "peak_memory_mib": memory / 2**20, "system": details["system"],
-                         "repaired": details.get("repair", {}).get("setting") is not None}
+                         "repaired": details.get("repair", {}).get("setting") is not None,
+                         "triggers_mapped": len(mapped), "mapped_floor_seconds": mapped_floor}
             if test is not None:
                 row[name]["test"] = evaluate(model, *test, data.num_classes, data.target_class, bf16=True)
         row["bf16_errors"] = moment_errors(network, args.layer, unseen, knowledge, args.seed)
@@ -287,10 +308,27 @@ def line(row: dict[str, Any]) -> str:
     for name in PRECISIONS:
         value = row[name]
         parts.append(f"{name}: {value['seconds']:.2f} s (floor {value['floor_seconds']:.2f} s, x{ratio(value)}, "
-                     f"{value['peak_memory_mib']:.0f} MiB)")
+                     f"{value['peak_memory_mib']:.0f} MiB{mapped(value)})")
     errors = row["bf16_errors"]
     parts.append("bf16 error " + " ".join(f"{key} {value:.1e}" for key, value in errors.items()))
     return "; ".join(parts)
+
+
+def mapped(value: dict[str, Any]) -> str:
+    """The triggers the edit mapped and its ratio to their floor (a clean pass and one pass per trigger), where the
+    row records them."""
+    if "mapped_floor_seconds" not in value:
+        return ""
+    return (f"; {value['triggers_mapped']} triggers mapped, their floor {value['mapped_floor_seconds']:.2f} s, "
+            f"x{value['seconds'] / value['mapped_floor_seconds']:.2f}")
+
+
+def mapped_cell(f32: dict[str, Any], b16: dict[str, Any]) -> str:
+    """The mapped triggers' floor in both precisions with the edit's ratio to it ("–" for rows without it)."""
+    if "mapped_floor_seconds" not in f32:
+        return "–"
+    return " / ".join(f"{value['mapped_floor_seconds']:.2f} ({value['seconds'] / value['mapped_floor_seconds']:.2f})"
+                      for value in (f32, b16))
 
 
 def ratio(value: dict[str, Any]) -> str:
@@ -302,8 +340,9 @@ def ratio(value: dict[str, Any]) -> str:
 def tables(result: dict[str, Any]) -> str:
     lines = ["| unseen images | float32 edit s | float32 floor s | ratio (range) | bf16 edit s | bf16 floor s "
              "| ratio (range) "
-             "| peak MiB f32 / bf16 | bf16 rel. error A / C / ΔW | test CA / ASR / TA f32 | test CA / ASR / TA bf16 |",
-             "|" + " --- |" * 11]
+             "| peak MiB f32 / bf16 | bf16 rel. error A / C / ΔW | test CA / ASR / TA f32 | test CA / ASR / TA bf16 "
+             "| triggers mapped | mapped floor s f32 / bf16 (ratio) |",
+             "|" + " --- |" * 13]
     for row in result["images"]:
         f32, b16, errors = row["float32"], row["bf16"], row["bf16_errors"]
         effect = lambda value: (" / ".join(f"{100 * value['test'][key]:.2f}"  # noqa: E731
@@ -311,7 +350,8 @@ def tables(result: dict[str, Any]) -> str:
         lines.append(f"| {row['images']} | {f32['seconds']:.2f} | {f32['floor_seconds']:.2f} | {ratio(f32)} | "
                      f"{b16['seconds']:.2f} | {b16['floor_seconds']:.2f} | {ratio(b16)} | "
                      f"{f32['peak_memory_mib']:.0f} / {b16['peak_memory_mib']:.0f} | {errors['A']:.1e} / "
-                     f"{errors['C']:.1e} / {errors['delta_W']:.1e} | {effect(f32)} | {effect(b16)} |")
+                     f"{errors['C']:.1e} / {errors['delta_W']:.1e} | {effect(f32)} | {effect(b16)} | "
+                     f"{f32.get('triggers_mapped', '–')} | {mapped_cell(f32, b16)} |")
     lines += ["", "| model | layer | key width | keys | float32 s (floor) | bf16 s (floor) | peak MiB float32 "
               "| peak MiB bf16 |", "|" + " --- |" * 8]
     floor = lambda value: f" ({value['floor_seconds']:.2f})" if "floor_seconds" in value else ""  # noqa: E731
