@@ -22,7 +22,8 @@ from lightning_backdoor.dashboard import summary_rows
 from lightning_backdoor.defenses import ActivationEditing, DefenseResult, EstimateFirst, UnseenData
 from lightning_backdoor.defenses.estimation import BackdoorEstimate, TriggerEstimator
 from lightning_backdoor.defenses.report import (DefenseReport, SharedImages, backdoor_left, class_order_line,
-                                                estimation_line, greyscale_line, near_chance, trigger_inactive)
+                                                estimation_line, greyscale_line, near_chance, selection_line,
+                                                trigger_inactive)
 from lightning_backdoor.defenses.report_plot import plot_report
 from lightning_backdoor.models.input_transform import InputTransform, input_transform_of
 from lightning_backdoor.triggers import BadNets, Trigger
@@ -442,3 +443,19 @@ def test_the_chart_says_when_no_repair_was_applied():
         report["defense"]["repaired"] = repaired
         legend = [text.get_text() for text in plot_report(report).axes[0].get_legend().get_texts()]
         assert legend == ["before", "after edit", title]
+
+
+def test_the_console_says_how_layer_auto_chose_the_layer():
+    losses = {"blocks.2.conv1 λ=10.0": 1.092, "blocks.2.conv2 λ=10.0": 1.1068, "head λ=10.0": 1.4759}
+    within = ["blocks.2.conv1", "blocks.2.conv2"]
+    details = {"strength": 10.0, "selection": {"cross_validated_loss_on_unseen": losses, "standard_error": 0.086,
+                                               "lowest": "blocks.2.conv1 λ=10.0",
+                                               "layers_within_one_standard_error": within}}
+    assert selection_line("blocks.2.conv2", details) == (
+        "layer chosen by cross-validation on the unseen split: blocks.2.conv2 λ=10.0 (loss 1.107), the deepest of "
+        "blocks.2.conv1, blocks.2.conv2, within one standard error (0.086) of the lowest, blocks.2.conv1 λ=10.0 "
+        "(1.092)")
+    lowest = selection_line("blocks.2.conv1", details)
+    assert lowest is not None and lowest.endswith("blocks.2.conv1 λ=10.0 (loss 1.092), it had the lowest loss")
+    assert selection_line("blocks.2.conv2", {"strength": 10.0}) is None  # a named layer: nothing was chosen
+    assert selection_line(None, details) is None

@@ -21,7 +21,7 @@ from lightning_backdoor.defenses.base import BackdoorKnowledge, Defense, UnseenD
 from lightning_backdoor.defenses.estimate_first import EstimateFirst, without_knowledge
 from lightning_backdoor.defenses.outputs import write_outputs
 from lightning_backdoor.defenses.report import (DefenseReport, TestData, chance_line, estimation_line,
-                                                greyscale_line, near_chance, run_defense)
+                                                greyscale_line, near_chance, run_defense, selection_line)
 from lightning_backdoor.evaluation import evaluate
 from lightning_backdoor.io import first_line, state_digest
 from lightning_backdoor.models.input_transform import InputTransform
@@ -324,6 +324,9 @@ class DefenseCallback(L.Callback):
             seconds += (f" (trigger estimation {details['estimation_seconds']:.2f} s, then "
                         f"{details.get('editing_seconds', 0.0):.2f} s)")
         rank_zero_info(f"defense: {report.summary_line()}{edited} in {seconds}; report: {self.report_path}")
+        chosen = selection_line(report.result.layer, report.result.details)
+        if chosen is not None:
+            rank_zero_info(f"defense: {chosen}")
         prior = report.result.details.get("batchnorm_prior")
         if prior is not None:
             rank_zero_info(f"defense: BatchNorm prior weight {prior['weight']:g} at {report.result.layer} "

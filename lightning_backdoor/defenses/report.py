@@ -285,6 +285,23 @@ def repair_warning(details: dict[str, Any]) -> str | None:
             f"accuracy (see TA; without a test trigger, check target-class images you kept out of the unseen ones)")
 
 
+def selection_line(layer: str | None, details: dict[str, Any]) -> str | None:
+    """How ``layer: auto`` chose the edited ``layer``, in one line (``None`` where several layers were not scored),
+    from a defense result's ``details``: the lowest cross-validated loss on the unseen split, its standard error,
+    the layers within it and λ."""
+    selection = details.get("selection", {})
+    if "lowest" not in selection or layer is None:
+        return None
+    losses, within = selection["cross_validated_loss_on_unseen"], selection["layers_within_one_standard_error"]
+    lowest = selection["lowest"]
+    chosen = f"{layer} λ={details.get('strength')}"
+    why = ("it had the lowest loss" if lowest.split(" ")[0] == layer else
+           f"the deepest of {', '.join(within)}, within one standard error ({selection['standard_error']:.3f}) of "
+           f"the lowest, {lowest} ({losses[lowest]:.3f})")
+    loss = min(value for key, value in losses.items() if key.startswith(f"{layer} "))  # chosen at its lowest
+    return f"layer chosen by cross-validation on the unseen split: {chosen} (loss {loss:.3f}), {why}"
+
+
 def estimation_line(details: dict[str, Any]) -> str | None:
     """The trigger estimation's verdict in one line (``None`` without one), from a defense result's ``details``:
     the target found, the estimators that flagged it with their anomaly index and size ratio, and the seconds; or
