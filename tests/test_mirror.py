@@ -64,6 +64,7 @@ def test_the_edit_removes_the_mirror_image_a_model_trained_with_flips_learnt(tmp
     facts = report["defense"]["mirrored_triggers"]
     assert len(facts) == 1 and facts[0]["included"] and facts[0]["success_on_unseen"] >= 0.5, facts
     assert facts[0]["trigger"] == 0  # the index of the trigger it mirrors
+    assert 0 < report["defense"]["success_checked_images"] <= 256  # how many non-target unseen images it measured
     for name in ("asr", "mirrored_asr"):
         assert after[name] <= after["asr_floor"] + 0.1, after
     alone = defended(tmp_path, flips=True, mirror=False)
@@ -262,3 +263,20 @@ def test_the_warning_about_moves_says_what_the_edit_did_with_them() -> None:
         "this defense did not remove it")
     assert moved_left({"moved_asr": 0.06, "asr_floor": 0.01}, 4) is None  # within 5 pt of the floor
     assert moved_left({"asr_floor": 0.01}, 4) is None  # not measured
+
+
+def test_the_success_checks_run_on_a_seeded_subset_of_a_large_unseen_split() -> None:
+    """However large U is, a mirror image's or a move's success is measured on at most ``SUCCESS_IMAGES`` of its
+    non-target images, drawn with the defense's seed (all of them when fewer), so each check costs one small pass."""
+    from lightning_backdoor.defenses.activation_editing import SUCCESS_IMAGES
+    labels = torch.arange(10).repeat(60)  # 600 images, 540 not of target class 0
+    images = torch.arange(len(labels), dtype=torch.float32)[:, None, None, None].expand(-1, 1, 2, 2).clone()
+    unseen = UnseenData(images, labels)
+    checked = ActivationEditing(seed=3)._checked_images(unseen, 0)
+    indices = checked[:, 0, 0, 0].long()
+    assert len(indices) == SUCCESS_IMAGES == len(indices.unique())
+    assert bool((labels[indices] != 0).all()) and bool((indices.diff() > 0).all())  # non-target, in U's order
+    assert torch.equal(ActivationEditing(seed=3)._checked_images(unseen, 0), checked)  # the seed fixes them
+    assert not torch.equal(ActivationEditing(seed=4)._checked_images(unseen, 0), checked)
+    few = UnseenData(images[:100], labels[:100])  # 90 non-target images: all of them
+    assert torch.equal(ActivationEditing(seed=3)._checked_images(few, 0), images[:100][labels[:100] != 0])

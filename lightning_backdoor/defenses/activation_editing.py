@@ -49,6 +49,11 @@ MOMENT_COPIES = 12
 #: images to the target class before the edit (a model trained with random flips: 95 % on CIFAR-10 BadNets; one
 #: trained without: 2 %); ``shift`` adds a moved trigger by the same rule
 MIRROR_SUCCESS = 0.5
+#: the success checks of the mirror image and the moves run on at most this many of U's non-target images (a seeded
+#: random subset; all of them when there are fewer): a fraction near :data:`MIRROR_SUCCESS` is then known to about
+#: ±3 pt (one standard error), and each check costs a forward pass of 256 images, not of all of U (at 2,500 unseen
+#: images the 7 checks of the CIFAR-10 BadNets edit took 2.6 s: docs/results/edit-cost.md)
+SUCCESS_IMAGES = 256
 TRIGGERED_SUMS = ("triggered_moment", "residual_moment", "residual_energy", "target_energy", "triggered_count")
 
 
@@ -449,8 +454,9 @@ class ActivationEditing(Defense):
         mirror: also map each trigger's mirror image (:class:`~lightning_backdoor.triggers.Mirrored`, flipped
             left-right) to clean values. A model trained with random horizontal flips learns it besides the trigger:
             on the CIFAR-10 BadNets model an edit with the given trigger alone left the mirrored patch at 94 % ASR.
-            ``None``: when, before the edit, it sends at least :data:`MIRROR_SUCCESS` of U's non-target images to
-            the target class (the report's ``mirrored_triggers`` says what it measured and did); ``True``: always;
+            ``None``: when, before the edit, it sends at least :data:`MIRROR_SUCCESS` of U's non-target images
+            (at most :data:`SUCCESS_IMAGES` of them, a seeded random subset) to the target class (the report's
+            ``mirrored_triggers`` says what it measured and did; ``success_checked_images`` on how many); ``True``: always;
             ``False``: never. Feature-space triggers and triggers that are their own mirror image are not mirrored.
         shift: pixels a random crop of the model's training may have moved the trigger by, smaller than the image;
             ``None``: 1/8 of the image's width, at least 1 (4 px on 32 x 32, the padding of the field's CIFAR
@@ -458,8 +464,8 @@ class ActivationEditing(Defense):
             :data:`~lightning_backdoor.triggers.augmented.LOCAL_TRIGGER` over the image), and each mirror image it
             adds, moved by this many pixels along each axis and both (:class:`~lightning_backdoor.triggers.Shifted`;
             up to 8 moves, those that leave it unchanged or move it wholly out of the image skipped) where, before
-            the edit, the move sends at least :data:`MIRROR_SUCCESS` of U's non-target images to the target class
-            (the report's ``shifted_triggers``). On the CIFAR-10 BadNets model an edit without the moves left the
+            the edit, the move sends at least :data:`MIRROR_SUCCESS` of U's non-target images (as for ``mirror``)
+            to the target class (the report's ``shifted_triggers``). On the CIFAR-10 BadNets model an edit without the moves left the
             patch moved 4 px inward at 9 % ASR (floor 2 %); moves of 4 px also removed those of 2
             (docs/results/cifar10.md). Of several triggers (an estimate's candidates) only the first, the main
             candidate, is moved: on that model, trigger unknown, its moves took the patch moved 4 px from 2.6-6.0 %
@@ -637,6 +643,8 @@ class ActivationEditing(Defense):
             info["mirrored_triggers"] = mirrors
         if shifts:
             info["shifted_triggers"] = shifts
+        if any(fact["success_on_unseen"] is not None for fact in mirrors + shifts):
+            info["success_checked_images"] = min(SUCCESS_IMAGES, int((unseen.labels != target_class).sum()))
         folds = self._folds(labels, views)
         signal_folds = self._signal_folds(labels, folds, views, target_class)
         # the statistics are additive: both fold sets are sums of (CV fold, signal fold) pieces; the pieces that
@@ -725,10 +733,11 @@ class ActivationEditing(Defense):
         """``triggers`` and the images of them a training augmentation shows that ``mirror`` and ``shift`` add: the
         mirror images, then the moves of the first trigger and of its mirror image. What was measured and done, per
         mirror image: ``trigger`` (its index in ``triggers``: the knowledge's order), ``success_on_unseen`` (the
-        fraction of U's non-target images it sends to ``target_class`` before the edit; ``None`` when ``mirror``
+        fraction of U's non-target images (at most :data:`SUCCESS_IMAGES` of them: :meth:`_checked_images`) it sends
+        to ``target_class`` before the edit; ``None`` when ``mirror``
         decides without it) and ``included``; per move the same, with ``mirrored`` (whether it moves the trigger's
         mirror image) and ``shift`` ([dy, dx] in pixels)."""
-        attacked = unseen.images[unseen.labels != target_class].float()
+        attacked = self._checked_images(unseen, target_class)
         mirrors, added, mirrored_from = [], [], []
         for index, trigger in enumerate(triggers):
             mirrored = None if self.mirror is False else distinct_mirror(trigger, attacked)
@@ -754,6 +763,15 @@ class ActivationEditing(Defense):
                 if included:
                     moved.append(shifted)
         return triggers + added + moved, mirrors, shifts
+
+    def _checked_images(self, unseen: UnseenData, target_class: int) -> Tensor:
+        """U's non-target images (M, C, H, W) the success checks run on: all of them when there are at most
+        :data:`SUCCESS_IMAGES`, else that many drawn without replacement with ``seed`` (kept in U's order)."""
+        attacked = unseen.images[unseen.labels != target_class].float()
+        if len(attacked) <= SUCCESS_IMAGES:
+            return attacked
+        chosen = torch.randperm(len(attacked), generator=torch.Generator().manual_seed(self.seed))[:SUCCESS_IMAGES]
+        return attacked[chosen.sort().values.to(attacked.device)]
 
     def _shift_distance(self, images: Tensor) -> int:
         """The pixels ``shift`` moves a trigger by on ``images`` (N, C, H, W); for ``shift=None``
