@@ -85,8 +85,14 @@ def choose_mode(init_args: Any, root: Path) -> str | None:
     line saying why and how to upload it.
 
     Online runs get ``WANDB_INIT_TIMEOUT`` (30 s unless set) so a server that stops answering after the probe
-    fails the run instead of hanging it.
+    fails the run instead of hanging it. ``WANDB_MODE=disabled`` wins over a config's ``offline: true`` (which
+    Lightning's logger would otherwise turn into an offline run written to disk): nothing is logged or written.
     """
+    if os.environ.get("WANDB_MODE") == "disabled":
+        init_args.offline = False  # wandb.init then reads the environment's mode
+        line = "W&B: disabled (WANDB_MODE=disabled): nothing is logged or written"
+        rank_zero_info(line)
+        return line
     reason = offline_reason(bool(init_args.get("offline", False)))
     if reason is None:
         os.environ.setdefault("WANDB_INIT_TIMEOUT", INIT_TIMEOUT_SECONDS)

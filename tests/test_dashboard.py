@@ -171,3 +171,19 @@ def test_save_image_creates_its_folder_and_enlarges_the_picture(tmp_path):
     path = tmp_path / "new" / "folder" / "trigger.png"
     save_image(torch.rand(3, 4, 5), path, scale=8)
     assert Image.open(path).size == (40, 32) and list(path.parent.iterdir()) == [path]  # no temporary file left
+
+
+def test_wandb_mode_disabled_wins_over_an_offline_config(monkeypatch, tmp_path):
+    """The configs ship ``offline: true``; Lightning's logger would turn that into an offline run on disk even
+    under ``WANDB_MODE=disabled``. Disabled means nothing written: the flag is cleared and the mode left to W&B."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    settings = Namespace(offline=True, save_dir=str(tmp_path))
+    line = choose_mode(settings, tmp_path)
+    assert settings.offline is False and line is not None and "disabled" in line and "\n" not in line
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+    wandb.teardown()  # W&B reads the mode once per process: a fresh start, as a new `lightning-backdoor` process has
+    logger = WandbLogger(save_dir=str(tmp_path), offline=settings.offline)
+    logger.log_metrics({"x": 1.0})
+    logger.experiment.finish()
+    assert not (tmp_path / "wandb").exists()  # nothing written
