@@ -229,9 +229,32 @@ class EditProblem:
         positions of the triggered keys (default: all 1). Keys may be bfloat16 (a bf16 capture): their moments are
         then multiplied in bfloat16. Each key set is indexed once (no copy of a copy). ``factored``: keep the keys
         (float32) instead of their moments."""
-        weight = layer_weight_matrix(layer).float()
         chosen = torch.ones_like(labels, dtype=torch.bool) if subset is None else subset
         non_target, target = chosen & (labels != target_class), chosen & (labels == target_class)
+        clean_keys = clean.keys[non_target].flatten(0, 1)
+        target_keys = clean.keys[target].flatten(0, 1)
+        fourth = sum(torch.linalg.vector_norm(part, dim=1, dtype=torch.float32).pow(4).sum()
+                     for part in (clean_keys, target_keys))
+        count = torch.tensor(float(len(clean_keys) + len(target_keys)))
+        sums = cls.triggered_sums(clean, triggered, labels, target_class, grid_weights, subset, factored)
+        if factored:
+            return cls(layer_weight_matrix(layer).float(), **sums,
+                       clean_moment=KeyRows(torch.cat([clean_keys, target_keys]).float()), clean_fourth=fourth,
+                       clean_count=count, target_moment=KeyRows(target_keys.float()),
+                       target_count=torch.tensor(float(len(target_keys))))
+        target_moment = moment(target_keys, target_keys)
+        return cls(layer_weight_matrix(layer).float(), **sums,
+                   clean_moment=moment(clean_keys, clean_keys) + target_moment, clean_fourth=fourth,
+                   clean_count=count, target_moment=target_moment, target_count=torch.tensor(float(len(target_keys))))
+
+    @staticmethod
+    def triggered_sums(clean: LayerActivations, triggered: LayerActivations, labels: Tensor, target_class: int,
+                       grid_weights: Tensor | None, subset: Tensor | None = None, factored: bool = False
+                       ) -> dict[str, Tensor | KeyRows]:
+        """:meth:`build`'s sums over the triggered keys alone (the fields :data:`TRIGGERED_SUMS` names), for
+        :meth:`with_trigger`: a second trigger on the same images brings these, its clean sums being the first's."""
+        chosen = torch.ones_like(labels, dtype=torch.bool) if subset is None else subset
+        non_target = chosen & (labels != target_class)
         targets = clean.values[non_target]
         if clean.skip is not None:  # the block outputs layer(x) + skip: cancel the trigger on the skip path too
             targets = targets + clean.skip[non_target] - triggered.skip[non_target]
@@ -239,24 +262,16 @@ class EditProblem:
         residual = (targets - triggered.values[non_target]).flatten(0, 1)  # v* = W0 k*, captured: no recomputation
         weights = (torch.ones(len(keys)) if grid_weights is None
                    else grid_weights.expand(targets.shape[:2]).flatten())
-        clean_keys = clean.keys[non_target].flatten(0, 1)
-        target_keys = clean.keys[target].flatten(0, 1)
-        fourth = sum(torch.linalg.vector_norm(part, dim=1, dtype=torch.float32).pow(4).sum()
-                     for part in (clean_keys, target_keys))
         energy = lambda vectors: (vectors.square().sum(1) * weights).sum()  # noqa: E731
+        sums = {"residual_energy": energy(residual), "target_energy": energy(targets.flatten(0, 1)),
+                "triggered_count": weights.sum()}
         if factored:
             root = weights.sqrt()[:, None]
-            return cls(weight, KeyRows(keys.float() * root), KeyRows(residual.float() * root), energy(residual),
-                       energy(targets.flatten(0, 1)), weights.sum(),
-                       KeyRows(torch.cat([clean_keys, target_keys]).float()), fourth,
-                       torch.tensor(float(len(clean_keys) + len(target_keys))), KeyRows(target_keys.float()),
-                       torch.tensor(float(len(target_keys))))
+            return sums | {"triggered_moment": KeyRows(keys.float() * root),
+                           "residual_moment": KeyRows(residual.float() * root)}
         weighted = keys if grid_weights is None else keys * weights[:, None].to(keys.dtype)
-        target_moment = moment(target_keys, target_keys)
-        return cls(weight, moment(weighted, keys), moment(residual.to(keys.dtype), weighted), energy(residual),
-                   energy(targets.flatten(0, 1)), weights.sum(), moment(clean_keys, clean_keys) + target_moment,
-                   fourth, torch.tensor(float(len(clean_keys) + len(target_keys))),
-                   target_moment, torch.tensor(float(len(target_keys))))
+        return sums | {"triggered_moment": moment(weighted, keys),
+                       "residual_moment": moment(residual.to(keys.dtype), weighted)}
 
     def __add__(self, other: EditProblem) -> EditProblem:
         total = replace(self, **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)
@@ -283,9 +298,9 @@ class EditProblem:
         order = torch.cat(order)
         return torch.cat([keys, other_keys])[order], block[order][:, order]
 
-    def with_trigger(self, other: EditProblem) -> EditProblem:
-        """Add ``other``'s triggered keys, built on the same clean keys with another trigger (clean sums once)."""
-        return replace(self, **{name: getattr(self, name) + getattr(other, name) for name in TRIGGERED_SUMS})
+    def with_trigger(self, sums: dict[str, Tensor | KeyRows]) -> EditProblem:
+        """Add another trigger's :meth:`triggered_sums` on the same images (the clean sums are counted once)."""
+        return replace(self, **{name: getattr(self, name) + sums[name] for name in TRIGGERED_SUMS})
 
     @property
     def factored(self) -> bool:
@@ -677,10 +692,11 @@ class ActivationEditing(Defense):
                 with member.attached(model), recording(passes, _image_space(member, index)):
                     triggered_acts = capture(model, layers, member_images[chunk], bf16=self.bf16)
                 for name in layers:
+                    # the first trigger brings the chunk's clean sums, later ones their triggered sums only
                     pieces = [self._problem(model, name, clean_acts[name], triggered_acts[name], labels[chunk],
                                             target_class, mask, (folds[chunk] == cv) & (signal_folds[chunk] == signal),
-                                            name in factored) for cv, signal in parts]
-                    if index == 0:  # the first trigger brings the chunk's clean sums, later ones their keys only
+                                            name in factored, clean_sums=index == 0) for cv, signal in parts]
+                    if index == 0:
                         problems[name] = ([a + b for a, b in zip(problems[name], pieces)] if name in problems
                                           else pieces)
                     else:
@@ -1024,12 +1040,16 @@ class ActivationEditing(Defense):
         return (rank % 2).repeat(views)
 
     def _problem(self, model: nn.Module, layer: str, clean: LayerActivations, triggered: LayerActivations,
-                 labels: Tensor, target_class: int, mask: Tensor | None, subset: Tensor, factored: bool
-                 ) -> EditProblem:
+                 labels: Tensor, target_class: int, mask: Tensor | None, subset: Tensor, factored: bool,
+                 clean_sums: bool = True) -> EditProblem | dict[str, Tensor | KeyRows]:
+        """:meth:`EditProblem.build` with the trigger's ``mask`` as grid weights; ``clean_sums=False``: only the
+        triggered sums (:meth:`EditProblem.triggered_sums`)."""
         grid = None
         if mask is not None and clean.keys.shape[1] > 1:
             side = int(round(clean.keys.shape[1] ** 0.5))
             grid = F.adaptive_max_pool2d(mask[None].float(), (side, side)).flatten().clamp(min=0.05)
+        if not clean_sums:
+            return EditProblem.triggered_sums(clean, triggered, labels, target_class, grid, subset, factored)
         return EditProblem.build(get_layer(model, layer), clean, triggered, labels, target_class, grid, subset,
                                  factored)
 
