@@ -32,7 +32,7 @@ from lightning_backdoor.data import PoisonedDataModule
 from lightning_backdoor.data.datamodule import differing_setting
 from lightning_backdoor.defenses import Defense
 from lightning_backdoor.defenses.callback import DefenseCallback
-from lightning_backdoor.io import load_tensors
+from lightning_backdoor.io import check_weights_file, load_tensors
 from lightning_backdoor.models.registry import check_model_name
 from lightning_backdoor.models.sync_batchnorm import SyncBatchNormPlugin
 from lightning_backdoor.precision import trainer_precision
@@ -240,6 +240,8 @@ class BackdoorCLI(LightningCLI):
         if self.defend_mode and config.get("ckpt_path") is not None:
             raise ValueError(f"defend reads its weights from --checkpoint, not --ckpt_path ({config.ckpt_path!r}); "
                              f"add --ckpt_path=null (or set ckpt_path: null in the config)")
+        if self.defend_mode and config.get("checkpoint"):  # before the data module decodes (and caches) a data set
+            check_weights_file(config.checkpoint)
         root = Path(config.trainer.default_root_dir or ".")
         used = next((path for pattern in RUN_OUTPUTS for path in sorted(root.glob(pattern))), None)
         if self.subcommand == "fit" and used is not None:

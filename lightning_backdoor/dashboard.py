@@ -240,8 +240,10 @@ def log_defense(loggers: Iterable[Any], report: DefenseReport, class_names: list
     import wandb
 
     images = {key: path for key, path in report.files.items() if path.suffix == ".png" and path.is_file()}
-    for logger in loggers:
-        run = logger.experiment
+    runs = [run for run in (logger.experiment for logger in loggers) if not getattr(run, "disabled", False)]
+    if not runs:  # WANDB_MODE=disabled: nothing to log to, and nothing to claim
+        return
+    for run in runs:
         run.log(defense_tables(report.to_json(), class_names) | {f"defense/{key}": wandb.Image(str(path))
                                                                   for key, path in images.items()})
         for artifact in defense_artifacts(report, getattr(run, "id", None) or "run"):

@@ -140,14 +140,24 @@ def first_line(error: BaseException) -> str:
 NESTED_WEIGHTS_KEYS = ("state_dict", "model_state_dict", "model", "net")
 
 
-def load_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Model weights from a Lightning checkpoint, a state_dict file (possibly nested under one of
-    ``NESTED_WEIGHTS_KEYS``) or safetensors, without running code."""
+def check_weights_file(path: str | Path) -> Path:
+    """``path`` as a Path when it names a file.
+
+    Raises:
+        ValueError: (one line) it is a folder or does not exist.
+    """
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"checkpoint {path} is a folder; pass the weights file inside it")
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Model weights from a Lightning checkpoint, a state_dict file (possibly nested under one of
+    ``NESTED_WEIGHTS_KEYS``) or safetensors, without running code."""
+    path = check_weights_file(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -214,3 +214,26 @@ def test_the_docs_table_lists_every_case():
     missing = [case[0] for case in CASES if f"`{case[0]}`" not in table]
     assert not missing, f"docs/bad-input.md's bad-input table lacks {missing}"
     assert f"({len(CASES)} cases," in table, "docs/bad-input.md's case count is not len(CASES)"
+
+
+def test_a_missing_checkpoint_is_refused_before_any_data_is_decoded(tmp_path, monkeypatch, capsys):
+    """``defend`` checks ``--checkpoint`` before the data module is built: a CIFAR-10 config would otherwise decode
+    the data set, and write its cache, before saying the file is not there."""
+    import functools
+
+    from lightning_backdoor.data import PoisonedDataModule
+    built = []
+    original = PoisonedDataModule.__init__
+
+    @functools.wraps(original)
+    def recorded(self, *args, **kwargs):
+        built.append(True)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PoisonedDataModule, "__init__", recorded)
+    for missing in (tmp_path / "none.ckpt", tmp_path):  # no file; a folder
+        with pytest.raises(SystemExit) as exit_info:
+            main(command("defend", [f"--checkpoint={missing}"], tmp_path / "run"))
+        assert exit_info.value.code == 2
+        check_one_line(capsys.readouterr().err, "does not exist" if missing != tmp_path else "is a folder")
+    assert not built

@@ -185,5 +185,12 @@ def test_wandb_mode_disabled_wins_over_an_offline_config(monkeypatch, tmp_path):
     wandb.teardown()  # W&B reads the mode once per process: a fresh start, as a new `lightning-backdoor` process has
     logger = WandbLogger(save_dir=str(tmp_path), offline=settings.offline)
     logger.log_metrics({"x": 1.0})
+    from lightning_backdoor.dashboard import log_defense
+    report = small_report()
+    write_outputs(report, {"net.head.weight": torch.randn(2, 3)}, tmp_path / "run")
+    messages = []
+    monkeypatch.setattr("lightning_backdoor.dashboard.rank_zero_info", messages.append)
+    log_defense([logger], report)  # no run to log to: nothing logged, and no line claiming it was
+    assert messages == []
     logger.experiment.finish()
     assert not (tmp_path / "wandb").exists()  # nothing written
