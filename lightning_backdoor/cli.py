@@ -182,7 +182,11 @@ def main(args: list[str] | None = None) -> None:
             return
         BackdoorCLI(parser_kwargs=main_parser_kwargs(), args=args)
     except (ValueError, ArgumentError, pickle.UnpicklingError, MisconfigurationException) as error:
-        print(f"lightning-backdoor: error: {one_line(error)}", file=sys.stderr)
+        line = one_line(error)
+        if re.match(r"missing .*--(data|model)\b", line) and not any(arg.startswith("--config") for arg in argv):
+            line += ("; no --config given: describe the run with one (e.g. --config configs/quickstart.yaml, or a "
+                     "run's saved config.yaml)")
+        print(f"lightning-backdoor: error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
     except ModuleNotFoundError as error:  # an accelerator whose package is missing (tpu: torch_xla)
         if not _raised_in(error, "accelerators"):

@@ -237,3 +237,13 @@ def test_a_missing_checkpoint_is_refused_before_any_data_is_decoded(tmp_path, mo
         assert exit_info.value.code == 2
         check_one_line(capsys.readouterr().err, "does not exist" if missing != tmp_path else "is a folder")
     assert not built
+
+
+@pytest.mark.parametrize("subcommand", ["defend", "test"])
+def test_no_config_says_to_give_one(tmp_path, capsys, subcommand):
+    """Without ``--config`` the model and data are missing: the line says so and names the option that gives them."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([subcommand, f"--checkpoint={tmp_path / 'none.ckpt'}"] if subcommand == "defend" else [subcommand])
+    assert exit_info.value.code == 2
+    check_one_line(capsys.readouterr().err, "missing --data, --model; no --config given: describe the run with one")
+    assert list(tmp_path.iterdir()) == []
