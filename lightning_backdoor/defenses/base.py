@@ -103,7 +103,9 @@ class DefenseResult:
 
 
 class Defense(ABC):
-    """Base class of every defense; register a subclass with ``@DEFENSES.register("<name>")``.
+    """A defense that removes a backdoor from a model in place, chosen by its class name (``--defense
+    ActivationEditing``, ``--defense FineTuning``, ...); a subclass of your own is registered with
+    ``@DEFENSES.register("<name>")``.
 
     ``requires_knowledge``: the defense needs a :class:`BackdoorKnowledge` (refuses ``None``). To run it without,
     compose it with an estimator: :class:`~lightning_backdoor.defenses.estimate_first.EstimateFirst`.
