@@ -427,95 +427,57 @@ class SharedImages:
 
 @torch.no_grad()
 def success_rates(model: nn.Module, triggers: Sequence[Trigger], target_class: int, batches: Iterable[EvalBatch],
-                  bf16: bool = False, stride: int = 1) -> list[tuple[float, int]]:
+                  bf16: bool = False) -> list[float]:
     """Per trigger of ``triggers``, in one read of ``batches`` (:class:`TestData`'s; the clean images and labels are
-    read): the fraction of the images not of ``target_class`` that ``model`` assigns to ``target_class`` once the
-    trigger is applied (attached to the model for a feature-space trigger; 0 when every image is of
-    ``target_class``), and how many images that fraction is over. ``stride``: only every ``stride``-th image of the
-    split (by its position over all batches: a systematic sample, spread over a split sorted by class as over a
-    shuffled one). ``bf16``: the forward passes under bfloat16 autocast with channels-last inputs, as
-    :func:`~lightning_backdoor.evaluation.evaluate_batches`'."""
+    read, each batch once whatever the number of triggers): the fraction of the images not of ``target_class`` that
+    ``model`` assigns to ``target_class`` once the trigger is applied (attached to the model for a feature-space
+    trigger); 0 when every image is of ``target_class``. ``bf16``: the forward passes under bfloat16 autocast with
+    channels-last inputs, as :func:`~lightning_backdoor.evaluation.evaluate_batches`'."""
     metrics = [AttackSuccessRate(sync_on_compute=False) for _ in triggers]
-    counts = [0] * len(triggers)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    start = 0
     try:
         for images, labels, *_ in batches:
-            position = torch.arange(start, start + len(labels))
-            start += len(labels)
-            attacked = (labels != target_class) & (position % stride == 0)  # only these count
+            attacked = labels != target_class  # only these count: the target class's images are not run
             if not attacked.any():
                 continue
             chosen = images[attacked]
             pixels = (chosen.float() / 255 if chosen.dtype == torch.uint8 else chosen.float()).to(device)
-            for index, trigger in enumerate(triggers):
+            for trigger, metric in zip(triggers, metrics):
                 with trigger.attached(model):
                     triggered = trigger(pixels)
                     if bf16 and triggered.dim() == 4:
                         triggered = triggered.contiguous(memory_format=torch.channels_last)
                     with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                         logits = model(triggered).float().cpu()
-                metrics[index].update(logits, torch.full_like(labels[attacked], target_class))
-                counts[index] += len(logits)
+                metric.update(logits, torch.full_like(labels[attacked], target_class))
     finally:
         model.train(was_training)
-    return [(metric.compute().item(), count) for metric, count in zip(metrics, counts)]
+    return [metric.compute().item() for metric in metrics]
 
 
 def trigger_success_rate(model: nn.Module, trigger: Trigger, target_class: int, batches: Iterable[EvalBatch],
                          bf16: bool = False) -> float:
     """The attack success rate of ``trigger`` on the images of ``batches`` not of ``target_class``
-    (:func:`success_rates` of one trigger, every image)."""
-    return success_rates(model, [trigger], target_class, batches, bf16)[0][0]
-
-
-#: ``moved_asr`` screens the moves on every this-many-th test image first ...
-MOVE_SCREEN_STRIDE = 8
-#: ... and measures on the whole split the moves whose screened ASR is within this many standard errors (of the
-#: difference of two screened fractions) of the largest: a move it leaves out is that far below the worst one
-MOVE_SCREEN_MARGIN = 4.0
-#: no screen when it would count fewer images than this (or there are at most 2 moves): all moves on the whole split
-MOVE_SCREEN_MIN_IMAGES = 200
-
-
-def worst_move(model: nn.Module, moves: Sequence[Trigger], target_class: int, batches: Iterable[EvalBatch],
-               bf16: bool = False) -> float:
-    """The largest attack success rate over ``moves`` on the whole of ``batches`` (as :func:`success_rates`), with
-    only the moves that could be the largest measured on the whole split: all of them are first measured on every
-    :data:`MOVE_SCREEN_STRIDE`-th image, and a move is measured on the whole split unless its screened ASR lies more
-    than :data:`MOVE_SCREEN_MARGIN` standard errors below the largest screened ASR (each fraction's variance
-    estimated as (hits + 2) / (n + 4) (1 − that) / n, so that a fraction of 0 or 1 still has one). A test split of
-    10,000 images and 16 moves costs about 2 + (the moves kept) passes instead of 16."""
-    if len(moves) <= 2:
-        return max(rate for rate, _ in success_rates(model, moves, target_class, batches, bf16))
-    screen = success_rates(model, moves, target_class, batches, bf16, stride=MOVE_SCREEN_STRIDE)
-    if min(count for _, count in screen) < MOVE_SCREEN_MIN_IMAGES:
-        return max(rate for rate, _ in success_rates(model, moves, target_class, batches, bf16))
-
-    def variance(rate: float, count: int) -> float:
-        adjusted = (rate * count + 2) / (count + 4)
-        return adjusted * (1 - adjusted) / count
-
-    best_rate, best_count = max(screen)
-    kept = [move for move, (rate, count) in zip(moves, screen)
-            if best_rate - rate <= MOVE_SCREEN_MARGIN * (variance(rate, count) + variance(best_rate, best_count)) ** 0.5]
-    return max(rate for rate, _ in success_rates(model, kept, target_class, batches, bf16))
+    (:func:`success_rates` of one trigger)."""
+    return success_rates(model, [trigger], target_class, batches, bf16)[0]
 
 
 def augmented_asr(model: nn.Module, mirrored: Trigger | None, moves: Sequence[Trigger], target_class: int,
                   batches: Iterable[EvalBatch], bf16: bool = False) -> dict[str, float]:
     """``mirrored_asr`` (the mirror image's ASR, when given) and ``moved_asr`` (the largest ASR over ``moves``, when
-    any: :func:`worst_move`) on re-iterable ``batches`` (:class:`TestData`'s, or
-    :func:`~lightning_backdoor.evaluation.in_batches` of images (N, C, H, W), uint8 or in [0, 1], and labels)
-    (:func:`~lightning_backdoor.triggers.augmentation_images` makes the triggers); ``bf16`` as for
+    any) on re-iterable ``batches`` (:class:`TestData`'s, or :func:`~lightning_backdoor.evaluation.in_batches` of
+    images (N, C, H, W), uint8 or in [0, 1], and labels), by :func:`success_rates`: one read of the batches, one
+    forward pass per trigger (:func:`~lightning_backdoor.triggers.augmentation_images` makes them); ``bf16`` as for
     :func:`success_rates`."""
-    values = {}
-    if mirrored is not None:
-        values["mirrored_asr"] = trigger_success_rate(model, mirrored, target_class, batches, bf16)
+    triggers = ([mirrored] if mirrored is not None else []) + list(moves)
+    if not triggers:
+        return {}
+    rates = success_rates(model, triggers, target_class, batches, bf16)
+    values = {"mirrored_asr": rates.pop(0)} if mirrored is not None else {}
     if moves:
-        values["moved_asr"] = worst_move(model, moves, target_class, batches, bf16)
+        values["moved_asr"] = max(rates)
     return values
 
 
