@@ -194,7 +194,9 @@ class BackdoorCLI(LightningCLI):
             parser.add_subclass_arguments(Defense, "defense", required=False,
                                           default={"class_path": "lightning_backdoor.defenses.ActivationEditing"},
                                           help="the defense to run (default: the config's DefenseCallback "
-                                               "defense, else activation editing with repair)")
+                                               "defense, else ActivationEditing with its defaults: layer auto, "
+                                               "strength 10, repair on; --defense.init_args.strength null chooses "
+                                               "the strength on the unseen images too)")
             parser.add_argument("--unseen_per_class", type=int | None, default=None,
                                 help="use the first k unseen images per class (default: as the config's "
                                      "DefenseCallback, else all)")
