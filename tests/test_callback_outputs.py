@@ -389,6 +389,7 @@ def test_without_a_test_trigger_the_report_holds_the_estimated_triggers_asr(foun
     assert report["estimated_target"] == 0 and before >= 0.8 and after <= before / 4, report
     assert f"estimated trigger toward class 0: ASR {before:.4f} -> {after:.4f}" in printed
     assert "; edited fc in " in printed  # the layer the edit chose, on the console
+    assert "(the test split's evaluation before and after: " in printed  # where the rest of the wait went
     assert "estimated trigger's ASR" in [label.get_text() for label in plot_report(report).axes[0].get_xticklabels()]
     assert summary_rows(report)[0][-1] == round(100 * before, 2)  # the W&B summary table's last column
 

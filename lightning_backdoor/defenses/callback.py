@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -302,7 +303,9 @@ class DefenseCallback(L.Callback):
             rank_zero_info(f"defense: {name} on {len(unseen.labels)} unseen images, evaluated on {test.num_images} "
                            f"test images before and after...")
             knowledge = BackdoorKnowledge.of(trigger, target) if trigger_known else None
+            started = time.perf_counter()
             report = run_defense(network, defense, unseen, knowledge, test, after_defense=round_to_stored)
+            evaluation = time.perf_counter() - started - report.result.seconds  # the test passes around the defense
         report.warnings[:0] = warnings
         for logger in loggers:
             logger.log_metrics({f"defense/{stage}/{name}": value for stage, metrics in report.stages.items()
@@ -323,7 +326,8 @@ class DefenseCallback(L.Callback):
         if "estimation_seconds" in details:  # the estimate's and the defense's own, which the total sums
             seconds += (f" (trigger estimation {details['estimation_seconds']:.2f} s, then "
                         f"{details.get('editing_seconds', 0.0):.2f} s)")
-        rank_zero_info(f"defense: {report.summary_line()}{edited} in {seconds}; report: {self.report_path}")
+        rank_zero_info(f"defense: {report.summary_line()}{edited} in {seconds} (the test split's evaluation before and "
+                       f"after: {evaluation:.0f} s); report: {self.report_path}")
         chosen = selection_line(report.result.layer, report.result.details)
         if chosen is not None:
             rank_zero_info(f"defense: {chosen}")
