@@ -692,15 +692,18 @@ class ActivationEditing(Defense):
                 with member.attached(model), recording(passes, _image_space(member, index)):
                     triggered_acts = capture(model, layers, member_images[chunk], bf16=self.bf16)
                 for name in layers:
-                    # the first trigger brings the chunk's clean sums, later ones their triggered sums only
-                    pieces = [self._problem(model, name, clean_acts[name], triggered_acts[name], labels[chunk],
-                                            target_class, mask, (folds[chunk] == cv) & (signal_folds[chunk] == signal),
-                                            name in factored, clean_sums=index == 0) for cv, signal in parts]
-                    if index == 0:
+                    acts = (clean_acts[name], triggered_acts[name], labels[chunk], target_class,
+                            self._grid_weights(mask, clean_acts[name]))
+                    subsets = [(folds[chunk] == cv) & (signal_folds[chunk] == signal) for cv, signal in parts]
+                    if index == 0:  # the first trigger brings the chunk's clean sums, later ones their triggered sums
+                        pieces = [EditProblem.build(get_layer(model, name), *acts, subset, name in factored)
+                                  for subset in subsets]
                         problems[name] = ([a + b for a, b in zip(problems[name], pieces)] if name in problems
                                           else pieces)
                     else:
-                        problems[name] = [a.with_trigger(b) for a, b in zip(problems[name], pieces)]
+                        problems[name] = [problem.with_trigger(EditProblem.triggered_sums(*acts, subset,
+                                                                                          name in factored))
+                                          for problem, subset in zip(problems[name], subsets)]
         weights = PRIOR_WEIGHTS if self.batchnorm_prior is None else (self.batchnorm_prior,)
         pieces_of = {(name, weight): {part: replace(piece, prior=priors[name][0], prior_weight=weight) if weight > 0
                                       else piece for part, piece in zip(parts, pieces)}
@@ -1039,19 +1042,14 @@ class ActivationEditing(Defense):
             rank[members] = torch.arange(len(members), device=labels.device)
         return (rank % 2).repeat(views)
 
-    def _problem(self, model: nn.Module, layer: str, clean: LayerActivations, triggered: LayerActivations,
-                 labels: Tensor, target_class: int, mask: Tensor | None, subset: Tensor, factored: bool,
-                 clean_sums: bool = True) -> EditProblem | dict[str, Tensor | KeyRows]:
-        """:meth:`EditProblem.build` with the trigger's ``mask`` as grid weights; ``clean_sums=False``: only the
-        triggered sums (:meth:`EditProblem.triggered_sums`)."""
-        grid = None
-        if mask is not None and clean.keys.shape[1] > 1:
-            side = int(round(clean.keys.shape[1] ** 0.5))
-            grid = F.adaptive_max_pool2d(mask[None].float(), (side, side)).flatten().clamp(min=0.05)
-        if not clean_sums:
-            return EditProblem.triggered_sums(clean, triggered, labels, target_class, grid, subset, factored)
-        return EditProblem.build(get_layer(model, layer), clean, triggered, labels, target_class, grid, subset,
-                                 factored)
+    @staticmethod
+    def _grid_weights(mask: Tensor | None, clean: LayerActivations) -> Tensor | None:
+        """The weights (L,) of a layer's key positions from a trigger's ``mask`` (its max over each position's
+        share of the image, at least 0.05); ``None`` (all 1) without a mask or with one position."""
+        if mask is None or clean.keys.shape[1] <= 1:
+            return None
+        side = int(round(clean.keys.shape[1] ** 0.5))
+        return F.adaptive_max_pool2d(mask[None].float(), (side, side)).flatten().clamp(min=0.05)
 
     def _cross_validate(self, model: nn.Module, layer: str, fold_problems: list[EditProblem], strength: float,
                         images: Tensor, triggered: list[tuple[Trigger, Tensor]], labels: Tensor, folds: Tensor,
