@@ -7,7 +7,10 @@ Part 1, images: the CIFAR-10 BadNets run with 250 unseen images per class (``tra
 ``runs/cifar10-badnets-u250``), its last conv ``blocks.2.conv2`` (keys of 2,304 = 256 x 3 x 3 values), N = 10 …
 2,500 unseen images. Beside each edit, the floor of any method of this kind: one clean and one triggered forward
 pass over the same images in the same precision. The bf16 edit's key moments against the float32 ones (relative
-Frobenius error), and the test split's CA / ASR / TA after either edit (reported, never used to choose).
+Frobenius error), and the test split's CA / ASR / TA after either edit with the ASR of the trigger's mirror image
+and of its worst move (reported, never used to choose). The "mapped floor" beside it: one clean pass and one pass
+per trigger the edit mapped, over the images it applies each to (the triggers it adds itself, the mirror image and
+the moves, on at most ``ADDED_TRIGGER_IMAGES`` of them).
 
 Part 2, key width: 1,000 images through layers whose keys hold 512 … 4,608 values: the compact net's
 ``blocks.2.conv1`` (1,152) and ``blocks.2.conv2`` (2,304), PreAct-ResNet18's head ``linear`` (512),
@@ -45,11 +48,13 @@ from torch import Tensor, nn
 
 from lightning_backdoor.data.poisoning import apply_trigger, to_float
 from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData, activation_editing
-from lightning_backdoor.evaluation import evaluate
+from lightning_backdoor.defenses.report import augmented_asr
+from lightning_backdoor.evaluation import evaluate, in_batches
 from lightning_backdoor.io import atomic_json
 from lightning_backdoor.models import build_model
 from lightning_backdoor.provenance import environment
 from lightning_backdoor.runs import instantiate_run, run_checkpoint
+from lightning_backdoor.triggers import augmentation_images
 
 PRECISIONS = {"float32": False, "bf16": True}
 
@@ -182,6 +187,7 @@ def badnets_run(args: argparse.Namespace) -> tuple[nn.Module, Any, BackdoorKnowl
 
 def images_part(args: argparse.Namespace, save: Callable[[], None], rows: list[dict[str, Any]]) -> None:
     network, data, knowledge, test = badnets_run(args)
+    mirrored, moves = augmentation_images(data.trigger, to_float(data.unseen_set(1, 0).images))
     for count in args.images:
         unseen_set = data.unseen_set(count // data.num_classes, args.seed)
         unseen = UnseenData(to_float(unseen_set.images), unseen_set.labels)
@@ -194,14 +200,19 @@ def images_part(args: argparse.Namespace, save: Callable[[], None], rows: list[d
             (model, details), memory = peak_memory(lambda: edit(network, args.layer, unseen, knowledge, bf16,
                                                                 args.seed))
             mapped = mapped_triggers(knowledge, details)
-            mapped_images = [to_float(apply_trigger(trigger, unseen_set.images)) for trigger in mapped[1:]]
+            added = details.get("added_trigger_images", len(unseen_set.images))  # the added triggers' images
+            known = len(knowledge.triggers)
+            mapped_images = [to_float(apply_trigger(trigger, unseen_set.images[:added if index >= known else None]))
+                             for index, trigger in enumerate(mapped) if index > 0]
             mapped_floor = median_seconds(lambda: forward_floor(network, unseen.images, to_float(triggered), bf16,
                                                                 mapped_images), args.repeats)
             row[name] = {**timing, "peak_memory_mib": memory / 2**20, "system": details["system"],
                          "repaired": details.get("repair", {}).get("setting") is not None,
-                         "triggers_mapped": len(mapped), "mapped_floor_seconds": mapped_floor}
+                         "triggers_mapped": len(mapped), "mapped_floor_seconds": mapped_floor,
+                         "added_trigger_images": details.get("added_trigger_images")}
             if test is not None:
-                row[name]["test"] = evaluate(model, *test, data.num_classes, data.target_class, bf16=True)
+                row[name]["test"] = evaluate(model, *test, data.num_classes, data.target_class, bf16=True) | \
+                    augmented_asr(model, mirrored, moves, data.target_class, in_batches(*test[:2]), bf16=True)
         row["bf16_errors"] = moment_errors(network, args.layer, unseen, knowledge, args.seed)
         rows.append(row)
         save()
@@ -331,6 +342,14 @@ def mapped_cell(f32: dict[str, Any], b16: dict[str, Any]) -> str:
                       for value in (f32, b16))
 
 
+def augmented(test: dict[str, float]) -> str:
+    """" (mirrored / moved ASR)" in % where the test figures hold them."""
+    if "mirrored_asr" not in test and "moved_asr" not in test:
+        return ""
+    return " (" + " / ".join(f"{100 * test[key]:.2f}" if key in test else "–"
+                             for key in ("mirrored_asr", "moved_asr")) + ")"
+
+
 def ratio(value: dict[str, Any]) -> str:
     """The median ratio to the floor, with the range of the pairs' ratios where they were measured in pairs."""
     low, high = value.get("ratio_range", (None, None))
@@ -346,7 +365,8 @@ def tables(result: dict[str, Any]) -> str:
     for row in result["images"]:
         f32, b16, errors = row["float32"], row["bf16"], row["bf16_errors"]
         effect = lambda value: (" / ".join(f"{100 * value['test'][key]:.2f}"  # noqa: E731
-                                           for key in ("clean_acc", "asr", "target_acc")) if "test" in value else "–")
+                                           for key in ("clean_acc", "asr", "target_acc")) + augmented(value['test'])
+                                if "test" in value else "–")
         lines.append(f"| {row['images']} | {f32['seconds']:.2f} | {f32['floor_seconds']:.2f} | {ratio(f32)} | "
                      f"{b16['seconds']:.2f} | {b16['floor_seconds']:.2f} | {ratio(b16)} | "
                      f"{f32['peak_memory_mib']:.0f} / {b16['peak_memory_mib']:.0f} | {errors['A']:.1e} / "

@@ -290,3 +290,42 @@ def test_the_success_checks_run_on_a_seeded_subset_of_a_large_unseen_split() -> 
     few = UnseenData(images[:100], labels[:100])  # 90 non-target images: all of them
     assert torch.equal(ActivationEditing(seed=3)._checked_images(few, 0), images[:100][labels[:100] != 0])
 
+
+
+def test_the_added_triggers_read_a_seeded_subset_of_a_large_unseen_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On more than ``ADDED_TRIGGER_IMAGES`` non-target images, the moves the edit adds are applied to that many of
+    them (seeded, in U's order) and their sums scaled up to all: the triggered keys' weight is the same as with every
+    image, each move costs a pass of the subset alone, and the moves still end near the floor."""
+    from lightning_backdoor.defenses import activation_editing
+    data = digits()
+    data.setup("fit")
+    unseen_set = data.unseen_set(10, 0)  # 100 images, 90 not of target class 0
+    unseen = UnseenData(unseen_set.images.float() / 255, unseen_set.labels)
+    knowledge = BackdoorKnowledge.of(BadNets(size=3), 0)
+    full = ActivationEditing(layer="features.2", shift=2).fit(trained().eval(), unseen, knowledge)
+    assert "added_trigger_images" not in full.info and all(member.rows is None for member in full.triggered)
+    passes: list[int] = []
+    capture = activation_editing.capture
+    monkeypatch.setattr(activation_editing, "capture", lambda model, layers, images, **options: (
+        passes.append(len(images)) or capture(model, layers, images, **options)))
+    monkeypatch.setattr(activation_editing, "ADDED_TRIGGER_IMAGES", 30)
+    editing = ActivationEditing(layer="features.2", shift=2)
+    fit = editing.fit(trained().eval(), unseen, knowledge)
+    added = len(fit.triggered) - 1
+    assert added >= 1 and fit.info["added_trigger_images"] == 30, fit.info
+    rows = fit.triggered[1].rows
+    assert len(rows) == 30 and bool((fit.labels[rows] != 0).all()) and bool((rows.diff() > 0).all())
+    assert all(torch.equal(member.rows, rows) for member in fit.triggered[1:]) and fit.triggered[0].rows is None
+    assert torch.equal(editing._added_rows(fit.labels, 0), rows)  # the seed fixes them
+    assert not torch.equal(ActivationEditing(seed=1)._added_rows(fit.labels, 0), rows)
+    assert passes[-added - 1:] == [len(fit.labels)] + [30] * added  # the trigger on all images, each move on 30
+    torch.testing.assert_close(fit.problem.triggered_count, full.problem.triggered_count)  # scaled up to all
+    assert not torch.allclose(fit.problem.triggered_moment, full.problem.triggered_moment)
+    edited = trained().eval()
+    editing.defend(edited, unseen, knowledge)
+    data.setup("test")
+    images, labels = data.test_dataset().tensors[:2]
+    with torch.no_grad():
+        floor = (edited(images[labels != 0].float() / 255).argmax(-1) == 0).float().mean().item()
+    for member in fit.triggered:
+        assert trigger_success_rate(edited, member.trigger, 0, in_batches(images, labels)) <= floor + 0.1

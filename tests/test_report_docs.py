@@ -36,9 +36,10 @@ VARIABLE = {"environment.packages": "<name>", "defense.selection.cross_validated
 #: objects whose keys the page documents under another object's (the same diagnostics, for the repaired edit)
 SAME_KEYS = {"defense.diagnostics_after_repair": "defense.diagnostics"}
 #: keys the page documents from the code that the reports below do not hold: rarer branches (a layer skipped for
-#: memory, a close call confirmed, an estimator that cannot act, moved placements, a BatchNorm feeding the layer)
-#: and what depends on the machine (a GPU, a git checkout)
+#: memory, a close call confirmed, an estimator that cannot act, moved placements, a BatchNorm feeding the layer, an
+#: unseen split of more than 256 non-target images) and what depends on the machine (a GPU, a git checkout)
 DOCUMENTED_FROM_CODE = {
+    "defense.added_trigger_images",
     "defense.skipped_layers.<layer>", "defense.batchnorm_prior.norms.<layer>",
     "defense.estimation.placements", "defense.estimation.confirmed.<estimator>",
     "defense.estimation.confirmed.<estimator>.class", "defense.estimation.confirmed.<estimator>.prescreened_ratio",

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +54,11 @@ MIRROR_SUCCESS = 0.5
 #: ±3 pt (one standard error), and each check costs a forward pass of 256 images, not of all of U (at 2,500 unseen
 #: images the 7 checks of the CIFAR-10 BadNets edit took 2.6 s: docs/results/edit-cost.md)
 SUCCESS_IMAGES = 256
+#: the triggers the edit adds itself (the mirror images and the moves) bring their triggered keys from at most this
+#: many of the edit's non-target images (a seeded random subset, its sums scaled up to all of them; all of them when
+#: there are fewer): each added trigger then costs a forward pass of 256 images, not of all of U (at 2,500 unseen
+#: images the CIFAR-10 BadNets edit's 7 added triggers had made 7 of its 9 passes: docs/results/edit-cost.md)
+ADDED_TRIGGER_IMAGES = 256
 TRIGGERED_SUMS = ("triggered_moment", "residual_moment", "residual_energy", "target_energy", "triggered_count")
 
 
@@ -183,6 +188,20 @@ def one_standard_error_choice(scores: dict[tuple[str, float, float], tuple[float
                for name in dict.fromkeys(option[0] for option in scores)}
     within = [name for name in layers if name in best_of and scores[best_of[name]][0] <= bound]
     return best_of[within[-1]], within
+
+
+class Triggered(NamedTuple):
+    """A trigger the edit maps, with its triggered images: of all the edit's images (``rows`` None) or of those
+    ``rows`` (sorted indices into them) selects."""
+
+    trigger: Trigger
+    images: Tensor
+    rows: Tensor | None = None
+
+    def of(self, selected: Tensor) -> Tensor:
+        """``selected`` (a boolean mask over all the edit's images), restricted to and indexed like this trigger's
+        images."""
+        return selected if self.rows is None else selected[self.rows]
 
 
 def _image_space(trigger: Trigger, index: int) -> str | None:
@@ -397,7 +416,8 @@ class EditFit:
     of each, the target class, the facts so far (``info``), the folds of the repair's signal with their
     statistics (the same folds, except the views of a target class's single image: they alternate), the
     unedited model's target-class probability on each target-class image (in image order), each trigger with
-    its triggered images (in image order), and the held-out passes' shortcut (:class:`SuffixPasses`) when built."""
+    its triggered images (:class:`Triggered`), and the held-out passes' shortcut (:class:`SuffixPasses`) when
+    built."""
 
     layer: str
     strength: float
@@ -411,7 +431,7 @@ class EditFit:
     signal_folds: Tensor
     signal_problems: list[EditProblem]
     target_probability: Tensor
-    triggered: list[tuple[Trigger, Tensor]]
+    triggered: list[Triggered]
     passes: SuffixPasses | None = None
 
 
@@ -665,8 +685,13 @@ class ActivationEditing(Defense):
         # the statistics are additive: both fold sets are sums of (CV fold, signal fold) pieces; the pieces that
         # hold images (two when the fold sets agree, three with a single target image) are built, no more
         parts = sorted({(0, 0), (1, 1), *zip(folds.tolist(), signal_folds.tolist())})
-        triggered = [(member, member(images)) for member in triggers]  # applied once, reused by the CV
-        keys = self._key_counts(model, layers, labels, len(triggers), target_class, images[:1])
+        added = self._added_rows(labels, target_class)
+        if added is not None:
+            info["added_trigger_images"] = len(added)
+        triggered = [Triggered(member, member(images)) if index < len(knowledge.triggers) or added is None
+                     else Triggered(member, member(images[added]), added)
+                     for index, member in enumerate(triggers)]  # applied once, reused by the CV
+        keys = self._key_counts(model, layers, labels, triggered, target_class, images[:1])
         available = available_memory()  # read once: the prior and the memory check see the same figure
         fixed_prior = self.batchnorm_prior is not None and self.batchnorm_prior > 0
         if fixed_prior:  # every layer gets a prior, so d x d moments: skip or refuse those that do not fit first
@@ -688,13 +713,18 @@ class ActivationEditing(Defense):
             with recording(passes, "clean"):
                 clean_acts, chunk_logits = capture_with_logits(model, layers, images[chunk], bf16=self.bf16)
             logits.append(chunk_logits)
-            for index, ((member, member_images), mask) in enumerate(zip(triggered, masks)):
-                with member.attached(model), recording(passes, _image_space(member, index)):
-                    triggered_acts = capture(model, layers, member_images[chunk], bf16=self.bf16)
+            for index, (member, mask) in enumerate(zip(triggered, masks)):
+                inside, local = self._chunk_rows(member, chunk)
+                if len(local) == 0:
+                    continue
+                with member.trigger.attached(model), recording(passes, _image_space(member.trigger, index)):
+                    triggered_acts = capture(model, layers, member.images[inside], bf16=self.bf16)
+                scale = 1.0 if member.rows is None else self._added_scale(labels, target_class, member.rows)
                 for name in layers:
-                    acts = (clean_acts[name], triggered_acts[name], labels[chunk], target_class,
-                            self._grid_weights(mask, clean_acts[name]))
-                    subsets = [(folds[chunk] == cv) & (signal_folds[chunk] == signal) for cv, signal in parts]
+                    clean = clean_acts[name] if member.rows is None else clean_acts[name].select(local)
+                    acts = (clean, triggered_acts[name], labels[chunk][local], target_class,
+                            self._grid_weights(mask, clean, scale))
+                    subsets = [((folds[chunk] == cv) & (signal_folds[chunk] == signal))[local] for cv, signal in parts]
                     if index == 0:  # the first trigger brings the chunk's clean sums, later ones their triggered sums
                         pieces = [EditProblem.build(get_layer(model, name), *acts, subset, name in factored)
                                   for subset in subsets]
@@ -715,9 +745,9 @@ class ActivationEditing(Defense):
         choice = options[0]
         if passes is not None:
             passes.finish("clean", images, torch.cat(logits))
-            for index, (member, member_images) in enumerate(triggered):
-                if _image_space(member, index) is not None:
-                    passes.finish(_image_space(member, index), member_images)
+            for index, member in enumerate(triggered):
+                if _image_space(member.trigger, index) is not None:
+                    passes.finish(_image_space(member.trigger, index), member.images)
             info["held_out_passes"] = "suffix" if passes.active else f"whole ({passes.reason})"
         if len(options) > 1:
             scores = {(name, weight, strength): self._cross_validate(
@@ -855,14 +885,31 @@ class ActivationEditing(Defense):
             if not attacked.any():
                 continue
             delta, _ = self._fold_edit(fit, held_out, setting)
+            confidences = []
             with trial_edit(model, fit.layer, delta):
-                for index, (trigger, trigger_images) in enumerate(fit.triggered):
-                    with trigger.attached(model):
-                        logits = self._held_out(model, fit.passes, fit.layer, f"trigger {index}", trigger_images,
-                                                attacked)
-                    total += logits.softmax(-1)[:, fit.target_class].sum().item() / len(fit.triggered)
+                for index, member in enumerate(fit.triggered):
+                    with member.trigger.attached(model):
+                        logits = self._held_out(model, fit.passes, fit.layer, f"trigger {index}", member.images,
+                                                member.of(attacked))
+                    confidences.append(logits.softmax(-1)[:, fit.target_class])
+            total += self._per_image_mean(fit.triggered, confidences, attacked).sum().item()
             count += int(attacked.sum())
         return total / max(count, 1)
+
+    @staticmethod
+    def _per_image_mean(triggered: list[Triggered], values: list[Tensor], attacked: Tensor) -> Tensor:
+        """Per image of ``attacked`` (a boolean mask over the edit's images), the mean of ``values`` (one per
+        trigger of ``triggered``, over its images that ``attacked`` selects) over the triggers applied to it."""
+        if all(member.rows is None for member in triggered):
+            return torch.stack(values).mean(0)
+        position = torch.full((len(attacked),), -1, dtype=torch.long)
+        position[attacked] = torch.arange(int(attacked.sum()))
+        total, count = torch.zeros(int(attacked.sum())), torch.zeros(int(attacked.sum()))
+        for member, value in zip(triggered, values):
+            where = member.of(position)[member.of(attacked)]
+            total.index_add_(0, where, value.float())
+            count.index_add_(0, where, torch.ones(len(where)))
+        return total / count
 
     def _fold_edit(self, fit: EditFit, held_out: int, setting: float | None) -> tuple[Tensor, bool]:
         """The edit fitted on the signal fold other than ``held_out`` (repaired with ``setting`` when given), and
@@ -946,14 +993,41 @@ class ActivationEditing(Defense):
         return MOMENT_COPIES * 4 * cls._width(model, name) ** 2
 
     @staticmethod
-    def _key_counts(model: nn.Module, layers: list[str], labels: Tensor, triggers: int, target_class: int,
-                    probe: Tensor) -> dict[str, int]:
+    def _key_counts(model: nn.Module, layers: list[str], labels: Tensor, triggered: list[Triggered],
+                    target_class: int, probe: Tensor) -> dict[str, int]:
         """The keys each of ``layers`` gets from the (augmented) unseen images with ``labels``: the triggered
-        non-target keys of ``triggers`` trigger sets, the clean keys, and the target class's again (for the pin);
-        ``probe``, one image, gives the keys per image."""
+        non-target keys of each of ``triggered`` (on its images), the clean keys, and the target class's again
+        (for the pin); ``probe``, one image, gives the keys per image."""
         positions = key_positions(model, layers, probe)
-        target = int((labels == target_class).sum())
-        return {name: positions[name] * (triggers * (len(labels) - target) + len(labels) + target) for name in layers}
+        non_target = labels != target_class
+        attacked = sum(int(member.of(non_target).sum()) for member in triggered)
+        target = len(labels) - int(non_target.sum())
+        return {name: positions[name] * (attacked + len(labels) + target) for name in layers}
+
+    def _added_rows(self, labels: Tensor, target_class: int) -> Tensor | None:
+        """The images (sorted indices) the triggers the edit adds itself are applied to: ``None`` (all) when the
+        edit's images hold at most :data:`ADDED_TRIGGER_IMAGES` non-target images, else that many of them, drawn
+        without replacement with ``seed``."""
+        attacked = (labels != target_class).nonzero().flatten()
+        if len(attacked) <= ADDED_TRIGGER_IMAGES:
+            return None
+        generator = torch.Generator().manual_seed(self.seed)
+        return attacked[torch.randperm(len(attacked), generator=generator)[:ADDED_TRIGGER_IMAGES]].sort().values
+
+    @staticmethod
+    def _added_scale(labels: Tensor, target_class: int, rows: Tensor) -> float:
+        """The weight of each triggered key on ``rows`` (non-target images), so that their sums stand for all the
+        edit's non-target images: their number over that of ``rows``."""
+        return int((labels != target_class).sum()) / len(rows)
+
+    @staticmethod
+    def _chunk_rows(member: Triggered, chunk: Tensor) -> tuple[Tensor, Tensor]:
+        """Of the images in ``chunk`` (consecutive indices), those ``member`` has: their rows in ``member.images``
+        and their positions in the chunk."""
+        if member.rows is None:
+            return chunk, torch.arange(len(chunk))
+        inside = ((member.rows >= chunk[0]) & (member.rows <= chunk[-1])).nonzero().flatten()
+        return inside, member.rows[inside] - chunk[0]
 
     def _within_memory(self, model: nn.Module, layers: list[str], keys: dict[str, int], factored: dict[str, int],
                        info: dict[str, Any], available: int | None) -> list[str]:
@@ -1043,19 +1117,22 @@ class ActivationEditing(Defense):
         return (rank % 2).repeat(views)
 
     @staticmethod
-    def _grid_weights(mask: Tensor | None, clean: LayerActivations) -> Tensor | None:
+    def _grid_weights(mask: Tensor | None, clean: LayerActivations, scale: float = 1.0) -> Tensor | None:
         """The weights (L,) of a layer's key positions from a trigger's ``mask`` (its max over each position's
-        share of the image, at least 0.05); ``None`` (all 1) without a mask or with one position."""
-        if mask is None or clean.keys.shape[1] <= 1:
-            return None
-        side = int(round(clean.keys.shape[1] ** 0.5))
-        return F.adaptive_max_pool2d(mask[None].float(), (side, side)).flatten().clamp(min=0.05)
+        share of the image, at least 0.05), times ``scale``; ``None`` (all 1) without a mask or with one position
+        and a ``scale`` of 1."""
+        positions = clean.keys.shape[1]
+        if mask is None or positions <= 1:
+            return None if scale == 1.0 else torch.full((positions,), scale)
+        side = int(round(positions ** 0.5))
+        weights = F.adaptive_max_pool2d(mask[None].float(), (side, side)).flatten().clamp(min=0.05)
+        return weights if scale == 1.0 else weights * scale
 
     def _cross_validate(self, model: nn.Module, layer: str, fold_problems: list[EditProblem], strength: float,
-                        images: Tensor, triggered: list[tuple[Trigger, Tensor]], labels: Tensor, folds: Tensor,
+                        images: Tensor, triggered: list[Triggered], labels: Tensor, folds: Tensor,
                         target_class: int, passes: SuffixPasses | None = None) -> tuple[float, float]:
         """Two-fold loss on U of editing ``layer``: fit on one fold, then CE of the other fold's triggered
-        non-target images (averaged over the (trigger, triggered images) pairs) plus CE of its clean images; averaged
+        non-target images (each image's averaged over the triggers applied to it) plus CE of its clean images; averaged
         over both directions. Returned with its standard error over the held-out images (nats both): each mean's
         variance over its images, the triggered and clean means and the two directions taken as independent."""
         total, variance = 0.0, 0.0
@@ -1065,13 +1142,14 @@ class ActivationEditing(Defense):
             attacked = check & (labels != target_class)
             with trial_edit(model, layer, delta):
                 triggered_losses = []
-                for index, (trigger, trigger_images) in enumerate(triggered):
-                    with trigger.attached(model):
-                        logits = self._held_out(model, passes, layer, f"trigger {index}", trigger_images, attacked)
-                    triggered_losses.append(F.cross_entropy(logits, labels[attacked], reduction="none"))
+                for index, member in enumerate(triggered):
+                    rows = member.of(attacked)
+                    with member.trigger.attached(model):
+                        logits = self._held_out(model, passes, layer, f"trigger {index}", member.images, rows)
+                    triggered_losses.append(F.cross_entropy(logits, member.of(labels)[rows], reduction="none"))
                 clean = F.cross_entropy(self._held_out(model, passes, layer, "clean", images, check), labels[check],
                                         reduction="none")
-            for losses in (torch.stack(triggered_losses).mean(0), clean):
+            for losses in (self._per_image_mean(triggered, triggered_losses, attacked), clean):
                 total += losses.mean().item()
                 variance += losses.var().item() / len(losses) if len(losses) > 1 else 0.0
         return total / 2, variance ** 0.5 / 2

@@ -27,6 +27,10 @@ class LayerActivations:
     values: Tensor
     skip: Tensor | None
 
+    def select(self, rows: Tensor) -> LayerActivations:
+        """The activations of the images ``rows`` (indices or a boolean mask over N) selects."""
+        return LayerActivations(self.keys[rows], self.values[rows], None if self.skip is None else self.skip[rows])
+
 
 def get_layer(model: nn.Module, name: str) -> nn.Module:
     """The editable submodule ``name``; a one-line error lists the valid names if it is missing or unsupported."""
