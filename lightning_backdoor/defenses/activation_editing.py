@@ -271,7 +271,7 @@ class EditProblem:
                        grid_weights: Tensor | None, subset: Tensor | None = None, factored: bool = False
                        ) -> dict[str, Tensor | KeyRows]:
         """:meth:`build`'s sums over the triggered keys alone (the fields :data:`TRIGGERED_SUMS` names), for
-        :meth:`with_trigger`: a second trigger on the same images brings these, its clean sums being the first's."""
+        :meth:`add_trigger`: a second trigger on the same images brings these, its clean sums being the first's."""
         chosen = torch.ones_like(labels, dtype=torch.bool) if subset is None else subset
         non_target = chosen & (labels != target_class)
         targets = clean.values[non_target]
@@ -317,9 +317,15 @@ class EditProblem:
         order = torch.cat(order)
         return torch.cat([keys, other_keys])[order], block[order][:, order]
 
-    def with_trigger(self, sums: dict[str, Tensor | KeyRows]) -> EditProblem:
-        """Add another trigger's :meth:`triggered_sums` on the same images (the clean sums are counted once)."""
-        return replace(self, **{name: getattr(self, name) + sums[name] for name in TRIGGERED_SUMS})
+    def add_trigger(self, sums: dict[str, Tensor | KeyRows]) -> None:
+        """Add another trigger's :meth:`triggered_sums` on the same images to this problem's, in place (the clean
+        sums are counted once); the moments are summed into their own tensors, with no new d x d allocation."""
+        for name in TRIGGERED_SUMS:
+            mine = getattr(self, name)
+            if isinstance(mine, Tensor):
+                mine.add_(sums[name])
+            else:
+                setattr(self, name, mine + sums[name])
 
     @property
     def factored(self) -> bool:
@@ -709,31 +715,43 @@ class ActivationEditing(Defense):
         # several options to score on U: the held-out passes' shortcut records what it needs during these passes
         scored = len(layers) > 1 or self.strength is None or self.batchnorm_prior is None
         passes = self._suffix_passes(model, layers, available) if scored else None
+
+        def add_sums(index: int, rows: Tensor, clean: dict[str, LayerActivations], scale: float = 1.0) -> None:
+            """The ``index``-th trigger's sums over the images ``rows`` (of ``images``; ``clean``: their clean
+            activations) added to the pieces (the first trigger's bring the clean sums)."""
+            member, mask = triggered[index], masks[index]
+            with member.trigger.attached(model), recording(passes, _image_space(member.trigger, index)):
+                triggered_acts = capture(model, layers, member.images[rows] if member.rows is None else member.images,
+                                         bf16=self.bf16)
+            subsets = [(folds[rows] == cv) & (signal_folds[rows] == signal) for cv, signal in parts]
+            for name in layers:
+                acts = (clean[name], triggered_acts[name], labels[rows], target_class,
+                        self._grid_weights(mask, clean[name], scale))
+                if index == 0:
+                    pieces = [EditProblem.build(get_layer(model, name), *acts, subset, name in factored)
+                              for subset in subsets]
+                    problems[name] = [a + b for a, b in zip(problems[name], pieces)] if name in problems else pieces
+                else:  # the pieces' sums are their own (built, or added up, for this layer)
+                    for problem, subset in zip(problems[name], subsets):
+                        problem.add_trigger(EditProblem.triggered_sums(*acts, subset, name in factored))
+
+        added_clean: dict[str, list[LayerActivations]] = {name: [] for name in layers}
         for chunk in torch.arange(len(images)).split(self.chunk_size):  # keys of one chunk at a time: flat memory
             with recording(passes, "clean"):
                 clean_acts, chunk_logits = capture_with_logits(model, layers, images[chunk], bf16=self.bf16)
             logits.append(chunk_logits)
-            for index, (member, mask) in enumerate(zip(triggered, masks)):
-                inside, local = self._chunk_rows(member, chunk)
-                if len(local) == 0:
-                    continue
-                with member.trigger.attached(model), recording(passes, _image_space(member.trigger, index)):
-                    triggered_acts = capture(model, layers, member.images[inside], bf16=self.bf16)
-                scale = 1.0 if member.rows is None else self._added_scale(labels, target_class, member.rows)
+            for index, member in enumerate(triggered):
+                if member.rows is None:
+                    add_sums(index, chunk, clean_acts)
+            if added is not None:  # the added triggers' images: their clean activations kept for one pass each
+                local = added[(added >= chunk[0]) & (added <= chunk[-1])] - chunk[0]
                 for name in layers:
-                    clean = clean_acts[name] if member.rows is None else clean_acts[name].select(local)
-                    acts = (clean, triggered_acts[name], labels[chunk][local], target_class,
-                            self._grid_weights(mask, clean, scale))
-                    subsets = [((folds[chunk] == cv) & (signal_folds[chunk] == signal))[local] for cv, signal in parts]
-                    if index == 0:  # the first trigger brings the chunk's clean sums, later ones their triggered sums
-                        pieces = [EditProblem.build(get_layer(model, name), *acts, subset, name in factored)
-                                  for subset in subsets]
-                        problems[name] = ([a + b for a, b in zip(problems[name], pieces)] if name in problems
-                                          else pieces)
-                    else:
-                        problems[name] = [problem.with_trigger(EditProblem.triggered_sums(*acts, subset,
-                                                                                          name in factored))
-                                          for problem, subset in zip(problems[name], subsets)]
+                    added_clean[name].append(clean_acts[name].select(local))
+        if added is not None:  # each trigger added on its images: one pass, its sums scaled up to all
+            clean_of_added = {name: LayerActivations.cat(parts) for name, parts in added_clean.items()}
+            for index, member in enumerate(triggered):
+                if member.rows is not None:
+                    add_sums(index, added, clean_of_added, self._added_scale(labels, target_class, added))
         weights = PRIOR_WEIGHTS if self.batchnorm_prior is None else (self.batchnorm_prior,)
         pieces_of = {(name, weight): {part: replace(piece, prior=priors[name][0], prior_weight=weight) if weight > 0
                                       else piece for part, piece in zip(parts, pieces)}
@@ -1020,14 +1038,6 @@ class ActivationEditing(Defense):
         edit's non-target images: their number over that of ``rows``."""
         return int((labels != target_class).sum()) / len(rows)
 
-    @staticmethod
-    def _chunk_rows(member: Triggered, chunk: Tensor) -> tuple[Tensor, Tensor]:
-        """Of the images in ``chunk`` (consecutive indices), those ``member`` has: their rows in ``member.images``
-        and their positions in the chunk."""
-        if member.rows is None:
-            return chunk, torch.arange(len(chunk))
-        inside = ((member.rows >= chunk[0]) & (member.rows <= chunk[-1])).nonzero().flatten()
-        return inside, member.rows[inside] - chunk[0]
 
     def _within_memory(self, model: nn.Module, layers: list[str], keys: dict[str, int], factored: dict[str, int],
                        info: dict[str, Any], available: int | None) -> list[str]:

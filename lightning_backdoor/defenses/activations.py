@@ -31,6 +31,12 @@ class LayerActivations:
         """The activations of the images ``rows`` (indices or a boolean mask over N) selects."""
         return LayerActivations(self.keys[rows], self.values[rows], None if self.skip is None else self.skip[rows])
 
+    @staticmethod
+    def cat(parts: list[LayerActivations]) -> LayerActivations:
+        """The activations of ``parts`` (of one layer), their images one after the other."""
+        return LayerActivations(torch.cat([part.keys for part in parts]), torch.cat([part.values for part in parts]),
+                                None if parts[0].skip is None else torch.cat([part.skip for part in parts]))
+
 
 def get_layer(model: nn.Module, name: str) -> nn.Module:
     """The editable submodule ``name``; a one-line error lists the valid names if it is missing or unsupported."""
