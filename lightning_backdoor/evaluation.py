@@ -2,7 +2,8 @@
 
 One path for every source of images: :func:`evaluate_batches` reads batches from any re-iterable (a DataLoader that
 decodes each batch, or :func:`in_batches` slices of tensors held in memory); :func:`evaluate` and
-:func:`clean_accuracy` take tensors and slice them.
+:func:`clean_accuracy` take tensors and slice them; :func:`evaluate_versions` evaluates several versions of one model
+(a defense's stages) in one read of the batches.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ EVAL_BATCH_SIZE = 1000
 #: one batch: ``(images, labels)`` or ``(images, labels, triggered images, attack labels)``; images (B, C, H, W)
 #: uint8 or float pixels in [0, 1], labels and attack labels (B,) int64 (attack label ``-1``: not attacked)
 EvalBatch = Sequence[Tensor]
+#: runs every version of a model on one batch of images (B, C, H, W) as the model takes them: their logits (B, K),
+#: one per version, in a fixed order (e.g. :class:`~lightning_backdoor.defenses.stages.StageVersions`)
+Forward = Callable[[Tensor], list[Tensor]]
 
 
 def in_batches(images: Tensor, labels: Tensor, triggered: Tensor | None = None, attack_labels: Tensor | None = None,
@@ -59,29 +63,47 @@ def evaluate_batches(model: nn.Module, batches: Iterable[EvalBatch], num_classes
     prediction whose two largest logits are within bf16's rounding can flip (on the CIFAR-10 models 0-0.1 % of
     the test images, docs/results/cifar10.md), so the default stays float32.
     """
-    values = _metrics(model, batches, num_classes, target_class, bf16, confusion, inspect)
-    out: dict[str, Any] = {name: values[name].item() for name in METRIC_NAMES if name in values}
-    out["per_class_acc"] = values["per_class_acc"].tolist()
-    if confusion:
-        out["confusion"] = values["confusion"].tolist()
-    return out
+    return evaluate_versions(model, lambda images: [model(images)], batches, num_classes, target_class, bf16,
+                             confusion, inspect)[0]
+
+
+def evaluate_versions(model: nn.Module, forward: Forward, batches: Iterable[EvalBatch], num_classes: int,
+                      target_class: int | None, bf16: bool = False, confusion: bool = False,
+                      inspect: Callable[[Tensor], None] | None = None) -> list[dict[str, Any]]:
+    """:func:`evaluate_batches` of each version of ``model`` that ``forward`` runs, in one read of ``batches``
+    (each batch's images converted once, ``inspect`` called once per batch); one result per version, in
+    ``forward``'s order. ``model`` (the live module ``forward`` runs) gives the device and is put in eval mode.
+
+    Raises:
+        ValueError: ``batches`` holds no image.
+    """
+    results = []
+    for values in _metrics(model, forward, batches, num_classes, target_class, bf16, confusion, inspect):
+        out: dict[str, Any] = {name: values[name].item() for name in METRIC_NAMES if name in values}
+        out["per_class_acc"] = values["per_class_acc"].tolist()
+        if confusion:
+            out["confusion"] = values["confusion"].tolist()
+        results.append(out)
+    return results
 
 
 def clean_accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = EVAL_BATCH_SIZE) -> float:
     """CA (fraction) of ``model`` in eval mode on ``images`` (N, C, H, W) float in [0, 1] or uint8 and ``labels``
     (N,), N >= 1; the classes are as many as the model's logits. The same metric as :func:`evaluate`'s."""
-    return _metrics(model, in_batches(images, labels, batch_size=batch_size), None, None)["clean_acc"].item()
+    return _metrics(model, lambda batch: [model(batch)], in_batches(images, labels, batch_size=batch_size), None,
+                    None)[0]["clean_acc"].item()
 
 
 @torch.no_grad()
-def _metrics(model: nn.Module, batches: Iterable[EvalBatch], num_classes: int | None, target_class: int | None,
-             bf16: bool = False, confusion: bool = False, inspect: Callable[[Tensor], None] | None = None
-             ) -> dict[str, Tensor]:
-    """:class:`BackdoorMetrics` over ``batches``, in eval mode; ``num_classes=None``: the width of the logits;
-    ``confusion``: also the clean images' confusion matrix (K, K); ``inspect``: called with each batch's images."""
+def _metrics(model: nn.Module, forward: Forward, batches: Iterable[EvalBatch], num_classes: int | None,
+             target_class: int | None, bf16: bool = False, confusion: bool = False,
+             inspect: Callable[[Tensor], None] | None = None) -> list[dict[str, Tensor]]:
+    """:class:`BackdoorMetrics` over ``batches`` of each version ``forward`` runs, ``model`` in eval mode;
+    ``num_classes=None``: the width of the logits; ``confusion``: also the clean images' confusion matrix (K, K);
+    ``inspect``: called with each batch's images."""
     # Local: under DDP only rank 0 defends and evaluates, so a synchronising compute would wait for the others.
-    metrics = BackdoorMetrics(num_classes, target_class, sync_on_compute=False) if num_classes is not None else None
-    matrix = None
+    metrics: list[BackdoorMetrics] = []
+    matrices: list[MulticlassConfusionMatrix] = []
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -91,22 +113,25 @@ def _metrics(model: nn.Module, batches: Iterable[EvalBatch], num_classes: int | 
             if inspect is not None:
                 inspect(images)
             with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                logits = model(_as_float(images, device, bf16)).float().cpu()
-                trig_logits = (model(_as_float(triggered, device, bf16)).float().cpu()
-                               if triggered is not None else None)
-            if metrics is None:
-                metrics = BackdoorMetrics(logits.shape[-1], target_class, sync_on_compute=False)
-            metrics.update(logits, labels.cpu(), trig_logits,
-                           attack_labels.cpu() if attack_labels is not None else None)
-            if confusion:
-                if matrix is None:
-                    matrix = MulticlassConfusionMatrix(logits.shape[-1], sync_on_compute=False)
-                matrix.update(logits, labels.cpu())
+                logits = [value.float().cpu() for value in forward(_as_float(images, device, bf16))]
+                trig_logits = ([value.float().cpu() for value in forward(_as_float(triggered, device, bf16))]
+                               if triggered is not None else [None] * len(logits))
+            if not metrics:
+                width = logits[0].shape[-1] if num_classes is None else num_classes
+                metrics = [BackdoorMetrics(width, target_class, sync_on_compute=False) for _ in logits]
+                matrices = [MulticlassConfusionMatrix(logits[0].shape[-1], sync_on_compute=False)
+                            for _ in logits] if confusion else []
+            for index, (metric, version, trig_version) in enumerate(zip(metrics, logits, trig_logits, strict=True)):
+                metric.update(version, labels.cpu(), trig_version,
+                              attack_labels.cpu() if attack_labels is not None else None)
+                if confusion:
+                    matrices[index].update(version, labels.cpu())
     finally:
         model.train(was_training)
-    if metrics is None:
+    if not metrics:
         raise ValueError("no images to evaluate")
-    return metrics.compute() | ({"confusion": matrix.compute()} if matrix is not None else {})
+    return [metric.compute() | ({"confusion": matrices[index].compute()} if confusion else {})
+            for index, metric in enumerate(metrics)]
 
 
 def _as_float(batch: Tensor, device: torch.device, channels_last: bool = False) -> Tensor:

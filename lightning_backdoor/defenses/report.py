@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader
 from lightning_backdoor.data.poisoning import attack_labels as make_attack_labels
 from lightning_backdoor.defenses.activation_editing import REPAIR_TOLERANCE
 from lightning_backdoor.defenses.base import BackdoorKnowledge, Defense, DefenseResult, UnseenData
-from lightning_backdoor.evaluation import EVAL_BATCH_SIZE, EvalBatch, evaluate_batches, in_batches
+from lightning_backdoor.defenses.stages import StageVersions
+from lightning_backdoor.evaluation import EVAL_BATCH_SIZE, EvalBatch, Forward, evaluate_versions, in_batches
 from lightning_backdoor.metrics import AttackSuccessRate, defense_effectiveness_rating
 from lightning_backdoor.provenance import environment
 from lightning_backdoor.triggers import Trigger, augmentation_images, crop_distance
@@ -427,13 +428,16 @@ class SharedImages:
 
 @torch.no_grad()
 def success_rates(model: nn.Module, triggers: Sequence[Trigger], target_class: int, batches: Iterable[EvalBatch],
-                  bf16: bool = False) -> list[float]:
-    """Per trigger of ``triggers``, in one read of ``batches`` (:class:`TestData`'s; the clean images and labels are
-    read, each batch once whatever the number of triggers): the fraction of the images not of ``target_class`` that
-    ``model`` assigns to ``target_class`` once the trigger is applied (attached to the model for a feature-space
-    trigger); 0 when every image is of ``target_class``. ``bf16``: the forward passes under bfloat16 autocast with
-    channels-last inputs, as :func:`~lightning_backdoor.evaluation.evaluate_batches`'."""
-    metrics = [AttackSuccessRate(sync_on_compute=False) for _ in triggers]
+                  bf16: bool = False, forward: Forward | None = None, versions: int = 1) -> list[list[float]]:
+    """Per version of ``model`` that ``forward`` runs (``versions`` of them; default: ``model`` alone) and per trigger
+    of ``triggers``, in
+    one read of ``batches`` (:class:`TestData`'s; the clean images and labels are read, each batch once whatever the
+    number of triggers and versions): the fraction of the images not of ``target_class`` that the version assigns
+    to ``target_class`` once the trigger is applied (attached to ``model`` for a feature-space trigger); 0 when
+    every image is of ``target_class``. ``bf16``: the forward passes under bfloat16 autocast with channels-last
+    inputs, as :func:`~lightning_backdoor.evaluation.evaluate_batches`'."""
+    forward = forward or (lambda images: [model(images)])
+    metrics = [[AttackSuccessRate(sync_on_compute=False) for _ in triggers] for _ in range(versions)]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -444,24 +448,25 @@ def success_rates(model: nn.Module, triggers: Sequence[Trigger], target_class: i
                 continue
             chosen = images[attacked]
             pixels = (chosen.float() / 255 if chosen.dtype == torch.uint8 else chosen.float()).to(device)
-            for trigger, metric in zip(triggers, metrics):
+            for index, trigger in enumerate(triggers):
                 with trigger.attached(model):
                     triggered = trigger(pixels)
                     if bf16 and triggered.dim() == 4:
                         triggered = triggered.contiguous(memory_format=torch.channels_last)
                     with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                        logits = model(triggered).float().cpu()
-                metric.update(logits, torch.full_like(labels[attacked], target_class))
+                        outputs = [logits.float().cpu() for logits in forward(triggered)]
+                for version, logits in zip(metrics, outputs, strict=True):
+                    version[index].update(logits, torch.full_like(labels[attacked], target_class))
     finally:
         model.train(was_training)
-    return [metric.compute().item() for metric in metrics]
+    return [[metric.compute().item() for metric in version] for version in metrics]
 
 
 def trigger_success_rate(model: nn.Module, trigger: Trigger, target_class: int, batches: Iterable[EvalBatch],
                          bf16: bool = False) -> float:
     """The attack success rate of ``trigger`` on the images of ``batches`` not of ``target_class``
     (:func:`success_rates` of one trigger)."""
-    return success_rates(model, [trigger], target_class, batches, bf16)[0]
+    return success_rates(model, [trigger], target_class, batches, bf16)[0][0]
 
 
 def augmented_asr(model: nn.Module, mirrored: Trigger | None, moves: Sequence[Trigger], target_class: int,
@@ -471,14 +476,24 @@ def augmented_asr(model: nn.Module, mirrored: Trigger | None, moves: Sequence[Tr
     images (N, C, H, W), uint8 or in [0, 1], and labels), by :func:`success_rates`: one read of the batches, one
     forward pass per trigger (:func:`~lightning_backdoor.triggers.augmentation_images` makes them); ``bf16`` as for
     :func:`success_rates`."""
+    return augmented_asrs(model, mirrored, moves, target_class, batches, bf16)[0]
+
+
+def augmented_asrs(model: nn.Module, mirrored: Trigger | None, moves: Sequence[Trigger], target_class: int,
+                   batches: Iterable[EvalBatch], bf16: bool = False, forward: Forward | None = None,
+                   versions: int = 1) -> list[dict[str, float]]:
+    """:func:`augmented_asr` of each of the ``versions`` of ``model`` that ``forward`` runs, in one read of
+    ``batches`` (:func:`success_rates`)."""
     triggers = ([mirrored] if mirrored is not None else []) + list(moves)
     if not triggers:
-        return {}
-    rates = success_rates(model, triggers, target_class, batches, bf16)
-    values = {"mirrored_asr": rates.pop(0)} if mirrored is not None else {}
-    if moves:
-        values["moved_asr"] = max(rates)
-    return values
+        return [{} for _ in range(versions)]
+    results = []
+    for rates in success_rates(model, triggers, target_class, batches, bf16, forward, versions):
+        values = {"mirrored_asr": rates.pop(0)} if mirrored is not None else {}
+        if moves:
+            values["moved_asr"] = max(rates)
+        results.append(values)
+    return results
 
 
 @dataclass
@@ -592,31 +607,33 @@ def run_defense(model: nn.Module, defense: Defense, unseen: UnseenData, knowledg
     the largest ASR of it and its mirror image moved by a random crop's few pixels (learnt the same way; one test
     pass per move, up to 16). ``after_defense`` runs right after the
     defense, before the evaluation after it (e.g. rounding the weights to the dtype the model stores them in).
+
+    The stages are evaluated after the defense, in one read of the test split (:class:`~lightning_backdoor.defenses.
+    stages.StageVersions`): where the defense changed one layer, the graph upstream of it runs once per batch for all
+    stages.
     """
     mirror, moves, distance = _augmentations_to_measure(test, unseen.images)
-
-    def scores(network: nn.Module, confusion: bool = False,
-               inspect: Callable[[Tensor], None] | None = None) -> dict[str, Any]:
-        values = evaluate_batches(network, test.batches, test.num_classes, test.target_class, confusion=confusion,
-                                  inspect=inspect)
-        if "asr" in values and test.target_class is not None:
-            values |= augmented_asr(network, mirror, moves, test.target_class, test.batches)
-        return values
-
-    shared = SharedImages(unseen.images)
-    before = scores(model, confusion=True, inspect=shared)
-    order = class_order_line(torch.tensor(before.pop("confusion")), test.classes)
-    original = copy.deepcopy(model) if "asr" not in before else None  # no test trigger: the estimated one's ASR
+    original = {name: value.detach().clone() for name, value in model.state_dict().items()}
     result = defense.defend(model, unseen, knowledge)
     if after_defense is not None:
         after_defense()
-    after = scores(model)
-    edited = model
-    if "after_edit" in result.stages:
-        edited = copy.deepcopy(model)
-        edited.load_state_dict(result.stages["after_edit"], strict=False)
-    report = DefenseReport({"before": before, "after_edit": scores(edited) if edited is not model else after,
-                            "after": after}, result, len(unseen.labels))
+    final = model.state_dict()
+    states = {"before": original, **({"after_edit": final | result.stages["after_edit"]}
+                                     if "after_edit" in result.stages else {}), "after": final}
+    forward = StageVersions(model, list(states.values()), result.layer)  # ends in the final state
+    shared = SharedImages(unseen.images)
+    stages = dict(zip(states, evaluate_versions(model, forward, test.batches, test.num_classes, test.target_class,
+                                                confusion=True, inspect=shared)))
+    if "asr" in stages["before"] and test.target_class is not None:
+        for values, augmented in zip(stages.values(), augmented_asrs(
+                model, mirror, moves, test.target_class, test.batches, forward=forward, versions=len(states))):
+            values |= augmented
+    order = class_order_line(torch.tensor(stages["before"]["confusion"]), test.classes)
+    for values in stages.values():
+        values.pop("confusion")
+    before, after = stages["before"], stages["after"]
+    report = DefenseReport({"before": before, "after_edit": stages.get("after_edit", after), "after": after}, result,
+                           len(unseen.labels))
     for line in (shared.line(), order):
         if line is not None:
             report.warnings.append(line)
@@ -632,9 +649,12 @@ def run_defense(model: nn.Module, defense: Defense, unseen: UnseenData, knowledg
         report.warnings.append("the trigger estimation found no backdoor and left the model unchanged; with no "
                                "trigger to test the images with, this is no evidence that the model is clean (it has "
                                "missed BadNets on PreAct-ResNet18: docs/results/preact-resnet18.md)")
-    elif original is not None and result.estimated is not None:
+    elif result.estimated is not None:  # no test trigger: the estimated one's ASR (a feature-space trigger is
+        # attached to the model by hooks, which the shared passes would bypass: whole passes, one per stage)
         report.estimated_target = result.estimated.target_class
-        for stage, network in (("before", original), ("after_edit", edited), ("after", model)):
+        for stage, state in states.items():
+            network = copy.deepcopy(model)
+            network.load_state_dict(state)
             report.stages[stage]["estimated_asr"] = trigger_success_rate(
                 network, result.estimated.trigger, result.estimated.target_class, test.batches)
     repair = repair_warning(result.details)

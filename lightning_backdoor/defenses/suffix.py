@@ -165,12 +165,13 @@ class SuffixPasses:
         self._check(name, images, logits)
 
     @torch.no_grad()
-    def record(self, name: str, images: Tensor) -> None:
+    def record(self, name: str, images: Tensor) -> Tensor | None:
         """One whole pass of ``images`` (N, C, H, W) through the traced graph, keeping the values the suffixes read
         under ``name`` (e.g. ``"clean"``); then checks on the first images that the split graph reproduces the
-        model's own logits, and that all records fit in memory (else whole passes from now on)."""
+        model's own logits, and that all records fit in memory (else whole passes from now on). Returns the
+        graph's logits (N, K), float32 (``None`` when the shortcut was already stopped)."""
         if not self.active:
-            return
+            return None
         chunks: list[list[Any]] = [[] for _ in self.recorded]
         logits = []
         with torch.autocast("cpu", torch.bfloat16, enabled=self.bf16):
@@ -180,7 +181,8 @@ class SuffixPasses:
                 for kept, value in zip(chunks, values):
                     kept.append(value)
         self._keep(name, chunks, len(images))
-        self._check(name, images, torch.cat(logits))
+        self._check(name, images, None, torch.cat(logits))
+        return torch.cat(logits)
 
     def _keep(self, name: str, chunks: list[list[Any]], count: int) -> None:
         """Each value's chunks joined (one row per image, ``count`` in all; a ``None`` or a flag kept as it is)."""
@@ -202,15 +204,18 @@ class SuffixPasses:
                if isinstance(value, Tensor)) > self.memory:
             self._stop(f"the recorded values would exceed {self.memory / 2**30:.2f} GiB")
 
-    def _check(self, name: str, images: Tensor, logits: Tensor | None) -> None:
+    def _check(self, name: str, images: Tensor, logits: Tensor | None, graph_logits: Tensor | None = None) -> None:
         """Whole passes from now on unless every suffix, unedited, gives the model's own logits on the first
-        images (``logits``, or computed here)."""
+        images (``logits``, or computed here), and so does the whole traced graph (``graph_logits``, when given)."""
         if not self.active:
             return
         first = torch.arange(min(4, len(images)))
         with torch.autocast("cpu", torch.bfloat16, enabled=self.bf16):
             reference = logits_of(self.model(images[first])).float() if logits is None else logits[first].float()
         scale = reference.abs().max().clamp(min=1.0)
+        if graph_logits is not None and (graph_logits[first] - reference).abs().max() > TOLERANCE * scale:
+            self._stop("the traced graph does not reproduce the model's logits")
+            return
         for layer in self.suffixes:
             if (self._suffix(layer, name, first) - reference).abs().max() > TOLERANCE * scale:
                 self._stop("the traced graph does not reproduce the model's logits")
