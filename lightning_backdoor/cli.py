@@ -85,6 +85,11 @@ def run_defend(args: list[str]) -> None:
     if len(classes) != cli.datamodule.num_classes:
         raise ValueError(f"--classes lists {len(classes)} classes but the model has {cli.datamodule.num_classes}; "
                          f"list its class names in label order")
+    conflict = order_conflict(classes, tuple(cli.datamodule.classes),
+                              [split for split, root in (("unseen", config.unseen_root), ("test", config.test_root))
+                               if not root])
+    if conflict is not None:
+        raise ValueError(conflict)
     unseen_loader = test_loader = None
     if config.unseen_root:
         unseen = own_images(config.unseen_root, classes, cli.datamodule, "unseen")
@@ -107,6 +112,23 @@ def run_defend(args: list[str]) -> None:
     callback.defend(cli.model, cli.datamodule, [], output_dir, weights_source=str(checkpoint.resolve()))
     print(f"defended weights: {callback.checkpoint_path}")
     print(f"defense report: {callback.report_path}")
+
+
+def order_conflict(given: tuple[str, ...], configured: tuple[str, ...], from_config: list[str]) -> str | None:
+    """The refusal when ``--classes`` (``given``) names the data config's classes (``configured``) in another order
+    while the splits ``from_config`` still come from the data config, labelled in its order: the two label orders
+    cannot both be the model's, so either those splits' figures or the unseen labels would be wrong. ``None`` when
+    the orders agree, the names are not the same set (nothing to compare), or every split is the user's own."""
+    if not from_config or given == configured or sorted(given) != sorted(configured):
+        return None
+    moved = [f"label {label}: {name!r} in --classes, {configured[label]!r} in the data config"
+             for label, name in enumerate(given) if name != configured[label]]
+    splits = " and ".join(from_config)
+    roots = " and ".join(f"--{split}_root" for split in from_config)
+    return (f"--classes orders the classes unlike the data config ({'; '.join(moved[:3])}"
+            f"{'; ...' if len(moved) > 3 else ''}), whose {splits} split{'s' if len(from_config) > 1 else ''} this "
+            f"run uses in the data config's order: give {roots} labelled in the order of --classes too, or drop "
+            f"--classes if the data config's order is the model's")
 
 
 def replaced_settings(configured: Defense, given: Defense) -> dict[str, tuple[Any, Any]]:

@@ -176,8 +176,9 @@ def test_a_test_trigger_that_barely_works_before_the_defense_is_said_to_be_so() 
     the defense. The report says so, since the ASR after it then says nothing about a backdoor."""
     assert trigger_inactive({"asr": 0.1304, "asr_floor": 0.1276}) == (
         "the test trigger barely works before the defense: ASR 13.0 % against a floor of 12.8 % on the test images; "
-        "check the trigger and target_class (position, size, colour), or the model holds no such backdoor; the model "
-        "was defended all the same, and the ASR after it says nothing about a backdoor")
+        "check the trigger and target_class (position, size, colour) and the preprocessing (normalize), or the model "
+        "holds no such backdoor; the model was defended all the same, and the ASR after it says nothing about a "
+        "backdoor")
     assert "the model was left unchanged" in trigger_inactive({"asr": 0.02, "asr_floor": 0.02},
                                                                "editing/no_backdoor_found")
     assert trigger_inactive({"asr": 0.9479, "asr_floor": 0.0211}) is None  # a working backdoor
@@ -224,6 +225,12 @@ def test_labels_in_another_order_than_the_models_are_said_to_be_so() -> None:
     assert "label 3 (cat) as 5 (dog) (235 images, 110 as 3), label 5 (dog) as 3 (cat)" in class_order_line(confusion,
                                                                                                           names)
     assert "label 3 as 5 (235" in class_order_line(confusion, tuple(map(str, range(10))))
+    collapsed = torch.diag(torch.full((10,), 300))  # three labels taken for class 0: the inputs, not the order
+    for label in (2, 4, 6):
+        collapsed[label, label], collapsed[label, 0] = 60, 240
+    line = class_order_line(collapsed)
+    assert "label 2 as 0 (240 images, 60 as 2)" in line and "(normalize, image size)" in line, line
+    assert "(normalize" not in class_order_line(confusion)  # a swap: the order alone is asked about
 
 
 def test_unseen_images_among_the_test_images_are_counted() -> None:

@@ -106,6 +106,12 @@ REFUSALS = [
      "'8', '9')"),
     ("classes_of_another_length", ["--unseen_root={unseen}", "--classes=[a, b, c]"],
      "--classes lists 3 classes but the model has 10; list its class names in label order"),
+    ("classes_reordered_against_the_datas_test_split", ["--unseen_root={unseen}",
+                                                         "--classes=['1', '0', '2', '3', '4', '5', '6', '7', '8', '9']"],
+     "--classes orders the classes unlike the data config (label 0: '1' in --classes, '0' in the data config; "
+     "label 1: '0' in --classes, '1' in the data config), whose test split this run uses in the data config's "
+     "order: give --test_root labelled in the order of --classes too, or drop --classes if the data config's order "
+     "is the model's"),
     ("more_per_class_than_the_folder_holds", ["--unseen_root={unseen}", "--unseen_per_class=3"],
      "asked for 3 unseen images per class (--unseen_per_class, else the config's DefenseCallback) but {unseen}/0 "
      "holds 2: pass --unseen_per_class 2 or fewer, or add images"),

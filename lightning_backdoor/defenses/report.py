@@ -248,8 +248,8 @@ def trigger_inactive(before: dict[str, float], method: str = "editing") -> str |
     done = ("the model was left unchanged" if method.endswith("/no_backdoor_found")
             else "the model was defended all the same")
     return (f"the test trigger barely works before the defense: {measured}; check the trigger and target_class "
-            f"(position, size, colour), or the model holds no such backdoor; {done}, and the ASR after it says "
-            f"nothing about a backdoor")
+            f"(position, size, colour) and the preprocessing (normalize), or the model holds no such backdoor; "
+            f"{done}, and the ASR after it says nothing about a backdoor")
 
 
 def repair_warning(details: dict[str, Any]) -> str | None:
@@ -369,12 +369,14 @@ def class_order_line(confusion: Tensor, classes: Sequence[str] | None = None) ->
     rows the labels, columns the predictions. ``None`` otherwise. On a handful of images a weak model's own
     confusion of two classes looks the same (measured on 10 unseen images a class of a 62 %-accurate model: cat
     and dog predicted as each other more than as themselves in the right order too), so the test is what decides.
+    Labels moved to one same class point to the inputs rather than the order (a forgotten ``normalize``: a model fed
+    other inputs than it was trained on answers most of them with a few classes), and the line asks about both.
     ``classes``: the labels' names, shown beside their indices."""
     def named(label: int) -> str:
         name = classes[label] if classes is not None and len(classes) == len(confusion) else str(label)
         return f"{label} ({name})" if name != str(label) else str(label)
 
-    moved = []
+    moved, others_of = [], []
     for label, row in enumerate(confusion.long()):
         own = int(row[label])
         others = row.clone()
@@ -383,11 +385,15 @@ def class_order_line(confusion: Tensor, classes: Sequence[str] | None = None) ->
         count = int(others[other])
         if count > own and binomial_tail(count, count + own, 0.5) < CHANCE_P_VALUE:  # a sign test
             moved.append(f"label {named(label)} as {named(other)} ({count} images, {own} as {label})")
+            others_of.append(other)
     if len(moved) < 2:
         return None
-    return (f"test images are predicted as another class more often than as their own: {', '.join(moved)}; are the "
-            f"class folders or names (--classes) in the model's label order? Every accuracy here is computed with "
-            f"these labels")
+    question = "are the class folders or names (--classes) in the model's label order?"
+    if len(set(others_of)) < len(others_of):  # several labels taken for one class: not a reordering alone
+        question = ("several as one class: are the images preprocessed as the model's training images were "
+                    "(normalize, image size), and the class folders or names (--classes) in its label order?")
+    return (f"test images are predicted as another class more often than as their own: {', '.join(moved)}; "
+            f"{question} Every accuracy here is computed with these labels")
 
 
 class SharedImages:
