@@ -10,9 +10,11 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import logging
 import pickle
 import re
 import sys
+import warnings
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
@@ -191,10 +193,28 @@ def float_loader(images: ImageSet, batch_size: int = 1000) -> DataLoader:
     return DataLoader(TensorDataset(to_float(images.images), images.labels), batch_size=batch_size)
 
 
+#: warnings of the libraries below us that a user can do nothing about (Lightning's own use of a deprecated torch
+#: API; its model summary counting bf16-mixed weights as 32-bit), by message pattern
+THIRD_PARTY_NOISE = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                     r"Precision bf16-mixed is not supported by the model summary")
+#: Lightning's info-level loggers, whose advertisement for its hosted logger is dropped
+LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+def quiet_third_party_noise() -> None:
+    """Drop the console lines of :data:`THIRD_PARTY_NOISE` and Lightning's LitLogger tip; every other warning and
+    line is kept."""
+    for pattern in THIRD_PARTY_NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in LIGHTNING_INFO_LOGGERS:
+        logging.getLogger(name).addFilter(lambda record: "litlogger" not in record.getMessage())
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the console script."""
     argv = sys.argv[1:] if args is None else args
     torch.set_float32_matmul_precision("high")
+    quiet_third_party_noise()
     try:
         if argv and argv[0] == "defend":
             run_defend(argv[1:])

@@ -4,14 +4,17 @@ holding a run's or a defense's outputs is not fitted into."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lightning_backdoor.cli import main
+from lightning_backdoor.cli import main, quiet_third_party_noise
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "quickstart.yaml")
@@ -139,3 +142,22 @@ def test_a_misspelt_class_or_option_is_refused_with_the_closest_names(tmp_path, 
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == f"lightning-backdoor: error: {line}"
     assert not any(tmp_path.iterdir())
+
+
+def test_third_party_noise_is_dropped_and_nothing_else(caplog) -> None:
+    """Lightning's deprecated-torch-API warning, its model summary's bf16 note and its LitLogger advertisement are
+    dropped from the console; any other warning or info line is kept."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_third_party_noise()
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)` instead.",
+                      DeprecationWarning)
+        warnings.warn("Precision bf16-mixed is not supported by the model summary.  Estimated model size in MB will "
+                      "not be accurate. Using 32 bits instead.", UserWarning)
+        warnings.warn("a warning of our own", UserWarning)
+    assert [str(warning.message) for warning in caught] == ["a warning of our own"]
+    with caplog.at_level(logging.INFO):
+        rank_zero_info("💡 Tip: For seamless cloud logging, try installing [litlogger](https://pypi.org/project/"
+                       "litlogger/) to enable LitLogger")
+        rank_zero_info("GPU available: False, used: False")
+    assert [record.getMessage() for record in caplog.records] == ["GPU available: False, used: False"]
