@@ -204,7 +204,8 @@ def moved_left(after: dict[str, float], distance: int, details: dict[str, Any] |
     :data:`ASR_LEFT_WARNING` above the floor. The advice depends on what the edit did with the moves (``details``'
     ``shifted_triggers``; ``method`` as for :func:`mirror_left`). ``None`` otherwise, or when it was not measured."""
     line = _still_succeeds(after, "moved_asr", f"the test trigger moved by {distance} px (as a random crop of the "
-                           f"training images moves it)", "a model trained with random crops learns it there too")
+                           f"training images moves it)", "a model trained with random crops learns it there too (and "
+                           "one trained without may take a patch near the trigger's place for the trigger)")
     if line is None:
         return None
     details = details or {}
