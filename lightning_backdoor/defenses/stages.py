@@ -42,7 +42,7 @@ class StageVersions:
         if not versions:
             raise ValueError("no version to run")
         live = model.state_dict(keep_vars=True)
-        keys = [key for key in versions[0] if key in live
+        keys = [key for key in versions[0] if isinstance(live.get(key), Tensor)  # not a module's extra state
                 and any(not torch.equal(versions[0][key], version[key]) for version in versions[1:])]
         self.model, self.count = model, len(versions)
         self.targets = {key: live[key] for key in keys}
