@@ -329,3 +329,5 @@ def test_the_added_triggers_read_a_seeded_subset_of_a_large_unseen_split(monkeyp
         floor = (edited(images[labels != 0].float() / 255).argmax(-1) == 0).float().mean().item()
     for member in fit.triggered:
         assert trigger_success_rate(edited, member.trigger, 0, in_batches(images, labels)) <= floor + 0.1
+    alone = ActivationEditing(layer="features.2", shift=0, mirror=False).fit(trained().eval(), unseen, knowledge)
+    assert len(alone.triggered) == 1 and "added_trigger_images" not in alone.info  # nothing added, nothing said

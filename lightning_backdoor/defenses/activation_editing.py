@@ -691,7 +691,7 @@ class ActivationEditing(Defense):
         # the statistics are additive: both fold sets are sums of (CV fold, signal fold) pieces; the pieces that
         # hold images (two when the fold sets agree, three with a single target image) are built, no more
         parts = sorted({(0, 0), (1, 1), *zip(folds.tolist(), signal_folds.tolist())})
-        added = self._added_rows(labels, target_class)
+        added = self._added_rows(labels, target_class) if len(triggers) > len(knowledge.triggers) else None
         if added is not None:
             info["added_trigger_images"] = len(added)
         triggered = [Triggered(member, member(images)) if index < len(knowledge.triggers) or added is None
