@@ -3,7 +3,6 @@ whose files ``lightning_backdoor.defenses.outputs`` writes."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -437,9 +436,8 @@ class SharedImages:
 def success_rates(model: nn.Module, triggers: Sequence[Trigger], target_class: int, batches: Iterable[EvalBatch],
                   bf16: bool = False, forward: Forward | None = None, versions: int = 1) -> list[list[float]]:
     """Per version of ``model`` that ``forward`` runs (``versions`` of them; default: ``model`` alone) and per trigger
-    of ``triggers``, in
-    one read of ``batches`` (:class:`TestData`'s; the clean images and labels are read, each batch once whatever the
-    number of triggers and versions): the fraction of the images not of ``target_class`` that the version assigns
+    of ``triggers``, in one read of ``batches`` (:class:`TestData`'s; the clean images and labels are read, each
+    batch once whatever the number of triggers and versions): the fraction of the images not of ``target_class`` that the version assigns
     to ``target_class`` once the trigger is applied (attached to ``model`` for a feature-space trigger); 0 when
     every image is of ``target_class``. ``bf16``: the forward passes under bfloat16 autocast with channels-last
     inputs, as :func:`~lightning_backdoor.evaluation.evaluate_batches`'."""
@@ -656,14 +654,13 @@ def run_defense(model: nn.Module, defense: Defense, unseen: UnseenData, knowledg
         report.warnings.append("the trigger estimation found no backdoor and left the model unchanged; with no "
                                "trigger to test the images with, this is no evidence that the model is clean (it has "
                                "missed BadNets on PreAct-ResNet18: docs/results/preact-resnet18.md)")
-    elif result.estimated is not None:  # no test trigger: the estimated one's ASR (a feature-space trigger is
-        # attached to the model by hooks, which the shared passes would bypass: whole passes, one per stage)
+    elif result.estimated is not None:  # no test trigger: the estimated one's ASR, in whole passes of each stage
+        # (a feature-space trigger is a hook attached while the passes run, after the shortcut's graph was traced)
         report.estimated_target = result.estimated.target_class
-        for stage, state in states.items():
-            network = copy.deepcopy(model)
-            network.load_state_dict(state)
-            report.stages[stage]["estimated_asr"] = trigger_success_rate(
-                network, result.estimated.trigger, result.estimated.target_class, test.batches)
+        rates = success_rates(model, [result.estimated.trigger], result.estimated.target_class, test.batches,
+                              forward=StageVersions(model, list(states.values()), None), versions=len(states))
+        for stage, (rate,) in zip(states, rates):
+            report.stages[stage]["estimated_asr"] = rate
     repair = repair_warning(result.details)
     if repair is not None:
         report.warnings.append(repair)

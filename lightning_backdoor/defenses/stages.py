@@ -30,7 +30,8 @@ class StageVersions:
     Args:
         model: the network, in eval mode while called (the caller's evaluation sets it).
         versions: the states, in the order of the logits returned; each holds at least the keys that differ.
-        layer: the one layer the versions may differ in, or ``None``.
+        layer: the one layer the versions may differ in, or ``None`` (whole passes, e.g. while a hook is attached
+            to the model during the passes).
         bf16: the passes under bfloat16 autocast.
 
     Raises:
@@ -53,7 +54,7 @@ class StageVersions:
         if not keys:
             self.reason = "the versions do not differ"
         elif not self.split:
-            self.reason = "the versions differ outside one layer"
+            self.reason = "no layer named" if layer is None else "the versions differ outside one layer"
         self.layer, self.bf16 = layer, bf16
 
     @torch.no_grad()
