@@ -2,8 +2,8 @@
 # Train several CIFAR-10 runs at once on one GPU for as many epochs as TRAIN_BUDGET seconds allow, on a machine
 # lent for minutes (how the PreAct-ResNet18 and VGG-16-BN models of docs/results/preact-resnet18.md were made).
 #   1. a probe trains every job together for PROBE_STEPS steps and times a step (steptimer.py);
-#   2. epochs = what fits the budget (at most MAX_EPOCHS), the schedule (cosine) set for that many; max_time stops
-#      a run that overruns;
+#   2. epochs = what fits the budget (at most MAX_EPOCHS) for the slowest job (its step time x its batches per
+#      epoch: jobs may differ in batch size), the schedule set for that many; max_time stops a run that overruns;
 #   3. each checkpoint is shrunk for the trip back (pack.py: fp16 weights, no optimizer state, 15 MiB parts); on
 #      the CPU, unpack.py rebuilds a float32 Lightning checkpoint that `defend` and the benchmarks load.
 # The GPU machine has no W&B and no data: device.yaml turns the logger and the fit-end defense off (the defense
@@ -54,11 +54,14 @@ for job in $JOBS; do
 done
 wait
 echo "probe done at $((SECONDS - T0)) s"
-step=$(grep -h STEP_SECONDS /tmp/logs/probe-*.log | awk '{print $2}' | sort -g | tail -1)
-batches=$(grep -h TRAIN_BATCHES /tmp/logs/probe-*.log | awk '{print $2}' | head -1)
-if [[ -z "$step" || -z "$batches" ]]; then tail -n 30 /tmp/logs/probe-*.log; exit 5; fi
-epochs=$(python3 -c "import math; e = int(($TRAIN_BUDGET - 25) / ($step * $batches * 1.05 + 1.0)); print(max(1, min($MAX_EPOCHS, e)))")
-echo "step ${step}s x $batches batches -> $epochs epochs in a ${TRAIN_BUDGET}s budget"
+# each job's epoch = its step time x its batches (jobs may differ in batch size); the slowest job sets the epochs
+epochs_s=$(for log in /tmp/logs/probe-*.log; do
+  awk '/^STEP_SECONDS/ {s = $2} /^TRAIN_BATCHES/ {b = $2} END {if (s && b) print s * b; else print "missing"}' "$log"
+done)
+if [[ -z "$epochs_s" || "$epochs_s" == *missing* ]]; then tail -n 30 /tmp/logs/probe-*.log; exit 5; fi
+epoch=$(sort -g <<< "$epochs_s" | tail -1)
+epochs=$(python3 -c "e = int(($TRAIN_BUDGET - 25) / ($epoch * 1.05 + 1.0)); print(max(1, min($MAX_EPOCHS, e)))")
+echo "slowest job's epoch ${epoch}s -> $epochs epochs in a ${TRAIN_BUDGET}s budget"
 for job in $JOBS; do
   attack=${job%%:*}; MODEL=${job#*:}; name=$(basename "$MODEL" .yaml)-$attack
   fit $attack "$MODEL" --trainer.max_epochs="$epochs" --trainer.default_root_dir="$RUNS/$name" \
