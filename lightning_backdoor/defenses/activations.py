@@ -282,7 +282,7 @@ def run_with_hooks(model: nn.Module, images: Tensor, handles: list[RemovableHand
     was_training = model.training
     model.eval()
     try:
-        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        with torch.autocast(images.device.type, torch.bfloat16, enabled=bf16):
             return torch.cat([logits_of(model(chunk)).float() for chunk in images.split(batch_size)])
     finally:
         for handle in handles:

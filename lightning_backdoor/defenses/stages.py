@@ -61,7 +61,7 @@ class StageVersions:
     def __call__(self, images: Tensor) -> list[Tensor]:
         """Logits (B, K), float32, of each version on ``images`` (B, C, H, W) as the model takes them."""
         if not self.targets:
-            with torch.autocast("cpu", torch.bfloat16, enabled=self.bf16):
+            with torch.autocast(images.device.type, torch.bfloat16, enabled=self.bf16):
                 return [logits_of(self.model(images)).float()] * self.count
         if self.split and self.passes is None:
             self.passes = SuffixPasses(self.model, [self.layer], self.bf16)
@@ -79,7 +79,7 @@ class StageVersions:
                 continue
             if self.passes is not None and not self.passes.active:
                 self.reason = self.passes.reason
-            with torch.autocast("cpu", torch.bfloat16, enabled=self.bf16):
+            with torch.autocast(images.device.type, torch.bfloat16, enabled=self.bf16):
                 results.append(logits_of(self.model(images)).float())
         return results
 

@@ -54,6 +54,7 @@ class SuffixPasses:
     def __init__(self, model: nn.Module, layers: list[str], bf16: bool = False, batch_size: int = 500,
                  memory: int | None = None) -> None:
         self.model, self.bf16, self.batch_size = model, bf16, batch_size
+        self.device_type = next(model.parameters()).device.type  # autocast's, where the model runs
         self.memory = DEFAULT_MEMORY if memory is None else memory
         self.records: dict[str, list[Any]] = {}  # image set -> the recorded values, in `self.recorded` order
         self.pending: dict[str, list[list[Any]]] = {}  # image set -> each value's recorded chunks, not yet checked
@@ -174,7 +175,7 @@ class SuffixPasses:
             return None
         chunks: list[list[Any]] = [[] for _ in self.recorded]
         logits = []
-        with torch.autocast("cpu", torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(self.device_type, torch.bfloat16, enabled=self.bf16):
             for chunk in images.split(self.batch_size):
                 output, values = self.recorder(*self._root_inputs(chunk))
                 logits.append(logits_of(output).float())
@@ -210,7 +211,7 @@ class SuffixPasses:
         if not self.active:
             return
         first = torch.arange(min(4, len(images)))
-        with torch.autocast("cpu", torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(self.device_type, torch.bfloat16, enabled=self.bf16):
             reference = logits_of(self.model(images[first])).float() if logits is None else logits[first].float()
         scale = reference.abs().max().clamp(min=1.0)
         if graph_logits is not None and (graph_logits[first] - reference).abs().max() > TOLERANCE * scale:
@@ -239,13 +240,13 @@ class SuffixPasses:
         values = [value[rows] if isinstance(value := self.records[name][index], Tensor) else value
                   for index in indices]
         count = next(len(value) for value in values if isinstance(value, Tensor))
-        with torch.autocast("cpu", torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(self.device_type, torch.bfloat16, enabled=self.bf16):
             return torch.cat([logits_of(graph(*[value[start:start + self.batch_size] if isinstance(value, Tensor)
                                                 else value for value in values])).float()
                               for start in range(0, count, self.batch_size)])
 
     def _whole(self, images: Tensor) -> Tensor:
-        with torch.autocast("cpu", torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(self.device_type, torch.bfloat16, enabled=self.bf16):
             return torch.cat([logits_of(self.model(chunk)).float() for chunk in images.split(self.batch_size)])
 
     def _root_inputs(self, images: Tensor) -> tuple[Any, ...]:
