@@ -37,6 +37,8 @@ def forward_floor_seconds(model: torch.nn.Module, images: torch.Tensor, triggere
     with torch.no_grad():
         model(images)
         model(triggered)
+    if images.is_cuda:
+        torch.cuda.synchronize(images.device)
     return time.perf_counter() - start
 
 
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             overrides.append(f"--data.init_args.unseen_per_class={args.unseen_per_class}")
         module, data = instantiate_run(configs, Path(args.runs) / args.run_name.format(attack) / "checkpoints" / "poisoned.ckpt",
                                        overrides or None)
-        network = module.net.float().eval()
+        network = module.net.float().eval().to(args.device)
         mirrored, moves = augmentation_images(data.trigger, to_float(data.unseen_set(1, 0).images))
 
         def scores(model: torch.nn.Module, split: tuple[torch.Tensor, ...]) -> dict:
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             for seed in args.seeds:
                 unseen = data.unseen_set(budget, seed)
                 held_out = data.held_out_unseen_set(budget, seed)
-                images = to_float(unseen.images)
+                images = to_float(unseen.images).to(args.device)
                 model = copy.deepcopy(network)
                 defense = ActivationEditing(layer=args.layer, method=args.method, strength=args.strength or None,
                                             rank=args.rank, min_images=args.min_images, repair=not args.no_repair,
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                                             batchnorm_prior=args.batchnorm_prior, mirror=args.mirror,
                                             shift=args.shift)
                 torch.manual_seed(seed)
-                result = defense.defend(model, UnseenData(images, unseen.labels),
+                result = defense.defend(model, UnseenData(images, unseen.labels.to(args.device)),
                                         BackdoorKnowledge.of(data.trigger, data.target_class))
                 floor = forward_floor_seconds(network, images, data.trigger(images))
                 held = (held_out.images, held_out.labels, apply_trigger(data.trigger, held_out.images),
@@ -166,6 +168,8 @@ def main() -> None:
                         help="evaluate under bf16 autocast (about twice as fast on CPU; a prediction within bf16's "
                              "rounding can flip, lightning_backdoor.evaluation.evaluate)")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where the model, the defense and the evaluations run "
+                        "(cpu, cuda, cuda:1, ...); the figures match the CPU's to rounding: docs/results/gpu.md")
     parser.add_argument("--model_config", nargs="*", default=[],
                         help="config files put after the attack's (e.g. configs/cifar10/preact_resnet18.yaml)")
     parser.add_argument("--unseen_per_class", type=int, default=None,

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         configs = ["configs/cifar10/base.yaml", f"configs/cifar10/{name}.yaml", *args.model_config]
         module, data = instantiate_run(configs, Path(args.root) / args.run_name.format(name) / "checkpoints" / "poisoned.ckpt",
                                        [f"--data.init_args.root={args.data_root}"] if args.data_root else None)
-        network = module.net.float().eval()
+        network = module.net.float().eval().to(args.device)
         test = data.test_dataset().tensors
         unseen = data.unseen_set(args.budget, args.seed)
         mirrored, moves = (augmentation_images(data.trigger, to_float(unseen.images))
@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         defense = EstimateFirst(ActivationEditing(layer=args.layer, strength=args.strength, seed=args.seed,
                                                   shift=args.shift), estimator)
         start = time.perf_counter()
-        result = defense.defend(model, UnseenData(to_float(unseen.images), unseen.labels), None)
+        result = defense.defend(model, UnseenData(to_float(unseen.images).to(args.device),
+                                                  unseen.labels.to(args.device)), None)
         total = time.perf_counter() - start
         after = scores(model)
         info = result.details
@@ -151,6 +152,8 @@ def main() -> None:
                         help="evaluate under bf16 autocast (about twice as fast on CPU; a prediction within bf16's "
                              "rounding can flip, lightning_backdoor.evaluation.evaluate)")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where the model, the defense and the evaluations run "
+                        "(cpu, cuda, cuda:1, ...); the figures match the CPU's to rounding: docs/results/gpu.md")
     parser.add_argument("--model_config", nargs="*", default=[],
                         help="config files put after the attack's (e.g. configs/cifar10/preact_resnet18.yaml)")
     parser.add_argument("--run_name", default="cifar10-{}", help="the run folder of an attack, {} = its name")

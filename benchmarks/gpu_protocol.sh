@@ -13,6 +13,7 @@
 #   bash benchmarks/gpu_protocol.sh                       # everything (100 epochs per attack)
 #   EPOCHS=30 ATTACKS="badnets blended" bash benchmarks/gpu_protocol.sh
 #   EPOCHS=1 LIMIT_BATCHES=2 SEEDS=0 ATTACKS=badnets OUT=/tmp/gp bash benchmarks/gpu_protocol.sh  # smoke run, CPU
+# DEVICE (default: cuda where torch sees one, else cpu) is where the defense benchmarks run.
 # Everything goes under $OUT (default runs/gpu): runs, logs, tables (*.md) and rows (*.json); a run that already
 # has its checkpoint is not retrained. Prints each stage's wall time.
 set -euo pipefail
@@ -23,6 +24,8 @@ EPOCHS="${EPOCHS:-100}"
 ATTACKS="${ATTACKS:-badnets blended wanet sig}"
 SEEDS="${SEEDS:-0 1 2}"
 MODEL_CONFIG="${MODEL_CONFIG:-configs/cifar10/preact_resnet18.yaml}"
+# the defense benchmarks run where the training did: the GPU when there is one
+DEVICE="${DEVICE:-$(python -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}"
 name="$(basename "$MODEL_CONFIG" .yaml)"
 mkdir -p "$OUT/logs"
 limit=()
@@ -54,12 +57,12 @@ for attack in $ATTACKS $clean; do
 done
 start=$SECONDS
 # shellcheck disable=SC2086
-python benchmarks/defense_cifar10.py --attacks $ATTACKS --budgets 1 5 10 --seeds $SEEDS --layer auto \
+python benchmarks/defense_cifar10.py --attacks $ATTACKS --budgets 1 5 10 --seeds $SEEDS --layer auto --device "$DEVICE" \
   --model_config "$MODEL_CONFIG" --runs "$OUT" --run_name "$name-{}" --out "$OUT/known.json" "${bench_extra[@]}" \
   | tee "$OUT/logs/known.log" | grep '^|' > "$OUT/known.md"
 echo "trigger known: $((SECONDS - start)) s"; cat "$OUT/known.md"
 start=$SECONDS
-python benchmarks/estimate_cifar10.py --runs "${runs[@]}" --budget 10 --layer auto --no_progress \
+python benchmarks/estimate_cifar10.py --runs "${runs[@]}" --budget 10 --layer auto --no_progress --device "$DEVICE" \
   --model_config "$MODEL_CONFIG" --root "$OUT" --run_name "$name-{}" --out "$OUT/unknown.json" "${bench_extra[@]}" \
   | tee "$OUT/logs/unknown.log" | grep '^|' > "$OUT/unknown.md"
 echo "trigger unknown: $((SECONDS - start)) s"; cat "$OUT/unknown.md"

@@ -34,6 +34,7 @@ def test_defend_round_trip_keeps_the_original_and_never_overwrites(quickstart_ru
         assert all(0.0 <= report[stage][name] <= 1.0 for name in ("clean_acc", "asr", "robust_acc"))
     assert report["defense"]["num_unseen"] == 50
     assert report["defense"]["held_out_passes"] == "suffix"  # layer auto, λ chosen on U: through the shortcut
+    assert report["environment"]["device"] == "cpu"  # the Trainer's (the quickstart's accelerator: cpu)
     assert report["after"]["asr"] < 0.5 * report["before"]["asr"]
     assert sha256(checkpoint) == digest
     # the report names the weights it defended, and digests them before and after as the written files hold them

@@ -102,3 +102,36 @@ def test_the_report_figures_are_those_of_one_whole_evaluation_per_stage(monkeypa
                                                                                   test.batches)
         assert report.stages[stage] == expected, stage
     assert report.stages["before"]["asr"] > 0.8 > report.stages["after_edit"]["asr"]  # the stages do differ
+
+
+def test_a_jittered_solve_is_among_the_reports_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The edit's linear system needed a jitter (:func:`~lightning_backdoor.defenses.editing.positive_definite_factor`,
+    here forced by a factorisation that fails until the diagonal grows): the report says so, and the warning is still
+    shown where it was raised."""
+    from lightning_backdoor.defenses import editing
+
+    data = digits()
+    data.setup("fit")
+    unseen_set = data.unseen_set(5, 0)
+    unseen = UnseenData(unseen_set.images.float() / 255, unseen_set.labels)
+    data.setup("test")
+    images, labels, triggered, attack = data.test_dataset().tensors
+    test = TestData(in_batches(images, labels, triggered, attack, batch_size=256), len(labels), 10, 0,
+                    trigger=BadNets(size=3))
+    cholesky = torch.linalg.cholesky_ex
+    first = []
+
+    def failing_once(system: torch.Tensor, **kwargs):
+        factor, info = cholesky(system, **kwargs)
+        if not first:  # the first, unjittered try of the first solve fails
+            first.append(system)
+            return factor, torch.ones_like(info)
+        return factor, info
+
+    monkeypatch.setattr(editing.torch.linalg, "cholesky_ex", failing_once)
+    with pytest.warns(editing.JitterWarning, match="not positive definite"):
+        report = run_defense(trained().eval(), ActivationEditing(layer="features.2", method="closed_form",
+                                                                 strength=10.0, repair=False),
+                             unseen, BackdoorKnowledge.of(BadNets(size=3), 0), test)
+    assert any(line.startswith("1 of the edit's linear solves") and "not positive definite" in line
+               for line in report.warnings), report.warnings

@@ -40,6 +40,7 @@ def shift_and_flip(images: Tensor) -> Tensor:
 
 
 def _sharded(draw: Callable[..., Tensor], n: int, shard: tuple[int, int], *args: int, device: torch.device) -> Tensor:
-    """``draw(*args, (w × n, 1, 1, 1))`` and the ``r``-th block of ``n`` rows of it, for ``shard = (r, w)``."""
+    """``draw(*args, (w × n, 1, 1, 1))`` and the ``r``-th block of ``n`` rows of it, for ``shard = (r, w)``. Drawn
+    from the CPU's generator whatever ``device`` (then moved there): a seed gives the same views on every device."""
     index, count = shard
-    return draw(*args, (count * n, 1, 1, 1), device=device)[index * n:(index + 1) * n]
+    return draw(*args, (count * n, 1, 1, 1))[index * n:(index + 1) * n].to(device)

@@ -254,17 +254,19 @@ class EditProblem:
         target_keys = clean.keys[target].flatten(0, 1)
         fourth = sum(torch.linalg.vector_norm(part, dim=1, dtype=torch.float32).pow(4).sum()
                      for part in (clean_keys, target_keys))
-        count = torch.tensor(float(len(clean_keys) + len(target_keys)))
+        device = clean_keys.device
+        count = torch.tensor(float(len(clean_keys) + len(target_keys)), device=device)
         sums = cls.triggered_sums(clean, triggered, labels, target_class, grid_weights, subset, factored)
         if factored:
             return cls(layer_weight_matrix(layer).float(), **sums,
                        clean_moment=KeyRows(torch.cat([clean_keys, target_keys]).float()), clean_fourth=fourth,
                        clean_count=count, target_moment=KeyRows(target_keys.float()),
-                       target_count=torch.tensor(float(len(target_keys))))
+                       target_count=torch.tensor(float(len(target_keys)), device=device))
         target_moment = moment(target_keys, target_keys)
         return cls(layer_weight_matrix(layer).float(), **sums,
                    clean_moment=moment(clean_keys, clean_keys) + target_moment, clean_fourth=fourth,
-                   clean_count=count, target_moment=target_moment, target_count=torch.tensor(float(len(target_keys))))
+                   clean_count=count, target_moment=target_moment,
+                   target_count=torch.tensor(float(len(target_keys)), device=device))
 
     @staticmethod
     def triggered_sums(clean: LayerActivations, triggered: LayerActivations, labels: Tensor, target_class: int,
@@ -279,7 +281,7 @@ class EditProblem:
             targets = targets + clean.skip[non_target] - triggered.skip[non_target]
         keys = triggered.keys[non_target].flatten(0, 1)
         residual = (targets - triggered.values[non_target]).flatten(0, 1)  # v* = W0 k*, captured: no recomputation
-        weights = (torch.ones(len(keys)) if grid_weights is None
+        weights = (torch.ones(len(keys), device=keys.device) if grid_weights is None
                    else grid_weights.expand(targets.shape[:2]).flatten())
         energy = lambda vectors: (vectors.square().sum(1) * weights).sum()  # noqa: E731
         sums = {"residual_energy": energy(residual), "target_energy": energy(targets.flatten(0, 1)),
@@ -305,14 +307,15 @@ class EditProblem:
         across them, reordered as the sum stacks its rows (A's of both, then C's, then T's)."""
         (keys, gram), (other_keys, other_gram) = self._key_space, other._key_space
         size, other_size = len(keys), len(other_keys)
-        block = torch.empty(size + other_size, size + other_size, dtype=torch.float64)
+        block = torch.empty(size + other_size, size + other_size, dtype=torch.float64, device=gram.device)
         block[:size, :size], block[size:, size:] = gram, other_gram
         block[:size, size:] = keys.double() @ other_keys.double().T
         block[size:, :size] = block[:size, size:].T
         order, start, other_start = [], 0, size
         for mine, theirs in ((self.triggered_moment, other.triggered_moment), (self.clean_moment, other.clean_moment),
                              (self.target_moment, other.target_moment)):
-            order += [torch.arange(start, start + len(mine)), torch.arange(other_start, other_start + len(theirs))]
+            order += [torch.arange(start, start + len(mine), device=gram.device),
+                      torch.arange(other_start, other_start + len(theirs), device=gram.device)]
             start, other_start = start + len(mine), other_start + len(theirs)
         order = torch.cat(order)
         return torch.cat([keys, other_keys])[order], block[order][:, order]
@@ -387,7 +390,8 @@ class EditProblem:
         trace = (intensity * mean_eigenvalue * size + (1 - intensity) * clean_trace
                  + pin * gram[triggered + clean:, triggered + clean:].diagonal().sum() / target_count)
         identity = intensity * mean_eigenvalue + ridge * trace.clamp(min=1e-12) / size
-        scales = torch.cat([torch.full((triggered,), 1.0, dtype=torch.float64) / triggered_count.sqrt(),
+        first = torch.full((triggered,), 1.0, dtype=torch.float64, device=gram.device)
+        scales = torch.cat([first / triggered_count.sqrt(),
                             ((1 - intensity) / clean_count).sqrt().expand(clean),
                             (pin / target_count).sqrt().expand(len(self.target_moment))])
         return key_space_edit(triggered, self.residual_moment.rows / triggered_count.sqrt().float(), gram, scales,
@@ -920,13 +924,14 @@ class ActivationEditing(Defense):
         trigger of ``triggered``, over its images that ``attacked`` selects) over the triggers applied to it."""
         if all(member.rows is None for member in triggered):
             return torch.stack(values).mean(0)
-        position = torch.full((len(attacked),), -1, dtype=torch.long)
-        position[attacked] = torch.arange(int(attacked.sum()))
-        total, count = torch.zeros(int(attacked.sum())), torch.zeros(int(attacked.sum()))
+        device, size = attacked.device, int(attacked.sum())
+        position = torch.full((len(attacked),), -1, dtype=torch.long, device=device)
+        position[attacked] = torch.arange(size, device=device)
+        total, count = torch.zeros(size, device=device), torch.zeros(size, device=device)
         for member, value in zip(triggered, values):
             where = member.of(position)[member.of(attacked)]
             total.index_add_(0, where, value.float())
-            count.index_add_(0, where, torch.ones(len(where)))
+            count.index_add_(0, where, torch.ones(len(where), device=device))
         return total / count
 
     def _fold_edit(self, fit: EditFit, held_out: int, setting: float | None) -> tuple[Tensor, bool]:
@@ -1133,7 +1138,7 @@ class ActivationEditing(Defense):
         and a ``scale`` of 1."""
         positions = clean.keys.shape[1]
         if mask is None or positions <= 1:
-            return None if scale == 1.0 else torch.full((positions,), scale)
+            return None if scale == 1.0 else torch.full((positions,), scale, device=clean.keys.device)
         side = int(round(positions ** 0.5))
         weights = F.adaptive_max_pool2d(mask[None].float(), (side, side)).flatten().clamp(min=0.05)
         return weights if scale == 1.0 else weights * scale

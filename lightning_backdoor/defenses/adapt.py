@@ -147,8 +147,8 @@ def as_pixels(images: Tensor, transform: InputTransform | None, what: str) -> tu
     if transform is None:
         raise ValueError(f"the {what} images range over [{low:.2f}, {high:.2f}], not pixels in [0, 1]: pass "
                          f"un-normalised images, or normalize={{mean, std}} (the loader's) so the defense undoes it")
-    mean = torch.tensor(transform.mean).view(-1, 1, 1)
-    std = torch.tensor(transform.std).view(-1, 1, 1)
+    mean = torch.tensor(transform.mean, device=images.device).view(-1, 1, 1)
+    std = torch.tensor(transform.std, device=images.device).view(-1, 1, 1)
     pixels = images * std + mean
     if not _are_pixels(pixels):
         raise ValueError(f"the {what} images range over [{low:.2f}, {high:.2f}] and over [{pixels.min().item():.2f}, "

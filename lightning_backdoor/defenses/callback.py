@@ -197,13 +197,18 @@ class DefenseCallback(L.Callback):
         self.run(trainer, pl_module)
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> DefenseReport:
-        """Defend ``pl_module`` in place on rank 0, broadcast the weights to every rank, log and save; point every
+        """Defend ``pl_module`` in place on rank 0, on the Trainer's device (``strategy.root_device``: the GPU it
+        trained on, though Lightning has moved the module back to the CPU before ``on_fit_end``; it is moved back
+        after), broadcast the weights to every rank, log and save; point every
         ``ModelCheckpoint``'s ``best_model_path`` at the defended checkpoint. An error on rank 0 is raised on every
         rank (a ``ValueError`` as a ``ValueError``), so no rank waits for a broadcast that never comes."""
         outcome: tuple[DefenseReport | None, str | None, tuple[bool, str] | None] = (None, None, None)
         failure: Exception | None = None
         if trainer.is_global_zero:
+            # on the device it trained on: Lightning's teardown has moved it to the CPU before on_fit_end
+            device = next(pl_module.parameters()).device
             try:
+                pl_module.to(trainer.strategy.root_device)
                 report = self.defend(pl_module, getattr(trainer, "datamodule", None), trainer.loggers,
                                      Path(self.output_dir or trainer.default_root_dir))
                 for callback in trainer.callbacks:
@@ -214,6 +219,8 @@ class DefenseCallback(L.Callback):
             except Exception as error:  # re-raised below, after the other ranks learn of it
                 failure = error
                 outcome = (None, None, (isinstance(error, ValueError), first_line(error)))
+            finally:
+                pl_module.to(device)
         report, checkpoint, failed = trainer.strategy.broadcast(outcome, src=0)
         if failure is not None:
             raise failure

@@ -55,6 +55,11 @@ def shrinkage(trace: Tensor, squared_norm: Tensor, fourth: Tensor, count: Tensor
 JITTER_START, JITTER_TRIES = 1e-4, 14
 
 
+class JitterWarning(RuntimeWarning):
+    """An edit's linear system needed a jitter on its diagonal (:func:`positive_definite_factor`): the edit is
+    weaker than asked. The defense report lists it among its warnings."""
+
+
 def positive_definite_factor(system: Tensor) -> Tensor:
     """The Cholesky factor of ``system`` (d, d), A + λ C + ε I: positive definite in exact arithmetic, but moments
     summed from bfloat16 products (:func:`moment`) are rounded entry by entry (about 2e-3 relative), which can push
@@ -63,7 +68,7 @@ def positive_definite_factor(system: Tensor) -> Tensor:
     −0.056 for a mean diagonal of about 5. Solving that indefinite system anyway gave an edit that sent every image
     to one class. So where the factorisation fails, the smallest jitter of a doubling ladder (from
     ``JITTER_START`` of the mean diagonal, ``JITTER_TRIES`` tries, up to about 0.8 of it) is added to the diagonal,
-    and a :class:`RuntimeWarning` names it: only when the plain factorisation fails (in float32 too, though rounding
+    and a :class:`JitterWarning` (a :class:`RuntimeWarning`) names it: only when the plain factorisation fails (in float32 too, though rounding
     there stays below ε), and the larger the jitter the weaker the edit (the synthetic case in the tests needed 0.2
     of the mean diagonal and left 0.63 of the triggered residual where float32 moments left 0.35).
 
@@ -84,7 +89,7 @@ def positive_definite_factor(system: Tensor) -> Tensor:
             warnings.warn(f"the edit's system was not positive definite (rounding of its key moments, e.g. in "
                           f"bfloat16); {float(jitter / scale):.2g} of its mean diagonal was added to it, which weakens "
                           f"the edit (bf16=False avoids the rounding)",
-                          RuntimeWarning, stacklevel=3)
+                          JitterWarning, stacklevel=3)
             return factor
     raise ValueError("the edit's linear system is not positive definite even with a ridge of "
                      f"{JITTER_START * 2 ** (JITTER_TRIES - 1):.2g} of its mean diagonal")
@@ -129,8 +134,8 @@ def rank_r_edit(moment: Tensor, residual: Tensor, preserve: Tensor, rank: int, s
     inverse_sqrt = eigenvectors @ torch.diag(eigenvalues.clamp(min=1e-12).rsqrt()) @ eigenvectors.T
     _, whitened_directions = torch.linalg.eigh(inverse_sqrt @ moment @ inverse_sqrt)
     directions = (inverse_sqrt @ whitened_directions[:, -rank:]).T  # (r, d), back from the whitened space
-    system = directions @ (moment + strength * preserve) @ directions.T
-    return torch.linalg.solve(system, directions @ residual.T).T @ directions
+    system = directions @ (moment + strength * preserve) @ directions.T  # (r, r), guarded as the closed form's
+    return torch.cholesky_solve(directions @ residual.T, positive_definite_factor(system)).T @ directions
 
 
 def protected_edit(moment: Tensor, residual: Tensor, preserve: Tensor, strength: float, protected: Tensor,
@@ -185,11 +190,12 @@ def key_space_edit(triggered: int, residuals: Tensor, gram: Tensor, scales: Tens
     float64; ``residuals`` Y (``triggered``, c_out), already scaled; ``identity``: ι > 0, with the ridge.
     Returns ΔW (c_out, d), float32.
     """
-    scales = scales.double() * torch.cat([torch.ones(triggered, dtype=torch.float64),
-                                          torch.full((len(keys) - triggered,), strength ** 0.5, dtype=torch.float64)])
+    options = {"dtype": torch.float64, "device": gram.device}
+    scales = scales.double() * torch.cat([torch.ones(triggered, **options),
+                                          torch.full((len(keys) - triggered,), strength ** 0.5, **options)])
     system = scales[:, None] * gram * scales[None, :]
     system.diagonal().add_(float(strength * identity))
-    padded = torch.zeros(len(keys), residuals.shape[1], dtype=torch.float64)
+    padded = torch.zeros(len(keys), residuals.shape[1], **options)
     padded[:triggered] = residuals.double()
     factor, info = torch.linalg.cholesky_ex(system)
     coefficients = (torch.cholesky_solve(padded, factor) if info.item() == 0

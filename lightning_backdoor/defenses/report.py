@@ -4,6 +4,7 @@ whose files ``lightning_backdoor.defenses.outputs`` writes."""
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader
 from lightning_backdoor.data.poisoning import attack_labels as make_attack_labels
 from lightning_backdoor.defenses.activation_editing import REPAIR_TOLERANCE
 from lightning_backdoor.defenses.base import BackdoorKnowledge, Defense, DefenseResult, UnseenData
+from lightning_backdoor.defenses.editing import JitterWarning
 from lightning_backdoor.defenses.stages import StageVersions
 from lightning_backdoor.evaluation import EVAL_BATCH_SIZE, EvalBatch, Forward, evaluate_versions, in_batches
 from lightning_backdoor.metrics import AttackSuccessRate, defense_effectiveness_rating
@@ -448,10 +450,10 @@ def success_rates(model: nn.Module, triggers: Sequence[Trigger], target_class: i
     model.eval()
     try:
         for images, labels, *_ in batches:
-            attacked = labels != target_class  # only these count: the target class's images are not run
+            attacked = labels.cpu() != target_class  # only these count: the target class's images are not run
             if not attacked.any():
                 continue
-            chosen = images[attacked]
+            chosen = images[attacked.to(images.device)]
             pixels = (chosen.float() / 255 if chosen.dtype == torch.uint8 else chosen.float()).to(device)
             for index, trigger in enumerate(triggers):
                 with trigger.attached(model):
@@ -461,7 +463,7 @@ def success_rates(model: nn.Module, triggers: Sequence[Trigger], target_class: i
                     with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                         outputs = [logits.float().cpu() for logits in forward(triggered)]
                 for version, logits in zip(metrics, outputs, strict=True):
-                    version[index].update(logits, torch.full_like(labels[attacked], target_class))
+                    version[index].update(logits, torch.full((len(logits),), target_class))
     finally:
         model.train(was_training)
     return [[metric.compute().item() for metric in version] for version in metrics]
@@ -619,7 +621,13 @@ def run_defense(model: nn.Module, defense: Defense, unseen: UnseenData, knowledg
     """
     mirror, moves, distance = _augmentations_to_measure(test, unseen.images)
     original = {name: value.detach().clone() for name, value in model.state_dict().items()}
-    result = defense.defend(model, unseen, knowledge)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", JitterWarning)
+        result = defense.defend(model, unseen, knowledge)
+    for caught_warning in caught:  # shown as they would have been; the jitter's also go into the report
+        warnings.warn_explicit(caught_warning.message, caught_warning.category, caught_warning.filename,
+                               caught_warning.lineno, source=caught_warning.source)
+    jitters = [str(caught_warning.message) for caught_warning in caught if caught_warning.category is JitterWarning]
     if after_defense is not None:
         after_defense()
     final = model.state_dict()
@@ -664,9 +672,13 @@ def run_defense(model: nn.Module, defense: Defense, unseen: UnseenData, knowledg
     repair = repair_warning(result.details)
     if repair is not None:
         report.warnings.append(repair)
+    if jitters:
+        report.warnings.append(f"{len(jitters)} of the edit's linear solves (layer candidates, folds, the final "
+                               f"edit) needed a jitter on the diagonal, the last: {jitters[-1]}")
     total = test.num_images
     if near_chance(round(after["clean_acc"] * total), total, test.num_classes):
         accuracy = chance_line(after["clean_acc"], total, test.num_classes, "test")
         report.warnings.append(f"after the defense the model is {accuracy}: near chance")
-    report.environment = environment()  # bit-identical figures need the same stack and thread count
+    # bit-identical figures need the same stack, thread count and device
+    report.environment = environment() | {"device": str(next(model.parameters()).device)}
     return report
