@@ -248,6 +248,9 @@ def one_line(error: BaseException) -> str:
     if isinstance(error, MisconfigurationException) and "No supported gpu backend" in str(error):
         return (f"trainer.accelerator: {first_line(error)} (neither CUDA nor MPS); use --trainer.accelerator=auto "
                 f"or cpu")
+    if isinstance(error, MisconfigurationException) and "can not run on your system" in str(error):
+        name = str(error).split("`")[1] if str(error).count("`") >= 2 else "that accelerator"  # e.g. CUDAAccelerator
+        return f"trainer.accelerator: {name} is not available on this machine; use --trainer.accelerator=auto or cpu"
     chain = [error]
     while (underlying := _shown_below(chain[-1])) is not None:
         chain.append(underlying)

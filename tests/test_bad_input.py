@@ -121,6 +121,8 @@ CASES = [
      "unrecognized arguments: --trainer.max_epoch=3; did you mean --trainer.max_epochs?"),
     ("accelerator_not_on_this_machine", "fit", ["--trainer.accelerator=gpu"],
      "trainer.accelerator: No supported gpu backend found! (neither CUDA nor MPS); use --trainer.accelerator=auto"),
+    ("cuda_not_on_this_machine", "defend", ["--checkpoint={ckpt}", "--trainer.accelerator=cuda"],
+     "trainer.accelerator: CUDAAccelerator is not available on this machine; use --trainer.accelerator=auto or cpu"),
 ]
 
 
@@ -172,6 +174,8 @@ def check_one_line(err: str, message: str) -> None:
 def test_bad_input(workspace, tmp_path, quickstart_run, capsys, subcommand, arguments, message):
     if "--trainer.accelerator=gpu" in arguments and (torch.cuda.is_available() or torch.backends.mps.is_available()):
         pytest.skip("this machine has a GPU: accelerator gpu is no bad input here")
+    if "--trainer.accelerator=cuda" in arguments and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: accelerator cuda is no bad input here")
     run = tmp_path / "run"
     arguments = [argument.format(**workspace) for argument in arguments]
     before = snapshot(tmp_path, quickstart_run)

@@ -205,7 +205,8 @@ class DefenseCallback(L.Callback):
         outcome: tuple[DefenseReport | None, str | None, tuple[bool, str] | None] = (None, None, None)
         failure: Exception | None = None
         if trainer.is_global_zero:
-            # on the device it trained on: Lightning's teardown has moved it to the CPU before on_fit_end
+            # defended on the Trainer's device (where it trained: Lightning's teardown has moved it to the CPU before
+            # on_fit_end), then put back where it was
             device = next(pl_module.parameters()).device
             try:
                 pl_module.to(trainer.strategy.root_device)

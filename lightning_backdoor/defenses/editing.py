@@ -68,9 +68,10 @@ def positive_definite_factor(system: Tensor) -> Tensor:
     −0.056 for a mean diagonal of about 5. Solving that indefinite system anyway gave an edit that sent every image
     to one class. So where the factorisation fails, the smallest jitter of a doubling ladder (from
     ``JITTER_START`` of the mean diagonal, ``JITTER_TRIES`` tries, up to about 0.8 of it) is added to the diagonal,
-    and a :class:`JitterWarning` (a :class:`RuntimeWarning`) names it: only when the plain factorisation fails (in float32 too, though rounding
-    there stays below ε), and the larger the jitter the weaker the edit (the synthetic case in the tests needed 0.2
-    of the mean diagonal and left 0.63 of the triggered residual where float32 moments left 0.35).
+    and a :class:`JitterWarning` (a :class:`RuntimeWarning`) names it: only when the plain factorisation fails (in
+    float32 too, though rounding there stays below ε), and the larger the jitter the weaker the edit (the synthetic
+    case in the tests needed 0.2 of the mean diagonal and left 0.63 of the triggered residual where float32 moments
+    left 0.35).
 
     Raises:
         ValueError: the system is not finite, or still not positive definite at the largest jitter.
