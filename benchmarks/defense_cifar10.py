@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 held_out = data.held_out_unseen_set(budget, seed)
                 images = to_float(unseen.images).to(args.device)
                 model = copy.deepcopy(network)
-                defense = ActivationEditing(layer=args.layer, method=args.method, strength=args.strength or None,
+                defense = ActivationEditing(layer=args.layer, candidates=args.candidates, method=args.method,
+                                            strength=args.strength or None,
                                             rank=args.rank, min_images=args.min_images, repair=not args.no_repair,
                                             spatial_weight=args.spatial_weight, seed=seed,
                                             batchnorm_prior=args.batchnorm_prior, mirror=args.mirror,
@@ -145,6 +146,8 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", type=int, default=[1, 5, 10])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--layer", default="blocks.2.conv2")
+    parser.add_argument("--candidates", type=int, default=ActivationEditing().candidates,
+                        help="how many layers --layer auto tries")
     parser.add_argument("--method", default="closed_form", choices=["closed_form", "rank_r"])
     parser.add_argument("--strength", type=float, default=ActivationEditing().strength,
                         help="λ (0 = choose it by cross-validation on the unseen split)")

@@ -302,3 +302,14 @@ def test_the_feature_estimator_says_why_it_does_not_apply_to_a_vit() -> None:
         model, unseen)
     assert set(estimate.details["not_applicable"]) == {"feature"}
     assert set(estimate.details["trigger_size"]) == {"perturbation"}
+
+
+def test_auto_tries_more_blocks_than_the_model_declares_when_asked() -> None:
+    """The registry's ViT declares the MLP layers of its last ``edit_blocks`` blocks; asked for more candidates,
+    ``auto`` takes the MLP layers of as many last blocks as they need (on the CIFAR-10 ViT a Blended trigger is
+    removed at the third-last block's ``fc2``, not at the last two: docs/results/vit.md)."""
+    model = tiny_vit(depth=3, edit_blocks=1)
+    assert auto_candidates(model, 2) == ["blocks.2.mlp.fc1", "blocks.2.mlp.fc2"]  # what it declares
+    assert auto_candidates(model, 1) == ["blocks.2.mlp.fc2"]
+    assert auto_candidates(model, 4) == ["blocks.1.mlp.fc1", "blocks.1.mlp.fc2", "blocks.2.mlp.fc1", "blocks.2.mlp.fc2"]
+    assert auto_candidates(model, 6) == [f"blocks.{block}.mlp.{layer}" for block in range(3) for layer in ("fc1", "fc2")]

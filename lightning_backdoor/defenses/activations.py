@@ -93,7 +93,8 @@ def skip_reason(layer: nn.Module) -> str | None:
 
 def auto_candidates(model: nn.Module, count: int, images: Tensor | None = None) -> list[str]:
     """The layers ``layer: auto`` tries, in definition order: the last ``count`` of the model's ``edit_candidates``
-    where it declares them (a list of layer names, e.g. a ViT's last blocks' MLP layers); else, on a timm Vision
+    where it declares them (a list of layer names, e.g. a ViT's last blocks' MLP layers; on a transformer that
+    declares fewer than ``count``, the MLP layers of its last ``count / 2`` blocks instead); else, on a timm Vision
     Transformer (with or without LayerScale), the last ``count`` of the MLP layers of its last two blocks, or of more
     blocks where ``count`` exceeds 4 (:func:`~lightning_backdoor.defenses.residual.transformer_mlp_layers`); else the
     last ``count`` of :func:`editable_layers`. Given ``images`` (N >= 1, C, H, W) to probe the model with, and when
@@ -107,7 +108,10 @@ def auto_candidates(model: nn.Module, count: int, images: Tensor | None = None) 
     10–33 pt at its head (measured on held-out images, docs/results/mobilenet.md). Nets with a one-layer head (the
     compact CNN, PreAct-ResNet18, VGG) keep the last ``count`` layers: there the earlier spatial layers won the
     cross-validated loss on the unseen split but left the quickstart's ASR 3 pt above its floor, against 0.2 pt."""
-    declared = getattr(model, "edit_candidates", None) or transformer_mlp_layers(model, max(2, -(-count // 2)))
+    declared = getattr(model, "edit_candidates", None)
+    if declared and count > len(declared):  # more than it declares: more blocks' MLP layers, on a transformer
+        declared = transformer_mlp_layers(model, -(-count // 2)) or declared
+    declared = declared or transformer_mlp_layers(model, max(2, -(-count // 2)))
     if declared:
         return list(declared)[-count:]
     layers = editable_layers(model)
