@@ -121,6 +121,8 @@ CASES = [
      "unrecognized arguments: --trainer.max_epoch=3; did you mean --trainer.max_epochs?"),
     ("accelerator_not_on_this_machine", "fit", ["--trainer.accelerator=gpu"],
      "trainer.accelerator: No supported gpu backend found! (neither CUDA nor MPS); use --trainer.accelerator=auto"),
+    ("model_option_set_from_data", "fit", ["--model.init_args.num_classes=5"],
+     "model.init_args.num_classes is set from the data (its class count); remove the option"),
     ("cuda_not_on_this_machine", "defend", ["--checkpoint={ckpt}", "--trainer.accelerator=cuda"],
      "trainer.accelerator: CUDAAccelerator is not available on this machine; use --trainer.accelerator=auto or cpu"),
 ]
