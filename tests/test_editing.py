@@ -491,3 +491,29 @@ def test_auto_reports_the_rule_and_its_choice_follows_from_the_reported_losses()
     assert within == [name for name in best if name in within] and result.layer == within[-1]
     own = {key: value for key, value in losses.items() if key.startswith(f"{result.layer} ")}
     assert own[f"{result.layer} λ={result.details['strength']}"] == min(own.values())
+
+
+def test_bf16_keys_fewer_than_the_width_are_multiplied_in_float32() -> None:
+    """bf16 keys of a layer whose clean keys are fewer than its width (here 1,800 for 2,304): their moments, rounded
+    to bfloat16, left the system indefinite (a jitter ladder of d x d factorisations and a weaker edit: on
+    PreAct-ResNet18's `layer4.1.conv1` with 10 images per class 0.05 of the mean diagonal, 19 s of factorisations).
+    Taken in float32, the system needs no jitter, and the edit leaves the triggered keys where float32 keys do."""
+    import warnings
+
+    from lightning_backdoor.defenses.editing import JitterWarning
+    from lightning_backdoor.triggers import Blended
+
+    torch.manual_seed(0)
+    model = build_model("compact", num_classes=10, in_channels=3).eval()
+    labels = torch.arange(10).repeat(20)
+    unseen = UnseenData(torch.rand(len(labels), 3, 32, 32, generator=torch.Generator().manual_seed(1)), labels)
+    left = {}
+    for bf16 in (False, True):
+        edited = copy.deepcopy(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", JitterWarning)
+            result = ActivationEditing(layer="blocks.2.conv2", bf16=bf16, min_images=0).defend(
+                edited, unseen, BackdoorKnowledge.of(Blended(), 0))
+        assert result.details["system"] == {"form": "moments", "size": 2304}  # the d x d form, not the key space
+        left[bf16] = result.details["diagnostics"]["triggered_residual_after"]
+    assert left[True] == pytest.approx(left[False], rel=0.02)

@@ -140,6 +140,11 @@ def augmented_views(images: Tensor, labels: Tensor, views: int, seed: int) -> tu
     return torch.cat([images, *extra]), labels.repeat(views)
 
 
+def _float32(activations: LayerActivations) -> LayerActivations:
+    """``activations`` with float32 keys (their moments then multiplied in float32)."""
+    return replace(activations, keys=activations.keys.float())
+
+
 def add_delta(model: nn.Module, layer_name: str, delta: Tensor) -> None:
     """W ← W + ΔW in place, ΔW given as (c_out, d)."""
     layer = get_layer(model, layer_name)
@@ -701,7 +706,7 @@ class ActivationEditing(Defense):
         triggered = [Triggered(member, member(images)) if index < len(knowledge.triggers) or added is None
                      else Triggered(member, member(images[added]), added)
                      for index, member in enumerate(triggers)]  # applied once, reused by the CV
-        keys = self._key_counts(model, layers, labels, triggered, target_class, images[:1])
+        keys, clean_keys = self._key_counts(model, layers, labels, triggered, target_class, images[:1])
         available = available_memory()  # read once: the prior and the memory check see the same figure
         fixed_prior = self.batchnorm_prior is not None and self.batchnorm_prior > 0
         if fixed_prior:  # every layer gets a prior, so d x d moments: skip or refuse those that do not fit first
@@ -712,6 +717,10 @@ class ActivationEditing(Defense):
                     and 0 < count <= KEY_SPACE_RATIO * self._width(model, name)}
         if not fixed_prior:
             layers = self._within_memory(model, layers, keys, factored, info, available)
+        # bf16: the moments of fewer clean keys than the width, rounded to bfloat16, make an indefinite system (a
+        # jitter ladder of d x d factorisations, and a weaker edit): those layers' products are taken in float32
+        exact = {name for name in layers if self.bf16 and name not in factored
+                 and clean_keys[name] < self._width(model, name)}
         masks = [member.mask(tuple(images.shape[1:])) if self.spatial_weight == "mask" else None
                  for member in triggers]
         problems: dict[str, list[EditProblem]] = {}
@@ -729,8 +738,9 @@ class ActivationEditing(Defense):
                                          bf16=self.bf16)
             subsets = [(folds[rows] == cv) & (signal_folds[rows] == signal) for cv, signal in parts]
             for name in layers:
-                acts = (clean[name], triggered_acts[name], labels[rows], target_class,
-                        self._grid_weights(mask, clean[name], scale))
+                acts = (_float32(clean[name]) if name in exact else clean[name],
+                        _float32(triggered_acts[name]) if name in exact else triggered_acts[name],
+                        labels[rows], target_class, self._grid_weights(mask, clean[name], scale))
                 if index == 0:
                     pieces = [EditProblem.build(get_layer(model, name), *acts, subset, name in factored)
                               for subset in subsets]
@@ -1017,15 +1027,16 @@ class ActivationEditing(Defense):
 
     @staticmethod
     def _key_counts(model: nn.Module, layers: list[str], labels: Tensor, triggered: list[Triggered],
-                    target_class: int, probe: Tensor) -> dict[str, int]:
+                    target_class: int, probe: Tensor) -> tuple[dict[str, int], dict[str, int]]:
         """The keys each of ``layers`` gets from the (augmented) unseen images with ``labels``: the triggered
         non-target keys of each of ``triggered`` (on its images), the clean keys, and the target class's again
-        (for the pin); ``probe``, one image, gives the keys per image."""
+        (for the pin); and the clean keys alone. ``probe``, one image, gives the keys per image."""
         positions = key_positions(model, layers, probe)
         non_target = labels != target_class
         attacked = sum(int(member.of(non_target).sum()) for member in triggered)
         target = len(labels) - int(non_target.sum())
-        return {name: positions[name] * (attacked + len(labels) + target) for name in layers}
+        return ({name: positions[name] * (attacked + len(labels) + target) for name in layers},
+                {name: positions[name] * len(labels) for name in layers})
 
     def _added_rows(self, labels: Tensor, target_class: int) -> Tensor | None:
         """The images (sorted indices) the triggers the edit adds itself are applied to: ``None`` (all) when the
