@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         estimator = TriggerEstimator(estimators=tuple(args.estimators), strengths=tuple(args.edit_strengths),
                                      max_steps=args.max_steps, batch_size=args.batch_size,
                                      progress=not args.no_progress, seed=args.seed)
-        defense = EstimateFirst(ActivationEditing(layer=args.layer, strength=args.strength, seed=args.seed,
+        defense = EstimateFirst(ActivationEditing(layer=args.layer, candidates=args.candidates,
+                                                  strength=args.strength, seed=args.seed,
                                                   shift=args.shift), estimator)
         start = time.perf_counter()
         result = defense.defend(model, UnseenData(to_float(unseen.images).to(args.device),
@@ -141,6 +142,8 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=TriggerEstimator().max_steps)
     parser.add_argument("--batch_size", type=int, default=TriggerEstimator().batch_size)
     parser.add_argument("--layer", default="blocks.2.conv2")
+    parser.add_argument("--candidates", type=int, default=ActivationEditing().candidates,
+                        help="how many layers --layer auto tries")
     parser.add_argument("--strength", type=lambda value: None if value == "cv" else float(value), default=10.0,
                         help="λ of the edit, or cv: chosen by cross-validation on the unseen split")
     parser.add_argument("--shift", type=lambda text: None if text == "auto" else int(text), default=None,
