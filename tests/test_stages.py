@@ -73,18 +73,24 @@ def test_versions_that_do_not_differ_run_once() -> None:
     assert len(logits) == 2 and torch.equal(logits[0], logits[1]) and forward.reason == "the versions do not differ"
 
 
+def digits_unseen_and_test(per_class: int) -> tuple[UnseenData, TestData]:
+    """The digits data's unseen images (``per_class`` per class, seed 0, pixels) and its test split with the BadNets
+    trigger toward class 0, as the report's evaluation reads them."""
+    data = digits()
+    data.setup("fit")
+    unseen_set = data.unseen_set(per_class, 0)
+    data.setup("test")
+    images, labels, triggered, attack = data.test_dataset().tensors
+    return (UnseenData(unseen_set.images.float() / 255, unseen_set.labels),
+            TestData(in_batches(images, labels, triggered, attack, batch_size=128), len(labels), 10, 0,
+                     trigger=BadNets(size=3)))
+
+
 def test_the_report_figures_are_those_of_one_whole_evaluation_per_stage(monkeypatch: pytest.MonkeyPatch) -> None:
     """The digits model defended with a repair forced (three stages; forced without its guard, the repair gives the
     backdoor back here): each stage's CA, ASR, TA, per-class accuracy, mirrored and moved ASR equal a whole
     evaluation of a model holding that stage's weights."""
-    data = digits()
-    data.setup("fit")
-    unseen_set = data.unseen_set(10, 0)
-    unseen = UnseenData(unseen_set.images.float() / 255, unseen_set.labels)
-    data.setup("test")
-    images, labels, triggered, attack = data.test_dataset().tensors
-    test = TestData(in_batches(images, labels, triggered, attack, batch_size=128), len(labels), 10, 0,
-                    trigger=BadNets(size=3))
+    unseen, test = digits_unseen_and_test(10)
     model = trained().eval()
     original = copy.deepcopy(model)
     made: list[StageVersions] = []
@@ -110,14 +116,7 @@ def test_a_jittered_solve_is_among_the_reports_warnings(monkeypatch: pytest.Monk
     shown where it was raised."""
     from lightning_backdoor.defenses import editing
 
-    data = digits()
-    data.setup("fit")
-    unseen_set = data.unseen_set(5, 0)
-    unseen = UnseenData(unseen_set.images.float() / 255, unseen_set.labels)
-    data.setup("test")
-    images, labels, triggered, attack = data.test_dataset().tensors
-    test = TestData(in_batches(images, labels, triggered, attack, batch_size=256), len(labels), 10, 0,
-                    trigger=BadNets(size=3))
+    unseen, test = digits_unseen_and_test(5)
     cholesky = torch.linalg.cholesky_ex
     first = []
 
