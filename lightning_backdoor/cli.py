@@ -32,7 +32,7 @@ from lightning_backdoor.data.imageset import ImageSet
 from lightning_backdoor.data.poisoning import to_float
 from lightning_backdoor import defenses, triggers
 from lightning_backdoor.defenses.base import Defense
-from lightning_backdoor.defenses.callback import DefenseCallback
+from lightning_backdoor.defenses.callback import DefenseCallback, defense_device
 from lightning_backdoor.io import first_line
 from lightning_backdoor.runs import read_weights
 from lightning_backdoor.weights import load_weights
@@ -107,7 +107,7 @@ def run_defend(args: list[str]) -> None:
               "measured", file=sys.stderr)
     callback.check(cli.model, cli.datamodule)  # the setup checks (on the model's structure) before any line is printed
     load_weights(cli.model, state_dict)  # after every check of the inputs: it prints how the keys were mapped
-    cli.model.to(cli.trainer.strategy.root_device)  # the trainer's device (accelerator auto: a GPU where there is one)
+    cli.model.to(defense_device(cli.trainer))  # the Trainer's GPU (accelerator auto: one where there is one)
     if replaced:
         print("defense: the --defense options replace the config's defense; not repeated, so back to the defaults: "
               + ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in replaced.items()),

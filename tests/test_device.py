@@ -1,6 +1,7 @@
 """The defense on a GPU gives the CPU's edit: every solve form, layer choice, repair, prior and the estimation,
-run on CUDA and on the CPU with the same inputs and seed. Skipped without a GPU (CI has none; run where one is:
-``benchmarks/gpu_budget/`` on a lent machine). ``DEVICE`` may name another device to check the harness itself."""
+run on CUDA and on the CPU with the same inputs and seed: skipped without a GPU (CI has none; run where one is:
+``benchmarks/gpu_budget/`` on a lent machine). ``LB_TEST_DEVICE`` may name another device to check the harness
+itself. Which device the defense runs on under a Trainer is checked on any machine."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from lightning_backdoor.models import build_model
 from lightning_backdoor.triggers import Blended
 
 DEVICE = os.environ.get("LB_TEST_DEVICE", "cuda")
-pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a GPU")
+needs_device = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a GPU")
 
 
 @pytest.fixture(autouse=True)
@@ -85,6 +86,7 @@ SETTINGS = {
 }
 
 
+@needs_device
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_the_edit_on_the_device_is_the_cpus(name: str) -> None:
     spec, per_class, settings = SETTINGS[name]
@@ -101,6 +103,7 @@ def test_the_edit_on_the_device_is_the_cpus(name: str) -> None:
     assert residual_there == pytest.approx(residual_here, rel=0.05)
 
 
+@needs_device
 def test_the_estimation_on_the_device_is_the_cpus() -> None:
     """An untrained net runs every estimator's inversion as a poisoned one does (float32 here: bf16 rounds per
     kernel): the verdict, target and anomaly indices must agree."""
@@ -118,3 +121,19 @@ def test_the_estimation_on_the_device_is_the_cpus() -> None:
     gaps = {name: (torch.tensor(estimation_there["anomaly_index"][name]) - torch.tensor(indices)).abs().max().item()
             for name, indices in estimation_here["anomaly_index"].items() if name != "warp"}
     assert max(gaps.values()) < 0.5, gaps
+
+
+def test_the_defense_runs_on_a_cuda_gpu_or_the_cpu_only() -> None:
+    """The Trainer's root device where it is a CUDA GPU or the CPU; on MPS (no float64 there, which the key-space
+    solve uses) and any other accelerator, the CPU."""
+    from types import SimpleNamespace
+
+    from lightning_backdoor.defenses.callback import defense_device
+
+    def trainer(device: str) -> SimpleNamespace:
+        return SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+
+    assert defense_device(trainer("cuda:1")) == torch.device("cuda:1")
+    assert defense_device(trainer("cpu")) == torch.device("cpu")
+    assert defense_device(trainer("mps:0")) == torch.device("cpu")
+    assert defense_device(trainer("xla:0")) == torch.device("cpu")

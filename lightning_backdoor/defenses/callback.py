@@ -56,6 +56,13 @@ class CleanHalf:
             yield images, labels
 
 
+def defense_device(trainer: L.Trainer) -> torch.device:
+    """Where the defense runs under ``trainer``: its root device where that is a CUDA GPU or the CPU; the CPU on
+    any other accelerator (MPS computes no float64, which the edit's key-space solve uses)."""
+    device = trainer.strategy.root_device
+    return device if device.type in ("cuda", "cpu") else torch.device("cpu")
+
+
 def defended_network(pl_module: nn.Module) -> nn.Module:
     """The module the defense edits and addresses layers in: a PoisonedClassifier's ``net`` (layer names such as
     ``blocks.2.conv1``), else the LightningModule itself (``model.fc`` for a module holding ``self.model``)."""
@@ -197,7 +204,7 @@ class DefenseCallback(L.Callback):
         self.run(trainer, pl_module)
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> DefenseReport:
-        """Defend ``pl_module`` in place on rank 0, on the Trainer's device (``strategy.root_device``: the GPU it
+        """Defend ``pl_module`` in place on rank 0, on the Trainer's device (:func:`defense_device`: the GPU it
         trained on, though Lightning has moved the module back to the CPU before ``on_fit_end``; it is moved back
         after), broadcast the weights to every rank, log and save; point every
         ``ModelCheckpoint``'s ``best_model_path`` at the defended checkpoint. An error on rank 0 is raised on every
@@ -209,7 +216,7 @@ class DefenseCallback(L.Callback):
             # on_fit_end), then put back where it was
             device = next(pl_module.parameters()).device
             try:
-                pl_module.to(trainer.strategy.root_device)
+                pl_module.to(defense_device(trainer))
                 report = self.defend(pl_module, getattr(trainer, "datamodule", None), trainer.loggers,
                                      Path(self.output_dir or trainer.default_root_dir))
                 for callback in trainer.callbacks:
