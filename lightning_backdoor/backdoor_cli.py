@@ -139,11 +139,11 @@ class ClearFailedStart(Callback):
                            f"that a rerun into it is accepted")
 
 
-#: the model's options the CLI sets from the data module (its attribute, e.g. ``num_classes`` from the class
-#: folders): a value given for one on the command line would be dropped, so it is refused
-LINKED_FROM_DATA = {"--model.init_args.target_class": ("target_class", "its target_class; None under all_to_all"),
-                    "--model.init_args.num_classes": ("num_classes", "its class count"),
-                    "--model.init_args.in_channels": ("in_channels", "its images' channels")}
+#: the model's options the CLI sets from the data module's attribute of the same name (e.g. ``num_classes`` from
+#: the class folders), with what each is: a value given for one on the command line would be dropped, so it is
+#: refused
+LINKED_FROM_DATA = {"target_class": "its target_class; None under all_to_all", "num_classes": "its class count",
+                    "in_channels": "its images' channels"}
 
 
 class BackdoorCLI(LightningCLI):
@@ -185,11 +185,11 @@ class BackdoorCLI(LightningCLI):
         """Parse ``args`` as Lightning does, without its warning that ``sys.argv`` is set too: ``main`` passes the
         arguments it took from ``sys.argv`` itself."""
         for arg in sys.argv[1:] if args is None else args if isinstance(args, list) else []:
-            option = str(arg).split("=", 1)[0].replace("--model.", "--model.init_args.", 1).replace(
-                ".init_args.init_args.", ".init_args.")  # --model.X is jsonargparse's shorthand of it
-            if option in LINKED_FROM_DATA:  # jsonargparse would drop it without a word
-                raise ValueError(f"{option.removeprefix('--')} is set from the data ({LINKED_FROM_DATA[option][1]}); "
-                                 f"remove the option (change the data config instead)")
+            option = str(arg).split("=", 1)[0]  # --model.init_args.X, or jsonargparse's shorthand --model.X
+            name = option.removeprefix("--model.").removeprefix("init_args.")
+            if option.startswith("--model.") and name in LINKED_FROM_DATA:  # jsonargparse would drop it silently
+                raise ValueError(f"model.init_args.{name} is set from the data ({LINKED_FROM_DATA[name]}); remove "
+                                 f"the option (change the data config instead)")
         try:
             self.config = (parser.parse_object(args) if isinstance(args, (dict, Namespace))
                            else parser.parse_args(args))
@@ -198,8 +198,8 @@ class BackdoorCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # the data module's attribute, not its argument: None under all_to_all (no target-class accuracy)
-        for option, (attribute, _) in LINKED_FROM_DATA.items():
-            parser.link_arguments(f"data.{attribute}", option.removeprefix("--"), apply_on="instantiate")
+        for name in LINKED_FROM_DATA:
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
         if self.defend_mode:
             parser.add_argument("--checkpoint", type=str, required=True,
                                 help="model weights: a Lightning checkpoint, a state_dict file or .safetensors")
