@@ -18,6 +18,8 @@ from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.accelerators import CPUAccelerator
@@ -146,6 +148,29 @@ LINKED_FROM_DATA = {"target_class": "its target_class; None under all_to_all", "
                     "in_channels": "its images' channels"}
 
 
+def linked_in_config(source: str, whole_config: bool = True) -> str | None:
+    """The first of :data:`LINKED_FROM_DATA` that a ``--config`` (``whole_config``) or ``--model`` value sets under
+    the model's ``init_args`` (or directly, as jsonargparse's shorthand), or None. ``source``: a YAML file's path or
+    the YAML itself; a whole config's model may also sit under a subcommand (``fit: {model: ...}``). What cannot be
+    read as YAML mapping is left to the parser, which reports it."""
+    try:
+        text = Path(source).read_text() if Path(source).is_file() else source
+        loaded = yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    if not isinstance(loaded, dict):
+        return None
+    models = ([loaded.get("model"), *(part.get("model") for part in loaded.values() if isinstance(part, dict))]
+              if whole_config else [loaded])
+    for model in models:
+        if isinstance(model, dict):
+            options = {**model, **(model.get("init_args") if isinstance(model.get("init_args"), dict) else {})}
+            for name in LINKED_FROM_DATA:
+                if name in options:
+                    return name
+    return None
+
+
 class BackdoorCLI(LightningCLI):
     """LightningCLI with the data module's classes, channels and target linked into the model.
 
@@ -184,12 +209,20 @@ class BackdoorCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse ``args`` as Lightning does, without its warning that ``sys.argv`` is set too: ``main`` passes the
         arguments it took from ``sys.argv`` itself."""
-        for arg in sys.argv[1:] if args is None else args if isinstance(args, list) else []:
-            option = str(arg).split("=", 1)[0]  # --model.init_args.X, or jsonargparse's shorthand --model.X
+        arguments = [str(arg) for arg in (sys.argv[1:] if args is None else args if isinstance(args, list) else [])]
+        for index, arg in enumerate(arguments):
+            option, equals, value = arg.partition("=")  # --model.init_args.X, or jsonargparse's shorthand --model.X
             name = option.removeprefix("--model.").removeprefix("init_args.")
             if option.startswith("--model.") and name in LINKED_FROM_DATA:  # jsonargparse would drop it silently
                 raise ValueError(f"model.init_args.{name} is set from the data ({LINKED_FROM_DATA[name]}); remove "
                                  f"the option (change the data config instead)")
+            if option in ("--config", "-c", "--model") and (equals or index + 1 < len(arguments)):
+                source = value if equals else arguments[index + 1]
+                linked = linked_in_config(source, whole_config=option != "--model")
+                if linked is not None:
+                    raise ValueError(f"{Path(source).name if Path(source).is_file() else option} sets "
+                                     f"model.init_args.{linked}, which is set from the data "
+                                     f"({LINKED_FROM_DATA[linked]}); remove it (change the data config instead)")
         try:
             self.config = (parser.parse_object(args) if isinstance(args, (dict, Namespace))
                            else parser.parse_args(args))

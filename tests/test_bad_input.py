@@ -123,6 +123,8 @@ CASES = [
      "trainer.accelerator: No supported gpu backend found! (neither CUDA nor MPS); use --trainer.accelerator=auto"),
     ("model_option_set_from_data", "fit", ["--model.init_args.num_classes=5"],
      "model.init_args.num_classes is set from the data (its class count); remove the option"),
+    ("model_option_set_from_data_in_config", "fit", ["--config={tmp}/linked.yaml"],
+     "linked.yaml sets model.init_args.num_classes, which is set from the data (its class count); remove it"),
     ("cuda_not_on_this_machine", "defend", ["--checkpoint={ckpt}", "--trainer.accelerator=cuda"],
      "trainer.accelerator: CUDAAccelerator is not available on this machine; use --trainer.accelerator=auto or cpu"),
 ]
@@ -147,6 +149,7 @@ def workspace(tmp_path: Path, quickstart_run: Path) -> dict[str, str]:
     (tmp_path / "old_run").mkdir()
     (tmp_path / "old_run" / "config.yaml").write_text("seed_everything: 0\n")
     (tmp_path / "broken.yaml").write_text("trainer: [unclosed\n")
+    (tmp_path / "linked.yaml").write_text("model:\n  init_args:\n    num_classes: 5\n")
     (tmp_path / "notes.json").write_text('{"not": "weights"}\n')
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "defended.safetensors").write_bytes(b"not read: its name marks the folder as used")

@@ -5,6 +5,7 @@ the report's figures are those of one whole evaluation per stage."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -134,3 +135,17 @@ def test_a_jittered_solve_is_among_the_reports_warnings(monkeypatch: pytest.Monk
                              unseen, BackdoorKnowledge.of(BadNets(size=3), 0), test)
     assert any(line.startswith("1 of the edit's linear solves") and "not positive definite" in line
                for line in report.warnings), report.warnings
+
+
+def test_warnings_of_a_defense_that_raises_are_still_shown() -> None:
+    """A warning raised during the defense is re-emitted even when the defense then fails (it may say why)."""
+    from lightning_backdoor.defenses.base import Defense
+
+    class WarnsThenFails(Defense):
+        def defend(self, model: nn.Module, unseen: UnseenData, knowledge: BackdoorKnowledge | None):
+            warnings.warn("the unseen images look odd", UserWarning)
+            raise ValueError("the defense failed")
+
+    unseen, test = digits_unseen_and_test(2)
+    with pytest.warns(UserWarning, match="look odd"), pytest.raises(ValueError, match="defense failed"):
+        run_defense(trained().eval(), WarnsThenFails(), unseen, BackdoorKnowledge.of(BadNets(size=3), 0), test)

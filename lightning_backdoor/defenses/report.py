@@ -621,12 +621,15 @@ def run_defense(model: nn.Module, defense: Defense, unseen: UnseenData, knowledg
     """
     mirror, moves, distance = _augmentations_to_measure(test, unseen.images)
     original = {name: value.detach().clone() for name, value in model.state_dict().items()}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", JitterWarning)
-        result = defense.defend(model, unseen, knowledge)
-    for caught_warning in caught:  # shown as they would have been; the jitter's also go into the report
-        warnings.warn_explicit(caught_warning.message, caught_warning.category, caught_warning.filename,
-                               caught_warning.lineno, source=caught_warning.source)
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", JitterWarning)
+            result = defense.defend(model, unseen, knowledge)
+    finally:  # shown as they would have been, also when the defense raises; the jitter's also go into the report
+        for caught_warning in caught:
+            warnings.warn_explicit(caught_warning.message, caught_warning.category, caught_warning.filename,
+                                   caught_warning.lineno, source=caught_warning.source)
     jitters = [str(caught_warning.message) for caught_warning in caught if caught_warning.category is JitterWarning]
     if after_defense is not None:
         after_defense()
