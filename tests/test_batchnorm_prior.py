@@ -139,7 +139,7 @@ def test_the_chosen_weight_reaches_every_later_solve(monkeypatch):
     signal and the repair solve with that weight and the prior."""
     weights = solves_recorded(monkeypatch)
     def scores(self, model, layer, fold_problems, *args):
-        return (0.0 if fold_problems[0].prior_weight == 0.5 else 1.0), 0.0
+        return (0.0 if fold_problems[0].prior_weight == 0.5 else 1.0), 0.0, None  # no fold edits kept
 
     monkeypatch.setattr(ActivationEditing, "_cross_validate", scores)
     torch.manual_seed(0)

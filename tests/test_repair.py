@@ -4,6 +4,7 @@ target class on images the defense never saw, and where the edit does no harm no
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -272,3 +273,20 @@ def test_a_forced_repair_is_reported_unjudged_and_warned_about_when_it_gives_mor
     assert (warning is not None) == warned, warning
     assert warning is None or ("while winning back 0.005 for the held-out target images" in warning
                                and "the signal's drop is within the default repair_tolerance (0.02)" in warning)
+
+
+def test_the_signal_reuses_the_cross_validations_fold_edits_and_measures_the_same() -> None:
+    """With λ chosen on U (several options cross-validated), the signal's unrepaired fold edits are the CV's at the
+    chosen option, bit for bit, so they are not solved twice; with a single target image the signal's folds differ
+    from the CV's and its edits are solved afresh."""
+    model, trigger, draw = world(shared=0.9)
+    knowledge = BackdoorKnowledge.of(trigger, TARGET)
+    defense = ActivationEditing(layer="1", strength=None, min_images=1)
+    fit = defense.fit(model, unseen_set(draw, 4, seed=0), knowledge)
+    assert fit.fold_edits is not None and len(fit.info["selection"]["cross_validated_loss_on_unseen"]) > 1
+    for fold in (0, 1):
+        assert torch.equal(fit.fold_edits[fold],
+                           fit.signal_problems[fold].solve(defense.method, fit.strength, defense.rank))
+    assert defense.target_drop(model, fit) == defense.target_drop(model, dataclasses.replace(fit, fold_edits=None))
+    single = defense.fit(model, unseen_set(draw, 1, seed=0), knowledge)
+    assert single.fold_edits is None  # the target image's views alternate between the signal's folds

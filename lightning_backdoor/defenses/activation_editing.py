@@ -432,7 +432,8 @@ class EditFit:
     statistics (the same folds, except the views of a target class's single image: they alternate), the
     unedited model's target-class probability on each target-class image (in image order), each trigger with
     its triggered images (:class:`Triggered`), and the held-out passes' shortcut (:class:`SuffixPasses`) when
-    built."""
+    built; ``fold_edits``: the unrepaired edits fitted on fold 0 and on fold 1 at the chosen layer and strength, kept
+    from the cross-validation when the signal's folds are its folds (the repair's signal then reuses them)."""
 
     layer: str
     strength: float
@@ -448,6 +449,7 @@ class EditFit:
     target_probability: Tensor
     triggered: list[Triggered]
     passes: SuffixPasses | None = None
+    fold_edits: tuple[Tensor, Tensor] | None = None
 
 
 @DEFENSES.register("editing")
@@ -781,10 +783,17 @@ class ActivationEditing(Defense):
                 if _image_space(member.trigger, index) is not None:
                     passes.finish(_image_space(member.trigger, index), member.images)
             info["held_out_passes"] = "suffix" if passes.active else f"whole ({passes.reason})"
+        fold_edits: dict[str, tuple[tuple[str, float, float], tuple[Tensor, Tensor]]] = {}  # per layer: of its
+        # lowest loss so far (the one-standard-error rule chooses one of these)
         if len(options) > 1:
-            scores = {(name, weight, strength): self._cross_validate(
-                model, name, fold_problems[name, weight], strength, images, triggered, labels, folds, target_class,
-                passes) for name, weight, strength in options}
+            scores = {}
+            for option in options:
+                name, weight, strength = option
+                loss, error, edits = self._cross_validate(model, name, fold_problems[name, weight], strength, images,
+                                                          triggered, labels, folds, target_class, passes)
+                scores[option] = (loss, error)
+                if name not in fold_edits or loss < scores[fold_edits[name][0]][0]:
+                    fold_edits[name] = (option, edits)
             choice, within = one_standard_error_choice(scores, layers)
             label = lambda name, weight, strength: (f"{name} λ={strength}"  # noqa: E731
                                                     + (f" w={weight:g}" if self.batchnorm_prior is None else ""))
@@ -806,7 +815,9 @@ class ActivationEditing(Defense):
         target_probability = torch.cat(logits)[labels == target_class].softmax(-1)[:, target_class]
         return EditFit(layer, strength, functools.reduce(operator.add, pieces.values()), fold_problems[layer, weight],
                        images, labels, folds, target_class, info, signal_folds, self._fold_sums(pieces, 1),
-                       target_probability, triggered, passes)
+                       target_probability, triggered, passes,
+                       fold_edits[layer][1] if fold_edits.get(layer, (None,))[0] == choice
+                       and torch.equal(signal_folds, folds) else None)
 
     @torch.no_grad()
     def _augmented(self, model: nn.Module, triggers: list[Trigger], unseen: UnseenData, target_class: int
@@ -948,6 +959,8 @@ class ActivationEditing(Defense):
         """The edit fitted on the signal fold other than ``held_out`` (repaired with ``setting`` when given), and
         whether that fold held target keys to repair with."""
         problem = fit.signal_problems[1 - held_out]
+        if setting is None and fit.fold_edits is not None:  # solved by the cross-validation already
+            return fit.fold_edits[1 - held_out], True
         arguments = {} if setting is None else self._repair_arguments(problem, setting)
         return (problem.solve(self.method, fit.strength, self.rank, **arguments),
                 setting is None or problem.target_count.item() > 0)
@@ -1156,14 +1169,16 @@ class ActivationEditing(Defense):
 
     def _cross_validate(self, model: nn.Module, layer: str, fold_problems: list[EditProblem], strength: float,
                         images: Tensor, triggered: list[Triggered], labels: Tensor, folds: Tensor,
-                        target_class: int, passes: SuffixPasses | None = None) -> tuple[float, float]:
+                        target_class: int, passes: SuffixPasses | None = None
+                        ) -> tuple[float, float, tuple[Tensor, Tensor]]:
         """Two-fold loss on U of editing ``layer``: fit on one fold, then CE of the other fold's triggered
         non-target images (each image's averaged over the triggers applied to it) plus CE of its clean images; averaged
         over both directions. Returned with its standard error over the held-out images (nats both): each mean's
-        variance over its images, the triggered and clean means and the two directions taken as independent."""
-        total, variance = 0.0, 0.0
+        variance over its images, the triggered and clean means and the two directions taken as independent; and the
+        edits fitted on fold 0 and on fold 1."""
+        total, variance, edits = 0.0, 0.0, [None, None]
         for held_out in (0, 1):
-            delta = fold_problems[1 - held_out].solve(self.method, strength, self.rank)
+            delta = edits[1 - held_out] = fold_problems[1 - held_out].solve(self.method, strength, self.rank)
             check = folds == held_out
             attacked = check & (labels != target_class)
             with trial_edit(model, layer, delta):
@@ -1178,7 +1193,7 @@ class ActivationEditing(Defense):
             for losses in (self._per_image_mean(triggered, triggered_losses, attacked), clean):
                 total += losses.mean().item()
                 variance += losses.var().item() / len(losses) if len(losses) > 1 else 0.0
-        return total / 2, variance ** 0.5 / 2
+        return total / 2, variance ** 0.5 / 2, (edits[0], edits[1])
 
     def _suffix_passes(self, model: nn.Module, layers: list[str], available: int | None) -> SuffixPasses:
         """The held-out passes' shortcut for ``layers``, its records within a share of the ``available`` memory."""
