@@ -195,6 +195,16 @@ def one_standard_error_choice(scores: dict[tuple[str, float, float], tuple[float
     return best_of[within[-1]], within
 
 
+def attack_log_loss(logits: Tensor, target_class: int) -> Tensor:
+    """−log(1 − p(target)) per row of ``logits`` (N, K), in nats: the log-loss of the attack failing, whatever
+    other class the image goes to (0 when the target gets no probability). Computed as logsumexp over all classes
+    minus logsumexp over the others, exact where p(target) is near 1."""
+    logits = logits.float()
+    others = logits.clone()
+    others[:, target_class] = float("-inf")
+    return torch.logsumexp(logits, -1) - torch.logsumexp(others, -1)
+
+
 class Triggered(NamedTuple):
     """A trigger the edit maps, with its triggered images: of all the edit's images (``rows`` None) or of those
     ``rows`` (sorted indices into them) selects."""
@@ -1171,12 +1181,15 @@ class ActivationEditing(Defense):
                         images: Tensor, triggered: list[Triggered], labels: Tensor, folds: Tensor,
                         target_class: int, passes: SuffixPasses | None = None
                         ) -> tuple[float, float, tuple[Tensor, Tensor]]:
-        """Two-fold loss on U of editing ``layer``: fit on one fold, then CE of the other fold's triggered
+        """Two-fold loss on U of editing ``layer``: fit on one fold, then the loss of the other fold's triggered
         non-target images (each image's averaged over the triggers applied to it) plus CE of its clean images; averaged
-        over both directions. Returned with its standard error over the held-out images (nats both): each mean's
-        variance over its images, the triggered and clean means and the two directions taken as independent; and the
-        edits fitted on fold 0 and on fold 1."""
+        over both directions. The triggered loss is CE to the true label, except where the folds split the classes
+        (one image per class): there the held-out classes' clean values were not in the fit, so it is the attack's
+        log-loss, −log(1 − p(target)) (:func:`attack_log_loss`). Returned with its standard error over the held-out
+        images (nats both): each mean's variance over its images, the triggered and clean means and the two
+        directions taken as independent; and the edits fitted on fold 0 and on fold 1."""
         total, variance, edits = 0.0, 0.0, [None, None]
+        class_split = not set(labels[folds == 0].tolist()) & set(labels[folds == 1].tolist())
         for held_out in (0, 1):
             delta = edits[1 - held_out] = fold_problems[1 - held_out].solve(self.method, strength, self.rank)
             check = folds == held_out
@@ -1187,7 +1200,8 @@ class ActivationEditing(Defense):
                     rows = member.of(attacked)
                     with member.trigger.attached(model):
                         logits = self._held_out(model, passes, layer, f"trigger {index}", member.images, rows)
-                    triggered_losses.append(F.cross_entropy(logits, member.of(labels)[rows], reduction="none"))
+                    triggered_losses.append(attack_log_loss(logits, target_class) if class_split else
+                                            F.cross_entropy(logits, member.of(labels)[rows], reduction="none"))
                 clean = F.cross_entropy(self._held_out(model, passes, layer, "clean", images, check), labels[check],
                                         reduction="none")
             for losses in (self._per_image_mean(triggered, triggered_losses, attacked), clean):
