@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lightning_backdoor.defenses import ActivationEditing, BackdoorKnowledge, UnseenData
+from lightning_backdoor.defenses import activation_editing
 from lightning_backdoor.defenses.activation_editing import EditProblem, add_delta
 from lightning_backdoor.defenses.activations import capture, get_layer
 from lightning_backdoor.defenses.editing import closed_form_edit, moment, rank_r_edit, second_moment
@@ -517,3 +518,27 @@ def test_bf16_keys_fewer_than_the_width_are_multiplied_in_float32() -> None:
         assert result.details["system"] == {"form": "moments", "size": 2304}  # the d x d form, not the key space
         left[bf16] = result.details["diagnostics"]["triggered_residual_after"]
     assert left[True] == pytest.approx(left[False], rel=0.02)
+
+
+def test_the_attack_log_loss_is_minus_log_of_one_minus_the_target_probability() -> None:
+    logits = torch.tensor([[0.0, 0.0, 0.0], [2.0, -1.0, 0.5], [-3.0, 1.0, 0.0], [80.0, 0.0, 0.0]])
+    loss = activation_editing.attack_log_loss(logits, 0)
+    assert torch.allclose(loss[:3], -torch.log1p(-logits[:3].softmax(-1)[:, 0]), atol=1e-6)
+    assert torch.isfinite(loss[3]) and 79 < loss[3] < 80  # exact where p(target) rounds to 1
+
+
+@pytest.mark.parametrize("per_class, class_split", [(1, True), (2, False)])
+def test_class_split_folds_score_triggered_images_by_the_attack_log_loss(monkeypatch, per_class: int,
+                                                                         class_split: bool) -> None:
+    """With one image per class the folds split the classes, and the held-out classes' triggered images are
+    scored by whether the attack still succeeds, not by their true label; with two per class, by CE."""
+    calls = []
+    original = activation_editing.attack_log_loss
+    monkeypatch.setattr(activation_editing, "attack_log_loss", lambda *args: calls.append(1) or original(*args))
+    torch.manual_seed(0)
+    model = build_model("compact", num_classes=10, widths=(8, 16, 16)).eval()
+    unseen = UnseenData(torch.rand(10 * per_class, 3, 32, 32), torch.arange(10).repeat(per_class))
+    knowledge = BackdoorKnowledge.of(BadNets(size=3), 0)
+    result = ActivationEditing(layer="auto", repair=False).defend(model, unseen, knowledge)
+    assert len(result.details["selection"]["cross_validated_loss_on_unseen"]) > 1
+    assert bool(calls) == class_split
