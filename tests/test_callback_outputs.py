@@ -460,10 +460,13 @@ def test_the_console_says_how_layer_auto_chose_the_layer():
                                                "lowest": "blocks.2.conv1 λ=10.0",
                                                "layers_within_one_standard_error": within}}
     assert selection_line("blocks.2.conv2", details) == (
-        "layer chosen by cross-validation on the unseen split: blocks.2.conv2 λ=10.0 (loss 1.107), the deepest of "
-        "blocks.2.conv1, blocks.2.conv2, within one standard error (0.086) of the lowest, blocks.2.conv1 λ=10.0 "
-        "(1.092)")
+        "layer chosen by cross-validation on the unseen split: blocks.2.conv2 λ=10.0 (loss 1.1068), the deepest of "
+        "blocks.2.conv1, blocks.2.conv2, within one standard error (0.0860) of the lowest, blocks.2.conv1 λ=10.0 "
+        "(1.0920)")
     lowest = selection_line("blocks.2.conv1", details)
-    assert lowest is not None and lowest.endswith("blocks.2.conv1 λ=10.0 (loss 1.092), it had the lowest loss")
+    assert lowest is not None and lowest.endswith("blocks.2.conv1 λ=10.0 (loss 1.0920), it had the lowest loss")
+    details["selection"]["triggered_loss"] = "attack_log_loss"
+    assert selection_line("blocks.2.conv1", details).endswith(
+        "it had the lowest loss, triggered images scored by the attack's log-loss (one image per class)")
     assert selection_line("blocks.2.conv2", {"strength": 10.0}) is None  # a named layer: nothing was chosen
     assert selection_line(None, details) is None

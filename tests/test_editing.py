@@ -542,3 +542,5 @@ def test_class_split_folds_score_triggered_images_by_the_attack_log_loss(monkeyp
     result = ActivationEditing(layer="auto", repair=False).defend(model, unseen, knowledge)
     assert len(result.details["selection"]["cross_validated_loss_on_unseen"]) > 1
     assert bool(calls) == class_split
+    assert result.details["selection"]["triggered_loss"] == ("attack_log_loss" if class_split
+                                                              else "cross_entropy")

@@ -808,7 +808,9 @@ class ActivationEditing(Defense):
             label = lambda name, weight, strength: (f"{name} λ={strength}"  # noqa: E731
                                                     + (f" w={weight:g}" if self.batchnorm_prior is None else ""))
             info["selection"] = {"cross_validated_loss_on_unseen": {label(*option): round(score, 4)
-                                                                    for option, (score, _) in scores.items()}}
+                                                                    for option, (score, _) in scores.items()},
+                                 "triggered_loss": ("attack_log_loss" if self._class_split(labels, folds)
+                                                    else "cross_entropy")}
             if len({name for name, _, _ in options}) > 1:
                 best = min(scores, key=lambda option: scores[option][0])
                 info["selection"] |= {"lowest": label(*best), "standard_error": round(scores[best][1], 4),
@@ -1152,6 +1154,11 @@ class ActivationEditing(Defense):
         return torch.where(labels == target_class, view_index % 2, folds)
 
     @staticmethod
+    def _class_split(labels: Tensor, folds: Tensor) -> bool:
+        """Whether the two ``folds`` hold no class in common (one image per class: :meth:`_folds`)."""
+        return not set(labels[folds == 0].tolist()) & set(labels[folds == 1].tolist())
+
+    @staticmethod
     def _folds(labels: Tensor, views: int) -> Tensor:
         """Two folds of the unseen images (all views of an image in one fold): alternate images within each
         class (whatever order the classes come in), or split by class when there is one image per class."""
@@ -1189,7 +1196,7 @@ class ActivationEditing(Defense):
         images (nats both): each mean's variance over its images, the triggered and clean means and the two
         directions taken as independent; and the edits fitted on fold 0 and on fold 1."""
         total, variance, edits = 0.0, 0.0, [None, None]
-        class_split = not set(labels[folds == 0].tolist()) & set(labels[folds == 1].tolist())
+        class_split = self._class_split(labels, folds)
         for held_out in (0, 1):
             delta = edits[1 - held_out] = fold_problems[1 - held_out].solve(self.method, strength, self.rank)
             check = folds == held_out

@@ -299,10 +299,12 @@ def selection_line(layer: str | None, details: dict[str, Any]) -> str | None:
     lowest = selection["lowest"]
     chosen = f"{layer} λ={details.get('strength')}"
     why = ("it had the lowest loss" if lowest.split(" ")[0] == layer else
-           f"the deepest of {', '.join(within)}, within one standard error ({selection['standard_error']:.3f}) of "
-           f"the lowest, {lowest} ({losses[lowest]:.3f})")
+           f"the deepest of {', '.join(within)}, within one standard error ({selection['standard_error']:.4f}) of "
+           f"the lowest, {lowest} ({losses[lowest]:.4f})")
     loss = min(value for key, value in losses.items() if key.startswith(f"{layer} "))  # chosen at its lowest
-    return f"layer chosen by cross-validation on the unseen split: {chosen} (loss {loss:.3f}), {why}"
+    scored = (", triggered images scored by the attack's log-loss (one image per class)"
+              if selection.get("triggered_loss") == "attack_log_loss" else "")
+    return f"layer chosen by cross-validation on the unseen split: {chosen} (loss {loss:.4f}), {why}{scored}"
 
 
 def estimation_line(details: dict[str, Any]) -> str | None:
