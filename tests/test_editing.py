@@ -527,20 +527,22 @@ def test_the_attack_log_loss_is_minus_log_of_one_minus_the_target_probability() 
     assert torch.isfinite(loss[3]) and 79 < loss[3] < 80  # exact where p(target) rounds to 1
 
 
-@pytest.mark.parametrize("per_class, class_split", [(1, True), (2, False)])
-def test_class_split_folds_score_triggered_images_by_the_attack_log_loss(monkeypatch, per_class: int,
-                                                                         class_split: bool) -> None:
+@pytest.mark.parametrize("second, scored", [([], "attack_log_loss"), (list(range(10)), "cross_entropy"),
+                                            ([1], "mixed")])
+def test_triggered_images_of_a_class_the_fit_lacks_are_scored_by_the_attack_log_loss(monkeypatch, second: list,
+                                                                                      scored: str) -> None:
     """With one image per class the folds split the classes, and the held-out classes' triggered images are
-    scored by whether the attack still succeeds, not by their true label; with two per class, by CE."""
-    calls = []
-    original = activation_editing.attack_log_loss
-    monkeypatch.setattr(activation_editing, "attack_log_loss", lambda *args: calls.append(1) or original(*args))
+    scored by whether the attack still succeeds, not by their true label; with two per class, by CE; with a second
+    image of one class only, the classes in one fold by the log-loss and that class by CE."""
+    # a marker in place of the log-loss: wherever it scores an image, the cross-validated loss shows it
+    monkeypatch.setattr(activation_editing, "attack_log_loss", lambda logits, target: torch.full((len(logits),), 1e4))
     torch.manual_seed(0)
     model = build_model("compact", num_classes=10, widths=(8, 16, 16)).eval()
-    unseen = UnseenData(torch.rand(10 * per_class, 3, 32, 32), torch.arange(10).repeat(per_class))
+    labels = torch.cat([torch.arange(10), torch.tensor(second, dtype=torch.long)])
+    unseen = UnseenData(torch.rand(len(labels), 3, 32, 32), labels)
     knowledge = BackdoorKnowledge.of(BadNets(size=3), 0)
     result = ActivationEditing(layer="auto", repair=False).defend(model, unseen, knowledge)
     assert len(result.details["selection"]["cross_validated_loss_on_unseen"]) > 1
-    assert bool(calls) == class_split
-    assert result.details["selection"]["triggered_loss"] == ("attack_log_loss" if class_split
-                                                              else "cross_entropy")
+    assert result.details["selection"]["triggered_loss"] == scored
+    losses = result.details["selection"]["cross_validated_loss_on_unseen"].values()
+    assert all((loss > 100) == (scored != "cross_entropy") for loss in losses), losses

@@ -809,8 +809,7 @@ class ActivationEditing(Defense):
                                                     + (f" w={weight:g}" if self.batchnorm_prior is None else ""))
             info["selection"] = {"cross_validated_loss_on_unseen": {label(*option): round(score, 4)
                                                                     for option, (score, _) in scores.items()},
-                                 "triggered_loss": ("attack_log_loss" if self._class_split(labels, folds)
-                                                    else "cross_entropy")}
+                                 "triggered_loss": self._triggered_loss(labels, folds, target_class)}
             if len({name for name, _, _ in options}) > 1:
                 best = min(scores, key=lambda option: scores[option][0])
                 info["selection"] |= {"lowest": label(*best), "standard_error": round(scores[best][1], 4),
@@ -1154,9 +1153,18 @@ class ActivationEditing(Defense):
         return torch.where(labels == target_class, view_index % 2, folds)
 
     @staticmethod
-    def _class_split(labels: Tensor, folds: Tensor) -> bool:
-        """Whether the two ``folds`` hold no class in common (one image per class: :meth:`_folds`)."""
-        return not set(labels[folds == 0].tolist()) & set(labels[folds == 1].tolist())
+    def _in_other_fold(labels: Tensor, folds: Tensor, held_out: int) -> Tensor:
+        """For each image, whether its class has images in the fold other than ``held_out`` (the fold an edit
+        scored on ``held_out`` is fitted on)."""
+        return torch.isin(labels, labels[folds != held_out])
+
+    @classmethod
+    def _triggered_loss(cls, labels: Tensor, folds: Tensor, target_class: int) -> str:
+        """How :meth:`_cross_validate` scores the held-out triggered images: ``cross_entropy`` when every
+        non-target class is in both folds, ``attack_log_loss`` when none is (one image per class), else ``mixed``."""
+        attacked = labels != target_class
+        fitted = torch.cat([cls._in_other_fold(labels, folds, fold)[attacked & (folds == fold)] for fold in (0, 1)])
+        return "cross_entropy" if bool(fitted.all()) else "attack_log_loss" if not fitted.any() else "mixed"
 
     @staticmethod
     def _folds(labels: Tensor, views: int) -> Tensor:
@@ -1190,25 +1198,26 @@ class ActivationEditing(Defense):
                         ) -> tuple[float, float, tuple[Tensor, Tensor]]:
         """Two-fold loss on U of editing ``layer``: fit on one fold, then the loss of the other fold's triggered
         non-target images (each image's averaged over the triggers applied to it) plus CE of its clean images; averaged
-        over both directions. The triggered loss is CE to the true label, except where the folds split the classes
-        (one image per class): there the held-out classes' clean values were not in the fit, so it is the attack's
-        log-loss, −log(1 − p(target)) (:func:`attack_log_loss`). Returned with its standard error over the held-out
-        images (nats both): each mean's variance over its images, the triggered and clean means and the two
-        directions taken as independent; and the edits fitted on fold 0 and on fold 1."""
+        over both directions. The triggered loss is CE to the true label, except for images of a class the fitting
+        fold holds none of (all of them with one image per class): that class's clean values were not in the fit, so
+        it is the attack's log-loss, −log(1 − p(target)) (:func:`attack_log_loss`). Returned with its standard
+        error over the held-out images (nats both): each mean's variance over its images, the triggered and clean
+        means and the two directions taken as independent; and the edits fitted on fold 0 and on fold 1."""
         total, variance, edits = 0.0, 0.0, [None, None]
-        class_split = self._class_split(labels, folds)
         for held_out in (0, 1):
             delta = edits[1 - held_out] = fold_problems[1 - held_out].solve(self.method, strength, self.rank)
             check = folds == held_out
             attacked = check & (labels != target_class)
+            fitted = self._in_other_fold(labels, folds, held_out)  # the image's class is in the fit
             with trial_edit(model, layer, delta):
                 triggered_losses = []
                 for index, member in enumerate(triggered):
                     rows = member.of(attacked)
                     with member.trigger.attached(model):
                         logits = self._held_out(model, passes, layer, f"trigger {index}", member.images, rows)
-                    triggered_losses.append(attack_log_loss(logits, target_class) if class_split else
-                                            F.cross_entropy(logits, member.of(labels)[rows], reduction="none"))
+                    triggered_losses.append(torch.where(
+                        member.of(fitted)[rows], F.cross_entropy(logits, member.of(labels)[rows], reduction="none"),
+                        attack_log_loss(logits, target_class)))
                 clean = F.cross_entropy(self._held_out(model, passes, layer, "clean", images, check), labels[check],
                                         reduction="none")
             for losses in (self._per_image_mean(triggered, triggered_losses, attacked), clean):

@@ -302,8 +302,9 @@ def selection_line(layer: str | None, details: dict[str, Any]) -> str | None:
            f"the deepest of {', '.join(within)}, within one standard error ({selection['standard_error']:.4f}) of "
            f"the lowest, {lowest} ({losses[lowest]:.4f})")
     loss = min(value for key, value in losses.items() if key.startswith(f"{layer} "))  # chosen at its lowest
-    scored = (", triggered images scored by the attack's log-loss (one image per class)"
-              if selection.get("triggered_loss") == "attack_log_loss" else "")
+    scored = {"attack_log_loss": ", triggered images scored by the attack's log-loss (one image per class)",
+              "mixed": ", triggered images of a class in one fold only scored by the attack's log-loss"
+              }.get(selection.get("triggered_loss"), "")
     return f"layer chosen by cross-validation on the unseen split: {chosen} (loss {loss:.4f}), {why}{scored}"
 
 
